@@ -1,0 +1,234 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"appliance/fleet"
+)
+
+// Client calls a node's operator API.
+type Client struct {
+	// BaseURL is the node, e.g. http://127.0.0.1:7480.
+	BaseURL string
+	// Token is the admin bearer token.
+	Token string
+	// HTTP defaults to a client with a 30 s timeout.
+	HTTP *http.Client
+}
+
+// Error is an error response from the API.
+type Error struct {
+	StatusCode int
+	ErrorDetail
+}
+
+func (e *Error) Error() string {
+	if e.Field != "" && !strings.Contains(e.Message, e.Field) {
+		return fmt.Sprintf("%s (field %s)", e.Message, e.Field)
+	}
+	return e.Message
+}
+
+// Is lets callers test an API error against the fleet sentinels.
+func (e *Error) Is(target error) bool {
+	switch e.StatusCode {
+	case http.StatusNotFound:
+		return target == fleet.ErrNotFound
+	case http.StatusConflict:
+		return target == fleet.ErrExists
+	case http.StatusPreconditionFailed:
+		return target == fleet.ErrPreconditionFailed
+	case http.StatusBadRequest:
+		return target == fleet.ErrInvalid
+	case http.StatusServiceUnavailable:
+		return target == ErrUnavailable
+	}
+	return false
+}
+
+func (c *Client) http() *http.Client {
+	if c.HTTP != nil {
+		return c.HTTP
+	}
+	return &http.Client{Timeout: 30 * time.Second}
+}
+
+// do sends a request and decodes a JSON response into out (when non-nil).
+// It returns the response's ETag.
+func (c *Client) do(ctx context.Context, method, path string, query url.Values, opts WriteOptions, body, out any) (string, error) {
+	u := strings.TrimRight(c.BaseURL, "/") + path
+	if len(query) > 0 {
+		u += "?" + query.Encode()
+	}
+	var rd io.Reader
+	if body != nil {
+		data, err := json.Marshal(body)
+		if err != nil {
+			return "", fmt.Errorf("encode request: %w", err)
+		}
+		rd = bytes.NewReader(data)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, rd)
+	if err != nil {
+		return "", fmt.Errorf("build request %s %s: %w", method, path, err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+	if opts.IfMatch != "" {
+		req.Header.Set("If-Match", `"`+opts.IfMatch+`"`)
+	}
+	if opts.IfNoneMatch != "" {
+		if opts.IfNoneMatch == "*" {
+			req.Header.Set("If-None-Match", "*")
+		} else {
+			req.Header.Set("If-None-Match", `"`+opts.IfNoneMatch+`"`)
+		}
+	}
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return "", fmt.Errorf("%s %s: %w", method, c.BaseURL, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return "", fmt.Errorf("read response of %s %s: %w", method, path, err)
+	}
+	if resp.StatusCode >= 400 {
+		var eb ErrorBody
+		if json.Unmarshal(data, &eb) != nil || eb.Error.Message == "" {
+			eb.Error = ErrorDetail{Code: "http_" + strconv.Itoa(resp.StatusCode), Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
+		}
+		return "", &Error{StatusCode: resp.StatusCode, ErrorDetail: eb.Error}
+	}
+	if out != nil && len(data) > 0 {
+		if err := json.Unmarshal(data, out); err != nil {
+			return "", fmt.Errorf("decode response of %s %s: %w", method, path, err)
+		}
+	}
+	return unquoteEtag(resp.Header.Get("ETag")), nil
+}
+
+func esc(id string) string { return url.PathEscape(id) }
+
+// PutDevice creates or replaces a device. The creation response carries the
+// device's keys, once.
+func (c *Client) PutDevice(ctx context.Context, id string, req DeviceRequest, opts WriteOptions) (fleet.Device, error) {
+	var d fleet.Device
+	_, err := c.do(ctx, http.MethodPut, "/api/v1/devices/"+esc(id), nil, opts, req, &d)
+	return d, err
+}
+
+// PatchDevice merges tags and sets status.
+func (c *Client) PatchDevice(ctx context.Context, id string, p DevicePatch, opts WriteOptions) (fleet.Device, error) {
+	var d fleet.Device
+	_, err := c.do(ctx, http.MethodPatch, "/api/v1/devices/"+esc(id), nil, opts, p, &d)
+	return d, err
+}
+
+// DeleteDevice removes a device.
+func (c *Client) DeleteDevice(ctx context.Context, id string, opts WriteOptions) error {
+	_, err := c.do(ctx, http.MethodDelete, "/api/v1/devices/"+esc(id), nil, opts, nil, nil)
+	return err
+}
+
+// Device reads one device.
+func (c *Client) Device(ctx context.Context, id string, consistent bool) (DeviceView, error) {
+	var d DeviceView
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/devices/"+esc(id), consistentQuery(consistent), WriteOptions{}, nil, &d)
+	return d, err
+}
+
+// Devices reads one page of devices.
+func (c *Client) Devices(ctx context.Context, q DeviceQuery) (DevicePage, error) {
+	v := consistentQuery(q.Consistent)
+	if q.Condition != "" {
+		v.Set("condition", q.Condition)
+	}
+	pageQuery(v, q.After, q.Limit)
+	var p DevicePage
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/devices", v, WriteOptions{}, nil, &p)
+	return p, err
+}
+
+// PutDeployment creates a deployment (or re-puts an identical one).
+func (c *Client) PutDeployment(ctx context.Context, id string, req DeploymentRequest, opts WriteOptions) (DeploymentView, error) {
+	var d DeploymentView
+	_, err := c.do(ctx, http.MethodPut, "/api/v1/deployments/"+esc(id), nil, opts, req, &d)
+	return d, err
+}
+
+// DryRunDeployment reports what creating the deployment would do.
+func (c *Client) DryRunDeployment(ctx context.Context, id string, req DeploymentRequest) (DryRunResult, error) {
+	var r DryRunResult
+	_, err := c.do(ctx, http.MethodPut, "/api/v1/deployments/"+esc(id), url.Values{"dryRun": {"true"}}, WriteOptions{}, req, &r)
+	return r, err
+}
+
+// PatchDeployment changes condition, priority, labels or metrics.
+func (c *Client) PatchDeployment(ctx context.Context, id string, p DeploymentPatch, opts WriteOptions) (DeploymentView, error) {
+	var d DeploymentView
+	_, err := c.do(ctx, http.MethodPatch, "/api/v1/deployments/"+esc(id), nil, opts, p, &d)
+	return d, err
+}
+
+// DeleteDeployment removes a deployment.
+func (c *Client) DeleteDeployment(ctx context.Context, id string, opts WriteOptions) error {
+	_, err := c.do(ctx, http.MethodDelete, "/api/v1/deployments/"+esc(id), nil, opts, nil, nil)
+	return err
+}
+
+// Deployment reads one deployment.
+func (c *Client) Deployment(ctx context.Context, id string, consistent bool) (DeploymentView, error) {
+	var d DeploymentView
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/deployments/"+esc(id), consistentQuery(consistent), WriteOptions{}, nil, &d)
+	return d, err
+}
+
+// Deployments reads one page of deployments.
+func (c *Client) Deployments(ctx context.Context, q DeploymentQuery) (DeploymentPage, error) {
+	v := consistentQuery(q.Consistent)
+	for k, val := range q.Labels {
+		v.Add("label", k+"="+val)
+	}
+	pageQuery(v, q.After, q.Limit)
+	var p DeploymentPage
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/deployments", v, WriteOptions{}, nil, &p)
+	return p, err
+}
+
+// Health reads /healthz.
+func (c *Client) Health(ctx context.Context) (Health, error) {
+	var h Health
+	_, err := c.do(ctx, http.MethodGet, "/healthz", nil, WriteOptions{}, nil, &h)
+	return h, err
+}
+
+func consistentQuery(consistent bool) url.Values {
+	v := url.Values{}
+	if consistent {
+		v.Set("consistent", "true")
+	}
+	return v
+}
+
+func pageQuery(v url.Values, after string, limit int) {
+	if after != "" {
+		v.Set("after", after)
+	}
+	if limit > 0 {
+		v.Set("limit", strconv.Itoa(limit))
+	}
+}

@@ -1,0 +1,416 @@
+package api
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"appliance/fleet"
+)
+
+// ErrUnavailable is returned by a Backend that cannot serve now (no raft
+// leader, shutting down); it maps to 503.
+var ErrUnavailable = errors.New("unavailable")
+
+// Backend is what the API needs from a controller node.
+type Backend interface {
+	PutDevice(ctx context.Context, id string, req DeviceRequest, opts WriteOptions) (dev fleet.Device, created bool, err error)
+	PatchDevice(ctx context.Context, id string, patch DevicePatch, opts WriteOptions) (fleet.Device, error)
+	DeleteDevice(ctx context.Context, id string, opts WriteOptions) error
+	Device(ctx context.Context, id string, consistent bool) (DeviceView, error)
+	Devices(ctx context.Context, q DeviceQuery) (DevicePage, error)
+
+	PutDeployment(ctx context.Context, id string, req DeploymentRequest, opts WriteOptions) (DeploymentView, bool, error)
+	DryRunDeployment(ctx context.Context, id string, req DeploymentRequest) (DryRunResult, error)
+	PatchDeployment(ctx context.Context, id string, patch DeploymentPatch, opts WriteOptions) (DeploymentView, error)
+	DeleteDeployment(ctx context.Context, id string, opts WriteOptions) error
+	Deployment(ctx context.Context, id string, consistent bool) (DeploymentView, error)
+	Deployments(ctx context.Context, q DeploymentQuery) (DeploymentPage, error)
+
+	Health() Health
+	Ready(ctx context.Context) error
+}
+
+// ServerConfig configures the HTTP handler.
+type ServerConfig struct {
+	Backend Backend
+	// Token is the admin bearer token every /api/v1 request must carry.
+	Token  string
+	Logger *slog.Logger
+	// MaxBodyBytes caps request bodies (default 4 MiB).
+	MaxBodyBytes int64
+}
+
+// Server serves the operator API.
+type Server struct {
+	cfg ServerConfig
+	mux *http.ServeMux
+}
+
+// NewServer builds the handler. It refuses an empty token: the API is never
+// open by accident.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	if cfg.Backend == nil {
+		return nil, fmt.Errorf("api: Backend is required")
+	}
+	if cfg.Token == "" {
+		return nil, fmt.Errorf("api: an admin token is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.MaxBodyBytes <= 0 {
+		cfg.MaxBodyBytes = 4 << 20
+	}
+	s := &Server{cfg: cfg, mux: http.NewServeMux()}
+	s.routes()
+	return s, nil
+}
+
+// Handle adds another route (the node adds /metrics, /ui/).
+func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+func (s *Server) routes() {
+	s.mux.HandleFunc("GET /healthz", s.healthz)
+	s.mux.HandleFunc("GET /readyz", s.readyz)
+
+	s.mux.Handle("PUT /api/v1/devices/{id}", s.auth(s.putDevice))
+	s.mux.Handle("PATCH /api/v1/devices/{id}", s.auth(s.patchDevice))
+	s.mux.Handle("DELETE /api/v1/devices/{id}", s.auth(s.deleteDevice))
+	s.mux.Handle("GET /api/v1/devices/{id}", s.auth(s.getDevice))
+	s.mux.Handle("GET /api/v1/devices", s.auth(s.listDevices))
+
+	s.mux.Handle("PUT /api/v1/deployments/{id}", s.auth(s.putDeployment))
+	s.mux.Handle("PATCH /api/v1/deployments/{id}", s.auth(s.patchDeployment))
+	s.mux.Handle("DELETE /api/v1/deployments/{id}", s.auth(s.deleteDeployment))
+	s.mux.Handle("GET /api/v1/deployments/{id}", s.auth(s.getDeployment))
+	s.mux.Handle("GET /api/v1/deployments", s.auth(s.listDeployments))
+
+	// Anything else under /api/ is still behind the token: an unknown
+	// route must not tell an anonymous caller which routes exist.
+	s.mux.Handle("/api/", s.auth(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "not_found", fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), "")
+	}))
+}
+
+func (s *Server) auth(next http.HandlerFunc) http.Handler {
+	want := []byte("Bearer " + s.cfg.Token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got := []byte(r.Header.Get("Authorization"))
+		if subtle.ConstantTimeCompare(got, want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="appliance"`)
+			writeError(w, http.StatusUnauthorized, "unauthorized", "missing or wrong bearer token (see <data-dir>/admin-token)", "")
+			return
+		}
+		next(w, r)
+	})
+}
+
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.cfg.Backend.Health())
+}
+
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	h := s.cfg.Backend.Health()
+	if err := s.cfg.Backend.Ready(r.Context()); err != nil {
+		h.Status = err.Error()
+		writeJSON(w, http.StatusServiceUnavailable, h)
+		return
+	}
+	writeJSON(w, http.StatusOK, h)
+}
+
+func writeOpts(r *http.Request) WriteOptions {
+	return WriteOptions{
+		IfMatch:     unquoteEtag(r.Header.Get("If-Match")),
+		IfNoneMatch: unquoteEtag(r.Header.Get("If-None-Match")),
+	}
+}
+
+func unquoteEtag(s string) string {
+	s = strings.TrimSpace(s)
+	s = strings.TrimPrefix(s, "W/")
+	return strings.Trim(s, `"`)
+}
+
+func setEtag(w http.ResponseWriter, etag string) {
+	if etag != "" {
+		w.Header().Set("ETag", `"`+etag+`"`)
+	}
+}
+
+func consistent(r *http.Request) bool {
+	v := r.URL.Query().Get("consistent")
+	return v == "true" || v == "1"
+}
+
+func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	body := http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
+	data, err := io.ReadAll(body)
+	if err != nil {
+		writeError(w, http.StatusRequestEntityTooLarge, "bad_request", fmt.Sprintf("request body: %v", err), "")
+		return false
+	}
+	if len(strings.TrimSpace(string(data))) == 0 {
+		data = []byte("{}")
+	}
+	dec := json.NewDecoder(strings.NewReader(string(data)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", "request body: "+describeJSONError(data, err), jsonErrorField(err))
+		return false
+	}
+	return true
+}
+
+func describeJSONError(data []byte, err error) string {
+	var syn *json.SyntaxError
+	if errors.As(err, &syn) {
+		line, col := lineCol(data, syn.Offset)
+		return fmt.Sprintf("invalid JSON at line %d, column %d: %v", line, col, syn)
+	}
+	var typ *json.UnmarshalTypeError
+	if errors.As(err, &typ) {
+		return fmt.Sprintf("field %q must be %s, got JSON %s", typ.Field, typ.Type, typ.Value)
+	}
+	return err.Error()
+}
+
+func jsonErrorField(err error) string {
+	var typ *json.UnmarshalTypeError
+	if errors.As(err, &typ) {
+		return typ.Field
+	}
+	if msg := err.Error(); strings.HasPrefix(msg, "json: unknown field ") {
+		return strings.Trim(strings.TrimPrefix(msg, "json: unknown field "), `"`)
+	}
+	return ""
+}
+
+func lineCol(data []byte, offset int64) (int, int) {
+	line, col := 1, 1
+	for i := int64(0); i < offset && i < int64(len(data)); i++ {
+		if data[i] == '\n' {
+			line++
+			col = 1
+		} else {
+			col++
+		}
+	}
+	return line, col
+}
+
+func (s *Server) putDevice(w http.ResponseWriter, r *http.Request) {
+	var req DeviceRequest
+	if !s.decode(w, r, &req) {
+		return
+	}
+	dev, created, err := s.cfg.Backend.PutDevice(r.Context(), r.PathValue("id"), req, writeOpts(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, dev.Etag)
+	code := http.StatusOK
+	if created {
+		code = http.StatusCreated
+	}
+	writeJSON(w, code, dev)
+}
+
+func (s *Server) patchDevice(w http.ResponseWriter, r *http.Request) {
+	var p DevicePatch
+	if !s.decode(w, r, &p) {
+		return
+	}
+	dev, err := s.cfg.Backend.PatchDevice(r.Context(), r.PathValue("id"), p, writeOpts(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, dev.Etag)
+	writeJSON(w, http.StatusOK, dev)
+}
+
+func (s *Server) deleteDevice(w http.ResponseWriter, r *http.Request) {
+	if err := s.cfg.Backend.DeleteDevice(r.Context(), r.PathValue("id"), writeOpts(r)); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) getDevice(w http.ResponseWriter, r *http.Request) {
+	dev, err := s.cfg.Backend.Device(r.Context(), r.PathValue("id"), consistent(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, dev.Etag)
+	writeJSON(w, http.StatusOK, dev)
+}
+
+func pageParams(r *http.Request) (after string, limit int, err error) {
+	q := r.URL.Query()
+	after = q.Get("after")
+	limit = DefaultPageSize
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > MaxPageSize {
+			return "", 0, fleet.Invalid("limit", "must be an integer from 1 to %d; got %q", MaxPageSize, v)
+		}
+		limit = n
+	}
+	return after, limit, nil
+}
+
+func (s *Server) listDevices(w http.ResponseWriter, r *http.Request) {
+	after, limit, err := pageParams(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	page, err := s.cfg.Backend.Devices(r.Context(), DeviceQuery{
+		Condition: r.URL.Query().Get("condition"), After: after, Limit: limit, Consistent: consistent(r),
+	})
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, page)
+}
+
+func (s *Server) putDeployment(w http.ResponseWriter, r *http.Request) {
+	var req DeploymentRequest
+	if !s.decode(w, r, &req) {
+		return
+	}
+	id := r.PathValue("id")
+	if v := r.URL.Query().Get("dryRun"); v == "true" || v == "1" {
+		res, err := s.cfg.Backend.DryRunDeployment(r.Context(), id, req)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+		return
+	}
+	dep, created, err := s.cfg.Backend.PutDeployment(r.Context(), id, req, writeOpts(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, dep.Etag)
+	code := http.StatusOK
+	if created {
+		code = http.StatusCreated
+	}
+	writeJSON(w, code, dep)
+}
+
+func (s *Server) patchDeployment(w http.ResponseWriter, r *http.Request) {
+	var p DeploymentPatch
+	if !s.decode(w, r, &p) {
+		return
+	}
+	dep, err := s.cfg.Backend.PatchDeployment(r.Context(), r.PathValue("id"), p, writeOpts(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, dep.Etag)
+	writeJSON(w, http.StatusOK, dep)
+}
+
+func (s *Server) deleteDeployment(w http.ResponseWriter, r *http.Request) {
+	if err := s.cfg.Backend.DeleteDeployment(r.Context(), r.PathValue("id"), writeOpts(r)); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) getDeployment(w http.ResponseWriter, r *http.Request) {
+	dep, err := s.cfg.Backend.Deployment(r.Context(), r.PathValue("id"), consistent(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, dep.Etag)
+	writeJSON(w, http.StatusOK, dep)
+}
+
+func (s *Server) listDeployments(w http.ResponseWriter, r *http.Request) {
+	after, limit, err := pageParams(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	labels := map[string]string{}
+	for _, l := range r.URL.Query()["label"] {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok || k == "" {
+			s.fail(w, r, fleet.Invalid("label", "must be key=value; got %q", l))
+			return
+		}
+		labels[k] = v
+	}
+	page, err := s.cfg.Backend.Deployments(r.Context(), DeploymentQuery{Labels: labels, After: after, Limit: limit, Consistent: consistent(r)})
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, page)
+}
+
+// fail maps an error to its status code and writes the JSON error body.
+func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	var ve *fleet.ValidationError
+	field := ""
+	if errors.As(err, &ve) {
+		field = ve.Field
+	}
+	code, word := http.StatusInternalServerError, "internal"
+	switch {
+	case errors.Is(err, fleet.ErrInvalid), errors.Is(err, fleet.ErrImmutable):
+		code, word = http.StatusBadRequest, "bad_request"
+	case errors.Is(err, fleet.ErrNotFound):
+		code, word = http.StatusNotFound, "not_found"
+	case errors.Is(err, fleet.ErrExists):
+		code, word = http.StatusConflict, "conflict"
+	case errors.Is(err, fleet.ErrPreconditionFailed):
+		code, word = http.StatusPreconditionFailed, "precondition_failed"
+	case errors.Is(err, ErrUnavailable):
+		code, word = http.StatusServiceUnavailable, "unavailable"
+	}
+	msg := err.Error()
+	if ve != nil {
+		msg = ve.Error()
+	}
+	if code == http.StatusInternalServerError {
+		s.cfg.Logger.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	}
+	writeError(w, code, word, msg, field)
+}
+
+func writeError(w http.ResponseWriter, code int, word, msg, field string) {
+	writeJSON(w, code, ErrorBody{Error: ErrorDetail{Code: word, Message: msg, Field: field}})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

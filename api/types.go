@@ -1,0 +1,143 @@
+package api
+
+import (
+	"encoding/json"
+
+	"appliance/fleet"
+)
+
+// ErrorBody is the JSON body of every error response.
+type ErrorBody struct {
+	Error ErrorDetail `json:"error"`
+}
+
+// ErrorDetail says what went wrong: a machine code (bad_request,
+// unauthorized, not_found, conflict, precondition_failed, unavailable,
+// internal), a readable message, and the offending field when known.
+type ErrorDetail struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+	Field   string `json:"field,omitempty"`
+}
+
+// DeviceRequest is the body of PUT /devices/{id}.
+type DeviceRequest struct {
+	Tags   map[string]any `json:"tags,omitempty"`
+	Status string         `json:"status,omitempty"`
+}
+
+// DevicePatch is the body of PATCH /devices/{id}: Tags is a JSON merge
+// patch (a null removes a tag); Status replaces when set.
+type DevicePatch struct {
+	Tags   map[string]any `json:"tags,omitempty"`
+	Status string         `json:"status,omitempty"`
+}
+
+// ConfigurationStatus is a deployment's relation to one device, as in an
+// Azure twin's "configurations" section.
+type ConfigurationStatus struct {
+	Status string `json:"status"` // Targeted or Applied
+}
+
+// Configuration statuses.
+const (
+	StatusTargeted = "Targeted"
+	StatusApplied  = "Applied"
+)
+
+// DeviceView is a device as an operator reads it.
+type DeviceView struct {
+	fleet.Device
+	// Configurations lists every deployment whose condition matches the
+	// device; exactly one of them (if any) is Applied.
+	Configurations map[string]ConfigurationStatus `json:"configurations"`
+}
+
+// DevicePage is one page of GET /devices.
+type DevicePage struct {
+	Items []DeviceView `json:"items"`
+	// Next, when set, is passed as ?after= to get the next page.
+	Next string `json:"next,omitempty"`
+}
+
+// DeviceQuery selects devices for GET /devices.
+type DeviceQuery struct {
+	Condition  string
+	After      string
+	Limit      int
+	Consistent bool
+}
+
+// DeploymentRequest is the body of PUT /deployments/{id}.
+type DeploymentRequest struct {
+	Labels          map[string]string `json:"labels,omitempty"`
+	Content         json.RawMessage   `json:"content"`
+	TargetCondition string            `json:"targetCondition"`
+	Priority        int64             `json:"priority"`
+	Metrics         fleet.Metrics     `json:"metrics"`
+	Layered         bool              `json:"layered,omitempty"`
+}
+
+// DeploymentPatch is the body of PATCH /deployments/{id}. Only these parts
+// of a deployment can change; a label or metric set to "" is removed.
+type DeploymentPatch struct {
+	TargetCondition *string           `json:"targetCondition,omitempty"`
+	Priority        *int64            `json:"priority,omitempty"`
+	Labels          map[string]string `json:"labels,omitempty"`
+	Metrics         *fleet.Metrics    `json:"metrics,omitempty"`
+	// Content is accepted only to refuse it with a clear error.
+	Content json.RawMessage `json:"content,omitempty"`
+}
+
+// DeploymentView is a deployment as an operator reads it: secrets redacted,
+// with the counts the node can derive at once.
+type DeploymentView struct {
+	fleet.Deployment
+	SystemMetrics SystemMetrics `json:"systemMetrics"`
+}
+
+// SystemMetrics are Azure's system metrics of a deployment.
+type SystemMetrics struct {
+	Results map[string]int `json:"results"`
+}
+
+// DeploymentPage is one page of GET /deployments.
+type DeploymentPage struct {
+	Items []DeploymentView `json:"items"`
+	Next  string           `json:"next,omitempty"`
+}
+
+// DeploymentQuery selects deployments for GET /deployments.
+type DeploymentQuery struct {
+	Labels     map[string]string
+	After      string
+	Limit      int
+	Consistent bool
+}
+
+// DryRunResult answers PUT /deployments/{id}?dryRun=true.
+type DryRunResult struct {
+	TargetedCount   int `json:"targetedCount"`
+	WouldApplyCount int `json:"wouldApplyCount"`
+}
+
+// Health is the body of /healthz and /readyz.
+type Health struct {
+	Status  string `json:"status"`
+	NodeID  string `json:"nodeId"`
+	Raft    string `json:"raftState"`
+	Leader  string `json:"leader,omitempty"`
+	Version string `json:"version"`
+}
+
+// WriteOptions carries the HTTP preconditions of a write.
+type WriteOptions struct {
+	IfMatch     string
+	IfNoneMatch string
+}
+
+// DefaultPageSize and MaxPageSize bound list responses.
+const (
+	DefaultPageSize = 100
+	MaxPageSize     = 1000
+)

@@ -1,0 +1,277 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"appliance/api"
+)
+
+func (a *app) deviceCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "device", Short: "Manage devices (identities and tags)"}
+	cmd.AddCommand(a.deviceCreate(), a.deviceShow(), a.deviceList(), a.deviceUpdate(), a.deviceDelete())
+	return cmd
+}
+
+// parseTags builds a tag object from --tags JSON then --tag k=v pairs. A
+// dotted key (--tag site.line=3) makes a nested object; values that parse
+// as JSON numbers or booleans are stored as such.
+func parseTags(tagsJSON string, pairs []string) (map[string]any, error) {
+	tags := map[string]any{}
+	if tagsJSON != "" {
+		if err := json.Unmarshal([]byte(tagsJSON), &tags); err != nil {
+			return nil, fmt.Errorf("flag --tags must be a JSON object: %v", err)
+		}
+	}
+	for _, p := range pairs {
+		k, v, ok := strings.Cut(p, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("flag --tag must be key=value; got %q", p)
+		}
+		setPath(tags, strings.Split(k, "."), scalar(v))
+	}
+	return tags, nil
+}
+
+func setPath(m map[string]any, path []string, v any) {
+	for _, p := range path[:len(path)-1] {
+		next, ok := m[p].(map[string]any)
+		if !ok {
+			next = map[string]any{}
+			m[p] = next
+		}
+		m = next
+	}
+	m[path[len(path)-1]] = v
+}
+
+// scalar keeps a --tag value a string unless it is plainly a number or a
+// boolean, so `--tag building=43` matches `tags.building=43`.
+func scalar(s string) any {
+	switch s {
+	case "true":
+		return true
+	case "false":
+		return false
+	}
+	var f float64
+	if _, err := fmt.Sscan(s, &f); err == nil && fmt.Sprint(f) == s {
+		return f
+	}
+	return s
+}
+
+func (a *app) deviceCreate() *cobra.Command {
+	var tagPairs []string
+	var tagsJSON, status string
+	cmd := &cobra.Command{
+		Use:   "create ID",
+		Short: "Register a device; prints its two keys once",
+		Args:  exactArgs(1, "ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			tags, err := parseTags(tagsJSON, tagPairs)
+			if err != nil {
+				return err
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			d, err := c.PutDevice(cmd.Context(), args[0], api.DeviceRequest{Tags: tags, Status: status}, api.WriteOptions{IfNoneMatch: "*"})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(d)
+			}
+			rows := [][]string{
+				{"deviceId", d.ID},
+				{"status", d.Status},
+				{"tags", compactJSON(d.Tags)},
+				{"etag", d.Etag},
+			}
+			if k := d.Authentication.SymmetricKey; k != nil {
+				rows = append(rows, []string{"primaryKey", k.PrimaryKey}, []string{"secondaryKey", k.SecondaryKey})
+			}
+			a.keyValues(rows)
+			fmt.Fprintln(a.stderr, "keep the keys now: they are stored only as hashes and are not shown again")
+			return nil
+		},
+	}
+	cmd.Flags().StringArrayVar(&tagPairs, "tag", nil, "tag as key=value (repeatable; dotted keys nest: site.line=3)")
+	cmd.Flags().StringVar(&tagsJSON, "tags", "", "tags as a JSON object")
+	cmd.Flags().StringVar(&status, "status", "", "enabled (default) or disabled")
+	return cmd
+}
+
+func (a *app) deviceShow() *cobra.Command {
+	var consistent bool
+	cmd := &cobra.Command{
+		Use:   "show ID",
+		Short: "Show a device, its tags and the deployments that target it",
+		Args:  exactArgs(1, "ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			d, err := c.Device(cmd.Context(), args[0], consistent)
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(d)
+			}
+			a.keyValues([][]string{
+				{"deviceId", d.ID},
+				{"status", d.Status},
+				{"tags", compactJSON(d.Tags)},
+				{"applied", appliedOf(d.Configurations)},
+				{"targeted by", targetedOf(d.Configurations)},
+				{"created", d.CreatedTimeUTC.Format("2006-01-02T15:04:05Z")},
+				{"updated", d.LastUpdatedTimeUTC.Format("2006-01-02T15:04:05Z")},
+				{"etag", d.Etag},
+			})
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&consistent, "consistent", false, "read through the leader (never stale)")
+	return cmd
+}
+
+func appliedOf(cfg map[string]api.ConfigurationStatus) string {
+	for id, s := range cfg {
+		if s.Status == api.StatusApplied {
+			return id
+		}
+	}
+	return "-"
+}
+
+func targetedOf(cfg map[string]api.ConfigurationStatus) string {
+	ids := make([]string, 0, len(cfg))
+	for id := range cfg {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	if len(ids) == 0 {
+		return "-"
+	}
+	return strings.Join(ids, ", ")
+}
+
+func (a *app) deviceList() *cobra.Command {
+	var condition string
+	var limit int
+	var consistent bool
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List devices, optionally those matching a target condition",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			var all []api.DeviceView
+			q := api.DeviceQuery{Condition: condition, Limit: api.MaxPageSize, Consistent: consistent}
+			for {
+				if limit > 0 && limit-len(all) < q.Limit {
+					q.Limit = limit - len(all)
+				}
+				p, err := c.Devices(cmd.Context(), q)
+				if err != nil {
+					return err
+				}
+				all = append(all, p.Items...)
+				if p.Next == "" || (limit > 0 && len(all) >= limit) {
+					break
+				}
+				q.After = p.Next
+			}
+			if a.output == "json" {
+				return a.printJSON(all)
+			}
+			rows := [][]string{{"DEVICE", "STATUS", "APPLIED", "TAGS"}}
+			for _, d := range all {
+				rows = append(rows, []string{d.ID, d.Status, appliedOf(d.Configurations), compactJSON(d.Tags)})
+			}
+			a.table(rows)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&condition, "condition", "", "only devices matching this target condition, e.g. \"tags.environment='prod'\"")
+	cmd.Flags().IntVar(&limit, "limit", 0, "at most this many devices (default all)")
+	cmd.Flags().BoolVar(&consistent, "consistent", false, "read through the leader (never stale)")
+	return cmd
+}
+
+func (a *app) deviceUpdate() *cobra.Command {
+	var tagPairs, removeTags []string
+	var tagsJSON, status, etag string
+	cmd := &cobra.Command{
+		Use:   "update ID",
+		Short: "Change a device's tags (merged) or status",
+		Args:  exactArgs(1, "ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			tags, err := parseTags(tagsJSON, tagPairs)
+			if err != nil {
+				return err
+			}
+			for _, k := range removeTags {
+				setPath(tags, strings.Split(k, "."), nil)
+			}
+			if len(tags) == 0 && status == "" {
+				return fmt.Errorf("nothing to update: give --tag, --tags, --remove-tag or --status")
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			d, err := c.PatchDevice(cmd.Context(), args[0], api.DevicePatch{Tags: tags, Status: status}, api.WriteOptions{IfMatch: etag})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(d)
+			}
+			a.keyValues([][]string{{"deviceId", d.ID}, {"status", d.Status}, {"tags", compactJSON(d.Tags)}, {"etag", d.Etag}})
+			return nil
+		},
+	}
+	cmd.Flags().StringArrayVar(&tagPairs, "tag", nil, "set a tag, key=value (repeatable)")
+	cmd.Flags().StringVar(&tagsJSON, "tags", "", "tags to merge, as a JSON object (null removes a tag)")
+	cmd.Flags().StringArrayVar(&removeTags, "remove-tag", nil, "remove a tag (repeatable)")
+	cmd.Flags().StringVar(&status, "status", "", "enabled or disabled")
+	cmd.Flags().StringVar(&etag, "etag", "", "only update if the device's etag is still this")
+	return cmd
+}
+
+func (a *app) deviceDelete() *cobra.Command {
+	var etag string
+	cmd := &cobra.Command{
+		Use:   "delete ID",
+		Short: "Delete a device",
+		Args:  exactArgs(1, "ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			if err := c.DeleteDevice(cmd.Context(), args[0], api.WriteOptions{IfMatch: etag}); err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(map[string]string{"deleted": args[0]})
+			}
+			fmt.Fprintf(a.stdout, "deleted device %s\n", args[0])
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&etag, "etag", "", "only delete if the device's etag is still this")
+	return cmd
+}

@@ -1,0 +1,80 @@
+package cli
+
+import (
+	"fmt"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"appliance/node"
+)
+
+func (a *app) serveCommand() *cobra.Command {
+	var (
+		nodeID, httpAddr, raftAddr, raftAdvertise, mqttAddr string
+		logFormat, logLevel                                 string
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run a controller node (bootstraps a single-node cluster in an empty data directory)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			logger, err := newLogger(a.stderr, logFormat, logLevel)
+			if err != nil {
+				return err
+			}
+			dataDir := a.resolvedDataDir()
+			n, err := node.New(node.Config{
+				DataDir:       dataDir,
+				NodeID:        envDefault(nodeID, a.getenv("APPLIANCE_NODE_ID")),
+				HTTPAddr:      envDefault(httpAddr, a.getenv("APPLIANCE_HTTP_ADDR")),
+				RaftAddr:      envDefault(raftAddr, a.getenv("APPLIANCE_RAFT_ADDR")),
+				RaftAdvertise: envDefault(raftAdvertise, a.getenv("APPLIANCE_RAFT_ADVERTISE")),
+				Version:       a.version,
+				Logger:        logger,
+			})
+			if err != nil {
+				return err
+			}
+			if err := n.Start(cmd.Context()); err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stderr, "appliance %s: node serving the API at %s\nadmin token: %s\n", a.version, n.URL(), filepath.Join(dataDir, node.TokenFile))
+			<-cmd.Context().Done()
+			fmt.Fprintln(a.stderr, "shutting down (press Ctrl-C again to exit at once)")
+			return n.Stop()
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&nodeID, "node-id", "", "this node's id in the cluster (env APPLIANCE_NODE_ID; default the host name)")
+	f.StringVar(&httpAddr, "http-addr", "", "operator API listen address (env APPLIANCE_HTTP_ADDR; default "+node.DefaultHTTPAddr+")")
+	f.StringVar(&raftAddr, "raft-addr", "", "raft listen address (env APPLIANCE_RAFT_ADDR; default "+node.DefaultRaftAddr+")")
+	f.StringVar(&raftAdvertise, "raft-advertise", "", "raft address peers dial, if not --raft-addr (env APPLIANCE_RAFT_ADVERTISE)")
+	f.StringVar(&mqttAddr, "mqtt-addr", "", "device MQTT listen address (env APPLIANCE_MQTT_ADDR); reserved: the broker is not part of this release yet")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return cmd
+}
+
+func envDefault(flag, env string) string {
+	if flag != "" {
+		return flag
+	}
+	return env
+}
+
+func newLogger(w interface{ Write([]byte) (int, error) }, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("flag --log-level must be debug, info, warn or error; got %q", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("flag --log-format must be text or json; got %q", format)
+}

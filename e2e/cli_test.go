@@ -1,0 +1,155 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+const corpusDir = "../../shared/corpus/azure-manifests"
+
+func corpusFiles(t *testing.T) []string {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(corpusDir, "*.json"))
+	if err != nil || len(files) == 0 {
+		t.Skipf("no corpus at %s (CI lays shared/ beside the clone)", corpusDir)
+	}
+	return files
+}
+
+var missingPlaceholder = regexp.MustCompile(`unresolved placeholder \$\{?([A-Za-z_][A-Za-z0-9_.]*)\}?`)
+
+// placeholderValue picks a value a real .env file would hold.
+func placeholderValue(name string) string {
+	switch {
+	case strings.Contains(name, "EDGEAGENT_SCHEMA_VERSION"):
+		return "1.1"
+	case strings.Contains(name, "EDGEHUB_SCHEMA_VERSION"):
+		return "1.2"
+	case strings.Contains(name, "SCHEMA_VERSION"):
+		return "1.0"
+	}
+	return "value-for-" + strings.ToLower(strings.ReplaceAll(name, "_", "-"))
+}
+
+// TestCLI_CorpusManifests sends every real manifest through the CLI as an
+// Azure user would: plain ones as they are, templates with an env file that
+// the test fills in one placeholder at a time (each failing run must name
+// the first missing one), layered ones with --layered, and the malformed one
+// is refused naming the field.
+func TestCLI_CorpusManifests(t *testing.T) {
+	files := corpusFiles(t)
+	dir := t.TempDir()
+	startServer(t, dir)
+	for i, f := range files {
+		name := filepath.Base(f)
+		t.Run(name, func(t *testing.T) {
+			id := "corpus-" + string(rune('a'+i))
+			args := []string{"deployment", "create", id, "--content", f, "--target-condition", "*", "-o", "json"}
+			layered := strings.Contains(name, "layered") || strings.Contains(name, "smoke_tests__edge_deployment_content") || strings.Contains(name, "deploymentTopLayer")
+			switch {
+			case strings.Contains(name, "malformed"):
+				cli(t, dir, args...).mustFailWithOneLine(t, "content.modulesContent.$edgeAgent")
+				return
+			case strings.Contains(name, ".template."):
+				envFile := filepath.Join(t.TempDir(), ".env")
+				os.WriteFile(envFile, nil, 0o600)
+				vars := map[string]string{}
+				args = append(args, "--env-file", envFile)
+				if layered {
+					args = append(args, "--layered")
+				}
+				for range 50 {
+					r := cli(t, dir, args...)
+					if r.code == 0 {
+						break
+					}
+					m := missingPlaceholder.FindStringSubmatch(r.stderr)
+					if m == nil {
+						t.Fatalf("template refused for another reason than a placeholder: %s", r.stderr)
+					}
+					r.mustFailWithOneLine(t, m[0])
+					if _, dup := vars[m[1]]; dup {
+						t.Fatalf("placeholder %s named again after it was given", m[1])
+					}
+					vars[m[1]] = placeholderValue(m[1])
+					var env strings.Builder
+					for k, v := range vars {
+						env.WriteString(k + "=" + v + "\n")
+					}
+					os.WriteFile(envFile, []byte(env.String()), 0o600)
+				}
+				if len(vars) == 0 {
+					t.Fatalf("template accepted with no placeholder given")
+				}
+			default:
+				if layered {
+					// Without --layered, layered content is refused and the
+					// error says what to do.
+					cli(t, dir, args...).mustFailWithOneLine(t, "--layered")
+					args = append(args, "--layered")
+				}
+			}
+			r := cli(t, dir, args...).mustSucceed(t)
+			var d struct {
+				ID      string          `json:"id"`
+				Content json.RawMessage `json:"content"`
+			}
+			if err := json.Unmarshal([]byte(r.stdout), &d); err != nil || d.ID != id {
+				t.Fatalf("create output is not the deployment: %v\n%s", err, r.stdout)
+			}
+			show := cli(t, dir, "deployment", "show", id, "-o", "json").mustSucceed(t)
+			for _, secret := range []string{`"password": "password"`, `"password":"password"`, "value-for-container-registry-password"} {
+				if strings.Contains(show.stdout, secret) {
+					t.Fatalf("deployment show reveals a registry password:\n%s", show.stdout)
+				}
+			}
+		})
+	}
+}
+
+// TestCLI_ErrorsAreOneLine checks the CLI's failures an operator meets
+// first: each exits non-zero with one line that says what and where.
+func TestCLI_ErrorsAreOneLine(t *testing.T) {
+	dir := t.TempDir()
+	startServer(t, dir)
+	manifest := filepath.Join(t.TempDir(), "m.json")
+	os.WriteFile(manifest, []byte(`{"modulesContent":{"$edgeAgent":{"properties.desired":{"schemaVersion":"1.1","runtime":{"type":"docker","settings":{}},"systemModules":{"edgeAgent":{"type":"docker","settings":{"image":"a"}},"edgeHub":{"type":"docker","status":"running","restartPolicy":"always","settings":{"image":"h"}}},"modules":{}}},"$edgeHub":{"properties.desired":{"schemaVersion":"1.1","routes":{},"storeAndForwardConfiguration":{"timeToLiveSecs":7200}}}}}`), 0o600)
+
+	cli(t, dir, "device", "create", "d1", "--tag", "environment=prod", "--tag", "location=westus").mustSucceed(t)
+	cli(t, dir, "device", "create", "d1").mustFailWithOneLine(t, "already exists")
+	cli(t, dir, "device", "create", "bad/id").mustFailWithOneLine(t, "deviceId")
+	cli(t, dir, "device", "create", "d2", "--tag", "novalue").mustFailWithOneLine(t, "--tag")
+	cli(t, dir, "device", "show", "nope").mustFailWithOneLine(t, "not found")
+	cli(t, dir, "device", "list", "--condition", "tags.environment='prod' AND").mustFailWithOneLine(t, "column")
+	cli(t, dir, "deployment", "create", "x", "--content", manifest, "--target-condition", "tags.a = 'b").mustFailWithOneLine(t, "column")
+	cli(t, dir, "deployment", "create", "x", "--content", manifest, "--priority", "high").mustFailWithOneLine(t, "--priority")
+	cli(t, dir, "deployment", "create", "x", "--content", filepath.Join(dir, "missing.json")).mustFailWithOneLine(t, "--content")
+	cli(t, dir, "deployment", "create", "x").mustFailWithOneLine(t, "--content")
+	cli(t, dir, "device", "list", "-o", "yaml").mustFailWithOneLine(t, "-o")
+	cli(t, dir, "--token", "wrong", "device", "list").mustFailWithOneLine(t, "token")
+
+	cli(t, dir, "deployment", "create", "dep", "--content", manifest, "--target-condition", "tags.environment='prod'", "--priority", "5").mustSucceed(t)
+	cli(t, dir, "deployment", "update", "dep", "--content", manifest).mustFailWithOneLine(t, "content")
+	cli(t, dir, "deployment", "update", "dep", "--etag", "1", "--priority", "6").mustFailWithOneLine(t, "etag")
+
+	// --condition lists exactly the matching devices, as JSON for scripts.
+	cli(t, dir, "device", "create", "d3", "--tag", "environment=prod", "--tag", "location=eastus").mustSucceed(t)
+	r := cli(t, dir, "device", "list", "--condition", "tags.environment='prod' AND tags.location='westus'", "-o", "json").mustSucceed(t)
+	var devs []struct {
+		ID string `json:"deviceId"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &devs); err != nil || len(devs) != 1 || devs[0].ID != "d1" {
+		t.Fatalf("condition list: %v %s", err, r.stdout)
+	}
+	// A table for people: a header and one row per device.
+	r = cli(t, dir, "device", "list").mustSucceed(t)
+	if lines := strings.Split(strings.TrimSpace(r.stdout), "\n"); len(lines) != 3 || !strings.HasPrefix(lines[0], "DEVICE") {
+		t.Fatalf("device list table:\n%s", r.stdout)
+	}
+}

@@ -1,0 +1,157 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"appliance/api"
+)
+
+var binary string
+
+func TestMain(m *testing.M) {
+	binary = os.Getenv("APPLIANCE_BIN")
+	if binary == "" {
+		dir, err := os.MkdirTemp("", "appliance-e2e")
+		if err != nil {
+			panic(err)
+		}
+		binary = filepath.Join(dir, "appliance")
+		cmd := exec.Command("go", "build", "-o", binary, "../cmd/appliance")
+		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+		if err := cmd.Run(); err != nil {
+			panic(fmt.Sprintf("build appliance: %v", err))
+		}
+		code := m.Run()
+		os.RemoveAll(dir)
+		os.Exit(code)
+	}
+	os.Exit(m.Run())
+}
+
+// server is one `appliance serve` process.
+type server struct {
+	t       *testing.T
+	dataDir string
+	cmd     *exec.Cmd
+	logs    *bytes.Buffer
+	url     string
+	token   string
+}
+
+// startServer starts `appliance serve` on a data directory, on free
+// loopback ports, and waits until it has a leader.
+func startServer(t *testing.T, dataDir string, extra ...string) *server {
+	t.Helper()
+	os.Remove(filepath.Join(dataDir, "http-url"))
+	args := append([]string{"serve", "--data-dir", dataDir, "--node-id", "n1",
+		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0"}, extra...)
+	cmd := exec.Command(binary, args...)
+	logs := &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s := &server{t: t, dataDir: dataDir, cmd: cmd, logs: logs}
+	t.Cleanup(func() {
+		s.kill()
+		if t.Failed() {
+			t.Logf("server log:\n%s", logs.String())
+		}
+	})
+	s.waitReady()
+	return s
+}
+
+func (s *server) waitReady() {
+	s.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(filepath.Join(s.dataDir, "http-url")); err == nil {
+			s.url = strings.TrimSpace(string(b))
+			tok, _ := os.ReadFile(filepath.Join(s.dataDir, "admin-token"))
+			s.token = strings.TrimSpace(string(tok))
+			if resp, err := http.Get(s.url + "/readyz"); err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					return
+				}
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	s.t.Fatalf("server did not become ready; log:\n%s", s.logs.String())
+}
+
+// kill sends SIGKILL: no graceful shutdown, no flush.
+func (s *server) kill() {
+	if s.cmd.Process != nil && s.cmd.ProcessState == nil {
+		s.cmd.Process.Signal(syscall.SIGKILL)
+		s.cmd.Wait()
+	}
+}
+
+func (s *server) client() *api.Client { return &api.Client{BaseURL: s.url, Token: s.token} }
+
+// result of one CLI run.
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+// cli runs the built binary as an operator would, with the data directory
+// in the environment so it finds the node's address and token.
+func cli(t *testing.T, dataDir string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, args...)
+	cmd.Env = append(os.Environ(), "APPLIANCE_DATA_DIR="+dataDir)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return result{code: code, stdout: out.String(), stderr: errb.String()}
+}
+
+func (r result) mustSucceed(t *testing.T) result {
+	t.Helper()
+	if r.code != 0 {
+		t.Fatalf("exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+	return r
+}
+
+// mustFailWithOneLine asserts a non-zero exit and a single readable line
+// on stderr containing every one of want.
+func (r result) mustFailWithOneLine(t *testing.T, want ...string) {
+	t.Helper()
+	if r.code == 0 {
+		t.Fatalf("exit 0, want failure; stdout: %s", r.stdout)
+	}
+	lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+	if len(lines) != 1 || !strings.HasPrefix(lines[0], "error: ") {
+		t.Fatalf("stderr is not one error line:\n%s", r.stderr)
+	}
+	for _, w := range want {
+		if !strings.Contains(lines[0], w) {
+			t.Fatalf("error line %q does not mention %q", lines[0], w)
+		}
+	}
+}

@@ -1,0 +1,398 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"appliance/api"
+	"appliance/evaluator"
+	"appliance/fleet"
+	"appliance/raftstore"
+)
+
+// backend implements api.Backend: it validates each request, turns it into
+// a raft command, and answers reads from the local replica and the
+// evaluator.
+type backend Node
+
+var _ api.Backend = (*backend)(nil)
+
+func (b *backend) node() *Node { return (*Node)(b) }
+
+// apply proposes a command; leadership problems become api.ErrUnavailable.
+func (b *backend) apply(ctx context.Context, cmd raftstore.Command) (*raftstore.Result, error) {
+	res, err := b.store.Apply(ctx, cmd)
+	if err != nil && (errors.Is(err, raftstore.ErrNotLeader) || errors.Is(err, raftstore.ErrClosed)) {
+		return nil, b.unavailable(err)
+	}
+	return res, err
+}
+
+func (b *backend) unavailable(err error) error {
+	addr, id := b.store.Leader()
+	if addr == "" {
+		return fmt.Errorf("%w: no raft leader yet, retry shortly (%v)", api.ErrUnavailable, err)
+	}
+	return fmt.Errorf("%w: this node is not the leader; the leader is %s at %s (%v)", api.ErrUnavailable, id, addr, err)
+}
+
+func (b *backend) view(ctx context.Context, consistent bool, fn func(r *raftstore.Reader) error) error {
+	if consistent {
+		if err := b.store.ConsistentView(ctx, fn); err != nil {
+			if errors.Is(err, raftstore.ErrNotLeader) {
+				return b.unavailable(err)
+			}
+			return err
+		}
+		return nil
+	}
+	return b.store.View(fn)
+}
+
+func now() time.Time { return time.Now().UTC().Truncate(time.Microsecond) }
+
+func precondition(o api.WriteOptions) raftstore.Precondition {
+	return raftstore.Precondition{IfMatch: o.IfMatch, IfNoneMatch: o.IfNoneMatch}
+}
+
+// PutDevice creates a device with two fresh keys, or replaces the tags and
+// status of an existing one. Only a creation returns the keys, once.
+func (b *backend) PutDevice(ctx context.Context, id string, req api.DeviceRequest, opts api.WriteOptions) (fleet.Device, bool, error) {
+	if err := fleet.ValidateDeviceID(id); err != nil {
+		return fleet.Device{}, false, err
+	}
+	if err := fleet.ValidateTags(req.Tags); err != nil {
+		return fleet.Device{}, false, err
+	}
+	if err := fleet.ValidateDeviceStatus(req.Status); err != nil {
+		return fleet.Device{}, false, err
+	}
+	primary, err := fleet.NewKey()
+	if err != nil {
+		return fleet.Device{}, false, err
+	}
+	secondary, err := fleet.NewKey()
+	if err != nil {
+		return fleet.Device{}, false, err
+	}
+	res, err := b.apply(ctx, raftstore.PutDevice{
+		Precondition: precondition(opts),
+		Time:         now(),
+		Device: fleet.Device{
+			ID: id, Tags: req.Tags, Status: req.Status,
+			Authentication: fleet.Authentication{Type: "sas", KeyHashes: &fleet.KeyHashes{
+				Primary: fleet.HashKey(primary), Secondary: fleet.HashKey(secondary),
+			}},
+		},
+	})
+	if err != nil {
+		return fleet.Device{}, false, err
+	}
+	dev := res.Device.Public()
+	if res.Created {
+		dev.Authentication.SymmetricKey = &fleet.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary}
+	}
+	return dev, res.Created, nil
+}
+
+func (b *backend) PatchDevice(ctx context.Context, id string, p api.DevicePatch, opts api.WriteOptions) (fleet.Device, error) {
+	if err := fleet.ValidateTags(p.Tags); err != nil {
+		return fleet.Device{}, err
+	}
+	if err := fleet.ValidateDeviceStatus(p.Status); err != nil {
+		return fleet.Device{}, err
+	}
+	res, err := b.apply(ctx, raftstore.PatchDevice{Precondition: precondition(opts), ID: id, Tags: p.Tags, Status: p.Status, Time: now()})
+	if err != nil {
+		return fleet.Device{}, err
+	}
+	return res.Device.Public(), nil
+}
+
+func (b *backend) DeleteDevice(ctx context.Context, id string, opts api.WriteOptions) error {
+	_, err := b.apply(ctx, raftstore.DeleteDevice{Precondition: precondition(opts), ID: id})
+	return err
+}
+
+func (b *backend) deviceView(d fleet.Device) api.DeviceView {
+	v := api.DeviceView{Device: d.Public(), Configurations: map[string]api.ConfigurationStatus{}}
+	applied := b.engine.Applied(d.ID)
+	for _, dep := range b.engine.Targeting(d.ID) {
+		st := api.StatusTargeted
+		if dep == applied {
+			st = api.StatusApplied
+		}
+		v.Configurations[dep] = api.ConfigurationStatus{Status: st}
+	}
+	return v
+}
+
+func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.DeviceView, error) {
+	var v api.DeviceView
+	b.engineMu.RLock()
+	defer b.engineMu.RUnlock()
+	err := b.view(ctx, consistent, func(r *raftstore.Reader) error {
+		d, err := r.Device(id)
+		if err != nil {
+			return err
+		}
+		v = b.deviceView(d)
+		return nil
+	})
+	return v, err
+}
+
+func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePage, error) {
+	page := api.DevicePage{Items: []api.DeviceView{}}
+	limit := q.Limit
+	if limit <= 0 {
+		limit = api.DefaultPageSize
+	}
+	var ids []string
+	if q.Condition != "" {
+		cond, err := evaluator.Compile(q.Condition)
+		if err != nil {
+			return page, conditionError("condition", err)
+		}
+		b.engineMu.RLock()
+		ids = b.engine.Match(cond)
+		b.engineMu.RUnlock()
+		i := sort.SearchStrings(ids, q.After)
+		if i < len(ids) && ids[i] == q.After {
+			i++
+		}
+		ids = ids[i:]
+	}
+	b.engineMu.RLock()
+	defer b.engineMu.RUnlock()
+	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) error {
+		if q.Condition != "" {
+			for _, id := range ids {
+				if len(page.Items) == limit {
+					page.Next = page.Items[len(page.Items)-1].ID
+					return nil
+				}
+				d, err := r.Device(id)
+				if errors.Is(err, fleet.ErrNotFound) {
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				page.Items = append(page.Items, b.deviceView(d))
+			}
+			return nil
+		}
+		return r.Devices(q.After, func(d fleet.Device) bool {
+			if len(page.Items) == limit {
+				page.Next = page.Items[len(page.Items)-1].ID
+				return false
+			}
+			page.Items = append(page.Items, b.deviceView(d))
+			return true
+		})
+	})
+	return page, err
+}
+
+// conditionError names the field a bad condition came in.
+func conditionError(field string, err error) error {
+	return &fleet.ValidationError{Field: field, Msg: err.Error()}
+}
+
+// validateDeployment checks everything about a deployment request that can
+// be checked before raft, so a bad request changes nothing.
+func validateDeployment(id string, req api.DeploymentRequest) error {
+	if err := fleet.ValidateDeploymentID(id); err != nil {
+		return err
+	}
+	if err := fleet.ValidatePriority(req.Priority); err != nil {
+		return err
+	}
+	if err := fleet.ValidateLabels(req.Labels); err != nil {
+		return err
+	}
+	if _, err := evaluator.Compile(req.TargetCondition); err != nil {
+		return conditionError("targetCondition", err)
+	}
+	if err := validateMetrics(req.Metrics.Queries); err != nil {
+		return err
+	}
+	if len(req.Content) == 0 || string(req.Content) == "null" {
+		return fleet.Invalid("content", "is required: give the deployment manifest as {\"modulesContent\": {...}}")
+	}
+	return fleet.ValidateContent(req.Content, req.Layered)
+}
+
+func validateMetrics(q map[string]string) error {
+	for name, query := range q {
+		if name == "" {
+			return fleet.Invalid("metrics.queries", "a metric name must not be empty")
+		}
+		if query == "" {
+			return fleet.Invalid("metrics.queries."+name, "must not be empty")
+		}
+	}
+	return nil
+}
+
+func (b *backend) PutDeployment(ctx context.Context, id string, req api.DeploymentRequest, opts api.WriteOptions) (api.DeploymentView, bool, error) {
+	if err := validateDeployment(id, req); err != nil {
+		return api.DeploymentView{}, false, err
+	}
+	compact, err := compactJSON(req.Content)
+	if err != nil {
+		return api.DeploymentView{}, false, fleet.Invalid("content", "%v", err)
+	}
+	res, err := b.apply(ctx, raftstore.PutDeployment{
+		Precondition: precondition(opts),
+		Time:         now(),
+		Deployment: fleet.Deployment{
+			ID: id, Labels: req.Labels, Content: compact, TargetCondition: req.TargetCondition,
+			Priority: req.Priority, Metrics: req.Metrics, Layered: req.Layered,
+		},
+	})
+	if err != nil {
+		return api.DeploymentView{}, false, err
+	}
+	return b.deploymentView(*res.Deployment), res.Created, nil
+}
+
+func compactJSON(raw json.RawMessage) (json.RawMessage, error) {
+	var v any
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return nil, err
+	}
+	return json.Marshal(v)
+}
+
+func (b *backend) DryRunDeployment(ctx context.Context, id string, req api.DeploymentRequest) (api.DryRunResult, error) {
+	if err := validateDeployment(id, req); err != nil {
+		return api.DryRunResult{}, err
+	}
+	b.engineMu.RLock()
+	defer b.engineMu.RUnlock()
+	targeted, would, err := b.engine.DryRun(evaluator.Deployment{
+		ID: id, Condition: req.TargetCondition, Priority: req.Priority, CreatedUnixNano: now().UnixNano(),
+	})
+	if err != nil {
+		return api.DryRunResult{}, conditionError("targetCondition", err)
+	}
+	return api.DryRunResult{TargetedCount: targeted, WouldApplyCount: would}, nil
+}
+
+func (b *backend) PatchDeployment(ctx context.Context, id string, p api.DeploymentPatch, opts api.WriteOptions) (api.DeploymentView, error) {
+	if len(p.Content) > 0 {
+		return api.DeploymentView{}, fmt.Errorf("%w", &fleet.ValidationError{Field: "content",
+			Msg: "a deployment's content cannot change after creation; create a new deployment with a higher priority instead (only targetCondition, priority, labels and metrics can be updated)"})
+	}
+	if p.TargetCondition != nil {
+		if _, err := evaluator.Compile(*p.TargetCondition); err != nil {
+			return api.DeploymentView{}, conditionError("targetCondition", err)
+		}
+	}
+	if p.Priority != nil {
+		if err := fleet.ValidatePriority(*p.Priority); err != nil {
+			return api.DeploymentView{}, err
+		}
+	}
+	if err := fleet.ValidateLabels(p.Labels); err != nil {
+		return api.DeploymentView{}, err
+	}
+	cmd := raftstore.PatchDeployment{
+		Precondition: precondition(opts), ID: id, Time: now(),
+		TargetCondition: p.TargetCondition, Priority: p.Priority, Labels: p.Labels,
+	}
+	if p.Metrics != nil {
+		for name := range p.Metrics.Queries {
+			if name == "" {
+				return api.DeploymentView{}, fleet.Invalid("metrics.queries", "a metric name must not be empty")
+			}
+		}
+		cmd.MetricQueries = p.Metrics.Queries
+	}
+	res, err := b.apply(ctx, cmd)
+	if err != nil {
+		return api.DeploymentView{}, err
+	}
+	return b.deploymentView(*res.Deployment), nil
+}
+
+func (b *backend) DeleteDeployment(ctx context.Context, id string, opts api.WriteOptions) error {
+	_, err := b.apply(ctx, raftstore.DeleteDeployment{Precondition: precondition(opts), ID: id})
+	return err
+}
+
+func (b *backend) deploymentView(d fleet.Deployment) api.DeploymentView {
+	b.engineMu.RLock()
+	targeted := len(b.engine.TargetedDevices(d.ID))
+	applied := len(b.engine.AppliedDevices(d.ID))
+	b.engineMu.RUnlock()
+	return api.DeploymentView{
+		Deployment: d.Public(),
+		SystemMetrics: api.SystemMetrics{Results: map[string]int{
+			"targetedCount": targeted,
+			"appliedCount":  applied,
+		}},
+	}
+}
+
+func (b *backend) Deployment(ctx context.Context, id string, consistent bool) (api.DeploymentView, error) {
+	var d fleet.Deployment
+	err := b.view(ctx, consistent, func(r *raftstore.Reader) error {
+		var err error
+		d, err = r.Deployment(id)
+		return err
+	})
+	if err != nil {
+		return api.DeploymentView{}, err
+	}
+	return b.deploymentView(d), nil
+}
+
+func (b *backend) Deployments(ctx context.Context, q api.DeploymentQuery) (api.DeploymentPage, error) {
+	page := api.DeploymentPage{Items: []api.DeploymentView{}}
+	limit := q.Limit
+	if limit <= 0 {
+		limit = api.DefaultPageSize
+	}
+	var found []fleet.Deployment
+	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) error {
+		return r.Deployments(q.After, func(d fleet.Deployment) bool {
+			for k, v := range q.Labels {
+				if d.Labels[k] != v {
+					return true
+				}
+			}
+			if len(found) == limit {
+				page.Next = found[len(found)-1].ID
+				return false
+			}
+			found = append(found, d)
+			return true
+		})
+	})
+	if err != nil {
+		return page, err
+	}
+	for _, d := range found {
+		page.Items = append(page.Items, b.deploymentView(d))
+	}
+	return page, nil
+}
+
+func (b *backend) Health() api.Health {
+	_, leader := b.store.Leader()
+	return api.Health{Status: "ok", NodeID: b.cfg.NodeID, Raft: b.store.State(), Leader: leader, Version: b.cfg.Version}
+}
+
+func (b *backend) Ready(ctx context.Context) error {
+	if addr, _ := b.store.Leader(); addr == "" {
+		return errors.New("no raft leader")
+	}
+	return nil
+}

@@ -1,0 +1,249 @@
+package node
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"appliance/api"
+	"appliance/evaluator"
+	"appliance/raftstore"
+)
+
+// Config configures a controller node. Zero values mean defaults.
+type Config struct {
+	// DataDir holds the raft log, the state machine, snapshots and the admin
+	// token. Required.
+	DataDir string
+	// NodeID names the node in the cluster; defaults to the host name.
+	NodeID string
+	// HTTPAddr is the operator API listener (default 127.0.0.1:7480; port 0
+	// picks a free port).
+	HTTPAddr string
+	// RaftAddr is the raft listener (default 127.0.0.1:7481).
+	RaftAddr string
+	// RaftAdvertise is the raft address peers dial, when it differs.
+	RaftAdvertise string
+	// Version is reported by /healthz.
+	Version string
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// RaftHeartbeatTimeout and RaftElectionTimeout tune raft (tests use
+	// short ones); zero means the raftstore defaults.
+	RaftHeartbeatTimeout time.Duration
+	RaftElectionTimeout  time.Duration
+}
+
+// Default listener addresses.
+const (
+	DefaultHTTPAddr = "127.0.0.1:7480"
+	DefaultRaftAddr = "127.0.0.1:7481"
+)
+
+// Files a node keeps in its data directory besides raft's own.
+const (
+	// TokenFile holds the admin bearer token (mode 0600).
+	TokenFile = "admin-token"
+	// AddrFile holds the URL the API listens on, so that the CLI on the
+	// same machine finds a node started with a random port.
+	AddrFile = "http-url"
+)
+
+// Node is a running controller.
+type Node struct {
+	cfg    Config
+	logger *slog.Logger
+
+	store  *raftstore.Store
+	engine *evaluator.Engine
+	token  string
+
+	httpLn  net.Listener
+	httpSrv *http.Server
+
+	// engineMu orders engine updates from the apply path against readers
+	// that need a device's record and its assignment to agree.
+	engineMu sync.RWMutex
+
+	stopOnce sync.Once
+}
+
+// New checks the configuration and fills in defaults. Nothing is opened
+// until Start.
+func New(cfg Config) (*Node, error) {
+	if cfg.DataDir == "" {
+		return nil, errors.New("node: a data directory is required")
+	}
+	if cfg.NodeID == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			h = "node1"
+		}
+		cfg.NodeID = h
+	}
+	if cfg.HTTPAddr == "" {
+		cfg.HTTPAddr = DefaultHTTPAddr
+	}
+	if cfg.RaftAddr == "" {
+		cfg.RaftAddr = DefaultRaftAddr
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Version == "" {
+		cfg.Version = "dev"
+	}
+	return &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine()}, nil
+}
+
+// Start opens the store (bootstrapping a new single-node cluster when the
+// data directory is empty), loads or creates the admin token and starts
+// serving the API. It returns once the API listens.
+func (n *Node) Start(ctx context.Context) error {
+	if err := os.MkdirAll(n.cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("create data dir %s: %w", n.cfg.DataDir, err)
+	}
+	token, created, err := loadOrCreateToken(filepath.Join(n.cfg.DataDir, TokenFile))
+	if err != nil {
+		return err
+	}
+	n.token = token
+	if created {
+		n.logger.Info("generated the admin token", "path", filepath.Join(n.cfg.DataDir, TokenFile))
+	}
+
+	store, err := raftstore.Open(ctx, raftstore.Config{
+		Dir:              filepath.Join(n.cfg.DataDir, "raft"),
+		NodeID:           n.cfg.NodeID,
+		BindAddr:         n.cfg.RaftAddr,
+		AdvertiseAddr:    n.cfg.RaftAdvertise,
+		Bootstrap:        true,
+		Observer:         (*observer)(n),
+		Logger:           n.cfg.Logger,
+		HeartbeatTimeout: n.cfg.RaftHeartbeatTimeout,
+		ElectionTimeout:  n.cfg.RaftElectionTimeout,
+	})
+	if err != nil {
+		return err
+	}
+	n.store = store
+
+	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: token, Logger: n.cfg.Logger.With("component", "api")})
+	if err != nil {
+		n.store.Close()
+		return err
+	}
+	ln, err := net.Listen("tcp", n.cfg.HTTPAddr)
+	if err != nil {
+		n.store.Close()
+		return fmt.Errorf("listen for the API on %s (flag --http-addr): %w", n.cfg.HTTPAddr, err)
+	}
+	n.httpLn = ln
+	n.httpSrv = &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := n.httpSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			n.logger.Error("API server stopped", "err", err)
+		}
+	}()
+	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, AddrFile), []byte(n.URL()+"\n"), 0o600); err != nil {
+		n.logger.Warn("cannot record the API address", "err", err)
+	}
+	n.logger.Info("node started", "api", n.URL(), "raft", n.store.RaftAddr(), "data_dir", n.cfg.DataDir,
+		"admin_token_file", filepath.Join(n.cfg.DataDir, TokenFile), "version", n.cfg.Version)
+	return nil
+}
+
+// Run starts the node and serves until ctx ends, then shuts down.
+func (n *Node) Run(ctx context.Context) error {
+	if err := n.Start(ctx); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return n.Stop()
+}
+
+// URL is the base URL of the operator API.
+func (n *Node) URL() string { return "http://" + n.httpLn.Addr().String() }
+
+// Token is the admin token.
+func (n *Node) Token() string { return n.token }
+
+// RaftAddr is the bound raft address.
+func (n *Node) RaftAddr() string { return n.store.RaftAddr() }
+
+// Stop shuts down in order: stop taking requests, finish those under way,
+// then stop raft and close the files. It is idempotent.
+func (n *Node) Stop() error {
+	var errs []error
+	n.stopOnce.Do(func() {
+		if n.httpSrv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if err := n.httpSrv.Shutdown(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("shutdown API: %w", err))
+			}
+			cancel()
+		}
+		if n.store != nil {
+			if err := n.store.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		n.logger.Info("node stopped")
+	})
+	return errors.Join(errs...)
+}
+
+// loadOrCreateToken reads the admin token, creating a random one with mode
+// 0600 the first time.
+func loadOrCreateToken(path string) (token string, created bool, err error) {
+	data, err := os.ReadFile(path)
+	if err == nil {
+		t := strings.TrimSpace(string(data))
+		if t == "" {
+			return "", false, fmt.Errorf("admin token file %s is empty; delete it to generate a new token", path)
+		}
+		return t, false, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", false, fmt.Errorf("read admin token %s: %w", path, err)
+	}
+	var b [32]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", false, fmt.Errorf("generate admin token: %w", err)
+	}
+	t := base64.RawURLEncoding.EncodeToString(b[:])
+	if err := writeFileAtomic(path, []byte(t+"\n"), 0o600); err != nil {
+		return "", false, fmt.Errorf("write admin token %s: %w", path, err)
+	}
+	return t, true, nil
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}

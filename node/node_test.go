@@ -1,0 +1,406 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"appliance/api"
+	"appliance/fleet"
+)
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(string(bytes.TrimRight(p, "\n")))
+	return len(p), nil
+}
+
+// startNode runs a real node on loopback ports it picks itself, with a real
+// raft and bbolt files in dir.
+func startNode(t *testing.T, dir string) *Node {
+	t.Helper()
+	n, err := New(Config{
+		DataDir: dir, NodeID: "n1", HTTPAddr: "127.0.0.1:0", RaftAddr: "127.0.0.1:0",
+		Logger:               slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		RaftHeartbeatTimeout: 100 * time.Millisecond, RaftElectionTimeout: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Stop() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n.store.WaitLeader(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func clientFor(n *Node) *api.Client { return &api.Client{BaseURL: n.URL(), Token: n.Token()} }
+
+// rawRequest sends a request and returns status and body, for asserting
+// exactly what an HTTP client sees.
+func rawRequest(t *testing.T, method, url, token, body string, headers ...string) (int, string, http.Header) {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, url, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), resp.Header
+}
+
+func TestAPI_EveryRouteNeedsTheToken(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	routes := []struct{ method, path string }{
+		{"PUT", "/api/v1/devices/d1"}, {"GET", "/api/v1/devices/d1"}, {"PATCH", "/api/v1/devices/d1"},
+		{"DELETE", "/api/v1/devices/d1"}, {"GET", "/api/v1/devices"},
+		{"PUT", "/api/v1/deployments/x"}, {"GET", "/api/v1/deployments/x"}, {"PATCH", "/api/v1/deployments/x"},
+		{"DELETE", "/api/v1/deployments/x"}, {"GET", "/api/v1/deployments"},
+		{"GET", "/api/v1/no-such-route"},
+	}
+	for _, r := range routes {
+		for _, token := range []string{"", "wrong-token", n.Token() + "x"} {
+			code, body, _ := rawRequest(t, r.method, n.URL()+r.path, token, `{"tags":{}}`)
+			if code != http.StatusUnauthorized {
+				t.Errorf("%s %s with token %q: status %d, want 401", r.method, r.path, token, code)
+			}
+			var eb api.ErrorBody
+			if json.Unmarshal([]byte(body), &eb) != nil || eb.Error.Code != "unauthorized" {
+				t.Errorf("%s %s: body %s is not a JSON unauthorized error", r.method, r.path, body)
+			}
+		}
+	}
+	// Nothing was written by the refused requests.
+	if _, err := clientFor(n).Device(context.Background(), "d1", false); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("device d1 after refused writes: %v", err)
+	}
+	// Health endpoints stay open.
+	for _, p := range []string{"/healthz", "/readyz"} {
+		if code, body, _ := rawRequest(t, "GET", n.URL()+p, "", ""); code != 200 {
+			t.Errorf("GET %s: %d %s", p, code, body)
+		}
+	}
+	// The token file is private.
+	st, err := os.Stat(filepath.Join(n.cfg.DataDir, TokenFile))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("admin token file mode: %v %v", st.Mode(), err)
+	}
+}
+
+func TestAPI_DeviceLifecycle(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+
+	code, body, hdr := rawRequest(t, "PUT", n.URL()+"/api/v1/devices/press-01", n.Token(),
+		`{"tags":{"environment":"prod","site":{"line":3}}}`, "If-None-Match", "*")
+	if code != http.StatusCreated {
+		t.Fatalf("create: %d %s", code, body)
+	}
+	var created fleet.Device
+	json.Unmarshal([]byte(body), &created)
+	keys := created.Authentication.SymmetricKey
+	if keys == nil || keys.PrimaryKey == "" || keys.PrimaryKey == keys.SecondaryKey {
+		t.Fatalf("creation response lacks two keys: %s", body)
+	}
+	if hdr.Get("ETag") != `"`+created.Etag+`"` {
+		t.Fatalf("ETag header %q, body etag %q", hdr.Get("ETag"), created.Etag)
+	}
+
+	// Reads never show keys or their hashes.
+	code, body, _ = rawRequest(t, "GET", n.URL()+"/api/v1/devices/press-01", n.Token(), "")
+	if code != 200 || strings.Contains(body, keys.PrimaryKey) || strings.Contains(body, "keyHashes") || strings.Contains(body, fleet.HashKey(keys.PrimaryKey)) {
+		t.Fatalf("read shows secrets: %d %s", code, body)
+	}
+
+	// Creating it again is a conflict; the keys stay.
+	if code, body, _ = rawRequest(t, "PUT", n.URL()+"/api/v1/devices/press-01", n.Token(), `{}`, "If-None-Match", "*"); code != http.StatusConflict {
+		t.Fatalf("second create: %d %s", code, body)
+	}
+
+	// A stale etag gets 412 and changes nothing.
+	if _, err := c.PatchDevice(ctx, "press-01", api.DevicePatch{Tags: map[string]any{"x": 1}}, api.WriteOptions{IfMatch: "999"}); !errors.Is(err, fleet.ErrPreconditionFailed) {
+		t.Fatalf("stale patch: %v", err)
+	}
+	d, err := c.PatchDevice(ctx, "press-01", api.DevicePatch{Tags: map[string]any{"environment": nil, "site": map[string]any{"hall": "B"}}}, api.WriteOptions{IfMatch: created.Etag})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := json.Marshal(d.Tags); string(got) != `{"site":{"hall":"B","line":3}}` {
+		t.Fatalf("merged tags %s", got)
+	}
+	if d.Etag == created.Etag || !d.LastUpdatedTimeUTC.After(created.LastUpdatedTimeUTC) && !d.LastUpdatedTimeUTC.Equal(created.LastUpdatedTimeUTC) {
+		t.Fatalf("patch did not bump etag: %+v", d)
+	}
+
+	// Bad input names the field and stores nothing.
+	for _, tc := range []struct{ id, body, field string }{
+		{"bad%2Fid", `{}`, "deviceId"},
+		{"ok", `{"status":"paused"}`, "status"},
+		{"ok", `{"tags":"notanobject"}`, "tags"},
+		{"ok", `{"tagz":{}}`, "tagz"},
+	} {
+		code, body, _ := rawRequest(t, "PUT", n.URL()+"/api/v1/devices/"+tc.id, n.Token(), tc.body)
+		var eb api.ErrorBody
+		json.Unmarshal([]byte(body), &eb)
+		if code != 400 || eb.Error.Field != tc.field {
+			t.Errorf("PUT %s %s: %d %s, want 400 naming %s", tc.id, tc.body, code, body, tc.field)
+		}
+	}
+	page, err := c.Devices(ctx, api.DeviceQuery{})
+	if err != nil || len(page.Items) != 1 {
+		t.Fatalf("devices after bad requests: %+v %v", page, err)
+	}
+
+	if err := c.DeleteDevice(ctx, "press-01", api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Device(ctx, "press-01", true); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("deleted device: %v", err)
+	}
+}
+
+func TestAPI_DevicePagination(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	for _, id := range []string{"a", "b", "c", "d", "e"} {
+		if _, err := c.PutDevice(ctx, id, api.DeviceRequest{}, api.WriteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var seen []string
+	q := api.DeviceQuery{Limit: 2}
+	for {
+		p, err := c.Devices(ctx, q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range p.Items {
+			seen = append(seen, d.ID)
+		}
+		if p.Next == "" {
+			break
+		}
+		q.After = p.Next
+	}
+	if strings.Join(seen, ",") != "a,b,c,d,e" {
+		t.Fatalf("paged through %v", seen)
+	}
+}
+
+const manifest = `{"modulesContent":{
+ "$edgeAgent":{"properties.desired":{"schemaVersion":"1.1",
+   "runtime":{"type":"docker","settings":{"registryCredentials":{"acr":{"username":"u","password":"hunter2-secret","address":"acr.local"}}}},
+   "systemModules":{"edgeAgent":{"type":"docker","settings":{"image":"agent:1"}},
+     "edgeHub":{"type":"docker","status":"running","restartPolicy":"always","settings":{"image":"hub:1"}}},
+   "modules":{"temp":{"type":"docker","status":"running","restartPolicy":"always","settings":{"image":"temp:1"}}}}},
+ "$edgeHub":{"properties.desired":{"schemaVersion":"1.1","routes":{"r":"FROM /messages/* INTO $upstream"},
+   "storeAndForwardConfiguration":{"timeToLiveSecs":7200}}}}}`
+
+func TestAPI_DeploymentLifecycle(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+
+	req := api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 10, Labels: map[string]string{"team": "a"}}
+	dep, err := c.PutDeployment(ctx, "temp-v1", req, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(dep.Content), "hunter2") {
+		t.Fatalf("create response shows the registry password: %s", dep.Content)
+	}
+	code, body, _ := rawRequest(t, "GET", n.URL()+"/api/v1/deployments/temp-v1", n.Token(), "")
+	if code != 200 || strings.Contains(body, "hunter2") || !strings.Contains(body, "acr.local") {
+		t.Fatalf("read: %d %s", code, body)
+	}
+	code, body, _ = rawRequest(t, "GET", n.URL()+"/api/v1/deployments", n.Token(), "")
+	if code != 200 || strings.Contains(body, "hunter2") {
+		t.Fatalf("list: %d %s", code, body)
+	}
+
+	// Content is immutable.
+	other := strings.Replace(manifest, "temp:1", "temp:2", 1)
+	if _, err := c.PutDeployment(ctx, "temp-v1", api.DeploymentRequest{Content: json.RawMessage(other), TargetCondition: "*"}, api.WriteOptions{}); !errors.Is(err, fleet.ErrInvalid) || !strings.Contains(err.Error(), "content") {
+		t.Fatalf("changing content: %v", err)
+	}
+	code, body, _ = rawRequest(t, "PATCH", n.URL()+"/api/v1/deployments/temp-v1", n.Token(), `{"content":`+other+`}`)
+	if code != 400 || !strings.Contains(body, `"field": "content"`) {
+		t.Fatalf("patching content: %d %s", code, body)
+	}
+
+	// Condition, priority and labels change, bumping etag and time.
+	time.Sleep(2 * time.Millisecond)
+	cond, prio := "tags.environment='prod' AND tags.line='3'", int64(20)
+	upd, err := c.PatchDeployment(ctx, "temp-v1", api.DeploymentPatch{TargetCondition: &cond, Priority: &prio, Labels: map[string]string{"stage": "canary"}}, api.WriteOptions{IfMatch: dep.Etag})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if upd.TargetCondition != cond || upd.Priority != 20 || upd.Labels["stage"] != "canary" || upd.Labels["team"] != "a" ||
+		upd.Etag == dep.Etag || !upd.LastUpdatedTimeUTC.After(dep.LastUpdatedTimeUTC) || !upd.CreatedTimeUTC.Equal(dep.CreatedTimeUTC) {
+		t.Fatalf("updated deployment %+v", upd)
+	}
+	// The old etag is stale now.
+	if _, err := c.PatchDeployment(ctx, "temp-v1", api.DeploymentPatch{Priority: &prio}, api.WriteOptions{IfMatch: dep.Etag}); !errors.Is(err, fleet.ErrPreconditionFailed) {
+		t.Fatalf("stale If-Match: %v", err)
+	}
+
+	// Bad requests name the field or the column.
+	for _, tc := range []struct {
+		name, id string
+		req      api.DeploymentRequest
+		field    string
+	}{
+		{"bad condition", "x1", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.a = "}, "targetCondition"},
+		{"negative priority", "x2", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "*", Priority: -1}, "priority"},
+		{"uppercase id", "X3", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "*"}, "id"},
+		{"no content", "x4", api.DeploymentRequest{TargetCondition: "*"}, "content"},
+		{"bad restart policy", "x5", api.DeploymentRequest{Content: json.RawMessage(strings.Replace(manifest, `"restartPolicy":"always","settings":{"image":"temp:1"}`, `"restartPolicy":"sometimes","settings":{"image":"temp:1"}`, 1)), TargetCondition: "*"}, "content.modulesContent.$edgeAgent.properties.desired.modules.temp.restartPolicy"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := c.PutDeployment(ctx, tc.id, tc.req, api.WriteOptions{})
+			var ae *api.Error
+			if !errors.As(err, &ae) || ae.StatusCode != 400 || ae.Field != tc.field {
+				t.Fatalf("err %v, want 400 naming %s", err, tc.field)
+			}
+		})
+	}
+	if tc := "tags.a = "; true {
+		_, err := c.PutDeployment(ctx, "x1", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: tc}, api.WriteOptions{})
+		if err == nil || !strings.Contains(err.Error(), "column") {
+			t.Fatalf("bad condition error does not name the column: %v", err)
+		}
+	}
+	page, err := c.Deployments(ctx, api.DeploymentQuery{})
+	if err != nil || len(page.Items) != 1 {
+		t.Fatalf("deployments after bad requests: %d %v", len(page.Items), err)
+	}
+	if p, _ := c.Deployments(ctx, api.DeploymentQuery{Labels: map[string]string{"stage": "canary"}}); len(p.Items) != 1 {
+		t.Fatalf("label filter found %d", len(p.Items))
+	}
+	if p, _ := c.Deployments(ctx, api.DeploymentQuery{Labels: map[string]string{"stage": "prod"}}); len(p.Items) != 0 {
+		t.Fatalf("label filter found %d", len(p.Items))
+	}
+	if err := c.DeleteDeployment(ctx, "temp-v1", api.WriteOptions{IfMatch: "1"}); !errors.Is(err, fleet.ErrPreconditionFailed) {
+		t.Fatalf("delete with stale etag: %v", err)
+	}
+	if err := c.DeleteDeployment(ctx, "temp-v1", api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAPI_Assignments checks what a device's view shows: every deployment
+// that targets it, and which one applies (priority, then newest).
+func TestAPI_Assignments(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	for id, env := range map[string]string{"p1": "prod", "p2": "prod", "t1": "test"} {
+		if _, err := c.PutDevice(ctx, id, api.DeviceRequest{Tags: map[string]any{"environment": env}}, api.WriteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put := func(id, cond string, prio int64) {
+		t.Helper()
+		if _, err := c.PutDeployment(ctx, id, api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: cond, Priority: prio}, api.WriteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("base", "*", 1)
+	put("prod-a", "tags.environment='prod'", 10)
+	put("prod-b", "tags.environment='prod'", 10) // same priority, newer: applies
+	want := map[string]map[string]string{
+		"p1": {"base": "Targeted", "prod-a": "Targeted", "prod-b": "Applied"},
+		"t1": {"base": "Applied"},
+	}
+	for dev, w := range want {
+		v, err := c.Device(ctx, dev, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]string{}
+		for k, s := range v.Configurations {
+			got[k] = s.Status
+		}
+		if b1, b2 := mustJSON(got), mustJSON(w); b1 != b2 {
+			t.Errorf("%s configurations %s, want %s", dev, b1, b2)
+		}
+	}
+	page, err := c.Devices(ctx, api.DeviceQuery{Condition: "tags.environment='prod'"})
+	if err != nil || len(page.Items) != 2 || page.Items[0].ID != "p1" || page.Items[1].ID != "p2" {
+		t.Fatalf("condition filter: %+v %v", page.Items, err)
+	}
+	if _, err := c.Devices(ctx, api.DeviceQuery{Condition: "tags.environment = \"prod\""}); err == nil || !strings.Contains(err.Error(), "single quote") {
+		t.Fatalf("double-quoted condition: %v", err)
+	}
+	dr, err := c.DryRunDeployment(ctx, "prod-c", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 11})
+	if err != nil || dr.TargetedCount != 2 || dr.WouldApplyCount != 2 {
+		t.Fatalf("dry run %+v %v", dr, err)
+	}
+	if _, err := c.Deployment(ctx, "prod-c", false); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("dry run stored the deployment: %v", err)
+	}
+	d, err := c.Deployment(ctx, "prod-b", false)
+	if err != nil || d.SystemMetrics.Results["targetedCount"] != 2 || d.SystemMetrics.Results["appliedCount"] != 2 {
+		t.Fatalf("prod-b metrics %+v %v", d.SystemMetrics, err)
+	}
+}
+
+func mustJSON(v any) string { b, _ := json.Marshal(v); return string(b) }
+
+// TestNode_RestartKeepsEverything stops a node and starts another on the
+// same data directory: state, token and assignments are back.
+func TestNode_RestartKeepsEverything(t *testing.T) {
+	dir := t.TempDir()
+	n := startNode(t, dir)
+	c := clientFor(n)
+	ctx := context.Background()
+	if _, err := c.PutDevice(ctx, "d1", api.DeviceRequest{Tags: map[string]any{"environment": "prod"}}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.PutDeployment(ctx, "dep", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'"}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	token := n.Token()
+	if err := n.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	n2 := startNode(t, dir)
+	if n2.Token() != token {
+		t.Fatal("the admin token changed across a restart")
+	}
+	v, err := clientFor(n2).Device(ctx, "d1", true)
+	if err != nil || v.Configurations["dep"].Status != api.StatusApplied {
+		t.Fatalf("after restart: %+v %v", v, err)
+	}
+}

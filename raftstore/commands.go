@@ -1,0 +1,159 @@
+package raftstore
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"appliance/fleet"
+)
+
+// CommandType is the first byte of every raft log entry. The numbering is
+// append-only: a type, once released, keeps its number and meaning forever,
+// because old log entries and snapshots are replayed by newer binaries.
+type CommandType byte
+
+const (
+	_                   CommandType = iota // 0 is never used, so a zeroed entry is caught
+	CmdPutDevice                           // 1: create or replace a device
+	CmdPatchDevice                         // 2: merge tags / set status of a device
+	CmdDeleteDevice                        // 3
+	CmdPutDeployment                       // 4: create a deployment (content is immutable afterwards)
+	CmdPatchDeployment                     // 5: change condition, priority, labels, metrics
+	CmdDeleteDeployment                    // 6
+)
+
+func (t CommandType) String() string {
+	switch t {
+	case CmdPutDevice:
+		return "put-device"
+	case CmdPatchDevice:
+		return "patch-device"
+	case CmdDeleteDevice:
+		return "delete-device"
+	case CmdPutDeployment:
+		return "put-deployment"
+	case CmdPatchDeployment:
+		return "patch-deployment"
+	case CmdDeleteDeployment:
+		return "delete-deployment"
+	}
+	return fmt.Sprintf("command(%d)", byte(t))
+}
+
+// Command is one typed state change. Everything Apply needs travels inside
+// it, the wall-clock time included, so that every node applies it to the
+// same result.
+type Command interface {
+	Type() CommandType
+}
+
+// Precondition guards a write with optimistic concurrency.
+type Precondition struct {
+	// IfMatch, when set, must equal the stored etag ("*" means: must exist).
+	IfMatch string `json:"ifMatch,omitempty"`
+	// IfNoneMatch "*" means: must not exist yet.
+	IfNoneMatch string `json:"ifNoneMatch,omitempty"`
+}
+
+// PutDevice creates a device, or replaces the tags and status of an existing
+// one. Keys are only used when the device is created: an existing device
+// keeps its keys.
+type PutDevice struct {
+	Precondition
+	Device fleet.Device `json:"device"`
+	Time   time.Time    `json:"time"`
+}
+
+// PatchDevice merges Tags into a device's tags as a JSON merge patch (a null
+// value removes a tag) and sets Status when non-empty. ReplaceTags replaces
+// the whole tag object instead.
+type PatchDevice struct {
+	Precondition
+	ID          string         `json:"id"`
+	Tags        map[string]any `json:"tags,omitempty"`
+	ReplaceTags bool           `json:"replaceTags,omitempty"`
+	Status      string         `json:"status,omitempty"`
+	// KeyHashes, when set, replaces the device's key digests (key rotation).
+	KeyHashes *fleet.KeyHashes `json:"keyHashes,omitempty"`
+	Time      time.Time        `json:"time"`
+}
+
+// DeleteDevice removes a device.
+type DeleteDevice struct {
+	Precondition
+	ID string `json:"id"`
+}
+
+// PutDeployment creates a deployment. Replacing an existing one is refused
+// unless its content is byte-for-byte the same (content is immutable).
+type PutDeployment struct {
+	Precondition
+	Deployment fleet.Deployment `json:"deployment"`
+	Time       time.Time        `json:"time"`
+}
+
+// PatchDeployment changes the mutable parts of a deployment. Nil fields are
+// left alone.
+type PatchDeployment struct {
+	Precondition
+	ID              string            `json:"id"`
+	TargetCondition *string           `json:"targetCondition,omitempty"`
+	Priority        *int64            `json:"priority,omitempty"`
+	Labels          map[string]string `json:"labels,omitempty"`
+	ReplaceLabels   bool              `json:"replaceLabels,omitempty"`
+	MetricQueries   map[string]string `json:"metricQueries,omitempty"`
+	Time            time.Time         `json:"time"`
+}
+
+// DeleteDeployment removes a deployment.
+type DeleteDeployment struct {
+	Precondition
+	ID string `json:"id"`
+}
+
+func (PutDevice) Type() CommandType        { return CmdPutDevice }
+func (PatchDevice) Type() CommandType      { return CmdPatchDevice }
+func (DeleteDevice) Type() CommandType     { return CmdDeleteDevice }
+func (PutDeployment) Type() CommandType    { return CmdPutDeployment }
+func (PatchDeployment) Type() CommandType  { return CmdPatchDeployment }
+func (DeleteDeployment) Type() CommandType { return CmdDeleteDeployment }
+
+// Encode turns a command into a log entry: its type byte then its JSON.
+func Encode(c Command) ([]byte, error) {
+	payload, err := json.Marshal(c)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s: %w", c.Type(), err)
+	}
+	buf := make([]byte, 0, len(payload)+1)
+	buf = append(buf, byte(c.Type()))
+	return append(buf, payload...), nil
+}
+
+// Decode is the inverse of Encode.
+func Decode(entry []byte) (Command, error) {
+	if len(entry) == 0 {
+		return nil, fmt.Errorf("decode command: empty entry")
+	}
+	var c Command
+	switch CommandType(entry[0]) {
+	case CmdPutDevice:
+		c = &PutDevice{}
+	case CmdPatchDevice:
+		c = &PatchDevice{}
+	case CmdDeleteDevice:
+		c = &DeleteDevice{}
+	case CmdPutDeployment:
+		c = &PutDeployment{}
+	case CmdPatchDeployment:
+		c = &PatchDeployment{}
+	case CmdDeleteDeployment:
+		c = &DeleteDeployment{}
+	default:
+		return nil, fmt.Errorf("decode command: unknown type %d", entry[0])
+	}
+	if err := json.Unmarshal(entry[1:], c); err != nil {
+		return nil, fmt.Errorf("decode %s: %w", CommandType(entry[0]), err)
+	}
+	return c, nil
+}

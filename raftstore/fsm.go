@@ -1,0 +1,656 @@
+package raftstore
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+
+	"github.com/hashicorp/raft"
+	bolt "go.etcd.io/bbolt"
+
+	"appliance/fleet"
+)
+
+// Bucket names of the state machine's bbolt file.
+var (
+	bucketMeta        = []byte("meta")
+	bucketDevices     = []byte("devices")
+	bucketDeployments = []byte("deployments")
+
+	keyAppliedIndex = []byte("appliedIndex")
+)
+
+// ChangeKind says what one applied command did.
+type ChangeKind int
+
+const (
+	DevicePut ChangeKind = iota + 1
+	DeviceDeleted
+	DeploymentPut
+	DeploymentDeleted
+)
+
+// Change is one effect of an applied command, published to the Observer in
+// log order after the batch that holds it is committed to bbolt.
+type Change struct {
+	Index      uint64
+	Kind       ChangeKind
+	ID         string
+	Device     *fleet.Device     // the new state, for DevicePut
+	Deployment *fleet.Deployment // the new state, for DeploymentPut
+}
+
+// Observer follows the state machine. Both methods run on raft's apply
+// goroutine, so they must be quick and must not call back into Apply.
+type Observer interface {
+	// Applied receives the changes of one committed batch, in log order.
+	Applied(changes []Change)
+	// Restored says the whole state was replaced (a snapshot was installed):
+	// derived state must be rebuilt from r.
+	Restored(r *Reader)
+}
+
+// Result is what Apply returns for one command. Err carries a rule
+// rejection (not found, precondition failed, immutable content): the entry
+// is in the log but changed nothing.
+type Result struct {
+	Index      uint64
+	Created    bool
+	Device     *fleet.Device
+	Deployment *fleet.Deployment
+	Err        error
+}
+
+// fsm is the replicated state machine: a bbolt file holding devices and
+// deployments together with the index of the last applied log entry, written
+// in the same transaction so that replaying the log after a crash is safe.
+type fsm struct {
+	path     string
+	logger   *slog.Logger
+	observer Observer
+
+	// mu guards db against the swap in Restore; apply and reads take it shared.
+	mu sync.RWMutex
+	db *bolt.DB
+
+	appliedMu   sync.Mutex
+	appliedCond *sync.Cond
+	applied     uint64
+}
+
+var _ raft.BatchingFSM = (*fsm)(nil)
+
+func openFSM(path string, observer Observer, logger *slog.Logger) (*fsm, error) {
+	f := &fsm{path: path, logger: logger, observer: observer}
+	f.appliedCond = sync.NewCond(&f.appliedMu)
+	db, err := openStateDB(path)
+	if err != nil {
+		return nil, err
+	}
+	f.db = db
+	idx, err := readAppliedIndex(db)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	f.applied = idx
+	return f, nil
+}
+
+func openStateDB(path string) (*bolt.DB, error) {
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		return nil, fmt.Errorf("open state db %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketDeployments} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("init state db %s: %w", path, err)
+	}
+	return db, nil
+}
+
+func readAppliedIndex(db *bolt.DB) (uint64, error) {
+	var idx uint64
+	err := db.View(func(tx *bolt.Tx) error {
+		if v := tx.Bucket(bucketMeta).Get(keyAppliedIndex); len(v) == 8 {
+			idx = binary.BigEndian.Uint64(v)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("read applied index: %w", err)
+	}
+	return idx, nil
+}
+
+// AppliedIndex is the index of the last log entry reflected in the state.
+func (f *fsm) AppliedIndex() uint64 {
+	f.appliedMu.Lock()
+	defer f.appliedMu.Unlock()
+	return f.applied
+}
+
+func (f *fsm) setApplied(idx uint64) {
+	f.appliedMu.Lock()
+	f.applied = idx
+	f.appliedMu.Unlock()
+	f.appliedCond.Broadcast()
+}
+
+// Apply applies a single entry; raft uses ApplyBatch, this is for completeness.
+func (f *fsm) Apply(l *raft.Log) interface{} {
+	return f.ApplyBatch([]*raft.Log{l})[0]
+}
+
+// ApplyBatch applies committed entries in one bbolt transaction, together
+// with the new applied index. Entries at or below the stored applied index
+// were applied before a restart and are skipped, so replay is idempotent.
+func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
+	results := make([]interface{}, len(logs))
+	if len(logs) == 0 {
+		return results
+	}
+	var changes []Change
+	f.mu.RLock()
+	err := f.db.Update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		var stored uint64
+		if v := meta.Get(keyAppliedIndex); len(v) == 8 {
+			stored = binary.BigEndian.Uint64(v)
+		}
+		w := &writer{tx: tx}
+		for i, l := range logs {
+			if l.Index <= stored || l.Type != raft.LogCommand {
+				continue
+			}
+			cmd, err := Decode(l.Data)
+			if err != nil {
+				// Only a newer binary writes a type we do not know: refuse it
+				// as a value rather than silently diverging from our peers.
+				results[i] = &Result{Index: l.Index, Err: fmt.Errorf("entry %d: %w", l.Index, err)}
+				f.logger.Error("cannot decode raft entry", "index", l.Index, "err", err)
+				continue
+			}
+			res := w.apply(l.Index, cmd)
+			results[i] = res
+			changes = append(changes, w.changes...)
+			w.changes = w.changes[:0]
+		}
+		last := logs[len(logs)-1].Index
+		if last > stored {
+			var b [8]byte
+			binary.BigEndian.PutUint64(b[:], last)
+			return meta.Put(keyAppliedIndex, b[:])
+		}
+		return nil
+	})
+	f.mu.RUnlock()
+	if err != nil {
+		// The disk under the state machine failed: continuing would let this
+		// node diverge from its peers.
+		panic(fmt.Sprintf("apply raft entries %d..%d to %s: %v", logs[0].Index, logs[len(logs)-1].Index, f.path, err))
+	}
+	f.setApplied(logs[len(logs)-1].Index)
+	if f.observer != nil && len(changes) > 0 {
+		f.observer.Applied(changes)
+	}
+	return results
+}
+
+// Snapshot captures the state in a read transaction; Persist streams it.
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	tx, err := f.db.Begin(false)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: begin read tx: %w", err)
+	}
+	return &snapshot{tx: tx}, nil
+}
+
+type snapshot struct{ tx *bolt.Tx }
+
+func (s *snapshot) Persist(sink raft.SnapshotSink) error {
+	if _, err := s.tx.WriteTo(sink); err != nil {
+		sink.Cancel()
+		return fmt.Errorf("persist snapshot: %w", err)
+	}
+	return sink.Close()
+}
+
+func (s *snapshot) Release() { _ = s.tx.Rollback() }
+
+// Restore replaces the state with a snapshot: the stream is written to a
+// temporary file, fsynced, and renamed over the state file, so a crash
+// leaves either the old state or the new one, never a mix.
+func (f *fsm) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	tmp := f.path + ".restore"
+	if err := writeFileSync(tmp, rc); err != nil {
+		return fmt.Errorf("restore snapshot: %w", err)
+	}
+	// Check the file opens before swapping it in.
+	check, err := openStateDB(tmp)
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("restore snapshot: %w", err)
+	}
+	idx, err := readAppliedIndex(check)
+	check.Close()
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("restore snapshot: %w", err)
+	}
+
+	f.mu.Lock()
+	if err := f.db.Close(); err != nil {
+		f.mu.Unlock()
+		return fmt.Errorf("restore snapshot: close state db: %w", err)
+	}
+	if err := os.Rename(tmp, f.path); err != nil {
+		f.mu.Unlock()
+		return fmt.Errorf("restore snapshot: swap state file: %w", err)
+	}
+	syncDir(filepath.Dir(f.path))
+	db, err := openStateDB(f.path)
+	if err != nil {
+		f.mu.Unlock()
+		panic(fmt.Sprintf("reopen state db after restore: %v", err))
+	}
+	f.db = db
+	f.mu.Unlock()
+
+	f.setApplied(idx)
+	if f.observer != nil {
+		f.mu.RLock()
+		_ = f.db.View(func(tx *bolt.Tx) error {
+			f.observer.Restored(&Reader{tx: tx})
+			return nil
+		})
+		f.mu.RUnlock()
+	}
+	return nil
+}
+
+func writeFileSync(path string, r io.Reader) error {
+	out, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, r); err != nil {
+		out.Close()
+		os.Remove(path)
+		return err
+	}
+	if err := out.Sync(); err != nil {
+		out.Close()
+		os.Remove(path)
+		return err
+	}
+	return out.Close()
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+}
+
+// view runs fn in a read transaction of the current state.
+func (f *fsm) view(fn func(r *Reader) error) error {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.db.View(func(tx *bolt.Tx) error { return fn(&Reader{tx: tx}) })
+}
+
+func (f *fsm) close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.db.Close()
+}
+
+// writer applies decoded commands inside one write transaction.
+type writer struct {
+	tx      *bolt.Tx
+	changes []Change
+}
+
+func etagFor(index uint64) string { return strconv.FormatUint(index, 10) }
+
+func checkPrecondition(p Precondition, exists bool, etag string) error {
+	if p.IfNoneMatch == "*" && exists {
+		return fleet.ErrExists
+	}
+	if p.IfMatch != "" {
+		if !exists {
+			return fleet.ErrNotFound
+		}
+		if p.IfMatch != "*" && p.IfMatch != etag {
+			return fmt.Errorf("%w: etag is %q, If-Match was %q", fleet.ErrPreconditionFailed, etag, p.IfMatch)
+		}
+	}
+	return nil
+}
+
+func (w *writer) apply(index uint64, cmd Command) *Result {
+	switch c := cmd.(type) {
+	case *PutDevice:
+		return w.putDevice(index, c)
+	case *PatchDevice:
+		return w.patchDevice(index, c)
+	case *DeleteDevice:
+		return w.deleteDevice(index, c)
+	case *PutDeployment:
+		return w.putDeployment(index, c)
+	case *PatchDeployment:
+		return w.patchDeployment(index, c)
+	case *DeleteDeployment:
+		return w.deleteDeployment(index, c)
+	}
+	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
+}
+
+func getJSON[T any](b *bolt.Bucket, id string) (*T, error) {
+	v := b.Get([]byte(id))
+	if v == nil {
+		return nil, nil
+	}
+	var out T
+	if err := json.Unmarshal(v, &out); err != nil {
+		return nil, fmt.Errorf("decode stored %s %q: %w", b, id, err)
+	}
+	return &out, nil
+}
+
+func putJSON(b *bolt.Bucket, id string, v any) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		panic(fmt.Sprintf("encode %q: %v", id, err))
+	}
+	if err := b.Put([]byte(id), data); err != nil {
+		panic(fmt.Sprintf("store %q: %v", id, err))
+	}
+}
+
+func mustGet[T any](b *bolt.Bucket, id string) *T {
+	v, err := getJSON[T](b, id)
+	if err != nil {
+		// Our own bytes failed to decode: local corruption.
+		panic(err)
+	}
+	return v
+}
+
+func (w *writer) putDevice(index uint64, c *PutDevice) *Result {
+	b := w.tx.Bucket(bucketDevices)
+	old := mustGet[fleet.Device](b, c.Device.ID)
+	etag := ""
+	if old != nil {
+		etag = old.Etag
+	}
+	if err := checkPrecondition(c.Precondition, old != nil, etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.Device.ID, err)}
+	}
+	d := c.Device
+	if d.Tags == nil {
+		d.Tags = map[string]any{}
+	}
+	if d.Status == "" {
+		d.Status = fleet.DeviceEnabled
+	}
+	d.Authentication.SymmetricKey = nil
+	created := old == nil
+	if created {
+		d.CreatedTimeUTC = c.Time
+	} else {
+		d.CreatedTimeUTC = old.CreatedTimeUTC
+		d.Authentication = old.Authentication
+	}
+	d.LastUpdatedTimeUTC = c.Time
+	d.Etag = etagFor(index)
+	putJSON(b, d.ID, d)
+	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: &d})
+	return &Result{Index: index, Created: created, Device: &d}
+}
+
+func (w *writer) patchDevice(index uint64, c *PatchDevice) *Result {
+	b := w.tx.Bucket(bucketDevices)
+	d := mustGet[fleet.Device](b, c.ID)
+	if d == nil {
+		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.ID, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.ID, err)}
+	}
+	if c.ReplaceTags {
+		d.Tags = map[string]any{}
+	}
+	if d.Tags == nil {
+		d.Tags = map[string]any{}
+	}
+	MergePatch(d.Tags, c.Tags)
+	if c.Status != "" {
+		d.Status = c.Status
+	}
+	if c.KeyHashes != nil {
+		d.Authentication.KeyHashes = c.KeyHashes
+	}
+	d.LastUpdatedTimeUTC = c.Time
+	d.Etag = etagFor(index)
+	putJSON(b, d.ID, d)
+	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: d})
+	return &Result{Index: index, Device: d}
+}
+
+// MergePatch applies an RFC 7396 JSON merge patch to obj: null removes a
+// key, an object merges recursively, anything else replaces.
+func MergePatch(obj map[string]any, patch map[string]any) {
+	for k, v := range patch {
+		switch pv := v.(type) {
+		case nil:
+			delete(obj, k)
+		case map[string]any:
+			cur, ok := obj[k].(map[string]any)
+			if !ok {
+				cur = map[string]any{}
+			}
+			MergePatch(cur, pv)
+			obj[k] = cur
+		default:
+			obj[k] = v
+		}
+	}
+}
+
+func (w *writer) deleteDevice(index uint64, c *DeleteDevice) *Result {
+	b := w.tx.Bucket(bucketDevices)
+	d := mustGet[fleet.Device](b, c.ID)
+	if d == nil {
+		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.ID, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.ID, err)}
+	}
+	if err := b.Delete([]byte(c.ID)); err != nil {
+		panic(err)
+	}
+	w.changes = append(w.changes, Change{Index: index, Kind: DeviceDeleted, ID: c.ID})
+	return &Result{Index: index, Device: d}
+}
+
+func (w *writer) putDeployment(index uint64, c *PutDeployment) *Result {
+	b := w.tx.Bucket(bucketDeployments)
+	id := c.Deployment.ID
+	old := mustGet[fleet.Deployment](b, id)
+	etag := ""
+	if old != nil {
+		etag = old.Etag
+	}
+	if err := checkPrecondition(c.Precondition, old != nil, etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", id, err)}
+	}
+	d := c.Deployment
+	if old != nil {
+		if !jsonEqual(old.Content, d.Content) || old.Layered != d.Layered {
+			return &Result{Index: index, Err: fmt.Errorf("deployment %q: content: %w: a deployment's content cannot change after creation; create a new deployment (only targetCondition, priority, labels and metrics can be updated)", id, fleet.ErrImmutable)}
+		}
+		d.CreatedTimeUTC = old.CreatedTimeUTC
+	} else {
+		d.CreatedTimeUTC = c.Time
+	}
+	d.LastUpdatedTimeUTC = c.Time
+	d.Etag = etagFor(index)
+	putJSON(b, id, d)
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: id, Deployment: &d})
+	return &Result{Index: index, Created: old == nil, Deployment: &d}
+}
+
+func jsonEqual(a, b json.RawMessage) bool {
+	var x, y any
+	if json.Unmarshal(a, &x) != nil || json.Unmarshal(b, &y) != nil {
+		return string(a) == string(b)
+	}
+	ca, _ := json.Marshal(x)
+	cb, _ := json.Marshal(y)
+	return string(ca) == string(cb)
+}
+
+func (w *writer) patchDeployment(index uint64, c *PatchDeployment) *Result {
+	b := w.tx.Bucket(bucketDeployments)
+	d := mustGet[fleet.Deployment](b, c.ID)
+	if d == nil {
+		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", c.ID, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", c.ID, err)}
+	}
+	if c.TargetCondition != nil {
+		d.TargetCondition = *c.TargetCondition
+	}
+	if c.Priority != nil {
+		d.Priority = *c.Priority
+	}
+	if c.ReplaceLabels {
+		d.Labels = nil
+	}
+	for k, v := range c.Labels {
+		if d.Labels == nil {
+			d.Labels = map[string]string{}
+		}
+		if v == "" {
+			delete(d.Labels, k)
+			continue
+		}
+		d.Labels[k] = v
+	}
+	for k, v := range c.MetricQueries {
+		if d.Metrics.Queries == nil {
+			d.Metrics.Queries = map[string]string{}
+		}
+		if v == "" {
+			delete(d.Metrics.Queries, k)
+			continue
+		}
+		d.Metrics.Queries[k] = v
+	}
+	d.LastUpdatedTimeUTC = c.Time
+	d.Etag = etagFor(index)
+	putJSON(b, d.ID, d)
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: d.ID, Deployment: d})
+	return &Result{Index: index, Deployment: d}
+}
+
+func (w *writer) deleteDeployment(index uint64, c *DeleteDeployment) *Result {
+	b := w.tx.Bucket(bucketDeployments)
+	d := mustGet[fleet.Deployment](b, c.ID)
+	if d == nil {
+		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", c.ID, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", c.ID, err)}
+	}
+	if err := b.Delete([]byte(c.ID)); err != nil {
+		panic(err)
+	}
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentDeleted, ID: c.ID})
+	return &Result{Index: index, Deployment: d}
+}
+
+// Reader reads the state inside one consistent transaction.
+type Reader struct{ tx *bolt.Tx }
+
+// Device returns one device, or fleet.ErrNotFound.
+func (r *Reader) Device(id string) (fleet.Device, error) {
+	d, err := getJSON[fleet.Device](r.tx.Bucket(bucketDevices), id)
+	if err != nil {
+		return fleet.Device{}, err
+	}
+	if d == nil {
+		return fleet.Device{}, fmt.Errorf("device %q: %w", id, fleet.ErrNotFound)
+	}
+	return *d, nil
+}
+
+// Deployment returns one deployment, or fleet.ErrNotFound.
+func (r *Reader) Deployment(id string) (fleet.Deployment, error) {
+	d, err := getJSON[fleet.Deployment](r.tx.Bucket(bucketDeployments), id)
+	if err != nil {
+		return fleet.Deployment{}, err
+	}
+	if d == nil {
+		return fleet.Deployment{}, fmt.Errorf("deployment %q: %w", id, fleet.ErrNotFound)
+	}
+	return *d, nil
+}
+
+// Devices calls fn for each device in id order, starting after the id
+// `after`; fn returns false to stop.
+func (r *Reader) Devices(after string, fn func(fleet.Device) bool) error {
+	return each(r.tx.Bucket(bucketDevices), after, fn)
+}
+
+// Deployments calls fn for each deployment in id order after `after`.
+func (r *Reader) Deployments(after string, fn func(fleet.Deployment) bool) error {
+	return each(r.tx.Bucket(bucketDeployments), after, fn)
+}
+
+// DeviceCount is the number of devices stored.
+func (r *Reader) DeviceCount() int { return r.tx.Bucket(bucketDevices).Stats().KeyN }
+
+func each[T any](b *bolt.Bucket, after string, fn func(T) bool) error {
+	c := b.Cursor()
+	var k, v []byte
+	if after == "" {
+		k, v = c.First()
+	} else {
+		k, v = c.Seek([]byte(after))
+		if k != nil && string(k) == after {
+			k, v = c.Next()
+		}
+	}
+	for ; k != nil; k, v = c.Next() {
+		var item T
+		if err := json.Unmarshal(v, &item); err != nil {
+			return fmt.Errorf("decode stored %q: %w", k, err)
+		}
+		if !fn(item) {
+			return nil
+		}
+	}
+	return nil
+}
