@@ -155,6 +155,7 @@ func (a *app) client() (*api.Client, error) {
 
 func (a *app) printJSON(v any) error {
 	enc := json.NewEncoder(a.stdout)
+	enc.SetEscapeHTML(false)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }

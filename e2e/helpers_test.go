@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,6 +20,24 @@ import (
 )
 
 var binary string
+
+// syncBuffer is a bytes.Buffer safe to read while a process writes to it.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
 
 func TestMain(m *testing.M) {
 	binary = os.Getenv("APPLIANCE_BIN")
@@ -45,9 +64,21 @@ type server struct {
 	t       *testing.T
 	dataDir string
 	cmd     *exec.Cmd
-	logs    *bytes.Buffer
+	logs    *syncBuffer
 	url     string
 	token   string
+	// exited is closed when the process ends.
+	exited chan struct{}
+}
+
+// watch reaps the process in the background so that a start that fails
+// is seen at once rather than after a timeout.
+func (s *server) watch() {
+	s.exited = make(chan struct{})
+	go func() {
+		s.cmd.Wait()
+		close(s.exited)
+	}()
 }
 
 // startServer starts `appliance serve` on a data directory, on free
@@ -58,12 +89,13 @@ func startServer(t *testing.T, dataDir string, extra ...string) *server {
 	args := append([]string{"serve", "--data-dir", dataDir, "--node-id", "n1",
 		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0"}, extra...)
 	cmd := exec.Command(binary, args...)
-	logs := &bytes.Buffer{}
+	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	s := &server{t: t, dataDir: dataDir, cmd: cmd, logs: logs}
+	s.watch()
 	t.Cleanup(func() {
 		s.kill()
 		if t.Failed() {
@@ -76,8 +108,13 @@ func startServer(t *testing.T, dataDir string, extra ...string) *server {
 
 func (s *server) waitReady() {
 	s.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(3 * time.Minute)
 	for time.Now().Before(deadline) {
+		select {
+		case <-s.exited:
+			s.t.Fatalf("server exited before it was ready; log:\n%s", s.logs.String())
+		default:
+		}
 		if b, err := os.ReadFile(filepath.Join(s.dataDir, "http-url")); err == nil {
 			s.url = strings.TrimSpace(string(b))
 			tok, _ := os.ReadFile(filepath.Join(s.dataDir, "admin-token"))
@@ -96,10 +133,13 @@ func (s *server) waitReady() {
 
 // kill sends SIGKILL: no graceful shutdown, no flush.
 func (s *server) kill() {
-	if s.cmd.Process != nil && s.cmd.ProcessState == nil {
-		s.cmd.Process.Signal(syscall.SIGKILL)
-		s.cmd.Wait()
+	select {
+	case <-s.exited:
+		return
+	default:
 	}
+	s.cmd.Process.Signal(syscall.SIGKILL)
+	<-s.exited
 }
 
 func (s *server) client() *api.Client { return &api.Client{BaseURL: s.url, Token: s.token} }

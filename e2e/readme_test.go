@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -60,35 +59,28 @@ func TestReadmeQuickStart(t *testing.T) {
 	run := exec.Command("make", "run")
 	run.Dir = ".."
 	run.Env = env
-	var logs bytes.Buffer
-	run.Stdout, run.Stderr = &logs, &logs
+	logs := &syncBuffer{}
+	run.Stdout, run.Stderr = logs, logs
 	run.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := run.Start(); err != nil {
 		t.Fatal(err)
 	}
+	s := &server{t: t, dataDir: dataDir, cmd: run, logs: logs}
+	s.watch()
 	t.Cleanup(func() {
-		syscall.Kill(-run.Process.Pid, syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { run.Wait(); close(done) }()
+		// Ctrl-C in the terminal: the whole process group gets the signal.
+		syscall.Kill(-run.Process.Pid, syscall.SIGINT)
 		select {
-		case <-done:
+		case <-s.exited:
 		case <-time.After(10 * time.Second):
 			syscall.Kill(-run.Process.Pid, syscall.SIGKILL)
+			<-s.exited
 		}
 		if t.Failed() {
 			t.Logf("make run output:\n%s", logs.String())
 		}
 	})
-	s := &server{t: t, dataDir: dataDir, cmd: run, logs: &logs}
-	// make run builds first; give it time on a cold cache.
-	deadline := time.Now().Add(3 * time.Minute)
-	for time.Now().Before(deadline) {
-		if _, err := os.Stat(filepath.Join(dataDir, "http-url")); err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	s.waitReady()
+	s.waitReady() // make run builds first: waitReady allows for a cold cache
 	if !strings.Contains(logs.String(), filepath.Join(dataDir, "admin-token")) {
 		t.Fatalf("make run did not print where the admin token is:\n%s", logs.String())
 	}

@@ -159,8 +159,11 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 			return page, conditionError("condition", err)
 		}
 		b.engineMu.RLock()
-		ids = b.engine.Match(cond)
+		ids, err = b.engine.Match(cond)
 		b.engineMu.RUnlock()
+		if err != nil {
+			return page, conditionError("condition", err)
+		}
 		i := sort.SearchStrings(ids, q.After)
 		if i < len(ids) && ids[i] == q.After {
 			i++
@@ -329,8 +332,7 @@ func (b *backend) DeleteDeployment(ctx context.Context, id string, opts api.Writ
 
 func (b *backend) deploymentView(d fleet.Deployment) api.DeploymentView {
 	b.engineMu.RLock()
-	targeted := len(b.engine.TargetedDevices(d.ID))
-	applied := len(b.engine.AppliedDevices(d.ID))
+	targeted, applied := b.engine.Counts(d.ID)
 	b.engineMu.RUnlock()
 	return api.DeploymentView{
 		Deployment: d.Public(),
