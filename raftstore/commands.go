@@ -21,6 +21,7 @@ const (
 	CmdPutDeployment                       // 4: create a deployment (content is immutable afterwards)
 	CmdPatchDeployment                     // 5: change condition, priority, labels, metrics
 	CmdDeleteDeployment                    // 6
+	CmdPutReports                          // 7: a batch of devices' reported documents
 )
 
 func (t CommandType) String() string {
@@ -37,6 +38,8 @@ func (t CommandType) String() string {
 		return "patch-deployment"
 	case CmdDeleteDeployment:
 		return "delete-deployment"
+	case CmdPutReports:
+		return "put-reports"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -112,12 +115,30 @@ type DeleteDeployment struct {
 	ID string `json:"id"`
 }
 
+// PutReports stores the latest reported document of many devices at once:
+// a fleet reporting together costs a few raft entries, not one each.
+// Reports of devices that no longer exist are dropped.
+type PutReports struct {
+	Reports []Report `json:"reports"`
+}
+
+// Report is one device's reported document as received.
+type Report struct {
+	DeviceID string          `json:"deviceId"`
+	Document json.RawMessage `json:"document"`
+	// Time is when the node received it.
+	Time time.Time `json:"time"`
+	// Node is the node whose broker received it.
+	Node string `json:"node,omitempty"`
+}
+
 func (PutDevice) Type() CommandType        { return CmdPutDevice }
 func (PatchDevice) Type() CommandType      { return CmdPatchDevice }
 func (DeleteDevice) Type() CommandType     { return CmdDeleteDevice }
 func (PutDeployment) Type() CommandType    { return CmdPutDeployment }
 func (PatchDeployment) Type() CommandType  { return CmdPatchDeployment }
 func (DeleteDeployment) Type() CommandType { return CmdDeleteDeployment }
+func (PutReports) Type() CommandType       { return CmdPutReports }
 
 // Encode turns a command into a log entry: its type byte then its JSON.
 func Encode(c Command) ([]byte, error) {
@@ -149,6 +170,8 @@ func Decode(entry []byte) (Command, error) {
 		c = &PatchDeployment{}
 	case CmdDeleteDeployment:
 		c = &DeleteDeployment{}
+	case CmdPutReports:
+		c = &PutReports{}
 	default:
 		return nil, fmt.Errorf("decode command: unknown type %d", entry[0])
 	}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 	bolt "go.etcd.io/bbolt"
@@ -22,6 +23,7 @@ var (
 	bucketMeta        = []byte("meta")
 	bucketDevices     = []byte("devices")
 	bucketDeployments = []byte("deployments")
+	bucketReports     = []byte("reports")
 
 	keyAppliedIndex = []byte("appliedIndex")
 )
@@ -34,6 +36,7 @@ const (
 	DeviceDeleted
 	DeploymentPut
 	DeploymentDeleted
+	ReportPut
 )
 
 // Change is one effect of an applied command, published to the Observer in
@@ -60,8 +63,10 @@ type Observer interface {
 // rejection (not found, precondition failed, immutable content): the entry
 // is in the log but changed nothing.
 type Result struct {
-	Index      uint64
-	Created    bool
+	Index   uint64
+	Created bool
+	// Stored counts the reports a PutReports stored.
+	Stored     int
 	Device     *fleet.Device
 	Deployment *fleet.Deployment
 	Err        error
@@ -109,7 +114,7 @@ func openStateDB(path string) (*bolt.DB, error) {
 		return nil, fmt.Errorf("open state db %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketDeployments} {
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketDeployments, bucketReports} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -361,6 +366,8 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.patchDeployment(index, c)
 	case *DeleteDeployment:
 		return w.deleteDeployment(index, c)
+	case *PutReports:
+		return w.putReports(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }
@@ -489,6 +496,9 @@ func (w *writer) deleteDevice(index uint64, c *DeleteDevice) *Result {
 	if err := b.Delete([]byte(c.ID)); err != nil {
 		panic(err)
 	}
+	if err := w.tx.Bucket(bucketReports).Delete([]byte(c.ID)); err != nil {
+		panic(err)
+	}
 	w.changes = append(w.changes, Change{Index: index, Kind: DeviceDeleted, ID: c.ID})
 	return &Result{Index: index, Device: d}
 }
@@ -589,6 +599,42 @@ func (w *writer) deleteDeployment(index uint64, c *DeleteDeployment) *Result {
 	}
 	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentDeleted, ID: c.ID})
 	return &Result{Index: index, Deployment: d}
+}
+
+func (w *writer) putReports(index uint64, c *PutReports) *Result {
+	devices := w.tx.Bucket(bucketDevices)
+	reports := w.tx.Bucket(bucketReports)
+	stored := 0
+	for _, r := range c.Reports {
+		if devices.Get([]byte(r.DeviceID)) == nil {
+			continue
+		}
+		putJSON(reports, r.DeviceID, StoredReport{Document: r.Document, ReceivedTimeUTC: r.Time, Node: r.Node, Index: index})
+		w.changes = append(w.changes, Change{Index: index, Kind: ReportPut, ID: r.DeviceID})
+		stored++
+	}
+	return &Result{Index: index, Stored: stored}
+}
+
+// StoredReport is a device's last reported document.
+type StoredReport struct {
+	Document        json.RawMessage `json:"document"`
+	ReceivedTimeUTC time.Time       `json:"receivedTimeUtc"`
+	Node            string          `json:"node,omitempty"`
+	// Index is the raft entry that stored it.
+	Index uint64 `json:"index"`
+}
+
+// Report returns a device's last reported document, or fleet.ErrNotFound.
+func (r *Reader) Report(deviceID string) (StoredReport, error) {
+	rep, err := getJSON[StoredReport](r.tx.Bucket(bucketReports), deviceID)
+	if err != nil {
+		return StoredReport{}, err
+	}
+	if rep == nil {
+		return StoredReport{}, fmt.Errorf("report of %q: %w", deviceID, fleet.ErrNotFound)
+	}
+	return *rep, nil
 }
 
 // Reader reads the state inside one consistent transaction.

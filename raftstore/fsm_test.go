@@ -50,10 +50,20 @@ func dump(t *testing.T, f *fsm) string {
 		}); err != nil {
 			return err
 		}
-		return r.Deployments("", func(d fleet.Deployment) bool {
+		if err := r.Deployments("", func(d fleet.Deployment) bool {
 			b, _ := json.Marshal(d)
 			out.Write(b)
 			out.WriteByte('\n')
+			return true
+		}); err != nil {
+			return err
+		}
+		return r.Devices("", func(d fleet.Device) bool {
+			if rep, err := r.Report(d.ID); err == nil {
+				b, _ := json.Marshal(rep)
+				out.Write(b)
+				out.WriteByte('\n')
+			}
 			return true
 		})
 	})
@@ -199,6 +209,26 @@ func TestFSM_Commands(t *testing.T) {
 		{
 			name: "create a second device for the snapshot",
 			cmd:  PutDevice{Time: t0, Device: fleet.Device{ID: "dev-2", Tags: map[string]any{"n": 1.0}}},
+		},
+		{
+			name: "reports: a known device's is stored, an unknown device's dropped",
+			cmd: PutReports{Reports: []Report{
+				{DeviceID: "dev-2", Document: json.RawMessage(`{"lastDesiredVersion":7}`), Time: t0},
+				{DeviceID: "ghost", Document: json.RawMessage(`{"lastDesiredVersion":1}`), Time: t0},
+			}},
+			check: func(t *testing.T, r *Reader, res *Result) {
+				rep, err := r.Report("dev-2")
+				if err != nil || string(rep.Document) != `{"lastDesiredVersion":7}` || res.Stored != 1 {
+					t.Fatalf("report %+v err %v stored %d", rep, err, res.Stored)
+				}
+				if _, err := r.Report("ghost"); !errors.Is(err, fleet.ErrNotFound) {
+					t.Fatalf("report of an unknown device was stored: %v", err)
+				}
+				d, _ := r.Device("dev-2")
+				if d.Etag != "12" {
+					t.Fatalf("a report changed the device's etag to %s", d.Etag)
+				}
+			},
 		},
 	}
 	for i, step := range steps {
