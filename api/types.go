@@ -2,6 +2,7 @@ package api
 
 import (
 	"encoding/json"
+	"time"
 
 	"appliance/fleet"
 )
@@ -51,7 +52,29 @@ type DeviceView struct {
 	// Configurations lists every deployment whose condition matches the
 	// device; exactly one of them (if any) is Applied.
 	Configurations map[string]ConfigurationStatus `json:"configurations"`
+	// ConnectionState is Connected when the device holds an MQTT session
+	// with the node that answered, else Disconnected (Azure's words).
+	ConnectionState string `json:"connectionState"`
+	// LastActivityTime is when the device last sent anything to that node.
+	LastActivityTime *time.Time `json:"lastActivityTime,omitempty"`
+	// DesiredVersion is the version of the desired document the device
+	// should run now.
+	DesiredVersion uint64 `json:"desiredVersion"`
+	// Reported is the device's last reported document, when it sent one.
+	Reported *ReportedState `json:"reported,omitempty"`
 }
+
+// ReportedState is a device's last reported document and when it arrived.
+type ReportedState struct {
+	Document        json.RawMessage `json:"document"`
+	ReceivedTimeUTC time.Time       `json:"receivedTimeUtc"`
+}
+
+// Connection states.
+const (
+	Connected    = "Connected"
+	Disconnected = "Disconnected"
+)
 
 // DevicePage is one page of GET /devices.
 type DevicePage struct {

@@ -13,7 +13,7 @@ import (
 func (a *app) serveCommand() *cobra.Command {
 	var (
 		nodeID, httpAddr, raftAddr, raftAdvertise, mqttAddr string
-		logFormat, logLevel                                 string
+		mqttCert, mqttKey, logFormat, logLevel              string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -31,6 +31,9 @@ func (a *app) serveCommand() *cobra.Command {
 				HTTPAddr:      envDefault(httpAddr, a.getenv("APPLIANCE_HTTP_ADDR")),
 				RaftAddr:      envDefault(raftAddr, a.getenv("APPLIANCE_RAFT_ADDR")),
 				RaftAdvertise: envDefault(raftAdvertise, a.getenv("APPLIANCE_RAFT_ADVERTISE")),
+				MQTTAddr:      envDefault(mqttAddr, a.getenv("APPLIANCE_MQTT_ADDR")),
+				MQTTTLSCert:   envDefault(mqttCert, a.getenv("APPLIANCE_MQTT_TLS_CERT")),
+				MQTTTLSKey:    envDefault(mqttKey, a.getenv("APPLIANCE_MQTT_TLS_KEY")),
 				Version:       a.version,
 				Logger:        logger,
 			})
@@ -40,7 +43,8 @@ func (a *app) serveCommand() *cobra.Command {
 			if err := n.Start(cmd.Context()); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stderr, "appliance %s: node serving the API at %s\nadmin token: %s\n", a.version, n.URL(), filepath.Join(dataDir, node.TokenFile))
+			fmt.Fprintf(a.stderr, "appliance %s: node serving the API at %s and devices at mqtt://%s\nadmin token: %s\n",
+				a.version, n.URL(), n.MQTTAddr(), filepath.Join(dataDir, node.TokenFile))
 			<-cmd.Context().Done()
 			fmt.Fprintln(a.stderr, "shutting down (press Ctrl-C again to exit at once)")
 			return n.Stop()
@@ -51,7 +55,9 @@ func (a *app) serveCommand() *cobra.Command {
 	f.StringVar(&httpAddr, "http-addr", "", "operator API listen address (env APPLIANCE_HTTP_ADDR; default "+node.DefaultHTTPAddr+")")
 	f.StringVar(&raftAddr, "raft-addr", "", "raft listen address (env APPLIANCE_RAFT_ADDR; default "+node.DefaultRaftAddr+")")
 	f.StringVar(&raftAdvertise, "raft-advertise", "", "raft address peers dial, if not --raft-addr (env APPLIANCE_RAFT_ADVERTISE)")
-	f.StringVar(&mqttAddr, "mqtt-addr", "", "device MQTT listen address (env APPLIANCE_MQTT_ADDR); reserved: the broker is not part of this release yet")
+	f.StringVar(&mqttAddr, "mqtt-addr", "", "device MQTT listen address (env APPLIANCE_MQTT_ADDR; default "+node.DefaultMQTTAddr+")")
+	f.StringVar(&mqttCert, "mqtt-tls-cert", "", "PEM certificate: the broker speaks MQTT over TLS only (env APPLIANCE_MQTT_TLS_CERT)")
+	f.StringVar(&mqttKey, "mqtt-tls-key", "", "PEM key for --mqtt-tls-cert (env APPLIANCE_MQTT_TLS_KEY)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd

@@ -87,7 +87,7 @@ func startServer(t *testing.T, dataDir string, extra ...string) *server {
 	t.Helper()
 	os.Remove(filepath.Join(dataDir, "http-url"))
 	args := append([]string{"serve", "--data-dir", dataDir, "--node-id", "n1",
-		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0"}, extra...)
+		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"}, extra...)
 	cmd := exec.Command(binary, args...)
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs

@@ -55,6 +55,7 @@ func TestReadmeQuickStart(t *testing.T) {
 		"APPLIANCE_DATA_DIR="+dataDir,
 		"APPLIANCE_HTTP_ADDR=127.0.0.1:0",
 		"APPLIANCE_RAFT_ADDR=127.0.0.1:0",
+		"APPLIANCE_MQTT_ADDR=127.0.0.1:0",
 	)
 	run := exec.Command("make", "run")
 	run.Dir = ".."

@@ -118,8 +118,21 @@ func (b *backend) DeleteDevice(ctx context.Context, id string, opts api.WriteOpt
 	return err
 }
 
-func (b *backend) deviceView(d fleet.Device) api.DeviceView {
-	v := api.DeviceView{Device: d.Public(), Configurations: map[string]api.ConfigurationStatus{}}
+// deviceView joins a device's record with its assignments (the caller
+// holds engineMu), its connection to this node, and its last report.
+func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device) api.DeviceView {
+	v := api.DeviceView{Device: d.Public(), Configurations: map[string]api.ConfigurationStatus{}, ConnectionState: api.Disconnected}
+	if b.broker != nil {
+		if c, ok := b.broker.Connection(d.ID); ok {
+			v.ConnectionState = api.Connected
+			last := c.LastActivity.UTC()
+			v.LastActivityTime = &last
+		}
+	}
+	v.DesiredVersion = b.versions.of(d.ID)
+	if rep, err := r.Report(d.ID); err == nil {
+		v.Reported = &api.ReportedState{Document: rep.Document, ReceivedTimeUTC: rep.ReceivedTimeUTC}
+	}
 	applied := b.engine.Applied(d.ID)
 	for _, dep := range b.engine.Targeting(d.ID) {
 		st := api.StatusTargeted
@@ -140,7 +153,7 @@ func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.D
 		if err != nil {
 			return err
 		}
-		v = b.deviceView(d)
+		v = b.deviceView(r, d)
 		return nil
 	})
 	return v, err
@@ -186,7 +199,7 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 				if err != nil {
 					return err
 				}
-				page.Items = append(page.Items, b.deviceView(d))
+				page.Items = append(page.Items, b.deviceView(r, d))
 			}
 			return nil
 		}
@@ -195,7 +208,7 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 				page.Next = page.Items[len(page.Items)-1].ID
 				return false
 			}
-			page.Items = append(page.Items, b.deviceView(d))
+			page.Items = append(page.Items, b.deviceView(r, d))
 			return true
 		})
 	})

@@ -19,7 +19,7 @@ import (
 // device and deployment changes through the leader, and checks that every
 // replica reports the same assignments once the same entries have applied.
 func TestCluster_IdenticalAssignments(t *testing.T) {
-	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	logger := slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	var nodes [3]*Node
 	var stores [3]*raftstore.Store
 	for i := range nodes {

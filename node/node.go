@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"appliance/api"
+	"appliance/broker"
 	"appliance/evaluator"
 	"appliance/raftstore"
 )
@@ -34,6 +36,15 @@ type Config struct {
 	RaftAddr string
 	// RaftAdvertise is the raft address peers dial, when it differs.
 	RaftAdvertise string
+	// MQTTAddr is the device broker's listener (default :1883, every
+	// interface: devices are on the plant network; they must authenticate).
+	MQTTAddr string
+	// MQTTTLSCert and MQTTTLSKey, when both set, make the broker speak
+	// MQTT over TLS only.
+	MQTTTLSCert, MQTTTLSKey string
+	// ReportFlushInterval is how often reported documents are committed to
+	// raft as one batch (default 100 ms).
+	ReportFlushInterval time.Duration
 	// Version is reported by /healthz.
 	Version string
 	// Logger defaults to slog.Default().
@@ -48,6 +59,7 @@ type Config struct {
 const (
 	DefaultHTTPAddr = "127.0.0.1:7480"
 	DefaultRaftAddr = "127.0.0.1:7481"
+	DefaultMQTTAddr = ":1883"
 )
 
 // Files a node keeps in its data directory besides raft's own.
@@ -67,6 +79,12 @@ type Node struct {
 	store  *raftstore.Store
 	engine *evaluator.Engine
 	token  string
+
+	broker   *broker.Broker
+	versions versions
+	reports  *reportBatcher
+	bgCancel context.CancelFunc
+	bgDone   chan struct{}
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -97,13 +115,21 @@ func New(cfg Config) (*Node, error) {
 	if cfg.RaftAddr == "" {
 		cfg.RaftAddr = DefaultRaftAddr
 	}
+	if cfg.MQTTAddr == "" {
+		cfg.MQTTAddr = DefaultMQTTAddr
+	}
+	if (cfg.MQTTTLSCert == "") != (cfg.MQTTTLSKey == "") {
+		return nil, errors.New("node: give both --mqtt-tls-cert and --mqtt-tls-key, or neither")
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
 	if cfg.Version == "" {
 		cfg.Version = "dev"
 	}
-	return &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine()}, nil
+	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine()}
+	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
+	return n, nil
 }
 
 // Start opens the store (bootstrapping a new single-node cluster when the
@@ -122,6 +148,26 @@ func (n *Node) Start(ctx context.Context) error {
 		n.logger.Info("generated the admin token", "path", filepath.Join(n.cfg.DataDir, TokenFile))
 	}
 
+	// The broker exists before the store opens, so the store's observer
+	// can always reach it; it listens only once the state is loaded.
+	var tlsConf *tls.Config
+	if n.cfg.MQTTTLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(n.cfg.MQTTTLSCert, n.cfg.MQTTTLSKey)
+		if err != nil {
+			return fmt.Errorf("flags --mqtt-tls-cert/--mqtt-tls-key: %w", err)
+		}
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	b, err := broker.New(broker.Config{
+		Addr: n.cfg.MQTTAddr, TLSConfig: tlsConf,
+		Auth: (*devices)(n), Desired: (*devices)(n), Reports: n.reports,
+		Logger: n.cfg.Logger,
+	})
+	if err != nil {
+		return err
+	}
+	n.broker = b
+
 	store, err := raftstore.Open(ctx, raftstore.Config{
 		Dir:              filepath.Join(n.cfg.DataDir, "raft"),
 		NodeID:           n.cfg.NodeID,
@@ -138,14 +184,25 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	n.store = store
 
+	if err := n.broker.Start(context.WithoutCancel(ctx)); err != nil {
+		n.store.Close()
+		return fmt.Errorf("start the device broker on %s (flag --mqtt-addr): %w", n.cfg.MQTTAddr, err)
+	}
+	bgCtx, cancel := context.WithCancel(context.Background())
+	n.bgCancel, n.bgDone = cancel, make(chan struct{})
+	go func() {
+		defer close(n.bgDone)
+		n.reports.run(bgCtx)
+	}()
+
 	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: token, Logger: n.cfg.Logger.With("component", "api")})
 	if err != nil {
-		n.store.Close()
+		n.stopBackground()
 		return err
 	}
 	ln, err := net.Listen("tcp", n.cfg.HTTPAddr)
 	if err != nil {
-		n.store.Close()
+		n.stopBackground()
 		return fmt.Errorf("listen for the API on %s (flag --http-addr): %w", n.cfg.HTTPAddr, err)
 	}
 	n.httpLn = ln
@@ -158,7 +215,7 @@ func (n *Node) Start(ctx context.Context) error {
 	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, AddrFile), []byte(n.URL()+"\n"), 0o600); err != nil {
 		n.logger.Warn("cannot record the API address", "err", err)
 	}
-	n.logger.Info("node started", "api", n.URL(), "raft", n.store.RaftAddr(), "data_dir", n.cfg.DataDir,
+	n.logger.Info("node started", "api", n.URL(), "raft", n.store.RaftAddr(), "mqtt", n.broker.Addr(), "data_dir", n.cfg.DataDir,
 		"admin_token_file", filepath.Join(n.cfg.DataDir, TokenFile), "version", n.cfg.Version)
 	return nil
 }
@@ -178,6 +235,9 @@ func (n *Node) URL() string { return "http://" + n.httpLn.Addr().String() }
 // Token is the admin token.
 func (n *Node) Token() string { return n.token }
 
+// MQTTAddr is the bound broker address.
+func (n *Node) MQTTAddr() string { return n.broker.Addr() }
+
 // RaftAddr is the bound raft address.
 func (n *Node) RaftAddr() string { return n.store.RaftAddr() }
 
@@ -193,13 +253,32 @@ func (n *Node) Stop() error {
 			}
 			cancel()
 		}
-		if n.store != nil {
-			if err := n.store.Close(); err != nil {
-				errs = append(errs, err)
-			}
+		if err := n.stopBackground(); err != nil {
+			errs = append(errs, err)
 		}
 		n.logger.Info("node stopped")
 	})
+	return errors.Join(errs...)
+}
+
+// stopBackground closes the broker (devices reconnect elsewhere), flushes
+// the reports already taken, then closes raft and the files.
+func (n *Node) stopBackground() error {
+	var errs []error
+	if n.broker != nil {
+		if err := n.broker.Close(); err != nil && !errors.Is(err, broker.ErrClosed) {
+			errs = append(errs, fmt.Errorf("close broker: %w", err))
+		}
+	}
+	if n.bgCancel != nil {
+		n.bgCancel()
+		<-n.bgDone
+	}
+	if n.store != nil {
+		if err := n.store.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
 }
 

@@ -8,40 +8,60 @@ import (
 
 // observer feeds the evaluator from the store's applied changes. It runs on
 // raft's apply goroutine, so every node updates its assignments in log
-// order and agrees with its peers at each applied index.
+// order and agrees with its peers at each applied index. Desired documents
+// are pushed to connected devices after the engine lock is released.
 type observer Node
 
 var _ raftstore.Observer = (*observer)(nil)
 
 func (o *observer) Applied(changes []raftstore.Change) {
 	n := (*Node)(o)
+	var moved []evaluator.Change
+	var drop []string
 	n.engineMu.Lock()
-	defer n.engineMu.Unlock()
 	for _, c := range changes {
+		var out []evaluator.Change
 		switch c.Kind {
 		case raftstore.DevicePut:
-			n.engine.PutDevice(c.ID, c.Device.Tags)
+			out = n.engine.PutDevice(c.ID, c.Device.Tags)
+			if c.Device.Status == fleet.DeviceDisabled {
+				drop = append(drop, c.ID)
+			}
 		case raftstore.DeviceDeleted:
-			n.engine.DeleteDevice(c.ID)
+			out = n.engine.DeleteDevice(c.ID)
+			drop = append(drop, c.ID)
 		case raftstore.DeploymentPut:
-			if _, err := n.engine.PutDeployment(engineDeployment(c.Deployment)); err != nil {
+			var err error
+			out, err = n.engine.PutDeployment(engineDeployment(c.Deployment))
+			if err != nil {
 				// Validated before raft; only a condition this binary no
 				// longer accepts gets here. It then targets nothing.
 				n.logger.Error("stored target condition does not compile; the deployment targets no device",
 					"deployment", c.ID, "err", err)
-				n.engine.DeleteDeployment(c.ID)
+				out = n.engine.DeleteDeployment(c.ID)
 			}
 		case raftstore.DeploymentDeleted:
-			n.engine.DeleteDeployment(c.ID)
+			out = n.engine.DeleteDeployment(c.ID)
+		}
+		for _, m := range out {
+			n.versions.set(m.DeviceID, c.Index)
+		}
+		moved = append(moved, out...)
+	}
+	n.engineMu.Unlock()
+	if n.broker != nil {
+		for _, id := range drop {
+			n.broker.Disconnect(id)
 		}
 	}
+	n.push(moved)
 }
 
 func (o *observer) Restored(r *raftstore.Reader) {
 	n := (*Node)(o)
 	n.engineMu.Lock()
-	defer n.engineMu.Unlock()
 	n.engine.Reset()
+	n.versions.reset(r.AppliedIndex())
 	// Devices first, so that each deployment then finds its devices
 	// through the engine's indexes rather than device by device.
 	_ = r.Devices("", func(d fleet.Device) bool {
@@ -55,6 +75,16 @@ func (o *observer) Restored(r *raftstore.Reader) {
 		}
 		return true
 	})
+	var resend []evaluator.Change
+	if n.broker != nil {
+		// A snapshot replaced the state under connected devices: send each
+		// its current document; an agent ignores one it already runs.
+		for _, c := range n.broker.Connected() {
+			resend = append(resend, evaluator.Change{DeviceID: c.DeviceID, To: n.engine.Applied(c.DeviceID)})
+		}
+	}
+	n.engineMu.Unlock()
+	n.push(resend)
 }
 
 func engineDeployment(d *fleet.Deployment) evaluator.Deployment {

@@ -675,6 +675,14 @@ func (r *Reader) Deployments(after string, fn func(fleet.Deployment) bool) error
 	return each(r.tx.Bucket(bucketDeployments), after, fn)
 }
 
+// AppliedIndex is the index of the last log entry this state reflects.
+func (r *Reader) AppliedIndex() uint64 {
+	if v := r.tx.Bucket(bucketMeta).Get(keyAppliedIndex); len(v) == 8 {
+		return binary.BigEndian.Uint64(v)
+	}
+	return 0
+}
+
 // DeviceCount is the number of devices stored.
 func (r *Reader) DeviceCount() int { return r.tx.Bucket(bucketDevices).Stats().KeyN }
 

@@ -1,0 +1,144 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+
+	"appliance/broker"
+	"appliance/evaluator"
+	"appliance/fleet"
+	"appliance/raftstore"
+)
+
+// ErrDeviceRefused is what a device that may not connect is told (unknown,
+// disabled, wrong key: the same answer for all, so that a stranger learns
+// nothing about which ids exist).
+var ErrDeviceRefused = errors.New("device refused: unknown device, disabled device, or wrong key")
+
+// devices is the node's side of the device protocol: it authenticates
+// devices for the broker, builds their desired documents from the local
+// replica and the evaluator, and keeps the version of each device's
+// desired document.
+type devices Node
+
+var (
+	_ broker.Authenticator = (*devices)(nil)
+	_ broker.DesiredSource = (*devices)(nil)
+)
+
+// AuthenticateDevice checks a device's key against the stored hashes in
+// constant time, from the local replica.
+func (d *devices) AuthenticateDevice(ctx context.Context, deviceID, key string) error {
+	var dev fleet.Device
+	err := d.store.View(func(r *raftstore.Reader) error {
+		var err error
+		dev, err = r.Device(deviceID)
+		return err
+	})
+	if err != nil {
+		if errors.Is(err, fleet.ErrNotFound) {
+			return ErrDeviceRefused
+		}
+		return fmt.Errorf("authenticate %s: %w", deviceID, err)
+	}
+	if dev.Status == fleet.DeviceDisabled || dev.Authentication.KeyHashes == nil || !dev.Authentication.KeyHashes.CheckKey(key) {
+		return ErrDeviceRefused
+	}
+	return nil
+}
+
+// Desired returns the device's current desired document.
+func (d *devices) Desired(deviceID string) ([]byte, error) {
+	n := (*Node)(d)
+	n.engineMu.RLock()
+	applied := n.engine.Applied(deviceID)
+	version := n.versions.of(deviceID)
+	n.engineMu.RUnlock()
+	return n.desiredDocument(deviceID, applied, version)
+}
+
+// desiredDocument reads the applied deployment's content (unredacted: it
+// goes only to this device) and wraps it with its version.
+func (n *Node) desiredDocument(deviceID, deploymentID string, version uint64) ([]byte, error) {
+	doc := fleet.DesiredDocument{Version: version, DeploymentID: deploymentID}
+	if deploymentID != "" {
+		err := n.store.View(func(r *raftstore.Reader) error {
+			dep, err := r.Deployment(deploymentID)
+			if err != nil {
+				return err
+			}
+			var c struct {
+				ModulesContent json.RawMessage `json:"modulesContent"`
+			}
+			if err := json.Unmarshal(dep.Content, &c); err != nil {
+				return fmt.Errorf("content of deployment %s: %w", deploymentID, err)
+			}
+			doc.ModulesContent = c.ModulesContent
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("desired document of %s: %w", deviceID, err)
+		}
+	}
+	return json.Marshal(doc)
+}
+
+// versions remembers, per device, the raft index at which its applied
+// deployment last changed. It is derived state like the assignments: after
+// a restart every device starts at the index the state was loaded at, which
+// is at least as high as any version sent before, so versions only grow.
+type versions struct {
+	mu    sync.Mutex
+	base  uint64
+	byDev map[string]uint64
+}
+
+func (v *versions) of(deviceID string) uint64 {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if x, ok := v.byDev[deviceID]; ok {
+		return x
+	}
+	return v.base
+}
+
+func (v *versions) set(deviceID string, index uint64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.byDev == nil {
+		v.byDev = map[string]uint64{}
+	}
+	v.byDev[deviceID] = index
+}
+
+func (v *versions) reset(base uint64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.base = base
+	v.byDev = map[string]uint64{}
+}
+
+// push sends new desired documents to the devices connected to this node
+// whose applied deployment changed. It runs after the engine is updated,
+// outside the engine lock, and never blocks on a device.
+func (n *Node) push(changes []evaluator.Change) {
+	if n.broker == nil {
+		return
+	}
+	for _, c := range changes {
+		if _, ok := n.broker.Connection(c.DeviceID); !ok {
+			continue
+		}
+		doc, err := n.desiredDocument(c.DeviceID, c.To, n.versions.of(c.DeviceID))
+		if err != nil {
+			n.logger.Warn("cannot build desired document", "device", c.DeviceID, "err", err)
+			continue
+		}
+		if err := n.broker.PublishDesired(c.DeviceID, doc); err != nil && !errors.Is(err, broker.ErrNotConnected) {
+			n.logger.Warn("desired document not sent", "device", c.DeviceID, "err", err)
+		}
+	}
+}

@@ -1,0 +1,248 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"appliance/api"
+	"appliance/fleet"
+)
+
+// mqttDevice is a real MQTT 5 client (Eclipse Paho) playing a device.
+type mqttDevice struct {
+	id   string
+	c    *paho.Client
+	msgs chan *paho.Publish
+}
+
+func connectDevice(t *testing.T, addr, id, key string) (*mqttDevice, error) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &mqttDevice{id: id, msgs: make(chan *paho.Publish, 16)}
+	d.c = paho.NewClient(paho.ClientConfig{
+		Conn: conn,
+		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+			select {
+			case d.msgs <- pr.Packet:
+			default:
+			}
+			return true, nil
+		}},
+		PacketTimeout: 10 * time.Second,
+	})
+	receiveMax := uint16(16)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := d.c.Connect(ctx, &paho.Connect{
+		ClientID: id, Username: id, UsernameFlag: true, Password: []byte(key), PasswordFlag: true,
+		KeepAlive: 60, CleanStart: true, Properties: &paho.ConnectProperties{ReceiveMaximum: &receiveMax},
+	}); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	t.Cleanup(func() { d.c.Disconnect(&paho.Disconnect{}) })
+	return d, nil
+}
+
+func (d *mqttDevice) subscribeDesired(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := d.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: fleet.DesiredTopic(d.id), QoS: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (d *mqttDevice) nextDesired(t *testing.T) fleet.DesiredDocument {
+	t.Helper()
+	select {
+	case m := <-d.msgs:
+		var doc fleet.DesiredDocument
+		if err := json.Unmarshal(m.Payload, &doc); err != nil {
+			t.Fatalf("%s: desired document %s: %v", d.id, m.Payload, err)
+		}
+		return doc
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: no desired document within 10s", d.id)
+		return fleet.DesiredDocument{}
+	}
+}
+
+func createDevice(t *testing.T, c *api.Client, id string, tags map[string]any) string {
+	t.Helper()
+	d, err := c.PutDevice(context.Background(), id, api.DeviceRequest{Tags: tags}, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d.Authentication.SymmetricKey.PrimaryKey
+}
+
+// TestDeviceProtocol follows one device through the node's broker: it
+// authenticates with its key, gets an explicit empty desired state, gets
+// the deployment that starts to apply to it without reconnecting, and its
+// report reaches the replicated state.
+func TestDeviceProtocol(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	key := createDevice(t, c, "press-01", map[string]any{"environment": "test"})
+
+	if _, err := connectDevice(t, n.MQTTAddr(), "press-01", "wrong-key"); err == nil {
+		t.Fatal("a wrong key was accepted")
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "ghost", key); err == nil {
+		t.Fatal("an unknown device was accepted")
+	}
+
+	dev, err := connectDevice(t, n.MQTTAddr(), "press-01", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev.subscribeDesired(t)
+	if doc := dev.nextDesired(t); doc.DeploymentID != "" || len(doc.ModulesContent) != 0 {
+		t.Fatalf("a device with no deployment got %+v", doc)
+	}
+	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 5}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// A tag change makes the deployment apply; the connected device gets it.
+	if _, err := c.PatchDevice(ctx, "press-01", api.DevicePatch{Tags: map[string]any{"environment": "prod"}}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	doc := dev.nextDesired(t)
+	if doc.DeploymentID != "prod" || doc.Version == 0 || len(doc.ModulesContent) == 0 {
+		t.Fatalf("desired after the tag change: %+v", doc)
+	}
+	// The device gets its registry credentials: it needs them to pull.
+	if !json.Valid(doc.ModulesContent) || !strings.Contains(string(doc.ModulesContent), "hunter2-secret") {
+		t.Fatalf("desired document lacks the registry credentials the agent needs: %s", doc.ModulesContent)
+	}
+	first := doc.Version
+
+	// A higher-priority deployment takes over: a newer version arrives.
+	if _, err := c.PutDeployment(ctx, "prod-canary", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 9}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if doc := dev.nextDesired(t); doc.DeploymentID != "prod-canary" || doc.Version <= first {
+		t.Fatalf("desired after a higher priority deployment: %+v (first version %d)", doc, first)
+	}
+
+	report := fmt.Sprintf(`{"lastDesiredVersion":%d,"lastDesiredStatus":{"code":200},"modules":{}}`, first)
+	if _, err := dev.c.Publish(ctx, &paho.Publish{Topic: fleet.ReportedTopic("press-01"), QoS: 1, Payload: []byte(report)}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		v, err := c.Device(ctx, "press-01", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.Reported != nil && sameJSON(v.Reported.Document, report) {
+			if v.ConnectionState != api.Connected || v.LastActivityTime == nil {
+				t.Fatalf("connection state %q, last activity %v", v.ConnectionState, v.LastActivityTime)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("report never reached the state; device view %+v", v)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	// Disabling the device disconnects it at once.
+	if _, err := c.PatchDevice(ctx, "press-01", api.DevicePatch{Status: fleet.DeviceDisabled}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		v, _ := c.Device(ctx, "press-01", false)
+		if v.ConnectionState == api.Disconnected {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a disabled device stayed connected")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "press-01", key); err == nil {
+		t.Fatal("a disabled device could connect")
+	}
+}
+
+// TestReportsAreBatched has 500 devices publish a report at the same
+// moment and checks they all reach the replicated state in a few raft
+// entries, not 500.
+func TestReportsAreBatched(t *testing.T) {
+	if testing.Short() {
+		t.Skip("500 MQTT connections: not in -short")
+	}
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	const count = 500
+	devs := make([]*mqttDevice, count)
+	for i := range devs {
+		id := fmt.Sprintf("dev-%03d", i)
+		key := createDevice(t, c, id, nil)
+		d, err := connectDevice(t, n.MQTTAddr(), id, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		devs[i] = d
+	}
+	before := n.store.AppliedIndex()
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, d := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			payload := fmt.Sprintf(`{"lastDesiredVersion":%d,"lastDesiredStatus":{"code":200},"modules":{}}`, i)
+			if _, err := d.c.Publish(context.Background(), &paho.Publish{Topic: fleet.ReportedTopic(d.id), QoS: 1, Payload: []byte(payload)}); err != nil {
+				t.Errorf("%s publish: %v", d.id, err)
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	deadline := time.Now().Add(20 * time.Second)
+	for n.reports.committed.Load() < count && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := n.reports.committed.Load(); got != count {
+		t.Fatalf("%d of %d reports committed", got, count)
+	}
+	entries := n.store.AppliedIndex() - before
+	t.Logf("%d reports committed in %d raft entries", count, entries)
+	if entries > 20 {
+		t.Fatalf("%d reports took %d raft entries; they should be batched", count, entries)
+	}
+	// Every device's own report is what the state holds.
+	for i := 0; i < count; i += 97 {
+		v, err := c.Device(context.Background(), fmt.Sprintf("dev-%03d", i), false)
+		want := fmt.Sprintf(`{"lastDesiredVersion":%d,"lastDesiredStatus":{"code":200},"modules":{}}`, i)
+		if err != nil || v.Reported == nil || !sameJSON(v.Reported.Document, want) {
+			t.Fatalf("device %d reported %+v err %v", i, v.Reported, err)
+		}
+	}
+}
+
+// sameJSON compares two JSON texts by value.
+func sameJSON(a json.RawMessage, b string) bool {
+	var x, y any
+	if json.Unmarshal(a, &x) != nil || json.Unmarshal([]byte(b), &y) != nil {
+		return false
+	}
+	return mustJSON(x) == mustJSON(y)
+}
