@@ -232,3 +232,39 @@ func pageQuery(v url.Values, after string, limit int) {
 		v.Set("limit", strconv.Itoa(limit))
 	}
 }
+
+// RegenerateDeviceKey replaces one of a device's keys; the response carries
+// the new key, once.
+func (c *Client) RegenerateDeviceKey(ctx context.Context, id, which string) (fleet.Device, error) {
+	var d fleet.Device
+	_, err := c.do(ctx, http.MethodPost, "/api/v1/devices/"+esc(id)+"/keys/regenerate", nil, WriteOptions{}, RegenerateKeyRequest{Key: which}, &d)
+	return d, err
+}
+
+// PutEnrollment creates an enrollment (the response carries its token,
+// once) or replaces its tags.
+func (c *Client) PutEnrollment(ctx context.Context, name string, req EnrollmentRequest, opts WriteOptions) (fleet.Enrollment, error) {
+	var e fleet.Enrollment
+	_, err := c.do(ctx, http.MethodPut, "/api/v1/enrollments/"+esc(name), nil, opts, req, &e)
+	return e, err
+}
+
+// Enrollment reads one enrollment (without its token).
+func (c *Client) Enrollment(ctx context.Context, name string) (fleet.Enrollment, error) {
+	var e fleet.Enrollment
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/enrollments/"+esc(name), nil, WriteOptions{}, nil, &e)
+	return e, err
+}
+
+// Enrollments lists every enrollment.
+func (c *Client) Enrollments(ctx context.Context) ([]fleet.Enrollment, error) {
+	var p EnrollmentPage
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/enrollments", nil, WriteOptions{}, nil, &p)
+	return p.Items, err
+}
+
+// DeleteEnrollment removes an enrollment; devices it registered stay.
+func (c *Client) DeleteEnrollment(ctx context.Context, name string, opts WriteOptions) error {
+	_, err := c.do(ctx, http.MethodDelete, "/api/v1/enrollments/"+esc(name), nil, opts, nil, nil)
+	return err
+}

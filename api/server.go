@@ -34,6 +34,13 @@ type Backend interface {
 	Deployment(ctx context.Context, id string, consistent bool) (DeploymentView, error)
 	Deployments(ctx context.Context, q DeploymentQuery) (DeploymentPage, error)
 
+	RegenerateDeviceKey(ctx context.Context, id, which string) (fleet.Device, error)
+
+	PutEnrollment(ctx context.Context, name string, req EnrollmentRequest, opts WriteOptions) (fleet.Enrollment, bool, error)
+	DeleteEnrollment(ctx context.Context, name string, opts WriteOptions) error
+	Enrollment(ctx context.Context, name string) (fleet.Enrollment, error)
+	Enrollments(ctx context.Context) ([]fleet.Enrollment, error)
+
 	Health() Health
 	Ready(ctx context.Context) error
 }
@@ -89,6 +96,12 @@ func (s *Server) routes() {
 	s.mux.Handle("DELETE /api/v1/devices/{id}", s.auth(s.deleteDevice))
 	s.mux.Handle("GET /api/v1/devices/{id}", s.auth(s.getDevice))
 	s.mux.Handle("GET /api/v1/devices", s.auth(s.listDevices))
+	s.mux.Handle("POST /api/v1/devices/{id}/keys/regenerate", s.auth(s.regenerateKey))
+
+	s.mux.Handle("PUT /api/v1/enrollments/{name}", s.auth(s.putEnrollment))
+	s.mux.Handle("GET /api/v1/enrollments/{name}", s.auth(s.getEnrollment))
+	s.mux.Handle("DELETE /api/v1/enrollments/{name}", s.auth(s.deleteEnrollment))
+	s.mux.Handle("GET /api/v1/enrollments", s.auth(s.listEnrollments))
 
 	s.mux.Handle("PUT /api/v1/deployments/{id}", s.auth(s.putDeployment))
 	s.mux.Handle("PATCH /api/v1/deployments/{id}", s.auth(s.patchDeployment))
@@ -371,6 +384,65 @@ func (s *Server) listDeployments(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, page)
+}
+
+func (s *Server) regenerateKey(w http.ResponseWriter, r *http.Request) {
+	var req RegenerateKeyRequest
+	if !s.decode(w, r, &req) {
+		return
+	}
+	d, err := s.cfg.Backend.RegenerateDeviceKey(r.Context(), r.PathValue("id"), req.Key)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, d.Etag)
+	writeJSON(w, http.StatusOK, d)
+}
+
+func (s *Server) putEnrollment(w http.ResponseWriter, r *http.Request) {
+	var req EnrollmentRequest
+	if !s.decode(w, r, &req) {
+		return
+	}
+	e, created, err := s.cfg.Backend.PutEnrollment(r.Context(), r.PathValue("name"), req, writeOpts(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, e.Etag)
+	code := http.StatusOK
+	if created {
+		code = http.StatusCreated
+	}
+	writeJSON(w, code, e)
+}
+
+func (s *Server) getEnrollment(w http.ResponseWriter, r *http.Request) {
+	e, err := s.cfg.Backend.Enrollment(r.Context(), r.PathValue("name"))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, e.Etag)
+	writeJSON(w, http.StatusOK, e)
+}
+
+func (s *Server) deleteEnrollment(w http.ResponseWriter, r *http.Request) {
+	if err := s.cfg.Backend.DeleteEnrollment(r.Context(), r.PathValue("name"), writeOpts(r)); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) listEnrollments(w http.ResponseWriter, r *http.Request) {
+	items, err := s.cfg.Backend.Enrollments(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, EnrollmentPage{Items: items})
 }
 
 // fail maps an error to its status code and writes the JSON error body.

@@ -164,3 +164,20 @@ const (
 	DefaultPageSize = 100
 	MaxPageSize     = 1000
 )
+
+// EnrollmentRequest is the body of PUT /enrollments/{name}.
+type EnrollmentRequest struct {
+	// Tags are given to every device that enrolls.
+	Tags map[string]any `json:"tags,omitempty"`
+}
+
+// EnrollmentPage lists enrollments (never their tokens).
+type EnrollmentPage struct {
+	Items []fleet.Enrollment `json:"items"`
+}
+
+// RegenerateKeyRequest is the body of POST /devices/{id}/keys/regenerate.
+type RegenerateKeyRequest struct {
+	// Key is "primary" or "secondary": the one to replace.
+	Key string `json:"key"`
+}

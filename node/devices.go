@@ -40,7 +40,7 @@ func (d *devices) AuthenticateDevice(ctx context.Context, deviceID, key string) 
 	})
 	if err != nil {
 		if errors.Is(err, fleet.ErrNotFound) {
-			return ErrDeviceRefused
+			return d.enroll(ctx, deviceID, key)
 		}
 		return fmt.Errorf("authenticate %s: %w", deviceID, err)
 	}

@@ -246,3 +246,60 @@ func sameJSON(a json.RawMessage, b string) bool {
 	}
 	return mustJSON(x) == mustJSON(y)
 }
+
+// TestEnrollment has a new device register itself with a key derived from
+// an enrollment's token: it gets the enrollment's tags, the deployment for
+// those tags applies at once, and only its own derived key works.
+func TestEnrollment(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	e, err := c.PutEnrollment(ctx, "line-3", api.EnrollmentRequest{Tags: map[string]any{"environment": "prod", "line": 3}}, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil || e.Token == "" {
+		t.Fatalf("create enrollment: %+v %v", e, err)
+	}
+	if got, _ := c.Enrollment(ctx, "line-3"); got.Token != "" || got.DerivationKey != "" {
+		t.Fatalf("a read shows the enrollment's secret: %+v", got)
+	}
+	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'"}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	// A key derived for another device id, or from another token, fails.
+	other, _ := fleet.DeriveDeviceKey(e.Token, "someone-else")
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", other); err == nil {
+		t.Fatal("a key derived for another device enrolled this one")
+	}
+	if _, err := c.Device(ctx, "new-press", false); err == nil {
+		t.Fatal("a refused enrollment registered the device")
+	}
+
+	key, err := fleet.DeriveDeviceKey(e.Token, "new-press")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := connectDevice(t, n.MQTTAddr(), "new-press", key)
+	if err != nil {
+		t.Fatalf("enroll: %v", err)
+	}
+	dev.subscribeDesired(t)
+	if doc := dev.nextDesired(t); doc.DeploymentID != "prod" {
+		t.Fatalf("enrolled device got %+v", doc)
+	}
+	v, err := c.Device(ctx, "new-press", true)
+	if err != nil || v.Tags["line"] != 3.0 || v.Configurations["prod"].Status != api.StatusApplied {
+		t.Fatalf("enrolled device %+v %v", v, err)
+	}
+	// Rotating the primary key: the old derived key stops working.
+	rot, err := c.RegenerateDeviceKey(ctx, "new-press", "primary")
+	if err != nil || rot.Authentication.SymmetricKey == nil || rot.Authentication.SymmetricKey.PrimaryKey == "" {
+		t.Fatalf("regenerate: %+v %v", rot, err)
+	}
+	dev.c.Disconnect(&paho.Disconnect{})
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", key); err == nil {
+		t.Fatal("the replaced key still works")
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", rot.Authentication.SymmetricKey.PrimaryKey); err != nil {
+		t.Fatalf("the new key: %v", err)
+	}
+}

@@ -22,6 +22,8 @@ const (
 	CmdPatchDeployment                     // 5: change condition, priority, labels, metrics
 	CmdDeleteDeployment                    // 6
 	CmdPutReports                          // 7: a batch of devices' reported documents
+	CmdPutEnrollment                       // 8: create an enrollment group
+	CmdDeleteEnrollment                    // 9
 )
 
 func (t CommandType) String() string {
@@ -40,6 +42,10 @@ func (t CommandType) String() string {
 		return "delete-deployment"
 	case CmdPutReports:
 		return "put-reports"
+	case CmdPutEnrollment:
+		return "put-enrollment"
+	case CmdDeleteEnrollment:
+		return "delete-enrollment"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -132,6 +138,19 @@ type Report struct {
 	Node string `json:"node,omitempty"`
 }
 
+// PutEnrollment creates an enrollment group (its derivation key inside).
+type PutEnrollment struct {
+	Precondition
+	Enrollment fleet.Enrollment `json:"enrollment"`
+	Time       time.Time        `json:"time"`
+}
+
+// DeleteEnrollment removes an enrollment group; devices it registered stay.
+type DeleteEnrollment struct {
+	Precondition
+	Name string `json:"name"`
+}
+
 func (PutDevice) Type() CommandType        { return CmdPutDevice }
 func (PatchDevice) Type() CommandType      { return CmdPatchDevice }
 func (DeleteDevice) Type() CommandType     { return CmdDeleteDevice }
@@ -139,6 +158,8 @@ func (PutDeployment) Type() CommandType    { return CmdPutDeployment }
 func (PatchDeployment) Type() CommandType  { return CmdPatchDeployment }
 func (DeleteDeployment) Type() CommandType { return CmdDeleteDeployment }
 func (PutReports) Type() CommandType       { return CmdPutReports }
+func (PutEnrollment) Type() CommandType    { return CmdPutEnrollment }
+func (DeleteEnrollment) Type() CommandType { return CmdDeleteEnrollment }
 
 // Encode turns a command into a log entry: its type byte then its JSON.
 func Encode(c Command) ([]byte, error) {
@@ -172,6 +193,10 @@ func Decode(entry []byte) (Command, error) {
 		c = &DeleteDeployment{}
 	case CmdPutReports:
 		c = &PutReports{}
+	case CmdPutEnrollment:
+		c = &PutEnrollment{}
+	case CmdDeleteEnrollment:
+		c = &DeleteEnrollment{}
 	default:
 		return nil, fmt.Errorf("decode command: unknown type %d", entry[0])
 	}

@@ -24,6 +24,7 @@ var (
 	bucketDevices     = []byte("devices")
 	bucketDeployments = []byte("deployments")
 	bucketReports     = []byte("reports")
+	bucketEnrollments = []byte("enrollments")
 
 	keyAppliedIndex = []byte("appliedIndex")
 )
@@ -69,6 +70,7 @@ type Result struct {
 	Stored     int
 	Device     *fleet.Device
 	Deployment *fleet.Deployment
+	Enrollment *fleet.Enrollment
 	Err        error
 }
 
@@ -114,7 +116,7 @@ func openStateDB(path string) (*bolt.DB, error) {
 		return nil, fmt.Errorf("open state db %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketDeployments, bucketReports} {
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketDeployments, bucketReports, bucketEnrollments} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -368,6 +370,10 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.deleteDeployment(index, c)
 	case *PutReports:
 		return w.putReports(index, c)
+	case *PutEnrollment:
+		return w.putEnrollment(index, c)
+	case *DeleteEnrollment:
+		return w.deleteEnrollment(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }
@@ -614,6 +620,62 @@ func (w *writer) putReports(index uint64, c *PutReports) *Result {
 		stored++
 	}
 	return &Result{Index: index, Stored: stored}
+}
+
+func (w *writer) putEnrollment(index uint64, c *PutEnrollment) *Result {
+	b := w.tx.Bucket(bucketEnrollments)
+	e := c.Enrollment
+	old := mustGet[fleet.Enrollment](b, e.Name)
+	etag := ""
+	if old != nil {
+		etag = old.Etag
+	}
+	if err := checkPrecondition(c.Precondition, old != nil, etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", e.Name, err)}
+	}
+	e.Token = ""
+	if old != nil {
+		// Only the tags change: a new token needs a new enrollment.
+		e.CreatedTimeUTC, e.DerivationKey = old.CreatedTimeUTC, old.DerivationKey
+	} else {
+		e.CreatedTimeUTC = c.Time
+	}
+	e.LastUpdatedTimeUTC = c.Time
+	e.Etag = etagFor(index)
+	putJSON(b, e.Name, e)
+	return &Result{Index: index, Created: old == nil, Enrollment: &e}
+}
+
+func (w *writer) deleteEnrollment(index uint64, c *DeleteEnrollment) *Result {
+	b := w.tx.Bucket(bucketEnrollments)
+	e := mustGet[fleet.Enrollment](b, c.Name)
+	if e == nil {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", c.Name, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, e.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", c.Name, err)}
+	}
+	if err := b.Delete([]byte(c.Name)); err != nil {
+		panic(err)
+	}
+	return &Result{Index: index, Enrollment: e}
+}
+
+// Enrollments calls fn for each enrollment in name order.
+func (r *Reader) Enrollments(fn func(fleet.Enrollment) bool) error {
+	return each(r.tx.Bucket(bucketEnrollments), "", fn)
+}
+
+// Enrollment returns one enrollment, or fleet.ErrNotFound.
+func (r *Reader) Enrollment(name string) (fleet.Enrollment, error) {
+	e, err := getJSON[fleet.Enrollment](r.tx.Bucket(bucketEnrollments), name)
+	if err != nil {
+		return fleet.Enrollment{}, err
+	}
+	if e == nil {
+		return fleet.Enrollment{}, fmt.Errorf("enrollment %q: %w", name, fleet.ErrNotFound)
+	}
+	return *e, nil
 }
 
 // StoredReport is a device's last reported document.

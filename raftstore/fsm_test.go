@@ -211,6 +211,21 @@ func TestFSM_Commands(t *testing.T) {
 			cmd:  PutDevice{Time: t0, Device: fleet.Device{ID: "dev-2", Tags: map[string]any{"n": 1.0}}},
 		},
 		{
+			name: "create an enrollment",
+			cmd:  PutEnrollment{Time: t0, Enrollment: fleet.Enrollment{Name: "line-3", Tags: map[string]any{"line": 3.0}, DerivationKey: "k", Token: "never-stored"}},
+			check: func(t *testing.T, r *Reader, res *Result) {
+				e, err := r.Enrollment("line-3")
+				if err != nil || e.DerivationKey != "k" || e.Token != "" || !res.Created {
+					t.Fatalf("enrollment %+v err %v", e, err)
+				}
+			},
+		},
+		{
+			name:    "delete a missing enrollment",
+			cmd:     DeleteEnrollment{Name: "nope"},
+			wantErr: fleet.ErrNotFound,
+		},
+		{
 			name: "reports: a known device's is stored, an unknown device's dropped",
 			cmd: PutReports{Reports: []Report{
 				{DeviceID: "dev-2", Document: json.RawMessage(`{"lastDesiredVersion":7}`), Time: t0},
