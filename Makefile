@@ -29,8 +29,11 @@ unit: ## unit and in-process cluster tests
 e2e: build ## end-to-end tests against processes of the built binary
 	APPLIANCE_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -tags e2e -timeout 15m ./e2e/...
 
-bench: ## benchmarks (results and commands in docs/benchmarks.md)
-	$(GO) test -run '^$$' -bench . -benchmem -timeout 30m ./raftstore/ ./evaluator/
+bench: ## benchmarks, each with its baseline in the same run (results and commands in docs/benchmarks.md)
+	$(GO) test -run '^$$' -bench BenchmarkReplicatedWrites -benchtime 2s ./raftstore/
+	$(GO) test -run '^$$' -bench BenchmarkNewDeployment -benchtime 20x -count 2 ./evaluator/
+	$(GO) test -run '^$$' -bench BenchmarkDeviceUpdate -benchtime 20000x ./evaluator/
+	$(GO) test -run '^$$' -bench BenchmarkMemoryPerDevice -benchtime 1x ./evaluator/
 
 fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzCompile -fuzztime $${FUZZTIME:-30s} ./evaluator/
