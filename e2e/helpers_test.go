@@ -21,6 +21,10 @@ import (
 
 var binary string
 
+// moduleBinary is agent/testdata/module built for the agent tests: a
+// process module that records its starts and exits on request.
+var moduleBinary string
+
 // syncBuffer is a bytes.Buffer safe to read while a process writes to it.
 type syncBuffer struct {
 	mu  sync.Mutex
@@ -40,6 +44,18 @@ func (b *syncBuffer) String() string {
 }
 
 func TestMain(m *testing.M) {
+	modDir, err := os.MkdirTemp("", "appliance-e2e-module")
+	if err != nil {
+		panic(err)
+	}
+	moduleBinary = filepath.Join(modDir, "module")
+	build := exec.Command("go", "build", "-o", moduleBinary, "../agent/testdata/module")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	build.Stdout, build.Stderr = os.Stdout, os.Stderr
+	if err := build.Run(); err != nil {
+		panic(fmt.Sprintf("build the test module: %v", err))
+	}
+	defer os.RemoveAll(modDir)
 	binary = os.Getenv("APPLIANCE_BIN")
 	if binary == "" {
 		dir, err := os.MkdirTemp("", "appliance-e2e")
@@ -54,9 +70,12 @@ func TestMain(m *testing.M) {
 		}
 		code := m.Run()
 		os.RemoveAll(dir)
+		os.RemoveAll(modDir)
 		os.Exit(code)
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	os.RemoveAll(modDir)
+	os.Exit(code)
 }
 
 // server is one `appliance serve` process.
@@ -140,6 +159,15 @@ func (s *server) kill() {
 	}
 	s.cmd.Process.Signal(syscall.SIGKILL)
 	<-s.exited
+}
+
+// mqttURL is where the server's broker listens.
+func (s *server) mqttURL() string {
+	b, err := os.ReadFile(filepath.Join(s.dataDir, "mqtt-url"))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
 }
 
 func (s *server) client() *api.Client { return &api.Client{BaseURL: s.url, Token: s.token} }

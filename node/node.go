@@ -69,6 +69,8 @@ const (
 	// AddrFile holds the URL the API listens on, so that the CLI on the
 	// same machine finds a node started with a random port.
 	AddrFile = "http-url"
+	// MQTTAddrFile holds the broker's URL, for local agents and scripts.
+	MQTTAddrFile = "mqtt-url"
 )
 
 // Node is a running controller.
@@ -212,6 +214,10 @@ func (n *Node) Start(ctx context.Context) error {
 			n.logger.Error("API server stopped", "err", err)
 		}
 	}()
+	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, MQTTAddrFile), []byte("mqtt://"+n.broker.Addr()+"\n"), 0o600); err != nil {
+		n.logger.Warn("cannot record the broker address", "err", err)
+	}
+	// Written last: its presence tells a script the node is serving.
 	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, AddrFile), []byte(n.URL()+"\n"), 0o600); err != nil {
 		n.logger.Warn("cannot record the API address", "err", err)
 	}

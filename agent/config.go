@@ -1,0 +1,288 @@
+package agent
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"appliance/fleet"
+)
+
+// Runtimes an agent can drive (Config.Runtime).
+const (
+	// RuntimeDocker runs modules of type "docker" as containers of the local
+	// Docker Engine (DOCKER_HOST or the default socket).
+	RuntimeDocker = "docker"
+	// RuntimeProcess runs modules of type "process" as child processes of
+	// the agent.
+	RuntimeProcess = "process"
+)
+
+// Defaults for the zero fields of Config and RestartConfig. The restart
+// values are edgeAgent's (appsettings_agent.json and RestartPolicyManager).
+const (
+	DefaultCoolOff           = 10 * time.Second
+	DefaultMaxCoolOff        = 5 * time.Minute
+	DefaultMaxRestarts       = 20
+	DefaultHealthyReset      = 10 * time.Minute
+	DefaultReportInterval    = 200 * time.Millisecond
+	DefaultResyncInterval    = 10 * time.Second
+	DefaultStopTimeout       = 10 * time.Second
+	DefaultReconnectMin      = time.Second
+	DefaultReconnectMax      = time.Minute
+	DefaultConnectTimeout    = 10 * time.Second
+	DefaultKeepAlive         = 30 * time.Second
+	DefaultOperationTimeout  = 5 * time.Minute
+	defaultDockerStopSeconds = 10
+)
+
+// Errors returned by New and Run.
+var (
+	// ErrConfig: the configuration is unusable; the message says which field.
+	ErrConfig = errors.New("agent config")
+	// ErrDataDirLocked: another agent holds the data directory's state file.
+	ErrDataDirLocked = errors.New("agent data dir in use by another agent")
+	// ErrAlreadyRunning: Run was called twice.
+	ErrAlreadyRunning = errors.New("agent already running")
+)
+
+// Config configures an Agent. Zero fields take the defaults above; DeviceID,
+// DeviceKey, Servers and DataDir are required.
+type Config struct {
+	// Servers are the controller nodes' MQTT endpoints, tried in order:
+	// "mqtt://host:port" (plain TCP, port 1883 if omitted) or
+	// "mqtts://host:port" (TLS, port 8883 if omitted); "tcp://", "tls://"
+	// and "ssl://" are accepted as aliases, and a bare "host:port" means
+	// mqtt://. After a connection drops the agent starts with the next one.
+	Servers []string
+	// DeviceID is the MQTT username and client id.
+	DeviceID string
+	// DeviceKey is the MQTT password. It is never logged.
+	DeviceKey string
+	// DataDir holds the agent's state (agent.db), the default working
+	// directories of process modules and their pid records. Created 0700.
+	DataDir string
+	// Runtime is RuntimeDocker (default) or RuntimeProcess.
+	Runtime string
+	// CAFile is a PEM bundle that verifies mqtts servers; "" uses the
+	// system roots.
+	CAFile string
+	// TLSConfig, when set, is used for mqtts servers as it is (CAFile is
+	// then ignored). For tests and embedding.
+	TLSConfig *tls.Config
+	// Logger receives the agent's logs, tagged component=agent; module
+	// output is logged with module=<name>. nil: slog.Default().
+	Logger *slog.Logger
+	// Version is the agent's build, reported as "version".
+	Version string
+	// DockerHost overrides DOCKER_HOST for the docker runtime, e.g.
+	// "unix:///var/run/docker.sock".
+	DockerHost string
+
+	// Restart tunes restart policies and their backoff.
+	Restart RestartConfig
+	// ReportInterval is the least time between two reported documents;
+	// changes within it are coalesced into one. Default 200 ms.
+	ReportInterval time.Duration
+	// ResyncInterval is how often the agent re-inspects its modules and
+	// retries failed operations when nothing else wakes it. Default 10 s.
+	ResyncInterval time.Duration
+	// StopTimeout is how long a module gets to exit after SIGTERM (docker
+	// stop's timeout) before it is killed. Default 10 s.
+	StopTimeout time.Duration
+	// OperationTimeout bounds one runtime operation (a pull, a create).
+	// Default 5 min.
+	OperationTimeout time.Duration
+	// ReconnectMin and ReconnectMax bound the jittered exponential backoff
+	// between rounds of connection attempts. Defaults 1 s and 1 min.
+	ReconnectMin, ReconnectMax time.Duration
+	// ConnectTimeout bounds one connection attempt (TCP, TLS, CONNECT).
+	// Default 10 s.
+	ConnectTimeout time.Duration
+	// KeepAlive is the MQTT keepalive. Default 30 s.
+	KeepAlive time.Duration
+
+	// runtime replaces the runtime driver (tests only).
+	runtime driver
+}
+
+// RestartConfig tunes restart policies. Defaults are edgeAgent's: a module
+// that must be restarted waits CoolOff·2^restartCount (at most MaxCoolOff)
+// after it exited; after MaxRestarts restarts it is left "dead"; a module
+// that has run HealthyReset without exiting has its restart count cleared.
+type RestartConfig struct {
+	CoolOff      time.Duration
+	MaxCoolOff   time.Duration
+	MaxRestarts  int
+	HealthyReset time.Duration
+}
+
+func (r RestartConfig) withDefaults() RestartConfig {
+	if r.CoolOff == 0 {
+		r.CoolOff = DefaultCoolOff
+	}
+	if r.MaxCoolOff == 0 {
+		r.MaxCoolOff = DefaultMaxCoolOff
+	}
+	if r.MaxRestarts == 0 {
+		r.MaxRestarts = DefaultMaxRestarts
+	}
+	if r.HealthyReset == 0 {
+		r.HealthyReset = DefaultHealthyReset
+	}
+	return r
+}
+
+// coolOff is the wait before restart number restartCount+1.
+func (r RestartConfig) coolOff(restartCount int) time.Duration {
+	d := r.CoolOff
+	for i := 0; i < restartCount && d < r.MaxCoolOff; i++ {
+		d *= 2
+	}
+	return min(d, r.MaxCoolOff)
+}
+
+func (c Config) withDefaults() Config {
+	if c.Runtime == "" {
+		c.Runtime = RuntimeDocker
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	c.Restart = c.Restart.withDefaults()
+	if c.ReportInterval == 0 {
+		c.ReportInterval = DefaultReportInterval
+	}
+	if c.ResyncInterval == 0 {
+		c.ResyncInterval = DefaultResyncInterval
+	}
+	if c.StopTimeout == 0 {
+		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.OperationTimeout == 0 {
+		c.OperationTimeout = DefaultOperationTimeout
+	}
+	if c.ReconnectMin == 0 {
+		c.ReconnectMin = DefaultReconnectMin
+	}
+	if c.ReconnectMax == 0 {
+		c.ReconnectMax = DefaultReconnectMax
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.KeepAlive == 0 {
+		c.KeepAlive = DefaultKeepAlive
+	}
+	return c
+}
+
+func configErr(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrConfig, fmt.Sprintf(format, args...))
+}
+
+func (c Config) validate() error {
+	if err := fleet.ValidateDeviceID(c.DeviceID); err != nil {
+		return configErr("DeviceID: %v", err)
+	}
+	if c.DeviceKey == "" {
+		return configErr("DeviceKey is required")
+	}
+	if c.DataDir == "" {
+		return configErr("DataDir is required")
+	}
+	if len(c.Servers) == 0 {
+		return configErr("Servers: at least one server is required")
+	}
+	if c.Runtime != RuntimeDocker && c.Runtime != RuntimeProcess {
+		return configErr("Runtime %q: must be %q or %q", c.Runtime, RuntimeDocker, RuntimeProcess)
+	}
+	r := c.Restart
+	switch {
+	case r.CoolOff < 0, r.MaxCoolOff < 0, r.HealthyReset < 0:
+		return configErr("Restart: durations must not be negative")
+	case r.MaxRestarts < 0:
+		return configErr("Restart.MaxRestarts %d is negative", r.MaxRestarts)
+	case c.ReportInterval < 0, c.ResyncInterval <= 0, c.StopTimeout < 0, c.OperationTimeout <= 0,
+		c.ReconnectMin < 0, c.ReconnectMax < c.ReconnectMin, c.ConnectTimeout <= 0:
+		return configErr("intervals and timeouts must be positive (ReconnectMax ≥ ReconnectMin)")
+	case c.KeepAlive < time.Second || c.KeepAlive > 65535*time.Second:
+		return configErr("KeepAlive %s is outside 1s..65535s", c.KeepAlive)
+	}
+	return nil
+}
+
+// parseServers turns Config.Servers into URLs with explicit ports and the
+// schemes autopaho knows ("mqtt" or "mqtts").
+func parseServers(servers []string) ([]*url.URL, error) {
+	var out []*url.URL
+	for _, s := range servers {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
+		}
+		if !strings.Contains(s, "://") {
+			s = "mqtt://" + s
+		}
+		u, err := url.Parse(s)
+		if err != nil {
+			return nil, configErr("server %q: %v", s, err)
+		}
+		var port string
+		switch strings.ToLower(u.Scheme) {
+		case "mqtt", "tcp":
+			u.Scheme, port = "mqtt", "1883"
+		case "mqtts", "tls", "ssl":
+			u.Scheme, port = "mqtts", "8883"
+		default:
+			return nil, configErr("server %q: scheme must be mqtt:// or mqtts://", s)
+		}
+		if u.Hostname() == "" {
+			return nil, configErr("server %q: no host", s)
+		}
+		if u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+			return nil, configErr("server %q: give only scheme://host:port", s)
+		}
+		if u.Port() == "" {
+			u.Host = net.JoinHostPort(u.Hostname(), port)
+		}
+		u.Path = ""
+		out = append(out, u)
+	}
+	if len(out) == 0 {
+		return nil, configErr("Servers: at least one server is required")
+	}
+	return out, nil
+}
+
+// tlsConfig builds the client TLS configuration for mqtts servers.
+func (c Config) tlsConfig() (*tls.Config, error) {
+	if c.TLSConfig != nil {
+		return c.TLSConfig.Clone(), nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.CAFile == "" {
+		return cfg, nil
+	}
+	pem, err := os.ReadFile(c.CAFile)
+	if err != nil {
+		return nil, configErr("CAFile: %v", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, configErr("CAFile %s: no PEM certificates", c.CAFile)
+	}
+	cfg.RootCAs = pool
+	return cfg, nil
+}
+
+// dbPath is the state file in the data dir.
+func (c Config) dbPath() string { return filepath.Join(c.DataDir, "agent.db") }

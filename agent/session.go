@@ -1,0 +1,238 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/eclipse/paho.golang/autopaho"
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/eclipse/paho.golang/paho"
+
+	"appliance/fleet"
+)
+
+// session is the agent's MQTT connection to the controller: MQTT 5 through
+// autopaho, username = device id = client id, password = device key. It
+// subscribes to the device's desired topic on every connection (the broker
+// keeps no session and sends the current desired document on subscribe)
+// and publishes reported documents at QoS 1.
+//
+// Failover: autopaho tries every server in a round, then backs off (here:
+// jittered and exponential) before the next round. AttemptConnection
+// rotates the list so that after a connection drops, the next round starts
+// with the server after the one that was lost.
+type session struct {
+	log      *slog.Logger
+	urls     []*url.URL
+	tlsCfg   *tls.Config
+	deviceID string
+	key      string
+	cfg      Config
+
+	onDesired func([]byte) // must not block
+	onUp      func()       // must not block
+
+	cm *autopaho.ConnectionManager
+
+	mu      sync.Mutex
+	start   int // the server a round of attempts starts with
+	dialed  int // the server last dialled
+	current int // the server connected to, -1 when none
+	up      atomic.Bool
+	// failures counts failed attempts since the last connection: the first
+	// of an outage is a warning, the rest debug, so that a device offline
+	// for days does not fill its log.
+	failures atomic.Int64
+}
+
+func newSession(cfg Config, urls []*url.URL, tlsCfg *tls.Config, onDesired func([]byte), onUp func()) *session {
+	return &session{
+		log:       cfg.Logger,
+		urls:      urls,
+		tlsCfg:    tlsCfg,
+		deviceID:  cfg.DeviceID,
+		key:       cfg.DeviceKey,
+		cfg:       cfg,
+		onDesired: onDesired,
+		onUp:      onUp,
+		current:   -1,
+	}
+}
+
+// run starts connecting in the background; it returns at once.
+func (s *session) run(ctx context.Context) error {
+	desiredTopic := fleet.DesiredTopic(s.deviceID)
+	cc := autopaho.ClientConfig{
+		ServerUrls:       s.urls,
+		TlsCfg:           s.tlsCfg,
+		KeepAlive:        uint16(s.cfg.KeepAlive / time.Second),
+		ConnectTimeout:   s.cfg.ConnectTimeout,
+		ReconnectBackoff: jitteredBackoff(s.cfg.ReconnectMin, s.cfg.ReconnectMax),
+		ConnectUsername:  s.deviceID,
+		ConnectPassword:  []byte(s.key),
+		// The broker keeps no session: start clean every time and
+		// subscribe again.
+		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
+			cp.CleanStart = true
+			return cp, nil
+		},
+		AttemptConnection: s.dial,
+		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
+			s.mu.Lock()
+			s.current = s.dialed
+			server := s.urls[s.current].Host
+			s.mu.Unlock()
+			s.up.Store(true)
+			s.log.Info("connected to controller", "server", server, "failedAttempts", s.failures.Swap(0))
+			go s.subscribe(ctx, cm, desiredTopic)
+			s.onUp()
+		},
+		OnConnectionDown: func() bool {
+			s.up.Store(false)
+			s.mu.Lock()
+			lost := s.current
+			if lost >= 0 {
+				s.start = (lost + 1) % len(s.urls)
+			}
+			s.current = -1
+			s.mu.Unlock()
+			if ctx.Err() == nil && lost >= 0 {
+				s.log.Warn("connection to controller lost; reconnecting", "server", s.urls[lost].Host)
+			}
+			return true
+		},
+		OnConnectError: func(err error) {
+			if ctx.Err() != nil {
+				return
+			}
+			if n := s.failures.Add(1); n == 1 {
+				s.log.Warn("cannot connect to controller; retrying with backoff", "err", err)
+			} else {
+				s.log.Debug("cannot connect to controller", "err", err, "attempt", n)
+			}
+		},
+		ClientConfig: paho.ClientConfig{
+			ClientID: s.deviceID,
+			OnPublishReceived: []func(paho.PublishReceived) (bool, error){
+				func(pr paho.PublishReceived) (bool, error) {
+					if pr.Packet.Topic != desiredTopic {
+						return false, nil
+					}
+					s.onDesired(append([]byte(nil), pr.Packet.Payload...))
+					return true, nil
+				},
+			},
+		},
+	}
+	cm, err := autopaho.NewConnection(ctx, cc)
+	if err != nil {
+		return fmt.Errorf("mqtt session: %w", err)
+	}
+	s.cm = cm
+	return nil
+}
+
+// dial connects to the server that takes u's place in the rotated list.
+func (s *session) dial(ctx context.Context, _ autopaho.ClientConfig, u *url.URL) (net.Conn, error) {
+	i := 0
+	for j, v := range s.urls {
+		if v == u {
+			i = j
+		}
+	}
+	s.mu.Lock()
+	idx := (s.start + i) % len(s.urls)
+	s.dialed = idx
+	s.mu.Unlock()
+	target := s.urls[idx]
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	if target.Scheme == "mqtts" {
+		cfg := s.tlsCfg.Clone()
+		if cfg.ServerName == "" {
+			cfg.ServerName = target.Hostname()
+		}
+		conn, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", target.Host)
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", target.Host, err)
+		}
+		return packets.NewThreadSafeConn(conn), nil
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", target.Host)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", target.Host, err)
+	}
+	return conn, nil
+}
+
+func (s *session) subscribe(ctx context.Context, cm *autopaho.ConnectionManager, topic string) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	suback, err := cm.Subscribe(ctx, &paho.Subscribe{
+		Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: 1}},
+	})
+	if err != nil {
+		s.log.Warn("subscribe to desired topic", "err", err)
+		return
+	}
+	if len(suback.Reasons) > 0 && suback.Reasons[0] >= 0x80 {
+		s.log.Error("controller refused the desired-topic subscription", "topic", topic, "reason", suback.Reasons[0])
+	}
+}
+
+// connected tells whether a connection is up.
+func (s *session) connected() bool { return s.up.Load() }
+
+// publish sends a reported document at QoS 1 and waits for its PUBACK.
+func (s *session) publish(ctx context.Context, payload []byte) error {
+	if s.cm == nil {
+		return autopaho.ConnectionDownError
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	res, err := s.cm.Publish(ctx, &paho.Publish{QoS: 1, Topic: fleet.ReportedTopic(s.deviceID), Payload: payload})
+	if err != nil {
+		return err
+	}
+	if res != nil && res.ReasonCode >= 0x80 {
+		return fmt.Errorf("controller refused the report: reason %#x", res.ReasonCode)
+	}
+	return nil
+}
+
+// close disconnects and waits for the connection manager to finish.
+func (s *session) close(ctx context.Context) {
+	if s.cm == nil {
+		return
+	}
+	_ = s.cm.Disconnect(ctx)
+}
+
+// jitteredBackoff waits nothing before the first round of attempts, then a
+// random time between half and all of min·2^(n-1), capped at max, so that
+// a fleet reconnecting after a controller restart spreads out.
+func jitteredBackoff(lo, hi time.Duration) func(int) time.Duration {
+	return func(attempt int) time.Duration {
+		if attempt <= 0 {
+			return 0
+		}
+		d := lo
+		for i := 1; i < attempt && d < hi; i++ {
+			d *= 2
+		}
+		d = min(d, hi)
+		if d <= 0 {
+			return 0
+		}
+		return d/2 + rand.N(d/2+1)
+	}
+}

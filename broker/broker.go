@@ -1,0 +1,634 @@
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"appliance/fleet"
+)
+
+// Authenticator checks a device's MQTT credentials: deviceID is the MQTT
+// username, key the password, which must be one of the device's two keys.
+// It returns nil to allow the connection; unknown and disabled devices must be
+// refused. Comparing against the stored hashes in constant time is the
+// implementer's job. It runs on the connecting client's goroutine, bounded by
+// Limits.AuthTimeout through ctx, so it should answer from local state.
+type Authenticator interface {
+	AuthenticateDevice(ctx context.Context, deviceID, key string) error
+}
+
+// DesiredSource returns the current desired document (JSON) of a device. The
+// broker calls it when a device subscribes to its desired topic, on that
+// client's goroutine, so it should answer from local state. A device with no
+// applied deployment gets an explicit empty desired state: the source decides
+// those bytes. An error disconnects the device (it retries by reconnecting),
+// so that a device never sits connected without its desired state.
+type DesiredSource interface {
+	Desired(deviceID string) ([]byte, error)
+}
+
+// ReportSink receives a device's reported document, already checked to be a
+// JSON object no larger than Limits.MaxReportSize. The slice is the sink's to
+// keep. SubmitReport must not block (the node batches reports into raft); an
+// error means the report was not taken and is counted as dropped.
+type ReportSink interface {
+	SubmitReport(deviceID string, report []byte) error
+}
+
+// Errors returned by Broker methods.
+var (
+	// ErrNotConnected: the device has no connection to this broker.
+	ErrNotConnected = errors.New("device not connected")
+	// ErrBacklogged: the device does not acknowledge what it is sent, so it
+	// was disconnected instead of being sent more; it gets its current
+	// desired document when it reconnects and subscribes.
+	ErrBacklogged = errors.New("device backlogged; disconnected")
+	// ErrClosed: the broker is closed.
+	ErrClosed = errors.New("broker closed")
+)
+
+// Defaults of Limits, used for every zero field.
+const (
+	DefaultMaxPacketSize     = 256 << 10 // bytes; the largest message Azure IoT Hub accepts
+	DefaultMaxReportSize     = 64 << 10  // bytes
+	DefaultMaxInflight       = 32        // QoS 1 messages per client and direction
+	DefaultMaxQueuedMessages = 64        // messages waiting to be written, per client
+	DefaultMaxKeepalive      = 20 * time.Minute
+	DefaultConnectTimeout    = 10 * time.Second
+	DefaultAuthTimeout       = 5 * time.Second
+	DefaultBufferSize        = 2 << 10 // bytes, read and write buffer per connection
+)
+
+// Limits caps what one client can make the broker hold. Zero fields take the
+// Default* values above.
+type Limits struct {
+	// MaxPacketSize caps one MQTT packet a client sends, fixed header
+	// included; a larger one disconnects the client before it is read.
+	MaxPacketSize uint32
+	// MaxReportSize caps a reported document; a larger one is dropped and
+	// counted.
+	MaxReportSize int
+	// MaxInflight caps unacknowledged QoS 1 messages per client in each
+	// direction (mochi's MaximumInflight and ReceiveMaximum). A desired
+	// document for a client already at the cap is not sent: the client is
+	// disconnected instead (see ErrBacklogged).
+	MaxInflight uint16
+	// MaxQueuedMessages caps the messages waiting to be written to one client
+	// (mochi's MaximumClientWritesPending, 8 bytes of channel per slot). A
+	// desired document that does not fit disconnects the client rather than
+	// being lost silently.
+	MaxQueuedMessages int32
+	// MaxKeepalive replaces a client's keepalive when it asks for none (0) or
+	// for a longer one, so that every connection has a read deadline. MQTT 5
+	// clients are told through the Server Keep Alive property. At most 65535 s.
+	MaxKeepalive time.Duration
+	// ConnectTimeout bounds the TCP and TLS handshakes plus the CONNECT packet.
+	ConnectTimeout time.Duration
+	// AuthTimeout bounds one Authenticator call.
+	AuthTimeout time.Duration
+	// MaxConnections caps the clients connected at once; more are refused with
+	// "server busy" (MQTT 5) or "server unavailable" (3.1.1). 0: no cap other
+	// than the process's open-file limit.
+	MaxConnections int64
+	// ReadBufferSize and WriteBufferSize size each connection's buffers.
+	ReadBufferSize, WriteBufferSize int
+}
+
+func (l Limits) withDefaults() Limits {
+	if l.MaxPacketSize == 0 {
+		l.MaxPacketSize = DefaultMaxPacketSize
+	}
+	if l.MaxReportSize == 0 {
+		l.MaxReportSize = DefaultMaxReportSize
+	}
+	if l.MaxInflight == 0 {
+		l.MaxInflight = DefaultMaxInflight
+	}
+	if l.MaxQueuedMessages == 0 {
+		l.MaxQueuedMessages = DefaultMaxQueuedMessages
+	}
+	if l.MaxKeepalive == 0 {
+		l.MaxKeepalive = DefaultMaxKeepalive
+	}
+	if l.ConnectTimeout == 0 {
+		l.ConnectTimeout = DefaultConnectTimeout
+	}
+	if l.AuthTimeout == 0 {
+		l.AuthTimeout = DefaultAuthTimeout
+	}
+	if l.ReadBufferSize == 0 {
+		l.ReadBufferSize = DefaultBufferSize
+	}
+	if l.WriteBufferSize == 0 {
+		l.WriteBufferSize = DefaultBufferSize
+	}
+	return l
+}
+
+func (l Limits) validate() error {
+	switch {
+	case l.MaxReportSize < 0:
+		return fmt.Errorf("limits: MaxReportSize %d is negative", l.MaxReportSize)
+	case l.MaxQueuedMessages < 0:
+		return fmt.Errorf("limits: MaxQueuedMessages %d is negative", l.MaxQueuedMessages)
+	case l.MaxKeepalive < time.Second || l.MaxKeepalive > math.MaxUint16*time.Second:
+		return fmt.Errorf("limits: MaxKeepalive %s is outside 1s..65535s", l.MaxKeepalive)
+	case l.ConnectTimeout < 0, l.AuthTimeout < 0:
+		return errors.New("limits: timeouts must not be negative")
+	case l.MaxConnections < 0:
+		return fmt.Errorf("limits: MaxConnections %d is negative", l.MaxConnections)
+	case l.ReadBufferSize < 0, l.WriteBufferSize < 0:
+		return errors.New("limits: buffer sizes must not be negative")
+	}
+	return nil
+}
+
+// Config configures a Broker. Auth, Desired and Reports are required.
+type Config struct {
+	// Addr is the TCP address to listen on. "": ":1883", or ":8883" with TLS.
+	// Port 0 picks a free port; Addr() tells which.
+	Addr string
+	// TLSConfig, when set, makes the listener speak MQTT over TLS only.
+	TLSConfig *tls.Config
+	// Auth checks device credentials.
+	Auth Authenticator
+	// Desired supplies a device's desired document when it subscribes.
+	Desired DesiredSource
+	// Reports receives reported documents.
+	Reports ReportSink
+	// Logger receives the broker's logs, tagged component=broker. nil:
+	// slog.Default(). mochi's own logs go to it too, filtered by
+	// mochiLogHandler: never its debug logs, which print whole packets,
+	// desired documents (with registry credentials) included.
+	Logger *slog.Logger
+	// Limits caps client-provided sizes; zero fields take the defaults.
+	Limits Limits
+}
+
+// ConnInfo describes one connected device.
+type ConnInfo struct {
+	DeviceID        string
+	ConnectedSince  time.Time // when its CONNECT was authenticated
+	LastActivity    time.Time // when it last sent any bytes
+	RemoteAddr      string
+	ProtocolVersion byte // 4 for MQTT 3.1.1, 5 for MQTT 5
+	TLS             bool
+}
+
+// Stats are counters since New, plus the current number of connections.
+type Stats struct {
+	Connections     int    // devices connected now
+	AuthFailures    uint64 // CONNECTs refused: bad credentials, client id not the device id, will topic not the device's own
+	ACLDenials      uint64 // subscriptions and publishes refused
+	ReportsAccepted uint64 // reported documents handed to the ReportSink
+	ReportsDropped  uint64 // reported documents malformed, too large, or refused by the sink
+	DesiredSent     uint64 // desired documents handed to mochi for delivery
+	DesiredFailed   uint64 // DesiredSource errors, and desired documents not sent because the client was backlogged
+	PanicsRecovered uint64 // panics in a client's connection, each closing only that client
+}
+
+type counters struct {
+	authFailures, aclDenials                atomic.Uint64
+	reportsAccepted, reportsDropped         atomic.Uint64
+	desiredSent, desiredFailed, panicsSaved atomic.Uint64
+}
+
+// Broker is the embedded MQTT broker. Create it with New, then Start it.
+type Broker struct {
+	lim     Limits
+	auth    Authenticator
+	desired DesiredSource
+	reports ReportSink
+	log     *slog.Logger
+
+	srv    *mqtt.Server
+	inline *mqtt.Client // publishes desired documents, bypassing the ACL
+	ln     *guardedListener
+
+	ctx    context.Context // cancelled by Close; parent of Authenticator calls
+	cancel context.CancelFunc
+
+	stateMu sync.Mutex
+	started bool
+	closed  atomic.Bool
+
+	mu      sync.RWMutex
+	devices map[string][]*trackedConn // device id → its connections (usually one; two during a takeover)
+
+	stats counters
+}
+
+// New checks cfg and builds a broker; nothing listens until Start.
+func New(cfg Config) (*Broker, error) {
+	if cfg.Auth == nil || cfg.Desired == nil || cfg.Reports == nil {
+		return nil, errors.New("broker config: Auth, Desired and Reports are required")
+	}
+	lim := cfg.Limits.withDefaults()
+	if err := lim.validate(); err != nil {
+		return nil, fmt.Errorf("broker config: %w", err)
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	logger = logger.With("component", "broker")
+	addr := cfg.Addr
+	if addr == "" {
+		addr = ":1883"
+		if cfg.TLSConfig != nil {
+			addr = ":8883"
+		}
+	}
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = lim.MaxPacketSize
+	caps.MaximumInflight = lim.MaxInflight
+	caps.ReceiveMaximum = lim.MaxInflight
+	caps.MaximumClientWritesPending = lim.MaxQueuedMessages
+	if lim.MaxConnections > 0 {
+		caps.MaximumClients = lim.MaxConnections
+	}
+	// No expiry of inflight messages: it is the only thing that makes mochi's
+	// event loop write a client's inflight map, which can deadlock with that
+	// client's goroutine (see PublishDesired). A device that stops
+	// acknowledging is disconnected at MaxInflight instead.
+	caps.MaximumMessageExpiryInterval = 0
+	// Sessions end with the connection: a device re-subscribes and is sent
+	// its current desired document, so nothing needs to outlive it.
+	caps.MaximumSessionExpiryInterval = 0
+	// Inbound topic aliases are a per-client map of up to 65535 topic names,
+	// and mochi resolves them after the ACL check: refuse them.
+	caps.TopicAliasMaximum = 0
+	caps.RetainAvailable = 0    // the broker stores nothing
+	caps.SharedSubAvailable = 0 // the ACL refuses $share anyway
+	caps.MaximumQos = 1         // desired state and reports need no QoS 2 state machine
+	caps.MinimumProtocolVersion = 4
+
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Broker{
+		lim:     lim,
+		auth:    cfg.Auth,
+		desired: cfg.Desired,
+		reports: cfg.Reports,
+		log:     logger,
+		ctx:     ctx,
+		cancel:  cancel,
+		devices: make(map[string][]*trackedConn),
+	}
+	b.srv = mqtt.New(&mqtt.Options{
+		Capabilities:             caps,
+		ClientNetReadBufferSize:  lim.ReadBufferSize,
+		ClientNetWriteBufferSize: lim.WriteBufferSize,
+		Logger:                   slog.New(mochiLogHandler{h: logger.Handler()}),
+		// $SYS topics are refused to devices; publishing them calls
+		// runtime.ReadMemStats (stop-the-world), so do it rarely.
+		SysTopicResendInterval: 3600,
+	})
+	// Not mochi's own inline client: that one sits in the client map as
+	// "inline", which is a valid device id. Ours is in no map, and its id
+	// (with a '/') is not a device id.
+	b.inline = b.srv.NewClient(nil, mqtt.LocalListener, inlineClientID, true)
+	// Ours is the only hook. mochi OR-s OnConnectAuthenticate and OnACLCheck
+	// across hooks, so any other hook (its auth ledger, AllowHook) could only
+	// widen access.
+	if err := b.srv.AddHook(&deviceHook{b: b}, nil); err != nil {
+		cancel()
+		return nil, fmt.Errorf("add device hook: %w", err)
+	}
+	b.ln = newGuardedListener(b, addr, cfg.TLSConfig)
+	return b, nil
+}
+
+// Start binds the listener and starts serving. The broker closes itself when
+// ctx is done; Close may also be called directly.
+func (b *Broker) Start(ctx context.Context) error {
+	b.stateMu.Lock()
+	defer b.stateMu.Unlock()
+	if b.closed.Load() {
+		return ErrClosed
+	}
+	if b.started {
+		return errors.New("broker already started")
+	}
+	if err := b.srv.AddListener(b.ln); err != nil {
+		return fmt.Errorf("listen mqtt %s: %w", b.ln.address, err)
+	}
+	if err := b.srv.Serve(); err != nil {
+		b.ln.Close(nil)
+		return fmt.Errorf("serve mqtt: %w", err)
+	}
+	b.started = true
+	context.AfterFunc(ctx, func() { _ = b.Close() })
+	b.log.Info("mqtt broker listening", "addr", b.ln.Address(), "tls", b.ln.tlsConfig != nil)
+	return nil
+}
+
+// Addr returns the bound listen address once started (the configured one
+// before).
+func (b *Broker) Addr() string { return b.ln.Address() }
+
+// PublishDesired sends doc at QoS 1 to the device's desired topic if the
+// device is connected to this broker. Only that device can be subscribed to
+// the topic, so nothing reaches another device, and nothing is retained.
+//
+// It never blocks: the message is queued for the device's writer, or left
+// for the device's connection goroutine if that is busy (so doc must not be
+// modified after the call). A device
+// that is connected but has not subscribed yet gets nil here and its desired
+// document from the DesiredSource when it subscribes, so the node must make
+// the source return the new document before calling PublishDesired. Devices
+// connected to other nodes give ErrNotConnected, which callers fanning out to
+// a fleet can ignore. Documents can overtake each other (a subscribe-time
+// send and a PublishDesired racing); the agent keeps the highest version.
+func (b *Broker) PublishDesired(deviceID string, doc []byte) error {
+	if b.closed.Load() {
+		return ErrClosed
+	}
+	tc := b.connFor(deviceID)
+	if tc == nil {
+		return ErrNotConnected
+	}
+	cl := tc.client.Load()
+	if cl == nil || cl.Closed() {
+		return ErrNotConnected
+	}
+	topic := fleet.DesiredTopic(deviceID)
+	if _, ok := cl.State.Subscriptions.Get(topic); !ok {
+		return nil // it will be sent on subscribe
+	}
+	// Never while the connection's goroutine processes a packet: mochi
+	// v2.7.9's Inflight.NextImmediate, which runs after each packet, takes
+	// the client's inflight read lock twice, and the publish below takes its
+	// write lock; the three deadlock (see DESIGN.md). If the goroutine is
+	// busy, leave the document for it to send when it has finished the
+	// packet; only the latest document is kept, as only the latest matters.
+	if tc.procMu.TryLock() {
+		defer tc.procMu.Unlock()
+		tc.pending.Store(nil) // older than doc
+		return b.sendDesired(cl, topic, doc)
+	}
+	tc.pending.Store(&doc)
+	if tc.procMu.TryLock() { // it finished meanwhile and may have missed doc
+		defer tc.procMu.Unlock()
+		if d := tc.pending.Swap(nil); d != nil {
+			return b.sendDesired(cl, topic, *d)
+		}
+	}
+	return nil
+}
+
+// sendDesired publishes doc to topic, whose only possible subscriber is cl.
+func (b *Broker) sendDesired(cl *mqtt.Client, topic string, doc []byte) error {
+	if cl.State.Inflight.Len() >= int(b.lim.MaxInflight) {
+		// mochi would drop the message with only a log line; a device that
+		// has stopped acknowledging is better reconnected, which resends.
+		b.stats.desiredFailed.Add(1)
+		b.log.Warn("device not acknowledging desired documents; disconnecting it", "device", cl.ID, "inflight", cl.State.Inflight.Len())
+		cl.Stop(packets.ErrReceiveMaximum)
+		return ErrBacklogged
+	}
+	err := b.srv.InjectPacket(b.inline, packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+		TopicName:   topic,
+		Payload:     doc,
+		PacketID:    1, // required by mochi's validation of a QoS 1 publish; inline publishes are never acknowledged
+	})
+	if err != nil {
+		b.stats.desiredFailed.Add(1)
+		return fmt.Errorf("publish desired to %s: %w", cl.ID, err)
+	}
+	b.stats.desiredSent.Add(1)
+	return nil
+}
+
+// Disconnect drops every connection of the device at once, for example
+// because it was disabled or deleted; a connection still authenticating is
+// refused. The device can reconnect if the Authenticator lets it. MQTT 5
+// clients are sent DISCONNECT "administrative action" first (3.1.1 has no
+// server DISCONNECT); that write is bounded by disconnectGrace.
+func (b *Broker) Disconnect(deviceID string) {
+	b.mu.Lock()
+	conns := slices.Clone(b.devices[deviceID])
+	for _, tc := range conns {
+		tc.revoked.Store(true)
+	}
+	b.mu.Unlock()
+	for _, tc := range conns {
+		b.dropConn(tc, packets.ErrAdministrativeAction)
+	}
+	if len(conns) > 0 {
+		b.log.Info("device disconnected by the node", "device", deviceID, "connections", len(conns))
+	}
+}
+
+// disconnectGrace bounds writing a DISCONNECT to a client being dropped.
+const disconnectGrace = 250 * time.Millisecond
+
+func (b *Broker) dropConn(tc *trackedConn, code packets.Code) {
+	tc.capDeadline(time.Now().Add(disconnectGrace))
+	cl := tc.client.Load()
+	switch {
+	case cl == nil:
+		_ = tc.Close()
+	case tc.established.Load() && cl.Properties.ProtocolVersion >= 5:
+		_ = b.srv.DisconnectClient(cl, code)
+	default:
+		// MQTT 3.1.1 has no server DISCONNECT; before CONNACK neither has 5.
+		cl.Stop(code)
+	}
+}
+
+// Connected lists the devices connected now, sorted by device id.
+func (b *Broker) Connected() []ConnInfo {
+	b.mu.RLock()
+	out := make([]ConnInfo, 0, len(b.devices))
+	for _, conns := range b.devices {
+		for _, tc := range conns {
+			if info, ok := tc.info(); ok {
+				out = append(out, info)
+			}
+		}
+	}
+	b.mu.RUnlock()
+	slices.SortFunc(out, func(a, c ConnInfo) int { return strings.Compare(a.DeviceID, c.DeviceID) })
+	return out
+}
+
+// Connection tells whether the device is connected here, and how.
+func (b *Broker) Connection(deviceID string) (ConnInfo, bool) {
+	if tc := b.connFor(deviceID); tc != nil {
+		return tc.info()
+	}
+	return ConnInfo{}, false
+}
+
+// Stats returns the counters.
+func (b *Broker) Stats() Stats {
+	n := 0
+	b.mu.RLock()
+	for _, conns := range b.devices {
+		for _, tc := range conns {
+			if _, ok := tc.info(); ok {
+				n++
+			}
+		}
+	}
+	b.mu.RUnlock()
+	return Stats{
+		Connections:     n,
+		AuthFailures:    b.stats.authFailures.Load(),
+		ACLDenials:      b.stats.aclDenials.Load(),
+		ReportsAccepted: b.stats.reportsAccepted.Load(),
+		ReportsDropped:  b.stats.reportsDropped.Load(),
+		DesiredSent:     b.stats.desiredSent.Load(),
+		DesiredFailed:   b.stats.desiredFailed.Load(),
+		PanicsRecovered: b.stats.panicsSaved.Load(),
+	}
+}
+
+// inlineClientID names the client desired documents are published from.
+const inlineClientID = "appliance/broker"
+
+// closeTimeout bounds waiting for connection goroutines in Close.
+const closeTimeout = 5 * time.Second
+
+// Close stops listening, disconnects every client (MQTT 5 clients are told
+// "server shutting down") and waits, for at most closeTimeout, for their
+// goroutines. It is idempotent.
+func (b *Broker) Close() error {
+	b.stateMu.Lock()
+	defer b.stateMu.Unlock()
+	if b.closed.Swap(true) {
+		return nil
+	}
+	b.cancel()
+	// mochi's Close closes the listener, which disconnects every connection
+	// (capping its deadline first, so a client that stopped reading cannot
+	// stall it) and waits, at most closeTimeout, for their goroutines.
+	_ = b.srv.Close()
+	if !b.started {
+		return nil
+	}
+	b.log.Info("mqtt broker closed")
+	return nil
+}
+
+// connFor returns the device's live, authenticated connection, if any.
+func (b *Broker) connFor(deviceID string) *trackedConn {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	var found *trackedConn
+	for _, tc := range b.devices[deviceID] {
+		if tc.established.Load() && !tc.revoked.Load() {
+			found = tc // the newest wins during a takeover
+		}
+	}
+	return found
+}
+
+// register records tc as a connection of deviceID, before it is authenticated,
+// so that a Disconnect racing with the authentication refuses it.
+func (b *Broker) register(deviceID string, tc *trackedConn) {
+	b.mu.Lock()
+	tc.deviceID = deviceID
+	b.devices[deviceID] = append(b.devices[deviceID], tc)
+	b.mu.Unlock()
+}
+
+// takeOver ends the device's older connections, and waits for their
+// goroutines, before mochi sees the new one. mochi's own session takeover
+// races: the old connection's goroutine, if it has not yet seen itself taken
+// over, deletes the client id from mochi's client map after the new client was
+// added under the same id, leaving a connected device that nothing can reach.
+// With no old client left, mochi never takes over. Called once tc is
+// authenticated, so a connection with a wrong key cannot drop a device.
+func (b *Broker) takeOver(tc *trackedConn) {
+	b.mu.RLock()
+	var older []*trackedConn
+	for _, c := range b.devices[tc.deviceID] {
+		if c == tc {
+			break
+		}
+		older = append(older, c)
+	}
+	b.mu.RUnlock()
+	if len(older) == 0 {
+		return
+	}
+	for _, c := range older {
+		b.dropConn(c, packets.ErrSessionTakenOver)
+	}
+	// An old connection still in the Authenticator ends when that returns.
+	timeout := time.After(b.lim.AuthTimeout + disconnectGrace)
+	for _, c := range older {
+		select {
+		case <-c.done:
+		case <-timeout:
+			b.log.Warn("older connection of the device did not end in time; mochi takes it over", "device", tc.deviceID)
+			return
+		}
+	}
+}
+
+// forget drops tc from the registry; called when its goroutine ends.
+func (b *Broker) forget(tc *trackedConn) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if tc.deviceID == "" {
+		return
+	}
+	conns := slices.DeleteFunc(b.devices[tc.deviceID], func(c *trackedConn) bool { return c == tc })
+	if len(conns) == 0 {
+		delete(b.devices, tc.deviceID)
+	} else {
+		b.devices[tc.deviceID] = conns
+	}
+}
+
+// mochiLogHandler tames mochi's logs before they reach ours. Its debug
+// records print whole packets, desired documents (with registry credentials)
+// included: dropped. A client's protocol error is logged by mochi at Warn with
+// the whole packet: kept at Info without the packet, since a device can send
+// as many as it likes. Its warning about short keepalives is per connection
+// and client-caused: dropped.
+type mochiLogHandler struct{ h slog.Handler }
+
+func (m mochiLogHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= slog.LevelInfo && m.h.Enabled(ctx, l)
+}
+
+func (m mochiLogHandler) Handle(ctx context.Context, r slog.Record) error {
+	switch r.Message {
+	case mqtt.ErrMinimumKeepalive.Error():
+		return nil
+	case "error processing packet":
+		out := slog.NewRecord(r.Time, slog.LevelInfo, "client protocol error; closing it", r.PC)
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key != "pk" {
+				out.AddAttrs(a)
+			}
+			return true
+		})
+		return m.h.Handle(ctx, out)
+	}
+	return m.h.Handle(ctx, r)
+}
+
+func (m mochiLogHandler) WithAttrs(a []slog.Attr) slog.Handler {
+	return mochiLogHandler{h: m.h.WithAttrs(a)}
+}
+func (m mochiLogHandler) WithGroup(n string) slog.Handler {
+	return mochiLogHandler{h: m.h.WithGroup(n)}
+}

@@ -1,0 +1,563 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"appliance/fleet"
+)
+
+func TestBroker_Connect_RightKeyGetsDesiredOnSubscribe(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+
+	if got := d.subscribe(t, fleet.DesiredTopic("press-01")); got[0] != 1 {
+		t.Fatalf("suback = % x; want granted QoS 1", got)
+	}
+	d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	d.expectNoMessage(t, 100*time.Millisecond) // exactly one document, nothing retained besides
+
+	info, ok := b.Connection("press-01")
+	if !ok || info.DeviceID != "press-01" || info.ProtocolVersion != 5 || info.TLS ||
+		info.ConnectedSince.IsZero() || info.LastActivity.Before(info.ConnectedSince) || !strings.HasPrefix(info.RemoteAddr, "127.0.0.1:") {
+		t.Fatalf("Connection(press-01) = %+v, %v", info, ok)
+	}
+	if got := b.Connected(); len(got) != 1 || got[0].DeviceID != "press-01" {
+		t.Fatalf("Connected() = %+v", got)
+	}
+}
+
+func TestBroker_Connect_DeviceWithoutDeploymentGetsEmptyDesired(t *testing.T) {
+	f := newTestFleet("press-01")
+	delete(f.desired, "press-01") // the fake source answers with an explicit empty state
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+	d.subscribe(t, fleet.DesiredTopic("press-01"))
+	d.expectDesired(t, `{"version":0,"modulesContent":{}}`)
+}
+
+func TestBroker_Connect_Refused(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	tests := []struct {
+		name, clientID, user, key string
+		wantCode                  byte
+	}{
+		{"wrong key", "press-01", "press-01", "wrong", packets.ErrBadUsernameOrPassword.Code},
+		{"other device's key", "press-01", "press-01", "key-press-02", packets.ErrBadUsernameOrPassword.Code},
+		{"unknown device", "ghost", "ghost", "key-ghost", packets.ErrBadUsernameOrPassword.Code},
+		{"no password", "press-01", "press-01", "", packets.ErrBadUsernameOrPassword.Code},
+		{"client id is not the device id", "someone", "press-01", "key-press-01", packets.ErrClientIdentifierNotValid.Code},
+		{"wildcard username", "+", "+", "x", packets.ErrBadUsernameOrPassword.Code},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conn := dialRaw(t, b.Addr())
+			d := paho.NewClient(paho.ClientConfig{Conn: conn})
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			ca, err := d.Connect(ctx, &paho.Connect{ClientID: tt.clientID, Username: tt.user, UsernameFlag: true,
+				Password: []byte(tt.key), PasswordFlag: tt.key != "", KeepAlive: 30, CleanStart: true})
+			if err == nil {
+				t.Fatal("connected; want refused")
+			}
+			if ca == nil || ca.ReasonCode != tt.wantCode {
+				t.Fatalf("connack = %+v, err %v; want reason %#x", ca, err, tt.wantCode)
+			}
+		})
+	}
+	if got := b.Stats().AuthFailures; got != uint64(len(tests)) {
+		t.Errorf("AuthFailures = %d; want %d", got, len(tests))
+	}
+	if got := b.Connected(); len(got) != 0 {
+		t.Errorf("Connected() = %+v; want none", got)
+	}
+}
+
+func TestBroker_Connect_WillToOtherDeviceRefused(t *testing.T) {
+	f := newTestFleet("press-01", "press-02")
+	b := startBroker(t, f)
+	conn := dialRaw(t, b.Addr())
+	c := paho.NewClient(paho.ClientConfig{Conn: conn})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// mochi publishes wills without an ACL check: a will on press-02's
+	// desired topic would reach press-02.
+	ca, err := c.Connect(ctx, &paho.Connect{ClientID: "press-01", Username: "press-01", UsernameFlag: true,
+		Password: []byte("key-press-01"), PasswordFlag: true, KeepAlive: 30, CleanStart: true,
+		WillMessage: &paho.WillMessage{Topic: fleet.DesiredTopic("press-02"), Payload: []byte(`{"evil":true}`)}})
+	if err == nil || ca == nil || ca.ReasonCode != packets.ErrNotAuthorized.Code {
+		t.Fatalf("connack = %+v, err %v; want not authorized", ca, err)
+	}
+}
+
+func TestBroker_Subscribe_NothingOfOtherDevices(t *testing.T) {
+	f := newTestFleet("press-01", "press-02")
+	b := startBroker(t, f)
+	victim := mustConnect(t, b.Addr(), "press-02")
+	victim.subscribe(t, fleet.DesiredTopic("press-02"))
+	victim.expectDesired(t, `{"deviceId":"press-02","version":1}`)
+
+	spy := mustConnect(t, b.Addr(), "press-01")
+	filters := []string{
+		fleet.DesiredTopic("press-02"),
+		"appliance/#",
+		"#",
+		"+/#",
+		"appliance/devices/+/desired",
+		"appliance/devices/+/+",
+		"appliance/devices/press-02/#",
+		fleet.ReportedTopic("press-01"), // its own, but reported is write-only
+		fleet.MessagesTopicPrefix("press-01") + "#",
+		"appliance/devices/press-01/#", // would also match its own reported
+		"$share/g/" + fleet.DesiredTopic("press-02"),
+		"$SYS/#",
+	}
+	for i, code := range spy.subscribe(t, filters...) {
+		if code != packets.ErrNotAuthorized.Code {
+			t.Errorf("subscribe %q: reason %#x; want not authorized", filters[i], code)
+		}
+	}
+
+	if err := b.PublishDesired("press-02", []byte(`{"deviceId":"press-02","version":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	victim.expectDesired(t, `{"deviceId":"press-02","version":2}`)
+	victim.publish(t, fleet.ReportedTopic("press-02"), `{"lastDesiredVersion":2}`)
+	spy.expectNoMessage(t, 300*time.Millisecond)
+	if got := b.Stats().ACLDenials; got < uint64(len(filters)) {
+		t.Errorf("ACLDenials = %d; want at least %d", got, len(filters))
+	}
+}
+
+func TestBroker_Publish_OtherDevicesTopicsChangeNothing(t *testing.T) {
+	f := newTestFleet("press-01", "press-02")
+	b := startBroker(t, f)
+	victim := mustConnect(t, b.Addr(), "press-02")
+	victim.subscribe(t, fleet.DesiredTopic("press-02"))
+	victim.expectDesired(t, `{"deviceId":"press-02","version":1}`)
+
+	attacker := mustConnect(t, b.Addr(), "press-01")
+	for _, topic := range []string{
+		fleet.ReportedTopic("press-02"),
+		fleet.DesiredTopic("press-02"),
+		fleet.DesiredTopic("press-01"), // a device cannot write its own desired state either
+		fleet.MessagesTopicPrefix("press-02") + "temp",
+		"appliance/other",
+	} {
+		pr, err := attacker.publish(t, topic, `{"lastDesiredVersion":99}`)
+		if err == nil && pr.ReasonCode != packets.ErrNotAuthorized.Code {
+			t.Errorf("publish %s: reason %#x; want not authorized", topic, pr.ReasonCode)
+		}
+	}
+	victim.expectNoMessage(t, 200*time.Millisecond)
+	select {
+	case r := <-f.reports:
+		t.Fatalf("sink got %+v; want nothing", r)
+	default:
+	}
+	if s := b.Stats(); s.ReportsAccepted != 0 || s.ReportsDropped != 0 {
+		t.Fatalf("stats = %+v; want no report counted", s)
+	}
+}
+
+func TestBroker_Report_AcceptedAndMalformedDropped(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f, func(c *Config) { c.Limits.MaxReportSize = 1024 })
+	d := mustConnect(t, b.Addr(), "press-01")
+	topic := fleet.ReportedTopic("press-01")
+
+	good := `{"lastDesiredVersion":3,"lastDesiredStatus":{"code":200}}`
+	if pr, err := d.publish(t, topic, good); err != nil || pr.ReasonCode != 0 {
+		t.Fatalf("publish report: %+v, %v", pr, err)
+	}
+	select {
+	case r := <-f.reports:
+		if r.deviceID != "press-01" || r.doc != good {
+			t.Fatalf("sink got %+v", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("sink not called")
+	}
+
+	bad := []string{
+		`not json`,
+		`[1,2,3]`,
+		`"a string"`,
+		`{"unterminated":`,
+		`{"a":1} {"b":2}`,
+		``,
+		`{"pad":"` + strings.Repeat("x", 1024) + `"}`, // over MaxReportSize
+	}
+	for _, p := range bad {
+		if _, err := d.publish(t, topic, p); err != nil {
+			t.Fatalf("publish %q: %v", p, err)
+		}
+	}
+	// Telemetry is accepted and goes nowhere.
+	if _, err := d.publish(t, fleet.MessagesTopicPrefix("press-01")+"temperature", `21.5`); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "drops counted", func() bool { return b.Stats().ReportsDropped == uint64(len(bad)) })
+	if s := b.Stats(); s.ReportsAccepted != 1 {
+		t.Fatalf("stats = %+v; want 1 accepted", s)
+	}
+	select {
+	case r := <-f.reports:
+		t.Fatalf("sink got malformed report %+v", r)
+	default:
+	}
+	// The device is still connected: a bad report is dropped, not punished.
+	if _, ok := b.Connection("press-01"); !ok {
+		t.Fatal("device disconnected after a malformed report")
+	}
+}
+
+func TestBroker_Report_SinkRefusalCountsAsDropped(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f, func(c *Config) {
+		c.Reports = fakeReports{fn: func(string, []byte) error { return errors.New("batcher full") }}
+	})
+	d := mustConnect(t, b.Addr(), "press-01")
+	if _, err := d.publish(t, fleet.ReportedTopic("press-01"), `{}`); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "drop counted", func() bool { return b.Stats().ReportsDropped == 1 })
+}
+
+func TestBroker_PublishDesired_ReachesConnectedDeviceWithoutReconnect(t *testing.T) {
+	f := newTestFleet("press-01", "press-02")
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+	d.subscribe(t, fleet.DesiredTopic("press-01"))
+	d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+
+	for v := 2; v <= 4; v++ {
+		doc := `{"deviceId":"press-01","version":` + string(rune('0'+v)) + `}`
+		f.setDesired("press-01", doc)
+		if err := b.PublishDesired("press-01", []byte(doc)); err != nil {
+			t.Fatalf("PublishDesired v%d: %v", v, err)
+		}
+		d.expectDesired(t, doc)
+	}
+	if err := b.PublishDesired("press-02", []byte(`{}`)); !errors.Is(err, ErrNotConnected) {
+		t.Fatalf("PublishDesired to an absent device = %v; want ErrNotConnected", err)
+	}
+	if got := b.Stats().DesiredSent; got != 4 {
+		t.Errorf("DesiredSent = %d; want 4", got)
+	}
+}
+
+func TestBroker_PublishDesired_BeforeSubscribeIsSentOnSubscribe(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+	// Listed once its session is established, just after CONNACK.
+	waitFor(t, "press-01 listed", func() bool { _, ok := b.Connection("press-01"); return ok })
+	f.setDesired("press-01", `{"version":7}`)
+	if err := b.PublishDesired("press-01", []byte(`{"version":7}`)); err != nil {
+		t.Fatal(err)
+	}
+	d.expectNoMessage(t, 100*time.Millisecond)
+	d.subscribe(t, fleet.DesiredTopic("press-01"))
+	d.expectDesired(t, `{"version":7}`)
+}
+
+func TestBroker_Desired_SourceErrorDisconnects(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f, func(c *Config) {
+		c.Desired = fakeDesired{fn: func(string) ([]byte, error) { return nil, errors.New("not ready") }}
+	})
+	d := mustConnect(t, b.Addr(), "press-01")
+	// The SUBACK may never arrive: the connection can be dropped first.
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, _ = d.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: fleet.DesiredTopic("press-01"), QoS: 1}}})
+	}()
+	select {
+	case <-d.c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("device not disconnected after the desired source failed")
+	}
+	if got := b.Stats().DesiredFailed; got != 1 {
+		t.Errorf("DesiredFailed = %d; want 1", got)
+	}
+}
+
+func TestBroker_Disconnect_DropsClient(t *testing.T) {
+	f := newTestFleet("press-01", "press-02")
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+	other := mustConnect(t, b.Addr(), "press-02")
+	d.subscribe(t, fleet.DesiredTopic("press-01"))
+	d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+
+	b.Disconnect("press-01")
+	select {
+	case dc := <-d.serverDisconnect:
+		if dc.ReasonCode != packets.ErrAdministrativeAction.Code {
+			t.Errorf("disconnect reason %#x; want administrative action", dc.ReasonCode)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("client not dropped")
+	}
+	<-d.c.Done()
+	if _, ok := b.Connection("press-01"); ok {
+		t.Error("press-01 still listed as connected")
+	}
+	if err := b.PublishDesired("press-01", []byte(`{}`)); !errors.Is(err, ErrNotConnected) {
+		t.Errorf("PublishDesired after Disconnect = %v; want ErrNotConnected", err)
+	}
+	// press-02 is listed once its session is established, just after CONNACK.
+	other.subscribe(t, fleet.DesiredTopic("press-02"))
+	if got := b.Connected(); len(got) != 1 || got[0].DeviceID != "press-02" {
+		t.Errorf("Connected() = %+v; want only press-02", got)
+	}
+
+	// The node disables the device: it cannot come back.
+	f.mu.Lock()
+	delete(f.keys, "press-01")
+	f.mu.Unlock()
+	if _, _, err := dialDevice(t, b.Addr(), "press-01", "key-press-01", nil); err == nil {
+		t.Fatal("disabled device reconnected")
+	}
+}
+
+func TestBroker_Disconnect_DuringAuthenticationRefuses(t *testing.T) {
+	f := newTestFleet("press-01")
+	authenticating := make(chan struct{})
+	release := make(chan struct{})
+	var calls atomic.Int32
+	b := startBroker(t, f, func(c *Config) {
+		c.Auth = fakeAuth{fn: func(context.Context, string, string) error {
+			if calls.Add(1) == 1 {
+				close(authenticating)
+				<-release // the node read the device as enabled, then it was disabled
+			}
+			return nil
+		}}
+	})
+	errc := make(chan error, 1)
+	go func() {
+		c, err := rawConnect(b.Addr(), "press-01", "key-press-01")
+		if err == nil {
+			c.Close()
+		}
+		errc <- err
+	}()
+	<-authenticating
+	b.Disconnect("press-01")
+	close(release)
+	if err := <-errc; err == nil {
+		t.Fatal("connection accepted after Disconnect; want refused")
+	}
+}
+
+func TestBroker_SessionTakeover_NewConnectionWins(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	first := mustConnect(t, b.Addr(), "press-01")
+	first.subscribe(t, fleet.DesiredTopic("press-01"))
+	first.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	// A wrong key cannot take the session over.
+	if _, _, err := dialDevice(t, b.Addr(), "press-01", "wrong", nil); err == nil {
+		t.Fatal("connected with a wrong key")
+	}
+	if err := b.PublishDesired("press-01", []byte(`{"version":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	first.expectDesired(t, `{"version":2}`)
+
+	second := mustConnect(t, b.Addr(), "press-01")
+	select {
+	case dc := <-first.serverDisconnect:
+		if dc.ReasonCode != packets.ErrSessionTakenOver.Code {
+			t.Errorf("disconnect reason %#x; want session taken over", dc.ReasonCode)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("first connection not taken over")
+	}
+	second.subscribe(t, fleet.DesiredTopic("press-01"))
+	second.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	// Reachable after the takeover (mochi's own takeover can lose the new
+	// client from its client map).
+	if err := b.PublishDesired("press-01", []byte(`{"version":3}`)); err != nil {
+		t.Fatal(err)
+	}
+	second.expectDesired(t, `{"version":3}`)
+	if got := b.Connected(); len(got) != 1 {
+		t.Fatalf("Connected() = %+v; want one connection", got)
+	}
+}
+
+func TestBroker_PreConnectIdleIsClosed(t *testing.T) {
+	f := newTestFleet()
+	b := startBroker(t, f, func(c *Config) { c.Limits.ConnectTimeout = 200 * time.Millisecond })
+	c := dialRaw(t, b.Addr())
+	start := time.Now()
+	if err := drain(c); err != nil {
+		t.Fatalf("connection not closed by the broker: %v", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("closed after %s; want about 200ms", d)
+	}
+}
+
+func TestBroker_Limits_PacketTooLargeDisconnects(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f, func(c *Config) { c.Limits.MaxPacketSize = 2048 })
+	d := mustConnect(t, b.Addr(), "press-01")
+	// QoS 0: the broker closes the connection instead of acknowledging.
+	_, _ = d.c.Publish(context.Background(), &paho.Publish{Topic: fleet.ReportedTopic("press-01"), QoS: 0,
+		Payload: []byte(`{"pad":"` + strings.Repeat("x", 4096) + `"}`)})
+	select {
+	case <-d.c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("client sending an oversized packet not disconnected")
+	}
+	select {
+	case r := <-f.reports:
+		t.Fatalf("sink got %d bytes", len(r.doc))
+	default:
+	}
+}
+
+func TestBroker_Close_DisconnectsClientsAndIsIdempotent(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+	idle := dialRaw(t, b.Addr()) // never sends CONNECT
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-d.c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("client still connected after Close")
+	}
+	if err := drain(idle); err != nil {
+		t.Fatalf("pre-CONNECT connection not closed: %v", err)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.PublishDesired("press-01", nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("PublishDesired after Close = %v; want ErrClosed", err)
+	}
+	if err := b.Start(context.Background()); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Start after Close = %v; want ErrClosed", err)
+	}
+}
+
+func TestBroker_Start_ContextCancelCloses(t *testing.T) {
+	f := newTestFleet("press-01")
+	cfg := f.config()
+	cfg.Logger = testLogger(t)
+	b, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d := mustConnect(t, b.Addr(), "press-01")
+	cancel()
+	select {
+	case <-d.c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("client still connected after the context ended")
+	}
+}
+
+func TestNew_RequiresInterfacesAndValidLimits(t *testing.T) {
+	good := newTestFleet().config()
+	tests := []struct {
+		name   string
+		mutate func(*Config)
+	}{
+		{"no auth", func(c *Config) { c.Auth = nil }},
+		{"no desired", func(c *Config) { c.Desired = nil }},
+		{"no reports", func(c *Config) { c.Reports = nil }},
+		{"keepalive too long", func(c *Config) { c.Limits.MaxKeepalive = 100 * time.Hour }},
+		{"negative report size", func(c *Config) { c.Limits.MaxReportSize = -1 }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := good
+			tt.mutate(&cfg)
+			if _, err := New(cfg); err == nil {
+				t.Fatal("New succeeded; want an error")
+			}
+		})
+	}
+}
+
+// mochi's own inline client is registered under the id "inline", which is a
+// valid device id; the broker uses its own, so such a device is like any other.
+func TestBroker_DeviceNamedInline(t *testing.T) {
+	f := newTestFleet("inline", "press-01")
+	b := startBroker(t, f)
+	other := mustConnect(t, b.Addr(), "press-01")
+	other.subscribe(t, fleet.DesiredTopic("press-01"))
+	other.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	d := mustConnect(t, b.Addr(), "inline")
+	d.subscribe(t, fleet.DesiredTopic("inline"))
+	d.expectDesired(t, `{"deviceId":"inline","version":1}`)
+	if err := b.PublishDesired("press-01", []byte(`{"version":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	other.expectDesired(t, `{"version":2}`)
+}
+
+// mochi v2.7.9's Inflight.NextImmediate takes a client's inflight read lock
+// twice after each packet the client sends; a publish to that client from
+// another goroutine takes the write lock in between, and all three block for
+// good (the publisher, the client, and mochi's event loop with them). This
+// keeps desired documents flowing while the device acknowledges them.
+func TestBroker_PublishDesired_ConcurrentWithAcksDoesNotDeadlock(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	var latest atomic.Int64
+	d, _, err := dialDeviceWith(t, b.Addr(), "press-01", "key-press-01", nil, func(p *paho.Publish) {
+		var v int64
+		if _, err := fmt.Sscanf(string(p.Payload), `{"version":%d}`, &v); err == nil {
+			latest.Store(v)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.subscribe(t, fleet.DesiredTopic("press-01"))
+	waitFor(t, "press-01 listed", func() bool { _, ok := b.Connection("press-01"); return ok })
+
+	cl, ok := b.srv.Clients.Get("press-01")
+	if !ok {
+		t.Fatal("press-01 not in mochi's client map")
+	}
+	const n = 10000
+	deadline := time.Now().Add(20 * time.Second)
+	for v := int64(1); v <= n; v++ {
+		// Stay below MaxInflight (acknowledgements lag deliveries).
+		for cl.State.Inflight.Len() >= DefaultMaxInflight/2 {
+			if time.Now().After(deadline) {
+				t.Fatalf("stuck at version %d, device has %d: deadlocked", v, latest.Load())
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+		if err := b.PublishDesired("press-01", []byte(fmt.Sprintf(`{"version":%d}`, v))); err != nil {
+			t.Fatalf("PublishDesired v%d: %v", v, err)
+		}
+	}
+	waitFor(t, "the last version delivered", func() bool { return latest.Load() == n })
+}

@@ -1,0 +1,108 @@
+package cli
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"appliance/agent"
+	"appliance/fleet"
+)
+
+// agentEnv is the prefix of the agent's environment fallbacks, one per flag:
+// APPLIANCE_AGENT_SERVER, _DEVICE_ID, _DEVICE_KEY, _ENROLL_TOKEN, _RUNTIME,
+// _DATA_DIR, _CA_FILE.
+const agentEnv = "APPLIANCE_AGENT_"
+
+func (a *app) agentCommand() *cobra.Command {
+	var (
+		servers, deviceID, deviceKey, enrollToken string
+		runtime, dataDir, caFile                  string
+		logFormat, logLevel                       string
+		coolOff                                   time.Duration
+		maxRestarts                               int
+	)
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the device agent: apply the desired modules and report their status",
+		Long: `Run on a device. The agent connects to any listed controller (failing over to
+the next), runs the modules of the deployment that applies to the device, keeps
+them running by their restart policies, reports their status, and keeps running
+its last manifest while every controller is unreachable.
+
+A device authenticates with one of its keys (--device-key), or enrolls itself
+with an enrollment group's token (--enroll-token): it then derives its own key
+from the token and is registered with the group's tags on first connect. Tags
+are the operator's: a device cannot choose its own, or it could put itself in
+any deployment's audience.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			logger, err := newLogger(a.stderr, logFormat, logLevel)
+			if err != nil {
+				return err
+			}
+			env := func(name, flag string) string { return envDefault(flag, a.getenv(agentEnv+name)) }
+			servers, deviceID = env("SERVER", servers), env("DEVICE_ID", deviceID)
+			deviceKey, enrollToken = env("DEVICE_KEY", deviceKey), env("ENROLL_TOKEN", enrollToken)
+			if servers == "" {
+				return fmt.Errorf("flag --server is required (mqtt://HOST:1883[,mqtt://HOST2:1883...]; env %sSERVER)", agentEnv)
+			}
+			if deviceID == "" {
+				return fmt.Errorf("flag --device-id is required (env %sDEVICE_ID)", agentEnv)
+			}
+			if err := fleet.ValidateDeviceID(deviceID); err != nil {
+				return fmt.Errorf("flag --device-id: %w", err)
+			}
+			switch {
+			case deviceKey != "" && enrollToken != "":
+				return fmt.Errorf("give --device-key or --enroll-token, not both")
+			case deviceKey == "" && enrollToken == "":
+				return fmt.Errorf("flag --device-key or --enroll-token is required (env %sDEVICE_KEY or %sENROLL_TOKEN)", agentEnv, agentEnv)
+			case enrollToken != "":
+				deviceKey, err = fleet.DeriveDeviceKey(enrollToken, deviceID)
+				if err != nil {
+					return fmt.Errorf("flag --enroll-token: %w", err)
+				}
+			}
+			dir := env("DATA_DIR", dataDir)
+			if dir == "" {
+				dir = filepath.Join(DefaultDataDir(a.getenv), "agent")
+			}
+			ag, err := agent.New(agent.Config{
+				Servers:   strings.Split(servers, ","),
+				DeviceID:  deviceID,
+				DeviceKey: deviceKey,
+				DataDir:   dir,
+				Runtime:   env("RUNTIME", runtime),
+				CAFile:    env("CA_FILE", caFile),
+				Logger:    logger,
+				Version:   a.version,
+				Restart:   agent.RestartConfig{CoolOff: coolOff, MaxRestarts: maxRestarts},
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stderr, "appliance %s: agent for device %s, state in %s\n", a.version, deviceID, dir)
+			start := time.Now()
+			err = ag.Run(cmd.Context())
+			logger.Info("agent stopped", "ran_for", time.Since(start).Round(time.Second))
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&servers, "server", "", "controllers' MQTT URLs, comma-separated: mqtt://HOST:1883 or mqtts://HOST:8883 (env APPLIANCE_AGENT_SERVER)")
+	f.StringVar(&deviceID, "device-id", "", "this device's id (env APPLIANCE_AGENT_DEVICE_ID)")
+	f.StringVar(&deviceKey, "device-key", "", "one of the device's keys (env APPLIANCE_AGENT_DEVICE_KEY)")
+	f.StringVar(&enrollToken, "enroll-token", "", "an enrollment group's token, to register this device (env APPLIANCE_AGENT_ENROLL_TOKEN)")
+	f.StringVar(&runtime, "runtime", "", "module runtime: docker (default) or process (env APPLIANCE_AGENT_RUNTIME)")
+	f.StringVar(&dataDir, "data-dir", "", "the agent's state directory (env APPLIANCE_AGENT_DATA_DIR; default <data dir>/agent)")
+	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_AGENT_CA_FILE)")
+	f.DurationVar(&coolOff, "restart-cool-off", agent.DefaultCoolOff, "wait before the first restart of a failed module; doubles each time (edgeAgent's default)")
+	f.IntVar(&maxRestarts, "max-restarts", agent.DefaultMaxRestarts, "restarts before a failing module is left dead (until a new deployment)")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return cmd
+}
