@@ -40,15 +40,17 @@ func (b *backend) unavailable(err error) error {
 	return fmt.Errorf("%w: this node is not the leader; the leader is %s at %s (%v)", api.ErrUnavailable, id, addr, err)
 }
 
+// view reads the local replica; a consistent read first confirms this node
+// leads and has applied everything committed. No lock may be held while
+// waiting for that: the apply path itself takes engineMu.
 func (b *backend) view(ctx context.Context, consistent bool, fn func(r *raftstore.Reader) error) error {
 	if consistent {
-		if err := b.store.ConsistentView(ctx, fn); err != nil {
+		if err := b.store.VerifyLeader(ctx); err != nil {
 			if errors.Is(err, raftstore.ErrNotLeader) {
 				return b.unavailable(err)
 			}
 			return err
 		}
-		return nil
 	}
 	return b.store.View(fn)
 }
@@ -118,8 +120,9 @@ func (b *backend) DeleteDevice(ctx context.Context, id string, opts api.WriteOpt
 	return err
 }
 
-// deviceView joins a device's record with its assignments (the caller
-// holds engineMu), its connection to this node, and its last report.
+// deviceView joins a device's record with its assignments, its connection
+// to this node, and its last report. The caller holds engineMu for reading,
+// inside the read transaction, so the record and its assignment agree.
 func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device) api.DeviceView {
 	v := api.DeviceView{Device: d.Public(), Configurations: map[string]api.ConfigurationStatus{}, ConnectionState: api.Disconnected}
 	if b.broker != nil {
@@ -146,13 +149,13 @@ func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device) api.DeviceView
 
 func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.DeviceView, error) {
 	var v api.DeviceView
-	b.engineMu.RLock()
-	defer b.engineMu.RUnlock()
 	err := b.view(ctx, consistent, func(r *raftstore.Reader) error {
 		d, err := r.Device(id)
 		if err != nil {
 			return err
 		}
+		b.engineMu.RLock()
+		defer b.engineMu.RUnlock()
 		v = b.deviceView(r, d)
 		return nil
 	})
@@ -183,9 +186,9 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 		}
 		ids = ids[i:]
 	}
-	b.engineMu.RLock()
-	defer b.engineMu.RUnlock()
 	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) error {
+		b.engineMu.RLock()
+		defer b.engineMu.RUnlock()
 		if q.Condition != "" {
 			for _, id := range ids {
 				if len(page.Items) == limit {

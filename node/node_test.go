@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -421,4 +422,45 @@ func TestNode_RestartKeepsEverything(t *testing.T) {
 	if err != nil || v.Configurations["dep"].Status != api.StatusApplied {
 		t.Fatalf("after restart: %+v %v", v, err)
 	}
+}
+
+// TestAPI_ConsistentReadsDuringWrites reads with ?consistent=true while
+// writes are applied: a consistent read waits for the apply path, which
+// must never wait for the read in turn.
+func TestAPI_ConsistentReadsDuringWrites(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := c.PutDevice(ctx, "d0", api.DeviceRequest{}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c.PutDevice(ctx, fmt.Sprintf("w%d-%d", w, i), api.DeviceRequest{Tags: map[string]any{"i": i}}, api.WriteOptions{})
+			}
+		}()
+	}
+	reads := 0
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); reads++ {
+		if _, err := c.Device(ctx, "d0", true); err != nil {
+			t.Fatalf("consistent read %d: %v", reads, err)
+		}
+		if _, err := c.Devices(ctx, api.DeviceQuery{Consistent: true, Limit: 10, Condition: "*"}); err != nil {
+			t.Fatalf("consistent list %d: %v", reads, err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("%d consistent reads during writes", reads)
 }

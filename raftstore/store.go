@@ -281,17 +281,8 @@ func (s *Store) Apply(ctx context.Context, cmd Command) (*Result, error) {
 }
 
 // View runs fn against the local replica. On a follower it may lag the
-// leader; use ConsistentView when the read must be current.
+// leader; call VerifyLeader first when the read must be current.
 func (s *Store) View(fn func(r *Reader) error) error { return s.fsm.view(fn) }
-
-// ConsistentView confirms this node still leads (a quorum answers), waits
-// until every entry committed so far is applied locally, then reads.
-func (s *Store) ConsistentView(ctx context.Context, fn func(r *Reader) error) error {
-	if err := s.VerifyLeader(ctx); err != nil {
-		return err
-	}
-	return s.fsm.view(fn)
-}
 
 // VerifyLeader returns nil when this node is the leader, a quorum agrees,
 // and the local state machine has applied everything committed before the
