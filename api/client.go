@@ -268,3 +268,18 @@ func (c *Client) DeleteEnrollment(ctx context.Context, name string, opts WriteOp
 	_, err := c.do(ctx, http.MethodDelete, "/api/v1/enrollments/"+esc(name), nil, opts, nil, nil)
 	return err
 }
+
+// DeploymentStatus reads where a deployment stands.
+func (c *Client) DeploymentStatus(ctx context.Context, id string, q StatusQuery) (DeploymentStatus, error) {
+	v := consistentQuery(q.Consistent)
+	if q.Soak > 0 {
+		v.Set("soak", q.Soak.String())
+	}
+	if q.Category != "" {
+		v.Set("category", q.Category)
+	}
+	pageQuery(v, q.After, q.Limit)
+	var st DeploymentStatus
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/deployments/"+esc(id)+"/status", v, WriteOptions{}, nil, &st)
+	return st, err
+}

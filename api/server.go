@@ -9,8 +9,10 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"appliance/fleet"
 )
@@ -33,6 +35,7 @@ type Backend interface {
 	DeleteDeployment(ctx context.Context, id string, opts WriteOptions) error
 	Deployment(ctx context.Context, id string, consistent bool) (DeploymentView, error)
 	Deployments(ctx context.Context, q DeploymentQuery) (DeploymentPage, error)
+	DeploymentStatus(ctx context.Context, id string, q StatusQuery) (DeploymentStatus, error)
 
 	RegenerateDeviceKey(ctx context.Context, id, which string) (fleet.Device, error)
 
@@ -108,6 +111,7 @@ func (s *Server) routes() {
 	s.mux.Handle("DELETE /api/v1/deployments/{id}", s.auth(s.deleteDeployment))
 	s.mux.Handle("GET /api/v1/deployments/{id}", s.auth(s.getDeployment))
 	s.mux.Handle("GET /api/v1/deployments", s.auth(s.listDeployments))
+	s.mux.Handle("GET /api/v1/deployments/{id}/status", s.auth(s.deploymentStatus))
 
 	// Anything else under /api/ is still behind the token: an unknown
 	// route must not tell an anonymous caller which routes exist.
@@ -443,6 +447,33 @@ func (s *Server) listEnrollments(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, EnrollmentPage{Items: items})
+}
+
+func (s *Server) deploymentStatus(w http.ResponseWriter, r *http.Request) {
+	after, limit, err := pageParams(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	q := StatusQuery{After: after, Limit: limit, Consistent: consistent(r), Category: r.URL.Query().Get("category")}
+	if q.Category != "" && !slices.Contains(Categories, q.Category) {
+		s.fail(w, r, fleet.Invalid("category", "must be one of %s; got %q", strings.Join(Categories, ", "), q.Category))
+		return
+	}
+	if v := r.URL.Query().Get("soak"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			s.fail(w, r, fleet.Invalid("soak", "must be a duration such as 30s or 5m; got %q", v))
+			return
+		}
+		q.Soak = d
+	}
+	st, err := s.cfg.Backend.DeploymentStatus(r.Context(), r.PathValue("id"), q)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
 }
 
 // fail maps an error to its status code and writes the JSON error body.

@@ -181,3 +181,54 @@ type RegenerateKeyRequest struct {
 	// Key is "primary" or "secondary": the one to replace.
 	Key string `json:"key"`
 }
+
+// Status categories of a deployment's devices.
+const (
+	CategoryTargeted  = "targeted"  // the condition matches
+	CategoryApplied   = "applied"   // targeted, and no higher-priority deployment wins
+	CategoryHealthy   = "healthy"   // applied, code 200, every module that should run has run for the soak time
+	CategoryUnhealthy = "unhealthy" // applied, and the agent failed or a module that should run does not
+	CategorySoaking   = "soaking"   // applied, code 200, modules running but not yet for the soak time
+	CategoryUnknown   = "unknown"   // applied, but no report for this deployment yet
+)
+
+// Categories lists them in display order.
+var Categories = []string{CategoryTargeted, CategoryApplied, CategoryHealthy, CategoryUnhealthy, CategorySoaking, CategoryUnknown}
+
+// StatusQuery selects what GET /deployments/{id}/status returns.
+type StatusQuery struct {
+	// Soak is how long modules must have run to count as healthy (default 30 s).
+	Soak time.Duration
+	// Category, After and Limit page through one category's device ids.
+	Category   string
+	After      string
+	Limit      int
+	Consistent bool
+}
+
+// DeploymentStatus is where a deployment stands, derived from assignments
+// and the devices' reports on the node that answers.
+type DeploymentStatus struct {
+	ID          string  `json:"id"`
+	SoakSeconds float64 `json:"soakSeconds"`
+	// SystemMetrics are Azure's: targetedCount, appliedCount,
+	// reportedSuccessfulCount (code 200: applied, not necessarily still
+	// running) and reportedFailedCount.
+	SystemMetrics map[string]int `json:"systemMetrics"`
+	// Counts are the operator's categories.
+	Counts StatusCounts `json:"counts"`
+	// Devices holds one page of device ids per category; Next the ?after=
+	// value of the following page, for categories that have one.
+	Devices map[string][]string `json:"devices"`
+	Next    map[string]string   `json:"next,omitempty"`
+}
+
+// StatusCounts counts a deployment's devices per category.
+type StatusCounts struct {
+	Targeted  int `json:"targeted"`
+	Applied   int `json:"applied"`
+	Healthy   int `json:"healthy"`
+	Unhealthy int `json:"unhealthy"`
+	Soaking   int `json:"soaking"`
+	Unknown   int `json:"unknown"`
+}

@@ -153,6 +153,13 @@ func (a *app) client() (*api.Client, error) {
 	return &api.Client{BaseURL: server, Token: token}, nil
 }
 
+// printJSONLine prints one compact JSON document per line, for streams.
+func (a *app) printJSONLine(v any) error {
+	enc := json.NewEncoder(a.stdout)
+	enc.SetEscapeHTML(false)
+	return enc.Encode(v)
+}
+
 func (a *app) printJSON(v any) error {
 	enc := json.NewEncoder(a.stdout)
 	enc.SetEscapeHTML(false)

@@ -192,6 +192,17 @@ func TestAgent_EndToEnd(t *testing.T) {
 			doc.Modules["alpha"].RuntimeStatus == fleet.RuntimeRunning && doc.Modules["beta"].RuntimeStatus == fleet.RuntimeRunning
 	})
 	betaPid, _ := alivePid(out, "beta")
+	eventually(t, "deployment status: 1 applied, 1 healthy after a 1s soak", 30*time.Second, func() bool {
+		r := cli(t, dir, "deployment", "status", "v1", "--soak", "1s", "-o", "json")
+		var st struct {
+			Counts struct{ Targeted, Applied, Healthy int }
+		}
+		return r.code == 0 && json.Unmarshal([]byte(r.stdout), &st) == nil &&
+			st.Counts.Targeted == 1 && st.Counts.Applied == 1 && st.Counts.Healthy == 1
+	})
+	if r := cli(t, dir, "deployment", "status", "v1").mustSucceed(t); !strings.Contains(r.stdout, "healthy") || !strings.Contains(r.stdout, "reportedSuccessfulCount=1") {
+		t.Fatalf("status table:\n%s", r.stdout)
+	}
 
 	// 2. A new deployment takes over: alpha stopped, beta removed, gamma
 	// fails under on-failure, delta fails under never, keep runs.

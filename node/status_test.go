@@ -1,0 +1,123 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"appliance/api"
+	"appliance/fleet"
+)
+
+func TestClassify(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	ago := func(d time.Duration) *time.Time { t := now.Add(-d); return &t }
+	running := func(since time.Duration) fleet.ModuleStatus {
+		return fleet.ModuleStatus{RuntimeStatus: fleet.RuntimeRunning, Status: "running", LastStartTimeUTC: ago(since)}
+	}
+	doc := func(dep string, code int, mods map[string]fleet.ModuleStatus) *fleet.ReportedDocument {
+		return &fleet.ReportedDocument{DeploymentID: dep, LastDesiredStatus: fleet.DesiredStatus{Code: code}, Modules: mods}
+	}
+	for _, tc := range []struct {
+		name string
+		rep  *fleet.ReportedDocument
+		want string
+	}{
+		{"no report", nil, api.CategoryUnknown},
+		{"report about the previous deployment", doc("old", 200, nil), api.CategoryUnknown},
+		{"agent could not apply", doc("d", 400, nil), api.CategoryUnhealthy},
+		{"no modules, applied", doc("d", 200, nil), api.CategoryHealthy},
+		{"running past the soak", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(time.Minute), "b": running(31 * time.Second)}), api.CategoryHealthy},
+		{"one still soaking", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(time.Minute), "b": running(5 * time.Second)}), api.CategorySoaking},
+		{"a failed module beats soaking", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(5 * time.Second), "b": {RuntimeStatus: fleet.RuntimeFailed, ExitCode: 3}}), api.CategoryUnhealthy},
+		{"backoff is unhealthy", doc("d", 200, map[string]fleet.ModuleStatus{"a": {RuntimeStatus: fleet.RuntimeBackoff}}), api.CategoryUnhealthy},
+		{"a module meant to be stopped does not count", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(time.Hour), "b": {RuntimeStatus: fleet.RuntimeStopped, Status: "stopped"}}), api.CategoryHealthy},
+		{"status unknown yet", doc("d", 200, map[string]fleet.ModuleStatus{"a": {RuntimeStatus: fleet.RuntimeUnknown}}), api.CategorySoaking},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := classify(tc.rep, "d", now, 30*time.Second); got != tc.want {
+				t.Fatalf("got %s, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestDeploymentStatus has real MQTT devices report different outcomes and
+// checks the categories and Azure's metrics the API derives from them.
+func TestDeploymentStatus(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 1}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.PutDeployment(ctx, "canary", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.ring='canary'", Priority: 5}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	old := time.Now().UTC().Add(-time.Hour)
+	fresh := time.Now().UTC()
+	reports := map[string]string{
+		"healthy":   fmt.Sprintf(`{"deploymentId":"prod","lastDesiredStatus":{"code":200},"modules":{"temp":{"runtimeStatus":"running","status":"running","lastStartTimeUtc":%q,"exitCode":0,"restartCount":0,"settings":{}}}}`, old.Format(time.RFC3339Nano)),
+		"soaking":   fmt.Sprintf(`{"deploymentId":"prod","lastDesiredStatus":{"code":200},"modules":{"temp":{"runtimeStatus":"running","status":"running","lastStartTimeUtc":%q,"exitCode":0,"restartCount":0,"settings":{}}}}`, fresh.Format(time.RFC3339Nano)),
+		"failing":   `{"deploymentId":"prod","lastDesiredStatus":{"code":200},"modules":{"temp":{"runtimeStatus":"failed","status":"running","exitCode":3,"restartCount":2,"settings":{}}}}`,
+		"rejecting": `{"deploymentId":"prod","lastDesiredStatus":{"code":400,"description":"bad"},"modules":{}}`,
+		"silent":    "",
+	}
+	for id, rep := range reports {
+		key := createDevice(t, c, id, map[string]any{"environment": "prod"})
+		if rep == "" {
+			continue
+		}
+		d, err := connectDevice(t, n.MQTTAddr(), id, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.c.Publish(ctx, &paho.Publish{Topic: fleet.ReportedTopic(id), QoS: 1, Payload: []byte(rep)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A prod device in the canary ring: targeted by prod, applied elsewhere.
+	createDevice(t, c, "canary-1", map[string]any{"environment": "prod", "ring": "canary"})
+
+	want := api.StatusCounts{Targeted: 6, Applied: 5, Healthy: 1, Soaking: 1, Unhealthy: 2, Unknown: 1}
+	var st api.DeploymentStatus
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var err error
+		st, err = c.DeploymentStatus(ctx, "prod", api.StatusQuery{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Counts == want || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if st.Counts != want {
+		t.Fatalf("counts %+v, want %+v", st.Counts, want)
+	}
+	if fmt.Sprint(st.Devices[api.CategoryUnhealthy]) != "[failing rejecting]" || fmt.Sprint(st.Devices[api.CategoryUnknown]) != "[silent]" {
+		t.Fatalf("devices by category %v", st.Devices)
+	}
+	// Azure's success count is the plain code 200: it includes the device
+	// whose module failed, which is why we report health separately.
+	if st.SystemMetrics["reportedSuccessfulCount"] != 3 || st.SystemMetrics["reportedFailedCount"] != 1 || st.SystemMetrics["appliedCount"] != 5 {
+		t.Fatalf("system metrics %v", st.SystemMetrics)
+	}
+	// A soak of one second makes the soaking device healthy... after a second.
+	time.Sleep(1100 * time.Millisecond)
+	st, err := c.DeploymentStatus(ctx, "prod", api.StatusQuery{Soak: time.Second, Category: api.CategoryHealthy, Limit: 1})
+	if err != nil || st.Counts.Healthy != 2 || len(st.Devices[api.CategoryHealthy]) != 1 || st.Next[api.CategoryHealthy] == "" {
+		t.Fatalf("paged healthy %+v %v", st, err)
+	}
+	if _, err := c.DeploymentStatus(ctx, "prod", api.StatusQuery{Category: "sleepy"}); err == nil {
+		t.Fatal("an unknown category was accepted")
+	}
+	if _, err := c.DeploymentStatus(ctx, "nope", api.StatusQuery{}); err == nil {
+		t.Fatal("status of a missing deployment")
+	}
+}
