@@ -84,8 +84,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	return s, nil
 }
 
-// Handle adds another route (the node adds /metrics, /ui/).
+// Handle adds another open route.
 func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+
+// HandleWithToken adds another route behind the admin token (the node adds
+// /metrics this way: deployment names are the operator's business).
+func (s *Server) HandleWithToken(pattern string, h http.Handler) {
+	s.mux.Handle(pattern, s.auth(h.ServeHTTP))
+}
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }

@@ -3,6 +3,7 @@ package evaluator
 import (
 	"math/bits"
 	"slices"
+	"sort"
 	"strings"
 	"sync"
 )
@@ -746,4 +747,16 @@ func (e *Engine) Stats() Stats {
 		Terms:       len(e.d.termIDs),
 		Paths:       len(e.d.pathIDs),
 	}
+}
+
+// DeploymentIDs lists the deployments the engine holds, sorted.
+func (e *Engine) DeploymentIDs() []string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	ids := make([]string, 0, len(e.depIDs))
+	for id := range e.depIDs {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
 }

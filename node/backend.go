@@ -25,7 +25,11 @@ func (b *backend) node() *Node { return (*Node)(b) }
 
 // apply proposes a command; leadership problems become api.ErrUnavailable.
 func (b *backend) apply(ctx context.Context, cmd raftstore.Command) (*raftstore.Result, error) {
+	start := time.Now()
 	res, err := b.store.Apply(ctx, cmd)
+	if err == nil {
+		b.metrics.observeApply(cmd.Type().String(), time.Since(start))
+	}
 	if err != nil && (errors.Is(err, raftstore.ErrNotLeader) || errors.Is(err, raftstore.ErrClosed)) {
 		return nil, b.unavailable(err)
 	}

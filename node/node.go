@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"appliance/api"
 	"appliance/broker"
 	"appliance/evaluator"
@@ -83,6 +85,7 @@ type Node struct {
 	token  string
 
 	broker   *broker.Broker
+	metrics  *metrics
 	versions versions
 	reports  *reportBatcher
 	bgCancel context.CancelFunc
@@ -131,6 +134,7 @@ func New(cfg Config) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine()}
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
+	n.metrics = newMetrics(n)
 	return n, nil
 }
 
@@ -202,6 +206,7 @@ func (n *Node) Start(ctx context.Context) error {
 		n.stopBackground()
 		return err
 	}
+	srv.HandleWithToken("GET /metrics", promhttp.HandlerFor(n.metrics.registry, promhttp.HandlerOpts{}))
 	ln, err := net.Listen("tcp", n.cfg.HTTPAddr)
 	if err != nil {
 		n.stopBackground()

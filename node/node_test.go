@@ -464,3 +464,32 @@ func TestAPI_ConsistentReadsDuringWrites(t *testing.T) {
 	wg.Wait()
 	t.Logf("%d consistent reads during writes", reads)
 }
+
+func TestMetrics(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	createDevice(t, c, "p1", map[string]any{"environment": "prod"})
+	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'"}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, _ := rawRequest(t, "GET", n.URL()+"/metrics", "", ""); code != http.StatusUnauthorized {
+		t.Fatalf("/metrics without the token: %d", code)
+	}
+	code, body, _ := rawRequest(t, "GET", n.URL()+"/metrics", n.Token(), "")
+	if code != 200 {
+		t.Fatalf("/metrics: %d %s", code, body)
+	}
+	for _, want := range []string{
+		`appliance_raft_state{state="Leader"} 1`,
+		`appliance_devices_connected 0`,
+		`appliance_deployment_devices{category="targeted",deployment="prod"} 1`,
+		`appliance_deployment_devices{category="applied",deployment="prod"} 1`,
+		`appliance_raft_apply_seconds_count{command="put-deployment"} 1`,
+		`appliance_reports_total{outcome="dropped"} 0`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+}

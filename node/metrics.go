@@ -1,0 +1,95 @@
+package node
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// metrics is the node's Prometheus registry: counters kept as things
+// happen, and a collector that reads the rest (broker, raft, deployments)
+// at scrape time, so nothing is computed between scrapes.
+type metrics struct {
+	registry     *prometheus.Registry
+	applySeconds *prometheus.HistogramVec
+}
+
+func newMetrics(n *Node) *metrics {
+	m := &metrics{
+		registry: prometheus.NewRegistry(),
+		applySeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "appliance_raft_apply_seconds",
+			Help:    "Time from proposing a command to its being committed and applied on this node (the leader).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}, []string{"command"}),
+	}
+	m.registry.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.applySeconds,
+		(*nodeCollector)(n),
+	)
+	return m
+}
+
+func (m *metrics) observeApply(command string, d time.Duration) {
+	m.applySeconds.WithLabelValues(command).Observe(d.Seconds())
+}
+
+// nodeCollector reads the node's state at scrape time.
+type nodeCollector Node
+
+var (
+	descConnected   = prometheus.NewDesc("appliance_devices_connected", "Devices holding an MQTT session with this node.", nil, nil)
+	descAuthFail    = prometheus.NewDesc("appliance_mqtt_auth_failures_total", "MQTT connections refused for bad credentials.", nil, nil)
+	descACLDenied   = prometheus.NewDesc("appliance_mqtt_acl_denials_total", "Subscriptions and publishes refused by the device ACL.", nil, nil)
+	descReports     = prometheus.NewDesc("appliance_reports_total", "Reported documents by outcome: accepted by the broker, dropped (malformed, too large, queue full), committed to raft.", []string{"outcome"}, nil)
+	descReportBatch = prometheus.NewDesc("appliance_report_batches_total", "Raft entries that carried reports.", nil, nil)
+	descDesired     = prometheus.NewDesc("appliance_desired_documents_sent_total", "Desired documents handed to devices' sessions.", nil, nil)
+	descPanics      = prometheus.NewDesc("appliance_mqtt_connection_panics_total", "Panics in one client's connection, each closing only that client.", nil, nil)
+	descRaftState   = prometheus.NewDesc("appliance_raft_state", "1 for this node's raft state.", []string{"state"}, nil)
+	descApplied     = prometheus.NewDesc("appliance_raft_applied_index", "Index of the last raft entry applied to the state machine.", nil, nil)
+	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by category (targeted, applied).", []string{"deployment", "category"}, nil)
+)
+
+func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRaftState, descApplied, descDeployments} {
+		ch <- d
+	}
+}
+
+func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
+	n := (*Node)(c)
+	if n.broker != nil {
+		st := n.broker.Stats()
+		ch <- prometheus.MustNewConstMetric(descConnected, prometheus.GaugeValue, float64(st.Connections))
+		ch <- prometheus.MustNewConstMetric(descAuthFail, prometheus.CounterValue, float64(st.AuthFailures))
+		ch <- prometheus.MustNewConstMetric(descACLDenied, prometheus.CounterValue, float64(st.ACLDenials))
+		ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(st.ReportsAccepted), "accepted")
+		ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(st.ReportsDropped), "dropped")
+		ch <- prometheus.MustNewConstMetric(descDesired, prometheus.CounterValue, float64(st.DesiredSent))
+		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(st.PanicsRecovered))
+	}
+	ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(n.reports.committed.Load()), "committed")
+	ch <- prometheus.MustNewConstMetric(descReportBatch, prometheus.CounterValue, float64(n.reports.batches.Load()))
+	if n.store != nil {
+		state := n.store.State()
+		for _, s := range []string{"Leader", "Follower", "Candidate", "Shutdown"} {
+			v := 0.0
+			if s == state {
+				v = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descRaftState, prometheus.GaugeValue, v, s)
+		}
+		ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(n.store.AppliedIndex()))
+	}
+	n.engineMu.RLock()
+	ids := n.engine.DeploymentIDs()
+	for _, id := range ids {
+		targeted, applied := n.engine.Counts(id)
+		ch <- prometheus.MustNewConstMetric(descDeployments, prometheus.GaugeValue, float64(targeted), id, "targeted")
+		ch <- prometheus.MustNewConstMetric(descDeployments, prometheus.GaugeValue, float64(applied), id, "applied")
+	}
+	n.engineMu.RUnlock()
+}
