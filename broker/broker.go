@@ -376,7 +376,9 @@ func (b *Broker) PublishDesired(deviceID string, doc []byte) error {
 	// packet; only the latest document is kept, as only the latest matters.
 	if tc.procMu.TryLock() {
 		defer tc.procMu.Unlock()
-		tc.pending.Store(nil) // older than doc
+		if d := tc.pending.Swap(nil); d != nil { // left by an earlier call: send it first
+			_ = b.sendDesired(cl, topic, *d)
+		}
 		return b.sendDesired(cl, topic, doc)
 	}
 	tc.pending.Store(&doc)
