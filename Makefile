@@ -34,6 +34,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 	$(GO) test -run '^$$' -bench BenchmarkNewDeployment -benchtime 20x -count 2 ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkDeviceUpdate -benchtime 20000x ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkMemoryPerDevice -benchtime 1x ./evaluator/
+	$(GO) test -run '^$$' -bench BenchmarkFanout -benchtime 3s -count 3 ./broker/
 
 fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzCompile -fuzztime $${FUZZTIME:-30s} ./evaluator/

@@ -19,7 +19,7 @@ import (
 // clients over loopback TCP, in this process), at QoS 1, and waits until all
 // N have received it. msgs/s counts deliveries. The clients share the two
 // cores with the broker, so this is a lower bound on the broker's rate.
-// Results and the command are in BENCHMARKS.md.
+// Results and the command are in docs/benchmarks.md.
 func BenchmarkFanout(b *testing.B) {
 	for _, n := range []int{100, 1000} {
 		b.Run(fmt.Sprintf("devices=%d", n), func(b *testing.B) { benchmarkFanout(b, n) })
