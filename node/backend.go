@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"appliance/api"
@@ -251,16 +252,37 @@ func validateDeployment(id string, req api.DeploymentRequest) error {
 	return fleet.ValidateContent(req.Content, req.Layered)
 }
 
+// validateMetrics compiles each custom metric query: a condition over a
+// device's document (deviceId, tags, properties.reported...). Azure's form
+// `SELECT deviceId FROM devices WHERE <condition>` is accepted by taking its
+// WHERE clause.
 func validateMetrics(q map[string]string) error {
 	for name, query := range q {
 		if name == "" {
 			return fleet.Invalid("metrics.queries", "a metric name must not be empty")
 		}
-		if query == "" {
+		if strings.TrimSpace(query) == "" {
 			return fleet.Invalid("metrics.queries."+name, "must not be empty")
+		}
+		if _, err := evaluator.CompileQuery(MetricCondition(query), "properties"); err != nil {
+			return conditionError("metrics.queries."+name, err)
 		}
 	}
 	return nil
+}
+
+// MetricCondition returns the condition of a custom metric query: the WHERE
+// clause of Azure's `SELECT deviceId FROM devices WHERE ...`, or the query
+// itself when it is a bare condition.
+func MetricCondition(query string) string {
+	q := strings.TrimSpace(query)
+	upper := strings.ToUpper(q)
+	if strings.HasPrefix(upper, "SELECT ") {
+		if i := strings.Index(upper, " WHERE "); i >= 0 {
+			return strings.TrimSpace(q[i+len(" WHERE "):])
+		}
+	}
+	return q
 }
 
 func (b *backend) PutDeployment(ctx context.Context, id string, req api.DeploymentRequest, opts api.WriteOptions) (api.DeploymentView, bool, error) {
@@ -331,10 +353,17 @@ func (b *backend) PatchDeployment(ctx context.Context, id string, p api.Deployme
 		TargetCondition: p.TargetCondition, Priority: p.Priority, Labels: p.Labels,
 	}
 	if p.Metrics != nil {
-		for name := range p.Metrics.Queries {
-			if name == "" {
+		// An empty query removes that metric.
+		keep := map[string]string{}
+		for name, query := range p.Metrics.Queries {
+			if query != "" {
+				keep[name] = query
+			} else if name == "" {
 				return api.DeploymentView{}, fleet.Invalid("metrics.queries", "a metric name must not be empty")
 			}
+		}
+		if err := validateMetrics(keep); err != nil {
+			return api.DeploymentView{}, err
 		}
 		cmd.MetricQueries = p.Metrics.Queries
 	}

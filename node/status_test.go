@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -119,5 +120,26 @@ func TestDeploymentStatus(t *testing.T) {
 	}
 	if _, err := c.DeploymentStatus(ctx, "nope", api.StatusQuery{}); err == nil {
 		t.Fatal("status of a missing deployment")
+	}
+}
+
+func TestMetricQueries(t *testing.T) {
+	for _, tc := range []struct {
+		query   string
+		wantErr string
+	}{
+		{"properties.reported.modules.tempSensor.runtimeStatus = 'running'", ""},
+		{"SELECT deviceId FROM devices WHERE properties.reported.lastDesiredStatus.code = 200", ""},
+		{"select deviceId from devices where tags.environment = 'prod'", ""},
+		{"properties.reported.x = ", "column"},
+		{"SELECT deviceId FROM devices WHERE properties.reported.x = \"a\"", "single quote"},
+	} {
+		err := validateMetrics(map[string]string{"m": tc.query})
+		if tc.wantErr == "" && err != nil {
+			t.Errorf("%q: %v", tc.query, err)
+		}
+		if tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr) || !strings.Contains(err.Error(), "metrics.queries.m")) {
+			t.Errorf("%q: err %v, want one naming metrics.queries.m and %q", tc.query, err, tc.wantErr)
+		}
 	}
 }
