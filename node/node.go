@@ -22,6 +22,7 @@ import (
 	"appliance/broker"
 	"appliance/evaluator"
 	"appliance/raftstore"
+	"appliance/ui"
 )
 
 // Config configures a controller node. Zero values mean defaults.
@@ -207,6 +208,9 @@ func (n *Node) Start(ctx context.Context) error {
 		return err
 	}
 	srv.HandleWithToken("GET /metrics", promhttp.HandlerFor(n.metrics.registry, promhttp.HandlerOpts{}))
+	// The dashboard's files hold no secrets; every API call it makes
+	// carries the token the operator logs in with.
+	srv.Handle(ui.Prefix, ui.Handler())
 	ln, err := net.Listen("tcp", n.cfg.HTTPAddr)
 	if err != nil {
 		n.stopBackground()

@@ -1,0 +1,153 @@
+package cli
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"maps"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"appliance/sim"
+)
+
+// simEnv is the prefix of the simulator's environment fallbacks, one per
+// flag: APPLIANCE_SIM_SERVER, _DEVICES, _ENROLL_TOKEN, _PREFIX,
+// _FAIL_SHARE, _CONNECT_RATE, _DURATION, _CA_FILE.
+const simEnv = "APPLIANCE_SIM_"
+
+func (a *app) simCommand() *cobra.Command {
+	var (
+		servers, enrollToken, prefix, caFile string
+		logFormat, logLevel                  string
+		tags                                 []string
+		devices                              int
+		failShare, connectRate               float64
+		duration, progressInterval           time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "sim",
+		Short: "Simulate a fleet: N devices in one process, each with its own MQTT session",
+		Long: `Run N simulated devices against a controller, for demos and load tests. Each
+device enrolls with the enrollment token (ids PREFIX-0001, PREFIX-0002, ...),
+receives its desired document, "runs" its modules with a fake runtime and
+reports them like the agent. --fail-share makes that fraction of the devices
+(chosen by index, so runs repeat) report their modules failed, code 500.
+
+Tags come from the enrollment, never from a device: create the enrollment with
+them (appliance enrollment create NAME --tag k=v) and pass its token here.
+
+Progress goes to stderr; a summary is printed at the end (-o json for JSON).
+Runs until interrupted or --duration elapses.`,
+		Example: `  appliance enrollment create sim-line --tag environment=prod
+  appliance sim --server mqtt://127.0.0.1:1883 --devices 5000 --enroll-token TOKEN --fail-share 0.1`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(tags) > 0 {
+				return fmt.Errorf("flag --tag: a device cannot choose its tags (it could put itself in any deployment's audience); put them on the enrollment: appliance enrollment create NAME --tag %s, and pass its token with --enroll-token", tags[0])
+			}
+			f := cmd.Flags()
+			for _, name := range []string{"server", "devices", "enroll-token", "prefix", "fail-share", "connect-rate", "duration", "ca-file"} {
+				env := simEnv + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
+				if v := a.getenv(env); v != "" && !f.Changed(name) {
+					if err := f.Set(name, v); err != nil {
+						return fmt.Errorf("%s=%q: %w", env, v, err)
+					}
+				}
+			}
+			if servers == "" {
+				return fmt.Errorf("flag --server is required (mqtt://HOST:1883[,mqtt://HOST2:1883...]; env %sSERVER)", simEnv)
+			}
+			if devices <= 0 {
+				return fmt.Errorf("flag --devices is required: how many devices to simulate (env %sDEVICES)", simEnv)
+			}
+			if enrollToken == "" {
+				return fmt.Errorf("flag --enroll-token is required: an enrollment's token, from appliance enrollment create (env %sENROLL_TOKEN)", simEnv)
+			}
+			logger, err := newLogger(a.stderr, logFormat, logLevel)
+			if err != nil {
+				return err
+			}
+			var tlsCfg *tls.Config
+			if caFile != "" {
+				pem, err := os.ReadFile(caFile)
+				if err != nil {
+					return fmt.Errorf("flag --ca-file: %w", err)
+				}
+				pool := x509.NewCertPool()
+				if !pool.AppendCertsFromPEM(pem) {
+					return fmt.Errorf("flag --ca-file: no PEM certificate in %s", caFile)
+				}
+				tlsCfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+			}
+			s, err := sim.New(sim.Config{
+				Servers:          strings.Split(servers, ","),
+				Devices:          devices,
+				EnrollToken:      enrollToken,
+				Prefix:           prefix,
+				FailShare:        failShare,
+				ConnectRate:      connectRate,
+				Duration:         duration,
+				TLS:              tlsCfg,
+				Progress:         a.stderr,
+				ProgressInterval: progressInterval,
+				Logger:           logger,
+			})
+			if err != nil {
+				return err
+			}
+			ids := s.DeviceIDs()
+			enrollment, _, _ := strings.Cut(enrollToken, ".")
+			fmt.Fprintf(a.stderr, "appliance %s: simulating %d devices %s..%s through enrollment %q at %s\n",
+				a.version, devices, ids[0], ids[len(ids)-1], enrollment, servers)
+			runErr := s.Run(cmd.Context())
+			st := s.Stats()
+			if a.output == "json" {
+				if err := a.printJSON(st); err != nil {
+					return err
+				}
+			} else {
+				a.simSummary(st)
+			}
+			return runErr
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&servers, "server", "", "controllers' MQTT URLs, comma-separated: mqtt://HOST:1883 or mqtts://HOST:8883 (env APPLIANCE_SIM_SERVER)")
+	f.IntVar(&devices, "devices", 0, "how many devices to simulate (env APPLIANCE_SIM_DEVICES)")
+	f.StringVar(&enrollToken, "enroll-token", "", "an enrollment's token; every device enrolls with it (env APPLIANCE_SIM_ENROLL_TOKEN)")
+	f.StringVar(&prefix, "prefix", "", "device id prefix: PREFIX-0001, ... (env APPLIANCE_SIM_PREFIX; default sim-<random>, so runs never collide)")
+	f.Float64Var(&failShare, "fail-share", 0, "fraction of devices (0-1) whose modules fail (env APPLIANCE_SIM_FAIL_SHARE)")
+	f.Float64Var(&connectRate, "connect-rate", sim.DefaultConnectRate, "new connections per second, reconnections included (env APPLIANCE_SIM_CONNECT_RATE)")
+	f.DurationVar(&duration, "duration", 0, "stop after this long, e.g. 10m (env APPLIANCE_SIM_DURATION; default: until interrupted)")
+	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_SIM_CA_FILE)")
+	f.DurationVar(&progressInterval, "progress-interval", sim.DefaultProgressInterval, "how often to print progress when something changed")
+	f.StringArrayVar(&tags, "tag", nil, "not accepted: tags come from the enrollment (appliance enrollment create NAME --tag k=v)")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	f.StringVar(&logLevel, "log-level", "warn", "log level: debug, info, warn or error")
+	return cmd
+}
+
+func (a *app) simSummary(st sim.Stats) {
+	rows := [][]string{
+		{"devices", fmt.Sprintf("%d (%s-...)", st.Devices, st.Prefix)},
+		{"ran for", (time.Duration(st.ElapsedSeconds * float64(time.Second))).Round(100 * time.Millisecond).String()},
+		{"connected", fmt.Sprintf("%d at most, %d connections, %d failed attempts (%d refused), %d dropped", st.PeakConnected, st.Connects, st.ConnectFailures, st.Refusals, st.Disconnects)},
+		{"enrolled", fmt.Sprint(st.Enrolled)},
+		{"desired received", fmt.Sprint(st.DesiredReceived)},
+		{"reports", fmt.Sprintf("%d sent, %d acknowledged", st.ReportsSent, st.ReportsAcked)},
+		{"failing devices", fmt.Sprint(st.FailingDevices)},
+	}
+	for _, id := range slices.Sorted(maps.Keys(st.Deployments)) {
+		c := st.Deployments[id]
+		rows = append(rows, []string{sim.DeploymentName(id), fmt.Sprintf("%d reporting, %d ok, %d failed", c.Reporting, c.OK, c.Failed)})
+	}
+	if st.LastError != "" {
+		rows = append(rows, []string{"last error", st.LastError})
+	}
+	a.keyValues(rows)
+}
