@@ -4,11 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"appliance/api"
+	"appliance/fleet"
 )
 
 func (a *app) deviceCommand() *cobra.Command {
@@ -112,7 +114,7 @@ func (a *app) deviceShow() *cobra.Command {
 	var consistent bool
 	cmd := &cobra.Command{
 		Use:   "show ID",
-		Short: "Show a device, its tags and the deployments that target it",
+		Short: "Show a device: tags, connection, the deployments that target it and why one applies, its last report",
 		Args:  exactArgs(1, "ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
@@ -126,21 +128,81 @@ func (a *app) deviceShow() *cobra.Command {
 			if a.output == "json" {
 				return a.printJSON(d)
 			}
+			conn := d.ConnectionState
+			if d.LastActivityTime != nil {
+				conn += " (last activity " + d.LastActivityTime.Format("2006-01-02T15:04:05Z") + ")"
+			}
 			a.keyValues([][]string{
 				{"deviceId", d.ID},
 				{"status", d.Status},
 				{"tags", compactJSON(d.Tags)},
+				{"connection", conn},
 				{"applied", appliedOf(d.Configurations)},
-				{"targeted by", targetedOf(d.Configurations)},
+				{"desired version", strconv.FormatUint(d.DesiredVersion, 10)},
 				{"created", d.CreatedTimeUTC.Format("2006-01-02T15:04:05Z")},
 				{"updated", d.LastUpdatedTimeUTC.Format("2006-01-02T15:04:05Z")},
 				{"etag", d.Etag},
 			})
+			// Why one applies: the deployments that target the device, in
+			// precedence order (priority, then the newest).
+			var deps []api.DeploymentView
+			for id := range d.Configurations {
+				dep, err := c.Deployment(cmd.Context(), id, consistent)
+				if err == nil {
+					deps = append(deps, dep)
+				}
+			}
+			sort.Slice(deps, func(i, j int) bool {
+				if deps[i].Priority != deps[j].Priority {
+					return deps[i].Priority > deps[j].Priority
+				}
+				if !deps[i].CreatedTimeUTC.Equal(deps[j].CreatedTimeUTC) {
+					return deps[i].CreatedTimeUTC.After(deps[j].CreatedTimeUTC)
+				}
+				return deps[i].ID < deps[j].ID
+			})
+			fmt.Fprintln(a.stdout)
+			rows := [][]string{{"DEPLOYMENT", "STATUS", "PRIORITY", "CREATED"}}
+			for _, dep := range deps {
+				rows = append(rows, []string{dep.ID, d.Configurations[dep.ID].Status, strconv.FormatInt(dep.Priority, 10), dep.CreatedTimeUTC.Format("2006-01-02T15:04:05.000Z")})
+			}
+			a.table(rows)
+			fmt.Fprintln(a.stdout)
+			if d.Reported == nil {
+				fmt.Fprintln(a.stdout, "no report yet")
+				return nil
+			}
+			var rep fleet.ReportedDocument
+			if err := json.Unmarshal(d.Reported.Document, &rep); err != nil {
+				fmt.Fprintf(a.stdout, "last report (%s): %s\n", d.Reported.ReceivedTimeUTC.Format("2006-01-02T15:04:05Z"), d.Reported.Document)
+				return nil
+			}
+			fmt.Fprintf(a.stdout, "last report %s: deployment %s, version %d, code %d %s\n",
+				d.Reported.ReceivedTimeUTC.Format("2006-01-02T15:04:05Z"), orDash(rep.DeploymentID), rep.LastDesiredVersion,
+				rep.LastDesiredStatus.Code, rep.LastDesiredStatus.Description)
+			names := make([]string, 0, len(rep.Modules))
+			for n := range rep.Modules {
+				names = append(names, n)
+			}
+			sort.Strings(names)
+			mods := [][]string{{"MODULE", "RUNTIME STATUS", "EXIT CODE", "RESTARTS", "DESCRIPTION"}}
+			for _, n := range names {
+				m := rep.Modules[n]
+				mods = append(mods, []string{n, m.RuntimeStatus, strconv.Itoa(m.ExitCode), strconv.Itoa(m.RestartCount), m.StatusDescription})
+			}
+			a.table(mods)
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&consistent, "consistent", false, "read through the leader (never stale)")
 	return cmd
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func appliedOf(cfg map[string]api.ConfigurationStatus) string {

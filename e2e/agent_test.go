@@ -232,6 +232,16 @@ func TestAgent_EndToEnd(t *testing.T) {
 			doc.Modules["alpha"].RuntimeStatus == fleet.RuntimeStopped
 	})
 
+	// device show tells an operator which deployment applies and why, and
+	// which module failed with which exit code.
+	show := cli(t, dir, "device", "show", "press-01").mustSucceed(t).stdout
+	for _, want := range []string{"Connected", "v2 ", "Applied", "v1 ", "Targeted", "delta", "failed", " 4 "} {
+		if !strings.Contains(show, want) {
+			t.Fatalf("device show lacks %q:\n%s", want, show)
+		}
+	}
+	t.Logf("device show:\n%s", show)
+
 	// 3. The controller dies: modules keep running.
 	keepPid, ok := alivePid(out, "keep")
 	if !ok {
