@@ -217,6 +217,10 @@ type DeploymentStatus struct {
 	SystemMetrics map[string]int `json:"systemMetrics"`
 	// Counts are the operator's categories.
 	Counts StatusCounts `json:"counts"`
+	// Metrics counts, per custom metric query of the deployment, the
+	// applied devices whose document (deviceId, tags,
+	// properties.reported) matches it.
+	Metrics map[string]int `json:"metrics"`
 	// Devices holds one page of device ids per category; Next the ?after=
 	// value of the following page, for categories that have one.
 	Devices map[string][]string `json:"devices"`

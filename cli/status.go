@@ -2,6 +2,7 @@ package cli
 
 import (
 	"fmt"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -90,6 +91,18 @@ func (a *app) printStatus(st api.DeploymentStatus) {
 	fmt.Fprintf(a.stdout, "\nAzure metrics: targetedCount=%d appliedCount=%d reportedSuccessfulCount=%d reportedFailedCount=%d (soak %gs)\n",
 		st.SystemMetrics["targetedCount"], st.SystemMetrics["appliedCount"],
 		st.SystemMetrics["reportedSuccessfulCount"], st.SystemMetrics["reportedFailedCount"], st.SoakSeconds)
+	if len(st.Metrics) > 0 {
+		names := make([]string, 0, len(st.Metrics))
+		for n := range st.Metrics {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		parts := make([]string, len(names))
+		for i, n := range names {
+			parts[i] = fmt.Sprintf("%s=%d", n, st.Metrics[n])
+		}
+		fmt.Fprintf(a.stdout, "Custom metrics: %s\n", strings.Join(parts, " "))
+	}
 	fmt.Fprintln(a.stdout, progressLine(st, 30))
 }
 

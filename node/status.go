@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"appliance/api"
+	"appliance/evaluator"
 	"appliance/fleet"
 	"appliance/raftstore"
 )
@@ -51,6 +52,18 @@ func classify(rep *fleet.ReportedDocument, deployment string, now time.Time, soa
 	return category
 }
 
+// compileMetrics compiles a deployment's custom metric queries; they were
+// checked when written, so one that no longer compiles is left out.
+func compileMetrics(queries map[string]string) map[string]*evaluator.Condition {
+	out := map[string]*evaluator.Condition{}
+	for name, q := range queries {
+		if c, err := evaluator.CompileQuery(MetricCondition(q), "properties"); err == nil {
+			out[name] = c
+		}
+	}
+	return out
+}
+
 // DeploymentStatus derives a deployment's status on this node from the
 // evaluator's assignments and the replicated reports.
 func (b *backend) DeploymentStatus(ctx context.Context, id string, q api.StatusQuery) (api.DeploymentStatus, error) {
@@ -65,8 +78,14 @@ func (b *backend) DeploymentStatus(ctx context.Context, id string, q api.StatusQ
 	st := api.DeploymentStatus{ID: id, SoakSeconds: soak.Seconds(), Devices: map[string][]string{}, Next: map[string]string{}}
 	nowT := time.Now().UTC()
 	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) error {
-		if _, err := r.Deployment(id); err != nil {
+		dep, err := r.Deployment(id)
+		if err != nil {
 			return err
+		}
+		metrics := compileMetrics(dep.Metrics.Queries)
+		st.Metrics = map[string]int{}
+		for name := range metrics {
+			st.Metrics[name] = 0
 		}
 		b.engineMu.RLock()
 		targeted := b.engine.TargetedDevices(id)
@@ -76,10 +95,27 @@ func (b *backend) DeploymentStatus(ctx context.Context, id string, q api.StatusQ
 		succeeded, failed := 0, 0
 		for _, dev := range applied {
 			var rep *fleet.ReportedDocument
+			var raw map[string]any
 			if stored, err := r.Report(dev); err == nil {
 				var doc fleet.ReportedDocument
 				if json.Unmarshal(stored.Document, &doc) == nil {
 					rep = &doc
+				}
+				if len(metrics) > 0 {
+					_ = json.Unmarshal(stored.Document, &raw)
+				}
+			}
+			if len(metrics) > 0 {
+				var tags map[string]any
+				if d, err := r.Device(dev); err == nil {
+					tags = d.Tags
+				}
+				doc := evaluator.DeviceDocument(dev, tags)
+				doc["properties"] = map[string]any{"reported": raw}
+				for name, cond := range metrics {
+					if cond.EvalDocument(doc) {
+						st.Metrics[name]++
+					}
 				}
 			}
 			if rep != nil && rep.DeploymentID == id {

@@ -53,7 +53,11 @@ func TestDeploymentStatus(t *testing.T) {
 	n := startNode(t, t.TempDir())
 	c := clientFor(n)
 	ctx := context.Background()
-	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 1}, api.WriteOptions{}); err != nil {
+	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 1,
+		Metrics: fleet.Metrics{Queries: map[string]string{
+			"tempRunning": "properties.reported.modules.temp.runtimeStatus = 'running'",
+			"applied":     "SELECT deviceId FROM devices WHERE properties.reported.lastDesiredStatus.code = 200",
+		}}}, api.WriteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.PutDeployment(ctx, "canary", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.ring='canary'", Priority: 5}, api.WriteOptions{}); err != nil {
@@ -106,6 +110,9 @@ func TestDeploymentStatus(t *testing.T) {
 	}
 	// Azure's success count is the plain code 200: it includes the device
 	// whose module failed, which is why we report health separately.
+	if st.Metrics["tempRunning"] != 2 || st.Metrics["applied"] != 3 {
+		t.Fatalf("custom metrics %v", st.Metrics)
+	}
 	if st.SystemMetrics["reportedSuccessfulCount"] != 3 || st.SystemMetrics["reportedFailedCount"] != 1 || st.SystemMetrics["appliedCount"] != 5 {
 		t.Fatalf("system metrics %v", st.SystemMetrics)
 	}
