@@ -114,6 +114,26 @@ func alivePid(out, name string) (int, bool) {
 	return pid, true
 }
 
+// startedPids lists the pids of every start a module recorded.
+func startedPids(out, name string) []int {
+	b, _ := os.ReadFile(filepath.Join(out, name+".starts"))
+	var pids []int
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			if pid, err := strconv.Atoi(f[0]); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	return pids
+}
+
+// processAlive tells whether pid runs (a zombie does not count).
+func processAlive(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return err == nil && !bytes.Contains(stat, []byte(") Z "))
+}
+
 func starts(out, name string) int {
 	b, _ := os.ReadFile(filepath.Join(out, name+".starts"))
 	return strings.Count(string(b), "\n")
