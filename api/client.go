@@ -283,3 +283,21 @@ func (c *Client) DeploymentStatus(ctx context.Context, id string, q StatusQuery)
 	_, err := c.do(ctx, http.MethodGet, "/api/v1/deployments/"+esc(id)+"/status", v, WriteOptions{}, nil, &st)
 	return st, err
 }
+
+// DeploymentHistory reads a deployment's events, newest first.
+func (c *Client) DeploymentHistory(ctx context.Context, id string, limit int) (HistoryPage, error) {
+	return c.history(ctx, "/api/v1/deployments/"+esc(id)+"/history", limit)
+}
+
+// DeviceHistory reads a device's assignment changes, newest first.
+func (c *Client) DeviceHistory(ctx context.Context, id string, limit int) (HistoryPage, error) {
+	return c.history(ctx, "/api/v1/devices/"+esc(id)+"/history", limit)
+}
+
+func (c *Client) history(ctx context.Context, path string, limit int) (HistoryPage, error) {
+	v := url.Values{}
+	pageQuery(v, "", limit)
+	var p HistoryPage
+	_, err := c.do(ctx, http.MethodGet, path, v, WriteOptions{}, nil, &p)
+	return p, err
+}

@@ -36,6 +36,9 @@ type Backend interface {
 	Deployment(ctx context.Context, id string, consistent bool) (DeploymentView, error)
 	Deployments(ctx context.Context, q DeploymentQuery) (DeploymentPage, error)
 	DeploymentStatus(ctx context.Context, id string, q StatusQuery) (DeploymentStatus, error)
+	// History returns a deployment's (deployment true) or a device's
+	// events, newest first.
+	History(ctx context.Context, deployment bool, id string, limit int) (HistoryPage, error)
 
 	RegenerateDeviceKey(ctx context.Context, id, which string) (fleet.Device, error)
 
@@ -118,6 +121,8 @@ func (s *Server) routes() {
 	s.mux.Handle("GET /api/v1/deployments/{id}", s.auth(s.getDeployment))
 	s.mux.Handle("GET /api/v1/deployments", s.auth(s.listDeployments))
 	s.mux.Handle("GET /api/v1/deployments/{id}/status", s.auth(s.deploymentStatus))
+	s.mux.Handle("GET /api/v1/deployments/{id}/history", s.auth(s.history(true)))
+	s.mux.Handle("GET /api/v1/devices/{id}/history", s.auth(s.history(false)))
 
 	// Anything else under /api/ is still behind the token: an unknown
 	// route must not tell an anonymous caller which routes exist.
@@ -480,6 +485,22 @@ func (s *Server) deploymentStatus(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, st)
+}
+
+func (s *Server) history(deployment bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		_, limit, err := pageParams(r)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		page, err := s.cfg.Backend.History(r.Context(), deployment, r.PathValue("id"), limit)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, page)
+	}
 }
 
 // fail maps an error to its status code and writes the JSON error body.

@@ -236,3 +236,26 @@ type StatusCounts struct {
 	Soaking   int `json:"soaking"`
 	Unknown   int `json:"unknown"`
 }
+
+// HistoryEvent is one entry of a deployment's or a device's history.
+type HistoryEvent struct {
+	Time  time.Time `json:"time"`
+	Index uint64    `json:"index"` // the raft entry that caused it
+	// Actor is who asked: "admin" for the operator API, "enrollment:<name>"
+	// for a device that enrolled; empty for derived events.
+	Actor string `json:"actor,omitempty"`
+	// Kind: created, updated, deleted (deployments); assigned (devices).
+	Kind string `json:"kind"`
+	// What changed, in words an operator reads.
+	What string `json:"what"`
+	// Deployment is, for a device's assignment, the deployment it now
+	// applies ("" for none) and From the one before.
+	Deployment string `json:"deployment,omitempty"`
+	From       string `json:"from,omitempty"`
+}
+
+// HistoryPage is the body of GET /deployments/{id}/history and
+// /devices/{id}/history: newest first.
+type HistoryPage struct {
+	Items []HistoryEvent `json:"items"`
+}

@@ -16,7 +16,8 @@ import (
 
 func (a *app) deploymentCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "deployment", Short: "Manage automatic deployments"}
-	cmd.AddCommand(a.deploymentCreate(), a.deploymentShow(), a.deploymentList(), a.deploymentUpdate(), a.deploymentDelete(), a.deploymentStatus())
+	cmd.AddCommand(a.deploymentCreate(), a.deploymentShow(), a.deploymentList(), a.deploymentUpdate(), a.deploymentDelete(), a.deploymentStatus(),
+		a.historyCommand("deployment", (*api.Client).DeploymentHistory))
 	return cmd
 }
 

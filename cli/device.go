@@ -15,7 +15,8 @@ import (
 
 func (a *app) deviceCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "device", Short: "Manage devices (identities and tags)"}
-	cmd.AddCommand(a.deviceCreate(), a.deviceShow(), a.deviceList(), a.deviceUpdate(), a.deviceDelete(), a.deviceKeys())
+	cmd.AddCommand(a.deviceCreate(), a.deviceShow(), a.deviceList(), a.deviceUpdate(), a.deviceDelete(), a.deviceKeys(),
+		a.historyCommand("device", (*api.Client).DeviceHistory))
 	return cmd
 }
 

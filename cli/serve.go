@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -14,6 +15,8 @@ func (a *app) serveCommand() *cobra.Command {
 	var (
 		nodeID, httpAddr, raftAddr, raftAdvertise, mqttAddr string
 		mqttCert, mqttKey, logFormat, logLevel              string
+		historyRetention                                    time.Duration
+		historyPerKey                                       int
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -26,16 +29,18 @@ func (a *app) serveCommand() *cobra.Command {
 			}
 			dataDir := a.resolvedDataDir()
 			n, err := node.New(node.Config{
-				DataDir:       dataDir,
-				NodeID:        envDefault(nodeID, a.getenv("APPLIANCE_NODE_ID")),
-				HTTPAddr:      envDefault(httpAddr, a.getenv("APPLIANCE_HTTP_ADDR")),
-				RaftAddr:      envDefault(raftAddr, a.getenv("APPLIANCE_RAFT_ADDR")),
-				RaftAdvertise: envDefault(raftAdvertise, a.getenv("APPLIANCE_RAFT_ADVERTISE")),
-				MQTTAddr:      envDefault(mqttAddr, a.getenv("APPLIANCE_MQTT_ADDR")),
-				MQTTTLSCert:   envDefault(mqttCert, a.getenv("APPLIANCE_MQTT_TLS_CERT")),
-				MQTTTLSKey:    envDefault(mqttKey, a.getenv("APPLIANCE_MQTT_TLS_KEY")),
-				Version:       a.version,
-				Logger:        logger,
+				DataDir:          dataDir,
+				NodeID:           envDefault(nodeID, a.getenv("APPLIANCE_NODE_ID")),
+				HTTPAddr:         envDefault(httpAddr, a.getenv("APPLIANCE_HTTP_ADDR")),
+				RaftAddr:         envDefault(raftAddr, a.getenv("APPLIANCE_RAFT_ADDR")),
+				RaftAdvertise:    envDefault(raftAdvertise, a.getenv("APPLIANCE_RAFT_ADVERTISE")),
+				MQTTAddr:         envDefault(mqttAddr, a.getenv("APPLIANCE_MQTT_ADDR")),
+				MQTTTLSCert:      envDefault(mqttCert, a.getenv("APPLIANCE_MQTT_TLS_CERT")),
+				MQTTTLSKey:       envDefault(mqttKey, a.getenv("APPLIANCE_MQTT_TLS_KEY")),
+				HistoryRetention: historyRetention,
+				HistoryPerKey:    historyPerKey,
+				Version:          a.version,
+				Logger:           logger,
 			})
 			if err != nil {
 				return err
@@ -58,6 +63,8 @@ func (a *app) serveCommand() *cobra.Command {
 	f.StringVar(&mqttAddr, "mqtt-addr", "", "device MQTT listen address (env APPLIANCE_MQTT_ADDR; default "+node.DefaultMQTTAddr+")")
 	f.StringVar(&mqttCert, "mqtt-tls-cert", "", "PEM certificate: the broker speaks MQTT over TLS only (env APPLIANCE_MQTT_TLS_CERT)")
 	f.StringVar(&mqttKey, "mqtt-tls-key", "", "PEM key for --mqtt-tls-cert (env APPLIANCE_MQTT_TLS_KEY)")
+	f.DurationVar(&historyRetention, "history-retention", node.DefaultHistoryRetention, "drop history events older than this")
+	f.IntVar(&historyPerKey, "history-per-key", node.DefaultHistoryPerKey, "keep at most this many history events per deployment or device")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd

@@ -147,6 +147,20 @@ func TestSeedScenarios(t *testing.T) {
 		return s.Counts.Targeted == 18 && s.Counts.Healthy == 18
 	})
 
+	// The history says who changed the rollout when, and how a canary moved.
+	eventually(t, "web-v2's history: created, then two condition changes", 10*time.Second, func() bool {
+		r := cli(t, dir, "deployment", "history", "web-v2")
+		return r.code == 0 && strings.Count(r.stdout, "updated") == 2 && strings.Count(r.stdout, "created") == 1 && strings.Contains(r.stdout, "admin")
+	})
+	eventually(t, "prod-0001's history: web-a, web-c, then web-v2", 10*time.Second, func() bool {
+		r := cli(t, dir, "device", "history", "prod-0001", "-o", "json")
+		var evs []struct{ Deployment string }
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &evs) != nil || len(evs) < 3 {
+			return false
+		}
+		return evs[0].Deployment == "web-v2" && evs[len(evs)-1].Deployment == "web-a"
+	})
+
 	// 4. Rollback: an empty fallback deployment at a lower priority; the bad
 	// deployment's condition stops matching; the devices move to the
 	// fallback and the agents remove the modules.

@@ -296,6 +296,7 @@ func (b *backend) PutDeployment(ctx context.Context, id string, req api.Deployme
 	res, err := b.apply(ctx, raftstore.PutDeployment{
 		Precondition: precondition(opts),
 		Time:         now(),
+		Actor:        operatorActor,
 		Deployment: fleet.Deployment{
 			ID: id, Labels: req.Labels, Content: compact, TargetCondition: req.TargetCondition,
 			Priority: req.Priority, Metrics: req.Metrics, Layered: req.Layered,
@@ -349,7 +350,7 @@ func (b *backend) PatchDeployment(ctx context.Context, id string, p api.Deployme
 		return api.DeploymentView{}, err
 	}
 	cmd := raftstore.PatchDeployment{
-		Precondition: precondition(opts), ID: id, Time: now(),
+		Precondition: precondition(opts), ID: id, Time: now(), Actor: operatorActor,
 		TargetCondition: p.TargetCondition, Priority: p.Priority, Labels: p.Labels,
 	}
 	if p.Metrics != nil {
@@ -375,7 +376,7 @@ func (b *backend) PatchDeployment(ctx context.Context, id string, p api.Deployme
 }
 
 func (b *backend) DeleteDeployment(ctx context.Context, id string, opts api.WriteOptions) error {
-	_, err := b.apply(ctx, raftstore.DeleteDeployment{Precondition: precondition(opts), ID: id})
+	_, err := b.apply(ctx, raftstore.DeleteDeployment{Precondition: precondition(opts), ID: id, Time: now(), Actor: operatorActor})
 	return err
 }
 
@@ -434,6 +435,36 @@ func (b *backend) Deployments(ctx context.Context, q api.DeploymentQuery) (api.D
 		page.Items = append(page.Items, b.deploymentView(d))
 	}
 	return page, nil
+}
+
+// operatorActor names who wrote through the operator API: there is one
+// admin token today.
+const operatorActor = "admin"
+
+// History returns a deployment's or a device's events, newest first.
+func (b *backend) History(ctx context.Context, deployment bool, id string, limit int) (api.HistoryPage, error) {
+	if limit <= 0 {
+		limit = api.DefaultPageSize
+	}
+	items, err := b.history.events(deployment, id, limit)
+	if err != nil {
+		return api.HistoryPage{}, fmt.Errorf("read history of %s: %w", id, err)
+	}
+	if len(items) == 0 {
+		// Say "not found" only for what never existed here.
+		err := b.store.View(func(r *raftstore.Reader) error {
+			if deployment {
+				_, err := r.Deployment(id)
+				return err
+			}
+			_, err := r.Device(id)
+			return err
+		})
+		if err != nil {
+			return api.HistoryPage{}, err
+		}
+	}
+	return api.HistoryPage{Items: items}, nil
 }
 
 func (b *backend) Health() api.Health {

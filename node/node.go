@@ -48,6 +48,11 @@ type Config struct {
 	// ReportFlushInterval is how often reported documents are committed to
 	// raft as one batch (default 100 ms).
 	ReportFlushInterval time.Duration
+	// HistoryRetention drops history events older than this (default 30
+	// days); HistoryPerKey keeps at most this many events per deployment
+	// or device (default 1000).
+	HistoryRetention time.Duration
+	HistoryPerKey    int
 	// Version is reported by /healthz.
 	Version string
 	// Logger defaults to slog.Default().
@@ -87,10 +92,11 @@ type Node struct {
 
 	broker   *broker.Broker
 	metrics  *metrics
+	history  *history
 	versions versions
 	reports  *reportBatcher
 	bgCancel context.CancelFunc
-	bgDone   chan struct{}
+	bgDone   sync.WaitGroup
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -165,12 +171,19 @@ func (n *Node) Start(ctx context.Context) error {
 		}
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
+	hist, err := openHistory(filepath.Join(n.cfg.DataDir, "history.db"), n.cfg.HistoryRetention, n.cfg.HistoryPerKey, n.logger.With("component", "history"))
+	if err != nil {
+		return err
+	}
+	n.history = hist
+
 	b, err := broker.New(broker.Config{
 		Addr: n.cfg.MQTTAddr, TLSConfig: tlsConf,
 		Auth: (*devices)(n), Desired: (*devices)(n), Reports: n.reports,
 		Logger: n.cfg.Logger,
 	})
 	if err != nil {
+		n.history.close()
 		return err
 	}
 	n.broker = b
@@ -187,19 +200,26 @@ func (n *Node) Start(ctx context.Context) error {
 		ElectionTimeout:  n.cfg.RaftElectionTimeout,
 	})
 	if err != nil {
+		n.history.close()
 		return err
 	}
 	n.store = store
 
 	if err := n.broker.Start(context.WithoutCancel(ctx)); err != nil {
 		n.store.Close()
+		n.history.close()
 		return fmt.Errorf("start the device broker on %s (flag --mqtt-addr): %w", n.cfg.MQTTAddr, err)
 	}
 	bgCtx, cancel := context.WithCancel(context.Background())
-	n.bgCancel, n.bgDone = cancel, make(chan struct{})
+	n.bgCancel = cancel
+	n.bgDone.Add(2)
 	go func() {
-		defer close(n.bgDone)
+		defer n.bgDone.Done()
 		n.reports.run(bgCtx)
+	}()
+	go func() {
+		defer n.bgDone.Done()
+		n.history.run(bgCtx)
 	}()
 
 	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: token, Logger: n.cfg.Logger.With("component", "api")})
@@ -287,11 +307,18 @@ func (n *Node) stopBackground() error {
 	}
 	if n.bgCancel != nil {
 		n.bgCancel()
-		<-n.bgDone
+		n.bgDone.Wait()
 	}
 	if n.store != nil {
 		if err := n.store.Close(); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	if n.history != nil {
+		// Events of entries applied while raft shut down, then close.
+		n.history.flush()
+		if err := n.history.close(); err != nil {
+			errs = append(errs, fmt.Errorf("close history: %w", err))
 		}
 	}
 	return errors.Join(errs...)

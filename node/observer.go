@@ -1,6 +1,11 @@
 package node
 
 import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"appliance/api"
 	"appliance/evaluator"
 	"appliance/fleet"
 	"appliance/raftstore"
@@ -18,9 +23,20 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	n := (*Node)(o)
 	var moved []evaluator.Change
 	var drop []string
+	var events []queuedEvent
 	n.engineMu.Lock()
 	for _, c := range changes {
 		var out []evaluator.Change
+		at := c.Time
+		if at.IsZero() && c.Device != nil {
+			at = c.Device.LastUpdatedTimeUTC
+		}
+		if at.IsZero() {
+			at = time.Now().UTC()
+		}
+		if ev, ok := deploymentEvent(c, at); ok {
+			events = append(events, queuedEvent{deployment: true, key: c.ID, ev: ev})
+		}
 		switch c.Kind {
 		case raftstore.DevicePut:
 			out = n.engine.PutDevice(c.ID, c.Device.Tags)
@@ -45,10 +61,15 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		}
 		for _, m := range out {
 			n.versions.set(m.DeviceID, c.Index)
+			events = append(events, queuedEvent{key: m.DeviceID, ev: api.HistoryEvent{
+				Time: at, Index: c.Index, Kind: "assigned", Deployment: m.To, From: m.From,
+				What: fmt.Sprintf("applied deployment %s → %s (%s)", orNone(m.From), orNone(m.To), changeCause(c)),
+			}})
 		}
 		moved = append(moved, out...)
 	}
 	n.engineMu.Unlock()
+	n.history.add(events...)
 	if n.broker != nil {
 		for _, id := range drop {
 			n.broker.Disconnect(id)
@@ -85,6 +106,48 @@ func (o *observer) Restored(r *raftstore.Reader) {
 	}
 	n.engineMu.Unlock()
 	n.push(resend)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}
+
+// changeCause says in words which change moved a device.
+func changeCause(c raftstore.Change) string {
+	switch c.Kind {
+	case raftstore.DevicePut:
+		return "the device's tags changed"
+	case raftstore.DeviceDeleted:
+		return "the device was deleted"
+	case raftstore.DeploymentPut:
+		return "deployment " + c.ID + " was written"
+	case raftstore.DeploymentDeleted:
+		return "deployment " + c.ID + " was deleted"
+	}
+	return "a change"
+}
+
+// deploymentEvent describes a change of a deployment for its history.
+func deploymentEvent(c raftstore.Change, at time.Time) (api.HistoryEvent, bool) {
+	ev := api.HistoryEvent{Time: at, Index: c.Index, Actor: c.Actor}
+	switch c.Kind {
+	case raftstore.DeploymentPut:
+		d := c.Deployment
+		ev.Kind = "updated"
+		if c.Created {
+			ev.Kind = "created"
+		}
+		labels, _ := json.Marshal(d.Labels)
+		ev.What = fmt.Sprintf("targetCondition %q, priority %d, labels %s", d.TargetCondition, d.Priority, labels)
+	case raftstore.DeploymentDeleted:
+		ev.Kind, ev.What = "deleted", "deleted"
+	default:
+		return ev, false
+	}
+	return ev, true
 }
 
 func engineDeployment(d *fleet.Deployment) evaluator.Deployment {

@@ -150,3 +150,70 @@ func TestMetricQueries(t *testing.T) {
 		}
 	}
 }
+
+// TestHistory follows a deployment's changes and a device's assignment
+// changes, and the retention that bounds them.
+func TestHistory(t *testing.T) {
+	dir := t.TempDir()
+	n := startNode(t, dir)
+	c := clientFor(n)
+	ctx := context.Background()
+	createDevice(t, c, "d1", map[string]any{"environment": "test"})
+	put := func(id, cond string, prio int64) {
+		t.Helper()
+		if _, err := c.PutDeployment(ctx, id, api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: cond, Priority: prio}, api.WriteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("base", "*", 1)
+	put("prod", "tags.environment='prod'", 5)
+	if _, err := c.PatchDevice(ctx, "d1", api.DevicePatch{Tags: map[string]any{"environment": "prod"}}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cond := "tags.environment='none'"
+	if _, err := c.PatchDeployment(ctx, "prod", api.DeploymentPatch{TargetCondition: &cond}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var dev, dep api.HistoryPage
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		dev, _ = c.DeviceHistory(ctx, "d1", 0)
+		dep, _ = c.DeploymentHistory(ctx, "prod", 0)
+		if len(dev.Items) >= 3 && len(dep.Items) >= 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Newest first: prod → base (condition changed), base → prod (tags
+	// changed), none → base (base created).
+	var moves []string
+	for _, e := range dev.Items {
+		moves = append(moves, e.From+">"+e.Deployment)
+	}
+	if fmt.Sprint(moves) != "[prod>base base>prod >base]" {
+		t.Fatalf("device history %v\n%+v", moves, dev.Items)
+	}
+	if len(dep.Items) != 2 || dep.Items[0].Kind != "updated" || dep.Items[1].Kind != "created" || dep.Items[0].Actor != "admin" ||
+		!strings.Contains(dep.Items[0].What, "tags.environment='none'") {
+		t.Fatalf("deployment history %+v", dep.Items)
+	}
+	if _, err := c.DeviceHistory(ctx, "nobody", 0); err == nil {
+		t.Fatal("history of an unknown device")
+	}
+
+	// Retention: at most HistoryPerKey events per subject.
+	h, err := openHistory(t.TempDir()+"/h.db", time.Hour, 3, n.logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.close()
+	for i := range 10 {
+		h.add(queuedEvent{key: "x", ev: api.HistoryEvent{Time: time.Now(), Index: uint64(i + 1), Kind: "assigned"}})
+	}
+	h.add(queuedEvent{key: "x", ev: api.HistoryEvent{Time: time.Now().Add(-2 * time.Hour), Index: 0, Kind: "assigned"}})
+	h.flush()
+	evs, _ := h.events(false, "x", 100)
+	if len(evs) != 3 || evs[0].Index != 10 || evs[2].Index != 8 {
+		t.Fatalf("after retention: %+v", evs)
+	}
+}

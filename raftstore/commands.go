@@ -100,6 +100,8 @@ type PutDeployment struct {
 	Precondition
 	Deployment fleet.Deployment `json:"deployment"`
 	Time       time.Time        `json:"time"`
+	// Actor is who asked, for the deployment's history.
+	Actor string `json:"actor,omitempty"`
 }
 
 // PatchDeployment changes the mutable parts of a deployment. Nil fields are
@@ -113,12 +115,15 @@ type PatchDeployment struct {
 	ReplaceLabels   bool              `json:"replaceLabels,omitempty"`
 	MetricQueries   map[string]string `json:"metricQueries,omitempty"`
 	Time            time.Time         `json:"time"`
+	Actor           string            `json:"actor,omitempty"`
 }
 
 // DeleteDeployment removes a deployment.
 type DeleteDeployment struct {
 	Precondition
-	ID string `json:"id"`
+	ID    string    `json:"id"`
+	Time  time.Time `json:"time,omitempty"`
+	Actor string    `json:"actor,omitempty"`
 }
 
 // PutReports stores the latest reported document of many devices at once:

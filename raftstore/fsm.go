@@ -43,9 +43,14 @@ const (
 // Change is one effect of an applied command, published to the Observer in
 // log order after the batch that holds it is committed to bbolt.
 type Change struct {
-	Index      uint64
-	Kind       ChangeKind
-	ID         string
+	Index uint64
+	Kind  ChangeKind
+	ID    string
+	// Time and Actor of the command, for history (deployments only).
+	Time  time.Time
+	Actor string
+	// Created tells a DeploymentPut that made a new deployment.
+	Created    bool
 	Device     *fleet.Device     // the new state, for DevicePut
 	Deployment *fleet.Deployment // the new state, for DeploymentPut
 }
@@ -532,7 +537,7 @@ func (w *writer) putDeployment(index uint64, c *PutDeployment) *Result {
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
 	putJSON(b, id, d)
-	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: id, Deployment: &d})
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: id, Deployment: &d, Time: c.Time, Actor: c.Actor, Created: old == nil})
 	return &Result{Index: index, Created: old == nil, Deployment: &d}
 }
 
@@ -587,7 +592,7 @@ func (w *writer) patchDeployment(index uint64, c *PatchDeployment) *Result {
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
 	putJSON(b, d.ID, d)
-	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: d.ID, Deployment: d})
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: d.ID, Deployment: d, Time: c.Time, Actor: c.Actor})
 	return &Result{Index: index, Deployment: d}
 }
 
@@ -603,7 +608,7 @@ func (w *writer) deleteDeployment(index uint64, c *DeleteDeployment) *Result {
 	if err := b.Delete([]byte(c.ID)); err != nil {
 		panic(err)
 	}
-	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentDeleted, ID: c.ID})
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentDeleted, ID: c.ID, Time: c.Time, Actor: c.Actor})
 	return &Result{Index: index, Deployment: d}
 }
 
