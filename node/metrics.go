@@ -1,10 +1,13 @@
 package node
 
 import (
+	"context"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"appliance/api"
 )
 
 // metrics is the node's Prometheus registry: counters kept as things
@@ -50,7 +53,7 @@ var (
 	descPanics      = prometheus.NewDesc("appliance_mqtt_connection_panics_total", "Panics in one client's connection, each closing only that client.", nil, nil)
 	descRaftState   = prometheus.NewDesc("appliance_raft_state", "1 for this node's raft state.", []string{"state"}, nil)
 	descApplied     = prometheus.NewDesc("appliance_raft_applied_index", "Index of the last raft entry applied to the state machine.", nil, nil)
-	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by category (targeted, applied).", []string{"deployment", "category"}, nil)
+	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by status category (targeted, applied, healthy, unhealthy, soaking, unknown; soak 30 s).", []string{"deployment", "category"}, nil)
 )
 
 func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -86,10 +89,20 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	n.engineMu.RLock()
 	ids := n.engine.DeploymentIDs()
-	for _, id := range ids {
-		targeted, applied := n.engine.Counts(id)
-		ch <- prometheus.MustNewConstMetric(descDeployments, prometheus.GaugeValue, float64(targeted), id, "targeted")
-		ch <- prometheus.MustNewConstMetric(descDeployments, prometheus.GaugeValue, float64(applied), id, "applied")
-	}
 	n.engineMu.RUnlock()
+	for _, id := range ids {
+		// The same derivation as GET /deployments/{id}/status, one page
+		// of ids only: the counts are what a scrape needs.
+		st, err := (*backend)(n).DeploymentStatus(context.Background(), id, api.StatusQuery{Limit: 1})
+		if err != nil {
+			continue
+		}
+		for cat, v := range map[string]int{
+			api.CategoryTargeted: st.Counts.Targeted, api.CategoryApplied: st.Counts.Applied,
+			api.CategoryHealthy: st.Counts.Healthy, api.CategoryUnhealthy: st.Counts.Unhealthy,
+			api.CategorySoaking: st.Counts.Soaking, api.CategoryUnknown: st.Counts.Unknown,
+		} {
+			ch <- prometheus.MustNewConstMetric(descDeployments, prometheus.GaugeValue, float64(v), id, cat)
+		}
+	}
 }

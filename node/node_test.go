@@ -485,6 +485,8 @@ func TestMetrics(t *testing.T) {
 		`appliance_devices_connected 0`,
 		`appliance_deployment_devices{category="targeted",deployment="prod"} 1`,
 		`appliance_deployment_devices{category="applied",deployment="prod"} 1`,
+		`appliance_deployment_devices{category="unknown",deployment="prod"} 1`,
+		`appliance_deployment_devices{category="healthy",deployment="prod"} 0`,
 		`appliance_raft_apply_seconds_count{command="put-deployment"} 1`,
 		`appliance_reports_total{outcome="dropped"} 0`,
 	} {
