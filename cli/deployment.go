@@ -120,8 +120,8 @@ func (a *app) deploymentCreate() *cobra.Command {
 					return a.printJSON(r)
 				}
 				a.keyValues([][]string{
-					{"would target", strconv.Itoa(r.TargetedCount) + " devices"},
-					{"would apply to", strconv.Itoa(r.WouldApplyCount) + " devices"},
+					{"would target", devices(r.TargetedCount)},
+					{"would apply to", devices(r.WouldApplyCount)},
 				})
 				return nil
 			}
@@ -367,4 +367,11 @@ func (a *app) deploymentDelete() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&etag, "etag", "", "only delete if the deployment's etag is still this")
 	return cmd
+}
+
+func devices(n int) string {
+	if n == 1 {
+		return "1 device"
+	}
+	return strconv.Itoa(n) + " devices"
 }
