@@ -36,6 +36,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 	$(GO) test -run '^$$' -bench BenchmarkMemoryPerDevice -benchtime 1x ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkFanout -benchtime 3s -count 3 ./broker/
 	APPLIANCE_SIM_CONVERGE_DEVICES=5000 $(GO) test -count=1 -v -run 'TestSim_Converge$$' ./sim/
+	LOADTEST_DEVICES=19000 LOADTEST_LATENCY_SAMPLES=1000 $(GO) test -count=3 -tags loadtest -run 'TestLoad$$' -v -timeout 60m ./loadtest/
 
 fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzCompile -fuzztime $${FUZZTIME:-30s} ./evaluator/
