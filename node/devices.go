@@ -128,14 +128,28 @@ func (n *Node) push(changes []evaluator.Change) {
 	if n.broker == nil {
 		return
 	}
+	// Every device moved by one entry gets the same document (same
+	// deployment, same version): build each distinct one once, not once
+	// per device.
+	type docKey struct {
+		deployment string
+		version    uint64
+	}
+	built := map[docKey][]byte{}
 	for _, c := range changes {
 		if _, ok := n.broker.Connection(c.DeviceID); !ok {
 			continue
 		}
-		doc, err := n.desiredDocument(c.DeviceID, c.To, n.versions.of(c.DeviceID))
-		if err != nil {
-			n.logger.Warn("cannot build desired document", "device", c.DeviceID, "err", err)
-			continue
+		key := docKey{c.To, n.versions.of(c.DeviceID)}
+		doc, ok := built[key]
+		if !ok {
+			var err error
+			doc, err = n.desiredDocument(c.DeviceID, key.deployment, key.version)
+			if err != nil {
+				n.logger.Warn("cannot build desired document", "device", c.DeviceID, "err", err)
+				continue
+			}
+			built[key] = doc
 		}
 		if err := n.broker.PublishDesired(c.DeviceID, doc); err != nil && !errors.Is(err, broker.ErrNotConnected) {
 			n.logger.Warn("desired document not sent", "device", c.DeviceID, "err", err)
