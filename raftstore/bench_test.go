@@ -58,3 +58,35 @@ func benchWrite(b *testing.B, s *Store, i int64) {
 		b.Fatal(err)
 	}
 }
+
+// BenchmarkFailover stops the leader of a three-node cluster and measures
+// the time until the survivors have elected a new one, with our timeouts
+// and with hashicorp/raft's defaults.
+func BenchmarkFailover(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		edit func(*Config)
+	}{
+		{"tuned", func(c *Config) { c.HeartbeatTimeout, c.ElectionTimeout = 0, 0 }},
+		{"hashicorp-defaults", func(c *Config) { *c = c.HashicorpDefaults() }},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			var total time.Duration
+			for i := 0; i < b.N; i++ {
+				b.StopTimer()
+				stores := newTestCluster(b, 3, tc.edit)
+				b.StartTimer()
+				start := time.Now()
+				stores[0].Close()
+				leaderOf(b, stores[1:])
+				total += time.Since(start)
+				b.StopTimer()
+				for _, s := range stores {
+					s.Close()
+				}
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms/failover")
+		})
+	}
+}

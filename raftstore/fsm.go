@@ -1,6 +1,7 @@
 package raftstore
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -94,6 +95,8 @@ type fsm struct {
 	appliedMu   sync.Mutex
 	appliedCond *sync.Cond
 	applied     uint64
+	// closed: the store shut down, applied will not move again.
+	closed bool
 }
 
 var _ raft.BatchingFSM = (*fsm)(nil)
@@ -161,6 +164,76 @@ func (f *fsm) setApplied(idx uint64) {
 	f.applied = idx
 	f.appliedMu.Unlock()
 	f.appliedCond.Broadcast()
+}
+
+// waitApplied blocks until applied reaches index, ctx ends, or the store
+// closes.
+func (f *fsm) waitApplied(ctx context.Context, index uint64) error {
+	f.appliedMu.Lock()
+	defer f.appliedMu.Unlock()
+	if f.applied >= index {
+		return nil
+	}
+	// A sync.Cond cannot select on ctx, so ctx's end broadcasts. Taking the
+	// lock first orders that broadcast after a waiter's ctx check, so the
+	// wake-up cannot fall between the check and Wait. stop (deferred, runs
+	// first) unregisters it: no goroutine outlives the call.
+	stop := context.AfterFunc(ctx, func() {
+		f.appliedMu.Lock()
+		f.appliedMu.Unlock()
+		f.appliedCond.Broadcast()
+	})
+	defer stop()
+	for f.applied < index {
+		if f.closed {
+			return fmt.Errorf("wait for index %d to apply: %w", index, ErrClosed)
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("wait for index %d to apply (applied %d): %w", index, f.applied, err)
+		}
+		f.appliedCond.Wait()
+	}
+	return nil
+}
+
+// stopWaiters releases waitApplied callers for good: the store is closing.
+func (f *fsm) stopWaiters() {
+	f.appliedMu.Lock()
+	f.closed = true
+	f.appliedMu.Unlock()
+	f.appliedCond.Broadcast()
+}
+
+// backup writes a consistent copy of the state file, from one read
+// transaction, and returns the applied index it holds.
+func (f *fsm) backup(ctx context.Context, w io.Writer) (uint64, error) {
+	f.mu.RLock()
+	tx, err := f.db.Begin(false)
+	// As in Snapshot, the open transaction keeps the file mapped: a
+	// concurrent Restore waits for it in db.Close.
+	f.mu.RUnlock()
+	if err != nil {
+		return 0, fmt.Errorf("backup %s: begin read tx: %w", f.path, err)
+	}
+	defer tx.Rollback()
+	idx := (&Reader{tx: tx}).AppliedIndex()
+	if _, err := tx.WriteTo(ctxWriter{ctx: ctx, w: w}); err != nil {
+		return 0, fmt.Errorf("backup %s: %w", f.path, err)
+	}
+	return idx, nil
+}
+
+// ctxWriter stops a long copy when its context ends.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (c ctxWriter) Write(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.w.Write(p)
 }
 
 // Apply applies a single entry; raft uses ApplyBatch, this is for completeness.

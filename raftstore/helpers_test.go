@@ -1,0 +1,167 @@
+package raftstore
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// testConfig is a node on loopback with fast timeouts.
+func testConfig(t testing.TB, dir, id string) Config {
+	return Config{
+		Dir: dir, NodeID: id, BindAddr: "127.0.0.1:0", Logger: testLogger(t),
+		HeartbeatTimeout: 100 * time.Millisecond, ElectionTimeout: 100 * time.Millisecond,
+	}
+}
+
+func openConfig(t testing.TB, cfg Config) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// newTestCluster opens n stores in this process; n1 bootstraps, leads, and
+// adds the others as voters. edit, when set, adjusts each node's Config.
+func newTestCluster(t testing.TB, n int, edit func(cfg *Config)) []*Store {
+	t.Helper()
+	stores := make([]*Store, n)
+	for i := range stores {
+		cfg := testConfig(t, t.TempDir(), fmt.Sprintf("n%d", i+1))
+		cfg.Bootstrap = i == 0
+		if edit != nil {
+			edit(&cfg)
+		}
+		stores[i] = openConfig(t, cfg)
+	}
+	ctx := testContext(t)
+	if err := stores[0].WaitLeader(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range stores[1:] {
+		if err := stores[0].AddVoter(ctx, s.NodeID(), s.RaftAddr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range stores[1:] {
+		waitFor(t, s.NodeID()+" knows the leader", func() bool { _, id := s.Leader(); return id == "n1" })
+	}
+	return stores
+}
+
+func testContext(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// leaderOf returns the store that leads, waiting for one.
+func leaderOf(t testing.TB, stores []*Store) *Store {
+	t.Helper()
+	var leader *Store
+	waitFor(t, "a leader is elected", func() bool {
+		for _, s := range stores {
+			if s.IsLeader() {
+				leader = s
+				return true
+			}
+		}
+		return false
+	})
+	return leader
+}
+
+// peerSet fakes the network hop of the cluster package for
+// Config.Forward: the entry goes straight to the named leader's
+// ApplyEncoded in this process, and the answer crosses
+// MarshalResult/UnmarshalResult or ErrorCode/ErrorFromCode as it would on
+// the wire. fail, when set, can replace a call's outcome.
+type peerSet struct {
+	mu    sync.Mutex
+	byID  map[string]*Store
+	calls atomic.Int64
+	// fail is called first with the call number (from 1); a non-nil
+	// error, or apply=false, decides the call.
+	fail func(call int64, leader *Store, entry []byte) (apply bool, err error)
+}
+
+func newPeerSet() *peerSet { return &peerSet{byID: map[string]*Store{}} }
+
+func (p *peerSet) add(stores ...*Store) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, s := range stores {
+		p.byID[s.NodeID()] = s
+	}
+}
+
+func (p *peerSet) forward(ctx context.Context, addr, id string, entry []byte) (*Result, error) {
+	n := p.calls.Add(1)
+	p.mu.Lock()
+	s := p.byID[id]
+	p.mu.Unlock()
+	if s == nil {
+		return nil, fmt.Errorf("dial %s: unknown peer %s: %w", addr, id, ErrNotLeader)
+	}
+	if p.fail != nil {
+		if apply, err := p.fail(n, s, entry); !apply || err != nil {
+			return nil, err
+		}
+	}
+	return wireRoundTrip(s.ApplyEncoded(ctx, entry))
+}
+
+// wireRoundTrip sends an ApplyEncoded answer through the wire encodings.
+func wireRoundTrip(res *Result, err error) (*Result, error) {
+	if res == nil {
+		return nil, ErrorFromCode(ErrorCode(err), err.Error())
+	}
+	b, err := MarshalResult(res)
+	if err != nil {
+		return nil, err
+	}
+	out, err := UnmarshalResult(b)
+	if err != nil {
+		return nil, err
+	}
+	return out, out.Err
+}
+
+// tcpStream is the simplest StreamLayer: plain TCP, counting dials.
+type tcpStream struct {
+	net.Listener
+	dials *atomic.Int64
+}
+
+func newTCPStream(t testing.TB, addr string) tcpStream {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tcpStream{Listener: ln, dials: new(atomic.Int64)}
+}
+
+func (s tcpStream) Dial(address string, timeout time.Duration) (net.Conn, error) {
+	s.dials.Add(1)
+	return net.DialTimeout("tcp", address, timeout)
+}

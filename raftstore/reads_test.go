@@ -1,0 +1,122 @@
+package raftstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"appliance/fleet"
+)
+
+// TestStore_ReadIndex_FollowerSeesAcknowledgedWrite: right after the
+// leader acknowledges a write, a follower that waits for the leader's read
+// index sees it: the linearizable read path of the cluster package.
+func TestStore_ReadIndex_FollowerSeesAcknowledgedWrite(t *testing.T) {
+	stores := newTestCluster(t, 3, nil)
+	leader := stores[0]
+	ctx := testContext(t)
+	for i := range 20 {
+		id := fmt.Sprintf("rw-%02d", i)
+		putDevice(t, leader, id, nil)
+		follower := stores[1+i%2]
+		idx, err := leader.ReadIndex(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := follower.WaitApplied(ctx, idx); err != nil {
+			t.Fatal(err)
+		}
+		if err := follower.View(func(r *Reader) error { _, err := r.Device(id); return err }); err != nil {
+			t.Fatalf("%s after WaitApplied(%d): %v", follower.NodeID(), idx, err)
+		}
+	}
+	if _, err := stores[1].ReadIndex(ctx); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("ReadIndex on a follower: %v", err)
+	}
+	// The leader's consistent read still works, and the commit index is at
+	// least what was applied.
+	if err := leader.VerifyLeader(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if leader.CommitIndex() < leader.AppliedIndex() {
+		t.Fatalf("commit %d < applied %d", leader.CommitIndex(), leader.AppliedIndex())
+	}
+}
+
+// TestStore_ReadIndex_NewLeader: the first read on a newly elected leader
+// must cover the writes its predecessor acknowledged.
+func TestStore_ReadIndex_NewLeader(t *testing.T) {
+	stores := newTestCluster(t, 3, nil)
+	for i := range 10 {
+		putDevice(t, stores[0], fmt.Sprintf("old-%d", i), nil)
+	}
+	last := stores[0].AppliedIndex()
+	stores[0].Close()
+	leader := leaderOf(t, stores[1:])
+	idx, err := leader.ReadIndex(testContext(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if idx < last {
+		t.Fatalf("read index %d on the new leader is below the last acknowledged write %d", idx, last)
+	}
+	for _, s := range stores[1:] {
+		if err := s.WaitApplied(testContext(t), idx); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(deviceIDs(t, s)); n != 10 {
+			t.Fatalf("%s has %d devices", s.NodeID(), n)
+		}
+	}
+}
+
+// TestStore_WaitApplied returns at once for an applied index, honours its
+// context, and ends with ErrClosed when the store closes.
+func TestStore_WaitApplied(t *testing.T) {
+	s := openTestStore(t, t.TempDir(), "n1", true, nil)
+	defer s.Close()
+	res := putDevice(t, s, "d", nil)
+	if err := s.WaitApplied(context.Background(), res.Index); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if err := s.WaitApplied(ctx, res.Index+1000); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("took %s to notice the deadline", d)
+	}
+
+	// A waiter is woken by the write it waits for.
+	done := make(chan error, 1)
+	go func() { done <- s.WaitApplied(context.Background(), res.Index+1) }()
+	putDevice(t, s, "e", nil)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("waiter not woken by the next write")
+	}
+
+	go func() { done <- s.WaitApplied(context.Background(), res.Index+1000) }()
+	time.Sleep(20 * time.Millisecond)
+	s.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("err = %v, want ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("waiter not released by Close")
+	}
+	if _, err := s.Apply(context.Background(), PutDevice{Device: fleet.Device{ID: "late"}}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Apply after Close: %v", err)
+	}
+}
