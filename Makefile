@@ -10,7 +10,7 @@ ARGS     ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build run test unit e2e bench lint fuzz clean
+.PHONY: help build run cluster test unit e2e bench lint fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ build: ## build bin/appliance (static, version stamped)
 
 run: build ## build and start a single-node controller (data in ~/.local/share/appliance)
 	./$(BIN) serve $(ARGS)
+
+cluster: build ## three local nodes and simulated devices, to watch failover (data in ./.cluster)
+	./scripts/cluster.sh
 
 test: lint unit e2e ## every test: unit, cluster and end-to-end with real processes
 
@@ -45,6 +48,7 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzPackets -fuzztime $${FUZZTIME:-30s} ./broker/
 	$(GO) test -run '^$$' -fuzz FuzzDesiredDocument -fuzztime $${FUZZTIME:-30s} ./agent/
 	$(GO) test -run '^$$' -fuzz FuzzReadPacket -fuzztime $${FUZZTIME:-30s} ./sim/
+	$(GO) test -run '^$$' -fuzz FuzzParseJoinToken -fuzztime $${FUZZTIME:-30s} ./pki/
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -52,5 +56,5 @@ lint: ## gofmt and go vet
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./e2e/...
 
-clean: ## remove build output
-	rm -rf bin
+clean: ## remove build output and the `make cluster` data
+	rm -rf bin .cluster

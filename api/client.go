@@ -107,11 +107,7 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 		return "", fmt.Errorf("read response of %s %s: %w", method, path, err)
 	}
 	if resp.StatusCode >= 400 {
-		var eb ErrorBody
-		if json.Unmarshal(data, &eb) != nil || eb.Error.Message == "" {
-			eb.Error = ErrorDetail{Code: "http_" + strconv.Itoa(resp.StatusCode), Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
-		}
-		return "", &Error{StatusCode: resp.StatusCode, ErrorDetail: eb.Error}
+		return "", errorFrom(resp, data, method, path)
 	}
 	if out != nil && len(data) > 0 {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -119,6 +115,15 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 		}
 	}
 	return unquoteEtag(resp.Header.Get("ETag")), nil
+}
+
+// errorFrom decodes an error response's JSON body.
+func errorFrom(resp *http.Response, data []byte, method, path string) error {
+	var eb ErrorBody
+	if json.Unmarshal(data, &eb) != nil || eb.Error.Message == "" {
+		eb.Error = ErrorDetail{Code: "http_" + strconv.Itoa(resp.StatusCode), Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
+	}
+	return &Error{StatusCode: resp.StatusCode, ErrorDetail: eb.Error}
 }
 
 func esc(id string) string { return url.PathEscape(id) }
@@ -300,4 +305,43 @@ func (c *Client) history(ctx context.Context, path string, limit int) (HistoryPa
 	var p HistoryPage
 	_, err := c.do(ctx, http.MethodGet, path, v, WriteOptions{}, nil, &p)
 	return p, err
+}
+
+// Cluster lists the cluster's members as the node sees them.
+func (c *Client) Cluster(ctx context.Context) (ClusterView, error) {
+	var v ClusterView
+	_, err := c.do(ctx, http.MethodGet, "/api/v1/cluster", nil, WriteOptions{}, nil, &v)
+	return v, err
+}
+
+// RemoveClusterMember takes a node out of the cluster.
+func (c *Client) RemoveClusterMember(ctx context.Context, id string) error {
+	_, err := c.do(ctx, http.MethodDelete, "/api/v1/cluster/members/"+esc(id), nil, WriteOptions{}, nil, nil)
+	return err
+}
+
+// Backup streams a backup archive into w and returns the bytes written.
+// The archive's integrity is checked by package backup, not here.
+func (c *Client) Backup(ctx context.Context, w io.Writer) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(c.BaseURL, "/")+"/api/v1/backup", nil)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.Token)
+	hc := *c.http()
+	hc.Timeout = 0 // a large state takes longer than one API call; ctx bounds it
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("backup from %s: %w", c.BaseURL, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		return 0, errorFrom(resp, data, http.MethodGet, "/api/v1/backup")
+	}
+	n, err := io.Copy(w, resp.Body)
+	if err != nil {
+		return n, fmt.Errorf("backup from %s: %w", c.BaseURL, err)
+	}
+	return n, nil
 }

@@ -47,6 +47,16 @@ type Backend interface {
 	Enrollment(ctx context.Context, name string) (fleet.Enrollment, error)
 	Enrollments(ctx context.Context) ([]fleet.Enrollment, error)
 
+	// Cluster lists the raft members as this node sees them;
+	// RemoveClusterMember takes a node out of the cluster (through the
+	// leader).
+	Cluster(ctx context.Context) (ClusterView, error)
+	RemoveClusterMember(ctx context.Context, id string) error
+	// Backup makes a consistent online backup of the replicated state and
+	// the cluster's credentials (see package backup) and opens it for
+	// reading; closing it removes it.
+	Backup(ctx context.Context) (archive io.ReadCloser, size int64, err error)
+
 	Health() Health
 	Ready(ctx context.Context) error
 }
@@ -124,6 +134,10 @@ func (s *Server) routes() {
 	s.mux.Handle("GET /api/v1/deployments/{id}/history", s.auth(s.history(true)))
 	s.mux.Handle("GET /api/v1/devices/{id}/history", s.auth(s.history(false)))
 
+	s.mux.Handle("GET /api/v1/cluster", s.auth(s.getCluster))
+	s.mux.Handle("DELETE /api/v1/cluster/members/{id}", s.auth(s.removeClusterMember))
+	s.mux.Handle("GET /api/v1/backup", s.auth(s.backup))
+
 	// Anything else under /api/ is still behind the token: an unknown
 	// route must not tell an anonymous caller which routes exist.
 	s.mux.Handle("/api/", s.auth(func(w http.ResponseWriter, r *http.Request) {
@@ -142,6 +156,41 @@ func (s *Server) auth(next http.HandlerFunc) http.Handler {
 		}
 		next(w, r)
 	})
+}
+
+func (s *Server) getCluster(w http.ResponseWriter, r *http.Request) {
+	v, err := s.cfg.Backend.Cluster(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (s *Server) removeClusterMember(w http.ResponseWriter, r *http.Request) {
+	if err := s.cfg.Backend.RemoveClusterMember(r.Context(), r.PathValue("id")); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// backup sends the archive, made in full before the first byte goes out
+// so that a failure is a proper error response.
+func (s *Server) backup(w http.ResponseWriter, r *http.Request) {
+	rc, size, err := s.cfg.Backend.Backup(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	defer rc.Close()
+	w.Header().Set("Content-Type", "application/x-tar")
+	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	w.Header().Set("Content-Disposition", `attachment; filename="appliance-backup.tar"`)
+	w.WriteHeader(http.StatusOK)
+	if _, err := io.Copy(w, rc); err != nil {
+		s.cfg.Logger.Warn("backup transfer cut short", "err", err)
+	}
 }
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {

@@ -259,3 +259,23 @@ type HistoryEvent struct {
 type HistoryPage struct {
 	Items []HistoryEvent `json:"items"`
 }
+
+// ClusterMember is one raft member.
+type ClusterMember struct {
+	ID      string `json:"id"`
+	Address string `json:"address"`
+	Voter   bool   `json:"voter"`
+	Leader  bool   `json:"leader"`
+}
+
+// ClusterView is the cluster as one node sees it.
+type ClusterView struct {
+	// Self is the id of the node that answered; State its raft state.
+	Self  string `json:"self"`
+	State string `json:"state"`
+	// Leader is the leader's id, empty when none is known.
+	Leader       string          `json:"leader"`
+	Members      []ClusterMember `json:"members"`
+	AppliedIndex uint64          `json:"appliedIndex"`
+	CommitIndex  uint64          `json:"commitIndex"`
+}

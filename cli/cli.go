@@ -78,7 +78,8 @@ func (a *app) rootCommand() *cobra.Command {
 	pf.StringVarP(&a.output, "output", "o", "table", "output format: table or json")
 	pf.StringVar(&a.dataDir, "data-dir", "", "node data directory (env "+EnvDataDir+"; default "+DefaultDataDir(os.Getenv)+")")
 
-	root.AddCommand(a.versionCommand(), a.serveCommand(), a.agentCommand(), a.deviceCommand(), a.deploymentCommand(), a.enrollmentCommand(), a.simCommand())
+	root.AddCommand(a.versionCommand(), a.serveCommand(), a.agentCommand(), a.deviceCommand(), a.deploymentCommand(), a.enrollmentCommand(), a.simCommand(),
+		a.clusterCommand(), a.backupCommand(), a.restoreCommand())
 	return root
 }
 

@@ -15,8 +15,11 @@ func (a *app) serveCommand() *cobra.Command {
 	var (
 		nodeID, httpAddr, raftAddr, raftAdvertise, mqttAddr string
 		mqttCert, mqttKey, logFormat, logLevel              string
+		join, joinToken                                     string
+		tlsSANs                                             []string
 		historyRetention                                    time.Duration
 		historyPerKey                                       int
+		heartbeat, election, lease                          time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -41,6 +44,13 @@ func (a *app) serveCommand() *cobra.Command {
 				HistoryPerKey:    historyPerKey,
 				Version:          a.version,
 				Logger:           logger,
+				Join:             envDefault(join, a.getenv("APPLIANCE_JOIN")),
+				JoinToken:        envDefault(joinToken, a.getenv("APPLIANCE_JOIN_TOKEN")),
+				TLSHosts:         tlsSANs,
+
+				RaftHeartbeatTimeout:   heartbeat,
+				RaftElectionTimeout:    election,
+				RaftLeaderLeaseTimeout: lease,
 			})
 			if err != nil {
 				return err
@@ -48,8 +58,10 @@ func (a *app) serveCommand() *cobra.Command {
 			if err := n.Start(cmd.Context()); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stderr, "appliance %s: node serving the API at %s and devices at mqtt://%s\nadmin token: %s\n",
-				a.version, n.URL(), n.MQTTAddr(), filepath.Join(dataDir, node.TokenFile))
+			fmt.Fprintf(a.stderr, "appliance %s: node %s serving the API at %s and devices at mqtt://%s\nadmin token: %s\n",
+				a.version, n.ID(), n.URL(), n.MQTTAddr(), filepath.Join(dataDir, node.TokenFile))
+			fmt.Fprintf(a.stderr, "add a node to this cluster with: appliance serve --join https://%s --join-token \"$(cat %s)\"\n",
+				n.RaftAddr(), filepath.Join(dataDir, node.JoinTokenFile))
 			<-cmd.Context().Done()
 			fmt.Fprintln(a.stderr, "shutting down (press Ctrl-C again to exit at once)")
 			return n.Stop()
@@ -63,6 +75,12 @@ func (a *app) serveCommand() *cobra.Command {
 	f.StringVar(&mqttAddr, "mqtt-addr", "", "device MQTT listen address (env APPLIANCE_MQTT_ADDR; default "+node.DefaultMQTTAddr+")")
 	f.StringVar(&mqttCert, "mqtt-tls-cert", "", "PEM certificate: the broker speaks MQTT over TLS only (env APPLIANCE_MQTT_TLS_CERT)")
 	f.StringVar(&mqttKey, "mqtt-tls-key", "", "PEM key for --mqtt-tls-cert (env APPLIANCE_MQTT_TLS_KEY)")
+	f.StringVar(&join, "join", "", "join the cluster of this node's cluster port, https://HOST:RAFT-PORT (env APPLIANCE_JOIN)")
+	f.StringVar(&joinToken, "join-token", "", "the cluster's join token, from <data-dir>/join-token of a member (env APPLIANCE_JOIN_TOKEN)")
+	f.StringArrayVar(&tlsSANs, "tls-san", nil, "extra host name or IP this node's certificate is valid for (repeatable)")
+	f.DurationVar(&heartbeat, "raft-heartbeat-timeout", 0, "raft heartbeat timeout (default 300ms, tuned for a LAN)")
+	f.DurationVar(&election, "raft-election-timeout", 0, "raft election timeout (default 300ms)")
+	f.DurationVar(&lease, "raft-leader-lease-timeout", 0, "raft leader lease timeout (default 150ms)")
 	f.DurationVar(&historyRetention, "history-retention", node.DefaultHistoryRetention, "drop history events older than this")
 	f.IntVar(&historyPerKey, "history-per-key", node.DefaultHistoryPerKey, "keep at most this many history events per deployment or device")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")

@@ -184,8 +184,17 @@ func cli(t *testing.T, dataDir string, args ...string) result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	return cliContext(ctx, t, dataDir, args...)
+}
+
+// cliContext runs the binary until it exits or ctx ends.
+func cliContext(ctx context.Context, t *testing.T, dataDir string, args ...string) result {
+	t.Helper()
 	cmd := exec.CommandContext(ctx, binary, args...)
-	cmd.Env = append(os.Environ(), "APPLIANCE_DATA_DIR="+dataDir)
+	cmd.Env = os.Environ()
+	if dataDir != "" {
+		cmd.Env = append(cmd.Env, "APPLIANCE_DATA_DIR="+dataDir)
+	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

@@ -34,6 +34,10 @@ func (b *backend) apply(ctx context.Context, cmd raftstore.Command) (*raftstore.
 	if err != nil && (errors.Is(err, raftstore.ErrNotLeader) || errors.Is(err, raftstore.ErrClosed)) {
 		return nil, b.unavailable(err)
 	}
+	if err != nil && errors.Is(err, raftstore.ErrUnknownOutcome) {
+		return nil, fmt.Errorf("%w: the write may or may not have been applied (leadership changed or the leader could not be reached while it was in flight); read it back before retrying: %v",
+			api.ErrUnavailable, err)
+	}
 	return res, err
 }
 
@@ -50,7 +54,7 @@ func (b *backend) unavailable(err error) error {
 // waiting for that: the apply path itself takes engineMu.
 func (b *backend) view(ctx context.Context, consistent bool, fn func(r *raftstore.Reader) error) error {
 	if consistent {
-		if err := b.store.VerifyLeader(ctx); err != nil {
+		if err := b.node().readBarrier(ctx); err != nil {
 			if errors.Is(err, raftstore.ErrNotLeader) {
 				return b.unavailable(err)
 			}

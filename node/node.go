@@ -20,7 +20,9 @@ import (
 
 	"appliance/api"
 	"appliance/broker"
+	"appliance/cluster"
 	"appliance/evaluator"
+	"appliance/pki"
 	"appliance/raftstore"
 	"appliance/ui"
 )
@@ -57,10 +59,18 @@ type Config struct {
 	Version string
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
-	// RaftHeartbeatTimeout and RaftElectionTimeout tune raft (tests use
-	// short ones); zero means the raftstore defaults.
-	RaftHeartbeatTimeout time.Duration
-	RaftElectionTimeout  time.Duration
+	// RaftHeartbeatTimeout, RaftElectionTimeout and RaftLeaderLeaseTimeout
+	// tune raft; zero means the raftstore defaults (tuned for a LAN).
+	RaftHeartbeatTimeout   time.Duration
+	RaftElectionTimeout    time.Duration
+	RaftLeaderLeaseTimeout time.Duration
+	// Join is the cluster port of a node of the cluster to join
+	// (https://host:port); empty starts (or resumes) a cluster. JoinToken is
+	// that cluster's join token.
+	Join, JoinToken string
+	// TLSHosts are extra names or addresses the node's certificate is valid
+	// for (what devices and operators dial, besides the listen addresses).
+	TLSHosts []string
 }
 
 // Default listener addresses.
@@ -90,13 +100,24 @@ type Node struct {
 	engine *evaluator.Engine
 	token  string
 
+	// Cluster: credentials, the cluster port and calls to peers.
+	bundle    *pki.Bundle
+	joinToken string
+	mux       *cluster.Mux
+	peers     *cluster.Client
+	rpc       *cluster.Server
+
 	broker   *broker.Broker
 	metrics  *metrics
 	history  *history
 	versions versions
 	reports  *reportBatcher
 	bgCancel context.CancelFunc
-	bgDone   sync.WaitGroup
+	// stopCtx ends when the node stops: work that outlives Start (a
+	// restarted member's join) watches it.
+	stopCtx    context.Context
+	stopCancel context.CancelFunc
+	bgDone     sync.WaitGroup
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -140,6 +161,7 @@ func New(cfg Config) (*Node, error) {
 		cfg.Version = "dev"
 	}
 	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine()}
+	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
 	n.metrics = newMetrics(n)
 	return n, nil
@@ -152,6 +174,14 @@ func (n *Node) Start(ctx context.Context) error {
 	if err := os.MkdirAll(n.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("create data dir %s: %w", n.cfg.DataDir, err)
 	}
+	_, statErr := os.Stat(filepath.Join(n.cfg.DataDir, "raft", "raft.db"))
+	resumed := statErr == nil
+	// Credentials first: a joiner gets the cluster's admin token with them.
+	bundle, joinToken, err := n.credentials(ctx)
+	if err != nil {
+		return err
+	}
+	n.bundle, n.joinToken = bundle, joinToken
 	token, created, err := loadOrCreateToken(filepath.Join(n.cfg.DataDir, TokenFile))
 	if err != nil {
 		return err
@@ -188,26 +218,56 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	n.broker = b
 
-	store, err := raftstore.Open(ctx, raftstore.Config{
-		Dir:              filepath.Join(n.cfg.DataDir, "raft"),
-		NodeID:           n.cfg.NodeID,
-		BindAddr:         n.cfg.RaftAddr,
-		AdvertiseAddr:    n.cfg.RaftAdvertise,
-		Bootstrap:        true,
-		Observer:         (*observer)(n),
-		Logger:           n.cfg.Logger,
-		HeartbeatTimeout: n.cfg.RaftHeartbeatTimeout,
-		ElectionTimeout:  n.cfg.RaftElectionTimeout,
-	})
+	mux, err := cluster.Listen(n.cfg.RaftAddr, n.cfg.RaftAdvertise, bundle, n.cfg.Logger)
 	if err != nil {
 		n.history.close()
 		return err
 	}
+	n.mux = mux
+	n.peers = cluster.NewClient(mux)
+
+	store, err := raftstore.Open(ctx, raftstore.Config{
+		Dir:                filepath.Join(n.cfg.DataDir, "raft"),
+		NodeID:             n.cfg.NodeID,
+		Stream:             mux.RaftLayer(),
+		AdvertiseAddr:      mux.Advertise(),
+		Bootstrap:          n.cfg.Join == "",
+		Observer:           (*observer)(n),
+		Logger:             n.cfg.Logger,
+		HeartbeatTimeout:   n.cfg.RaftHeartbeatTimeout,
+		ElectionTimeout:    n.cfg.RaftElectionTimeout,
+		LeaderLeaseTimeout: n.cfg.RaftLeaderLeaseTimeout,
+		Forward:            n.forward,
+	})
+	if err != nil {
+		n.mux.Close()
+		n.history.close()
+		return err
+	}
 	n.store = store
+	n.rpc = cluster.NewServer((*clusterStore)(n), n.clusterSecrets, n.cfg.Logger)
+	go func() {
+		if err := n.rpc.Serve(n.mux); err != nil {
+			n.logger.Error("cluster RPC server stopped", "err", err)
+		}
+	}()
+	if n.cfg.Join != "" {
+		if resumed {
+			// A restarted member resumes from its log; asking again is
+			// harmless and repairs a join that was cut short.
+			go func() {
+				if err := n.addSelf(n.stopCtx); err != nil && n.stopCtx.Err() == nil {
+					n.logger.Error("join", "err", err)
+				}
+			}()
+		} else if err := n.addSelf(ctx); err != nil {
+			n.stopBackground()
+			return err
+		}
+	}
 
 	if err := n.broker.Start(context.WithoutCancel(ctx)); err != nil {
-		n.store.Close()
-		n.history.close()
+		n.stopBackground()
 		return fmt.Errorf("start the device broker on %s (flag --mqtt-addr): %w", n.cfg.MQTTAddr, err)
 	}
 	bgCtx, cancel := context.WithCancel(context.Background())
@@ -267,6 +327,9 @@ func (n *Node) Run(ctx context.Context) error {
 // URL is the base URL of the operator API.
 func (n *Node) URL() string { return "http://" + n.httpLn.Addr().String() }
 
+// ID is the node's id in the cluster.
+func (n *Node) ID() string { return n.cfg.NodeID }
+
 // Token is the admin token.
 func (n *Node) Token() string { return n.token }
 
@@ -300,6 +363,7 @@ func (n *Node) Stop() error {
 // the reports already taken, then closes raft and the files.
 func (n *Node) stopBackground() error {
 	var errs []error
+	n.stopCancel()
 	if n.broker != nil {
 		if err := n.broker.Close(); err != nil && !errors.Is(err, broker.ErrClosed) {
 			errs = append(errs, fmt.Errorf("close broker: %w", err))
@@ -309,9 +373,31 @@ func (n *Node) stopBackground() error {
 		n.bgCancel()
 		n.bgDone.Wait()
 	}
+	if n.store != nil && n.store.IsLeader() {
+		// Hand leadership over rather than make the others wait out an
+		// election timeout.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		if err := n.store.LeadershipTransfer(ctx); err == nil {
+			n.logger.Info("handed leadership to another node")
+		}
+		cancel()
+	}
+	if n.rpc != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = n.rpc.Shutdown(ctx)
+		cancel()
+	}
+	if n.peers != nil {
+		n.peers.Close()
+	}
 	if n.store != nil {
 		if err := n.store.Close(); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	if n.mux != nil {
+		if err := n.mux.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, fmt.Errorf("close cluster listener: %w", err))
 		}
 	}
 	if n.history != nil {

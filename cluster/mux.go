@@ -1,0 +1,240 @@
+package cluster
+
+import (
+	"bufio"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"appliance/pki"
+)
+
+// handshakeTimeout bounds a new connection's TLS handshake and its first
+// byte, so a silent client cannot hold a goroutine.
+const handshakeTimeout = 10 * time.Second
+
+// raftTypeMax is the highest RPC type byte hashicorp/raft's network
+// transport sends first on a connection (AppendEntries 0, RequestVote 1,
+// InstallSnapshot 2, TimeoutNow 3).
+const raftTypeMax = 3
+
+// Mux is a node's cluster listener: TLS with the cluster CA, split between
+// raft and the cluster's HTTP RPCs by the first byte.
+type Mux struct {
+	ln        net.Listener
+	server    *tls.Config
+	peer      *tls.Config
+	advertise string
+	dialer    net.Dialer
+	logger    *slog.Logger
+
+	raft *connQueue
+	http *connQueue
+
+	closeOnce sync.Once
+	closed    chan struct{}
+	wg        sync.WaitGroup
+}
+
+// Listen opens the cluster port on addr. advertise is the address peers
+// dial (default: the bound address). Outgoing connections leave from the
+// bound IP when it is a specific one, so that a peer (or a test's partition
+// proxy) sees which node is calling.
+func Listen(addr, advertise string, b *pki.Bundle, logger *slog.Logger) (*Mux, error) {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("cluster listener on %s (flag --raft-addr): %w", addr, err)
+	}
+	if advertise == "" {
+		advertise = ln.Addr().String()
+	}
+	if _, _, err := net.SplitHostPort(advertise); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("raft advertise address %q (flag --raft-advertise): %w", advertise, err)
+	}
+	m := &Mux{
+		ln: ln, server: b.ServerTLS(), peer: b.PeerClientTLS(), advertise: advertise,
+		logger: logger.With("component", "cluster"),
+		raft:   newConnQueue(ln.Addr()), http: newConnQueue(ln.Addr()),
+		closed: make(chan struct{}),
+	}
+	m.dialer.Timeout = 5 * time.Second
+	if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsUnspecified() {
+		m.dialer.LocalAddr = &net.TCPAddr{IP: tcp.IP}
+	}
+	m.wg.Add(1)
+	go m.acceptLoop()
+	return m, nil
+}
+
+// Addr is the bound address.
+func (m *Mux) Addr() net.Addr { return m.ln.Addr() }
+
+// Advertise is the address peers dial.
+func (m *Mux) Advertise() string { return m.advertise }
+
+// Close stops accepting and closes both sides. In-flight connections
+// already handed out are their owners' to close.
+func (m *Mux) Close() error {
+	var err error
+	m.closeOnce.Do(func() {
+		close(m.closed)
+		err = m.ln.Close()
+		m.raft.close()
+		m.http.close()
+		m.wg.Wait()
+	})
+	return err
+}
+
+func (m *Mux) acceptLoop() {
+	defer m.wg.Done()
+	for {
+		conn, err := m.ln.Accept()
+		if err != nil {
+			select {
+			case <-m.closed:
+				return
+			default:
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			m.logger.Warn("cluster accept failed", "err", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		go m.route(conn)
+	}
+}
+
+// route completes the TLS handshake, reads the first byte, and hands the
+// connection to raft (node certificates only) or to the HTTP side.
+func (m *Mux) route(raw net.Conn) {
+	_ = raw.SetDeadline(time.Now().Add(handshakeTimeout))
+	tc := tls.Server(raw, m.server)
+	if err := tc.Handshake(); err != nil {
+		m.logger.Debug("cluster TLS handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
+		raw.Close()
+		return
+	}
+	br := bufio.NewReaderSize(tc, 512)
+	first, err := br.Peek(1)
+	if err != nil {
+		tc.Close()
+		return
+	}
+	_ = raw.SetDeadline(time.Time{})
+	conn := &peekedConn{Conn: tc, r: br}
+	if first[0] <= raftTypeMax {
+		id, ok := pki.PeerNodeID(tc.ConnectionState())
+		if !ok {
+			m.logger.Warn("refused a raft connection without a node certificate of this cluster", "remote", raw.RemoteAddr().String())
+			tc.Close()
+			return
+		}
+		if !m.raft.put(conn) {
+			tc.Close()
+		}
+		m.logger.Debug("raft connection", "peer", id, "remote", raw.RemoteAddr().String())
+		return
+	}
+	if !m.http.put(conn) {
+		tc.Close()
+	}
+}
+
+// dial opens a mutual-TLS connection to a peer's cluster port.
+func (m *Mux) dial(address string, timeout time.Duration) (net.Conn, error) {
+	d := m.dialer
+	if timeout > 0 {
+		d.Timeout = timeout
+	}
+	raw, err := d.Dial("tcp", address)
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(raw, m.peer)
+	_ = raw.SetDeadline(time.Now().Add(d.Timeout))
+	if err := tc.Handshake(); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("TLS with cluster peer %s: %w", address, err)
+	}
+	_ = raw.SetDeadline(time.Time{})
+	return tc, nil
+}
+
+// RaftLayer is the stream layer raft uses: connections that start with a
+// raft RPC byte, and mutual-TLS dials. Closing it stops only raft's side.
+func (m *Mux) RaftLayer() *RaftLayer { return &RaftLayer{m: m} }
+
+// RaftLayer implements raftstore.StreamLayer.
+type RaftLayer struct{ m *Mux }
+
+func (l *RaftLayer) Accept() (net.Conn, error) { return l.m.raft.accept() }
+func (l *RaftLayer) Close() error              { l.m.raft.close(); return nil }
+func (l *RaftLayer) Addr() net.Addr            { return advertiseAddr(l.m.advertise) }
+func (l *RaftLayer) Dial(address string, timeout time.Duration) (net.Conn, error) {
+	return l.m.dial(address, timeout)
+}
+
+// HTTPListener yields the connections of the cluster's HTTP RPCs.
+func (m *Mux) HTTPListener() net.Listener { return m.http }
+
+type advertiseAddr string
+
+func (a advertiseAddr) Network() string { return "tcp" }
+func (a advertiseAddr) String() string  { return string(a) }
+
+// peekedConn replays the byte read to route the connection.
+type peekedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *peekedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// connQueue is a net.Listener fed by the mux.
+type connQueue struct {
+	addr   net.Addr
+	ch     chan net.Conn
+	once   sync.Once
+	closed chan struct{}
+}
+
+func newConnQueue(addr net.Addr) *connQueue {
+	return &connQueue{addr: addr, ch: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+func (q *connQueue) put(c net.Conn) bool {
+	select {
+	case q.ch <- c:
+		return true
+	case <-q.closed:
+		return false
+	}
+}
+
+func (q *connQueue) accept() (net.Conn, error) {
+	select {
+	case c := <-q.ch:
+		return c, nil
+	case <-q.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (q *connQueue) close() { q.once.Do(func() { close(q.closed) }) }
+
+func (q *connQueue) Accept() (net.Conn, error) { return q.accept() }
+func (q *connQueue) Close() error              { q.close(); return nil }
+func (q *connQueue) Addr() net.Addr            { return q.addr }

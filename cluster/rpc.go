@@ -1,0 +1,307 @@
+package cluster
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"appliance/fleet"
+	"appliance/pki"
+	"appliance/raftstore"
+)
+
+// Store is what the cluster RPCs need from the node's replica.
+type Store interface {
+	ApplyEncoded(ctx context.Context, entry []byte) (*raftstore.Result, error)
+	ReadIndex(ctx context.Context) (uint64, error)
+	AddVoter(ctx context.Context, nodeID, addr string) error
+	RemoveServer(ctx context.Context, nodeID string) error
+	Leader() (addr, id string)
+}
+
+// Secrets are what a node hands a joiner that proved it knows the join
+// secret: everything a server of this cluster holds.
+type Secrets struct {
+	Bundle     *pki.Bundle
+	JoinToken  string
+	AdminToken string
+}
+
+// maxRPCBody caps a cluster RPC request (a forwarded raft entry is at most
+// an API request body, 4 MiB, plus its envelope).
+const maxRPCBody = 8 << 20
+
+// Error codes of the cluster RPCs' JSON error body.
+const (
+	codeNotLeader      = "not_leader"
+	codeUnknownOutcome = "unknown_outcome"
+	codeUnauthorized   = "unauthorized"
+	codeBadRequest     = "bad_request"
+	codeRejected       = "rejected"
+	codeInternal       = "internal"
+)
+
+type rpcError struct {
+	Code   string `json:"code"`
+	Error  string `json:"error"`
+	Leader string `json:"leader,omitempty"`
+	// StoreCode is raftstore.ErrorCode of a store error, so the caller
+	// rebuilds the exact class (not found, precondition failed, ...).
+	StoreCode string `json:"storeCode,omitempty"`
+}
+
+// JoinRequest is what a joiner sends after it has checked the server's CA.
+type JoinRequest struct {
+	NodeID string   `json:"nodeId"`
+	Hosts  []string `json:"hosts"`
+	Secret string   `json:"secret"`
+}
+
+// JoinResponse carries a joiner's credentials.
+type JoinResponse struct {
+	CACert     string `json:"caCert"`
+	CAKey      string `json:"caKey"`
+	NodeCert   string `json:"nodeCert"`
+	NodeKey    string `json:"nodeKey"`
+	JoinToken  string `json:"joinToken"`
+	AdminToken string `json:"adminToken"`
+}
+
+type memberRequest struct {
+	Address string `json:"address"`
+}
+
+type readIndexResponse struct {
+	Index uint64 `json:"index"`
+}
+
+// Server serves the cluster RPCs on the mux's HTTP side.
+type Server struct {
+	store   Store
+	secrets func() Secrets
+	logger  *slog.Logger
+	srv     *http.Server
+	now     func() time.Time
+}
+
+// NewServer builds the RPC server. secrets is called per join, so a node
+// that rotates a secret need not restart the server.
+func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	s := &Server{store: store, secrets: secrets, logger: logger.With("component", "cluster"), now: time.Now}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /cluster/v1/join", s.join)
+	mux.HandleFunc("POST /cluster/v1/members", s.nodeOnly(s.addMember))
+	mux.HandleFunc("DELETE /cluster/v1/members/{id}", s.nodeOnly(s.removeMember))
+	mux.HandleFunc("POST /cluster/v1/apply", s.nodeOnly(s.apply))
+	mux.HandleFunc("POST /cluster/v1/read-index", s.nodeOnly(s.readIndex))
+	s.srv = &http.Server{
+		Handler: mux, ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
+		// net/http fills Request.TLS only for a bare *tls.Conn; the mux
+		// hands over a wrapper (it has read the first byte), so the
+		// peer's certificate travels in the context instead.
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if pc, ok := c.(*peekedConn); ok {
+				if tc, ok := pc.Conn.(*tls.Conn); ok {
+					return context.WithValue(ctx, tlsStateKey{}, tc.ConnectionState())
+				}
+			}
+			return ctx
+		},
+	}
+	return s
+}
+
+type tlsStateKey struct{}
+
+// Serve serves the mux's HTTP connections until Shutdown.
+func (s *Server) Serve(m *Mux) error {
+	err := s.srv.Serve(m.HTTPListener())
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown stops the server, letting calls under way finish until ctx ends.
+func (s *Server) Shutdown(ctx context.Context) error { return s.srv.Shutdown(ctx) }
+
+type peerKey struct{}
+
+// nodeOnly admits only callers with a node certificate of this cluster.
+func (s *Server) nodeOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		cs, ok := r.Context().Value(tlsStateKey{}).(tls.ConnectionState)
+		if !ok {
+			writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, "a node certificate of this cluster is required", "")
+			return
+		}
+		id, ok := pki.PeerNodeID(cs)
+		if !ok {
+			writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, "a node certificate of this cluster is required", "")
+			return
+		}
+		h(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, id)))
+	}
+}
+
+func peerOf(r *http.Request) string { id, _ := r.Context().Value(peerKey{}).(string); return id }
+
+func (s *Server) join(w http.ResponseWriter, r *http.Request) {
+	var req JoinRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
+		writeRPCError(w, http.StatusBadRequest, codeBadRequest, "join request: "+err.Error(), "")
+		return
+	}
+	sec := s.secrets()
+	_, want, err := pki.ParseJoinToken(sec.JoinToken)
+	if err != nil || !pki.SecretEqual(req.Secret, want) {
+		s.logger.Warn("refused a join with a wrong secret", "node_id", req.NodeID, "remote", r.RemoteAddr)
+		writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, "wrong join token secret", "")
+		return
+	}
+	certPEM, keyPEM, err := sec.Bundle.CA.IssueNode(req.NodeID, req.Hosts, s.now())
+	if err != nil {
+		writeRPCError(w, http.StatusBadRequest, codeBadRequest, err.Error(), "")
+		return
+	}
+	caKey, err := sec.Bundle.CA.KeyPEM()
+	if err != nil {
+		writeRPCError(w, http.StatusInternalServerError, codeInternal, "this node cannot issue certificates: "+err.Error(), "")
+		return
+	}
+	s.logger.Info("issued a node certificate to a joiner", "node_id", req.NodeID, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, JoinResponse{
+		CACert: string(sec.Bundle.CA.CertPEM()), CAKey: string(caKey),
+		NodeCert: string(certPEM), NodeKey: string(keyPEM),
+		JoinToken: sec.JoinToken, AdminToken: sec.AdminToken,
+	})
+}
+
+func (s *Server) addMember(w http.ResponseWriter, r *http.Request) {
+	var req memberRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil || req.Address == "" {
+		writeRPCError(w, http.StatusBadRequest, codeBadRequest, "member request: an address is required", "")
+		return
+	}
+	id := peerOf(r)
+	if err := s.store.AddVoter(r.Context(), id, req.Address); err != nil {
+		s.writeStoreError(w, err)
+		return
+	}
+	s.logger.Info("node is a voter", "node_id", id, "address", req.Address)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) removeMember(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if err := s.store.RemoveServer(r.Context(), id); err != nil {
+		s.writeStoreError(w, err)
+		return
+	}
+	s.logger.Info("node removed from the cluster", "node_id", id, "by", peerOf(r))
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) apply(w http.ResponseWriter, r *http.Request) {
+	entry, err := io.ReadAll(io.LimitReader(r.Body, maxRPCBody))
+	if err != nil {
+		writeRPCError(w, http.StatusBadRequest, codeBadRequest, "read forwarded entry: "+err.Error(), "")
+		return
+	}
+	res, err := s.store.ApplyEncoded(r.Context(), entry)
+	if res == nil && err != nil {
+		s.writeStoreError(w, err)
+		return
+	}
+	body, merr := raftstore.MarshalResult(res)
+	if merr != nil {
+		writeRPCError(w, http.StatusInternalServerError, codeUnknownOutcome, "encode result: "+merr.Error(), "")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	w.Write(body)
+}
+
+func (s *Server) readIndex(w http.ResponseWriter, r *http.Request) {
+	idx, err := s.store.ReadIndex(r.Context())
+	if err != nil {
+		s.writeStoreError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, readIndexResponse{Index: idx})
+}
+
+func (s *Server) writeStoreError(w http.ResponseWriter, err error) {
+	leader, _ := s.store.Leader()
+	e := rpcError{Error: err.Error(), Leader: leader, StoreCode: raftstore.ErrorCode(err)}
+	status := http.StatusServiceUnavailable
+	switch {
+	case errors.Is(err, raftstore.ErrNotLeader):
+		status, e.Code = http.StatusMisdirectedRequest, codeNotLeader
+	case errors.Is(err, fleet.ErrNotFound), errors.Is(err, fleet.ErrInvalid), errors.Is(err, fleet.ErrExists),
+		errors.Is(err, fleet.ErrPreconditionFailed), errors.Is(err, fleet.ErrImmutable):
+		status, e.Code = http.StatusBadRequest, codeRejected
+	default:
+		e.Code = codeUnknownOutcome
+	}
+	writeJSON(w, status, e)
+}
+
+func writeRPCError(w http.ResponseWriter, status int, code, msg, leader string) {
+	writeJSON(w, status, rpcError{Code: code, Error: msg, Leader: leader})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	if err := json.NewEncoder(w).Encode(v); err != nil {
+		return
+	}
+}
+
+// decodeRPCError turns a non-2xx answer into an error of the right class.
+func decodeRPCError(op string, resp *http.Response) error {
+	var e rpcError
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err := json.Unmarshal(body, &e); err != nil || e.Code == "" {
+		return fmt.Errorf("%s: HTTP %d: %s: %w", op, resp.StatusCode, string(body), raftstore.ErrUnknownOutcome)
+	}
+	switch {
+	case e.Code == codeNotLeader:
+		return &notLeaderError{op: op, msg: e.Error, leader: e.Leader}
+	case e.StoreCode != "":
+		return fmt.Errorf("%s: %w", op, raftstore.ErrorFromCode(e.StoreCode, e.Error))
+	}
+	switch e.Code {
+	case codeUnauthorized:
+		return fmt.Errorf("%s: %s: %w", op, e.Error, ErrRefused)
+	case codeBadRequest, codeRejected:
+		return fmt.Errorf("%s: %s: %w", op, e.Error, fleet.ErrInvalid)
+	}
+	return fmt.Errorf("%s: %s: %w", op, e.Error, raftstore.ErrUnknownOutcome)
+}
+
+// notLeaderError says the peer is not the leader, and which node it
+// believes is.
+type notLeaderError struct{ op, msg, leader string }
+
+func (e *notLeaderError) Error() string {
+	if e.leader != "" {
+		return fmt.Sprintf("%s: not the leader (the leader is at %s)", e.op, e.leader)
+	}
+	return fmt.Sprintf("%s: not the leader, and no leader is known", e.op)
+}
+
+func (e *notLeaderError) Unwrap() error { return raftstore.ErrNotLeader }
