@@ -278,4 +278,8 @@ type ClusterView struct {
 	Members      []ClusterMember `json:"members"`
 	AppliedIndex uint64          `json:"appliedIndex"`
 	CommitIndex  uint64          `json:"commitIndex"`
+	// Term is the raft term this node is in: it grows by one (or more)
+	// with every election, so a rise while nothing failed is a spurious
+	// election.
+	Term uint64 `json:"term"`
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"time"
 
 	"appliance/api"
@@ -24,6 +25,9 @@ func (b *backend) Cluster(ctx context.Context) (api.ClusterView, error) {
 	v := api.ClusterView{
 		Self: b.cfg.NodeID, State: b.store.State(), Leader: leader,
 		AppliedIndex: b.store.AppliedIndex(), CommitIndex: b.store.CommitIndex(),
+	}
+	if t, err := strconv.ParseUint(b.store.Stats()["term"], 10, 64); err == nil {
+		v.Term = t
 	}
 	for _, m := range members {
 		v.Members = append(v.Members, api.ClusterMember{ID: m.ID, Address: m.Address, Voter: m.Voter, Leader: m.ID == leader})
