@@ -2,13 +2,17 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -20,11 +24,12 @@ const (
 	EnvServer  = "APPLIANCE_SERVER"
 	EnvToken   = "APPLIANCE_TOKEN"
 	EnvDataDir = "APPLIANCE_DATA_DIR"
+	EnvCAFile  = "APPLIANCE_CA_FILE"
 )
 
 // DefaultServer is used when neither --server, APPLIANCE_SERVER nor a local
 // node's recorded address says otherwise.
-const DefaultServer = "http://127.0.0.1:7480"
+const DefaultServer = "https://127.0.0.1:7480"
 
 // app holds what every command shares: streams, environment, global flags.
 type app struct {
@@ -36,6 +41,7 @@ type app struct {
 	token   string
 	output  string
 	dataDir string
+	caFile  string
 }
 
 // Execute runs the command line and returns the process exit code. Errors
@@ -76,6 +82,7 @@ func (a *app) rootCommand() *cobra.Command {
 	pf.StringVar(&a.server, "server", "", "controller API URL (env "+EnvServer+"; default: the local node's, else "+DefaultServer+")")
 	pf.StringVar(&a.token, "token", "", "admin token (env "+EnvToken+"; default: read from <data-dir>/admin-token)")
 	pf.StringVarP(&a.output, "output", "o", "table", "output format: table or json")
+	pf.StringVar(&a.caFile, "api-ca-file", "", "PEM CA that verifies an https controller (env "+EnvCAFile+"; default: <data-dir>/tls/ca.crt when present)")
 	pf.StringVar(&a.dataDir, "data-dir", "", "node data directory (env "+EnvDataDir+"; default "+DefaultDataDir(os.Getenv)+")")
 
 	root.AddCommand(a.versionCommand(), a.serveCommand(), a.agentCommand(), a.deviceCommand(), a.deploymentCommand(), a.enrollmentCommand(), a.simCommand(),
@@ -137,7 +144,11 @@ func (a *app) client() (*api.Client, error) {
 		server = DefaultServer
 	}
 	if !strings.Contains(server, "://") {
-		server = "http://" + server
+		server = "https://" + server
+	}
+	hc, err := a.httpClient(server)
+	if err != nil {
+		return nil, err
 	}
 	token := a.token
 	if token == "" {
@@ -151,7 +162,38 @@ func (a *app) client() (*api.Client, error) {
 		}
 		token = strings.TrimSpace(string(b))
 	}
-	return &api.Client{BaseURL: server, Token: token}, nil
+	return &api.Client{BaseURL: server, Token: token, HTTP: hc}, nil
+}
+
+// httpClient verifies an https controller with the cluster CA: from
+// --api-ca-file, the environment, or the local node's data directory; else
+// the system's roots.
+func (a *app) httpClient(server string) (*http.Client, error) {
+	hc := &http.Client{Timeout: 30 * time.Second}
+	if !strings.HasPrefix(server, "https://") {
+		return hc, nil
+	}
+	path, flag := a.caFile, "flag --api-ca-file"
+	if path == "" {
+		path, flag = a.getenv(EnvCAFile), EnvCAFile
+	}
+	if path == "" {
+		local := filepath.Join(a.resolvedDataDir(), "tls", "ca.crt")
+		if _, err := os.Stat(local); err != nil {
+			return hc, nil
+		}
+		path, flag = local, "the local node's CA"
+	}
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s: no PEM certificate in %s", flag, path)
+	}
+	hc.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, TLSHandshakeTimeout: 10 * time.Second}
+	return hc, nil
 }
 
 // printJSONLine prints one compact JSON document per line, for streams.

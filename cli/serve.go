@@ -16,6 +16,7 @@ func (a *app) serveCommand() *cobra.Command {
 		nodeID, httpAddr, raftAddr, raftAdvertise, mqttAddr string
 		mqttCert, mqttKey, logFormat, logLevel              string
 		join, joinToken                                     string
+		plainHTTP, plainMQTT                                bool
 		tlsSANs                                             []string
 		historyRetention                                    time.Duration
 		historyPerKey                                       int
@@ -47,6 +48,8 @@ func (a *app) serveCommand() *cobra.Command {
 				Join:             envDefault(join, a.getenv("APPLIANCE_JOIN")),
 				JoinToken:        envDefault(joinToken, a.getenv("APPLIANCE_JOIN_TOKEN")),
 				TLSHosts:         tlsSANs,
+				PlainHTTP:        plainHTTP,
+				PlainMQTT:        plainMQTT,
 
 				RaftHeartbeatTimeout:   heartbeat,
 				RaftElectionTimeout:    election,
@@ -58,8 +61,8 @@ func (a *app) serveCommand() *cobra.Command {
 			if err := n.Start(cmd.Context()); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stderr, "appliance %s: node %s serving the API at %s and devices at mqtt://%s\nadmin token: %s\n",
-				a.version, n.ID(), n.URL(), n.MQTTAddr(), filepath.Join(dataDir, node.TokenFile))
+			fmt.Fprintf(a.stderr, "appliance %s: node %s serving the API at %s and devices at %s\nadmin token: %s\ncluster CA (clients and devices verify the node with it): %s\n",
+				a.version, n.ID(), n.URL(), n.MQTTURL(), filepath.Join(dataDir, node.TokenFile), filepath.Join(dataDir, node.TLSDir, "ca.crt"))
 			fmt.Fprintf(a.stderr, "add a node to this cluster with: appliance serve --join https://%s --join-token \"$(cat %s)\"\n",
 				n.RaftAddr(), filepath.Join(dataDir, node.JoinTokenFile))
 			<-cmd.Context().Done()
@@ -73,7 +76,9 @@ func (a *app) serveCommand() *cobra.Command {
 	f.StringVar(&raftAddr, "raft-addr", "", "raft listen address (env APPLIANCE_RAFT_ADDR; default "+node.DefaultRaftAddr+")")
 	f.StringVar(&raftAdvertise, "raft-advertise", "", "raft address peers dial, if not --raft-addr (env APPLIANCE_RAFT_ADVERTISE)")
 	f.StringVar(&mqttAddr, "mqtt-addr", "", "device MQTT listen address (env APPLIANCE_MQTT_ADDR; default "+node.DefaultMQTTAddr+")")
-	f.StringVar(&mqttCert, "mqtt-tls-cert", "", "PEM certificate: the broker speaks MQTT over TLS only (env APPLIANCE_MQTT_TLS_CERT)")
+	f.BoolVar(&plainHTTP, "http-plain", false, "serve the API without TLS (default: TLS with the node's certificate from the cluster CA)")
+	f.BoolVar(&plainMQTT, "mqtt-plain", false, "serve MQTT without TLS (default: TLS with the node's certificate from the cluster CA)")
+	f.StringVar(&mqttCert, "mqtt-tls-cert", "", "PEM certificate the broker presents instead of the node's own (env APPLIANCE_MQTT_TLS_CERT)")
 	f.StringVar(&mqttKey, "mqtt-tls-key", "", "PEM key for --mqtt-tls-cert (env APPLIANCE_MQTT_TLS_KEY)")
 	f.StringVar(&join, "join", "", "join the cluster of this node's cluster port, https://HOST:RAFT-PORT (env APPLIANCE_JOIN)")
 	f.StringVar(&joinToken, "join-token", "", "the cluster's join token, from <data-dir>/join-token of a member (env APPLIANCE_JOIN_TOKEN)")

@@ -192,7 +192,7 @@ func TestAgent_EndToEnd(t *testing.T) {
 	json.Unmarshal([]byte(r.stdout), &enr)
 	out := t.TempDir()
 	agentDir := t.TempDir()
-	agentArgs := []string{"--server", "mqtt://" + mqttAddr, "--device-id", "press-01", "--enroll-token", enr.Token, "--data-dir", agentDir}
+	agentArgs := []string{"--server", "mqtts://" + mqttAddr, "--ca-file", srv.caFile(), "--device-id", "press-01", "--enroll-token", enr.Token, "--data-dir", agentDir}
 	ag1 := startAgent(t, agentArgs...)
 
 	// 1. Two process modules run; the device reports 200 and both running.

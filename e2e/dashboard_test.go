@@ -56,7 +56,7 @@ func chromiumPath(t *testing.T) string {
 // serves ui.Handler() and passes /api/ through to the node.
 func dashboardURL(t *testing.T, srv *server) string {
 	t.Helper()
-	if resp, err := http.Get(srv.url + ui.Prefix); err == nil {
+	if resp, err := srv.httpClient().Get(srv.url + ui.Prefix); err == nil {
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusOK && strings.Contains(string(body), `content="appliance-dashboard"`) {
@@ -85,6 +85,9 @@ func browser(t *testing.T) context.Context {
 		chromedp.ExecPath(chromiumPath(t)),
 		chromedp.Headless,
 		chromedp.NoSandbox, // root in a container
+		// The node's certificate is from its own cluster CA, which this
+		// throwaway profile does not trust (an operator imports the CA).
+		chromedp.Flag("ignore-certificate-errors", true),
 		chromedp.WindowSize(1400, 900),
 	)
 	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
@@ -210,7 +213,7 @@ func TestDashboard(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &enr); err != nil {
 		t.Fatal(err)
 	}
-	startAgent(t, "--server", srv.mqttURL(), "--device-id", "line-01", "--enroll-token", enr.Token, "--data-dir", t.TempDir())
+	startAgent(t, "--server", srv.mqttURL(), "--ca-file", srv.caFile(), "--device-id", "line-01", "--enroll-token", enr.Token, "--data-dir", t.TempDir())
 	manifest := processManifest(t, t.TempDir(), map[string]map[string]any{"sensor": module("running", "always", nil)})
 	cli(t, dir, "deployment", "create", "web-prod", "--content", manifest, "--target-condition", "tags.environment='prod'", "--priority", "10").mustSucceed(t)
 	cli(t, dir, "deployment", "create", "web-canary", "--content", manifest, "--target-condition", "tags.ring='canary'", "--priority", "20").mustSucceed(t)

@@ -5,6 +5,8 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net/http"
 	"os"
@@ -138,7 +140,7 @@ func (s *server) waitReady() {
 			s.url = strings.TrimSpace(string(b))
 			tok, _ := os.ReadFile(filepath.Join(s.dataDir, "admin-token"))
 			s.token = strings.TrimSpace(string(tok))
-			if resp, err := http.Get(s.url + "/readyz"); err == nil {
+			if resp, err := s.httpClient().Get(s.url + "/readyz"); err == nil {
 				resp.Body.Close()
 				if resp.StatusCode == 200 {
 					return
@@ -170,7 +172,21 @@ func (s *server) mqttURL() string {
 	return strings.TrimSpace(string(b))
 }
 
-func (s *server) client() *api.Client { return &api.Client{BaseURL: s.url, Token: s.token} }
+func (s *server) client() *api.Client {
+	return &api.Client{BaseURL: s.url, Token: s.token, HTTP: s.httpClient()}
+}
+
+// caFile is the cluster CA the node's API and broker are verified with.
+func (s *server) caFile() string { return filepath.Join(s.dataDir, "tls", "ca.crt") }
+
+// httpClient trusts the node's cluster CA, as an operator's client does.
+func (s *server) httpClient() *http.Client {
+	pool := x509.NewCertPool()
+	if pem, err := os.ReadFile(s.caFile()); err == nil {
+		pool.AppendCertsFromPEM(pem)
+	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+}
 
 // result of one CLI run.
 type result struct {

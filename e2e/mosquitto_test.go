@@ -54,8 +54,9 @@ func TestMosquittoClients_AgainstTheNode(t *testing.T) {
 	sub, pub := mosquittoTools(t)
 	dir := t.TempDir()
 	srv := startServer(t, dir)
-	host, port, _ := net.SplitHostPort(strings.TrimPrefix(srv.mqttURL(), "mqtt://"))
-	base := []string{"-h", host, "-p", port, "-V", "mqttv311", "-q", "1"}
+	host, port, _ := net.SplitHostPort(strings.TrimPrefix(srv.mqttURL(), "mqtts://"))
+	// MQTT over TLS, the broker verified with the cluster CA (its default).
+	base := []string{"-h", host, "-p", port, "--cafile", srv.caFile(), "-V", "mqttv311", "-q", "1"}
 
 	keys := map[string]string{}
 	for _, id := range []string{"press-01", "press-02"} {

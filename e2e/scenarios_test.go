@@ -86,7 +86,7 @@ func TestSeedScenarios(t *testing.T) {
 
 	// 1. The seed's example: 10 prod devices, a deployment for
 	// tags.environment='prod': 10 targeted, applied, healthy.
-	startSim(t, mqtt, enrollmentToken(t, dir, "prod", "environment=prod"), "prod", 10)
+	startSim(t, mqtt, enrollmentToken(t, dir, "prod", "environment=prod"), "prod", 10, "--ca-file", srv.caFile())
 	cli(t, dir, "deployment", "create", "web-a", "--content", manifest, "--target-condition", "tags.environment='prod'", "--priority", "10").mustSucceed(t)
 	waitStatus(t, dir, "web-a", "10 targeted, 10 applied, 10 healthy", func(s statusView) bool {
 		return s.Counts.Targeted == 10 && s.Counts.Applied == 10 && s.Counts.Healthy == 10
@@ -105,7 +105,7 @@ func TestSeedScenarios(t *testing.T) {
 	}
 	// ...then, as their agents come up, 15 healthy with no operator action.
 	for id, key := range keys {
-		startAgent(t, "--server", mqtt, "--device-id", id, "--device-key", key, "--data-dir", t.TempDir())
+		startAgent(t, "--server", mqtt, "--ca-file", srv.caFile(), "--device-id", id, "--device-key", key, "--data-dir", t.TempDir())
 	}
 	waitStatus(t, dir, "web-a", "15 healthy", func(s statusView) bool {
 		return s.Counts.Targeted == 15 && s.Counts.Healthy == 15 && s.SystemMetrics["reportedSuccessfulCount"] == 15
@@ -127,7 +127,7 @@ func TestSeedScenarios(t *testing.T) {
 
 	// 3. Phased rollout: test devices first, then a canary subset of
 	// production (a tag added to the condition, higher priority), then all.
-	startSim(t, mqtt, enrollmentToken(t, dir, "test", "environment=test"), "test", 3)
+	startSim(t, mqtt, enrollmentToken(t, dir, "test", "environment=test"), "test", 3, "--ca-file", srv.caFile())
 	cli(t, dir, "deployment", "create", "web-v2", "--content", manifest, "--target-condition", "tags.environment='test'", "--priority", "30").mustSucceed(t)
 	waitStatus(t, dir, "web-v2", "phase 1: the 3 test devices", func(s statusView) bool {
 		return s.Counts.Targeted == 3 && s.Counts.Healthy == 3
@@ -191,7 +191,7 @@ func TestSeedScenarios(t *testing.T) {
 
 	// 5. A device whose module fails is Unhealthy with the exit code in
 	// `device show`; a device that is disconnected stays Unknown.
-	startSim(t, mqtt, enrollmentToken(t, dir, "flaky", "environment=flaky"), "flaky", 2, "--fail-share", "0.5")
+	startSim(t, mqtt, enrollmentToken(t, dir, "flaky", "environment=flaky"), "flaky", 2, "--fail-share", "0.5", "--ca-file", srv.caFile())
 	cli(t, dir, "device", "create", "offline-1", "--tag", "environment=flaky").mustSucceed(t)
 	cli(t, dir, "deployment", "create", "flaky-web", "--content", manifest, "--target-condition", "tags.environment='flaky'").mustSucceed(t)
 	st = waitStatus(t, dir, "flaky-web", "1 healthy, 1 unhealthy, 1 unknown", func(s statusView) bool {

@@ -44,9 +44,15 @@ type Config struct {
 	// MQTTAddr is the device broker's listener (default :1883, every
 	// interface: devices are on the plant network; they must authenticate).
 	MQTTAddr string
-	// MQTTTLSCert and MQTTTLSKey, when both set, make the broker speak
-	// MQTT over TLS only.
+	// MQTTTLSCert and MQTTTLSKey, when both set, make the broker present
+	// this certificate instead of the node's own (issued by the cluster
+	// CA).
 	MQTTTLSCert, MQTTTLSKey string
+	// PlainHTTP and PlainMQTT serve the API or the broker without TLS.
+	// By default both speak TLS with the node's certificate from the
+	// cluster CA; plain listeners exist only when asked for (a lab, a
+	// load test, a TLS-terminating proxy in front).
+	PlainHTTP, PlainMQTT bool
 	// ReportFlushInterval is how often reported documents are committed to
 	// raft as one batch (default 100 ms).
 	ReportFlushInterval time.Duration
@@ -194,12 +200,15 @@ func (n *Node) Start(ctx context.Context) error {
 	// The broker exists before the store opens, so the store's observer
 	// can always reach it; it listens only once the state is loaded.
 	var tlsConf *tls.Config
-	if n.cfg.MQTTTLSCert != "" {
+	switch {
+	case n.cfg.MQTTTLSCert != "":
 		cert, err := tls.LoadX509KeyPair(n.cfg.MQTTTLSCert, n.cfg.MQTTTLSKey)
 		if err != nil {
 			return fmt.Errorf("flags --mqtt-tls-cert/--mqtt-tls-key: %w", err)
 		}
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	case !n.cfg.PlainMQTT:
+		tlsConf = n.publicTLS()
 	}
 	hist, err := openHistory(filepath.Join(n.cfg.DataDir, "history.db"), n.cfg.HistoryRetention, n.cfg.HistoryPerKey, n.logger.With("component", "history"))
 	if err != nil {
@@ -297,13 +306,16 @@ func (n *Node) Start(ctx context.Context) error {
 		return fmt.Errorf("listen for the API on %s (flag --http-addr): %w", n.cfg.HTTPAddr, err)
 	}
 	n.httpLn = ln
+	if !n.cfg.PlainHTTP {
+		ln = tls.NewListener(ln, n.publicTLS())
+	}
 	n.httpSrv = &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := n.httpSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			n.logger.Error("API server stopped", "err", err)
 		}
 	}()
-	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, MQTTAddrFile), []byte("mqtt://"+n.broker.Addr()+"\n"), 0o600); err != nil {
+	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, MQTTAddrFile), []byte(n.MQTTURL()+"\n"), 0o600); err != nil {
 		n.logger.Warn("cannot record the broker address", "err", err)
 	}
 	// Written last: its presence tells a script the node is serving.
@@ -325,7 +337,32 @@ func (n *Node) Run(ctx context.Context) error {
 }
 
 // URL is the base URL of the operator API.
-func (n *Node) URL() string { return "http://" + n.httpLn.Addr().String() }
+func (n *Node) URL() string {
+	if n.cfg.PlainHTTP {
+		return "http://" + n.httpLn.Addr().String()
+	}
+	return "https://" + n.httpLn.Addr().String()
+}
+
+// MQTTURL is the broker's URL: mqtts:// unless the broker is plain.
+func (n *Node) MQTTURL() string {
+	if n.cfg.PlainMQTT && n.cfg.MQTTTLSCert == "" {
+		return "mqtt://" + n.broker.Addr()
+	}
+	return "mqtts://" + n.broker.Addr()
+}
+
+// CACertPEM is the cluster CA's certificate: what clients of the API and
+// devices verify this node with (it is public).
+func (n *Node) CACertPEM() []byte { return n.bundle.CA.CertPEM() }
+
+// publicTLS is the API's and the broker's TLS: the node's certificate
+// from the cluster CA, presented with the CA so clients can pin it; no
+// client certificate asked (operators hold a token, devices a key).
+func (n *Node) publicTLS() *tls.Config {
+	srv := n.bundle.ServerTLS()
+	return &tls.Config{Certificates: srv.Certificates, MinVersion: tls.VersionTLS12}
+}
 
 // ID is the node's id in the cluster.
 func (n *Node) ID() string { return n.cfg.NodeID }

@@ -52,6 +52,9 @@ func startNode(t *testing.T, dir string) *Node {
 		DataDir: dir, NodeID: "n1", HTTPAddr: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", MQTTAddr: "127.0.0.1:0",
 		Logger:               slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelWarn})),
 		RaftHeartbeatTimeout: 100 * time.Millisecond, RaftElectionTimeout: 100 * time.Millisecond,
+		// The API and broker semantics are under test here, over plain
+		// TCP; TestTLSByDefault covers the default TLS listeners.
+		PlainHTTP: true, PlainMQTT: true,
 	})
 	if err != nil {
 		t.Fatal(err)

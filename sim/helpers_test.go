@@ -62,6 +62,9 @@ func startNode(t testing.TB) (*node.Node, *api.Client) {
 		DataDir: t.TempDir(), NodeID: "n1", HTTPAddr: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", MQTTAddr: "127.0.0.1:0",
 		Logger:               testLogger(t),
 		RaftHeartbeatTimeout: 100 * time.Millisecond, RaftElectionTimeout: 100 * time.Millisecond,
+		// The API and broker semantics are under test here, over plain
+		// TCP; TestTLSByDefault covers the default TLS listeners.
+		PlainHTTP: true, PlainMQTT: true,
 	})
 	if err != nil {
 		t.Fatal(err)
