@@ -3,7 +3,7 @@
 //
 // Each node listens on one cluster port (the raft address). Every connection
 // is TLS with the cluster CA (package pki); after the handshake the first
-// byte tells raft's own RPCs (hashicorp/raft's type bytes 0-3) from the
+// byte tells raft's own RPCs (hashicorp/raft's type bytes, 0-4) from the
 // cluster's HTTP RPCs (any printable method name):
 //
 //   - raft traffic is accepted only from a peer that presented a node

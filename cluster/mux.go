@@ -17,10 +17,12 @@ import (
 // byte, so a silent client cannot hold a goroutine.
 const handshakeTimeout = 10 * time.Second
 
-// raftTypeMax is the highest RPC type byte hashicorp/raft's network
-// transport sends first on a connection (AppendEntries 0, RequestVote 1,
-// InstallSnapshot 2, TimeoutNow 3).
-const raftTypeMax = 3
+// raftTypeMax bounds the RPC type byte hashicorp/raft's network transport
+// sends first on a connection (v1.7: AppendEntries 0, RequestVote 1,
+// InstallSnapshot 2, TimeoutNow 3, RequestPreVote 4). Every control byte is
+// taken as raft, so a type a later raft adds still goes there; an HTTP
+// request starts with an upper-case method name.
+const raftTypeMax = 0x1f
 
 // Mux is a node's cluster listener: TLS with the cluster CA, split between
 // raft and the cluster's HTTP RPCs by the first byte.

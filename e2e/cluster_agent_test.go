@@ -1,0 +1,103 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"appliance/api"
+	"appliance/fleet"
+)
+
+// TestCluster_AgentFailsOver is issue 7's fourth acceptance item: an
+// agent connected to the node that dies (here the leader, the harder case)
+// reconnects to another node and receives a deployment created after the
+// failure.
+func TestCluster_AgentFailsOver(t *testing.T) {
+	nodes := startCluster(t, 3)
+	var leader string
+	eventually(t, "a leader known to all", 20*time.Second, func() bool {
+		v := members(t, nodes[0].server)
+		leader = v.Leader
+		return leader != "" && len(v.Members) == 3
+	})
+	var victim *clusterNode
+	var survivors []*clusterNode
+	for _, n := range nodes {
+		if n.id == leader {
+			victim = n
+		} else {
+			survivors = append(survivors, n)
+		}
+	}
+	// The agent knows every node and tries them in order: the victim first.
+	servers := []string{victim.mqttURL()}
+	for _, n := range survivors {
+		servers = append(servers, n.mqttURL())
+	}
+	r := cli(t, survivors[0].dataDir, "enrollment", "create", "line-1", "--tag", "environment=prod", "-o", "json").mustSucceed(t)
+	var enr struct{ Token string }
+	json.Unmarshal([]byte(r.stdout), &enr)
+	out := t.TempDir()
+	startAgent(t, "--server", strings.Join(servers, ","), "--ca-file", victim.caFile(),
+		"--device-id", "press-01", "--enroll-token", enr.Token, "--data-dir", t.TempDir())
+
+	v1 := processManifest(t, out, map[string]map[string]any{"alpha": module("running", "always", nil)})
+	cli(t, victim.dataDir, "deployment", "create", "v1", "--content", v1, "--target-condition", "tags.environment='prod'", "--priority", "1").mustSucceed(t)
+	eventually(t, "v1 applied and reported", 30*time.Second, func() bool {
+		doc, _ := reported(t, survivors[0].dataDir, "press-01")
+		return doc.DeploymentID == "v1" && doc.LastDesiredStatus.Code == 200
+	})
+	// It is the victim's broker that holds the device's session.
+	dev := deviceView(t, victim.server, "press-01")
+	if dev.ConnectionState != api.Connected {
+		t.Fatalf("press-01 on %s: connection %q, want Connected (the agent should use its first server)", victim.id, dev.ConnectionState)
+	}
+
+	victim.kill()
+	t.Logf("killed the leader %s, which held the agent's connection", victim.id)
+
+	// A deployment created after the failure, on a survivor (forwarded to
+	// whichever node leads now).
+	v2 := processManifest(t, out, map[string]map[string]any{"beta": module("running", "always", nil)})
+	eventually(t, "v2 created on a survivor", 30*time.Second, func() bool {
+		r := cli(t, survivors[1].dataDir, "deployment", "create", "v2", "--content", v2,
+			"--target-condition", "tags.environment='prod'", "--priority", "2")
+		if r.code != 0 {
+			t.Logf("create v2 on %s: %s", survivors[1].id, strings.TrimSpace(r.stderr))
+		}
+		return r.code == 0 || cli(t, survivors[1].dataDir, "deployment", "show", "v2").code == 0
+	})
+	eventually(t, "the agent runs v2's module", 60*time.Second, func() bool {
+		_, ok := alivePid(out, "beta")
+		return ok
+	})
+	eventually(t, "v2 reported through a survivor", 30*time.Second, func() bool {
+		doc, _ := reported(t, survivors[0].dataDir, "press-01")
+		return doc.DeploymentID == "v2" && doc.LastDesiredStatus.Code == 200 &&
+			doc.Modules["beta"].RuntimeStatus == fleet.RuntimeRunning
+	})
+	connectedTo := ""
+	for _, n := range survivors {
+		if deviceView(t, n.server, "press-01").ConnectionState == api.Connected {
+			connectedTo = n.id
+		}
+	}
+	if connectedTo == "" {
+		t.Fatalf("press-01 is connected to no surviving node")
+	}
+	t.Logf("the agent moved to %s and applied v2", connectedTo)
+}
+
+func deviceView(t *testing.T, s *server, id string) api.DeviceView {
+	t.Helper()
+	r := cli(t, s.dataDir, "device", "show", id, "-o", "json").mustSucceed(t)
+	var v api.DeviceView
+	if err := json.Unmarshal([]byte(r.stdout), &v); err != nil {
+		t.Fatalf("device show: %v\n%s", err, r.stdout)
+	}
+	return v
+}
