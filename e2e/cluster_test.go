@@ -24,6 +24,14 @@ import (
 type clusterNode struct {
 	*server
 	id, raftAddr string
+	args         []string
+}
+
+// restart starts the node again on its data directory with the same
+// flags (the old process must have ended); waitReady waits for it.
+func (n *clusterNode) restart(t *testing.T) {
+	t.Helper()
+	n.server = launchServer(t, n.dataDir, n.args...)
 }
 
 // startCluster starts n nodes as processes of the built binary, each on
@@ -40,7 +48,7 @@ func startCluster(t *testing.T, n int, extra ...string) []*clusterNode {
 			args = append(args, "--join", "https://"+nodes[0].raftAddr, "--join-token", joinToken(t, nodes[0].dataDir))
 		}
 		s := startServer(t, t.TempDir(), args...)
-		nodes = append(nodes, &clusterNode{server: s, id: id, raftAddr: raft})
+		nodes = append(nodes, &clusterNode{server: s, id: id, raftAddr: raft, args: args})
 	}
 	return nodes
 }

@@ -106,6 +106,16 @@ func (s *server) watch() {
 // loopback ports, and waits until it has a leader.
 func startServer(t *testing.T, dataDir string, extra ...string) *server {
 	t.Helper()
+	s := launchServer(t, dataDir, extra...)
+	s.waitReady()
+	return s
+}
+
+// launchServer starts `appliance serve` without waiting for it to be
+// ready: a node of a cluster that is restarted as a whole has no leader
+// until enough of its peers are back.
+func launchServer(t *testing.T, dataDir string, extra ...string) *server {
+	t.Helper()
 	os.Remove(filepath.Join(dataDir, "http-url"))
 	args := append([]string{"serve", "--data-dir", dataDir, "--node-id", "n1",
 		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"}, extra...)
@@ -123,7 +133,6 @@ func startServer(t *testing.T, dataDir string, extra ...string) *server {
 			t.Logf("server log:\n%s", logs.String())
 		}
 	})
-	s.waitReady()
 	return s
 }
 
