@@ -194,7 +194,13 @@ func Join(ctx context.Context, joinURL, token, nodeID string, hosts []string) (*
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, decodeRPCError("join the cluster at "+joinURL, resp)
+		err := decodeRPCError("join the cluster at "+joinURL, resp)
+		if resp.StatusCode == http.StatusBadRequest {
+			// The cluster refused the request itself (a node id or host
+			// no certificate can carry): asking again cannot help.
+			return nil, fmt.Errorf("%w: %w", err, ErrRefused)
+		}
+		return nil, err
 	}
 	var out JoinResponse
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&out); err != nil {
