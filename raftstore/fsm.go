@@ -152,6 +152,22 @@ func readAppliedIndex(db *bolt.DB) (uint64, error) {
 	return idx, nil
 }
 
+// visibleIndex is the highest applied index a reader may already have
+// seen. ApplyBatch commits its bbolt transaction (readers see the new data
+// at once) before it publishes the index in memory (setApplied), so in
+// between the in-memory index lags what a read returns; a read index taken
+// from it would let a follower serve older data than the leader just did.
+// The index committed in state.db, read in a fresh transaction, covers
+// everything visible.
+func (f *fsm) visibleIndex() (uint64, error) {
+	idx := f.AppliedIndex()
+	err := f.view(func(r *Reader) error {
+		idx = max(idx, r.AppliedIndex())
+		return nil
+	})
+	return idx, err
+}
+
 // AppliedIndex is the index of the last log entry reflected in the state.
 func (f *fsm) AppliedIndex() uint64 {
 	f.appliedMu.Lock()

@@ -38,7 +38,10 @@ func (s *Store) ReadIndex(ctx context.Context) (uint64, error) {
 		return 0, fmt.Errorf("read index: %w", err)
 	}
 	// The index is taken before the quorum check, so the check covers it.
-	idx := s.fsm.AppliedIndex()
+	idx, err := s.fsm.visibleIndex()
+	if err != nil {
+		return 0, fmt.Errorf("read index: %w", err)
+	}
 	if err := s.raft.VerifyLeader().Error(); err != nil {
 		return 0, fmt.Errorf("read index: %v: %w", err, ErrNotLeader)
 	}
