@@ -53,8 +53,12 @@ type DeviceView struct {
 	// device; exactly one of them (if any) is Applied.
 	Configurations map[string]ConfigurationStatus `json:"configurations"`
 	// ConnectionState is Connected when the device holds an MQTT session
-	// with the node that answered, else Disconnected (Azure's words).
+	// with any node of the cluster, else Disconnected (Azure's words). The
+	// answering node knows its own sessions at once and asks its peers at
+	// most once a second; a peer it cannot reach counts as holding none.
 	ConnectionState string `json:"connectionState"`
+	// ConnectedNode is the node holding the session.
+	ConnectedNode string `json:"connectedNode,omitempty"`
 	// LastActivityTime is when the device last sent anything to that node.
 	LastActivityTime *time.Time `json:"lastActivityTime,omitempty"`
 	// DesiredVersion is the version of the desired document the device

@@ -109,6 +109,22 @@ func (c *Client) ReadIndex(ctx context.Context, addr string) (uint64, error) {
 	return out.Index, nil
 }
 
+// GetJSON reads a node-only route of the peer at addr into out.
+func (c *Client) GetJSON(ctx context.Context, addr, path string, out any) error {
+	resp, _, err := c.do(ctx, http.MethodGet, addr, path, nil)
+	if err != nil {
+		return fmt.Errorf("GET %s from %s: %w", path, addr, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return decodeRPCError("GET "+path+" from "+addr, resp)
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxRPCBody)).Decode(out); err != nil {
+		return fmt.Errorf("GET %s from %s: %w", path, addr, err)
+	}
+	return nil
+}
+
 // AddSelf asks the node at addr to make this node (named by its
 // certificate) a voter reachable at advertise. A follower answers with the
 // leader's address, which is tried next.

@@ -84,6 +84,7 @@ type readIndexResponse struct {
 
 // Server serves the cluster RPCs on the mux's HTTP side.
 type Server struct {
+	mux     *http.ServeMux
 	store   Store
 	secrets func() Secrets
 	logger  *slog.Logger
@@ -99,6 +100,7 @@ func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server
 	}
 	s := &Server{store: store, secrets: secrets, logger: logger.With("component", "cluster"), now: time.Now}
 	mux := http.NewServeMux()
+	s.mux = mux
 	mux.HandleFunc("POST /cluster/v1/join", s.join)
 	mux.HandleFunc("POST /cluster/v1/members", s.nodeOnly(s.addMember))
 	mux.HandleFunc("DELETE /cluster/v1/members/{id}", s.nodeOnly(s.removeMember))
@@ -123,6 +125,11 @@ func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server
 }
 
 type tlsStateKey struct{}
+
+// HandleNode adds a route for nodes only (callers with a node
+// certificate of this cluster), for the node's own peer queries. Call it
+// before Serve.
+func (s *Server) HandleNode(pattern string, h http.HandlerFunc) { s.mux.HandleFunc(pattern, s.nodeOnly(h)) }
 
 // Serve serves the mux's HTTP connections until Shutdown.
 func (s *Server) Serve(m *Mux) error {

@@ -51,10 +51,14 @@ func TestCluster_AgentFailsOver(t *testing.T) {
 		doc, _ := reported(t, survivors[0].dataDir, "press-01")
 		return doc.DeploymentID == "v1" && doc.LastDesiredStatus.Code == 200
 	})
-	// It is the victim's broker that holds the device's session.
-	dev := deviceView(t, victim.server, "press-01")
-	if dev.ConnectionState != api.Connected {
-		t.Fatalf("press-01 on %s: connection %q, want Connected (the agent should use its first server)", victim.id, dev.ConnectionState)
+	// It is the victim's broker that holds the device's session, and every
+	// node says so.
+	for _, n := range nodes {
+		dev := deviceView(t, n.server, "press-01")
+		if dev.ConnectionState != api.Connected || dev.ConnectedNode != victim.id {
+			t.Fatalf("press-01 read on %s: %q to %q, want Connected to %s (the agent uses its first server)",
+				n.id, dev.ConnectionState, dev.ConnectedNode, victim.id)
+		}
 	}
 
 	victim.kill()
@@ -80,15 +84,14 @@ func TestCluster_AgentFailsOver(t *testing.T) {
 		return doc.DeploymentID == "v2" && doc.LastDesiredStatus.Code == 200 &&
 			doc.Modules["beta"].RuntimeStatus == fleet.RuntimeRunning
 	})
-	connectedTo := ""
-	for _, n := range survivors {
-		if deviceView(t, n.server, "press-01").ConnectionState == api.Connected {
-			connectedTo = n.id
-		}
-	}
-	if connectedTo == "" {
-		t.Fatalf("press-01 is connected to no surviving node")
-	}
+	// Both survivors agree where the device is now.
+	var connectedTo string
+	eventually(t, "both survivors see press-01 connected to the same survivor", 10*time.Second, func() bool {
+		a, b := deviceView(t, survivors[0].server, "press-01"), deviceView(t, survivors[1].server, "press-01")
+		connectedTo = a.ConnectedNode
+		return a.ConnectionState == api.Connected && b.ConnectionState == api.Connected &&
+			a.ConnectedNode == b.ConnectedNode && a.ConnectedNode != victim.id
+	})
 	t.Logf("the agent moved to %s and applied v2", connectedTo)
 }
 

@@ -132,14 +132,16 @@ func (b *backend) DeleteDevice(ctx context.Context, id string, opts api.WriteOpt
 // deviceView joins a device's record with its assignments, its connection
 // to this node, and its last report. The caller holds engineMu for reading,
 // inside the read transaction, so the record and its assignment agree.
-func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device) api.DeviceView {
+func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device, peers map[string]peerSession) api.DeviceView {
 	v := api.DeviceView{Device: d.Public(), Configurations: map[string]api.ConfigurationStatus{}, ConnectionState: api.Disconnected}
-	if b.broker != nil {
-		if c, ok := b.broker.Connection(d.ID); ok {
-			v.ConnectionState = api.Connected
-			last := c.LastActivity.UTC()
-			v.LastActivityTime = &last
-		}
+	if c, ok := b.broker.Connection(d.ID); ok {
+		v.ConnectionState, v.ConnectedNode = api.Connected, b.cfg.NodeID
+		last := c.LastActivity.UTC()
+		v.LastActivityTime = &last
+	} else if s, ok := peers[d.ID]; ok {
+		v.ConnectionState, v.ConnectedNode = api.Connected, s.Node
+		last := s.LastActivity
+		v.LastActivityTime = &last
 	}
 	v.DesiredVersion = b.versions.of(d.ID)
 	if rep, err := r.Report(d.ID); err == nil {
@@ -158,6 +160,7 @@ func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device) api.DeviceView
 
 func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.DeviceView, error) {
 	var v api.DeviceView
+	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
 	err := b.view(ctx, consistent, func(r *raftstore.Reader) error {
 		d, err := r.Device(id)
 		if err != nil {
@@ -165,7 +168,7 @@ func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.D
 		}
 		b.engineMu.RLock()
 		defer b.engineMu.RUnlock()
-		v = b.deviceView(r, d)
+		v = b.deviceView(r, d, peers)
 		return nil
 	})
 	return v, err
@@ -195,6 +198,7 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 		}
 		ids = ids[i:]
 	}
+	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
 	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) error {
 		b.engineMu.RLock()
 		defer b.engineMu.RUnlock()
@@ -211,7 +215,7 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 				if err != nil {
 					return err
 				}
-				page.Items = append(page.Items, b.deviceView(r, d))
+				page.Items = append(page.Items, b.deviceView(r, d, peers))
 			}
 			return nil
 		}
@@ -220,7 +224,7 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 				page.Next = page.Items[len(page.Items)-1].ID
 				return false
 			}
-			page.Items = append(page.Items, b.deviceView(r, d))
+			page.Items = append(page.Items, b.deviceView(r, d, peers))
 			return true
 		})
 	})

@@ -112,6 +112,7 @@ type Node struct {
 	mux       *cluster.Mux
 	peers     *cluster.Client
 	rpc       *cluster.Server
+	peerConns peerConnections
 
 	broker   *broker.Broker
 	metrics  *metrics
@@ -255,6 +256,7 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	n.store = store
 	n.rpc = cluster.NewServer((*clusterStore)(n), n.clusterSecrets, n.cfg.Logger)
+	n.rpc.HandleNode("GET "+connectionsPath, n.serveConnections)
 	go func() {
 		if err := n.rpc.Serve(n.mux); err != nil {
 			n.logger.Error("cluster RPC server stopped", "err", err)
