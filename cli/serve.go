@@ -85,7 +85,7 @@ func (a *app) serveCommand() *cobra.Command {
 	f.StringArrayVar(&tlsSANs, "tls-san", nil, "extra host name or IP this node's certificate is valid for (repeatable)")
 	f.DurationVar(&heartbeat, "raft-heartbeat-timeout", 0, "raft heartbeat timeout (default 300ms, tuned for a LAN)")
 	f.DurationVar(&election, "raft-election-timeout", 0, "raft election timeout (default 300ms)")
-	f.DurationVar(&lease, "raft-leader-lease-timeout", 0, "raft leader lease timeout (default 150ms)")
+	f.DurationVar(&lease, "raft-leader-lease-timeout", 0, "raft leader lease timeout (default 300ms)")
 	f.DurationVar(&historyRetention, "history-retention", node.DefaultHistoryRetention, "drop history events older than this")
 	f.IntVar(&historyPerKey, "history-per-key", node.DefaultHistoryPerKey, "keep at most this many history events per deployment or device")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")

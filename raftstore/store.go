@@ -39,13 +39,17 @@ var (
 // 300 ms puts a typical repair at 0.3-0.7 s, where raft's own 1 s defaults
 // give 1-2 s. LAN round trips are well under a millisecond, so 300 ms still
 // leaves a wide margin against false elections from a GC pause or a slow
-// fsync. The leader lease is half the heartbeat timeout so that a leader cut
-// off from its quorum steps down (and fails its in-flight writes) before a
-// follower can start an election.
+// fsync. The leader lease equals the heartbeat timeout (the most raft
+// allows): a leader that misses its quorum for that long steps down. A
+// shorter lease (150 ms was tried) made a leader on a CPU-starved machine
+// step down for nothing (the election soak in docs/benchmarks.md: two
+// step-downs after 160-342 ms without contact), and the lease plays no part
+// in safety (consistent reads check the quorum, writes need it) nor in how
+// fast a dead leader is replaced.
 const (
 	DefaultHeartbeatTimeout   = 300 * time.Millisecond
 	DefaultElectionTimeout    = 300 * time.Millisecond
-	DefaultLeaderLeaseTimeout = 150 * time.Millisecond
+	DefaultLeaderLeaseTimeout = 300 * time.Millisecond
 )
 
 // defaultApplyTimeout bounds a write whose context has no deadline.
@@ -89,9 +93,9 @@ type Config struct {
 	// DefaultHeartbeatTimeout and DefaultElectionTimeout.
 	HeartbeatTimeout time.Duration
 	ElectionTimeout  time.Duration
-	// LeaderLeaseTimeout defaults to DefaultLeaderLeaseTimeout, or to half
-	// the heartbeat timeout when that is shorter (raft requires the lease
-	// not to exceed it).
+	// LeaderLeaseTimeout defaults to DefaultLeaderLeaseTimeout, or to the
+	// heartbeat timeout when that is shorter (raft requires the lease not
+	// to exceed it).
 	LeaderLeaseTimeout time.Duration
 	// SnapshotThreshold: log entries between snapshots (default 8192).
 	SnapshotThreshold uint64
@@ -248,7 +252,7 @@ func raftConfig(cfg Config) (*raft.Config, error) {
 	rc.ElectionTimeout = orDuration(cfg.ElectionTimeout, DefaultElectionTimeout)
 	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
 	if rc.LeaderLeaseTimeout <= 0 {
-		rc.LeaderLeaseTimeout = min(DefaultLeaderLeaseTimeout, rc.HeartbeatTimeout/2)
+		rc.LeaderLeaseTimeout = min(DefaultLeaderLeaseTimeout, rc.HeartbeatTimeout)
 	}
 	if rc.LeaderLeaseTimeout > rc.HeartbeatTimeout {
 		return nil, fmt.Errorf("raftstore: LeaderLeaseTimeout %s exceeds HeartbeatTimeout %s", rc.LeaderLeaseTimeout, rc.HeartbeatTimeout)

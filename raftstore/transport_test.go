@@ -71,12 +71,12 @@ func TestRaftConfig_Timeouts(t *testing.T) {
 		heartbeat, election, lease time.Duration
 		wantErr                    string
 	}{
-		{name: "defaults", cfg: base, heartbeat: 300 * time.Millisecond, election: 300 * time.Millisecond, lease: 150 * time.Millisecond},
+		{name: "defaults", cfg: base, heartbeat: 300 * time.Millisecond, election: 300 * time.Millisecond, lease: 300 * time.Millisecond},
 		{name: "hashicorp defaults", cfg: base.HashicorpDefaults(), heartbeat: time.Second, election: time.Second, lease: 500 * time.Millisecond},
 		{
-			name:      "short heartbeat halves the lease",
+			name:      "short heartbeat caps the lease",
 			cfg:       Config{NodeID: "n1", HeartbeatTimeout: 100 * time.Millisecond, ElectionTimeout: 100 * time.Millisecond},
-			heartbeat: 100 * time.Millisecond, election: 100 * time.Millisecond, lease: 50 * time.Millisecond,
+			heartbeat: 100 * time.Millisecond, election: 100 * time.Millisecond, lease: 100 * time.Millisecond,
 		},
 		{
 			name:      "explicit lease",
