@@ -29,17 +29,19 @@ const (
 // Defaults for the zero fields of Config and RestartConfig. The restart
 // values are edgeAgent's (appsettings_agent.json and RestartPolicyManager).
 const (
-	DefaultCoolOff           = 10 * time.Second
-	DefaultMaxCoolOff        = 5 * time.Minute
-	DefaultMaxRestarts       = 20
-	DefaultHealthyReset      = 10 * time.Minute
-	DefaultReportInterval    = 200 * time.Millisecond
-	DefaultResyncInterval    = 10 * time.Second
-	DefaultStopTimeout       = 10 * time.Second
-	DefaultReconnectMin      = time.Second
-	DefaultReconnectMax      = time.Minute
-	DefaultConnectTimeout    = 10 * time.Second
-	DefaultKeepAlive         = 30 * time.Second
+	DefaultCoolOff        = 10 * time.Second
+	DefaultMaxCoolOff     = 5 * time.Minute
+	DefaultMaxRestarts    = 20
+	DefaultHealthyReset   = 10 * time.Minute
+	DefaultReportInterval = 200 * time.Millisecond
+	DefaultResyncInterval = 10 * time.Second
+	DefaultStopTimeout    = 10 * time.Second
+	DefaultReconnectMin   = time.Second
+	DefaultReconnectMax   = time.Minute
+	DefaultConnectTimeout = 10 * time.Second
+	// DefaultKeepAlive: a controller cut off by the network is noticed
+	// within about two keepalives (no ping answer), then the next is tried.
+	DefaultKeepAlive         = 15 * time.Second
 	DefaultOperationTimeout  = 5 * time.Minute
 	defaultDockerStopSeconds = 10
 )
@@ -107,7 +109,7 @@ type Config struct {
 	// ConnectTimeout bounds one connection attempt (TCP, TLS, CONNECT).
 	// Default 10 s.
 	ConnectTimeout time.Duration
-	// KeepAlive is the MQTT keepalive. Default 30 s.
+	// KeepAlive is the MQTT keepalive. Default 15 s.
 	KeepAlive time.Duration
 
 	// runtime replaces the runtime driver (tests only).

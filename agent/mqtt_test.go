@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -352,5 +353,83 @@ func TestAgent_MQTT_TLSWithCAFile(t *testing.T) {
 	case r := <-ctl2.reports:
 		t.Errorf("an agent without the CA connected: %s", r)
 	case <-time.After(500 * time.Millisecond):
+	}
+}
+
+// TestAgent_MQTT_LeavesASilentServer: a controller cut off by the network
+// sends no reset; the agent must still notice (keepalive) and move to the
+// next server. A proxy that stops forwarding without closing stands in for
+// the cut network (a real partition cannot be made between two sockets of
+// one process).
+func TestAgent_MQTT_LeavesASilentServer(t *testing.T) {
+	cfg := mqttConfig(t)
+	cfg.KeepAlive = time.Second
+	first := startController(t, "127.0.0.1:0", cfg.DeviceID, cfg.DeviceKey)
+	second := startController(t, "127.0.0.1:0", cfg.DeviceID, cfg.DeviceKey)
+	for _, c := range []*controller{first, second} {
+		c.setDesired(desired(3, "dep", map[string]mod{}))
+	}
+	px := newSilencingProxy(t, first.b.Addr())
+	cfg.Servers = []string{"mqtt://" + px.addr(), second.url()}
+	startAgent(t, cfg)
+	first.waitReport(waitLong, "a report through the proxy", func(d fleet.ReportedDocument) bool { return d.LastDesiredVersion == 3 })
+	px.silence()
+	doc := second.waitReport(waitLong, "a report on the second server after the first went silent", func(fleet.ReportedDocument) bool { return true })
+	if doc.LastDesiredVersion != 3 {
+		t.Errorf("report after moving: %+v", doc)
+	}
+}
+
+// silencingProxy forwards TCP until silence(), then swallows everything in
+// both directions and keeps the connections open.
+type silencingProxy struct {
+	ln     net.Listener
+	target string
+	silent atomic.Bool
+}
+
+func newSilencingProxy(t *testing.T, target string) *silencingProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &silencingProxy{ln: ln, target: target}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			t.Cleanup(func() { c.Close(); u.Close() })
+			go p.pipe(u, c)
+			go p.pipe(c, u)
+		}
+	}()
+	return p
+}
+
+func (p *silencingProxy) addr() string { return p.ln.Addr().String() }
+func (p *silencingProxy) silence()     { p.silent.Store(true) }
+
+func (p *silencingProxy) pipe(dst, src net.Conn) {
+	buf := make([]byte, 4096)
+	for {
+		n, err := src.Read(buf)
+		if err != nil {
+			return
+		}
+		if p.silent.Load() {
+			continue
+		}
+		if _, err := dst.Write(buf[:n]); err != nil {
+			return
+		}
 	}
 }

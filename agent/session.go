@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"crypto/tls"
 	"fmt"
 	"log/slog"
@@ -46,6 +47,7 @@ type session struct {
 	start   int // the server a round of attempts starts with
 	dialed  int // the server last dialled
 	current int // the server connected to, -1 when none
+	conn    net.Conn // the connection last dialled, to drop a silent one
 	up      atomic.Bool
 	// failures counts failed attempts since the last connection: the first
 	// of an outage is a warning, the rest debug, so that a device offline
@@ -164,6 +166,7 @@ func (s *session) dial(ctx context.Context, _ autopaho.ClientConfig, u *url.URL)
 		if err != nil {
 			return nil, fmt.Errorf("dial %s: %w", target.Host, err)
 		}
+		s.setConn(conn)
 		return packets.NewThreadSafeConn(conn), nil
 	}
 	var d net.Dialer
@@ -171,7 +174,29 @@ func (s *session) dial(ctx context.Context, _ autopaho.ClientConfig, u *url.URL)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", target.Host, err)
 	}
+	s.setConn(conn)
 	return conn, nil
+}
+
+func (s *session) setConn(c net.Conn) {
+	s.mu.Lock()
+	s.conn = c
+	s.mu.Unlock()
+}
+
+// dropSilent closes the current connection when the controller stopped
+// answering: a controller cut off by the network sends no reset, and the
+// MQTT keepalive would take up to 1.5 keepalives to notice, while the
+// device could already be talking to another node.
+func (s *session) dropSilent(reason string) {
+	s.mu.Lock()
+	c, cur := s.conn, s.current
+	s.mu.Unlock()
+	if c == nil || cur < 0 {
+		return
+	}
+	s.log.Warn("controller stopped answering; trying the next one", "server", s.urls[cur].Host, "reason", reason)
+	c.Close()
 }
 
 func (s *session) subscribe(ctx context.Context, cm *autopaho.ConnectionManager, topic string) {
@@ -193,14 +218,17 @@ func (s *session) subscribe(ctx context.Context, cm *autopaho.ConnectionManager,
 func (s *session) connected() bool { return s.up.Load() }
 
 // publish sends a reported document at QoS 1 and waits for its PUBACK.
-func (s *session) publish(ctx context.Context, payload []byte) error {
+func (s *session) publish(parent context.Context, payload []byte) error {
 	if s.cm == nil {
 		return autopaho.ConnectionDownError
 	}
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	ctx, cancel := context.WithTimeout(parent, s.cfg.ConnectTimeout)
 	defer cancel()
 	res, err := s.cm.Publish(ctx, &paho.Publish{QoS: 1, Topic: fleet.ReportedTopic(s.deviceID), Payload: payload})
 	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && parent.Err() == nil && s.connected() {
+			s.dropSilent(fmt.Sprintf("no acknowledgement of a report within %s", s.cfg.ConnectTimeout))
+		}
 		return err
 	}
 	if res != nil && res.ReasonCode >= 0x80 {

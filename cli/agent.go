@@ -22,7 +22,7 @@ func (a *app) agentCommand() *cobra.Command {
 		servers, deviceID, deviceKey, enrollToken string
 		runtime, dataDir, caFile                  string
 		logFormat, logLevel                       string
-		coolOff                                   time.Duration
+		coolOff, keepAlive                        time.Duration
 		maxRestarts                               int
 	)
 	cmd := &cobra.Command{
@@ -81,6 +81,7 @@ any deployment's audience.`,
 				Logger:    logger,
 				Version:   a.version,
 				Restart:   agent.RestartConfig{CoolOff: coolOff, MaxRestarts: maxRestarts},
+				KeepAlive: keepAlive,
 			})
 			if err != nil {
 				return err
@@ -100,6 +101,7 @@ any deployment's audience.`,
 	f.StringVar(&runtime, "runtime", "", "module runtime: docker (default) or process (env APPLIANCE_AGENT_RUNTIME)")
 	f.StringVar(&dataDir, "data-dir", "", "the agent's state directory (env APPLIANCE_AGENT_DATA_DIR; default <data dir>/agent)")
 	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_AGENT_CA_FILE)")
+	f.DurationVar(&keepAlive, "keepalive", agent.DefaultKeepAlive, "MQTT keepalive: a controller that stops answering is left after about two of these")
 	f.DurationVar(&coolOff, "restart-cool-off", agent.DefaultCoolOff, "wait before the first restart of a failed module; doubles each time (edgeAgent's default)")
 	f.IntVar(&maxRestarts, "max-restarts", agent.DefaultMaxRestarts, "restarts before a failing module is left dead (until a new deployment)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
