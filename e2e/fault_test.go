@@ -467,7 +467,7 @@ func readState(ctx context.Context, cl *api.Client) (faultState, error) {
 // version (counted from the index this node loaded its state at) are the
 // node's own.
 func replicated(d api.DeviceView) api.DeviceView {
-	d.ConnectionState, d.LastActivityTime, d.DesiredVersion = "", nil, 0
+	d.ConnectionState, d.ConnectedNode, d.LastActivityTime, d.DesiredVersion = "", "", nil, 0
 	return d
 }
 
