@@ -61,15 +61,21 @@ var (
 
 // Defaults of Limits, used for every zero field.
 const (
-	DefaultMaxPacketSize     = 256 << 10 // bytes; the largest message Azure IoT Hub accepts
-	DefaultMaxReportSize     = 64 << 10  // bytes
-	DefaultMaxInflight       = 32        // QoS 1 messages per client and direction
-	DefaultMaxQueuedMessages = 64        // messages waiting to be written, per client
-	DefaultMaxKeepalive      = 20 * time.Minute
-	DefaultConnectTimeout    = 10 * time.Second
-	DefaultAuthTimeout       = 5 * time.Second
-	DefaultBufferSize        = 2 << 10 // bytes, read and write buffer per connection
+	DefaultMaxPacketSize  = 256 << 10 // bytes; the largest message Azure IoT Hub accepts
+	DefaultMaxReportSize  = 64 << 10  // bytes
+	DefaultMaxInflight    = 32        // QoS 1 messages per client and direction
+	DefaultMaxKeepalive   = 20 * time.Minute
+	DefaultConnectTimeout = 10 * time.Second
+	DefaultAuthTimeout    = 5 * time.Second
+	DefaultReadBufferSize = 2 << 10 // bytes, per connection while it has bytes to process
 )
+
+// mochiReadBufferSize sizes the bufio.Reader mochi keeps for each client. It
+// reads from our own read buffer (see trackedConn.Read), which a connection
+// holds only while it has bytes to process, so mochi's can be tiny: a
+// PUBACK or PINGREQ fits, and larger packets are read past it, straight
+// into the packet.
+const mochiReadBufferSize = 64
 
 // Limits caps what one client can make the broker hold. Zero fields take the
 // Default* values above.
@@ -85,11 +91,6 @@ type Limits struct {
 	// document for a client already at the cap is not sent: the client is
 	// disconnected instead (see ErrBacklogged).
 	MaxInflight uint16
-	// MaxQueuedMessages caps the messages waiting to be written to one client
-	// (mochi's MaximumClientWritesPending, 8 bytes of channel per slot). A
-	// desired document that does not fit disconnects the client rather than
-	// being lost silently.
-	MaxQueuedMessages int32
 	// MaxKeepalive replaces a client's keepalive when it asks for none (0) or
 	// for a longer one, so that every connection has a read deadline. MQTT 5
 	// clients are told through the Server Keep Alive property. At most 65535 s.
@@ -102,8 +103,10 @@ type Limits struct {
 	// "server busy" (MQTT 5) or "server unavailable" (3.1.1). 0: no cap other
 	// than the process's open-file limit.
 	MaxConnections int64
-	// ReadBufferSize and WriteBufferSize size each connection's buffers.
-	ReadBufferSize, WriteBufferSize int
+	// ReadBufferSize sizes the read buffer a connection borrows from a
+	// shared pool while it has bytes to process; an idle connection holds
+	// none. Larger packets are still read whole (up to MaxPacketSize).
+	ReadBufferSize int
 }
 
 func (l Limits) withDefaults() Limits {
@@ -116,9 +119,6 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxInflight == 0 {
 		l.MaxInflight = DefaultMaxInflight
 	}
-	if l.MaxQueuedMessages == 0 {
-		l.MaxQueuedMessages = DefaultMaxQueuedMessages
-	}
 	if l.MaxKeepalive == 0 {
 		l.MaxKeepalive = DefaultMaxKeepalive
 	}
@@ -129,10 +129,7 @@ func (l Limits) withDefaults() Limits {
 		l.AuthTimeout = DefaultAuthTimeout
 	}
 	if l.ReadBufferSize == 0 {
-		l.ReadBufferSize = DefaultBufferSize
-	}
-	if l.WriteBufferSize == 0 {
-		l.WriteBufferSize = DefaultBufferSize
+		l.ReadBufferSize = DefaultReadBufferSize
 	}
 	return l
 }
@@ -141,16 +138,14 @@ func (l Limits) validate() error {
 	switch {
 	case l.MaxReportSize < 0:
 		return fmt.Errorf("limits: MaxReportSize %d is negative", l.MaxReportSize)
-	case l.MaxQueuedMessages < 0:
-		return fmt.Errorf("limits: MaxQueuedMessages %d is negative", l.MaxQueuedMessages)
 	case l.MaxKeepalive < time.Second || l.MaxKeepalive > math.MaxUint16*time.Second:
 		return fmt.Errorf("limits: MaxKeepalive %s is outside 1s..65535s", l.MaxKeepalive)
 	case l.ConnectTimeout < 0, l.AuthTimeout < 0:
 		return errors.New("limits: timeouts must not be negative")
 	case l.MaxConnections < 0:
 		return fmt.Errorf("limits: MaxConnections %d is negative", l.MaxConnections)
-	case l.ReadBufferSize < 0, l.WriteBufferSize < 0:
-		return errors.New("limits: buffer sizes must not be negative")
+	case l.ReadBufferSize < 0:
+		return errors.New("limits: ReadBufferSize must not be negative")
 	}
 	return nil
 }
@@ -213,9 +208,15 @@ type Broker struct {
 	reports ReportSink
 	log     *slog.Logger
 
-	srv    *mqtt.Server
-	inline *mqtt.Client // publishes desired documents, bypassing the ACL
-	ln     *guardedListener
+	srv      *mqtt.Server
+	ln       *guardedListener
+	readBufs sync.Pool // of *[]byte, Limits.ReadBufferSize each
+	senders  *senders  // write desired documents (send.go)
+
+	idleWorkers chan burstJob // unbuffered: to a worker waiting for a burst (listener.go)
+	// connectSession and serveSession as func values, made once: a method
+	// value made per burst is an allocation per packet.
+	connectFn, serveFn func(*trackedConn) bool
 
 	ctx    context.Context // cancelled by Close; parent of Authenticator calls
 	cancel context.CancelFunc
@@ -256,7 +257,11 @@ func New(cfg Config) (*Broker, error) {
 	caps.MaximumPacketSize = lim.MaxPacketSize
 	caps.MaximumInflight = lim.MaxInflight
 	caps.ReceiveMaximum = lim.MaxInflight
-	caps.MaximumClientWritesPending = lim.MaxQueuedMessages
+	// mochi's queue of messages to a client is never used: desired documents
+	// are written by the broker (send.go), and nothing else can reach a
+	// device. Unbuffered, and no WriteLoop reading it: anything mochi would
+	// queue is dropped, and OnPublishDropped disconnects the device.
+	caps.MaximumClientWritesPending = 0
 	if lim.MaxConnections > 0 {
 		caps.MaximumClients = lim.MaxConnections
 	}
@@ -286,23 +291,26 @@ func New(cfg Config) (*Broker, error) {
 		ctx:     ctx,
 		cancel:  cancel,
 		devices: make(map[string][]*trackedConn),
+		senders: newSenders(),
+
+		idleWorkers: make(chan burstJob),
+	}
+	b.connectFn, b.serveFn = b.connectSession, b.serveSession
+	b.readBufs.New = func() any {
+		buf := make([]byte, lim.ReadBufferSize)
+		return &buf
 	}
 	b.srv = mqtt.New(&mqtt.Options{
-		Capabilities:             caps,
-		ClientNetReadBufferSize:  lim.ReadBufferSize,
-		ClientNetWriteBufferSize: lim.WriteBufferSize,
-		Logger:                   slog.New(mochiLogHandler{h: logger.Handler()}),
+		Capabilities:            caps,
+		ClientNetReadBufferSize: mochiReadBufferSize,
+		Logger:                  slog.New(mochiLogHandler{h: logger.Handler()}),
 		// $SYS topics are refused to devices; publishing them calls
 		// runtime.ReadMemStats (stop-the-world), so do it rarely.
 		SysTopicResendInterval: 3600,
 	})
-	// Not mochi's own inline client: that one sits in the client map as
-	// "inline", which is a valid device id. Ours is in no map, and its id
-	// (with a '/') is not a device id.
-	b.inline = b.srv.NewClient(nil, mqtt.LocalListener, inlineClientID, true)
-	// Ours is the only hook. mochi OR-s OnConnectAuthenticate and OnACLCheck
-	// across hooks, so any other hook (its auth ledger, AllowHook) could only
-	// widen access.
+	// Ours is the only hook. mochi OR-s OnACLCheck across hooks, so any
+	// other hook (its auth ledger, AllowHook) could only widen access.
+	// Authentication is not a hook: the listener runs it (session.go).
 	if err := b.srv.AddHook(&deviceHook{b: b}, nil); err != nil {
 		cancel()
 		return nil, fmt.Errorf("add device hook: %w", err)
@@ -343,15 +351,16 @@ func (b *Broker) Addr() string { return b.ln.Address() }
 // device is connected to this broker. Only that device can be subscribed to
 // the topic, so nothing reaches another device, and nothing is retained.
 //
-// It never blocks: the message is queued for the device's writer, or left
-// for the device's connection goroutine if that is busy (so doc must not be
-// modified after the call). A device
-// that is connected but has not subscribed yet gets nil here and its desired
-// document from the DesiredSource when it subscribes, so the node must make
-// the source return the new document before calling PublishDesired. Devices
-// connected to other nodes give ErrNotConnected, which callers fanning out to
-// a fleet can ignore. Documents can overtake each other (a subscribe-time
-// send and a PublishDesired racing); the agent keeps the highest version.
+// It never blocks: doc goes into the device's one-slot mailbox (replacing a
+// document not yet written: only the latest desired state matters), which a
+// sender or the device's own connection writes (send.go); so doc must not be
+// modified after the call. A device that is connected but has not
+// subscribed yet gets nil here and its desired document from the
+// DesiredSource when it subscribes, so the node must make the source return
+// the new document before calling PublishDesired. Devices connected to
+// other nodes give ErrNotConnected, which callers fanning out to a fleet can
+// ignore. Documents can overtake each other (a subscribe-time send and a
+// PublishDesired racing); the agent keeps the highest version.
 func (b *Broker) PublishDesired(deviceID string, doc []byte) error {
 	if b.closed.Load() {
 		return ErrClosed
@@ -364,54 +373,16 @@ func (b *Broker) PublishDesired(deviceID string, doc []byte) error {
 	if cl == nil || cl.Closed() {
 		return ErrNotConnected
 	}
-	topic := fleet.DesiredTopic(deviceID)
-	if _, ok := cl.State.Subscriptions.Get(topic); !ok {
+	if _, ok := cl.State.Subscriptions.Get(fleet.DesiredTopic(deviceID)); !ok {
 		return nil // it will be sent on subscribe
 	}
-	// Never while the connection's goroutine processes a packet: mochi
-	// v2.7.9's Inflight.NextImmediate, which runs after each packet, takes
-	// the client's inflight read lock twice, and the publish below takes its
-	// write lock; the three deadlock (see DESIGN.md). If the goroutine is
-	// busy, leave the document for it to send when it has finished the
-	// packet; only the latest document is kept, as only the latest matters.
-	if tc.procMu.TryLock() {
-		defer tc.procMu.Unlock()
-		if d := tc.pending.Swap(nil); d != nil { // left by an earlier call: send it first
-			_ = b.sendDesired(cl, topic, *d)
-		}
-		return b.sendDesired(cl, topic, doc)
-	}
-	tc.pending.Store(&doc)
-	if tc.procMu.TryLock() { // it finished meanwhile and may have missed doc
-		defer tc.procMu.Unlock()
-		if d := tc.pending.Swap(nil); d != nil {
-			return b.sendDesired(cl, topic, *d)
-		}
-	}
-	return nil
-}
-
-// sendDesired publishes doc to topic, whose only possible subscriber is cl.
-func (b *Broker) sendDesired(cl *mqtt.Client, topic string, doc []byte) error {
-	if cl.State.Inflight.Len() >= int(b.lim.MaxInflight) {
-		// mochi would drop the message with only a log line; a device that
-		// has stopped acknowledging is better reconnected, which resends.
-		b.stats.desiredFailed.Add(1)
-		b.log.Warn("device not acknowledging desired documents; disconnecting it", "device", cl.ID, "inflight", cl.State.Inflight.Len())
-		cl.Stop(packets.ErrReceiveMaximum)
+	if b.backlogged(cl) {
 		return ErrBacklogged
 	}
-	err := b.srv.InjectPacket(b.inline, packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
-		TopicName:   topic,
-		Payload:     doc,
-		PacketID:    1, // required by mochi's validation of a QoS 1 publish; inline publishes are never acknowledged
-	})
-	if err != nil {
-		b.stats.desiredFailed.Add(1)
-		return fmt.Errorf("publish desired to %s: %w", cl.ID, err)
+	tc.pending.Store(&doc)
+	if b.ready(tc) {
+		b.schedule(tc)
 	}
-	b.stats.desiredSent.Add(1)
 	return nil
 }
 
@@ -499,9 +470,6 @@ func (b *Broker) Stats() Stats {
 		PanicsRecovered: b.stats.panicsSaved.Load(),
 	}
 }
-
-// inlineClientID names the client desired documents are published from.
-const inlineClientID = "appliance/broker"
 
 // closeTimeout bounds waiting for connection goroutines in Close.
 const closeTimeout = 5 * time.Second
@@ -601,10 +569,9 @@ func (b *Broker) forget(tc *trackedConn) {
 
 // mochiLogHandler tames mochi's logs before they reach ours. Its debug
 // records print whole packets, desired documents (with registry credentials)
-// included: dropped. A client's protocol error is logged by mochi at Warn with
-// the whole packet: kept at Info without the packet, since a device can send
-// as many as it likes. Its warning about short keepalives is per connection
-// and client-caused: dropped.
+// included: dropped. Its warning about short keepalives is per connection
+// and client-caused: dropped. (Protocol errors are logged by session.go, at
+// Info and without the packet, since a device can send as many as it likes.)
 type mochiLogHandler struct{ h slog.Handler }
 
 func (m mochiLogHandler) Enabled(ctx context.Context, l slog.Level) bool {
@@ -612,18 +579,8 @@ func (m mochiLogHandler) Enabled(ctx context.Context, l slog.Level) bool {
 }
 
 func (m mochiLogHandler) Handle(ctx context.Context, r slog.Record) error {
-	switch r.Message {
-	case mqtt.ErrMinimumKeepalive.Error():
+	if r.Message == mqtt.ErrMinimumKeepalive.Error() {
 		return nil
-	case "error processing packet":
-		out := slog.NewRecord(r.Time, slog.LevelInfo, "client protocol error; closing it", r.PC)
-		r.Attrs(func(a slog.Attr) bool {
-			if a.Key != "pk" {
-				out.AddAttrs(a)
-			}
-			return true
-		})
-		return m.h.Handle(ctx, out)
 	}
 	return m.h.Handle(ctx, r)
 }

@@ -544,10 +544,11 @@ func TestBroker_PublishDesired_ConcurrentWithAcksDoesNotDeadlock(t *testing.T) {
 	d.subscribe(t, fleet.DesiredTopic("press-01"))
 	waitFor(t, "press-01 listed", func() bool { _, ok := b.Connection("press-01"); return ok })
 
-	cl, ok := b.srv.Clients.Get("press-01")
-	if !ok {
-		t.Fatal("press-01 not in mochi's client map")
+	tc := b.connFor("press-01")
+	if tc == nil {
+		t.Fatal("press-01 not connected")
 	}
+	cl := tc.client.Load()
 	const n = 10000
 	deadline := time.Now().Add(20 * time.Second)
 	for v := int64(1); v <= n; v++ {

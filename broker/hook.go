@@ -2,7 +2,6 @@ package broker
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"time"
 
@@ -12,11 +11,13 @@ import (
 	"appliance/fleet"
 )
 
-// deviceHook is the only hook installed in mochi: device authentication, the
-// ACL, desired state on subscribe, and report intake. Every method runs on
-// the goroutine of the client concerned (OnACLCheck for delivery and
-// OnPublishDropped run on the publisher's) and returns without waiting on
-// anything but the node's local lookups.
+// deviceHook is the only hook installed in mochi: the ACL, desired state on
+// subscribe, and report intake, the events mochi raises while it processes a
+// client's packets. Connection admission (client id, will, keepalive,
+// authentication) is not a hook: session.go runs it itself. Every method
+// runs on the burst of the client concerned (OnACLCheck for delivery and
+// OnPublishDropped run on the publisher's goroutine) and returns without
+// waiting on anything but the node's local lookups.
 type deviceHook struct {
 	mqtt.HookBase
 	b *Broker
@@ -26,121 +27,22 @@ func (h *deviceHook) ID() string { return "appliance-device" }
 
 func (h *deviceHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPacketRead,
-		mqtt.OnSessionEstablished, mqtt.OnSubscribed, mqtt.OnPublish, mqtt.OnPublishDropped:
+	case mqtt.OnACLCheck, mqtt.OnSubscribed, mqtt.OnPublish, mqtt.OnPublishDropped:
 		return true
 	}
 	return false
 }
 
-// connOf returns our state for a client; nil for the broker's inline client.
+// connOf returns our state for a client.
 func connOf(cl *mqtt.Client) *trackedConn {
 	tc, _ := cl.Net.Conn.(*trackedConn)
 	return tc
 }
 
-// OnConnect runs before authentication. It refuses what no credential can
-// make acceptable: a client id other than the username (one session per
-// device, and the id is what mochi keys subscriptions and takeovers on), and a
-// will message to a topic the device may not publish to (mochi publishes wills
-// without an ACL check). It also gives every connection a keepalive, hence a
-// read deadline.
-func (h *deviceHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
-	tc := connOf(cl)
-	if tc == nil {
-		return packets.ErrImplementationSpecificError
-	}
-	tc.client.Store(cl)
-	deviceID := string(pk.Connect.Username)
-	refuse := func(code packets.Code, why string) error {
-		h.b.stats.authFailures.Add(1)
-		h.b.log.Info("device refused", "device", deviceID, "clientId", pk.Connect.ClientIdentifier, "remote", cl.Net.Remote, "reason", why)
-		_ = h.b.srv.SendConnack(cl, code, false, nil)
-		return code
-	}
-	if pk.Connect.ClientIdentifier != deviceID {
-		return refuse(packets.ErrClientIdentifierNotValid, "client id must equal the username (device id)")
-	}
-	if pk.Connect.WillFlag && !allowed(deviceID, pk.Connect.WillTopic, true) {
-		code := packets.ErrNotAuthorized
-		if cl.Properties.ProtocolVersion < 5 {
-			code = packets.ErrBadUsernameOrPassword // sent as 3.1.1's "not authorized"
-		}
-		return refuse(code, "will topic is not one the device may publish to")
-	}
-	if maxKA := uint16(h.b.lim.MaxKeepalive / time.Second); cl.State.Keepalive == 0 || cl.State.Keepalive > maxKA {
-		cl.State.Keepalive = maxKA
-		cl.State.ServerKeepalive = true
-	}
-	return nil
-}
-
-// OnPacketRead marks the start of processing a packet (see trackedConn.procMu).
-func (h *deviceHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if tc := connOf(cl); tc != nil {
-		tc.beginProcessing()
-	}
-	return pk, nil
-}
-
-// OnConnectAuthenticate checks username = device id and password = key with
-// the node's Authenticator.
-func (h *deviceHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	tc := connOf(cl)
-	deviceID := string(pk.Connect.Username)
-	if tc == nil || fleet.ValidateDeviceID(deviceID) != nil || !pk.Connect.PasswordFlag || len(pk.Connect.Password) == 0 {
-		h.b.stats.authFailures.Add(1)
-		h.b.log.Info("device refused", "device", deviceID, "remote", cl.Net.Remote, "reason", "missing or malformed credentials")
-		return false
-	}
-	// Registered before the check, so that a Disconnect racing with it (the
-	// device was just disabled) marks this connection revoked.
-	h.b.register(deviceID, tc)
-	ctx, cancel := context.WithTimeout(h.b.ctx, h.b.lim.AuthTimeout)
-	err := h.b.auth.AuthenticateDevice(ctx, deviceID, string(pk.Connect.Password))
-	cancel()
-	if err == nil {
-		h.b.takeOver(tc)
-		if tc.revoked.Load() {
-			err = errRevoked
-		}
-	}
-	if err != nil {
-		h.b.stats.authFailures.Add(1)
-		h.b.log.Info("device refused", "device", deviceID, "remote", cl.Net.Remote, "reason", err.Error())
-		return false
-	}
-	tc.since.Store(time.Now().UnixNano())
-	return true
-}
-
-// errRevoked: Disconnect was called while the device was authenticating.
-var errRevoked = packets.ErrAdministrativeAction
-
-// OnSessionEstablished runs after CONNACK. The session may have inherited a
-// subscription to the desired topic (an MQTT 3.1.1 clean=false reconnect
-// within a second, before mochi expires the old session): then no SUBSCRIBE
-// will come, so send the desired document now.
-func (h *deviceHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	tc := connOf(cl)
-	if tc == nil {
-		return
-	}
-	tc.established.Store(true)
-	if tc.revoked.Load() {
-		h.b.dropConn(tc, packets.ErrAdministrativeAction)
-		return
-	}
-	topic := fleet.DesiredTopic(cl.ID)
-	if _, ok := cl.State.Subscriptions.Get(topic); ok {
-		h.b.sendCurrentDesired(cl, topic)
-	}
-}
-
 // OnACLCheck is the whole authorisation policy; see allowed. mochi calls it
 // for each subscription filter, each publish, and each delivery to a
-// subscriber. cl.ID is the authenticated device id: OnConnect refuses any
-// other client id and OnConnectAuthenticate authenticates the username.
+// subscriber. cl.ID is the authenticated device id: admit refuses any other
+// client id and authenticate authenticates the username.
 func (h *deviceHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if allowed(cl.ID, topic, write) {
 		return true
@@ -177,27 +79,32 @@ func (h *deviceHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCode
 	topic := fleet.DesiredTopic(cl.ID)
 	for i, f := range pk.Filters {
 		if i < len(reasonCodes) && reasonCodes[i] < packets.ErrUnspecifiedError.Code && f.Filter == topic {
-			h.b.sendCurrentDesired(cl, topic)
+			h.b.sendCurrentDesired(cl)
 			return
 		}
 	}
 }
 
 // sendCurrentDesired asks the DesiredSource for the device's document and
-// sends it. If the source fails, the device is disconnected ("server busy")
-// and retries by reconnecting, rather than sitting connected without its
+// writes it, on the device's burst (which holds procMu), before mochi writes
+// the SUBACK (MQTT allows either order). Not through the mailbox: a newer
+// document PublishDesired may have left there must not be replaced by this
+// one. If the source fails, the device is disconnected ("server busy") and
+// retries by reconnecting, rather than sitting connected without its
 // desired state.
-func (b *Broker) sendCurrentDesired(cl *mqtt.Client, topic string) {
+func (b *Broker) sendCurrentDesired(cl *mqtt.Client) {
+	tc := connOf(cl)
+	if tc == nil {
+		return
+	}
 	doc, err := b.desired.Desired(cl.ID)
 	if err != nil {
 		b.stats.desiredFailed.Add(1)
 		b.log.Warn("desired document unavailable; disconnecting device so it retries", "device", cl.ID, "error", err)
-		if tc := connOf(cl); tc != nil {
-			go b.dropConn(tc, packets.ErrServerBusy) // not on cl's own goroutine: mochi writes SUBACK after this hook
-		}
+		go b.dropConn(tc, packets.ErrServerBusy) // not on the burst: mochi writes SUBACK after this hook
 		return
 	}
-	_ = b.sendDesired(cl, topic, doc)
+	_ = b.sendDesired(tc, cl, doc)
 }
 
 // OnPublish takes reported documents. It runs after the ACL allowed the
@@ -206,8 +113,8 @@ func (b *Broker) sendCurrentDesired(cl *mqtt.Client, topic string) {
 // telemetry topics, and nothing is retained).
 func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	tc := connOf(cl)
-	if tc == nil { // a desired document, published through the broker's inline client
-		return pk, nil
+	if tc == nil { // not one of our connections: cannot happen; take nothing
+		return pk, packets.CodeSuccessIgnore
 	}
 	if _, kind, ok := fleet.DeviceIDFromTopic(pk.TopicName); ok && kind == fleet.TopicKindReported {
 		h.b.intakeReport(tc, cl.ID, pk.Payload)
@@ -250,13 +157,14 @@ func isJSONObject(b []byte) bool {
 	return len(b) > 0 && b[0] == '{' && json.Valid(b)
 }
 
-// OnPublishDropped: a desired document did not fit the client's write queue
-// (MaxQueuedMessages). mochi would only count it; disconnect the device so
-// that it reconnects and is sent its current document. Stop, not a DISCONNECT
-// write: the connection is backed up, and this runs on the publisher's
-// goroutine.
+// OnPublishDropped: mochi tried to queue a message to the device. Its queue
+// is never used (desired documents are written by send.go, and no device may
+// subscribe to anything else), so this cannot happen; if it does, the device
+// is disconnected rather than left without a message, and is sent its
+// current document when it reconnects. Stop, not a DISCONNECT write: this
+// runs on the publisher's goroutine.
 func (h *deviceHook) OnPublishDropped(cl *mqtt.Client, _ packets.Packet) {
 	h.b.stats.desiredFailed.Add(1)
-	h.b.log.Warn("device write queue full; disconnecting it", "device", cl.ID)
+	h.b.log.Warn("message queued by mochi for a device; disconnecting it", "device", cl.ID)
 	cl.Stop(packets.ErrPendingClientWritesExceeded)
 }

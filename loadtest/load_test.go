@@ -186,6 +186,7 @@ type connResult struct {
 	live, lost          int
 	window              time.Duration // start of the first connect → SUBACK of the last
 	rssBefore, rssAfter int64
+	rssAfterFanout      int64   // after the fan-out rounds and a settle; 0 if not read
 	before, after       goStats // node, from /metrics; zero if unknown
 	fds                 int     // open files of the broker process after connecting
 	serverCPU, genCPU   time.Duration
@@ -270,8 +271,11 @@ func runNode(t *testing.T, k knobs, bins *binaries, r *report) {
 	logDir := filepath.Join(dir, "logs")
 	must(t, os.MkdirAll(logDir, 0o755))
 	dataDir := filepath.Join(dir, "data")
+	// Plain TCP for MQTT, like the mosquitto baseline and the load
+	// generator (TLS is the node's default), and plain HTTP for the API.
 	node := startProc(t, logDir, "node", bins.appliance, []string{"serve", "--data-dir", dataDir, "--node-id", "n1",
-		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"}, k.nodeEnv, false)
+		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
+		"--http-plain", "--mqtt-plain"}, k.nodeEnv, false)
 	defer node.stop(30 * time.Second)
 	c, mqttAddr := waitNode(t, node, dataDir)
 	ctx := context.Background()
@@ -335,6 +339,7 @@ func runNode(t *testing.T, k knobs, bins *binaries, r *report) {
 		}
 	}
 
+	r.noteRSSAfterFanout(t, k, "appliance node", node)
 	r.lat = latencyProbe(t, k, c, mqttAddr, latDevs)
 	r.lat.connected = cr.live
 	if _, ok := sh.all("status", "status", 30*time.Second); !ok {
@@ -719,6 +724,26 @@ log_type notice
 		})
 		r.fans = append(r.fans, f)
 	}
+	r.noteRSSAfterFanout(t, k, "mosquitto", mq)
+}
+
+// noteRSSAfterFanout reads the broker's RSS once its fan-out rounds are
+// over and it has been idle for the settle time: what the connections cost
+// after the broker has worked, not only after they connected.
+func (r *report) noteRSSAfterFanout(t *testing.T, k knobs, broker string, server *proc) {
+	t.Helper()
+	time.Sleep(k.settle)
+	v, err := rss(server.pid())
+	if err != nil {
+		t.Logf("%s: RSS after the fan-out: %v", broker, err)
+		return
+	}
+	for i := len(r.conns) - 1; i >= 0; i-- {
+		if r.conns[i].broker == broker {
+			r.conns[i].rssAfterFanout = v
+			return
+		}
+	}
 }
 
 // ---- results ----
@@ -749,8 +774,8 @@ func (r *report) markdown() string {
 		r.k.devices, r.k.perShard, r.k.concurrency)
 
 	w("**Connections and memory** (RSS from /proc/<pid>/status, %v after the phase)\n\n", r.k.settle)
-	w("| broker | connected / tried | connect+subscribe rate | broker RSS before → after | RSS per connection | of which Go heap / stacks | goroutines per connection | broker / load-generator CPU per connect | other processes' CPU | open files | load-generator RSS per connection |\n")
-	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	w("| broker | connected / tried | connect+subscribe rate | broker RSS before → after | RSS per connection | of which Go heap / stacks | goroutines per connection | RSS per connection after the fan-out rounds | broker / load-generator CPU per connect | other processes' CPU | open files | load-generator RSS per connection |\n")
+	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, c := range r.conns {
 		live := float64(max(c.live, 1))
 		heap, gor := "—", "—"
@@ -759,9 +784,13 @@ func (r *report) markdown() string {
 			gor = fmt.Sprintf("%.2f", float64(c.after.goroutines-c.before.goroutines)/live)
 		}
 		perConn := func(d time.Duration) float64 { return float64(d.Microseconds()) / float64(max(c.ok, 1)) }
-		w("| %s | %d / %d (%d failed, %d lost) | %.0f /s | %.1f → %.1f MiB | **%.1f KiB** | %s | %s | %.0f / %.0f µs | %.2f cores | %d | %.1f KiB |\n",
+		afterFan := "—"
+		if c.rssAfterFanout > 0 {
+			afterFan = fmt.Sprintf("%.1f KiB", float64(c.rssAfterFanout-c.rssBefore)/live/1024)
+		}
+		w("| %s | %d / %d (%d failed, %d lost) | %.0f /s | %.1f → %.1f MiB | **%.1f KiB** | %s | %s | %s | %.0f / %.0f µs | %.2f cores | %d | %.1f KiB |\n",
 			c.broker, c.live, c.devices, c.failed, c.lost, float64(c.ok)/c.window.Seconds(),
-			float64(c.rssBefore)/(1<<20), float64(c.rssAfter)/(1<<20), float64(c.rssAfter-c.rssBefore)/live/1024, heap, gor,
+			float64(c.rssBefore)/(1<<20), float64(c.rssAfter)/(1<<20), float64(c.rssAfter-c.rssBefore)/live/1024, heap, gor, afterFan,
 			perConn(c.serverCPU), perConn(c.genCPU), c.otherCPU.Seconds()/c.window.Seconds(), c.fds, float64(c.genRSS)/live/1024)
 	}
 	w("\n**Fan-out** (QoS 1; rate = messages delivered ÷ time from the trigger to the last receipt)\n\n")

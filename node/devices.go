@@ -123,7 +123,8 @@ func (v *versions) reset(base uint64) {
 
 // push sends new desired documents to the devices connected to this node
 // whose applied deployment changed. It runs after the engine is updated,
-// outside the engine lock, and never blocks on a device.
+// outside the engine lock, and never blocks on a device: PublishDesired
+// queues, and answers ErrNotConnected for devices connected elsewhere.
 func (n *Node) push(changes []evaluator.Change) {
 	if n.broker == nil {
 		return
@@ -137,9 +138,6 @@ func (n *Node) push(changes []evaluator.Change) {
 	}
 	built := map[docKey][]byte{}
 	for _, c := range changes {
-		if _, ok := n.broker.Connection(c.DeviceID); !ok {
-			continue
-		}
 		key := docKey{c.To, n.versions.of(c.DeviceID)}
 		doc, ok := built[key]
 		if !ok {
@@ -147,9 +145,11 @@ func (n *Node) push(changes []evaluator.Change) {
 			doc, err = n.desiredDocument(c.DeviceID, key.deployment, key.version)
 			if err != nil {
 				n.logger.Warn("cannot build desired document", "device", c.DeviceID, "err", err)
-				continue
 			}
-			built[key] = doc
+			built[key] = doc // nil after an error: the devices of this key are skipped
+		}
+		if doc == nil {
+			continue
 		}
 		if err := n.broker.PublishDesired(c.DeviceID, doc); err != nil && !errors.Is(err, broker.ErrNotConnected) {
 			n.logger.Warn("desired document not sent", "device", c.DeviceID, "err", err)

@@ -1,11 +1,15 @@
 package node
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,6 +26,12 @@ const (
 	// maxQueuedEvents bounds memory when a re-target of a huge fleet
 	// produces more assignment events than the writer keeps up with.
 	maxQueuedEvents = 1_000_000
+	// historyDelay is how long the writer lets events gather after the
+	// first of a batch: a change that moves a whole fleet queues an event
+	// per device at once, and the node is then busy sending each of them
+	// its new desired document; the history is written after that, in one
+	// transaction, instead of competing with it for the CPU.
+	historyDelay = time.Second
 )
 
 var (
@@ -56,7 +66,9 @@ type queuedEvent struct {
 }
 
 func openHistory(path string, retention time.Duration, perKey int, logger *slog.Logger) (*history, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{NoSync: true, Timeout: 5 * time.Second})
+	// No fsync, and no freelist written at each commit (bbolt rebuilds it
+	// when it opens the file): the history is a record, not state.
+	db, err := bolt.Open(path, 0o600, &bolt.Options{NoSync: true, NoFreelistSync: true, Timeout: 5 * time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("open history %s: %w", path, err)
 	}
@@ -100,23 +112,42 @@ func (h *history) add(events ...queuedEvent) {
 	}
 }
 
-// run writes queued events until ctx ends, then writes what is left.
+// run writes queued events, historyDelay after the first of each batch,
+// until ctx ends, then writes what is left.
 func (h *history) run(ctx context.Context) {
-	t := time.NewTicker(200 * time.Millisecond)
-	defer t.Stop()
+	wait := time.NewTimer(historyDelay)
+	wait.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			h.flush()
 			return
-		case <-t.C:
 		case <-h.kick:
 		}
-		h.flush()
+		wait.Reset(historyDelay)
+		select {
+		case <-ctx.Done():
+			h.flush()
+			return
+		case <-wait.C:
+		}
+		h.write(ctx, true)
 	}
 }
 
-func (h *history) flush() {
+// flush writes every queued event now.
+func (h *history) flush() { h.write(context.Background(), false) }
+
+// historyChunk events are written per transaction when pacing.
+const historyChunk = 1000
+
+// write writes the queued events in key order (neighbouring keys share
+// bbolt pages), historyChunk per transaction. Paced, it rests twice as
+// long as each transaction took before the next one, so that writing a
+// fleet's worth of events takes at most about a third of a CPU and leaves
+// the rest to the node's foreground work (delivering desired documents,
+// the API); the events are a record for people and can wait.
+func (h *history) write(ctx context.Context, paced bool) {
 	h.mu.Lock()
 	batch := h.queue
 	h.queue = nil
@@ -124,58 +155,123 @@ func (h *history) flush() {
 	if len(batch) == 0 {
 		return
 	}
+	recs := make([]historyRecord, len(batch))
+	for i, q := range batch {
+		recs[i] = historyRecord{q: q, seq: uint32(i)}
+	}
+	slices.SortFunc(recs, func(a, b historyRecord) int {
+		if a.q.deployment != b.q.deployment {
+			if a.q.deployment {
+				return 1
+			}
+			return -1
+		}
+		if c := strings.Compare(a.q.key, b.q.key); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.q.ev.Index, b.q.ev.Index)
+	})
+	for len(recs) > 0 {
+		n := len(recs)
+		if paced {
+			n = min(n, historyChunk)
+		}
+		start := time.Now()
+		if err := h.writeRecords(recs[:n]); err != nil {
+			h.logger.Warn("history not written", "events", n, "err", err)
+		}
+		recs = recs[n:]
+		if len(recs) > 0 && paced {
+			select {
+			case <-ctx.Done():
+				paced = false // write the rest at once
+			case <-time.After(2 * time.Since(start)):
+			}
+		}
+	}
+}
+
+type historyRecord struct {
+	q   queuedEvent
+	seq uint32 // position in the batch: orders a subject's events of one raft index
+}
+
+// writeRecords writes sorted records in one transaction and applies the
+// retention to each subject they touch.
+func (h *history) writeRecords(recs []historyRecord) error {
 	cutoff := time.Now().Add(-h.retention)
-	err := h.db.Update(func(tx *bolt.Tx) error {
-		for i, q := range batch {
+	return h.db.Update(func(tx *bolt.Tx) error {
+		for i, r := range recs {
 			b := tx.Bucket(bucketDeviceHistory)
-			if q.deployment {
+			if r.q.deployment {
 				b = tx.Bucket(bucketDeploymentHistory)
 			}
-			data, err := json.Marshal(q.ev)
+			data, err := json.Marshal(r.q.ev)
 			if err != nil {
 				return err
 			}
-			if err := b.Put(historyKey(q.key, q.ev.Index, uint32(i)), data); err != nil {
+			if err := b.Put(historyKey(r.q.key, r.q.ev.Index, r.seq), data); err != nil {
 				return err
 			}
-			if err := h.prune(b, q.key, cutoff); err != nil {
-				return err
+			// Once per subject: after its last record (they are sorted).
+			if last := i == len(recs)-1 || recs[i+1].q.key != r.q.key || recs[i+1].q.deployment != r.q.deployment; last {
+				if err := h.prune(b, r.q.key, cutoff); err != nil {
+					return err
+				}
 			}
 		}
 		return nil
 	})
-	if err != nil {
-		h.logger.Warn("history not written", "events", len(batch), "err", err)
-	}
 }
 
 // prune keeps at most perKey events of a subject, none older than cutoff.
+// The keys go first (a bbolt cursor skips an entry after a Delete).
 func (h *history) prune(b *bolt.Bucket, key string, cutoff time.Time) error {
 	prefix := append([]byte(key), 0)
 	c := b.Cursor()
-	n := 0
-	for k, _ := c.Seek(prefix); k != nil && hasPrefix(k, prefix); k, _ = c.Next() {
-		n++
-	}
-	excess := n - h.perKey
+	var keys, values [][]byte
 	for k, v := c.Seek(prefix); k != nil && hasPrefix(k, prefix); k, v = c.Next() {
-		if excess > 0 {
-			if err := c.Delete(); err != nil {
-				return err
-			}
-			excess--
+		keys, values = append(keys, k), append(values, v)
+	}
+	excess := len(keys) - h.perKey
+	var drop [][]byte
+	for i, k := range keys {
+		if i < excess {
+			drop = append(drop, bytes.Clone(k))
 			continue
 		}
-		var ev api.HistoryEvent
-		if json.Unmarshal(v, &ev) == nil && ev.Time.Before(cutoff) {
-			if err := c.Delete(); err != nil {
-				return err
-			}
+		if t, ok := eventTime(values[i]); ok && t.Before(cutoff) {
+			drop = append(drop, bytes.Clone(k))
 			continue
 		}
 		break
 	}
+	for _, k := range drop {
+		if err := b.Delete(k); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// eventTime reads the time of a stored event. Events are written by
+// json.Marshal of api.HistoryEvent, whose first field is the time: read it
+// without decoding the rest (retention checks one event per subject per
+// batch, and a batch can have a subject per device of the fleet).
+func eventTime(v []byte) (time.Time, bool) {
+	const prefix = `{"time":"`
+	if rest, ok := bytes.CutPrefix(v, []byte(prefix)); ok {
+		if end := bytes.IndexByte(rest, '"'); end > 0 {
+			if t, err := time.Parse(time.RFC3339Nano, string(rest[:end])); err == nil {
+				return t, true
+			}
+		}
+	}
+	var ev api.HistoryEvent
+	if json.Unmarshal(v, &ev) != nil {
+		return time.Time{}, false
+	}
+	return ev.Time, true
 }
 
 func hasPrefix(k, p []byte) bool { return len(k) >= len(p) && string(k[:len(p)]) == string(p) }
