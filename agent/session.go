@@ -2,8 +2,8 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -44,9 +44,9 @@ type session struct {
 	cm *autopaho.ConnectionManager
 
 	mu      sync.Mutex
-	start   int // the server a round of attempts starts with
-	dialed  int // the server last dialled
-	current int // the server connected to, -1 when none
+	start   int      // the server a round of attempts starts with
+	dialed  int      // the server last dialled
+	current int      // the server connected to, -1 when none
 	conn    net.Conn // the connection last dialled, to drop a silent one
 	up      atomic.Bool
 	// failures counts failed attempts since the last connection: the first

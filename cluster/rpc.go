@@ -129,7 +129,9 @@ type tlsStateKey struct{}
 // HandleNode adds a route for nodes only (callers with a node
 // certificate of this cluster), for the node's own peer queries. Call it
 // before Serve.
-func (s *Server) HandleNode(pattern string, h http.HandlerFunc) { s.mux.HandleFunc(pattern, s.nodeOnly(h)) }
+func (s *Server) HandleNode(pattern string, h http.HandlerFunc) {
+	s.mux.HandleFunc(pattern, s.nodeOnly(h))
+}
 
 // Serve serves the mux's HTTP connections until Shutdown.
 func (s *Server) Serve(m *Mux) error {
