@@ -373,7 +373,7 @@ func (b *Broker) PublishDesired(deviceID string, doc []byte) error {
 	if cl == nil || cl.Closed() {
 		return ErrNotConnected
 	}
-	if _, ok := cl.State.Subscriptions.Get(fleet.DesiredTopic(deviceID)); !ok {
+	if _, ok := cl.State.Subscriptions.Get(tc.desiredTopic); !ok {
 		return nil // it will be sent on subscribe
 	}
 	if b.backlogged(cl) {
@@ -453,7 +453,7 @@ func (b *Broker) Stats() Stats {
 	b.mu.RLock()
 	for _, conns := range b.devices {
 		for _, tc := range conns {
-			if _, ok := tc.info(); ok {
+			if tc.live() {
 				n++
 			}
 		}
@@ -512,7 +512,7 @@ func (b *Broker) connFor(deviceID string) *trackedConn {
 // so that a Disconnect racing with the authentication refuses it.
 func (b *Broker) register(deviceID string, tc *trackedConn) {
 	b.mu.Lock()
-	tc.deviceID = deviceID
+	tc.deviceID, tc.desiredTopic = deviceID, fleet.DesiredTopic(deviceID)
 	b.devices[deviceID] = append(b.devices[deviceID], tc)
 	b.mu.Unlock()
 }

@@ -73,10 +73,10 @@ func allowed(deviceID, topic string, write bool) bool {
 // just been granted its desired topic. mochi may write the document before
 // the SUBACK, which MQTT allows.
 func (h *deviceHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
-	if connOf(cl) == nil {
+	if connOf(cl) == nil || !connOf(cl).established.Load() {
 		return
 	}
-	topic := fleet.DesiredTopic(cl.ID)
+	topic := connOf(cl).desiredTopic
 	for i, f := range pk.Filters {
 		if i < len(reasonCodes) && reasonCodes[i] < packets.ErrUnspecifiedError.Code && f.Filter == topic {
 			h.b.sendCurrentDesired(cl)

@@ -259,8 +259,11 @@ type trackedConn struct {
 	counted     bool                        // counted in mochi's ClientsConnected; bursts only
 
 	// deviceID is set once, by a burst under Broker.mu in register; other
-	// goroutines read it under Broker.mu.
-	deviceID string
+	// goroutines read it under Broker.mu. desiredTopic is the device's
+	// desired topic, set with it and read only once the connection is
+	// established (established orders it).
+	deviceID     string
+	desiredTopic string
 
 	// dropLogAt and dropsUnlogged rate-limit the "report dropped" log line.
 	dropLogAt     atomic.Int64
@@ -469,6 +472,22 @@ func (c *trackedConn) SetDeadline(t time.Time) error {
 	return c.Conn.SetDeadline(c.effectiveDeadlineLocked())
 }
 
+// extendDeadline moves the deadline to t after a packet, unless it would
+// move by less than deadlineSlack: mochi's keepalive deadline (1.5
+// keepalives, at least a second) need not be reset, a timer update for the
+// read and one for the write side, after each of a burst's packets.
+func (c *trackedConn) extendDeadline(t time.Time) {
+	c.deadlineMu.Lock()
+	defer c.deadlineMu.Unlock()
+	if t.Sub(c.deadline) < deadlineSlack {
+		return
+	}
+	c.deadline = t
+	_ = c.Conn.SetDeadline(c.effectiveDeadlineLocked())
+}
+
+const deadlineSlack = 500 * time.Millisecond
+
 func (c *trackedConn) effectiveDeadlineLocked() time.Time {
 	t := c.deadline
 	if !c.deadlineCap.IsZero() && (t.IsZero() || t.After(c.deadlineCap)) {
@@ -488,13 +507,20 @@ func (c *trackedConn) capDeadline(t time.Time) {
 	_ = c.Conn.SetDeadline(c.deadlineCap)
 }
 
-// info describes the connection if it is live, authenticated and not revoked.
-// The caller holds Broker.mu (for deviceID).
-func (c *trackedConn) info() (ConnInfo, bool) {
+// live: the connection is authenticated, established, not revoked and
+// not closed.
+func (c *trackedConn) live() bool {
 	cl := c.client.Load()
-	if cl == nil || !c.established.Load() || c.revoked.Load() || cl.Closed() {
+	return cl != nil && c.established.Load() && !c.revoked.Load() && !cl.Closed()
+}
+
+// info describes the connection if it is live. The caller holds Broker.mu
+// (for deviceID).
+func (c *trackedConn) info() (ConnInfo, bool) {
+	if !c.live() {
 		return ConnInfo{}, false
 	}
+	cl := c.client.Load()
 	return ConnInfo{
 		DeviceID:        c.deviceID,
 		ConnectedSince:  time.Unix(0, c.since.Load()),

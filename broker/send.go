@@ -13,8 +13,6 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
-
-	"appliance/fleet"
 )
 
 // Desired documents are written by the broker itself, not through mochi's
@@ -201,7 +199,7 @@ func (b *Broker) sendDesired(tc *trackedConn, cl *mqtt.Client, doc []byte) error
 	if b.backlogged(cl) {
 		return ErrBacklogged
 	}
-	topic := fleet.DesiredTopic(cl.ID)
+	topic := tc.desiredTopic
 	sub, ok := cl.State.Subscriptions.Get(topic)
 	if !ok {
 		return nil // unsubscribed: it is sent again on subscribe
@@ -225,7 +223,7 @@ func (b *Broker) sendDesired(tc *trackedConn, cl *mqtt.Client, doc []byte) error
 			cl.State.Inflight.DecreaseSendQuota()
 		}
 	}
-	if err := b.writePublish(cl, pk); err != nil {
+	if err := b.writePublish(cl, &pk); err != nil {
 		b.stats.desiredFailed.Add(1)
 		level := slog.LevelDebug // the connection failed or timed out
 		if errors.Is(err, packets.ErrPacketTooLarge) {
@@ -244,7 +242,7 @@ func (b *Broker) sendDesired(tc *trackedConn, cl *mqtt.Client, doc []byte) error
 // packets), encoding into a pooled buffer rather than a new one grown per
 // packet. It writes under the client's lock, as WritePacket does, so it
 // never interleaves with mochi's own writes to the client.
-func (b *Broker) writePublish(cl *mqtt.Client, pk packets.Packet) error {
+func (b *Broker) writePublish(cl *mqtt.Client, pk *packets.Packet) error {
 	if cl.Closed() {
 		return mqtt.ErrConnectionClosed
 	}

@@ -214,7 +214,7 @@ func (b *Broker) serveSession(tc *trackedConn) bool {
 		if cl.Closed() { // DISCONNECT, or dropped meanwhile
 			return false
 		}
-		_ = tc.SetDeadline(keepaliveDeadline(cl))
+		tc.extendDeadline(keepaliveDeadline(cl))
 		if tc.drained() {
 			return true
 		}
