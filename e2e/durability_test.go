@@ -25,7 +25,6 @@ func TestKill9KeepsAcknowledgedWrites(t *testing.T) {
 	for round := range 3 {
 		s := startServer(t, dir)
 		c := s.client()
-		c.HTTP = nil
 		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
 		for w := range 8 {

@@ -52,6 +52,14 @@ func newReportBatcher(n *Node, interval time.Duration, maxBatch int) *reportBatc
 
 // SubmitReport queues a report; it never blocks.
 func (b *reportBatcher) SubmitReport(deviceID string, report []byte) error {
+	rep := raftstore.Report{DeviceID: deviceID, Document: json.RawMessage(report), Time: time.Now().UTC(), Node: b.node.cfg.NodeID}
+	// The report arrives on its session's connection, so the device's
+	// current session here is the one that carried it.
+	if b.node.broker != nil {
+		if c, ok := b.node.broker.Connection(deviceID); ok {
+			rep.Session = c.ConnectedSince.UTC()
+		}
+	}
 	b.mu.Lock()
 	if _, ok := b.pending[deviceID]; !ok {
 		if len(b.order) >= maxPendingReports {
@@ -60,7 +68,7 @@ func (b *reportBatcher) SubmitReport(deviceID string, report []byte) error {
 		}
 		b.order = append(b.order, deviceID)
 	}
-	b.pending[deviceID] = raftstore.Report{DeviceID: deviceID, Document: json.RawMessage(report), Time: time.Now().UTC(), Node: b.node.cfg.NodeID}
+	b.pending[deviceID] = rep
 	full := len(b.order) >= b.maxBatch
 	b.mu.Unlock()
 	if full {

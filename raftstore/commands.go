@@ -141,6 +141,12 @@ type Report struct {
 	Time time.Time `json:"time"`
 	// Node is the node whose broker received it.
 	Node string `json:"node,omitempty"`
+	// Session is when the device's MQTT session that carried it began
+	// (on that node's clock). A report from an older session than the
+	// stored one is stale and changes nothing: a packet a cut-off node
+	// receives late (TCP retransmission once the network heals) must not
+	// overwrite what the device has since reported through another node.
+	Session time.Time `json:"session,omitempty"`
 }
 
 // PutEnrollment creates an enrollment group (its derivation key inside).

@@ -709,7 +709,10 @@ func (w *writer) putReports(index uint64, c *PutReports) *Result {
 		if devices.Get([]byte(r.DeviceID)) == nil {
 			continue
 		}
-		putJSON(reports, r.DeviceID, StoredReport{Document: r.Document, ReceivedTimeUTC: r.Time, Node: r.Node, Index: index})
+		if old := mustGet[StoredReport](reports, r.DeviceID); old != nil && !r.Session.IsZero() && r.Session.Before(old.Session) {
+			continue // from a session older than the stored report's: stale
+		}
+		putJSON(reports, r.DeviceID, StoredReport{Document: r.Document, ReceivedTimeUTC: r.Time, Node: r.Node, Session: r.Session, Index: index})
 		w.changes = append(w.changes, Change{Index: index, Kind: ReportPut, ID: r.DeviceID})
 		stored++
 	}
@@ -777,6 +780,8 @@ type StoredReport struct {
 	Document        json.RawMessage `json:"document"`
 	ReceivedTimeUTC time.Time       `json:"receivedTimeUtc"`
 	Node            string          `json:"node,omitempty"`
+	// Session is when the device's session that carried it began.
+	Session time.Time `json:"session,omitempty"`
 	// Index is the raft entry that stored it.
 	Index uint64 `json:"index"`
 }

@@ -245,6 +245,30 @@ func TestFSM_Commands(t *testing.T) {
 				}
 			},
 		},
+		{
+			name: "reports: a newer session's report replaces the stored one",
+			cmd: PutReports{Reports: []Report{
+				{DeviceID: "dev-2", Document: json.RawMessage(`{"lastDesiredVersion":9}`), Time: t0.Add(2 * time.Second), Session: t0.Add(time.Second)},
+			}},
+			check: func(t *testing.T, r *Reader, res *Result) {
+				if rep, _ := r.Report("dev-2"); string(rep.Document) != `{"lastDesiredVersion":9}` || res.Stored != 1 {
+					t.Fatalf("report %s stored %d", rep.Document, res.Stored)
+				}
+			},
+		},
+		{
+			// A node cut off from the network receives a device's packet
+			// late, from the session the device has long left.
+			name: "reports: one from an older session than the stored one is stale and dropped",
+			cmd: PutReports{Reports: []Report{
+				{DeviceID: "dev-2", Document: json.RawMessage(`{"lastDesiredVersion":7}`), Time: t0.Add(5 * time.Second), Session: t0},
+			}},
+			check: func(t *testing.T, r *Reader, res *Result) {
+				if rep, _ := r.Report("dev-2"); string(rep.Document) != `{"lastDesiredVersion":9}` || res.Stored != 0 {
+					t.Fatalf("a stale report replaced the newer one: %s (stored %d)", rep.Document, res.Stored)
+				}
+			},
+		},
 	}
 	for i, step := range steps {
 		t.Run(step.name, func(t *testing.T) {
