@@ -387,12 +387,14 @@ func TestDockerRuntime_UnhealthyRestartsOnUnhealthy(t *testing.T) {
 	cfg := dockerConfig(t)
 	removeDeviceContainers(t, cli, cfg.DeviceID)
 	a := startAgent(t, cfg)
-	// The health check runs the module binary, which never exits: it times
-	// out, and the container is unhealthy after its first check.
+	// The health check runs a program the image does not have: the check
+	// fails at once, and the container is unhealthy after its first check.
+	// (A check that had to time out, the module binary itself, was flaky on
+	// a busy engine: Docker sometimes never reported it.)
 	sick := func(policy string) mod {
 		return dockerModule(image, nil).with("restartPolicy", policy, "settings", map[string]any{
 			"image":         image,
-			"createOptions": `{"Healthcheck":{"Test":["CMD","/module"],"Interval":200000000,"Timeout":100000000,"Retries":1}}`,
+			"createOptions": `{"Healthcheck":{"Test":["CMD","/no-such-health-probe"],"Interval":200000000,"Timeout":1000000000,"Retries":1}}`,
 		})
 	}
 	suffix := randHex(3)
