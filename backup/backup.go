@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"appliance/internal/fsutil"
 	"appliance/pki"
 	"appliance/raftstore"
 )
@@ -263,25 +264,9 @@ func (a *Archive) Restore(dataDir string, l Layout, nodeID, raftAdvertise string
 		{filepath.Join(dataDir, l.JoinTokenFile), []byte(a.Credentials.JoinToken + "\n")},
 		{filepath.Join(dataDir, l.AdminTokenFile), []byte(a.Credentials.AdminToken + "\n")},
 	} {
-		if err := writeFileSync(f.path, f.data); err != nil {
+		if err := fsutil.WriteFileAtomic(f.path, f.data, 0o600); err != nil {
 			return fmt.Errorf("restore: write %s: %w", f.path, err)
 		}
 	}
 	return nil
-}
-
-func writeFileSync(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
 }

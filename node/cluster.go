@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"appliance/cluster"
+	"appliance/internal/fsutil"
 	"appliance/pki"
 	"appliance/raftstore"
 )
@@ -66,7 +67,7 @@ func (n *Node) credentials(ctx context.Context) (*pki.Bundle, string, error) {
 	}
 	tok := pki.FormatJoinToken(ca.Fingerprint(), secret)
 	// The token first: a bundle without it would be a node nobody can join.
-	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, JoinTokenFile), []byte(tok+"\n"), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(n.cfg.DataDir, JoinTokenFile), []byte(tok+"\n"), 0o600); err != nil {
 		return nil, "", fmt.Errorf("write join token: %w", err)
 	}
 	if err := b.Save(dir); err != nil {
@@ -131,10 +132,10 @@ func (n *Node) joinCredentials(ctx context.Context, dir string) (*pki.Bundle, st
 	if err != nil {
 		return nil, "", fmt.Errorf("join: credentials from %s: %w", n.cfg.Join, err)
 	}
-	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, TokenFile), []byte(resp.AdminToken+"\n"), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(n.cfg.DataDir, TokenFile), []byte(resp.AdminToken+"\n"), 0o600); err != nil {
 		return nil, "", fmt.Errorf("write admin token: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, JoinTokenFile), []byte(resp.JoinToken+"\n"), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(n.cfg.DataDir, JoinTokenFile), []byte(resp.JoinToken+"\n"), 0o600); err != nil {
 		return nil, "", fmt.Errorf("write join token: %w", err)
 	}
 	// The bundle last: its presence says the node has joined.

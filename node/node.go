@@ -22,6 +22,7 @@ import (
 	"appliance/broker"
 	"appliance/cluster"
 	"appliance/evaluator"
+	"appliance/internal/fsutil"
 	"appliance/pki"
 	"appliance/raftstore"
 	"appliance/ui"
@@ -317,11 +318,11 @@ func (n *Node) Start(ctx context.Context) error {
 			n.logger.Error("API server stopped", "err", err)
 		}
 	}()
-	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, MQTTAddrFile), []byte(n.MQTTURL()+"\n"), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(n.cfg.DataDir, MQTTAddrFile), []byte(n.MQTTURL()+"\n"), 0o600); err != nil {
 		n.logger.Warn("cannot record the broker address", "err", err)
 	}
 	// Written last: its presence tells a script the node is serving.
-	if err := writeFileAtomic(filepath.Join(n.cfg.DataDir, AddrFile), []byte(n.URL()+"\n"), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(n.cfg.DataDir, AddrFile), []byte(n.URL()+"\n"), 0o600); err != nil {
 		n.logger.Warn("cannot record the API address", "err", err)
 	}
 	n.logger.Info("node started", "api", n.URL(), "raft", n.store.RaftAddr(), "mqtt", n.broker.Addr(), "data_dir", n.cfg.DataDir,
@@ -468,28 +469,8 @@ func loadOrCreateToken(path string) (token string, created bool, err error) {
 		return "", false, fmt.Errorf("generate admin token: %w", err)
 	}
 	t := base64.RawURLEncoding.EncodeToString(b[:])
-	if err := writeFileAtomic(path, []byte(t+"\n"), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(path, []byte(t+"\n"), 0o600); err != nil {
 		return "", false, fmt.Errorf("write admin token %s: %w", path, err)
 	}
 	return t, true, nil
-}
-
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"appliance/internal/fsutil"
 )
 
 // File names inside a bundle directory.
@@ -139,42 +141,11 @@ func (b *Bundle) Save(dir string) error {
 		return fmt.Errorf("save bundle: %w", err)
 	}
 	for _, f := range files {
-		if err := writeFileAtomic(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+		if err := fsutil.WriteFileAtomic(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
 			return fmt.Errorf("save bundle: %w", err)
 		}
 	}
 	return syncDir(dir)
-}
-
-// writeFileAtomic writes data to a temporary file next to path, fsyncs it
-// and renames it over path, so a reader sees the old file or the new one,
-// never a torn one.
-func writeFileAtomic(path string, data []byte, mode fs.FileMode) (err error) {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	// Chmod rather than relying on CreateTemp's 0600 and the umask, so the
-	// mode is exactly what was asked for.
-	if err := tmp.Chmod(mode); err != nil {
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 // syncDir makes the renames durable.
