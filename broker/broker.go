@@ -376,7 +376,7 @@ func (b *Broker) PublishDesired(deviceID string, doc []byte) error {
 	if _, ok := cl.State.Subscriptions.Get(tc.desiredTopic); !ok {
 		return nil // it will be sent on subscribe
 	}
-	if b.backlogged(cl) {
+	if b.backlogged(tc, cl) {
 		return ErrBacklogged
 	}
 	tc.pending.Store(&doc)

@@ -286,6 +286,13 @@ type trackedConn struct {
 	procMu  sync.Mutex
 	pending atomic.Pointer[[]byte]
 	queued  atomic.Bool
+
+	// The device's unacknowledged QoS 1 desired documents, by packet id,
+	// and the last id given out: touched only under procMu (send.go).
+	// inflight is len(unacked), for readers that do not hold procMu.
+	unacked  []uint16
+	lastID   uint16
+	inflight atomic.Int32
 }
 
 func newTrackedConn(b *Broker, raw net.Conn, tlsConfig *tls.Config) *trackedConn {

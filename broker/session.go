@@ -201,7 +201,12 @@ func (b *Broker) serveSession(tc *trackedConn) bool {
 			return false
 		}
 		tc.beginProcessing()
-		err = b.srv.InjectPacket(cl, pk)
+		if fh.Type == packets.Puback {
+			// A desired document acknowledged: ours to settle (send.go).
+			tc.acknowledge(pk.PacketID)
+		} else {
+			err = b.srv.InjectPacket(cl, pk)
+		}
 		tc.endProcessing()
 		if err != nil {
 			if code, ok := err.(packets.Code); ok && cl.Properties.ProtocolVersion == 5 && code.Code >= packets.ErrUnspecifiedError.Code {
@@ -234,6 +239,5 @@ func (b *Broker) endSession(tc *trackedConn) {
 	if tc.counted {
 		atomic.AddInt64(&b.srv.Info.ClientsConnected, -1)
 	}
-	cl.ClearInflights()
 	b.srv.UnsubscribeClient(cl)
 }
