@@ -17,6 +17,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"appliance/api"
+	"appliance/evaluator"
 )
 
 // Defaults of the history's retention.
@@ -54,15 +55,37 @@ type history struct {
 	perKey    int
 
 	mu      sync.Mutex
-	queue   []queuedEvent
+	queue   []queued
+	queued  int // events in queue
 	kick    chan struct{}
 	dropped atomic.Uint64
+
+	// writeMu serialises writers (the run loop and flush at shutdown).
+	// counts holds, per bucket, the number of events stored for each
+	// subject the writer has touched, so that keeping a subject within
+	// perKey costs a look at its oldest events, not a walk over all of
+	// them; a subject's count is taken from the file the first time.
+	writeMu sync.Mutex
+	counts  [2]map[string]int // [0] devices, [1] deployments
 }
 
-type queuedEvent struct {
-	deployment bool // else a device event
-	key        string
-	ev         api.HistoryEvent
+// queued is what the apply path hands the writer: one deployment's event,
+// or every assignment change one raft entry caused, kept as the evaluator
+// returned them. A change that re-targets the whole fleet thus costs the
+// apply path one item, not an event (and its text) per device; the writer
+// expands it.
+type queued struct {
+	deployment string           // a deployment's event: the deployment
+	ev         api.HistoryEvent // that event; for assignments their Time and Index
+	cause      string           // assignments: why the devices moved, in words
+	moves      []evaluator.Change
+}
+
+func (q queued) events() int {
+	if q.deployment != "" {
+		return 1
+	}
+	return len(q.moves)
 }
 
 func openHistory(path string, retention time.Duration, perKey int, logger *slog.Logger) (*history, error) {
@@ -94,17 +117,23 @@ func openHistory(path string, retention time.Duration, perKey int, logger *slog.
 }
 
 // add queues events; it never blocks the apply path.
-func (h *history) add(events ...queuedEvent) {
-	if h == nil || len(events) == 0 {
+func (h *history) add(items ...queued) {
+	if h == nil || len(items) == 0 {
 		return
 	}
 	h.mu.Lock()
-	room := maxQueuedEvents - len(h.queue)
-	if room < len(events) {
-		h.dropped.Add(uint64(len(events) - max(room, 0)))
-		events = events[:max(room, 0)]
+	for _, q := range items {
+		room := max(maxQueuedEvents-h.queued, 0)
+		if n := q.events(); n > room {
+			h.dropped.Add(uint64(n - room))
+			if q.deployment != "" || room == 0 {
+				continue
+			}
+			q.moves = q.moves[:room]
+		}
+		h.queue = append(h.queue, q)
+		h.queued += q.events()
 	}
-	h.queue = append(h.queue, events...)
 	h.mu.Unlock()
 	select {
 	case h.kick <- struct{}{}:
@@ -148,28 +177,39 @@ const historyChunk = 1000
 // the rest to the node's foreground work (delivering desired documents,
 // the API); the events are a record for people and can wait.
 func (h *history) write(ctx context.Context, paced bool) {
+	h.writeMu.Lock()
+	defer h.writeMu.Unlock()
 	h.mu.Lock()
-	batch := h.queue
-	h.queue = nil
+	batch, total := h.queue, h.queued
+	h.queue, h.queued = nil, 0
 	h.mu.Unlock()
-	if len(batch) == 0 {
+	if total == 0 {
 		return
 	}
-	recs := make([]historyRecord, len(batch))
-	for i, q := range batch {
-		recs[i] = historyRecord{q: q, seq: uint32(i)}
+	recs := make([]historyRecord, 0, total)
+	for _, q := range batch {
+		if q.deployment != "" {
+			recs = append(recs, historyRecord{deployment: true, key: q.deployment, ev: q.ev, seq: uint32(len(recs))})
+			continue
+		}
+		for _, m := range q.moves {
+			ev := q.ev
+			ev.Kind, ev.Deployment, ev.From = "assigned", m.To, m.From
+			ev.What = "applied deployment " + orNone(m.From) + " → " + orNone(m.To) + " (" + q.cause + ")"
+			recs = append(recs, historyRecord{key: m.DeviceID, ev: ev, seq: uint32(len(recs))})
+		}
 	}
 	slices.SortFunc(recs, func(a, b historyRecord) int {
-		if a.q.deployment != b.q.deployment {
-			if a.q.deployment {
+		if a.deployment != b.deployment {
+			if a.deployment {
 				return 1
 			}
 			return -1
 		}
-		if c := strings.Compare(a.q.key, b.q.key); c != 0 {
+		if c := strings.Compare(a.key, b.key); c != 0 {
 			return c
 		}
-		return cmp.Compare(a.q.ev.Index, b.q.ev.Index)
+		return cmp.Compare(a.ev.Index, b.ev.Index)
 	})
 	for len(recs) > 0 {
 		n := len(recs)
@@ -192,55 +232,100 @@ func (h *history) write(ctx context.Context, paced bool) {
 }
 
 type historyRecord struct {
-	q   queuedEvent
-	seq uint32 // position in the batch: orders a subject's events of one raft index
+	deployment bool // else a device's event
+	key        string
+	ev         api.HistoryEvent
+	seq        uint32 // position in the batch: orders a subject's events of one raft index
 }
 
 // writeRecords writes sorted records in one transaction and applies the
 // retention to each subject they touch.
 func (h *history) writeRecords(recs []historyRecord) error {
 	cutoff := time.Now().Add(-h.retention)
-	return h.db.Update(func(tx *bolt.Tx) error {
+	counted := map[string]int{} // subjects' counts after this transaction, by bucket+key
+	err := h.db.Update(func(tx *bolt.Tx) error {
+		added := 0
 		for i, r := range recs {
 			b := tx.Bucket(bucketDeviceHistory)
-			if r.q.deployment {
+			if r.deployment {
 				b = tx.Bucket(bucketDeploymentHistory)
 			}
-			data, err := json.Marshal(r.q.ev)
+			data, err := json.Marshal(r.ev)
 			if err != nil {
 				return err
 			}
-			if err := b.Put(historyKey(r.q.key, r.q.ev.Index, r.seq), data); err != nil {
+			if err := b.Put(historyKey(r.key, r.ev.Index, r.seq), data); err != nil {
 				return err
 			}
+			added++
 			// Once per subject: after its last record (they are sorted).
-			if last := i == len(recs)-1 || recs[i+1].q.key != r.q.key || recs[i+1].q.deployment != r.q.deployment; last {
-				if err := h.prune(b, r.q.key, cutoff); err != nil {
+			if last := i == len(recs)-1 || recs[i+1].key != r.key || recs[i+1].deployment != r.deployment; last {
+				n, err := h.prune(b, r.deployment, r.key, added, cutoff)
+				if err != nil {
 					return err
 				}
+				counted[countKey(r.deployment, r.key)] = n
+				added = 0
 			}
 		}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	for k, n := range counted { // committed: the counts are true now
+		m := h.countsOf(k[0] == 'p')
+		if n == 0 {
+			delete(m, k[1:])
+		} else {
+			m[k[1:]] = n
+		}
+	}
+	return nil
 }
 
-// prune keeps at most perKey events of a subject, none older than cutoff.
-// The keys go first (a bbolt cursor skips an entry after a Delete).
-func (h *history) prune(b *bolt.Bucket, key string, cutoff time.Time) error {
+func countKey(deployment bool, key string) string {
+	if deployment {
+		return "p" + key
+	}
+	return "d" + key
+}
+
+func (h *history) countsOf(deployment bool) map[string]int {
+	i := 0
+	if deployment {
+		i = 1
+	}
+	if h.counts[i] == nil {
+		h.counts[i] = map[string]int{}
+	}
+	return h.counts[i]
+}
+
+// prune keeps at most perKey events of a subject, none older than cutoff,
+// after added new ones were put; it returns how many the subject keeps.
+// Only the oldest events are looked at (events are in index order): the
+// ones beyond perKey and the expired ones, then the first one kept.
+func (h *history) prune(b *bolt.Bucket, deployment bool, key string, added int, cutoff time.Time) (int, error) {
 	prefix := append([]byte(key), 0)
 	c := b.Cursor()
-	var keys, values [][]byte
-	for k, v := c.Seek(prefix); k != nil && hasPrefix(k, prefix); k, v = c.Next() {
-		keys, values = append(keys, k), append(values, v)
+	n, ok := h.countsOf(deployment)[key]
+	if ok {
+		n += added
+	} else { // first time this subject is written since the node started
+		n = 0
+		for k, _ := c.Seek(prefix); k != nil && hasPrefix(k, prefix); k, _ = c.Next() {
+			n++
+		}
 	}
-	excess := len(keys) - h.perKey
+	// The keys go first: a bbolt cursor skips an entry after a Delete.
 	var drop [][]byte
-	for i, k := range keys {
-		if i < excess {
+	for k, v := c.Seek(prefix); k != nil && hasPrefix(k, prefix); k, v = c.Next() {
+		if n-len(drop) > h.perKey {
 			drop = append(drop, bytes.Clone(k))
 			continue
 		}
-		if t, ok := eventTime(values[i]); ok && t.Before(cutoff) {
+		if t, ok := eventTime(v); ok && t.Before(cutoff) {
 			drop = append(drop, bytes.Clone(k))
 			continue
 		}
@@ -248,10 +333,10 @@ func (h *history) prune(b *bolt.Bucket, key string, cutoff time.Time) error {
 	}
 	for _, k := range drop {
 		if err := b.Delete(k); err != nil {
-			return err
+			return 0, err
 		}
 	}
-	return nil
+	return n - len(drop), nil
 }
 
 // eventTime reads the time of a stored event. Events are written by

@@ -23,7 +23,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	n := (*Node)(o)
 	var moved []evaluator.Change
 	var drop []string
-	var events []queuedEvent
+	var events []queued
 	n.engineMu.Lock()
 	for _, c := range changes {
 		var out []evaluator.Change
@@ -35,7 +35,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 			at = time.Now().UTC()
 		}
 		if ev, ok := deploymentEvent(c, at); ok {
-			events = append(events, queuedEvent{deployment: true, key: c.ID, ev: ev})
+			events = append(events, queued{deployment: c.ID, ev: ev})
 		}
 		switch c.Kind {
 		case raftstore.DevicePut:
@@ -59,23 +59,27 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		case raftstore.DeploymentDeleted:
 			out = n.engine.DeleteDeployment(c.ID)
 		}
+		if len(out) == 0 {
+			continue
+		}
 		for _, m := range out {
 			n.versions.set(m.DeviceID, c.Index)
-			events = append(events, queuedEvent{key: m.DeviceID, ev: api.HistoryEvent{
-				Time: at, Index: c.Index, Kind: "assigned", Deployment: m.To, From: m.From,
-				What: fmt.Sprintf("applied deployment %s → %s (%s)", orNone(m.From), orNone(m.To), changeCause(c)),
-			}})
 		}
-		moved = append(moved, out...)
+		events = append(events, queued{ev: api.HistoryEvent{Time: at, Index: c.Index}, cause: changeCause(c), moves: out})
+		if moved == nil {
+			moved = out // usually the only change that moves devices
+		} else {
+			moved = append(moved, out...)
+		}
 	}
 	n.engineMu.Unlock()
-	n.history.add(events...)
 	if n.broker != nil {
 		for _, id := range drop {
 			n.broker.Disconnect(id)
 		}
 	}
 	n.push(moved)
+	n.history.add(events...)
 }
 
 func (o *observer) Restored(r *raftstore.Reader) {

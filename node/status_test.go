@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"appliance/api"
+	"appliance/evaluator"
 	"appliance/fleet"
 )
 
@@ -201,19 +203,57 @@ func TestHistory(t *testing.T) {
 		t.Fatal("history of an unknown device")
 	}
 
-	// Retention: at most HistoryPerKey events per subject.
-	h, err := openHistory(t.TempDir()+"/h.db", time.Hour, 3, n.logger)
+	// Retention: at most HistoryPerKey events per subject, none older than
+	// the retention, across separate writes and across a restart (the
+	// writer counts a subject's events from the file the first time).
+	path := t.TempDir() + "/h.db"
+	h, err := openHistory(path, time.Hour, 3, n.logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	assign := func(h *history, index uint64, at time.Time) {
+		h.add(queued{ev: api.HistoryEvent{Time: at, Index: index}, cause: "test",
+			moves: []evaluator.Change{{DeviceID: "x", To: "d"}, {DeviceID: "y", To: "d"}}})
+	}
+	indexes := func(h *history, subject string) []uint64 {
+		evs, err := h.events(false, subject, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []uint64
+		for _, ev := range evs {
+			out = append(out, ev.Index)
+		}
+		return out
+	}
+	for i := range 10 {
+		assign(h, uint64(i+1), time.Now())
+	}
+	assign(h, 0, time.Now().Add(-2*time.Hour))
+	h.flush()
+	if got := indexes(h, "x"); !slices.Equal(got, []uint64{10, 9, 8}) {
+		t.Fatalf("after retention: x has events %v", got)
+	}
+	assign(h, 11, time.Now())
+	assign(h, 12, time.Now())
+	h.flush()
+	if got := indexes(h, "y"); !slices.Equal(got, []uint64{12, 11, 10}) {
+		t.Fatalf("after a second write: y has events %v", got)
+	}
+	if err := h.close(); err != nil {
+		t.Fatal(err)
+	}
+	h, err = openHistory(path, time.Hour, 3, n.logger)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.close()
-	for i := range 10 {
-		h.add(queuedEvent{key: "x", ev: api.HistoryEvent{Time: time.Now(), Index: uint64(i + 1), Kind: "assigned"}})
-	}
-	h.add(queuedEvent{key: "x", ev: api.HistoryEvent{Time: time.Now().Add(-2 * time.Hour), Index: 0, Kind: "assigned"}})
+	assign(h, 13, time.Now())
 	h.flush()
-	evs, _ := h.events(false, "x", 100)
-	if len(evs) != 3 || evs[0].Index != 10 || evs[2].Index != 8 {
-		t.Fatalf("after retention: %+v", evs)
+	if got := indexes(h, "x"); !slices.Equal(got, []uint64{13, 12, 11}) {
+		t.Fatalf("after a restart: x has events %v", got)
+	}
+	if evs, _ := h.events(false, "x", 1); len(evs) != 1 || evs[0].What != "applied deployment none → d (test)" || evs[0].Kind != "assigned" || evs[0].Deployment != "d" {
+		t.Fatalf("assignment event %+v", evs)
 	}
 }
