@@ -373,7 +373,7 @@ func (b *Broker) PublishDesired(deviceID string, doc []byte) error {
 	if cl == nil || cl.Closed() {
 		return ErrNotConnected
 	}
-	if _, ok := cl.State.Subscriptions.Get(tc.desiredTopic); !ok {
+	if tc.desiredQoS.Load() == notSubscribed {
 		return nil // it will be sent on subscribe
 	}
 	if b.backlogged(tc, cl) {

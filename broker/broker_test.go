@@ -563,3 +563,55 @@ func TestBroker_PublishDesired_ConcurrentWithAcksDoesNotDeadlock(t *testing.T) {
 	}
 	waitFor(t, "the last version delivered", func() bool { return latest.Load() == n })
 }
+
+// The broker follows the device's subscription to its desired topic: a
+// document goes at the granted QoS (0 if the device asked for 0), nothing
+// goes after it unsubscribes, and subscribing again brings the current
+// document.
+func TestBroker_Desired_FollowsSubscription(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+	topic := fleet.DesiredTopic("press-01")
+	subscribe := func(qos byte) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		sa, err := d.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: qos}}})
+		if err != nil || len(sa.Reasons) != 1 || sa.Reasons[0] != qos {
+			t.Fatalf("subscribe at QoS %d: %v, %+v", qos, err, sa)
+		}
+	}
+	expect := func(payload string, qos byte) {
+		t.Helper()
+		m := d.expectMessage(t)
+		if m.Topic != topic || string(m.Payload) != payload || m.QoS != qos {
+			t.Fatalf("got %q at QoS %d on %s; want %q at QoS %d", m.Payload, m.QoS, m.Topic, payload, qos)
+		}
+	}
+
+	subscribe(0)
+	expect(`{"deviceId":"press-01","version":1}`, 0)
+	if err := b.PublishDesired("press-01", []byte(`{"version":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	expect(`{"version":2}`, 0)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := d.c.Unsubscribe(ctx, &paho.Unsubscribe{Topics: []string{topic}}); err != nil {
+		t.Fatalf("unsubscribe: %v", err)
+	}
+	if err := b.PublishDesired("press-01", []byte(`{"version":3}`)); err != nil {
+		t.Fatal(err)
+	}
+	d.expectNoMessage(t, 300*time.Millisecond)
+
+	f.setDesired("press-01", `{"version":4}`)
+	subscribe(1)
+	expect(`{"version":4}`, 1)
+	if err := b.PublishDesired("press-01", []byte(`{"version":5}`)); err != nil {
+		t.Fatal(err)
+	}
+	expect(`{"version":5}`, 1)
+}

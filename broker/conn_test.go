@@ -390,3 +390,33 @@ func TestBroker_Desired_LargerThanDeviceMaximumPacketSize(t *testing.T) {
 	}
 	waitFor(t, "failure counted", func() bool { return b.Stats().DesiredFailed == 1 })
 }
+
+// A device's packet ids are its own: an UNSUBSCRIBE whose id equals that of
+// a desired document the device has not acknowledged yet is an ordinary
+// UNSUBSCRIBE. (mochi v2.7.9 answers "packet identifier in use" and keeps
+// the subscription when the two collide in its inflight store, which the
+// broker no longer uses for desired documents.)
+func TestBroker_DevicePacketIDsIndependentOfDesired(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	topic := fleet.DesiredTopic("press-01")
+	rc := dialRawClient(t, b.Addr(), nil)
+	rc.write(connectPacket("press-01", "key-press-01"), subscribePacket(1, topic))
+	rc.expect(2)
+	id, _ := rc.expectPublish() // left unacknowledged
+	rc.expect(9)
+
+	vh := []byte{byte(id >> 8), byte(id), 0}
+	vh = appendString(vh, topic)
+	rc.write(append(appendVarint([]byte{0xa2}, len(vh)), vh...))
+	body := rc.expect(11) // UNSUBACK: id, properties, one reason code
+	if len(body) != 4 || body[3] != packets.CodeSuccess.Code {
+		t.Fatalf("UNSUBACK % x; want success for packet id %d", body, id)
+	}
+	if err := b.PublishDesired("press-01", []byte(`{"version":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	if h, body, err := rc.nextWithin(300 * time.Millisecond); err == nil {
+		t.Fatalf("after unsubscribing, got packet %#x % x", h, body)
+	}
+}

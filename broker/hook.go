@@ -27,7 +27,7 @@ func (h *deviceHook) ID() string { return "appliance-device" }
 
 func (h *deviceHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnACLCheck, mqtt.OnSubscribed, mqtt.OnPublish, mqtt.OnPublishDropped:
+	case mqtt.OnACLCheck, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPublishDropped:
 		return true
 	}
 	return false
@@ -76,11 +76,26 @@ func (h *deviceHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCode
 	if connOf(cl) == nil || !connOf(cl).established.Load() {
 		return
 	}
-	topic := connOf(cl).desiredTopic
+	tc := connOf(cl)
 	for i, f := range pk.Filters {
-		if i < len(reasonCodes) && reasonCodes[i] < packets.ErrUnspecifiedError.Code && f.Filter == topic {
+		if i < len(reasonCodes) && reasonCodes[i] < packets.ErrUnspecifiedError.Code && f.Filter == tc.desiredTopic {
+			tc.desiredQoS.Store(int32(reasonCodes[i])) // a success code is the granted QoS
 			h.b.sendCurrentDesired(cl)
 			return
+		}
+	}
+}
+
+// OnUnsubscribed stops desired documents to a device that unsubscribed
+// from its desired topic.
+func (h *deviceHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	tc := connOf(cl)
+	if tc == nil {
+		return
+	}
+	for _, f := range pk.Filters {
+		if f.Filter == tc.desiredTopic {
+			tc.desiredQoS.Store(notSubscribed)
 		}
 	}
 }

@@ -264,6 +264,10 @@ type trackedConn struct {
 	// established (established orders it).
 	deviceID     string
 	desiredTopic string
+	// desiredQoS is the QoS granted on the desired topic, or
+	// notSubscribed: the hook's copy of what mochi's subscription map
+	// says, read for every document without mochi's lock and map lookup.
+	desiredQoS atomic.Int32
 
 	// dropLogAt and dropsUnlogged rate-limit the "report dropped" log line.
 	dropLogAt     atomic.Int64
@@ -295,8 +299,13 @@ type trackedConn struct {
 	inflight atomic.Int32
 }
 
+// notSubscribed is trackedConn.desiredQoS while the device is not
+// subscribed to its desired topic.
+const notSubscribed = -1
+
 func newTrackedConn(b *Broker, raw net.Conn, tlsConfig *tls.Config) *trackedConn {
 	tc := &trackedConn{Conn: raw, b: b, done: make(chan struct{}), ran: make(chan bool, 1)}
+	tc.desiredQoS.Store(notSubscribed)
 	if sc, ok := raw.(syscall.Conn); ok {
 		tc.raw, _ = sc.SyscallConn()
 	}

@@ -198,14 +198,13 @@ func (b *Broker) sendDesired(tc *trackedConn, cl *mqtt.Client, doc []byte) error
 	if b.backlogged(tc, cl) {
 		return ErrBacklogged
 	}
-	topic := tc.desiredTopic
-	sub, ok := cl.State.Subscriptions.Get(topic)
-	if !ok {
+	qos := tc.desiredQoS.Load()
+	if qos == notSubscribed {
 		return nil // unsubscribed: it is sent again on subscribe
 	}
 	pk := packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: min(sub.Qos, 1)},
-		TopicName:   topic,
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: byte(min(qos, 1))},
+		TopicName:   tc.desiredTopic,
 		Payload:     doc,
 		Created:     time.Now().Unix(),
 	}
