@@ -33,6 +33,8 @@ e2e: build ## end-to-end tests against processes of the built binary
 	APPLIANCE_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -tags e2e -timeout 15m ./e2e/...
 
 bench: ## benchmarks, each with its baseline in the same run (results and commands in docs/benchmarks.md)
+	@[ "$$LOADTEST_MOSQUITTO" = off ] || command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || \
+		{ echo "make bench: the loadtest's baseline is Debian's mosquitto broker: apt-get install -y mosquitto (or LOADTEST_MOSQUITTO=off to run without it)" >&2; exit 1; }
 	$(GO) test -run '^$$' -bench BenchmarkReplicatedWrites -benchtime 2s ./raftstore/
 	$(GO) test -run '^$$' -bench BenchmarkNewDeployment -benchtime 20x -count 2 ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkDeviceUpdate -benchtime 20000x ./evaluator/

@@ -34,6 +34,10 @@ type proc struct {
 	events chan loadtest.Event // JSON lines from stdout (shards, publishers)
 	log    string              // file holding stderr (and stdout if not events)
 	exited chan struct{}
+	// stopping is closed by stop: events nobody will read are dropped
+	// then, so that the end of stdout (and so Wait) is reached.
+	stopping     chan struct{}
+	stoppingOnce sync.Once
 }
 
 // startProc starts bin. With events, stdout is read as loadtest.Event JSON
@@ -49,7 +53,7 @@ func startProc(t *testing.T, logDir, name, bin string, args, env []string, event
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{t: t, name: name, cmd: cmd, log: logPath, exited: make(chan struct{})}
+	p := &proc{t: t, name: name, cmd: cmd, log: logPath, exited: make(chan struct{}), stopping: make(chan struct{})}
 	cmd.Stderr = lf
 	var stdout io.ReadCloser
 	if events {
@@ -67,8 +71,15 @@ func startProc(t *testing.T, logDir, name, bin string, args, env []string, event
 		lf.Close()
 		t.Fatalf("start %s: %v", name, err)
 	}
+	// Wait closes the stdout pipe when the process exits, perhaps before
+	// its last lines are read (os/exec: "it is incorrect to call Wait
+	// before all reads from the pipe have completed"): a publisher that
+	// printed its result and exited lost it. So Wait waits for the end of
+	// stdout, which the process's exit brings.
+	scanned := make(chan struct{})
 	if events {
 		go func() {
+			defer close(scanned)
 			defer close(p.events)
 			sc := bufio.NewScanner(stdout)
 			sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -78,11 +89,18 @@ func startProc(t *testing.T, logDir, name, bin string, args, env []string, event
 					fmt.Fprintf(lf, "driver: not an event: %s\n", sc.Bytes())
 					continue
 				}
-				p.events <- e
+				select {
+				case p.events <- e:
+				case <-p.stopping:
+				}
 			}
 		}()
 	}
+	if !events {
+		close(scanned)
+	}
 	go func() {
+		<-scanned
 		err := cmd.Wait()
 		fmt.Fprintf(lf, "driver: %s exited: %v\n", name, err)
 		lf.Close()
@@ -148,6 +166,7 @@ func (p *proc) wait(name string, timeout time.Duration) (loadtest.Event, bool) {
 
 // stop ends the process: "quit" or SIGTERM, then SIGKILL after grace.
 func (p *proc) stop(grace time.Duration) {
+	p.stoppingOnce.Do(func() { close(p.stopping) })
 	select {
 	case <-p.exited:
 		return
