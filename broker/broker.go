@@ -192,12 +192,15 @@ type Stats struct {
 	DesiredSent     uint64 // desired documents handed to mochi for delivery
 	DesiredFailed   uint64 // DesiredSource errors, and desired documents not sent because the client was backlogged
 	PanicsRecovered uint64 // panics in a client's connection, each closing only that client
+	Refusing        bool   // Refuse is in effect
+	Refused         uint64 // connections turned away or ended because of Refuse
 }
 
 type counters struct {
 	authFailures, aclDenials                atomic.Uint64
 	reportsAccepted, reportsDropped         atomic.Uint64
 	desiredSent, desiredFailed, panicsSaved atomic.Uint64
+	refused                                 atomic.Uint64
 }
 
 // Broker is the embedded MQTT broker. Create it with New, then Start it.
@@ -227,6 +230,8 @@ type Broker struct {
 
 	mu      sync.RWMutex
 	devices map[string][]*trackedConn // device id → its connections (usually one; two during a takeover)
+
+	refusing atomic.Bool // Refuse: devices are turned away
 
 	stats counters
 }
@@ -406,6 +411,43 @@ func (b *Broker) Disconnect(deviceID string) {
 	}
 }
 
+// Refuse turns devices away from this node, for a node that cannot serve
+// them (it has lost its cluster's leader, so it can neither commit their
+// reports nor learn of new desired state): a new connection is answered
+// "server unavailable", and every device connected now is disconnected
+// ("use another server" for MQTT 5), so that it tries the next node it
+// knows. It returns how many connections it ended; calling it again ends
+// any that slipped in since. Admit undoes it.
+func (b *Broker) Refuse() int {
+	b.refusing.Store(true)
+	b.mu.RLock()
+	var conns []*trackedConn
+	for _, cs := range b.devices {
+		conns = append(conns, cs...)
+	}
+	b.mu.RUnlock()
+	for _, tc := range conns {
+		b.dropConn(tc, packets.ErrUseAnotherServer)
+	}
+	b.stats.refused.Add(uint64(len(conns)))
+	return len(conns)
+}
+
+// Admit lets devices connect again after Refuse.
+func (b *Broker) Admit() { b.refusing.Store(false) }
+
+// refuseIfRefusing answers a connecting client "server unavailable" while
+// Refuse is in effect.
+func (b *Broker) refuseIfRefusing(cl *mqtt.Client) bool {
+	if !b.refusing.Load() {
+		return false
+	}
+	b.stats.refused.Add(1)
+	b.log.Debug("device turned away: this node has no cluster leader", "device", string(cl.Properties.Username), "remote", cl.Net.Remote)
+	_ = b.srv.SendConnack(cl, packets.ErrServerUnavailable, false, nil)
+	return true
+}
+
 // disconnectGrace bounds writing a DISCONNECT to a client being dropped.
 const disconnectGrace = 250 * time.Millisecond
 
@@ -468,6 +510,8 @@ func (b *Broker) Stats() Stats {
 		DesiredSent:     b.stats.desiredSent.Load(),
 		DesiredFailed:   b.stats.desiredFailed.Load(),
 		PanicsRecovered: b.stats.panicsSaved.Load(),
+		Refusing:        b.refusing.Load(),
+		Refused:         b.stats.refused.Load(),
 	}
 }
 

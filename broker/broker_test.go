@@ -615,3 +615,43 @@ func TestBroker_Desired_FollowsSubscription(t *testing.T) {
 	}
 	expect(`{"version":5}`, 1)
 }
+
+// Refuse turns devices away (a node without a cluster leader): connected
+// ones are told "use another server", new ones "server unavailable", with
+// the right key or not; Admit lets them back in.
+func TestBroker_RefuseAndAdmit(t *testing.T) {
+	f := newTestFleet("press-01", "press-02")
+	b := startBroker(t, f)
+	d := mustConnect(t, b.Addr(), "press-01")
+	d.subscribe(t, fleet.DesiredTopic("press-01"))
+	d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+
+	if n := b.Refuse(); n != 1 {
+		t.Fatalf("Refuse ended %d connections; want 1", n)
+	}
+	select {
+	case dc := <-d.serverDisconnect:
+		if dc.ReasonCode != packets.ErrUseAnotherServer.Code {
+			t.Fatalf("DISCONNECT reason %#x; want %#x (use another server)", dc.ReasonCode, packets.ErrUseAnotherServer.Code)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("press-01 was not disconnected")
+	}
+	for _, key := range []string{"key-press-02", "wrong"} {
+		_, ca, err := dialDevice(t, b.Addr(), "press-02", key, nil)
+		if err == nil || ca == nil || ca.ReasonCode != packets.ErrServerUnavailable.Code {
+			t.Fatalf("connect with key %q while refusing: %v, CONNACK %+v; want server unavailable", key, err, ca)
+		}
+	}
+	if st := b.Stats(); !st.Refusing || st.Refused != 3 || st.Connections != 0 {
+		t.Fatalf("stats while refusing: %+v", st)
+	}
+
+	b.Admit()
+	d2 := mustConnect(t, b.Addr(), "press-02")
+	d2.subscribe(t, fleet.DesiredTopic("press-02"))
+	d2.expectDesired(t, `{"deviceId":"press-02","version":1}`)
+	if st := b.Stats(); st.Refusing || st.Connections != 1 {
+		t.Fatalf("stats after Admit: %+v", st)
+	}
+}

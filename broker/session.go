@@ -63,12 +63,18 @@ func (b *Broker) connectSession(tc *trackedConn) bool {
 		_ = b.srv.SendConnack(cl, code, false, nil)
 		return false
 	}
+	if b.refuseIfRefusing(cl) { // before the key check: a refused fleet reconnecting costs little
+		return false
+	}
 	if !b.admit(tc, cl, pk) {
 		return false
 	}
 	_ = tc.SetDeadline(keepaliveDeadline(cl))
 	if !b.authenticate(tc, cl, pk) {
 		_ = b.srv.SendConnack(cl, packets.ErrBadUsernameOrPassword, false, nil)
+		return false
+	}
+	if b.refuseIfRefusing(cl) { // Refuse began during the key check
 		return false
 	}
 	atomic.AddInt64(&b.srv.Info.ClientsConnected, 1)

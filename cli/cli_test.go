@@ -55,6 +55,7 @@ func TestExecute_UsageErrorsAreOneLine(t *testing.T) {
 		{[]string{"version", "-o", "yaml"}, "-o/--output must be table or json"},
 		{[]string{"no-such-command"}, "unknown command"},
 		{[]string{"device", "list", "--server", "http://127.0.0.1:1"}, "no admin token"},
+		{[]string{"serve", "--data-dir", env["HOME"] + "/d", "--shed-devices-after", "-1s"}, "flag --shed-devices-after: -1s is negative"},
 	} {
 		var out, errb bytes.Buffer
 		code := Execute(context.Background(), tc.args, &out, &errb, func(k string) string { return env[k] }, "test")

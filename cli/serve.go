@@ -21,6 +21,7 @@ func (a *app) serveCommand() *cobra.Command {
 		historyRetention                                    time.Duration
 		historyPerKey                                       int
 		heartbeat, election, lease                          time.Duration
+		shedAfter                                           time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -30,6 +31,12 @@ func (a *app) serveCommand() *cobra.Command {
 			logger, err := newLogger(a.stderr, logFormat, logLevel)
 			if err != nil {
 				return err
+			}
+			if shedAfter < 0 {
+				return fmt.Errorf("flag --shed-devices-after: %v is negative; give a duration, or 0 never to shed", shedAfter)
+			}
+			if shedAfter == 0 {
+				shedAfter = -1 // the flag's 0 is "never"; the node's is "default"
 			}
 			dataDir := a.resolvedDataDir()
 			n, err := node.New(node.Config{
@@ -54,6 +61,7 @@ func (a *app) serveCommand() *cobra.Command {
 				RaftHeartbeatTimeout:   heartbeat,
 				RaftElectionTimeout:    election,
 				RaftLeaderLeaseTimeout: lease,
+				ShedDevicesAfter:       shedAfter,
 			})
 			if err != nil {
 				return err
@@ -86,6 +94,8 @@ func (a *app) serveCommand() *cobra.Command {
 	f.DurationVar(&heartbeat, "raft-heartbeat-timeout", 0, "raft heartbeat timeout (default 300ms, tuned for a LAN)")
 	f.DurationVar(&election, "raft-election-timeout", 0, "raft election timeout (default 300ms)")
 	f.DurationVar(&lease, "raft-leader-lease-timeout", 0, "raft leader lease timeout (default 300ms)")
+	f.DurationVar(&shedAfter, "shed-devices-after", node.DefaultShedDevicesAfter,
+		"without a cluster leader for this long, disconnect devices and refuse them until a leader is back, so that they move to a node that has one (0: never)")
 	f.DurationVar(&historyRetention, "history-retention", node.DefaultHistoryRetention, "drop history events older than this")
 	f.IntVar(&historyPerKey, "history-per-key", node.DefaultHistoryPerKey, "keep at most this many history events per deployment or device")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")

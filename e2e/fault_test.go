@@ -190,8 +190,9 @@ type faultCluster struct {
 // token). Node i's cluster port binds 127.0.0.i, so its outgoing
 // connections come from there and the proxies can tell the nodes apart;
 // each node advertises its proxy. The API and the broker listen directly,
-// on ports fixed for the test so that a restart keeps them.
-func startFaultCluster(t *testing.T) *faultCluster {
+// on ports fixed for the test so that a restart keeps them. extra are
+// more serve flags for every node.
+func startFaultCluster(t *testing.T, extra ...string) *faultCluster {
 	t.Helper()
 	// Every port is held until the proxies have bound theirs, so that no
 	// two of them (nor a proxy and a node) get the same one.
@@ -210,6 +211,7 @@ func startFaultCluster(t *testing.T) *faultCluster {
 		n := &faultNode{id: s.id, dataDir: t.TempDir()}
 		n.args = []string{"--node-id", s.id, "--raft-addr", s.target, "--raft-advertise", c.net.addr(s.id),
 			"--http-addr", apiAddrs[i], "--mqtt-addr", mqttAddrs[i]}
+		n.args = append(n.args, extra...)
 		if i > 0 {
 			n.args = append(n.args, "--join", "https://"+c.net.addr("n1"), "--join-token", joinToken(t, c.nodes[0].dataDir))
 		}

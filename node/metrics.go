@@ -51,13 +51,15 @@ var (
 	descReportBatch = prometheus.NewDesc("appliance_report_batches_total", "Raft entries that carried reports.", nil, nil)
 	descDesired     = prometheus.NewDesc("appliance_desired_documents_sent_total", "Desired documents handed to devices' sessions.", nil, nil)
 	descPanics      = prometheus.NewDesc("appliance_mqtt_connection_panics_total", "Panics in one client's connection, each closing only that client.", nil, nil)
+	descRefusing    = prometheus.NewDesc("appliance_mqtt_refusing_devices", "1 while this node turns devices away because it has had no cluster leader for --shed-devices-after.", nil, nil)
+	descRefused     = prometheus.NewDesc("appliance_mqtt_refused_total", "Device connections refused or ended because the node had no cluster leader.", nil, nil)
 	descRaftState   = prometheus.NewDesc("appliance_raft_state", "1 for this node's raft state.", []string{"state"}, nil)
 	descApplied     = prometheus.NewDesc("appliance_raft_applied_index", "Index of the last raft entry applied to the state machine.", nil, nil)
 	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by status category (targeted, applied, healthy, unhealthy, soaking, unknown; soak 30 s).", []string{"deployment", "category"}, nil)
 )
 
 func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRaftState, descApplied, descDeployments} {
+	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRefusing, descRefused, descRaftState, descApplied, descDeployments} {
 		ch <- d
 	}
 }
@@ -73,6 +75,12 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(st.ReportsDropped), "dropped")
 		ch <- prometheus.MustNewConstMetric(descDesired, prometheus.CounterValue, float64(st.DesiredSent))
 		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(st.PanicsRecovered))
+		refusing := 0.0
+		if st.Refusing {
+			refusing = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descRefusing, prometheus.GaugeValue, refusing)
+		ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(st.Refused))
 	}
 	ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(n.reports.committed.Load()), "committed")
 	ch <- prometheus.MustNewConstMetric(descReportBatch, prometheus.CounterValue, float64(n.reports.batches.Load()))

@@ -78,6 +78,11 @@ type Config struct {
 	// TLSHosts are extra names or addresses the node's certificate is valid
 	// for (what devices and operators dial, besides the listen addresses).
 	TLSHosts []string
+	// ShedDevicesAfter is how long the node may be without a cluster
+	// leader before it turns its devices away so that they move to a node
+	// that has one (watchLeader). Zero means DefaultShedDevicesAfter;
+	// negative never sheds.
+	ShedDevicesAfter time.Duration
 }
 
 // Default listener addresses.
@@ -167,6 +172,9 @@ func New(cfg Config) (*Node, error) {
 	}
 	if cfg.Version == "" {
 		cfg.Version = "dev"
+	}
+	if cfg.ShedDevicesAfter == 0 {
+		cfg.ShedDevicesAfter = DefaultShedDevicesAfter
 	}
 	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine()}
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
@@ -284,10 +292,14 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	bgCtx, cancel := context.WithCancel(context.Background())
 	n.bgCancel = cancel
-	n.bgDone.Add(2)
+	n.bgDone.Add(3)
 	go func() {
 		defer n.bgDone.Done()
 		n.reports.run(bgCtx)
+	}()
+	go func() {
+		defer n.bgDone.Done()
+		n.watchLeader(bgCtx)
 	}()
 	go func() {
 		defer n.bgDone.Done()
