@@ -18,7 +18,11 @@ import (
 const (
 	peerConnectionsTTL     = time.Second
 	peerConnectionsTimeout = time.Second
-	connectionsPath        = "/cluster/v1/connections"
+	// A peer that did not answer the last time (down, or cut off) is given
+	// only peerDownTimeout, so that during a partition every device read
+	// does not wait a full peerConnectionsTimeout for it.
+	peerDownTimeout = 200 * time.Millisecond
+	connectionsPath = "/cluster/v1/connections"
 )
 
 // peerSession is a device's session on another node.
@@ -38,6 +42,10 @@ type peerConnections struct {
 	mu        sync.Mutex
 	fetchedAt time.Time
 	sessions  map[string]peerSession
+	// refreshing is closed when the refresh in flight ends: readers that
+	// find the cache stale share it instead of each asking every peer.
+	refreshing chan struct{}
+	down       map[string]bool // peers that did not answer the last refresh
 }
 
 // serveConnections lists the devices connected to this node.
@@ -56,20 +64,51 @@ func (n *Node) serveConnections(w http.ResponseWriter, r *http.Request) {
 func (n *Node) peerSessions(ctx context.Context) map[string]peerSession {
 	pc := &n.peerConns
 	pc.mu.Lock()
-	defer pc.mu.Unlock()
 	if time.Since(pc.fetchedAt) < peerConnectionsTTL && pc.sessions != nil {
+		defer pc.mu.Unlock()
 		return pc.sessions
 	}
+	done := pc.refreshing
+	if done == nil {
+		done = make(chan struct{})
+		pc.refreshing = done
+		go n.refreshPeerSessions(done)
+	}
+	pc.mu.Unlock()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	return pc.sessions
+}
+
+// refreshPeerSessions asks every peer for its sessions, then closes done.
+// It runs on its own, not on a reader's context: a reader that gives up
+// does not cancel the others' refresh.
+func (n *Node) refreshPeerSessions(done chan struct{}) {
+	pc := &n.peerConns
+	defer func() {
+		pc.mu.Lock()
+		pc.refreshing = nil
+		pc.mu.Unlock()
+		close(done)
+	}()
+	ctx, cancel := context.WithTimeout(n.stopCtx, peerConnectionsTimeout)
+	defer cancel()
 	members, err := n.store.Members(ctx)
 	if err != nil {
-		return pc.sessions
+		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, peerConnectionsTimeout)
-	defer cancel()
+	pc.mu.Lock()
+	wasDown := pc.down
+	pc.mu.Unlock()
 	var (
-		wg  sync.WaitGroup
-		mu  sync.Mutex
-		all = map[string]peerSession{}
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		all  = map[string]peerSession{}
+		down = map[string]bool{}
 	)
 	for _, m := range members {
 		if m.ID == n.cfg.NodeID {
@@ -78,13 +117,21 @@ func (n *Node) peerSessions(ctx context.Context) map[string]peerSession {
 		wg.Add(1)
 		go func(m raftstore.Member) {
 			defer wg.Done()
+			ctx := ctx
+			if wasDown[m.ID] {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, peerDownTimeout)
+				defer cancel()
+			}
 			var reply connectionsReply
-			if err := n.peers.GetJSON(ctx, m.Address, connectionsPath, &reply); err != nil {
+			err := n.peers.GetJSON(ctx, m.Address, connectionsPath, &reply)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				down[m.ID] = true
 				n.logger.Debug("cannot list a peer's device sessions", "peer", m.ID, "err", err)
 				return
 			}
-			mu.Lock()
-			defer mu.Unlock()
 			for id, s := range reply.Sessions {
 				if cur, ok := all[id]; !ok || s.LastActivity.After(cur.LastActivity) {
 					all[id] = s
@@ -93,6 +140,7 @@ func (n *Node) peerSessions(ctx context.Context) map[string]peerSession {
 		}(m)
 	}
 	wg.Wait()
-	pc.sessions, pc.fetchedAt = all, time.Now()
-	return all
+	pc.mu.Lock()
+	pc.sessions, pc.fetchedAt, pc.down = all, time.Now(), down
+	pc.mu.Unlock()
 }
