@@ -176,7 +176,7 @@ func Join(ctx context.Context, joinURL, token, nodeID string, hosts []string) (*
 	if err != nil {
 		return nil, fmt.Errorf("flag --join-token: %v: %w", err, ErrRefused)
 	}
-	addr, err := joinAddress(joinURL)
+	addr, err := JoinAddress(joinURL)
 	if err != nil {
 		return nil, err
 	}
@@ -225,8 +225,9 @@ func Join(ctx context.Context, joinURL, token, nodeID string, hosts []string) (*
 	return &out, nil
 }
 
-// joinAddress accepts https://host:port, host:port.
-func joinAddress(joinURL string) (string, error) {
+// JoinAddress is the host:port of a --join URL; it accepts
+// https://host:port and host:port.
+func JoinAddress(joinURL string) (string, error) {
 	s := strings.TrimSpace(joinURL)
 	if strings.Contains(s, "://") {
 		u, err := url.Parse(s)
@@ -243,7 +244,3 @@ func joinAddress(joinURL string) (string, error) {
 	}
 	return s, nil
 }
-
-// JoinAddress is the host:port of a --join URL (for the node's own retry
-// of AddSelf).
-func JoinAddress(joinURL string) (string, error) { return joinAddress(joinURL) }

@@ -289,7 +289,7 @@ func decodeRPCError(op string, resp *http.Response) error {
 	}
 	switch {
 	case e.Code == codeNotLeader:
-		return &notLeaderError{op: op, msg: e.Error, leader: e.Leader}
+		return &notLeaderError{op: op, leader: e.Leader}
 	case e.StoreCode != "":
 		return fmt.Errorf("%s: %w", op, raftstore.ErrorFromCode(e.StoreCode, e.Error))
 	}
@@ -304,7 +304,7 @@ func decodeRPCError(op string, resp *http.Response) error {
 
 // notLeaderError says the peer is not the leader, and which node it
 // believes is.
-type notLeaderError struct{ op, msg, leader string }
+type notLeaderError struct{ op, leader string }
 
 func (e *notLeaderError) Error() string {
 	if e.leader != "" {
