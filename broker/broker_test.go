@@ -103,9 +103,7 @@ func TestBroker_Connect_WillToOtherDeviceRefused(t *testing.T) {
 func TestBroker_Subscribe_NothingOfOtherDevices(t *testing.T) {
 	f := newTestFleet("press-01", "press-02")
 	b := startBroker(t, f)
-	victim := mustConnect(t, b.Addr(), "press-02")
-	victim.subscribe(t, fleet.DesiredTopic("press-02"))
-	victim.expectDesired(t, `{"deviceId":"press-02","version":1}`)
+	victim := mustConnectSubscribed(t, b.Addr(), "press-02")
 
 	spy := mustConnect(t, b.Addr(), "press-01")
 	filters := []string{
@@ -142,9 +140,7 @@ func TestBroker_Subscribe_NothingOfOtherDevices(t *testing.T) {
 func TestBroker_Publish_OtherDevicesTopicsChangeNothing(t *testing.T) {
 	f := newTestFleet("press-01", "press-02")
 	b := startBroker(t, f)
-	victim := mustConnect(t, b.Addr(), "press-02")
-	victim.subscribe(t, fleet.DesiredTopic("press-02"))
-	victim.expectDesired(t, `{"deviceId":"press-02","version":1}`)
+	victim := mustConnectSubscribed(t, b.Addr(), "press-02")
 
 	attacker := mustConnect(t, b.Addr(), "press-01")
 	for _, topic := range []string{
@@ -237,9 +233,7 @@ func TestBroker_Report_SinkRefusalCountsAsDropped(t *testing.T) {
 func TestBroker_PublishDesired_ReachesConnectedDeviceWithoutReconnect(t *testing.T) {
 	f := newTestFleet("press-01", "press-02")
 	b := startBroker(t, f)
-	d := mustConnect(t, b.Addr(), "press-01")
-	d.subscribe(t, fleet.DesiredTopic("press-01"))
-	d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	d := mustConnectSubscribed(t, b.Addr(), "press-01")
 
 	for v := 2; v <= 4; v++ {
 		doc := `{"deviceId":"press-01","version":` + string(rune('0'+v)) + `}`
@@ -365,9 +359,7 @@ func TestBroker_Disconnect_DuringAuthenticationRefuses(t *testing.T) {
 func TestBroker_SessionTakeover_NewConnectionWins(t *testing.T) {
 	f := newTestFleet("press-01")
 	b := startBroker(t, f)
-	first := mustConnect(t, b.Addr(), "press-01")
-	first.subscribe(t, fleet.DesiredTopic("press-01"))
-	first.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	first := mustConnectSubscribed(t, b.Addr(), "press-01")
 	// A wrong key cannot take the session over.
 	if _, _, err := dialDevice(t, b.Addr(), "press-01", "wrong", nil); err == nil {
 		t.Fatal("connected with a wrong key")
@@ -507,12 +499,8 @@ func TestNew_RequiresInterfacesAndValidLimits(t *testing.T) {
 func TestBroker_DeviceNamedInline(t *testing.T) {
 	f := newTestFleet("inline", "press-01")
 	b := startBroker(t, f)
-	other := mustConnect(t, b.Addr(), "press-01")
-	other.subscribe(t, fleet.DesiredTopic("press-01"))
-	other.expectDesired(t, `{"deviceId":"press-01","version":1}`)
-	d := mustConnect(t, b.Addr(), "inline")
-	d.subscribe(t, fleet.DesiredTopic("inline"))
-	d.expectDesired(t, `{"deviceId":"inline","version":1}`)
+	other := mustConnectSubscribed(t, b.Addr(), "press-01")
+	mustConnectSubscribed(t, b.Addr(), "inline")
 	if err := b.PublishDesired("press-01", []byte(`{"version":2}`)); err != nil {
 		t.Fatal(err)
 	}
@@ -622,9 +610,7 @@ func TestBroker_Desired_FollowsSubscription(t *testing.T) {
 func TestBroker_RefuseAndAdmit(t *testing.T) {
 	f := newTestFleet("press-01", "press-02")
 	b := startBroker(t, f)
-	d := mustConnect(t, b.Addr(), "press-01")
-	d.subscribe(t, fleet.DesiredTopic("press-01"))
-	d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	d := mustConnectSubscribed(t, b.Addr(), "press-01")
 
 	if n := b.Refuse(); n != 1 {
 		t.Fatalf("Refuse ended %d connections; want 1", n)
@@ -648,9 +634,7 @@ func TestBroker_RefuseAndAdmit(t *testing.T) {
 	}
 
 	b.Admit()
-	d2 := mustConnect(t, b.Addr(), "press-02")
-	d2.subscribe(t, fleet.DesiredTopic("press-02"))
-	d2.expectDesired(t, `{"deviceId":"press-02","version":1}`)
+	mustConnectSubscribed(t, b.Addr(), "press-02")
 	if st := b.Stats(); st.Refusing || st.Connections != 1 {
 		t.Fatalf("stats after Admit: %+v", st)
 	}

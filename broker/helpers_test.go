@@ -229,6 +229,16 @@ func dialDeviceWith(t testing.TB, addr, id, key string, tlsCfg *tls.Config, onMe
 	return d, ca, nil
 }
 
+// mustConnectSubscribed connects id with its key, subscribes it to its
+// desired topic and checks the first document the test fleet gives it.
+func mustConnectSubscribed(t testing.TB, addr, id string) *testDevice {
+	t.Helper()
+	d := mustConnect(t, addr, id)
+	d.subscribe(t, fleet.DesiredTopic(id))
+	d.expectDesired(t, `{"deviceId":"`+id+`","version":1}`)
+	return d
+}
+
 func mustConnect(t testing.TB, addr, id string) *testDevice {
 	t.Helper()
 	d, _, err := dialDevice(t, addr, id, "key-"+id, nil)

@@ -3,8 +3,6 @@ package broker
 import (
 	"sync/atomic"
 	"testing"
-
-	"appliance/fleet"
 )
 
 // issue501 is a truncated MQTT 5 SUBSCRIBE: packet id 1, no properties, a
@@ -16,9 +14,7 @@ var issue501 = []byte{0x82, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, 0x61}
 func TestBroker_Issue501_TruncatedSubscribeClosesOnlyThatClient(t *testing.T) {
 	f := newTestFleet("press-01", "press-02")
 	b := startBroker(t, f)
-	bystander := mustConnect(t, b.Addr(), "press-02")
-	bystander.subscribe(t, fleet.DesiredTopic("press-02"))
-	bystander.expectDesired(t, `{"deviceId":"press-02","version":1}`)
+	bystander := mustConnectSubscribed(t, b.Addr(), "press-02")
 
 	c, err := rawConnect(b.Addr(), "press-01", "key-press-01")
 	if err != nil {
@@ -50,7 +46,5 @@ func TestBroker_Issue501_TruncatedSubscribeClosesOnlyThatClient(t *testing.T) {
 	if n := atomic.LoadInt64(&b.srv.Info.ClientsConnected); n != 1 {
 		t.Errorf("mochi counts %d connected clients; want 1 (the bystander)", n)
 	}
-	again := mustConnect(t, b.Addr(), "press-01")
-	again.subscribe(t, fleet.DesiredTopic("press-01"))
-	again.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	mustConnectSubscribed(t, b.Addr(), "press-01")
 }

@@ -75,15 +75,7 @@ func TestCluster_AgentFailsOver(t *testing.T) {
 		}
 		return r.code == 0 || cli(t, survivors[1].dataDir, "deployment", "show", "v2").code == 0
 	})
-	eventually(t, "the agent runs v2's module", 60*time.Second, func() bool {
-		_, ok := alivePid(out, "beta")
-		return ok
-	})
-	eventually(t, "v2 reported through a survivor", 30*time.Second, func() bool {
-		doc, _ := reported(t, survivors[0].dataDir, "press-01")
-		return doc.DeploymentID == "v2" && doc.LastDesiredStatus.Code == 200 &&
-			doc.Modules["beta"].RuntimeStatus == fleet.RuntimeRunning
-	})
+	waitAgentRuns(t, survivors[0].dataDir, "press-01", "v2", out, "beta")
 	// Both survivors agree where the device is now.
 	var connectedTo string
 	eventually(t, "both survivors see press-01 connected to the same survivor", 10*time.Second, func() bool {
@@ -103,4 +95,20 @@ func deviceView(t *testing.T, s *server, id string) api.DeviceView {
 		t.Fatalf("device show: %v\n%s", err, r.stdout)
 	}
 	return v
+}
+
+// waitAgentRuns waits until the agent whose process modules write their
+// pid files to out runs module, and the node of dataDir has its report of
+// deployment applied (200) with module running.
+func waitAgentRuns(t *testing.T, dataDir, deviceID, deployment, out, module string) {
+	t.Helper()
+	eventually(t, "the agent runs "+deployment+"'s module "+module, 60*time.Second, func() bool {
+		_, ok := alivePid(out, module)
+		return ok
+	})
+	eventually(t, deployment+" reported by "+deviceID, 30*time.Second, func() bool {
+		doc, _ := reported(t, dataDir, deviceID)
+		return doc.DeploymentID == deployment && doc.LastDesiredStatus.Code == 200 &&
+			doc.Modules[module].RuntimeStatus == fleet.RuntimeRunning
+	})
 }

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"appliance/api"
-	"appliance/fleet"
 )
 
 // TestCluster_CutOffNodeShedsDevices: a node cut off from the rest of its
@@ -78,15 +77,7 @@ func TestCluster_CutOffNodeShedsDevices(t *testing.T) {
 
 	v2 := processManifest(t, out, map[string]map[string]any{"beta": module("running", "always", nil)})
 	cli(t, majority[1].dataDir, "deployment", "create", "v2", "--content", v2, "--target-condition", "tags.environment='prod'", "--priority", "2").mustSucceed(t)
-	eventually(t, "the agent runs v2's module", 60*time.Second, func() bool {
-		_, ok := alivePid(out, "beta")
-		return ok
-	})
-	eventually(t, "v2 reported through the majority", 30*time.Second, func() bool {
-		doc, _ := reported(t, majority[0].dataDir, "press-01")
-		return doc.DeploymentID == "v2" && doc.LastDesiredStatus.Code == 200 &&
-			doc.Modules["beta"].RuntimeStatus == fleet.RuntimeRunning
-	})
+	waitAgentRuns(t, majority[0].dataDir, "press-01", "v2", out, "beta")
 
 	c.net.healAll()
 	eventually(t, cut.id+" admits devices again once it has a leader", 30*time.Second, func() bool {
