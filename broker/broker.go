@@ -423,9 +423,18 @@ func (b *Broker) Refuse() int {
 	b.mu.RLock()
 	var conns []*trackedConn
 	for _, cs := range b.devices {
-		conns = append(conns, cs...)
+		for _, tc := range cs {
+			if tc.live() && tc.shed.CompareAndSwap(false, true) {
+				conns = append(conns, tc)
+			}
+		}
 	}
 	b.mu.RUnlock()
+	// Every deadline first: the DISCONNECTs to devices that stopped
+	// reading then all give up within one disconnectGrace, not one each.
+	for _, tc := range conns {
+		tc.capDeadline(time.Now().Add(disconnectGrace))
+	}
 	for _, tc := range conns {
 		b.dropConn(tc, packets.ErrUseAnotherServer)
 	}
@@ -442,7 +451,9 @@ func (b *Broker) refuseIfRefusing(cl *mqtt.Client) bool {
 	if !b.refusing.Load() {
 		return false
 	}
-	b.stats.refused.Add(1)
+	if tc := connOf(cl); tc == nil || tc.shed.CompareAndSwap(false, true) {
+		b.stats.refused.Add(1) // once per connection, whether here or in Refuse
+	}
 	b.log.Debug("device turned away: this node has no cluster leader", "device", string(cl.Properties.Username), "remote", cl.Net.Remote)
 	_ = b.srv.SendConnack(cl, packets.ErrServerUnavailable, false, nil)
 	return true

@@ -255,6 +255,7 @@ type trackedConn struct {
 	client      atomic.Pointer[mqtt.Client] // set when the CONNECT is read
 	established atomic.Bool                 // CONNACK sent; listed by Connected
 	revoked     atomic.Bool                 // Disconnect was called for it
+	shed        atomic.Bool                 // turned away by Refuse (counted in Stats.Refused)
 	since       atomic.Int64                // unix nanoseconds of authentication
 	counted     bool                        // counted in mochi's ClientsConnected; bursts only
 

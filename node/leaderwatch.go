@@ -26,7 +26,7 @@ func (n *Node) watchLeader(ctx context.Context) {
 	if after < 0 || n.broker == nil {
 		return
 	}
-	tick := time.NewTicker(min(after/4, 500*time.Millisecond))
+	tick := time.NewTicker(max(min(after/4, 500*time.Millisecond), 10*time.Millisecond))
 	defer tick.Stop()
 	seen := time.Now() // when this node last had a leader (or started)
 	shedding := false
