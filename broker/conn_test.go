@@ -288,6 +288,31 @@ func TestBroker_PublishDesired_WaitsForReceiveMaximum(t *testing.T) {
 	}
 }
 
+// Subscribing again at the receive maximum does not bring a document
+// beyond it either: the current document waits for the acknowledgement.
+func TestBroker_Resubscribe_WaitsForReceiveMaximum(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	topic := fleet.DesiredTopic("press-01")
+	rc := dialRawClient(t, b.Addr(), nil)
+	rc.write(connectPacketWith("press-01", "key-press-01", []byte{0x21, 0, 1}), // Receive Maximum 1
+		subscribePacket(1, topic))
+	rc.expect(2)
+	first, _ := rc.expectPublish()
+	rc.expect(9)
+
+	f.setDesired("press-01", `{"version":2}`)
+	rc.write(subscribePacket(2, topic))
+	rc.expect(9) // SUBACK, and no PUBLISH before or after it
+	if h, body, err := rc.nextWithin(300 * time.Millisecond); err == nil {
+		t.Fatalf("device at its receive maximum was sent packet %#x % x", h, body)
+	}
+	rc.write(pubackPacket(first))
+	if _, doc := rc.expectPublish(); doc != `{"version":2}` {
+		t.Fatalf("after the acknowledgement got %q; want the current document", doc)
+	}
+}
+
 // A device that acknowledges nothing (and sets no receive maximum) is
 // disconnected at MaxInflight unacknowledged documents instead of being sent
 // more.

@@ -104,7 +104,8 @@ func (h *deviceHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // writes it, on the device's burst (which holds procMu), before mochi writes
 // the SUBACK (MQTT allows either order). Not through the mailbox: a newer
 // document PublishDesired may have left there must not be replaced by this
-// one. If the source fails, the device is disconnected ("server busy") and
+// one (at the device's receive maximum it goes there only if the mailbox
+// is empty). If the source fails, the device is disconnected ("server busy") and
 // retries by reconnecting, rather than sitting connected without its
 // desired state.
 func (b *Broker) sendCurrentDesired(cl *mqtt.Client) {
@@ -117,6 +118,15 @@ func (b *Broker) sendCurrentDesired(cl *mqtt.Client) {
 		b.stats.desiredFailed.Add(1)
 		b.log.Warn("desired document unavailable; disconnecting device so it retries", "device", cl.ID, "error", err)
 		go b.dropConn(tc, packets.ErrServerBusy) // not on the burst: mochi writes SUBACK after this hook
+		return
+	}
+	if !b.ready(tc) {
+		// An MQTT 5 device at its receive maximum (it subscribed again
+		// with a document unacknowledged): the document waits for an
+		// acknowledgement in the mailbox, unless PublishDesired left one
+		// there, which is as new or newer (the source changes before it
+		// publishes).
+		tc.pending.CompareAndSwap(nil, &doc)
 		return
 	}
 	_ = b.sendDesired(tc, cl, doc)
