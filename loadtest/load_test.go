@@ -44,19 +44,21 @@ type knobs struct {
 	results        string        // LOADTEST_RESULTS: also write the result tables to this file
 	perf           string        // LOADTEST_PERF: a directory for `perf record` profiles of the broker (profiled runs are not for the record)
 	nodeEnv        []string      // LOADTEST_NODE_ENV: extra environment for the node, e.g. "GOGC=50 GODEBUG=adaptivestackstart=0"
+	bgTagRate      int           // LOADTEST_BACKGROUND_TAG_RATE: tag updates/s to the load devices during a second latency probe (1000; 0 skips it)
 }
 
 func readKnobs(t *testing.T) knobs {
 	t.Helper()
-	k := knobs{devices: 200, perShard: 10000, concurrency: 64, rounds: 3, samples: 200, latencyDevices: 4, settle: 5 * time.Second}
+	k := knobs{devices: 200, perShard: 10000, concurrency: 64, rounds: 3, samples: 200, latencyDevices: 4, settle: 5 * time.Second, bgTagRate: 1000}
 	ints := map[string]*int{
 		"LOADTEST_DEVICES": &k.devices, "LOADTEST_PER_SHARD": &k.perShard, "LOADTEST_CONCURRENCY": &k.concurrency,
 		"LOADTEST_FANOUT_ROUNDS": &k.rounds, "LOADTEST_LATENCY_SAMPLES": &k.samples, "LOADTEST_LATENCY_DEVICES": &k.latencyDevices,
+		"LOADTEST_BACKGROUND_TAG_RATE": &k.bgTagRate,
 	}
 	for name, p := range ints {
 		if v := os.Getenv(name); v != "" {
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 {
+			if err != nil || n < 1 && !(n == 0 && name == "LOADTEST_BACKGROUND_TAG_RATE") {
 				t.Fatalf("%s=%q: want a positive integer", name, v)
 			}
 			*p = n
@@ -217,7 +219,8 @@ func (f fanResult) rate() float64 {
 }
 
 type latResult struct {
-	connected   int // device connections held by the node meanwhile
+	connected   int      // device connections held by the node meanwhile
+	bg          *tagLoad // the background tag updates meanwhile, if any
 	arrival     []time.Duration
 	response    []time.Duration
 	beforeReply int // documents that arrived before the PATCH response
@@ -230,6 +233,7 @@ type report struct {
 	conns   []connResult
 	fans    []fanResult
 	lat     *latResult
+	latBg   *latResult // the same probe under background tag updates
 	notes   []string
 }
 
@@ -342,6 +346,15 @@ func runNode(t *testing.T, k knobs, bins *binaries, r *report) {
 	r.noteRSSAfterFanout(t, k, "appliance node", node)
 	r.lat = latencyProbe(t, k, c, mqttAddr, latDevs)
 	r.lat.connected = cr.live
+	if k.bgTagRate > 0 {
+		// performance-anchors.md G3: the same probe while other devices'
+		// tags change at a steady rate (changes that move no device).
+		stop := startTagLoad(c, loadIDs(devs), k.bgTagRate)
+		r.latBg = latencyProbe(t, k, c, mqttAddr, latDevs)
+		r.latBg.connected = cr.live
+		r.latBg.bg = stop()
+		t.Logf("background tag updates: %d done (%.0f/s of %d/s asked), %d failed", r.latBg.bg.done, r.latBg.bg.rate(), k.bgTagRate, r.latBg.bg.failed)
+	}
 	if _, ok := sh.all("status", "status", 30*time.Second); !ok {
 		t.Errorf("node: load shards did not answer after the run")
 	}
@@ -569,6 +582,7 @@ func latencyProbe(t *testing.T, k knobs, c *api.Client, mqttAddr string, devs []
 		doc fleet.DesiredDocument
 	}
 	chans := make([]chan arrival, len(devs))
+	state := make([]string, len(devs)) // "a" or "b": the device's lat tag
 	for i, d := range devs {
 		ch := make(chan arrival, 16)
 		chans[i] = ch
@@ -597,19 +611,17 @@ func latencyProbe(t *testing.T, k knobs, c *api.Client, mqttAddr string, devs []
 		defer cl.Disconnect(&paho.Disconnect{})
 		select {
 		case a := <-ch:
-			if a.doc.DeploymentID != "lat-a" {
-				t.Fatalf("%s: first desired document is for %q; want lat-a", d.ID, a.doc.DeploymentID)
+			cur, ok := strings.CutPrefix(a.doc.DeploymentID, "lat-")
+			if !ok {
+				t.Fatalf("%s: first desired document is for %q; want lat-a or lat-b", d.ID, a.doc.DeploymentID)
 			}
+			state[i] = cur
 		case <-time.After(10 * time.Second):
 			t.Fatalf("%s: no desired document after subscribing", d.ID)
 		}
 	}
 
 	lr := &latResult{}
-	state := make([]string, len(devs))
-	for i := range state {
-		state[i] = "a"
-	}
 	for s := range k.samples {
 		i := s % len(devs)
 		next := map[string]string{"a": "b", "b": "a"}[state[i]]
@@ -804,10 +816,19 @@ func (r *report) markdown() string {
 	}
 	if l := r.lat; l != nil {
 		w("\n**Tag change → desired document received** (appliance node, %d device connections held; from just before the PATCH to the Paho client's callback)\n\n", l.connected)
-		w("| samples | median | p90 | p99 | max | PATCH response median / p99 | document before the response | timeouts |\n")
-		w("|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-		w("| %d | **%s** | %s | **%s** | %s | %s / %s | %d of %d | %d |\n", len(l.arrival), ms(pct(l.arrival, 50)), ms(pct(l.arrival, 90)),
-			ms(pct(l.arrival, 99)), ms(pct(l.arrival, 100)), ms(pct(l.response, 50)), ms(pct(l.response, 99)), l.beforeReply, len(l.arrival), l.timeouts)
+		w("| other devices' tag updates meanwhile | samples | median | p90 | p99 | max | PATCH response median / p99 | document before the response | timeouts |\n")
+		w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, l := range []*latResult{r.lat, r.latBg} {
+			if l == nil {
+				continue
+			}
+			bg := "none"
+			if l.bg != nil {
+				bg = fmt.Sprintf("%.0f/s (%d asked, %d failed)", l.bg.rate(), l.bg.asked, l.bg.failed)
+			}
+			w("| %s | %d | **%s** | %s | **%s** | %s | %s / %s | %d of %d | %d |\n", bg, len(l.arrival), ms(pct(l.arrival, 50)), ms(pct(l.arrival, 90)),
+				ms(pct(l.arrival, 99)), ms(pct(l.arrival, 100)), ms(pct(l.response, 50)), ms(pct(l.response, 99)), l.beforeReply, len(l.arrival), l.timeouts)
+		}
 	}
 	w("\n**Goals**\n\n")
 	for _, c := range r.conns {
@@ -831,6 +852,10 @@ func (r *report) markdown() string {
 	if l := r.lat; l != nil {
 		w("- tag change → delivery < 15 ms at p99: %s: %s\n", ms(pct(l.arrival, 99)), metIf(pct(l.arrival, 99) < 15*time.Millisecond && l.timeouts == 0))
 	}
+	if l := r.latBg; l != nil {
+		w("- (performance-anchors.md G3) the same under %.0f other tag updates/s: %s: %s\n", l.bg.rate(), ms(pct(l.arrival, 99)),
+			metIf(pct(l.arrival, 99) < 15*time.Millisecond && l.timeouts == 0))
+	}
 	return b.String()
 }
 
@@ -846,4 +871,63 @@ func must(t *testing.T, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// tagLoad is a steady stream of tag updates to devices, each of which
+// changes no assignment (a tag no target condition reads).
+type tagLoad struct {
+	asked        int // updates per second asked for
+	done, failed int
+	elapsed      time.Duration
+}
+
+func (l *tagLoad) rate() float64 { return float64(l.done) / l.elapsed.Seconds() }
+
+// startTagLoad PATCHes the devices' "bg" tag, round robin, at rate per
+// second (32 requests in flight at most) until the returned stop is called.
+func startTagLoad(c *api.Client, ids []string, rate int) (stop func() *tagLoad) {
+	ctx, cancel := context.WithCancel(context.Background())
+	start := time.Now()
+	var seq, done, failed atomic.Int64
+	var wg sync.WaitGroup
+	for range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				n := seq.Add(1) - 1
+				// The n-th update is due n/rate seconds after the start.
+				if wait := time.Until(start.Add(time.Duration(n) * time.Second / time.Duration(rate))); wait > 0 {
+					select {
+					case <-ctx.Done():
+						return
+					case <-time.After(wait):
+					}
+				}
+				if ctx.Err() != nil {
+					return
+				}
+				_, err := c.PatchDevice(ctx, ids[int(n)%len(ids)], api.DevicePatch{Tags: map[string]any{"bg": n}}, api.WriteOptions{})
+				switch {
+				case err == nil:
+					done.Add(1)
+				case ctx.Err() == nil:
+					failed.Add(1)
+				}
+			}
+		}()
+	}
+	return func() *tagLoad {
+		cancel()
+		wg.Wait()
+		return &tagLoad{asked: rate, done: int(done.Load()), failed: int(failed.Load()), elapsed: time.Since(start)}
+	}
+}
+
+func loadIDs(devs []loadtest.Device) []string {
+	ids := make([]string, len(devs))
+	for i, d := range devs {
+		ids[i] = d.ID
+	}
+	return ids
 }
