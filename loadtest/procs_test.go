@@ -55,14 +55,19 @@ func startProc(t *testing.T, logDir, name, bin string, args, env []string, event
 	}
 	p := &proc{t: t, name: name, cmd: cmd, log: logPath, exited: make(chan struct{}), stopping: make(chan struct{})}
 	cmd.Stderr = lf
-	var stdout io.ReadCloser
+	// stdout is a pipe of our own, not StdoutPipe: Wait closes that one
+	// when the process exits, perhaps before its last lines are read (a
+	// publisher that printed its result and exited lost it). Ours is read
+	// to its end whatever Wait does.
+	var stdout, stdoutW *os.File
 	if events {
 		if p.stdin, err = cmd.StdinPipe(); err != nil {
 			t.Fatal(err)
 		}
-		if stdout, err = cmd.StdoutPipe(); err != nil {
+		if stdout, stdoutW, err = os.Pipe(); err != nil {
 			t.Fatal(err)
 		}
+		cmd.Stdout = stdoutW
 		p.events = make(chan loadtest.Event, 256)
 	} else {
 		cmd.Stdout = lf
@@ -71,15 +76,13 @@ func startProc(t *testing.T, logDir, name, bin string, args, env []string, event
 		lf.Close()
 		t.Fatalf("start %s: %v", name, err)
 	}
-	// Wait closes the stdout pipe when the process exits, perhaps before
-	// its last lines are read (os/exec: "it is incorrect to call Wait
-	// before all reads from the pipe have completed"): a publisher that
-	// printed its result and exited lost it. So Wait waits for the end of
-	// stdout, which the process's exit brings.
-	scanned := make(chan struct{})
+	var readers sync.WaitGroup // the log file is closed when both are done
 	if events {
+		stdoutW.Close() // the child has its own copy
+		readers.Add(1)
 		go func() {
-			defer close(scanned)
+			defer readers.Done()
+			defer stdout.Close()
 			defer close(p.events)
 			sc := bufio.NewScanner(stdout)
 			sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -91,20 +94,21 @@ func startProc(t *testing.T, logDir, name, bin string, args, env []string, event
 				}
 				select {
 				case p.events <- e:
-				case <-p.stopping:
+				case <-p.stopping: // nobody reads any more
 				}
 			}
 		}()
 	}
-	if !events {
-		close(scanned)
-	}
+	readers.Add(1)
 	go func() {
-		<-scanned
+		defer readers.Done()
 		err := cmd.Wait()
 		fmt.Fprintf(lf, "driver: %s exited: %v\n", name, err)
-		lf.Close()
 		close(p.exited)
+	}()
+	go func() {
+		readers.Wait()
+		lf.Close()
 	}()
 	t.Cleanup(func() { p.stop(10 * time.Second) })
 	return p
