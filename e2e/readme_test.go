@@ -117,3 +117,78 @@ func TestReadmeQuickStart(t *testing.T) {
 		t.Fatalf("deployment show after widening the condition:\n%s", show)
 	}
 }
+
+// TestReadmeMakeCluster runs `make cluster` as the README's "Three nodes"
+// section tells a newcomer to, on ports the test picks (CLUSTER_PORTS):
+// three nodes join, the simulated devices enroll and apply the demo
+// deployment, any node answers for the cluster, and Ctrl-C stops it all.
+func TestReadmeMakeCluster(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skip("make is not installed")
+	}
+	var ports portReservation
+	var list []string
+	for range 9 {
+		_, port, _ := strings.Cut(ports.on(t, "127.0.0.1"), ":")
+		list = append(list, port)
+	}
+	ports.release()
+	dir := t.TempDir()
+	run := exec.Command("make", "cluster")
+	run.Dir = ".."
+	run.Env = append(os.Environ(), "CLUSTER_DIR="+dir, "CLUSTER_PORTS="+strings.Join(list, " "), "DEVICES=20")
+	logs := &syncBuffer{}
+	run.Stdout, run.Stderr = logs, logs
+	run.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := run.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- run.Wait() }()
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			syscall.Kill(-run.Process.Pid, syscall.SIGKILL)
+			<-exited
+		}
+		if t.Failed() {
+			t.Logf("make cluster output:\n%s", logs.String())
+		}
+	})
+	eventually(t, "make cluster says the cluster runs", 3*time.Minute, func() bool {
+		select {
+		case err := <-exited:
+			stopped = true
+			t.Fatalf("make cluster ended: %v", err)
+		default:
+		}
+		return strings.Contains(logs.String(), "Three nodes and 20 simulated devices are running")
+	})
+	// What the script's message suggests: talk to n2 (any node serves).
+	n2 := filepath.Join(dir, "n2")
+	r := cli(t, n2, "cluster", "members", "-o", "json").mustSucceed(t)
+	for _, id := range []string{`"n1"`, `"n2"`, `"n3"`} {
+		if !strings.Contains(r.stdout, id) {
+			t.Fatalf("cluster members on n2 lacks %s:\n%s", id, r.stdout)
+		}
+	}
+	eventually(t, "the 20 simulated devices apply demo-v1", time.Minute, func() bool {
+		r := cli(t, n2, "deployment", "show", "demo-v1", "-o", "json")
+		return r.code == 0 && strings.Contains(r.stdout, `"appliedCount": 20`)
+	})
+
+	// Ctrl-C: the whole process group gets the signal; everything stops.
+	syscall.Kill(-run.Process.Pid, syscall.SIGINT)
+	select {
+	case <-exited:
+		stopped = true
+	case <-time.After(30 * time.Second):
+		t.Fatal("make cluster did not stop within 30 s of Ctrl-C")
+	}
+	for _, id := range []string{"n1", "n2", "n3"} {
+		b, err := os.ReadFile(filepath.Join(dir, id+".log"))
+		if err != nil || !strings.Contains(string(b), "shutting down") || strings.Contains(string(b), "second signal") {
+			t.Errorf("%s did not shut down gracefully: %v; its log:\n%s", id, err, b)
+		}
+	}
+}

@@ -8,23 +8,43 @@
 #   n3     https://127.0.0.1:7500   127.0.0.1:7501        127.0.0.1:1903
 #
 # Data lives in $CLUSTER_DIR (default ./.cluster): run it again and the
-# cluster resumes. Remove the directory for a fresh one.
+# cluster resumes. Remove the directory for a fresh one. CLUSTER_PORTS
+# replaces the nine ports above (API, raft, MQTT of n1, then n2, then n3);
+# DEVICES sets how many devices are simulated (50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-./bin/appliance}
 DIR=${CLUSTER_DIR:-.cluster}
 DEVICES=${DEVICES:-50}
+read -r -a P <<<"${CLUSTER_PORTS:-7480 7481 1883 7490 7491 1893 7500 7501 1903}"
+if [ ${#P[@]} -ne 9 ]; then
+  echo "CLUSTER_PORTS: want nine ports (API, raft, MQTT of n1, n2, n3); got '${CLUSTER_PORTS}'" >&2
+  exit 2
+fi
 mkdir -p "$DIR"
 
 pids=()
-cleanup() {
+cleanup() { # how: int (Ctrl-C) or term
   trap - INT TERM EXIT
   echo
   echo "stopping..."
+  if [ "$1" = int ]; then
+    # Ctrl-C in a terminal signals the whole foreground group, the nodes
+    # included, and they are shutting down gracefully already; a second
+    # signal would make them exit at once. Give them time, then signal
+    # whatever still runs.
+    for _ in $(seq 1 100); do
+      alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      [ "$alive" = 0 ] && break
+      sleep 0.1
+    done
+  fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup int' INT
+trap 'cleanup term' TERM EXIT
 
 start_node() { # id http raft mqtt [join args...]
   local id=$1 http=$2 raft=$3 mqtt=$4; shift 4
@@ -39,10 +59,10 @@ start_node() { # id http raft mqtt [join args...]
   echo "node $id did not start in 30 s; see $DIR/$id.log"; exit 1
 }
 
-start_node n1 7480 7481 1883
+start_node n1 "${P[0]}" "${P[1]}" "${P[2]}"
 token=$(cat "$DIR/n1/join-token")
-start_node n2 7490 7491 1893 --join https://127.0.0.1:7481 --join-token "$token"
-start_node n3 7500 7501 1903 --join https://127.0.0.1:7481 --join-token "$token"
+start_node n2 "${P[3]}" "${P[4]}" "${P[5]}" --join "https://127.0.0.1:${P[1]}" --join-token "$token"
+start_node n3 "${P[6]}" "${P[7]}" "${P[8]}" --join "https://127.0.0.1:${P[1]}" --join-token "$token"
 
 export APPLIANCE_DATA_DIR="$DIR/n1"
 "$BIN" cluster members
@@ -54,7 +74,7 @@ if [ -n "$enroll" ]; then echo "$enroll" >"$DIR/enroll-token"; fi
 enroll=$(cat "$DIR/enroll-token")
 "$BIN" deployment show demo-v1 >/dev/null 2>&1 || "$BIN" deployment create demo-v1 \
   --content examples/edge-deployment.json --target-condition "tags.site='demo'" --priority 1 >/dev/null
-"$BIN" sim --server mqtts://127.0.0.1:1883,mqtts://127.0.0.1:1893,mqtts://127.0.0.1:1903 \
+"$BIN" sim --server "mqtts://127.0.0.1:${P[2]},mqtts://127.0.0.1:${P[5]},mqtts://127.0.0.1:${P[8]}" \
   --ca-file "$DIR/n1/tls/ca.crt" --devices "$DEVICES" --enroll-token "$enroll" --prefix demo >"$DIR/sim.log" 2>&1 &
 pids+=($!)
 
