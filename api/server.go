@@ -69,6 +69,10 @@ type ServerConfig struct {
 	Logger *slog.Logger
 	// MaxBodyBytes caps request bodies (default 4 MiB).
 	MaxBodyBytes int64
+	// ObserveRequest, when set, is told of every request once it is
+	// answered: the route pattern it matched ("" for none), the status
+	// code and how long it took. For metrics; it must be quick.
+	ObserveRequest func(pattern string, status int, took time.Duration)
 }
 
 // Server serves the operator API.
@@ -107,7 +111,40 @@ func (s *Server) HandleWithToken(pattern string, h http.Handler) {
 }
 
 // ServeHTTP implements http.Handler.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.ObserveRequest == nil {
+		s.mux.ServeHTTP(w, r)
+		return
+	}
+	start := time.Now()
+	sw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
+	s.mux.ServeHTTP(sw, r)
+	// The mux sets r.Pattern to the route it chose.
+	s.cfg.ObserveRequest(r.Pattern, sw.status, time.Since(start))
+}
+
+// statusWriter remembers the status code a handler wrote.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+	wrote  bool
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if !w.wrote {
+		w.status, w.wrote = code, true
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	w.wrote = true
+	return w.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer
+// (flushing a streamed backup, deadlines).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (s *Server) routes() {
 	s.mux.HandleFunc("GET /healthz", s.healthz)

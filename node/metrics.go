@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -14,8 +15,9 @@ import (
 // happen, and a collector that reads the rest (broker, raft, deployments)
 // at scrape time, so nothing is computed between scrapes.
 type metrics struct {
-	registry     *prometheus.Registry
-	applySeconds *prometheus.HistogramVec
+	registry       *prometheus.Registry
+	applySeconds   *prometheus.HistogramVec
+	requestSeconds *prometheus.HistogramVec
 }
 
 func newMetrics(n *Node) *metrics {
@@ -26,11 +28,17 @@ func newMetrics(n *Node) *metrics {
 			Help:    "Time from proposing a command to its being committed and applied on this node (the leader).",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"command"}),
+		requestSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "appliance_api_request_seconds",
+			Help:    "Time to answer an operator API request, by route and status code.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}, []string{"route", "code"}),
 	}
 	m.registry.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.applySeconds,
+		m.requestSeconds,
 		(*nodeCollector)(n),
 	)
 	return m
@@ -38,6 +46,16 @@ func newMetrics(n *Node) *metrics {
 
 func (m *metrics) observeApply(command string, d time.Duration) {
 	m.applySeconds.WithLabelValues(command).Observe(d.Seconds())
+}
+
+// observeRequest records an API request; pattern is the route ("" when
+// none matched, kept as one label so that stray paths cannot grow the
+// label set).
+func (m *metrics) observeRequest(pattern string, status int, d time.Duration) {
+	if pattern == "" {
+		pattern = "unmatched"
+	}
+	m.requestSeconds.WithLabelValues(pattern, strconv.Itoa(status)).Observe(d.Seconds())
 }
 
 // nodeCollector reads the node's state at scrape time.

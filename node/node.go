@@ -306,7 +306,8 @@ func (n *Node) Start(ctx context.Context) error {
 		n.history.run(bgCtx)
 	}()
 
-	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: token, Logger: n.cfg.Logger.With("component", "api")})
+	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: token, Logger: n.cfg.Logger.With("component", "api"),
+		ObserveRequest: n.metrics.observeRequest})
 	if err != nil {
 		n.stopBackground()
 		return err

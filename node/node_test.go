@@ -492,6 +492,9 @@ func TestMetrics(t *testing.T) {
 		`appliance_deployment_devices{category="healthy",deployment="prod"} 0`,
 		`appliance_raft_apply_seconds_count{command="put-deployment"} 1`,
 		`appliance_reports_total{outcome="dropped"} 0`,
+		`appliance_api_request_seconds_count{code="201",route="PUT /api/v1/deployments/{id}"} 1`,
+		`appliance_api_request_seconds_count{code="401",route="GET /metrics"} 1`,
+		`appliance_mqtt_refusing_devices 0`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %q", want)
