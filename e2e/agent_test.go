@@ -69,6 +69,17 @@ func processManifest(t *testing.T, out string, modules map[string]map[string]any
 			"env": env, "settings": map[string]any{"command": []string{moduleBinary}},
 		}
 	}
+	b := edgeManifest(mods)
+	path := filepath.Join(t.TempDir(), "manifest.json")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// edgeManifest wraps modules in an Azure IoT Edge deployment manifest
+// (modulesContent with the system modules and no routes).
+func edgeManifest(modules map[string]any) []byte {
 	content := map[string]any{"modulesContent": map[string]any{
 		"$edgeAgent": map[string]any{"properties.desired": map[string]any{
 			"schemaVersion": "1.1",
@@ -77,16 +88,15 @@ func processManifest(t *testing.T, out string, modules map[string]map[string]any
 				"edgeAgent": map[string]any{"type": "docker", "settings": map[string]any{"image": "appliance/agent"}},
 				"edgeHub":   map[string]any{"type": "docker", "status": "running", "restartPolicy": "always", "settings": map[string]any{"image": "appliance/hub"}},
 			},
-			"modules": mods,
+			"modules": modules,
 		}},
 		"$edgeHub": map[string]any{"properties.desired": map[string]any{"schemaVersion": "1.1", "routes": map[string]any{}}},
 	}}
-	b, _ := json.Marshal(content)
-	path := filepath.Join(t.TempDir(), "manifest.json")
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
+	b, err := json.Marshal(content)
+	if err != nil {
+		panic(err)
 	}
-	return path
+	return b
 }
 
 func module(status, policy string, env map[string]string) map[string]any {

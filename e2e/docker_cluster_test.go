@@ -919,23 +919,7 @@ func dockerManifest(modules ...string) json.RawMessage {
 			"settings": map[string]any{"command": []string{"/module"}},
 		}
 	}
-	content := map[string]any{"modulesContent": map[string]any{
-		"$edgeAgent": map[string]any{"properties.desired": map[string]any{
-			"schemaVersion": "1.1",
-			"runtime":       map[string]any{"type": "docker", "settings": map[string]any{}},
-			"systemModules": map[string]any{
-				"edgeAgent": map[string]any{"type": "docker", "settings": map[string]any{"image": "appliance/agent"}},
-				"edgeHub":   map[string]any{"type": "docker", "status": "running", "restartPolicy": "always", "settings": map[string]any{"image": "appliance/hub"}},
-			},
-			"modules": mods,
-		}},
-		"$edgeHub": map[string]any{"properties.desired": map[string]any{"schemaVersion": "1.1", "routes": map[string]any{}}},
-	}}
-	b, err := json.Marshal(content)
-	if err != nil {
-		panic(err)
-	}
-	return b
+	return edgeManifest(mods)
 }
 
 // withoutSessions clears which controller holds each device's session: a

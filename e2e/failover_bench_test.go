@@ -1114,7 +1114,7 @@ func (c *benchCluster) waitSettled(t *testing.T, down string) (string, uint64) {
 	deadline := time.Now().Add(benchSettleTimeout)
 	for time.Now().Before(deadline) {
 		vs, err := c.views(down)
-		if err == nil && benchAgreed(vs) {
+		if err == nil && agreeOnLeader(vs) {
 			for _, v := range vs {
 				if v.Self == v.Leader {
 					return v.Leader, v.Term
@@ -1143,7 +1143,7 @@ func (c *benchCluster) waitCaughtUp(t *testing.T) (string, uint64) {
 	deadline := time.Now().Add(benchSettleTimeout)
 	for time.Now().Before(deadline) {
 		vs, err := c.views("")
-		if err == nil && benchAgreed(vs) {
+		if err == nil && agreeOnLeader(vs) {
 			var leader api.ClusterView
 			for _, v := range vs {
 				if v.Self == v.Leader {
@@ -1168,28 +1168,4 @@ func (c *benchCluster) waitCaughtUp(t *testing.T) (string, uint64) {
 	t.Fatalf("%s cluster: the nodes did not catch up within %s; last views: %+v; machine: %s",
 		c.name, benchSettleTimeout, last, readMachineLoad())
 	return "", 0
-}
-
-// benchAgreed: the views name one leader, whose own view is among them and
-// says it leads, and three voting members.
-func benchAgreed(vs []api.ClusterView) bool {
-	leader := vs[0].Leader
-	if leader == "" {
-		return false
-	}
-	found := false
-	for _, v := range vs {
-		if v.Leader != leader || len(v.Members) != 3 {
-			return false
-		}
-		for _, m := range v.Members {
-			if !m.Voter {
-				return false
-			}
-		}
-		if v.Self == leader {
-			found = v.State == "Leader"
-		}
-	}
-	return found
 }

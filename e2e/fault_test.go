@@ -343,7 +343,7 @@ func (c *faultCluster) waitLeader(t *testing.T, down string) string {
 }
 
 // agreeOnLeader: the views name one leader, whose own view is among them
-// and says it leads, and three members.
+// and says it leads, and three voting members.
 func agreeOnLeader(vs []api.ClusterView) bool {
 	leader := vs[0].Leader
 	if leader == "" {
@@ -353,6 +353,11 @@ func agreeOnLeader(vs []api.ClusterView) bool {
 	for _, v := range vs {
 		if v.Leader != leader || len(v.Members) != 3 {
 			return false
+		}
+		for _, m := range v.Members {
+			if !m.Voter {
+				return false
+			}
 		}
 		if v.Self == leader {
 			found = v.State == "Leader"
