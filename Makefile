@@ -52,6 +52,7 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzDesiredDocument -fuzztime $${FUZZTIME:-30s} ./agent/
 	$(GO) test -run '^$$' -fuzz FuzzReadPacket -fuzztime $${FUZZTIME:-30s} ./sim/
 	$(GO) test -run '^$$' -fuzz FuzzParseJoinToken -fuzztime $${FUZZTIME:-30s} ./pki/
+	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s} ./raftstore/
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -320,6 +320,14 @@ func (c *Client) RemoveClusterMember(ctx context.Context, id string) error {
 	return err
 }
 
+// RotateAdminToken replaces the admin token on every node and returns the
+// new one. The client's own Token is the old one afterwards.
+func (c *Client) RotateAdminToken(ctx context.Context) (string, error) {
+	var reply AdminTokenReply
+	_, err := c.do(ctx, http.MethodPost, "/api/v1/cluster/admin-token", nil, WriteOptions{}, nil, &reply)
+	return reply.AdminToken, err
+}
+
 // Backup streams a backup archive into w and returns the bytes written.
 // The archive's integrity is checked by package backup, not here.
 func (c *Client) Backup(ctx context.Context, w io.Writer) (int64, error) {

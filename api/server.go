@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"appliance/fleet"
@@ -52,6 +53,9 @@ type Backend interface {
 	// leader).
 	Cluster(ctx context.Context) (ClusterView, error)
 	RemoveClusterMember(ctx context.Context, id string) error
+	// RotateAdminToken replaces the admin token on every node and returns
+	// the new one; the old one stops working.
+	RotateAdminToken(ctx context.Context) (string, error)
 	// Backup makes a consistent online backup of the replicated state and
 	// the cluster's credentials (see package backup) and opens it for
 	// reading; closing it removes it.
@@ -77,8 +81,9 @@ type ServerConfig struct {
 
 // Server serves the operator API.
 type Server struct {
-	cfg ServerConfig
-	mux *http.ServeMux
+	cfg   ServerConfig
+	mux   *http.ServeMux
+	token atomic.Pointer[string] // the admin token; SetToken replaces it
 }
 
 // NewServer builds the handler. It refuses an empty token: the API is never
@@ -97,6 +102,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		cfg.MaxBodyBytes = 4 << 20
 	}
 	s := &Server{cfg: cfg, mux: http.NewServeMux()}
+	s.SetToken(cfg.Token)
 	s.routes()
 	return s, nil
 }
@@ -173,6 +179,7 @@ func (s *Server) routes() {
 
 	s.mux.Handle("GET /api/v1/cluster", s.auth(s.getCluster))
 	s.mux.Handle("DELETE /api/v1/cluster/members/{id}", s.auth(s.removeClusterMember))
+	s.mux.Handle("POST /api/v1/cluster/admin-token", s.auth(s.rotateAdminToken))
 	s.mux.Handle("GET /api/v1/backup", s.auth(s.backup))
 
 	// Anything else under /api/ is still behind the token: an unknown
@@ -182,10 +189,14 @@ func (s *Server) routes() {
 	}))
 }
 
+// SetToken replaces the admin token requests must carry (a rotation
+// applied on this node).
+func (s *Server) SetToken(token string) { s.token.Store(&token) }
+
 func (s *Server) auth(next http.HandlerFunc) http.Handler {
-	want := []byte("Bearer " + s.cfg.Token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got := []byte(r.Header.Get("Authorization"))
+		want := []byte("Bearer " + *s.token.Load())
 		if subtle.ConstantTimeCompare(got, want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="appliance"`)
 			writeError(w, http.StatusUnauthorized, "unauthorized", "missing or wrong bearer token (see <data-dir>/admin-token)", "")
@@ -202,6 +213,20 @@ func (s *Server) getCluster(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, v)
+}
+
+// AdminTokenReply carries a new admin token, the one time it is shown.
+type AdminTokenReply struct {
+	AdminToken string `json:"adminToken"`
+}
+
+func (s *Server) rotateAdminToken(w http.ResponseWriter, r *http.Request) {
+	t, err := s.cfg.Backend.RotateAdminToken(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, AdminTokenReply{AdminToken: t})
 }
 
 func (s *Server) removeClusterMember(w http.ResponseWriter, r *http.Request) {

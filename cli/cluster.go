@@ -9,13 +9,14 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"appliance/api"
 	"appliance/backup"
 	"appliance/node"
 )
 
 func (a *app) clusterCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "cluster", Short: "Inspect and change the controller cluster's membership"}
-	cmd.AddCommand(a.clusterMembers(), a.clusterRemove(), a.clusterJoinToken())
+	cmd.AddCommand(a.clusterMembers(), a.clusterRemove(), a.clusterJoinToken(), a.clusterRotateAdminToken())
 	return cmd
 }
 
@@ -78,6 +79,30 @@ func (a *app) clusterRemove() *cobra.Command {
 				return a.printJSON(map[string]string{"removed": args[0]})
 			}
 			fmt.Fprintf(a.stdout, "removed %s from the cluster; stop its process and do not restart it with --join\n", args[0])
+			return nil
+		},
+	}
+}
+
+func (a *app) clusterRotateAdminToken() *cobra.Command {
+	return &cobra.Command{
+		Use:   "rotate-admin-token",
+		Short: "Replace the operator API's admin token on every node (the old one stops working); prints the new one",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			t, err := c.RotateAdminToken(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(api.AdminTokenReply{AdminToken: t})
+			}
+			fmt.Fprintf(a.stdout, "%s\n", t)
+			fmt.Fprintln(a.stderr, "admin token rotated: every node's <data-dir>/admin-token now holds the one above, and the old one no longer works")
 			return nil
 		},
 	}

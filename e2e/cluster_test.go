@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -280,4 +281,48 @@ func TestCluster_JoinRefusals(t *testing.T) {
 func runBinary(ctx context.Context, t *testing.T, args ...string) result {
 	t.Helper()
 	return cliContext(ctx, t, "", args...)
+}
+
+// TestCluster_RotateAdminToken: rotating the admin token on one node
+// replaces it on every node, in memory and in each data directory's
+// admin-token file (which the CLI on that machine reads); the old token is
+// refused everywhere, and a node restarted afterwards keeps the new one.
+func TestCluster_RotateAdminToken(t *testing.T) {
+	nodes := startCluster(t, 3)
+	eventually(t, "3 voters and a leader", 20*time.Second, func() bool {
+		v := members(t, nodes[0].server)
+		return len(v.Members) == 3 && v.Leader != ""
+	})
+	old := nodes[0].token
+	r := cli(t, nodes[1].dataDir, "cluster", "rotate-admin-token", "-o", "json").mustSucceed(t)
+	var reply api.AdminTokenReply
+	if err := json.Unmarshal([]byte(r.stdout), &reply); err != nil || len(reply.AdminToken) < 32 || reply.AdminToken == old {
+		t.Fatalf("rotate-admin-token printed %q (%v)", r.stdout, err)
+	}
+	status := func(n *clusterNode, token string) int {
+		req, _ := http.NewRequest(http.MethodGet, n.url+"/api/v1/devices", nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := n.httpClient().Do(req)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, n := range nodes {
+		eventually(t, n.id+" takes the new token and refuses the old one", 10*time.Second, func() bool {
+			b, _ := os.ReadFile(filepath.Join(n.dataDir, "admin-token"))
+			return strings.TrimSpace(string(b)) == reply.AdminToken &&
+				status(n, reply.AdminToken) == http.StatusOK && status(n, old) == http.StatusUnauthorized
+		})
+	}
+	// The CLI on another node's machine reads the new token from its file.
+	cli(t, nodes[2].dataDir, "device", "list").mustSucceed(t)
+
+	nodes[2].kill()
+	nodes[2].restart(t)
+	nodes[2].waitReady()
+	eventually(t, nodes[2].id+", restarted, takes the new token and refuses the old one", 10*time.Second, func() bool {
+		return status(nodes[2], reply.AdminToken) == http.StatusOK && status(nodes[2], old) == http.StatusUnauthorized
+	})
 }

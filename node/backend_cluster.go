@@ -35,6 +35,20 @@ func (b *backend) Cluster(ctx context.Context) (api.ClusterView, error) {
 	return v, nil
 }
 
+// RotateAdminToken makes a new admin token and sets it on every node
+// through the log; each node replaces its file and its API's token when it
+// applies the entry.
+func (b *backend) RotateAdminToken(ctx context.Context) (string, error) {
+	t, err := newAdminToken()
+	if err != nil {
+		return "", err
+	}
+	if _, err := b.apply(ctx, raftstore.SetAdminToken{Token: t}); err != nil {
+		return "", err
+	}
+	return t, nil
+}
+
 // RemoveClusterMember removes a node, on the leader (asked through the
 // cluster port when this node is a follower).
 func (b *backend) RemoveClusterMember(ctx context.Context, id string) error {
@@ -93,7 +107,7 @@ func (b *backend) Backup(ctx context.Context) (io.ReadCloser, int64, error) {
 	if err == nil {
 		err = backup.Write(archive, backup.Manifest{
 			CreatedAt: time.Now().UTC(), NodeID: b.cfg.NodeID, AppliedIndex: index, CAFingerprint: b.bundle.CA.Fingerprint(),
-		}, state, backup.Credentials{CACert: b.bundle.CA.CertPEM(), CAKey: keyPEM, JoinToken: b.joinToken, AdminToken: b.token})
+		}, state, backup.Credentials{CACert: b.bundle.CA.CertPEM(), CAKey: keyPEM, JoinToken: b.joinToken, AdminToken: b.node().Token()})
 	}
 	if err == nil {
 		err = archive.Sync()

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -110,7 +111,8 @@ type Node struct {
 
 	store  *raftstore.Store
 	engine *evaluator.Engine
-	token  string
+	token  atomic.Pointer[string] // the admin token (adoptAdminToken replaces it)
+	apiSrv atomic.Pointer[api.Server]
 
 	// Cluster: credentials, the cluster port and calls to peers.
 	bundle    *pki.Bundle
@@ -202,7 +204,7 @@ func (n *Node) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	n.token = token
+	n.token.Store(&token)
 	if created {
 		n.logger.Info("generated the admin token", "path", filepath.Join(n.cfg.DataDir, TokenFile))
 	}
@@ -306,12 +308,14 @@ func (n *Node) Start(ctx context.Context) error {
 		n.history.run(bgCtx)
 	}()
 
-	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: token, Logger: n.cfg.Logger.With("component", "api"),
+	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: n.Token(), Logger: n.cfg.Logger.With("component", "api"),
 		ObserveRequest: n.metrics.observeRequest})
 	if err != nil {
 		n.stopBackground()
 		return err
 	}
+	n.apiSrv.Store(srv)
+	srv.SetToken(n.Token()) // a rotation applied since NewServer
 	srv.HandleWithToken("GET /metrics", promhttp.HandlerFor(n.metrics.registry, promhttp.HandlerOpts{}))
 	// The dashboard's files hold no secrets; every API call it makes
 	// carries the token the operator logs in with.
@@ -384,7 +388,34 @@ func (n *Node) publicTLS() *tls.Config {
 func (n *Node) ID() string { return n.cfg.NodeID }
 
 // Token is the admin token.
-func (n *Node) Token() string { return n.token }
+func (n *Node) Token() string { return *n.token.Load() }
+
+// adoptAdminToken makes token the node's admin token: a rotation applied
+// from the log (or found in the state at start). The file is replaced
+// first, so that the CLI on this machine follows.
+func (n *Node) adoptAdminToken(token string) {
+	if cur := n.token.Load(); cur != nil && *cur == token {
+		return
+	}
+	path := filepath.Join(n.cfg.DataDir, TokenFile)
+	if err := fsutil.WriteFileAtomic(path, []byte(token+"\n"), 0o600); err != nil {
+		n.logger.Error("cannot write the rotated admin token; the API takes it anyway", "path", path, "err", err)
+	}
+	n.token.Store(&token)
+	if srv := n.apiSrv.Load(); srv != nil {
+		srv.SetToken(token)
+	}
+	n.logger.Info("admin token replaced through the cluster; the previous one no longer works", "path", path)
+}
+
+// newAdminToken is a random token: 32 bytes, base64url.
+func newAdminToken() (string, error) {
+	var b [32]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("generate admin token: %w", err)
+	}
+	return base64.RawURLEncoding.EncodeToString(b[:]), nil
+}
 
 // MQTTAddr is the bound broker address.
 func (n *Node) MQTTAddr() string { return n.broker.Addr() }
@@ -477,11 +508,10 @@ func loadOrCreateToken(path string) (token string, created bool, err error) {
 	if !errors.Is(err, os.ErrNotExist) {
 		return "", false, fmt.Errorf("read admin token %s: %w", path, err)
 	}
-	var b [32]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return "", false, fmt.Errorf("generate admin token: %w", err)
+	t, err := newAdminToken()
+	if err != nil {
+		return "", false, err
 	}
-	t := base64.RawURLEncoding.EncodeToString(b[:])
 	if err := fsutil.WriteFileAtomic(path, []byte(t+"\n"), 0o600); err != nil {
 		return "", false, fmt.Errorf("write admin token %s: %w", path, err)
 	}

@@ -501,3 +501,42 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 }
+
+// Rotating the admin token: the new one works at once, the old one is
+// refused, the token file holds the new one, and it stays across a
+// restart, even if the file is rolled back to the old token (the
+// replicated state wins).
+func TestAPI_RotateAdminToken(t *testing.T) {
+	dir := t.TempDir()
+	n := startNode(t, dir)
+	ctx := context.Background()
+	old := n.Token()
+	fresh, err := clientFor(n).RotateAdminToken(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fresh == old || len(fresh) < 32 {
+		t.Fatalf("new token %q (old %q)", fresh, old)
+	}
+	check := func(n *Node) {
+		t.Helper()
+		if code, _, _ := rawRequest(t, "GET", n.URL()+"/api/v1/devices", old, ""); code != http.StatusUnauthorized {
+			t.Errorf("old token: %d; want 401", code)
+		}
+		if code, body, _ := rawRequest(t, "GET", n.URL()+"/api/v1/devices", fresh, ""); code != http.StatusOK {
+			t.Errorf("new token: %d %s", code, body)
+		}
+		if b, err := os.ReadFile(filepath.Join(dir, TokenFile)); err != nil || strings.TrimSpace(string(b)) != fresh {
+			t.Errorf("token file holds %q, %v; want the new token", b, err)
+		}
+	}
+	check(n)
+	if err := n.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// A file restored from an old copy does not bring the old token back.
+	if err := os.WriteFile(filepath.Join(dir, TokenFile), []byte(old+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	check(startNode(t, dir))
+}

@@ -58,6 +58,8 @@ func (o *observer) Applied(changes []raftstore.Change) {
 			}
 		case raftstore.DeploymentDeleted:
 			out = n.engine.DeleteDeployment(c.ID)
+		case raftstore.AdminTokenSet:
+			n.adoptAdminToken(c.Secret)
 		}
 		if len(out) == 0 {
 			continue
@@ -87,6 +89,9 @@ func (o *observer) Restored(r *raftstore.Reader) {
 	n.engineMu.Lock()
 	n.engine.Reset()
 	n.versions.reset(r.AppliedIndex())
+	if t := r.AdminToken(); t != "" {
+		n.adoptAdminToken(t) // a rotation this node learns from a snapshot or its own state
+	}
 	// Devices first, so that each deployment then finds its devices
 	// through the engine's indexes rather than device by device.
 	_ = r.Devices("", func(d fleet.Device) bool {

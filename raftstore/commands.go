@@ -24,6 +24,7 @@ const (
 	CmdPutReports                          // 7: a batch of devices' reported documents
 	CmdPutEnrollment                       // 8: create an enrollment group
 	CmdDeleteEnrollment                    // 9
+	CmdSetAdminToken                       // 10: replace the operator API's admin token on every node
 )
 
 func (t CommandType) String() string {
@@ -46,6 +47,8 @@ func (t CommandType) String() string {
 		return "put-enrollment"
 	case CmdDeleteEnrollment:
 		return "delete-enrollment"
+	case CmdSetAdminToken:
+		return "set-admin-token"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -162,6 +165,16 @@ type DeleteEnrollment struct {
 	Name string `json:"name"`
 }
 
+// SetAdminToken replaces the admin token of the operator API on every
+// node (a rotation). The token travels in the log and is kept in the state
+// machine, so that a node that catches up from a snapshot learns it too;
+// the data directory holds it in a 0600 file anyway.
+type SetAdminToken struct {
+	Token string `json:"token"`
+}
+
+func (SetAdminToken) Type() CommandType { return CmdSetAdminToken }
+
 func (PutDevice) Type() CommandType        { return CmdPutDevice }
 func (PatchDevice) Type() CommandType      { return CmdPatchDevice }
 func (DeleteDevice) Type() CommandType     { return CmdDeleteDevice }
@@ -208,6 +221,8 @@ func Decode(entry []byte) (Command, error) {
 		c = &PutEnrollment{}
 	case CmdDeleteEnrollment:
 		c = &DeleteEnrollment{}
+	case CmdSetAdminToken:
+		c = &SetAdminToken{}
 	default:
 		return nil, fmt.Errorf("decode command: unknown type %d", entry[0])
 	}

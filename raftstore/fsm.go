@@ -28,6 +28,7 @@ var (
 	bucketEnrollments = []byte("enrollments")
 
 	keyAppliedIndex = []byte("appliedIndex")
+	keyAdminToken   = []byte("adminToken")
 )
 
 // ChangeKind says what one applied command did.
@@ -39,6 +40,7 @@ const (
 	DeploymentPut
 	DeploymentDeleted
 	ReportPut
+	AdminTokenSet // Secret is the new admin token
 )
 
 // Change is one effect of an applied command, published to the Observer in
@@ -54,6 +56,7 @@ type Change struct {
 	Created    bool
 	Device     *fleet.Device     // the new state, for DevicePut
 	Deployment *fleet.Deployment // the new state, for DeploymentPut
+	Secret     string            // the new admin token, for AdminTokenSet: never log it
 }
 
 // Observer follows the state machine. Both methods run on raft's apply
@@ -468,6 +471,8 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.putEnrollment(index, c)
 	case *DeleteEnrollment:
 		return w.deleteEnrollment(index, c)
+	case *SetAdminToken:
+		return w.setAdminToken(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }
@@ -756,6 +761,23 @@ func (w *writer) deleteEnrollment(index uint64, c *DeleteEnrollment) *Result {
 		panic(err)
 	}
 	return &Result{Index: index, Enrollment: e}
+}
+
+func (w *writer) setAdminToken(index uint64, c *SetAdminToken) *Result {
+	if len(c.Token) < 32 {
+		return &Result{Index: index, Err: fmt.Errorf("admin token: at least 32 characters: %w", fleet.ErrInvalid)}
+	}
+	if err := w.tx.Bucket(bucketMeta).Put(keyAdminToken, []byte(c.Token)); err != nil {
+		panic(err)
+	}
+	w.changes = append(w.changes, Change{Index: index, Kind: AdminTokenSet, Secret: c.Token})
+	return &Result{Index: index}
+}
+
+// AdminToken is the admin token last set through the log, "" if none was
+// (the nodes then use the one in their data directory).
+func (r *Reader) AdminToken() string {
+	return string(r.tx.Bucket(bucketMeta).Get(keyAdminToken))
 }
 
 // Enrollments calls fn for each enrollment in name order.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -177,4 +178,23 @@ func changeKeys(cs []Change) []string {
 		out = append(out, fmt.Sprintf("%d:%d:%s", c.Index, c.Kind, c.ID))
 	}
 	return out
+}
+
+// A rotated admin token is kept by the state machine; a token too short to
+// be a secret is refused as invalid and changes nothing.
+func TestStore_SetAdminToken(t *testing.T) {
+	s := openTestStore(t, t.TempDir(), "n1", true, nil)
+	defer s.Close()
+	ctx := context.Background()
+	if _, err := s.Apply(ctx, SetAdminToken{Token: "short"}); !errors.Is(err, fleet.ErrInvalid) {
+		t.Fatalf("short token: %v; want fleet.ErrInvalid", err)
+	}
+	token := strings.Repeat("k", 43)
+	if _, err := s.Apply(ctx, SetAdminToken{Token: token}); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	if err := s.View(func(r *Reader) error { got = r.AdminToken(); return nil }); err != nil || got != token {
+		t.Fatalf("AdminToken() = %q, %v", got, err)
+	}
 }
