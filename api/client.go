@@ -328,6 +328,14 @@ func (c *Client) RotateAdminToken(ctx context.Context) (string, error) {
 	return reply.AdminToken, err
 }
 
+// RotateJoinToken replaces the join token on every node and returns the
+// new one.
+func (c *Client) RotateJoinToken(ctx context.Context) (string, error) {
+	var reply JoinTokenReply
+	_, err := c.do(ctx, http.MethodPost, "/api/v1/cluster/join-token", nil, WriteOptions{}, nil, &reply)
+	return reply.JoinToken, err
+}
+
 // Backup streams a backup archive into w and returns the bytes written.
 // The archive's integrity is checked by package backup, not here.
 func (c *Client) Backup(ctx context.Context, w io.Writer) (int64, error) {

@@ -56,6 +56,9 @@ type Backend interface {
 	// RotateAdminToken replaces the admin token on every node and returns
 	// the new one; the old one stops working.
 	RotateAdminToken(ctx context.Context) (string, error)
+	// RotateJoinToken replaces the join token on every node and returns
+	// the new one; the old one stops admitting nodes.
+	RotateJoinToken(ctx context.Context) (string, error)
 	// Backup makes a consistent online backup of the replicated state and
 	// the cluster's credentials (see package backup) and opens it for
 	// reading; closing it removes it.
@@ -180,6 +183,7 @@ func (s *Server) routes() {
 	s.mux.Handle("GET /api/v1/cluster", s.auth(s.getCluster))
 	s.mux.Handle("DELETE /api/v1/cluster/members/{id}", s.auth(s.removeClusterMember))
 	s.mux.Handle("POST /api/v1/cluster/admin-token", s.auth(s.rotateAdminToken))
+	s.mux.Handle("POST /api/v1/cluster/join-token", s.auth(s.rotateJoinToken))
 	s.mux.Handle("GET /api/v1/backup", s.auth(s.backup))
 
 	// Anything else under /api/ is still behind the token: an unknown
@@ -227,6 +231,21 @@ func (s *Server) rotateAdminToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, AdminTokenReply{AdminToken: t})
+}
+
+// JoinTokenReply carries a new join token, the one time it is returned
+// (a node's <data-dir>/join-token holds it too).
+type JoinTokenReply struct {
+	JoinToken string `json:"joinToken"`
+}
+
+func (s *Server) rotateJoinToken(w http.ResponseWriter, r *http.Request) {
+	t, err := s.cfg.Backend.RotateJoinToken(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, JoinTokenReply{JoinToken: t})
 }
 
 func (s *Server) removeClusterMember(w http.ResponseWriter, r *http.Request) {

@@ -16,7 +16,7 @@ import (
 
 func (a *app) clusterCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "cluster", Short: "Inspect and change the controller cluster's membership"}
-	cmd.AddCommand(a.clusterMembers(), a.clusterRemove(), a.clusterJoinToken(), a.clusterRotateAdminToken())
+	cmd.AddCommand(a.clusterMembers(), a.clusterRemove(), a.clusterJoinToken(), a.clusterRotateAdminToken(), a.clusterRotateJoinToken())
 	return cmd
 }
 
@@ -103,6 +103,30 @@ func (a *app) clusterRotateAdminToken() *cobra.Command {
 			}
 			fmt.Fprintf(a.stdout, "%s\n", t)
 			fmt.Fprintln(a.stderr, "admin token rotated: every node's <data-dir>/admin-token now holds the one above, and the old one no longer works")
+			return nil
+		},
+	}
+}
+
+func (a *app) clusterRotateJoinToken() *cobra.Command {
+	return &cobra.Command{
+		Use:   "rotate-join-token",
+		Short: "Replace the token new nodes join with, on every node (the old one stops admitting nodes); prints the new one",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			t, err := c.RotateJoinToken(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(api.JoinTokenReply{JoinToken: t})
+			}
+			fmt.Fprintf(a.stdout, "%s\n", t)
+			fmt.Fprintln(a.stderr, "join token rotated: every node's <data-dir>/join-token now holds the one above, and the old one no longer admits a node")
 			return nil
 		},
 	}

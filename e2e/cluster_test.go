@@ -283,11 +283,13 @@ func runBinary(ctx context.Context, t *testing.T, args ...string) result {
 	return cliContext(ctx, t, "", args...)
 }
 
-// TestCluster_RotateAdminToken: rotating the admin token on one node
-// replaces it on every node, in memory and in each data directory's
-// admin-token file (which the CLI on that machine reads); the old token is
-// refused everywhere, and a node restarted afterwards keeps the new one.
-func TestCluster_RotateAdminToken(t *testing.T) {
+// TestCluster_RotateTokens: rotating the admin token on one node replaces
+// it on every node, in memory and in each data directory's admin-token
+// file (which the CLI on that machine reads); the old token is refused
+// everywhere, and a node restarted afterwards keeps the new one. Rotating
+// the join token likewise: a node with the old one is refused, a node with
+// the new one joins.
+func TestCluster_RotateTokens(t *testing.T) {
 	nodes := startCluster(t, 3)
 	eventually(t, "3 voters and a leader", 20*time.Second, func() bool {
 		v := members(t, nodes[0].server)
@@ -324,5 +326,29 @@ func TestCluster_RotateAdminToken(t *testing.T) {
 	nodes[2].waitReady()
 	eventually(t, nodes[2].id+", restarted, takes the new token and refuses the old one", 10*time.Second, func() bool {
 		return status(nodes[2], reply.AdminToken) == http.StatusOK && status(nodes[2], old) == http.StatusUnauthorized
+	})
+
+	oldJoin := joinToken(t, nodes[0].dataDir)
+	r = cli(t, nodes[2].dataDir, "cluster", "rotate-join-token", "-o", "json").mustSucceed(t)
+	var joinReply api.JoinTokenReply
+	if err := json.Unmarshal([]byte(r.stdout), &joinReply); err != nil || joinReply.JoinToken == oldJoin {
+		t.Fatalf("rotate-join-token printed %q (%v)", r.stdout, err)
+	}
+	for _, n := range nodes {
+		eventually(t, n.id+" holds the new join token", 10*time.Second, func() bool {
+			return joinToken(t, n.dataDir) == joinReply.JoinToken
+		})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	refused := runBinary(ctx, t, "serve", "--data-dir", t.TempDir(), "--node-id", "n4", "--http-addr", "127.0.0.1:0",
+		"--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--join", "https://"+nodes[0].raftAddr, "--join-token", oldJoin)
+	if refused.code == 0 || !strings.Contains(refused.stderr, "wrong join token secret") {
+		t.Fatalf("a node with the old join token: exit %d\n%s", refused.code, refused.stderr)
+	}
+	startServer(t, t.TempDir(), "--node-id", "n4", "--raft-addr", freePort(t),
+		"--join", "https://"+nodes[1].raftAddr, "--join-token", joinReply.JoinToken)
+	eventually(t, "n4 a member with the new join token", 20*time.Second, func() bool {
+		return len(members(t, nodes[0].server).Members) == 4
 	})
 }

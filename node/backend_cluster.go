@@ -12,6 +12,7 @@ import (
 	"appliance/api"
 	"appliance/backup"
 	"appliance/fleet"
+	"appliance/pki"
 	"appliance/raftstore"
 )
 
@@ -44,6 +45,21 @@ func (b *backend) RotateAdminToken(ctx context.Context) (string, error) {
 		return "", err
 	}
 	if _, err := b.apply(ctx, raftstore.SetAdminToken{Token: t}); err != nil {
+		return "", err
+	}
+	return t, nil
+}
+
+// RotateJoinToken makes a new join token (the same CA pin, a new secret)
+// and sets it on every node through the log; the old one stops admitting
+// nodes once a node has applied the entry.
+func (b *backend) RotateJoinToken(ctx context.Context) (string, error) {
+	secret, err := pki.NewSecret()
+	if err != nil {
+		return "", err
+	}
+	t := pki.FormatJoinToken(b.bundle.CA.Fingerprint(), secret)
+	if _, err := b.apply(ctx, raftstore.SetJoinToken{Token: t}); err != nil {
 		return "", err
 	}
 	return t, nil
@@ -107,7 +123,7 @@ func (b *backend) Backup(ctx context.Context) (io.ReadCloser, int64, error) {
 	if err == nil {
 		err = backup.Write(archive, backup.Manifest{
 			CreatedAt: time.Now().UTC(), NodeID: b.cfg.NodeID, AppliedIndex: index, CAFingerprint: b.bundle.CA.Fingerprint(),
-		}, state, backup.Credentials{CACert: b.bundle.CA.CertPEM(), CAKey: keyPEM, JoinToken: b.joinToken, AdminToken: b.node().Token()})
+		}, state, backup.Credentials{CACert: b.bundle.CA.CertPEM(), CAKey: keyPEM, JoinToken: b.node().JoinToken(), AdminToken: b.node().Token()})
 	}
 	if err == nil {
 		err = archive.Sync()

@@ -281,5 +281,5 @@ func (c *clusterStore) RemoveServer(ctx context.Context, id string) error {
 func (c *clusterStore) Leader() (string, string) { return c.store.Leader() }
 
 func (n *Node) clusterSecrets() cluster.Secrets {
-	return cluster.Secrets{Bundle: n.bundle, JoinToken: n.joinToken, AdminToken: n.Token()}
+	return cluster.Secrets{Bundle: n.bundle, JoinToken: n.JoinToken(), AdminToken: n.Token()}
 }

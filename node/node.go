@@ -116,7 +116,7 @@ type Node struct {
 
 	// Cluster: credentials, the cluster port and calls to peers.
 	bundle    *pki.Bundle
-	joinToken string
+	joinToken atomic.Pointer[string] // the cluster's join token (adoptJoinToken replaces it)
 	mux       *cluster.Mux
 	peers     *cluster.Client
 	rpc       *cluster.Server
@@ -199,7 +199,8 @@ func (n *Node) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	n.bundle, n.joinToken = bundle, joinToken
+	n.bundle = bundle
+	n.joinToken.Store(&joinToken)
 	token, created, err := loadOrCreateToken(filepath.Join(n.cfg.DataDir, TokenFile))
 	if err != nil {
 		return err
@@ -406,6 +407,23 @@ func (n *Node) adoptAdminToken(token string) {
 		srv.SetToken(token)
 	}
 	n.logger.Info("admin token replaced through the cluster; the previous one no longer works", "path", path)
+}
+
+// JoinToken is the cluster's join token.
+func (n *Node) JoinToken() string { return *n.joinToken.Load() }
+
+// adoptJoinToken makes token the cluster's join token on this node: a
+// rotation applied from the log (or found in the state at start).
+func (n *Node) adoptJoinToken(token string) {
+	if cur := n.joinToken.Load(); cur != nil && *cur == token {
+		return
+	}
+	path := filepath.Join(n.cfg.DataDir, JoinTokenFile)
+	if err := fsutil.WriteFileAtomic(path, []byte(token+"\n"), 0o600); err != nil {
+		n.logger.Error("cannot write the rotated join token; the node takes it anyway", "path", path, "err", err)
+	}
+	n.joinToken.Store(&token)
+	n.logger.Info("join token replaced through the cluster; the previous one no longer admits a node", "path", path)
 }
 
 // newAdminToken is a random token: 32 bytes, base64url.

@@ -505,7 +505,7 @@ func TestMetrics(t *testing.T) {
 // Rotating the admin token: the new one works at once, the old one is
 // refused, the token file holds the new one, and it stays across a
 // restart, even if the file is rolled back to the old token (the
-// replicated state wins).
+// replicated state wins). The join token the same way.
 func TestAPI_RotateAdminToken(t *testing.T) {
 	dir := t.TempDir()
 	n := startNode(t, dir)
@@ -531,12 +531,24 @@ func TestAPI_RotateAdminToken(t *testing.T) {
 		}
 	}
 	check(n)
+	oldJoin := n.JoinToken()
+	newJoin, err := (&api.Client{BaseURL: n.URL(), Token: fresh}).RotateJoinToken(ctx)
+	if err != nil || newJoin == oldJoin || n.JoinToken() != newJoin {
+		t.Fatalf("join token rotation: %q (node has %q), %v", newJoin, n.JoinToken(), err)
+	}
 	if err := n.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	// A file restored from an old copy does not bring the old token back.
+	// Files restored from an old copy do not bring the old tokens back.
 	if err := os.WriteFile(filepath.Join(dir, TokenFile), []byte(old+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	check(startNode(t, dir))
+	if err := os.WriteFile(filepath.Join(dir, JoinTokenFile), []byte(oldJoin+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n2 := startNode(t, dir)
+	check(n2)
+	if b, err := os.ReadFile(filepath.Join(dir, JoinTokenFile)); err != nil || strings.TrimSpace(string(b)) != newJoin || n2.JoinToken() != newJoin {
+		t.Errorf("after a restart the join token file holds %q (node %q), %v; want the rotated one", b, n2.JoinToken(), err)
+	}
 }

@@ -60,6 +60,8 @@ func (o *observer) Applied(changes []raftstore.Change) {
 			out = n.engine.DeleteDeployment(c.ID)
 		case raftstore.AdminTokenSet:
 			n.adoptAdminToken(c.Secret)
+		case raftstore.JoinTokenSet:
+			n.adoptJoinToken(c.Secret)
 		}
 		if len(out) == 0 {
 			continue
@@ -89,8 +91,12 @@ func (o *observer) Restored(r *raftstore.Reader) {
 	n.engineMu.Lock()
 	n.engine.Reset()
 	n.versions.reset(r.AppliedIndex())
+	// Rotations this node learns from a snapshot or its own state.
 	if t := r.AdminToken(); t != "" {
-		n.adoptAdminToken(t) // a rotation this node learns from a snapshot or its own state
+		n.adoptAdminToken(t)
+	}
+	if t := r.JoinToken(); t != "" {
+		n.adoptJoinToken(t)
 	}
 	// Devices first, so that each deployment then finds its devices
 	// through the engine's indexes rather than device by device.

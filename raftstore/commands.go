@@ -25,6 +25,7 @@ const (
 	CmdPutEnrollment                       // 8: create an enrollment group
 	CmdDeleteEnrollment                    // 9
 	CmdSetAdminToken                       // 10: replace the operator API's admin token on every node
+	CmdSetJoinToken                        // 11: replace the token new nodes join with, on every node
 )
 
 func (t CommandType) String() string {
@@ -49,6 +50,8 @@ func (t CommandType) String() string {
 		return "delete-enrollment"
 	case CmdSetAdminToken:
 		return "set-admin-token"
+	case CmdSetJoinToken:
+		return "set-join-token"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -175,6 +178,14 @@ type SetAdminToken struct {
 
 func (SetAdminToken) Type() CommandType { return CmdSetAdminToken }
 
+// SetJoinToken replaces the join token (the cluster CA's pin and a new
+// secret) on every node, like SetAdminToken.
+type SetJoinToken struct {
+	Token string `json:"token"`
+}
+
+func (SetJoinToken) Type() CommandType { return CmdSetJoinToken }
+
 func (PutDevice) Type() CommandType        { return CmdPutDevice }
 func (PatchDevice) Type() CommandType      { return CmdPatchDevice }
 func (DeleteDevice) Type() CommandType     { return CmdDeleteDevice }
@@ -223,6 +234,8 @@ func Decode(entry []byte) (Command, error) {
 		c = &DeleteEnrollment{}
 	case CmdSetAdminToken:
 		c = &SetAdminToken{}
+	case CmdSetJoinToken:
+		c = &SetJoinToken{}
 	default:
 		return nil, fmt.Errorf("decode command: unknown type %d", entry[0])
 	}

@@ -26,6 +26,7 @@ func FuzzDecode(f *testing.F) {
 		PutEnrollment{Enrollment: fleet.Enrollment{Name: "line"}, Time: at},
 		DeleteEnrollment{Name: "line"},
 		SetAdminToken{Token: "0123456789abcdef0123456789abcdef"},
+		SetJoinToken{Token: "APL1aaaaaaaaaaaaaaaa::0123456789abcdef0123456789abcdef"},
 	} {
 		b, err := Encode(c)
 		if err != nil {

@@ -29,6 +29,7 @@ var (
 
 	keyAppliedIndex = []byte("appliedIndex")
 	keyAdminToken   = []byte("adminToken")
+	keyJoinToken    = []byte("joinToken")
 )
 
 // ChangeKind says what one applied command did.
@@ -41,6 +42,7 @@ const (
 	DeploymentDeleted
 	ReportPut
 	AdminTokenSet // Secret is the new admin token
+	JoinTokenSet  // Secret is the new join token
 )
 
 // Change is one effect of an applied command, published to the Observer in
@@ -56,7 +58,7 @@ type Change struct {
 	Created    bool
 	Device     *fleet.Device     // the new state, for DevicePut
 	Deployment *fleet.Deployment // the new state, for DeploymentPut
-	Secret     string            // the new admin token, for AdminTokenSet: never log it
+	Secret     string            // the new token, for AdminTokenSet and JoinTokenSet: never log it
 }
 
 // Observer follows the state machine. Both methods run on raft's apply
@@ -472,7 +474,9 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 	case *DeleteEnrollment:
 		return w.deleteEnrollment(index, c)
 	case *SetAdminToken:
-		return w.setAdminToken(index, c)
+		return w.setSecret(index, keyAdminToken, AdminTokenSet, "admin token", c.Token)
+	case *SetJoinToken:
+		return w.setSecret(index, keyJoinToken, JoinTokenSet, "join token", c.Token)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }
@@ -763,14 +767,15 @@ func (w *writer) deleteEnrollment(index uint64, c *DeleteEnrollment) *Result {
 	return &Result{Index: index, Enrollment: e}
 }
 
-func (w *writer) setAdminToken(index uint64, c *SetAdminToken) *Result {
-	if len(c.Token) < 32 {
-		return &Result{Index: index, Err: fmt.Errorf("admin token: at least 32 characters: %w", fleet.ErrInvalid)}
+// setSecret keeps a cluster-wide token (admin or join) in the meta bucket.
+func (w *writer) setSecret(index uint64, key []byte, kind ChangeKind, what, token string) *Result {
+	if len(token) < 32 {
+		return &Result{Index: index, Err: fmt.Errorf("%s: at least 32 characters: %w", what, fleet.ErrInvalid)}
 	}
-	if err := w.tx.Bucket(bucketMeta).Put(keyAdminToken, []byte(c.Token)); err != nil {
+	if err := w.tx.Bucket(bucketMeta).Put(key, []byte(token)); err != nil {
 		panic(err)
 	}
-	w.changes = append(w.changes, Change{Index: index, Kind: AdminTokenSet, Secret: c.Token})
+	w.changes = append(w.changes, Change{Index: index, Kind: kind, Secret: token})
 	return &Result{Index: index}
 }
 
@@ -778,6 +783,11 @@ func (w *writer) setAdminToken(index uint64, c *SetAdminToken) *Result {
 // (the nodes then use the one in their data directory).
 func (r *Reader) AdminToken() string {
 	return string(r.tx.Bucket(bucketMeta).Get(keyAdminToken))
+}
+
+// JoinToken is the join token last set through the log, "" if none was.
+func (r *Reader) JoinToken() string {
+	return string(r.tx.Bucket(bucketMeta).Get(keyJoinToken))
 }
 
 // Enrollments calls fn for each enrollment in name order.

@@ -180,8 +180,8 @@ func changeKeys(cs []Change) []string {
 	return out
 }
 
-// A rotated admin token is kept by the state machine; a token too short to
-// be a secret is refused as invalid and changes nothing.
+// Rotated admin and join tokens are kept by the state machine; a token too
+// short to be a secret is refused as invalid and changes nothing.
 func TestStore_SetAdminToken(t *testing.T) {
 	s := openTestStore(t, t.TempDir(), "n1", true, nil)
 	defer s.Close()
@@ -196,5 +196,15 @@ func TestStore_SetAdminToken(t *testing.T) {
 	var got string
 	if err := s.View(func(r *Reader) error { got = r.AdminToken(); return nil }); err != nil || got != token {
 		t.Fatalf("AdminToken() = %q, %v", got, err)
+	}
+	if _, err := s.Apply(ctx, SetJoinToken{Token: "short"}); !errors.Is(err, fleet.ErrInvalid) {
+		t.Fatalf("short join token: %v; want fleet.ErrInvalid", err)
+	}
+	join := "APL1" + strings.Repeat("j", 40)
+	if _, err := s.Apply(ctx, SetJoinToken{Token: join}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.View(func(r *Reader) error { got = r.JoinToken(); return nil }); err != nil || got != join {
+		t.Fatalf("JoinToken() = %q, %v", got, err)
 	}
 }
