@@ -225,12 +225,7 @@ type AdminTokenReply struct {
 }
 
 func (s *Server) rotateAdminToken(w http.ResponseWriter, r *http.Request) {
-	t, err := s.cfg.Backend.RotateAdminToken(r.Context())
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, AdminTokenReply{AdminToken: t})
+	s.rotate(w, r, s.cfg.Backend.RotateAdminToken, func(t string) any { return AdminTokenReply{AdminToken: t} })
 }
 
 // JoinTokenReply carries a new join token, the one time it is returned
@@ -240,12 +235,17 @@ type JoinTokenReply struct {
 }
 
 func (s *Server) rotateJoinToken(w http.ResponseWriter, r *http.Request) {
-	t, err := s.cfg.Backend.RotateJoinToken(r.Context())
+	s.rotate(w, r, s.cfg.Backend.RotateJoinToken, func(t string) any { return JoinTokenReply{JoinToken: t} })
+}
+
+// rotate answers a token rotation with the new token.
+func (s *Server) rotate(w http.ResponseWriter, r *http.Request, rotate func(context.Context) (string, error), reply func(string) any) {
+	t, err := rotate(r.Context())
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, JoinTokenReply{JoinToken: t})
+	writeJSON(w, http.StatusOK, reply(t))
 }
 
 func (s *Server) removeClusterMember(w http.ResponseWriter, r *http.Request) {

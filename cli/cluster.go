@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -85,48 +86,36 @@ func (a *app) clusterRemove() *cobra.Command {
 }
 
 func (a *app) clusterRotateAdminToken() *cobra.Command {
-	return &cobra.Command{
-		Use:   "rotate-admin-token",
-		Short: "Replace the operator API's admin token on every node (the old one stops working); prints the new one",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := a.client()
-			if err != nil {
-				return err
-			}
-			t, err := c.RotateAdminToken(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if a.output == "json" {
-				return a.printJSON(api.AdminTokenReply{AdminToken: t})
-			}
-			fmt.Fprintf(a.stdout, "%s\n", t)
-			fmt.Fprintln(a.stderr, "admin token rotated: every node's <data-dir>/admin-token now holds the one above, and the old one no longer works")
-			return nil
-		},
-	}
+	return a.clusterRotate("rotate-admin-token", "the operator API's admin token", node.TokenFile,
+		(*api.Client).RotateAdminToken, func(t string) any { return api.AdminTokenReply{AdminToken: t} })
 }
 
 func (a *app) clusterRotateJoinToken() *cobra.Command {
+	return a.clusterRotate("rotate-join-token", "the token new nodes join with", node.JoinTokenFile,
+		(*api.Client).RotateJoinToken, func(t string) any { return api.JoinTokenReply{JoinToken: t} })
+}
+
+// clusterRotate is a command that rotates a cluster-wide token and prints
+// the new one (a table run also says where every node keeps it).
+func (a *app) clusterRotate(use, what, file string, rotate func(*api.Client, context.Context) (string, error), reply func(string) any) *cobra.Command {
 	return &cobra.Command{
-		Use:   "rotate-join-token",
-		Short: "Replace the token new nodes join with, on every node (the old one stops admitting nodes); prints the new one",
+		Use:   use,
+		Short: "Replace " + what + " on every node (the old one stops working); prints the new one",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
 			if err != nil {
 				return err
 			}
-			t, err := c.RotateJoinToken(cmd.Context())
+			t, err := rotate(c, cmd.Context())
 			if err != nil {
 				return err
 			}
 			if a.output == "json" {
-				return a.printJSON(api.JoinTokenReply{JoinToken: t})
+				return a.printJSON(reply(t))
 			}
-			fmt.Fprintf(a.stdout, "%s\n", t)
-			fmt.Fprintln(a.stderr, "join token rotated: every node's <data-dir>/join-token now holds the one above, and the old one no longer admits a node")
+			fmt.Fprintln(a.stdout, t)
+			fmt.Fprintf(a.stderr, "rotated: every node's <data-dir>/%s now holds the token above, and the old one no longer works\n", file)
 			return nil
 		},
 	}

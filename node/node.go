@@ -392,38 +392,38 @@ func (n *Node) ID() string { return n.cfg.NodeID }
 func (n *Node) Token() string { return *n.token.Load() }
 
 // adoptAdminToken makes token the node's admin token: a rotation applied
-// from the log (or found in the state at start). The file is replaced
-// first, so that the CLI on this machine follows.
+// from the log (or found in the state at start).
 func (n *Node) adoptAdminToken(token string) {
-	if cur := n.token.Load(); cur != nil && *cur == token {
-		return
+	if n.adoptToken(&n.token, TokenFile, "admin token", token) {
+		if srv := n.apiSrv.Load(); srv != nil {
+			srv.SetToken(token)
+		}
 	}
-	path := filepath.Join(n.cfg.DataDir, TokenFile)
-	if err := fsutil.WriteFileAtomic(path, []byte(token+"\n"), 0o600); err != nil {
-		n.logger.Error("cannot write the rotated admin token; the API takes it anyway", "path", path, "err", err)
-	}
-	n.token.Store(&token)
-	if srv := n.apiSrv.Load(); srv != nil {
-		srv.SetToken(token)
-	}
-	n.logger.Info("admin token replaced through the cluster; the previous one no longer works", "path", path)
 }
 
 // JoinToken is the cluster's join token.
 func (n *Node) JoinToken() string { return *n.joinToken.Load() }
 
-// adoptJoinToken makes token the cluster's join token on this node: a
-// rotation applied from the log (or found in the state at start).
+// adoptJoinToken makes token the cluster's join token on this node, the
+// same way; the join check reads it for every request.
 func (n *Node) adoptJoinToken(token string) {
-	if cur := n.joinToken.Load(); cur != nil && *cur == token {
-		return
+	n.adoptToken(&n.joinToken, JoinTokenFile, "join token", token)
+}
+
+// adoptToken replaces a cluster-wide token held in cur and in the data
+// directory's file, the file first, so that the CLI on this machine
+// follows. It reports whether the token changed.
+func (n *Node) adoptToken(cur *atomic.Pointer[string], file, what, token string) bool {
+	if old := cur.Load(); old != nil && *old == token {
+		return false
 	}
-	path := filepath.Join(n.cfg.DataDir, JoinTokenFile)
+	path := filepath.Join(n.cfg.DataDir, file)
 	if err := fsutil.WriteFileAtomic(path, []byte(token+"\n"), 0o600); err != nil {
-		n.logger.Error("cannot write the rotated join token; the node takes it anyway", "path", path, "err", err)
+		n.logger.Error("cannot write the rotated "+what+"; the node takes it anyway", "path", path, "err", err)
 	}
-	n.joinToken.Store(&token)
-	n.logger.Info("join token replaced through the cluster; the previous one no longer admits a node", "path", path)
+	cur.Store(&token)
+	n.logger.Info(what+" replaced through the cluster; the previous one no longer works", "path", path)
+	return true
 }
 
 // newAdminToken is a random token: 32 bytes, base64url.
