@@ -87,9 +87,10 @@ type Limits struct {
 	// counted.
 	MaxReportSize int
 	// MaxInflight caps unacknowledged QoS 1 messages per client in each
-	// direction (mochi's MaximumInflight and ReceiveMaximum). A desired
-	// document for a client already at the cap is not sent: the client is
-	// disconnected instead (see ErrBacklogged).
+	// direction: desired documents to it (the broker's own count, send.go)
+	// and its publishes (mochi's ReceiveMaximum). A desired document for a
+	// client already at the cap is not sent: the client is disconnected
+	// instead (see ErrBacklogged).
 	MaxInflight uint16
 	// MaxKeepalive replaces a client's keepalive when it asks for none (0) or
 	// for a longer one, so that every connection has a read deadline. MQTT 5
@@ -270,10 +271,10 @@ func New(cfg Config) (*Broker, error) {
 	if lim.MaxConnections > 0 {
 		caps.MaximumClients = lim.MaxConnections
 	}
-	// No expiry of inflight messages: it is the only thing that makes mochi's
-	// event loop write a client's inflight map, which can deadlock with that
-	// client's goroutine (see PublishDesired). A device that stops
-	// acknowledging is disconnected at MaxInflight instead.
+	// No message expiry: mochi's inflight store, the only thing it would
+	// expire, is not used (acknowledgements of desired documents are the
+	// broker's own, send.go). A device that stops acknowledging is
+	// disconnected at MaxInflight instead.
 	caps.MaximumMessageExpiryInterval = 0
 	// Sessions end with the connection: a device re-subscribes and is sent
 	// its current desired document, so nothing needs to outlive it.

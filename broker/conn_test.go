@@ -129,93 +129,87 @@ func publishPacket(id uint16, topic string, payload []byte) []byte {
 
 func pubackPacket(id uint16) []byte { return []byte{0x40, 2, byte(id >> 8), byte(id)} }
 
+// overTCPAndTLS runs test twice, as subtests: over plain TCP (both configs
+// nil) and over TLS with a self-signed server certificate.
+func overTCPAndTLS(t *testing.T, test func(t *testing.T, serverTLS, clientTLS *tls.Config)) {
+	t.Run("tcp", func(t *testing.T) { test(t, nil, nil) })
+	serverTLS, clientTLS := selfSignedTLS(t)
+	t.Run("tls", func(t *testing.T) { test(t, serverTLS, clientTLS) })
+}
+
 // A device that sends CONNECT, SUBSCRIBE and a report in one write (one
 // TCP segment, or one TLS record) has all three processed: bytes read with
 // the CONNECT are not left behind when the connect burst ends.
 func TestBroker_PipelinedPacketsAreAllProcessed(t *testing.T) {
-	serverTLS, clientTLS := selfSignedTLS(t)
-	for _, tt := range []struct {
-		name      string
-		serverTLS *tls.Config
-		clientTLS *tls.Config
-	}{{"tcp", nil, nil}, {"tls", serverTLS, clientTLS}} {
-		t.Run(tt.name, func(t *testing.T) {
-			f := newTestFleet("press-01")
-			b := startBroker(t, f, func(c *Config) { c.TLSConfig = tt.serverTLS })
-			rc := dialRawClient(t, b.Addr(), tt.clientTLS)
-			report := `{"lastDesiredVersion":1}`
-			rc.write(connectPacket("press-01", "key-press-01"),
-				subscribePacket(1, fleet.DesiredTopic("press-01")),
-				publishPacket(2, fleet.ReportedTopic("press-01"), []byte(report)))
-			rc.expect(2) // CONNACK
-			gotDoc, gotSuback, gotPuback := false, false, false
-			for !(gotDoc && gotSuback && gotPuback) {
-				h, body, err := rc.next()
-				if err != nil {
-					t.Fatalf("after CONNACK: %v (document %v, SUBACK %v, PUBACK %v)", err, gotDoc, gotSuback, gotPuback)
-				}
-				switch h >> 4 {
-				case 3:
-					gotDoc = strings.Contains(string(body), `"deviceId":"press-01"`)
-				case 9:
-					gotSuback = true
-				case 4:
-					gotPuback = true
-				}
+	overTCPAndTLS(t, func(t *testing.T, serverTLS, clientTLS *tls.Config) {
+		f := newTestFleet("press-01")
+		b := startBroker(t, f, func(c *Config) { c.TLSConfig = serverTLS })
+		rc := dialRawClient(t, b.Addr(), clientTLS)
+		report := `{"lastDesiredVersion":1}`
+		rc.write(connectPacket("press-01", "key-press-01"),
+			subscribePacket(1, fleet.DesiredTopic("press-01")),
+			publishPacket(2, fleet.ReportedTopic("press-01"), []byte(report)))
+		rc.expect(2) // CONNACK
+		gotDoc, gotSuback, gotPuback := false, false, false
+		for !(gotDoc && gotSuback && gotPuback) {
+			h, body, err := rc.next()
+			if err != nil {
+				t.Fatalf("after CONNACK: %v (document %v, SUBACK %v, PUBACK %v)", err, gotDoc, gotSuback, gotPuback)
 			}
-			select {
-			case r := <-f.reports:
-				if r.doc != report {
-					t.Fatalf("report %q", r.doc)
-				}
-			case <-time.After(5 * time.Second):
-				t.Fatal("report not taken")
+			switch h >> 4 {
+			case 3:
+				gotDoc = strings.Contains(string(body), `"deviceId":"press-01"`)
+			case 9:
+				gotSuback = true
+			case 4:
+				gotPuback = true
 			}
-		})
-	}
+		}
+		select {
+		case r := <-f.reports:
+			if r.doc != report {
+				t.Fatalf("report %q", r.doc)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("report not taken")
+		}
+	})
 }
 
 // Reports up to MaxReportSize (64 KiB) are taken whole, larger than the
 // read buffer and over TLS too; one byte more is dropped.
 func TestBroker_Report_LargestAccepted(t *testing.T) {
-	serverTLS, clientTLS := selfSignedTLS(t)
-	for _, tt := range []struct {
-		name      string
-		serverTLS *tls.Config
-		clientTLS *tls.Config
-	}{{"tcp", nil, nil}, {"tls", serverTLS, clientTLS}} {
-		t.Run(tt.name, func(t *testing.T) {
-			f := newTestFleet("press-01")
-			b := startBroker(t, f, func(c *Config) { c.TLSConfig = tt.serverTLS })
-			d, _, err := dialDevice(t, b.Addr(), "press-01", "key-press-01", tt.clientTLS)
-			if err != nil {
-				t.Fatal(err)
+	overTCPAndTLS(t, func(t *testing.T, serverTLS, clientTLS *tls.Config) {
+		f := newTestFleet("press-01")
+		b := startBroker(t, f, func(c *Config) { c.TLSConfig = serverTLS })
+		d, _, err := dialDevice(t, b.Addr(), "press-01", "key-press-01", clientTLS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pad := func(size int) string {
+			const head, tail = `{"pad":"`, `"}`
+			return head + strings.Repeat("x", size-len(head)-len(tail)) + tail
+		}
+		largest := pad(DefaultMaxReportSize)
+		if pr, err := d.publish(t, fleet.ReportedTopic("press-01"), largest); err != nil || pr.ReasonCode != 0 {
+			t.Fatalf("publish 64 KiB report: %+v, %v", pr, err)
+		}
+		select {
+		case r := <-f.reports:
+			if r.doc != largest {
+				t.Fatalf("sink got %d bytes; want the %d sent", len(r.doc), len(largest))
 			}
-			pad := func(size int) string {
-				const head, tail = `{"pad":"`, `"}`
-				return head + strings.Repeat("x", size-len(head)-len(tail)) + tail
-			}
-			largest := pad(DefaultMaxReportSize)
-			if pr, err := d.publish(t, fleet.ReportedTopic("press-01"), largest); err != nil || pr.ReasonCode != 0 {
-				t.Fatalf("publish 64 KiB report: %+v, %v", pr, err)
-			}
-			select {
-			case r := <-f.reports:
-				if r.doc != largest {
-					t.Fatalf("sink got %d bytes; want the %d sent", len(r.doc), len(largest))
-				}
-			case <-time.After(5 * time.Second):
-				t.Fatal("64 KiB report not taken")
-			}
-			if _, err := d.publish(t, fleet.ReportedTopic("press-01"), pad(DefaultMaxReportSize+1)); err != nil {
-				t.Fatal(err)
-			}
-			waitFor(t, "oversized report dropped", func() bool { return b.Stats().ReportsDropped == 1 })
-			// And the connection still works.
-			d.subscribe(t, fleet.DesiredTopic("press-01"))
-			d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
-		})
-	}
+		case <-time.After(5 * time.Second):
+			t.Fatal("64 KiB report not taken")
+		}
+		if _, err := d.publish(t, fleet.ReportedTopic("press-01"), pad(DefaultMaxReportSize+1)); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "oversized report dropped", func() bool { return b.Stats().ReportsDropped == 1 })
+		// And the connection still works.
+		d.subscribe(t, fleet.DesiredTopic("press-01"))
+		d.expectDesired(t, `{"deviceId":"press-01","version":1}`)
+	})
 }
 
 // An idle connection costs one goroutine, parked with a small stack; the

@@ -63,9 +63,14 @@ func (b *Broker) schedule(tc *trackedConn) {
 	}
 	s.mu.Unlock()
 	if start {
-		s.progress.Store(time.Now().UnixNano())
-		go b.sender()
+		b.startSender()
 	}
+}
+
+// startSender starts one more sender, counted in s.running by the caller.
+func (b *Broker) startSender() {
+	b.senders.progress.Store(time.Now().UnixNano())
+	go b.sender()
 }
 
 func (s *senders) stalledLocked() bool {
@@ -89,8 +94,7 @@ func (b *Broker) checkStall() {
 	}
 	s.mu.Unlock()
 	if start {
-		s.progress.Store(time.Now().UnixNano())
-		go b.sender()
+		b.startSender()
 	}
 }
 

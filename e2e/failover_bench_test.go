@@ -1089,20 +1089,11 @@ func ownClient(s *server) *api.Client {
 
 // views asks every node but skip how it sees the cluster.
 func (c *benchCluster) views(skip string) ([]api.ClusterView, error) {
-	var out []api.ClusterView
-	for _, n := range c.nodes {
-		if n.id == skip {
-			continue
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		v, err := n.cl.Cluster(ctx)
-		cancel()
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", n.id, err)
-		}
-		out = append(out, v)
+	ids := make([]string, len(c.nodes))
+	for i, n := range c.nodes {
+		ids[i] = n.id
 	}
-	return out, nil
+	return clusterViews(ids, skip, func(i int) *api.Client { return c.nodes[i].cl })
 }
 
 // waitSettled waits until every node but down agrees on one leader among

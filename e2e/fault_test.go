@@ -299,16 +299,26 @@ func (c *faultCluster) restart(t *testing.T, id string) {
 
 // views asks every node but skip how it sees the cluster.
 func (c *faultCluster) views(skip string) ([]api.ClusterView, error) {
-	var out []api.ClusterView
+	ids := make([]string, len(c.nodes))
 	for i, n := range c.nodes {
-		if n.id == skip {
+		ids[i] = n.id
+	}
+	return clusterViews(ids, skip, c.client)
+}
+
+// clusterViews asks each node (ids, with client(i) for the i-th) but skip
+// how it sees the cluster.
+func clusterViews(ids []string, skip string, client func(i int) *api.Client) ([]api.ClusterView, error) {
+	var out []api.ClusterView
+	for i, id := range ids {
+		if id == skip {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		v, err := c.client(i).Cluster(ctx)
+		v, err := client(i).Cluster(ctx)
 		cancel()
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", n.id, err)
+			return nil, fmt.Errorf("%s: %w", id, err)
 		}
 		out = append(out, v)
 	}

@@ -24,6 +24,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	var moved []evaluator.Change
 	var drop []string
 	var events []queued
+	var adminToken, joinToken string // rotations, adopted after the lock
 	n.engineMu.Lock()
 	for _, c := range changes {
 		var out []evaluator.Change
@@ -59,9 +60,9 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		case raftstore.DeploymentDeleted:
 			out = n.engine.DeleteDeployment(c.ID)
 		case raftstore.AdminTokenSet:
-			n.adoptAdminToken(c.Secret)
+			adminToken = c.Secret
 		case raftstore.JoinTokenSet:
-			n.adoptJoinToken(c.Secret)
+			joinToken = c.Secret
 		}
 		if len(out) == 0 {
 			continue
@@ -77,6 +78,12 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		}
 	}
 	n.engineMu.Unlock()
+	if adminToken != "" {
+		n.adoptAdminToken(adminToken)
+	}
+	if joinToken != "" {
+		n.adoptJoinToken(joinToken)
+	}
 	if n.broker != nil {
 		for _, id := range drop {
 			n.broker.Disconnect(id)
@@ -88,9 +95,6 @@ func (o *observer) Applied(changes []raftstore.Change) {
 
 func (o *observer) Restored(r *raftstore.Reader) {
 	n := (*Node)(o)
-	n.engineMu.Lock()
-	n.engine.Reset()
-	n.versions.reset(r.AppliedIndex())
 	// Rotations this node learns from a snapshot or its own state.
 	if t := r.AdminToken(); t != "" {
 		n.adoptAdminToken(t)
@@ -98,6 +102,9 @@ func (o *observer) Restored(r *raftstore.Reader) {
 	if t := r.JoinToken(); t != "" {
 		n.adoptJoinToken(t)
 	}
+	n.engineMu.Lock()
+	n.engine.Reset()
+	n.versions.reset(r.AppliedIndex())
 	// Devices first, so that each deployment then finds its devices
 	// through the engine's indexes rather than device by device.
 	_ = r.Devices("", func(d fleet.Device) bool {
