@@ -45,6 +45,7 @@ type knobs struct {
 	perf           string        // LOADTEST_PERF: a directory for `perf record` profiles of the broker (profiled runs are not for the record)
 	nodeEnv        []string      // LOADTEST_NODE_ENV: extra environment for the node, e.g. "GOGC=50 GODEBUG=adaptivestackstart=0"
 	bgTagRate      int           // LOADTEST_BACKGROUND_TAG_RATE: tag updates/s to the load devices during a second latency probe (1000; 0 skips it)
+	logs           string        // LOADTEST_LOGS: keep the processes' logs in this directory (default: a temporary one, removed)
 }
 
 func readKnobs(t *testing.T) knobs {
@@ -85,6 +86,7 @@ func readKnobs(t *testing.T) knobs {
 	k.results = os.Getenv("LOADTEST_RESULTS")
 	k.perf = os.Getenv("LOADTEST_PERF")
 	k.nodeEnv = strings.Fields(os.Getenv("LOADTEST_NODE_ENV"))
+	k.logs = os.Getenv("LOADTEST_LOGS")
 	return k
 }
 
@@ -225,6 +227,7 @@ type latResult struct {
 	response    []time.Duration
 	beforeReply int // documents that arrived before the PATCH response
 	timeouts    int
+	slow        int // samples over 15 ms logged with their time
 }
 
 type report struct {
@@ -268,12 +271,22 @@ func machine(k knobs) string {
 		strings.Join(strings.Fields(string(load))[:3], " "))
 }
 
+// logDir is where the processes of one run write their logs: under
+// LOADTEST_LOGS when set (one directory per run, kept), else in dir.
+func (k knobs) logDir(t *testing.T, dir string) string {
+	logDir := filepath.Join(dir, "logs")
+	if k.logs != "" {
+		logDir = filepath.Join(k.logs, strings.NewReplacer("/", "-", " ", "_").Replace(t.Name())+"-"+time.Now().UTC().Format("150405"))
+	}
+	must(t, os.MkdirAll(logDir, 0o755))
+	return logDir
+}
+
 // ---- the node ----
 
 func runNode(t *testing.T, k knobs, bins *binaries, r *report) {
 	dir := t.TempDir()
-	logDir := filepath.Join(dir, "logs")
-	must(t, os.MkdirAll(logDir, 0o755))
+	logDir := k.logDir(t, dir)
 	dataDir := filepath.Join(dir, "data")
 	// Plain TCP for MQTT, like the mosquitto baseline and the load
 	// generator (TLS is the node's default), and plain HTTP for the API.
@@ -639,6 +652,10 @@ func latencyProbe(t *testing.T, k knobs, c *api.Client, mqttAddr string, devs []
 					continue // an older document overtaken by this one
 				}
 				lr.arrival = append(lr.arrival, a.at.Sub(t0))
+				if d := a.at.Sub(t0); d > 15*time.Millisecond && lr.slow < 20 {
+					lr.slow++ // when, to match with the node's log
+					t.Logf("slow sample: tag change at %s → document after %v (response after %v)", t0.UTC().Format("15:04:05.000"), d.Round(10*time.Microsecond), replied.Sub(t0).Round(10*time.Microsecond))
+				}
 				lr.response = append(lr.response, replied.Sub(t0))
 				if a.at.Before(replied) {
 					lr.beforeReply++
@@ -662,8 +679,7 @@ func latencyProbe(t *testing.T, k knobs, c *api.Client, mqttAddr string, devs []
 
 func runMosquitto(t *testing.T, k knobs, bins *binaries, r *report) {
 	dir := t.TempDir()
-	logDir := filepath.Join(dir, "logs")
-	must(t, os.MkdirAll(logDir, 0o755))
+	logDir := k.logDir(t, dir)
 	port := freePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	conf := filepath.Join(dir, "mosquitto.conf")

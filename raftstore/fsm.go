@@ -92,6 +92,8 @@ type fsm struct {
 	path     string
 	logger   *slog.Logger
 	observer Observer
+	// noSync: commits skip fsync, the file is synced at close (statefile.go).
+	noSync bool
 
 	// mu guards db against the swap in Restore; apply and reads take it shared.
 	mu sync.RWMutex
@@ -106,10 +108,19 @@ type fsm struct {
 
 var _ raft.BatchingFSM = (*fsm)(nil)
 
-func openFSM(path string, observer Observer, logger *slog.Logger) (*fsm, error) {
-	f := &fsm{path: path, logger: logger, observer: observer}
+// openFSM opens the state file at path; bootID tells a machine crash from a
+// process crash (statefile.go), nil means readBootID.
+func openFSM(path string, observer Observer, logger *slog.Logger, bootID func() (string, error)) (*fsm, error) {
+	if bootID == nil {
+		bootID = readBootID
+	}
+	noSync, err := claimStateFile(path, bootID, logger)
+	if err != nil {
+		return nil, err
+	}
+	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync}
 	f.appliedCond = sync.NewCond(&f.appliedMu)
-	db, err := openStateDB(path)
+	db, err := openStateDB(path, noSync)
 	if err != nil {
 		return nil, err
 	}
@@ -123,8 +134,8 @@ func openFSM(path string, observer Observer, logger *slog.Logger) (*fsm, error) 
 	return f, nil
 }
 
-func openStateDB(path string) (*bolt.DB, error) {
-	db, err := bolt.Open(path, 0o600, nil)
+func openStateDB(path string, noSync bool) (*bolt.DB, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{NoSync: noSync})
 	if err != nil {
 		return nil, fmt.Errorf("open state db %s: %w", path, err)
 	}
@@ -350,7 +361,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		return fmt.Errorf("restore snapshot: %w", err)
 	}
 	// Check the file opens before swapping it in.
-	check, err := openStateDB(tmp)
+	check, err := openStateDB(tmp, false)
 	if err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("restore snapshot: %w", err)
@@ -372,7 +383,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		return fmt.Errorf("restore snapshot: swap state file: %w", err)
 	}
 	syncDir(filepath.Dir(f.path))
-	db, err := openStateDB(f.path)
+	db, err := openStateDB(f.path, f.noSync)
 	if err != nil {
 		f.mu.Unlock()
 		panic(fmt.Sprintf("reopen state db after restore: %v", err))
@@ -424,10 +435,24 @@ func (f *fsm) view(fn func(r *Reader) error) error {
 	return f.db.View(func(tx *bolt.Tx) error { return fn(&Reader{tx: tx}) })
 }
 
+// close syncs and closes the state file; only then is its open marker
+// removed (statefile.go).
 func (f *fsm) close() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.db.Close()
+	if f.noSync {
+		if err := f.db.Sync(); err != nil {
+			f.db.Close()
+			return fmt.Errorf("sync state db %s: %w", f.path, err)
+		}
+	}
+	if err := f.db.Close(); err != nil {
+		return fmt.Errorf("close state db %s: %w", f.path, err)
+	}
+	if f.noSync {
+		return releaseStateFile(f.path)
+	}
+	return nil
 }
 
 // writer applies decoded commands inside one write transaction.

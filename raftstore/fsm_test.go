@@ -29,7 +29,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 func newTestFSM(t *testing.T) *fsm {
 	t.Helper()
-	f, err := openFSM(filepath.Join(t.TempDir(), "state.db"), nil, testLogger(t))
+	f, err := openFSM(filepath.Join(t.TempDir(), "state.db"), nil, testLogger(t), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -103,6 +103,10 @@ type Config struct {
 	SnapshotInterval time.Duration
 	// TrailingLogs kept after a snapshot (default 10240).
 	TrailingLogs uint64
+
+	// bootID replaces readBootID in tests, which simulate a machine
+	// restart by changing it.
+	bootID func() (string, error)
 }
 
 // HashicorpDefaults returns c with hashicorp/raft's own timeouts (1 s
@@ -168,7 +172,7 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	logger := cfg.Logger.With("component", "raftstore")
 	s := &Store{cfg: cfg, logger: logger}
 
-	f, err := openFSM(filepath.Join(cfg.Dir, "state.db"), cfg.Observer, logger)
+	f, err := openFSM(filepath.Join(cfg.Dir, "state.db"), cfg.Observer, logger, cfg.bootID)
 	if err != nil {
 		return nil, err
 	}
@@ -311,7 +315,11 @@ func (s *Store) closeFiles() {
 		s.logStore.Close()
 	}
 	if s.fsm != nil {
-		s.fsm.close()
+		if err := s.fsm.close(); err != nil {
+			// The open marker stays: after a machine restart the file
+			// is rebuilt rather than trusted.
+			s.logger.Error("close state file", "err", err)
+		}
 	}
 }
 

@@ -16,10 +16,21 @@ import (
 
 func openTestStore(t testing.TB, dir, id string, bootstrap bool, obs Observer) *Store {
 	t.Helper()
-	s, err := Open(context.Background(), Config{
+	return openTestStoreInBoot(t, dir, id, bootstrap, obs, "")
+}
+
+// openTestStoreInBoot is openTestStore on a machine whose boot id is boot
+// (the real one when empty).
+func openTestStoreInBoot(t testing.TB, dir, id string, bootstrap bool, obs Observer, boot string) *Store {
+	t.Helper()
+	cfg := Config{
 		Dir: dir, NodeID: id, BindAddr: "127.0.0.1:0", Bootstrap: bootstrap, Observer: obs, Logger: testLogger(t),
 		HeartbeatTimeout: 100 * time.Millisecond, ElectionTimeout: 100 * time.Millisecond,
-	})
+	}
+	if boot != "" {
+		cfg.bootID = func() (string, error) { return boot, nil }
+	}
+	s, err := Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,23 +65,36 @@ func deviceIDs(t *testing.T, s *Store) []string {
 }
 
 // TestStore_RestartResumes closes a node and reopens it from the same
-// directory, in three ways: with its state file, after losing its state
-// file (raft replays the log), and after a snapshot plus the loss of the
-// state file (raft installs the snapshot then replays the rest).
+// directory: with its state file, after losing its state file (raft
+// replays the log), after a snapshot plus the loss of the state file (raft
+// installs the snapshot then replays the rest), and after the two ways a
+// run can end without closing the state file, which is committed without
+// fsync (statefile.go). No test can cut the machine's power; a machine
+// restart is simulated by the boot id changing between the runs, and what
+// the lost page cache could leave on disk by overwriting the middle of the
+// state file with garbage.
 func TestStore_RestartResumes(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
 		snapshot      bool
 		loseStateFile bool
+		// leftOpen: the first run ends without closing the state file (its
+		// open marker stays); rebooted: the second run is in another boot,
+		// and the state file is torn.
+		leftOpen, rebooted bool
 	}{
 		{name: "state file kept"},
 		{name: "state file lost, log replayed", loseStateFile: true},
 		{name: "state file lost after a snapshot", loseStateFile: true, snapshot: true},
 		{name: "state file kept after a snapshot", snapshot: true},
+		{name: "process stopped without closing, same boot: file kept", leftOpen: true, snapshot: true},
+		{name: "machine went down with the file open: torn file rebuilt from the log", leftOpen: true, rebooted: true},
+		{name: "machine went down with the file open after a snapshot: rebuilt", leftOpen: true, rebooted: true, snapshot: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s := openTestStore(t, dir, "n1", true, nil)
+			statePath := filepath.Join(dir, "state.db")
+			s := openTestStoreInBoot(t, dir, "n1", true, nil, "boot-1")
 			for i := range 20 {
 				putDevice(t, s, fmt.Sprintf("dev-%02d", i), map[string]any{"i": float64(i)})
 				if tc.snapshot && i == 9 {
@@ -84,15 +108,33 @@ func TestStore_RestartResumes(t *testing.T) {
 			}
 			want := deviceIDs(t, s)
 			applied := s.AppliedIndex()
+			if _, err := os.Stat(statePath + openMarkerSuffix); err != nil {
+				t.Fatalf("while open, the state file has no open marker: %v", err)
+			}
 			if err := s.Close(); err != nil {
 				t.Fatal(err)
 			}
+			if _, err := os.Stat(statePath + openMarkerSuffix); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("after a clean close the open marker is still there (%v)", err)
+			}
 			if tc.loseStateFile {
-				if err := os.Remove(filepath.Join(dir, "state.db")); err != nil {
+				if err := os.Remove(statePath); err != nil {
 					t.Fatal(err)
 				}
 			}
-			s2 := openTestStore(t, dir, "n1", true, nil)
+			if tc.leftOpen {
+				// What a run that never reached close leaves: the marker
+				// of its boot.
+				if err := os.WriteFile(statePath+openMarkerSuffix, []byte("boot-1\n"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			boot2 := "boot-1"
+			if tc.rebooted {
+				boot2 = "boot-2"
+				tearFile(t, statePath)
+			}
+			s2 := openTestStoreInBoot(t, dir, "n1", true, nil, boot2)
 			defer s2.Close()
 			// A restarted single node must re-elect itself and catch up.
 			deadline := time.Now().Add(10 * time.Second)
@@ -103,9 +145,39 @@ func TestStore_RestartResumes(t *testing.T) {
 			if fmt.Sprint(got) != fmt.Sprint(want) || len(got) != 19 {
 				t.Fatalf("after restart devices = %v\nwant %v", got, want)
 			}
+			_, err := os.Stat(statePath + uncleanSuffix)
+			if setAside := err == nil; setAside != tc.rebooted {
+				t.Errorf("state file set aside as %s: %v, want %v", uncleanSuffix, setAside, tc.rebooted)
+			}
 			// And it still takes writes.
 			putDevice(t, s2, "after-restart", nil)
 		})
+	}
+}
+
+// tearFile overwrites the middle of path with garbage, the kind of file a
+// machine crash can leave of one written without fsync.
+func tearFile(t *testing.T, path string) {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	garbage := make([]byte, st.Size()/2)
+	for i := range garbage {
+		garbage[i] = byte(i*7 + 3)
+	}
+	if _, err := f.WriteAt(garbage, st.Size()/4); err != nil {
+		t.Fatal(err)
+	}
+	// The meta pages too, or bbolt would open it and fail later.
+	if _, err := f.WriteAt(garbage[:8192], 0); err != nil {
+		t.Fatal(err)
 	}
 }
 
