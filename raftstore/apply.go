@@ -112,11 +112,19 @@ func (s *Store) applyLocal(ctx context.Context, data []byte) (*Result, error) {
 	if s.raft.State() == raft.Shutdown {
 		return nil, ErrClosed
 	}
-	timeout := time.Until(deadlineOf(ctx))
-	if timeout <= 0 {
-		return nil, ctx.Err()
+	var f raft.ApplyFuture
+	if s.cfg.proposeEach {
+		timeout := time.Until(deadlineOf(ctx))
+		if timeout <= 0 {
+			return nil, ctx.Err()
+		}
+		f = s.raft.Apply(data, timeout)
+	} else {
+		var err error
+		if f, err = s.proposer.apply(ctx, data); err != nil {
+			return nil, err // never proposed
+		}
 	}
-	f := s.raft.Apply(data, timeout)
 	if err := f.Error(); err != nil {
 		return nil, classifyRaftError(err)
 	}

@@ -107,6 +107,10 @@ type Config struct {
 	// bootID replaces readBootID in tests, which simulate a machine
 	// restart by changing it.
 	bootID func() (string, error)
+	// The write path as it was, for BenchmarkPacedWrites' baselines:
+	// syncState fsyncs state.db on every commit, proposeEach calls
+	// raft.Apply per command instead of through the proposer.
+	syncState, proposeEach bool
 }
 
 // HashicorpDefaults returns c with hashicorp/raft's own timeouts (1 s
@@ -127,6 +131,7 @@ type Store struct {
 	logger    *slog.Logger
 	raft      *raft.Raft
 	fsm       *fsm
+	proposer  *proposer // this node's proposals, one group at a time
 	logStore  *raftboltdb.BoltStore
 	transport *raft.NetworkTransport
 
@@ -172,7 +177,11 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	logger := cfg.Logger.With("component", "raftstore")
 	s := &Store{cfg: cfg, logger: logger}
 
-	f, err := openFSM(filepath.Join(cfg.Dir, "state.db"), cfg.Observer, logger, cfg.bootID)
+	bootID := cfg.bootID
+	if cfg.syncState {
+		bootID = func() (string, error) { return "", errors.New("syncState set") }
+	}
+	f, err := openFSM(filepath.Join(cfg.Dir, "state.db"), cfg.Observer, logger, bootID)
 	if err != nil {
 		return nil, err
 	}
@@ -213,10 +222,11 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	s.transport = transport
 	rc.Logger = hlog
 
-	// The state machine is durable on its own (bbolt, fsynced with the
-	// applied index), so raft need not re-install the last snapshot on start
-	// and replay from there, unless the state file is behind that snapshot
-	// (for example it was lost).
+	// The state file keeps the applied index with the state it describes
+	// (and is trusted at open unless the machine went down while it was
+	// open, statefile.go), so raft need not re-install the last snapshot on
+	// start and replay from there, unless the state file is behind that
+	// snapshot (for example it was lost or set aside).
 	if metas, err := snaps.List(); err == nil && len(metas) > 0 {
 		rc.NoSnapshotRestoreOnStart = f.AppliedIndex() >= metas[0].Index
 	}
@@ -243,6 +253,8 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
 	s.raft = r
+	s.proposer = newProposer(r)
+	go s.proposer.run()
 	logger.Info("raft started", "node", cfg.NodeID, "raft_addr", transport.LocalAddr(),
 		"applied_index", f.AppliedIndex(), "resumed", hasState)
 	return s, nil
@@ -266,7 +278,7 @@ func raftConfig(cfg Config) (*raft.Config, error) {
 	rc.SnapshotInterval = orDuration(cfg.SnapshotInterval, 30*time.Second)
 	rc.TrailingLogs = orUint(cfg.TrailingLogs, 10240)
 	rc.BatchApplyCh = true
-	rc.MaxAppendEntries = 256
+	rc.MaxAppendEntries = maxGroup
 	// A leader that removes itself becomes a follower instead of shutting
 	// raft down, so the node keeps running (and can be added back) rather
 	// than holding a dead store.
@@ -380,6 +392,7 @@ func (s *Store) Close() error {
 			s.closeErr = fmt.Errorf("shutdown raft: %w", err)
 		}
 		// Nothing applies any more: wake WaitApplied callers with ErrClosed.
+		s.proposer.stop()
 		s.fsm.stopWaiters()
 		s.closeFiles()
 		s.logger.Info("raft stopped", "node", s.cfg.NodeID)
