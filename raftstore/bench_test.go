@@ -21,35 +21,51 @@ import (
 //   - batched-N: N concurrent clients; raft groups their entries into one
 //     log append and the state machine applies the group in one bbolt
 //     transaction (BatchingFSM).
+//
+// Each runs twice: through the proposer (groups, as the node writes) and,
+// as the baseline, with raft.Apply per write (propose-each, the write path
+// before proposer.go).
 func BenchmarkReplicatedWrites(b *testing.B) {
 	for _, clients := range []int{1, 16, 64} {
-		name := "one-at-a-time"
-		if clients > 1 {
-			name = fmt.Sprintf("batched-%d", clients)
-		}
-		b.Run(name, func(b *testing.B) {
-			s := openTestStore(b, b.TempDir(), "bench", true, nil)
-			defer s.Close()
-			var n atomic.Int64
-			b.SetParallelism(clients)
-			b.ResetTimer()
-			start := time.Now()
-			if clients == 1 {
-				for i := 0; i < b.N; i++ {
-					benchWrite(b, s, n.Add(1))
-				}
-			} else {
-				// RunParallel runs GOMAXPROCS*parallelism goroutines.
-				b.SetParallelism(max(1, clients/2))
-				b.RunParallel(func(pb *testing.PB) {
-					for pb.Next() {
-						benchWrite(b, s, n.Add(1))
-					}
-				})
+		for _, proposeEach := range []bool{true, false} {
+			name := "one-at-a-time"
+			if clients > 1 {
+				name = fmt.Sprintf("batched-%d", clients)
 			}
-			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "writes/s")
+			if proposeEach {
+				name += ",propose-each"
+			} else {
+				name += ",groups"
+			}
+			b.Run(name, func(b *testing.B) { benchReplicatedWrites(b, clients, proposeEach) })
+		}
+	}
+}
+
+func benchReplicatedWrites(b *testing.B, clients int, proposeEach bool) {
+	cfg := testConfig(b, b.TempDir(), "bench")
+	cfg.Bootstrap, cfg.proposeEach = true, proposeEach
+	s := openConfig(b, cfg)
+	if err := s.WaitLeader(testContext(b)); err != nil {
+		b.Fatal(err)
+	}
+	var n atomic.Int64
+	b.ResetTimer()
+	start := time.Now()
+	if clients == 1 {
+		for i := 0; i < b.N; i++ {
+			benchWrite(b, s, n.Add(1))
+		}
+	} else {
+		// RunParallel runs GOMAXPROCS*parallelism goroutines.
+		b.SetParallelism(max(1, clients/2))
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				benchWrite(b, s, n.Add(1))
+			}
 		})
 	}
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "writes/s")
 }
 
 func benchWrite(b *testing.B, s *Store, i int64) {
