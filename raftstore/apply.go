@@ -116,7 +116,7 @@ func (s *Store) applyLocal(ctx context.Context, data []byte) (*Result, error) {
 	if s.cfg.proposeEach {
 		timeout := time.Until(deadlineOf(ctx))
 		if timeout <= 0 {
-			return nil, ctx.Err()
+			return nil, deadlineErr(ctx)
 		}
 		f = s.raft.Apply(data, timeout)
 	} else {
@@ -243,6 +243,15 @@ func withDefaultTimeout(ctx context.Context, d time.Duration) (context.Context, 
 		return ctx, func() {}
 	}
 	return context.WithTimeout(ctx, d)
+}
+
+// deadlineErr is the error for a ctx whose deadline has passed: ctx.Err(),
+// or DeadlineExceeded when ctx's own timer has not fired yet.
+func deadlineErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return context.DeadlineExceeded
 }
 
 func deadlineOf(ctx context.Context) time.Time {

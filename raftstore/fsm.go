@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -94,6 +95,8 @@ type fsm struct {
 	observer Observer
 	// noSync: commits skip fsync, the file is synced at close (statefile.go).
 	noSync bool
+	// unlock releases the state file's lock (statefile.go), after close.
+	unlock func() error
 
 	// mu guards db against the swap in Restore; apply and reads take it shared.
 	mu sync.RWMutex
@@ -114,20 +117,35 @@ func openFSM(path string, observer Observer, logger *slog.Logger, bootID func() 
 	if bootID == nil {
 		bootID = readBootID
 	}
+	unlock, err := lockFile(path + lockSuffix)
+	switch {
+	case errors.Is(err, errLocked):
+		return nil, fmt.Errorf("state file %s is in use by another process (it holds %s): is another node running on this data directory?", path, path+lockSuffix)
+	case errors.Is(err, errLockUnsupported):
+		// Sync every commit: without the lock the open marker could be
+		// another process's.
+		lockErr := err
+		unlock = func() error { return nil }
+		bootID = func() (string, error) { return "", lockErr }
+	case err != nil:
+		return nil, fmt.Errorf("lock state file: %w", err)
+	}
 	noSync, err := claimStateFile(path, bootID, logger)
 	if err != nil {
+		unlock()
 		return nil, err
 	}
-	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync}
+	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock}
 	f.appliedCond = sync.NewCond(&f.appliedMu)
 	db, err := openStateDB(path, noSync)
 	if err != nil {
+		unlock()
 		return nil, err
 	}
 	f.db = db
 	idx, err := readAppliedIndex(db)
 	if err != nil {
-		db.Close()
+		f.close()
 		return nil, err
 	}
 	f.applied = idx
@@ -440,6 +458,7 @@ func (f *fsm) view(fn func(r *Reader) error) error {
 func (f *fsm) close() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	defer f.unlock() // last: the marker is ours until then
 	if f.noSync {
 		if err := f.db.Sync(); err != nil {
 			f.db.Close()

@@ -2,6 +2,8 @@ package raftstore
 
 import (
 	"context"
+	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -26,9 +28,11 @@ import (
 type proposer struct {
 	raft *raft.Raft
 	// in is unbuffered: a proposal is either taken by run, which then
-	// answers it, or not taken at all.
+	// answers it unless the store closes first, or not taken at all.
 	in   chan *proposal
 	quit chan struct{}
+	// groups counts the groups proposed (for tests).
+	groups atomic.Int64
 }
 
 type proposal struct {
@@ -44,12 +48,16 @@ func newProposer(r *raft.Raft) *proposer {
 }
 
 // apply proposes data and returns raft's future once it has resolved. An
-// error means the command was never proposed: ctx ended first (ctx.Err) or
-// the store is closed (ErrClosed).
+// error means no future: ctx ended before the command was taken (ctx's
+// error; nothing was proposed), or the store closed (ErrClosed; wrapping
+// ErrUnknownOutcome if the command had been taken).
 func (p *proposer) apply(ctx context.Context, data []byte) (raft.ApplyFuture, error) {
-	deadline := deadlineOf(ctx)
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Now().Add(defaultApplyTimeout)
+	}
 	if time.Until(deadline) <= 0 {
-		return nil, ctx.Err()
+		return nil, deadlineErr(ctx)
 	}
 	prop := &proposal{data: data, deadline: deadline, done: make(chan raft.ApplyFuture, 1)}
 	select {
@@ -59,20 +67,32 @@ func (p *proposer) apply(ctx context.Context, data []byte) (raft.ApplyFuture, er
 	case <-p.quit:
 		return nil, ErrClosed
 	}
-	// Raft resolves every future it took, on shutdown too, so this wait
-	// ends; the caller's deadline bounded only the proposing, as raft's
-	// own Apply timeout does.
-	return <-prop.done, nil
+	// The caller's deadline bounded only the proposing, as raft's own
+	// Apply timeout does: once raft has the command, the answer is
+	// awaited, since giving up would leave the outcome unknown.
+	select {
+	case f := <-prop.done:
+		return f, nil
+	case <-p.quit:
+		select {
+		case f := <-prop.done:
+			return f, nil
+		default:
+		}
+		// Raft v1.7 may never resolve a future it took before it shut
+		// down (hashicorp/raft#498): the entry may or may not have
+		// committed.
+		return nil, fmt.Errorf("%w: %w", ErrClosed, ErrUnknownOutcome)
+	}
 }
 
 // run proposes groups until stop. Call it in its own goroutine.
 func (p *proposer) run() {
-	group := make([]*proposal, 0, maxGroup)
-	futures := make([]raft.ApplyFuture, 0, maxGroup)
 	for {
+		var group []*proposal
 		select {
 		case first := <-p.in:
-			group = append(group[:0], first)
+			group = append(make([]*proposal, 0, 8), first)
 		case <-p.quit:
 			return
 		}
@@ -85,20 +105,33 @@ func (p *proposer) run() {
 				break gather
 			}
 		}
-		futures = futures[:0]
-		for _, prop := range group {
+		p.groups.Add(1)
+		futures := make([]raft.ApplyFuture, len(group))
+		for i, prop := range group {
 			// A deadline that passed while queued still gets a moment:
 			// the caller is already waiting on the answer.
-			futures = append(futures, p.raft.Apply(prop.data, max(time.Until(prop.deadline), time.Millisecond)))
+			futures[i] = p.raft.Apply(prop.data, max(time.Until(prop.deadline), time.Millisecond))
 		}
-		for i, f := range futures {
-			_ = f.Error() // waits until applied, refused or lost
-			group[i].done <- f
-			group[i] = nil
+		// The futures are awaited on their own goroutine so that a
+		// shutdown that leaves one unresolved cannot hold run (and the
+		// callers, which watch quit) forever; that goroutine then stays
+		// blocked until the process exits.
+		answered := make(chan struct{})
+		go func() {
+			defer close(answered)
+			for i, f := range futures {
+				_ = f.Error() // waits until applied, refused or lost
+				group[i].done <- f
+			}
+		}()
+		select {
+		case <-answered:
+		case <-p.quit:
+			return
 		}
 	}
 }
 
-// stop ends run once its current group is answered; later proposals get
-// ErrClosed. Call it after raft's shutdown, which resolves every future.
+// stop ends run and fails every waiting or later proposal with ErrClosed.
+// Call it after raft's shutdown.
 func (p *proposer) stop() { close(p.quit) }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -53,6 +54,11 @@ func TestProposer_ConcurrentWrites(t *testing.T) {
 	if got, want := len(deviceIDs(t, s)), n-(n+6)/7; got != want {
 		t.Errorf("%d devices stored, want %d", got, want)
 	}
+	// 300+257 writes from 300 goroutines at once: if each went alone,
+	// there would be one group per write.
+	if groups, writes := s.proposer.groups.Load(), int64(n+n-(n+6)/7); groups == 0 || groups >= writes {
+		t.Errorf("%d writes were proposed in %d groups: want some grouped, all through the proposer", writes, groups)
+	}
 
 	before := s.AppliedIndex()
 	ctx, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
@@ -70,4 +76,23 @@ func TestProposer_ConcurrentWrites(t *testing.T) {
 	if _, err := s.Apply(context.Background(), PutDevice{Time: time.Now().UTC(), Device: fleet.Device{ID: "after-close"}}); !errors.Is(err, ErrClosed) {
 		t.Errorf("write after Close: err = %v, want ErrClosed", err)
 	}
+	// The proposer itself, past Apply's own check of raft's state.
+	if _, err := s.proposer.apply(context.Background(), []byte("x")); !errors.Is(err, ErrClosed) {
+		t.Errorf("proposal after Close: err = %v, want ErrClosed", err)
+	}
+}
+
+// TestStore_SecondOpenRefused opens a data directory that a store already
+// has open: it is refused at once with an error that says so, and the
+// first store goes on.
+func TestStore_SecondOpenRefused(t *testing.T) {
+	dir := t.TempDir()
+	s := openTestStore(t, dir, "n1", true, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := Open(ctx, testConfig(t, dir, "n1"))
+	if err == nil || !strings.Contains(err.Error(), "in use by another process") {
+		t.Fatalf("second Open of %s: err = %v, want refused as in use", dir, err)
+	}
+	putDevice(t, s, "still-writable", nil)
 }

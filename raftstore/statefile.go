@@ -36,7 +36,15 @@ import (
 // Where no boot id can be read, state.db is fsynced on every commit as
 // before.
 
+// The lock beside the state file: the open marker is only meaningful if one
+// process at a time writes and removes it.
+var (
+	errLocked          = errors.New("locked by another process")
+	errLockUnsupported = errors.New("file locks are not supported on this system")
+)
+
 const (
+	lockSuffix       = ".lock"    // held (flock) while the state file is open
 	openMarkerSuffix = ".open"    // beside state.db while it is open unsynced
 	uncleanSuffix    = ".unclean" // where a state.db left by a machine crash is moved
 	bootIDPath       = "/proc/sys/kernel/random/boot_id"

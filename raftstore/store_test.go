@@ -1,13 +1,16 @@
 package raftstore
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -16,16 +19,18 @@ import (
 
 func openTestStore(t testing.TB, dir, id string, bootstrap bool, obs Observer) *Store {
 	t.Helper()
-	return openTestStoreInBoot(t, dir, id, bootstrap, obs, "")
+	return openTestStoreInBoot(t, dir, id, bootstrap, obs, "", 0)
 }
 
 // openTestStoreInBoot is openTestStore on a machine whose boot id is boot
-// (the real one when empty).
-func openTestStoreInBoot(t testing.TB, dir, id string, bootstrap bool, obs Observer, boot string) *Store {
+// (the real one when empty), keeping trailingLogs entries after a snapshot
+// (the default when 0).
+func openTestStoreInBoot(t testing.TB, dir, id string, bootstrap bool, obs Observer, boot string, trailingLogs uint64) *Store {
 	t.Helper()
 	cfg := Config{
 		Dir: dir, NodeID: id, BindAddr: "127.0.0.1:0", Bootstrap: bootstrap, Observer: obs, Logger: testLogger(t),
 		HeartbeatTimeout: 100 * time.Millisecond, ElectionTimeout: 100 * time.Millisecond,
+		TrailingLogs: trailingLogs,
 	}
 	if boot != "" {
 		cfg.bootID = func() (string, error) { return boot, nil }
@@ -87,6 +92,8 @@ func TestStore_RestartResumes(t *testing.T) {
 		{name: "state file lost, log replayed", loseStateFile: true},
 		{name: "state file lost after a snapshot", loseStateFile: true, snapshot: true},
 		{name: "state file kept after a snapshot", snapshot: true},
+		// (A real process crash, with the file never synced, is
+		// TestStore_ProcessCrashKeepsState.)
 		{name: "process stopped without closing, same boot: file kept", leftOpen: true, snapshot: true},
 		{name: "machine went down with the file open: torn file rebuilt from the log", leftOpen: true, rebooted: true},
 		{name: "machine went down with the file open after a snapshot: rebuilt", leftOpen: true, rebooted: true, snapshot: true},
@@ -94,7 +101,9 @@ func TestStore_RestartResumes(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			statePath := filepath.Join(dir, "state.db")
-			s := openTestStoreInBoot(t, dir, "n1", true, nil, "boot-1")
+			// Two trailing logs: a snapshot compacts the log behind it, so
+			// a state rebuilt without the snapshot would miss devices.
+			s := openTestStoreInBoot(t, dir, "n1", true, nil, "boot-1", 2)
 			for i := range 20 {
 				putDevice(t, s, fmt.Sprintf("dev-%02d", i), map[string]any{"i": float64(i)})
 				if tc.snapshot && i == 9 {
@@ -134,7 +143,7 @@ func TestStore_RestartResumes(t *testing.T) {
 				boot2 = "boot-2"
 				tearFile(t, statePath)
 			}
-			s2 := openTestStoreInBoot(t, dir, "n1", true, nil, boot2)
+			s2 := openTestStoreInBoot(t, dir, "n1", true, nil, boot2, 2)
 			defer s2.Close()
 			// A restarted single node must re-elect itself and catch up.
 			deadline := time.Now().Add(10 * time.Second)
@@ -279,4 +288,90 @@ func TestStore_SetAdminToken(t *testing.T) {
 	if err := s.View(func(r *Reader) error { got = r.JoinToken(); return nil }); err != nil || got != join {
 		t.Fatalf("JoinToken() = %q, %v", got, err)
 	}
+}
+
+// TestStore_ProcessCrashKeepsState kills a process of this test binary with
+// SIGKILL after it acknowledged writes to a state file it never synced,
+// then reopens the directory in this process (the same boot): the file is
+// kept, not set aside, and holds every acknowledged write. A machine crash
+// cannot be staged in a test (TestStore_RestartResumes simulates it).
+func TestStore_ProcessCrashKeepsState(t *testing.T) {
+	if dir := os.Getenv("RAFTSTORE_CRASH_CHILD_DIR"); dir != "" {
+		crashChild(t, dir)
+		return
+	}
+	if _, err := readBootID(); err != nil {
+		t.Skipf("no boot id on this system (%v): the state file is fsynced on every commit there", err)
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestStore_ProcessCrashKeepsState$", "-test.v")
+	cmd.Env = append(os.Environ(), "RAFTSTORE_CRASH_CHILD_DIR="+dir)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	var acked []string
+	var lastIndex uint64
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		var id string
+		if n, _ := fmt.Sscanf(sc.Text(), "acked %s at %d", &id, &lastIndex); n == 2 {
+			acked = append(acked, id)
+		}
+		if sc.Text() == "holding" {
+			break
+		}
+	}
+	if len(acked) != 40 {
+		t.Fatalf("the child acknowledged %d writes, want 40", len(acked))
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	if _, err := os.Stat(filepath.Join(dir, "state.db"+openMarkerSuffix)); err != nil {
+		t.Fatalf("the killed process left no open marker: %v", err)
+	}
+
+	// Read the state file as it was left: at once, before this node
+	// elects itself and raft replays anything from the log.
+	s, err := Open(context.Background(), testConfig(t, dir, "n1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := s.AppliedIndex(); got < lastIndex {
+		t.Errorf("state file's applied index after the crash = %d, want at least %d (the last acknowledged write)", got, lastIndex)
+	}
+	got := map[string]bool{}
+	for _, id := range deviceIDs(t, s) {
+		got[id] = true
+	}
+	for _, id := range acked {
+		if !got[id] {
+			t.Errorf("acknowledged write %s is missing after the crash", id)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state.db"+uncleanSuffix)); err == nil {
+		t.Errorf("the state file was set aside after a process crash in the same boot")
+	}
+}
+
+// crashChild writes 40 devices, says which were acknowledged, and waits to
+// be killed.
+func crashChild(t *testing.T, dir string) {
+	s := openTestStore(t, dir, "n1", true, nil)
+	for i := range 40 {
+		id := fmt.Sprintf("dev-%02d", i)
+		res := putDevice(t, s, id, nil)
+		fmt.Printf("acked %s at %d\n", id, res.Index)
+	}
+	fmt.Println("holding")
+	time.Sleep(time.Minute)
+	t.Fatal("not killed")
 }
