@@ -42,24 +42,24 @@ func FuzzDecode(f *testing.F) {
 		if err != nil {
 			return
 		}
-		once, err := Encode(c)
-		if err != nil {
-			t.Fatalf("Encode of decoded %T: %v", c, err)
-		}
-		c1, err := Decode(once)
-		if err != nil {
-			t.Fatalf("re-encoded %T does not decode: %v", c, err)
-		}
-		twice, err := Encode(c1)
-		if err != nil {
-			t.Fatalf("Encode of %T: %v", c1, err)
-		}
-		c2, err := Decode(twice)
-		if err != nil {
-			t.Fatalf("%T does not decode: %v", c1, err)
-		}
+		once, c1 := reencode(t, c)
+		twice, c2 := reencode(t, c1)
 		if string(once) != string(twice) || !reflect.DeepEqual(c1, c2) {
 			t.Fatalf("encoding is not stable:\n%s\n%s", once, twice)
 		}
 	})
+}
+
+// reencode encodes c and decodes the entry again; both must succeed.
+func reencode(t *testing.T, c Command) ([]byte, Command) {
+	t.Helper()
+	b, err := Encode(c)
+	if err != nil {
+		t.Fatalf("Encode of %T: %v", c, err)
+	}
+	back, err := Decode(b)
+	if err != nil {
+		t.Fatalf("re-encoded %T does not decode: %v", c, err)
+	}
+	return b, back
 }

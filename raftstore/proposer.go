@@ -24,7 +24,8 @@ import (
 // once, and the commits per write do not grow with the rate.
 //
 // A group is at most maxGroup commands, raft's MaxAppendEntries, so that
-// raft.Apply never blocks on a full apply channel.
+// raft.Apply never blocks on a full apply channel; a group that has not
+// resolved within groupStall no longer holds back the next.
 type proposer struct {
 	raft *raft.Raft
 	// in is unbuffered: a proposal is either taken by run, which then
@@ -124,13 +125,25 @@ func (p *proposer) run() {
 				group[i].done <- f
 			}
 		}()
+		stall := time.NewTimer(groupStall)
 		select {
 		case <-answered:
+		case <-stall.C:
+			// A group this slow is waiting on something else (a quorum,
+			// a stepping-down leader); the next one goes ahead rather
+			// than queue behind it, as with raft.Apply per write.
 		case <-p.quit:
+			stall.Stop()
 			return
 		}
+		stall.Stop()
 	}
 }
+
+// groupStall is how long a group may hold back the next one. Groups
+// normally resolve within a few log commits (milliseconds); one that takes
+// longer must not stall every other write of the node.
+const groupStall = time.Second
 
 // stop ends run and fails every waiting or later proposal with ErrClosed.
 // Call it after raft's shutdown.

@@ -33,8 +33,8 @@ import (
 // is set aside and rebuilt from the snapshot and the log. A clean close
 // fsyncs the file and removes the marker.
 //
-// Where no boot id can be read, state.db is fsynced on every commit as
-// before.
+// Where no boot id can be read, or no file lock taken (lock_other.go),
+// state.db is fsynced on every commit as before.
 
 // The lock beside the state file: the open marker is only meaningful if one
 // process at a time writes and removes it.
