@@ -2,7 +2,9 @@ package broker
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,6 +29,14 @@ import (
 // Limits.AuthTimeout through ctx, so it should answer from local state.
 type Authenticator interface {
 	AuthenticateDevice(ctx context.Context, deviceID, key string) error
+}
+
+// KeyIdentifier is implemented by an Authenticator that can name the
+// credential a key stands for (the node: the stored digest of the key), so
+// that DisconnectStale can tell which connections used a key that has since
+// been replaced. Without it the broker names a key by its SHA-256.
+type KeyIdentifier interface {
+	KeyID(deviceID, key string) string
 }
 
 // DesiredSource returns the current desired document (JSON) of a device. The
@@ -410,6 +420,45 @@ func (b *Broker) Disconnect(deviceID string) {
 	if len(conns) > 0 {
 		b.log.Info("device disconnected by the node", "device", deviceID, "connections", len(conns))
 	}
+}
+
+// DisconnectStale drops the device's connections whose credential no
+// longer opens it: stillValid is asked about each authenticated
+// connection's KeyID, and a connection whose key check is still running is
+// marked revoked (refused when the check returns; the device reconnects
+// with whatever key is valid now). The node calls it when it applies a
+// change of the device's keys or status, on every node, so a replaced key
+// loses its sessions everywhere at once. It returns how many connections it
+// ended.
+func (b *Broker) DisconnectStale(deviceID string, stillValid func(keyID string) bool) int {
+	b.mu.Lock()
+	var stale []*trackedConn
+	for _, tc := range b.devices[deviceID] {
+		if tc.revoked.Load() {
+			continue
+		}
+		if tc.keyID == "" || !stillValid(tc.keyID) {
+			tc.revoked.Store(true)
+			stale = append(stale, tc)
+		}
+	}
+	b.mu.Unlock()
+	for _, tc := range stale {
+		b.dropConn(tc, packets.ErrNotAuthorized)
+	}
+	if len(stale) > 0 {
+		b.log.Info("device disconnected: its key or status changed", "device", deviceID, "connections", len(stale))
+	}
+	return len(stale)
+}
+
+// keyID names the credential key stands for (KeyIdentifier).
+func (b *Broker) keyID(deviceID, key string) string {
+	if ki, ok := b.auth.(KeyIdentifier); ok {
+		return ki.KeyID(deviceID, key)
+	}
+	sum := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(sum[:])
 }
 
 // Refuse turns devices away from this node, for a node that cannot serve

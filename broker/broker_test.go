@@ -639,3 +639,102 @@ func TestBroker_RefuseAndAdmit(t *testing.T) {
 		t.Fatalf("stats after Admit: %+v", st)
 	}
 }
+
+// TestBroker_DisconnectStale_EndsOnlySessionsOfAReplacedKey: a device
+// holds two sessions' worth of keys (primary, secondary); when the node
+// says the primary no longer opens the device, the session that used it
+// is dropped and what it sends is not taken, while a session of the
+// secondary and another device's session stay.
+func TestBroker_DisconnectStale_EndsOnlySessionsOfAReplacedKey(t *testing.T) {
+	f := newTestFleet("press-01", "press-02")
+	b := startBroker(t, f)
+	d := mustConnectSubscribed(t, b.Addr(), "press-01")
+	other := mustConnectSubscribed(t, b.Addr(), "press-02")
+	replaced := b.keyID("press-01", "key-press-01")
+
+	// A key that is still valid ends nothing.
+	if n := b.DisconnectStale("press-01", func(string) bool { return true }); n != 0 {
+		t.Fatalf("DisconnectStale with every key valid ended %d connections", n)
+	}
+	if n := b.DisconnectStale("press-01", func(id string) bool { return id != replaced }); n != 1 {
+		t.Fatalf("DisconnectStale ended %d connections; want 1", n)
+	}
+	select {
+	case dc := <-d.serverDisconnect:
+		if dc.ReasonCode != packets.ErrNotAuthorized.Code {
+			t.Errorf("disconnect reason %#x; want not authorized", dc.ReasonCode)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("session of the replaced key not dropped")
+	}
+	<-d.c.Done()
+	if _, ok := b.Connection("press-01"); ok {
+		t.Error("press-01 still listed as connected")
+	}
+	if _, err := other.publish(t, fleet.ReportedTopic("press-02"), `{"ok":true}`); err != nil {
+		t.Fatalf("the other device's session: %v", err)
+	}
+	select {
+	case r := <-f.reports:
+		if r.deviceID != "press-02" {
+			t.Fatalf("report from %s; want press-02", r.deviceID)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the other device's report was not taken")
+	}
+}
+
+// TestBroker_DisconnectStale_DuringAuthenticationRefuses: a key replaced
+// while a connection's key check runs (the node read the old key) refuses
+// that connection when the check returns.
+func TestBroker_DisconnectStale_DuringAuthenticationRefuses(t *testing.T) {
+	f := newTestFleet("press-01")
+	authenticating := make(chan struct{})
+	release := make(chan struct{})
+	var calls atomic.Int32
+	b := startBroker(t, f, func(c *Config) {
+		c.Auth = fakeAuth{fn: func(context.Context, string, string) error {
+			if calls.Add(1) == 1 {
+				close(authenticating)
+				<-release
+			}
+			return nil
+		}}
+	})
+	errc := make(chan error, 1)
+	go func() {
+		c, err := rawConnect(b.Addr(), "press-01", "key-press-01")
+		if err == nil {
+			c.Close()
+		}
+		errc <- err
+	}()
+	<-authenticating
+	b.DisconnectStale("press-01", func(string) bool { return true })
+	close(release)
+	if err := <-errc; err == nil {
+		t.Fatal("connection accepted although its key changed during the check; want refused")
+	}
+}
+
+// TestBroker_RevokedSessionReportsAreRefused: once a session is revoked,
+// a report it still manages to send is not handed to the sink.
+func TestBroker_RevokedSessionReportsAreRefused(t *testing.T) {
+	f := newTestFleet("press-01")
+	b := startBroker(t, f)
+	mustConnectSubscribed(t, b.Addr(), "press-01")
+	tc := b.connFor("press-01")
+	if tc == nil {
+		t.Fatal("press-01 not connected")
+	}
+	tc.revoked.Store(true) // as DisconnectStale does, before it drops the connection
+	b.intakeReport(tc, "press-01", []byte(`{"late":true}`))
+	select {
+	case r := <-f.reports:
+		t.Fatalf("a revoked session's report was taken: %+v", r)
+	default:
+	}
+	if got := b.Stats().ReportsDropped; got != 1 {
+		t.Errorf("ReportsDropped = %d; want 1", got)
+	}
+}

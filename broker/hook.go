@@ -151,6 +151,10 @@ func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 func (b *Broker) intakeReport(tc *trackedConn, deviceID string, payload []byte) {
 	var why string
 	switch {
+	case tc.revoked.Load():
+		// Its key was replaced or the device disabled: nothing it sends
+		// from now on is taken, even before the connection is gone.
+		why = "session revoked"
 	case len(payload) > b.lim.MaxReportSize:
 		why = "report too large"
 	case !isJSONObject(payload):

@@ -265,6 +265,10 @@ type trackedConn struct {
 	// established (established orders it).
 	deviceID     string
 	desiredTopic string
+	// keyID names the credential the connection authenticated with
+	// (KeyIdentifier), set under Broker.mu once the Authenticator has
+	// accepted it; "" while the check runs.
+	keyID string
 	// desiredQoS is the QoS granted on the desired topic, or
 	// notSubscribed: the hook's copy of what mochi's subscription map
 	// says, read for every document without mochi's lock and map lookup.

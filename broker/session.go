@@ -170,6 +170,13 @@ func (b *Broker) authenticate(tc *trackedConn, cl *mqtt.Client, pk packets.Packe
 	cancel()
 	if err == nil {
 		b.takeOver(tc)
+		// The credential is recorded under the registry's lock, where
+		// DisconnectStale reads it: a key replaced while this check ran
+		// has marked the connection revoked, and it is refused here.
+		keyID := b.keyID(deviceID, string(pk.Connect.Password))
+		b.mu.Lock()
+		tc.keyID = keyID
+		b.mu.Unlock()
 		if tc.revoked.Load() {
 			err = errRevoked
 		}

@@ -26,8 +26,53 @@ type devices Node
 
 var (
 	_ broker.Authenticator = (*devices)(nil)
+	_ broker.KeyIdentifier = (*devices)(nil)
 	_ broker.DesiredSource = (*devices)(nil)
 )
+
+// KeyID names the credential a device's key stands for: the digest the
+// state stores for it (fleet.HashKey), so that a session can be checked
+// against the device's keys after they change.
+func (d *devices) KeyID(deviceID, key string) string {
+	return fleet.HashKey(key)
+}
+
+// keyStillOpens reports whether a session authenticated with the key
+// named keyID may go on: the device exists, is enabled, and still has
+// that key. It reads the local replica as it is now, so that checks run
+// in any order judge by the newest state.
+func (n *Node) keyStillOpens(deviceID, keyID string) bool {
+	var ok bool
+	_ = n.store.View(func(r *raftstore.Reader) error {
+		dev, err := r.Device(deviceID)
+		if err != nil {
+			return err
+		}
+		h := dev.Authentication.KeyHashes
+		ok = dev.Status != fleet.DeviceDisabled && h != nil && keyID != "" && (keyID == h.Primary || keyID == h.Secondary)
+		return nil
+	})
+	return ok
+}
+
+// recheckSessions ends the sessions whose key no longer opens their
+// device, after an applied change of the devices' keys or status (every
+// node does it as it applies the change, for its own sessions). A few
+// devices are checked at once; many (an enrollment's devices revoked) on
+// their own goroutine, so that the apply path does not wait for their
+// DISCONNECTs.
+func (n *Node) recheckSessions(ids []string) {
+	check := func() {
+		for _, id := range ids {
+			n.broker.DisconnectStale(id, func(keyID string) bool { return n.keyStillOpens(id, keyID) })
+		}
+	}
+	if len(ids) <= 8 {
+		check()
+		return
+	}
+	go check()
+}
 
 // AuthenticateDevice checks a device's key against the stored hashes in
 // constant time, from the local replica.

@@ -22,7 +22,7 @@ var _ raftstore.Observer = (*observer)(nil)
 func (o *observer) Applied(changes []raftstore.Change) {
 	n := (*Node)(o)
 	var moved []evaluator.Change
-	var drop []string
+	var drop, recheck []string
 	var events []queued
 	var adminToken, joinToken string // rotations, adopted after the lock
 	n.engineMu.Lock()
@@ -41,8 +41,8 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		switch c.Kind {
 		case raftstore.DevicePut:
 			out = n.engine.PutDevice(c.ID, c.Device.Tags)
-			if c.Device.Status == fleet.DeviceDisabled {
-				drop = append(drop, c.ID)
+			if c.CredentialsChanged {
+				recheck = append(recheck, c.ID)
 			}
 		case raftstore.DeviceDeleted:
 			out = n.engine.DeleteDevice(c.ID)
@@ -88,6 +88,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		for _, id := range drop {
 			n.broker.Disconnect(id)
 		}
+		n.recheckSessions(recheck)
 	}
 	n.push(moved)
 	n.history.add(events...)

@@ -303,3 +303,57 @@ func TestEnrollment(t *testing.T) {
 		t.Fatalf("the new key: %v", err)
 	}
 }
+
+// TestRegenerateKeyEndsItsSessions: regenerating a device's primary key
+// ends, at once, the session that authenticated with it (it does not wait
+// for the device to reconnect), refuses the old key afterwards, and leaves
+// a session of the secondary key alone (keys rotate one at a time without
+// the device going offline).
+func TestRegenerateKeyEndsItsSessions(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	d, err := c.PutDevice(ctx, "press-01", api.DeviceRequest{}, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	primary, secondary := d.Authentication.SymmetricKey.PrimaryKey, d.Authentication.SymmetricKey.SecondaryKey
+	dev, err := connectDevice(t, n.MQTTAddr(), "press-01", primary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev.subscribeDesired(t)
+	dev.nextDesired(t)
+
+	if _, err := c.RegenerateDeviceKey(ctx, "press-01", "primary"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-dev.c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session of the replaced key is still open")
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "press-01", primary); err == nil {
+		t.Fatal("the replaced key still connects")
+	}
+
+	// The secondary's session survives a regeneration of the primary.
+	dev2, err := connectDevice(t, n.MQTTAddr(), "press-01", secondary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev2.subscribeDesired(t)
+	dev2.nextDesired(t)
+	if _, err := c.RegenerateDeviceKey(ctx, "press-01", "primary"); err != nil {
+		t.Fatal(err)
+	}
+	report := `{"lastDesiredVersion":0,"modules":{}}`
+	if _, err := dev2.c.Publish(ctx, &paho.Publish{Topic: fleet.ReportedTopic("press-01"), QoS: 1, Payload: []byte(report)}); err != nil {
+		t.Fatalf("the secondary's session after a primary regeneration: %v", err)
+	}
+	select {
+	case <-dev2.c.Done():
+		t.Fatal("regenerating the primary ended the secondary's session")
+	default:
+	}
+}

@@ -56,10 +56,14 @@ type Change struct {
 	Time  time.Time
 	Actor string
 	// Created tells a DeploymentPut that made a new deployment.
-	Created    bool
-	Device     *fleet.Device     // the new state, for DevicePut
-	Deployment *fleet.Deployment // the new state, for DeploymentPut
-	Secret     string            // the new token, for AdminTokenSet and JoinTokenSet: never log it
+	Created bool
+	// CredentialsChanged tells a DevicePut that replaced the device's
+	// keys or changed its status: sessions opened with what it had before
+	// must be checked again.
+	CredentialsChanged bool
+	Device             *fleet.Device     // the new state, for DevicePut
+	Deployment         *fleet.Deployment // the new state, for DeploymentPut
+	Secret             string            // the new token, for AdminTokenSet and JoinTokenSet: never log it
 }
 
 // Observer follows the state machine. Both methods run on raft's apply
@@ -584,7 +588,8 @@ func (w *writer) putDevice(index uint64, c *PutDevice) *Result {
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
 	putJSON(b, d.ID, d)
-	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: &d})
+	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: &d,
+		CredentialsChanged: old != nil && old.Status != d.Status})
 	return &Result{Index: index, Created: created, Device: &d}
 }
 
@@ -604,16 +609,19 @@ func (w *writer) patchDevice(index uint64, c *PatchDevice) *Result {
 		d.Tags = map[string]any{}
 	}
 	MergePatch(d.Tags, c.Tags)
+	credentials := false
 	if c.Status != "" {
+		credentials = d.Status != c.Status
 		d.Status = c.Status
 	}
 	if c.KeyHashes != nil {
+		credentials = true
 		d.Authentication.KeyHashes = c.KeyHashes
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
 	putJSON(b, d.ID, d)
-	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: d})
+	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: d, CredentialsChanged: credentials})
 	return &Result{Index: index, Device: d}
 }
 
