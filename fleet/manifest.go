@@ -11,6 +11,8 @@ import (
 	"strings"
 	"unicode"
 	"unicode/utf8"
+
+	"appliance/routing"
 )
 
 // Module types. ModuleTypeDocker is Azure's; ModuleTypeProcess is our
@@ -88,7 +90,8 @@ const (
 // numbered 01, 02, ... without gaps, or mixing the spellings createOptions
 // and createoptions; a module twin entry holding anything but
 // properties.desired, or named neither $edgeAgent, $edgeHub nor a valid
-// module name; a route on several lines. It does not impose Azure's size
+// module name; a route on several lines, or one that does not compile
+// (routing.Parse: the message names the column). It does not impose Azure's size
 // limits (512 bytes per twin value, 8 createOptions chunks).
 //
 // The first violation is returned as a *ValidationError whose Field is the
@@ -1125,6 +1128,9 @@ func routeText(n *jnode, field string) error {
 	}
 	if strings.ContainsAny(n.s, "\r\n") {
 		return Invalid(field, "must be on one line")
+	}
+	if _, err := routing.Parse(n.s); err != nil {
+		return Invalid(field, "%v", err)
 	}
 	return nil
 }

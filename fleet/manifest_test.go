@@ -174,6 +174,8 @@ func TestValidateContent_MalformedFixture(t *testing.T) {
 		{f + "runtime", "is required", edit{a + "runtime", map[string]any{"type": "docker", "settings": map[string]any{}}}},
 		{f + "systemModules.edgeAgent.settings.image", "must not be empty", edit{a + "systemModules/edgeAgent/settings/image", "mcr.microsoft.com/azureiotedge-agent:1.5"}},
 		{f + "systemModules.edgeHub.settings.image", "must not be empty", edit{a + "systemModules/edgeHub/settings/image", "mcr.microsoft.com/azureiotedge-hub:1.5"}},
+		// The route is not IoT Edge's syntax either: its source is not a path.
+		{"content.modulesContent.$edgeHub.properties.desired.routes.route1", "column 6: expected a source path", edit{"modulesContent/$edgeHub/properties.desired/routes/route1", `FROM /messages/* WHERE $connectionModuleId = "adapterglobalconfig" INTO BrokeredEndpoint("/modules/alertLogic/inputs/in")`}},
 	}
 	for _, s := range steps {
 		assertField(t, ValidateContent(content, false), s.field, s.msg)

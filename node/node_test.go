@@ -308,6 +308,7 @@ func TestAPI_DeploymentLifecycle(t *testing.T) {
 		{"uppercase id", "X3", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "*"}, "id"},
 		{"no content", "x4", api.DeploymentRequest{TargetCondition: "*"}, "content"},
 		{"bad restart policy", "x5", api.DeploymentRequest{Content: json.RawMessage(strings.Replace(manifest, `"restartPolicy":"always","settings":{"image":"temp:1"}`, `"restartPolicy":"sometimes","settings":{"image":"temp:1"}`, 1)), TargetCondition: "*"}, "content.modulesContent.$edgeAgent.properties.desired.modules.temp.restartPolicy"},
+		{"bad route", "x6", api.DeploymentRequest{Content: json.RawMessage(strings.Replace(manifest, `"FROM /messages/* INTO $upstream"`, `"FROM garbage INTO nowhere blah"`, 1)), TargetCondition: "*"}, "content.modulesContent.$edgeHub.properties.desired.routes.r"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := c.PutDeployment(ctx, tc.id, tc.req, api.WriteOptions{})
@@ -316,6 +317,10 @@ func TestAPI_DeploymentLifecycle(t *testing.T) {
 				t.Fatalf("err %v, want 400 naming %s", err, tc.field)
 			}
 		})
+	}
+	badRoute := strings.Replace(manifest, `"FROM /messages/* INTO $upstream"`, `"FROM /messages/* WHERE temperature > 30 INTO $upstream"`, 1)
+	if _, err := c.PutDeployment(ctx, "x7", api.DeploymentRequest{Content: json.RawMessage(badRoute), TargetCondition: "*"}, api.WriteOptions{}); err == nil || !strings.Contains(err.Error(), "routes.r: column 36: invalid operands to operator '>'") {
+		t.Fatalf("bad route condition error does not name the route and column: %v", err)
 	}
 	if tc := "tags.a = "; true {
 		_, err := c.PutDeployment(ctx, "x1", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: tc}, api.WriteOptions{})
