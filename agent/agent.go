@@ -327,6 +327,7 @@ func (a *Agent) buildReport() {
 		return // nothing to say before the first desired document
 	}
 	doc := &fleet.ReportedDocument{
+		SchemaVersion:      fleet.DocumentSchema,
 		LastDesiredVersion: a.last.Version,
 		Version:            a.cfg.Version,
 		Runtime:            fleet.ReportedRuntime{Platform: fleet.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}},

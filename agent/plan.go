@@ -157,7 +157,16 @@ func describeJSONError(data []byte, err error) string {
 // buildPlan validates a desired document and turns it into a plan. An
 // empty deployment id or empty content is the explicit empty desired
 // state. Errors are *desiredError naming the field.
+//
+// The document itself may be of a newer schema than this agent's
+// (fleet.DocumentSchema): fields it does not know are ignored, so a
+// controller one release ahead still drives it. Only a new major, which
+// would mean a change it cannot follow, is refused (412).
 func buildPlan(doc fleet.DesiredDocument) (*plan, error) {
+	if major := fleet.SchemaMajor(doc.SchemaVersion); major != fleet.SchemaMajor(fleet.DocumentSchema) {
+		return nil, &desiredError{code: fleet.StatusCodeInvalidSchema,
+			msg: fmt.Sprintf("desired document: schemaVersion %q is not supported: this agent reads %d.x; upgrade the agent", doc.SchemaVersion, fleet.SchemaMajor(fleet.DocumentSchema))}
+	}
 	p := &plan{version: doc.Version, deploymentID: doc.DeploymentID, modules: map[string]*moduleSpec{}}
 	content := bytes.TrimSpace(doc.ModulesContent)
 	if doc.DeploymentID == "" || len(content) == 0 || bytes.Equal(content, []byte("null")) || bytes.Equal(content, []byte("{}")) {

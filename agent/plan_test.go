@@ -97,6 +97,44 @@ func TestBuildPlan_Refusals(t *testing.T) {
 	}
 }
 
+// TestParseDesired_AdjacentVersions: a desired document from a
+// controller one release ahead or behind is read as far as it is
+// understood: fields this agent does not know are ignored, a newer minor
+// schema and no schema at all (the release before schemaVersion) are
+// accepted; only another major is refused, with 412.
+func TestParseDesired_AdjacentVersions(t *testing.T) {
+	content := string(manifest(map[string]mod{"m": processModule("/tmp", nil)}))
+	for _, tc := range []struct {
+		name    string
+		payload string
+		code    int // 0: accepted
+	}{
+		{"this release", `{"schemaVersion":"` + fleet.DocumentSchema + `","version":5,"deploymentId":"d","modulesContent":` + content + `}`, 0},
+		{"the previous release: no schemaVersion", `{"version":5,"deploymentId":"d","modulesContent":` + content + `}`, 0},
+		{"a newer minor with fields this agent does not know", `{"schemaVersion":"1.9","version":5,"deploymentId":"d","rollout":{"wave":3},"hub":null,"modulesContent":` + content + `}`, 0},
+		{"another major", `{"schemaVersion":"2.0","version":5,"deploymentId":"d","modulesContent":` + content + `}`, fleet.StatusCodeInvalidSchema},
+		{"a schema that is not a version", `{"schemaVersion":"next","version":5,"deploymentId":"d","modulesContent":` + content + `}`, fleet.StatusCodeInvalidSchema},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			doc, err := parseDesired([]byte(tc.payload))
+			if err != nil {
+				t.Fatalf("parseDesired: %v", err)
+			}
+			p, err := buildPlan(doc)
+			if tc.code == 0 {
+				if err != nil || p.modules["m"] == nil || p.version != 5 {
+					t.Fatalf("buildPlan: %+v, %v; want module m at version 5", p, err)
+				}
+				return
+			}
+			de, ok := err.(*desiredError)
+			if !ok || de.code != tc.code || !strings.Contains(de.msg, "schemaVersion") {
+				t.Fatalf("buildPlan: %v; want %d naming schemaVersion", err, tc.code)
+			}
+		})
+	}
+}
+
 func TestParseDesired_BadJSON(t *testing.T) {
 	for _, payload := range []string{`{"version": 1, "modulesContent": {`, `not json`, `{"version": "seven"}`, `{"version":1} {"version":2}`} {
 		_, err := parseDesired([]byte(payload))

@@ -22,6 +22,12 @@ import (
 // leader, shutting down); it maps to 503.
 var ErrUnavailable = errors.New("unavailable")
 
+// ErrUpgradeRequired is returned by a Backend for a write that needs a
+// command some member of the cluster cannot apply yet (it runs an older
+// release); it maps to 503 with the code upgrade_required: the feature
+// works once every member is upgraded.
+var ErrUpgradeRequired = errors.New("upgrade required")
+
 // Backend is what the API needs from a controller node.
 type Backend interface {
 	PutDevice(ctx context.Context, id string, req DeviceRequest, opts WriteOptions) (dev fleet.Device, created bool, err error)
@@ -650,6 +656,8 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		code, word = http.StatusConflict, "conflict"
 	case errors.Is(err, fleet.ErrPreconditionFailed):
 		code, word = http.StatusPreconditionFailed, "precondition_failed"
+	case errors.Is(err, ErrUpgradeRequired):
+		code, word = http.StatusServiceUnavailable, "upgrade_required"
 	case errors.Is(err, ErrUnavailable):
 		code, word = http.StatusServiceUnavailable, "unavailable"
 	}

@@ -270,7 +270,37 @@ type ClusterMember struct {
 	Address string `json:"address"`
 	Voter   bool   `json:"voter"`
 	Leader  bool   `json:"leader"`
+	// Status is MemberUp, or MemberDown: it did not answer the node that
+	// lists the members, or the leader's heartbeats to it fail.
+	Status string `json:"status,omitempty"`
+	// State is its raft state (Leader, Follower, Candidate) as it
+	// answered; empty when it did not.
+	State string `json:"state,omitempty"`
+	// LastContactSeconds is how long ago it and the leader last heard from
+	// each other: what a follower that answered says, else the leader's
+	// record of its heartbeats, else when it last answered this node;
+	// absent for the leader itself and when nothing is known.
+	LastContactSeconds *float64 `json:"lastContactSeconds,omitempty"`
+	// Version, Commit and Commands say what it runs and can apply (for a
+	// member that is down, Version is what it ran when it last answered).
+	// Legacy marks a node of the release before nodes said so: Version is
+	// then that release's commit and Commands its command types.
+	Version  string `json:"version,omitempty"`
+	Commit   string `json:"commit,omitempty"`
+	Legacy   bool   `json:"legacy,omitempty"`
+	Commands []int  `json:"commands,omitempty"`
+	// DocumentSchema is the schema of the desired and reported documents
+	// it writes.
+	DocumentSchema string `json:"documentSchema,omitempty"`
+	// Error is why it is down.
+	Error string `json:"error,omitempty"`
 }
+
+// ClusterMember statuses.
+const (
+	MemberUp   = "up"
+	MemberDown = "down"
+)
 
 // ClusterView is the cluster as one node sees it.
 type ClusterView struct {

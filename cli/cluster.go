@@ -38,29 +38,73 @@ func (a *app) clusterMembers() *cobra.Command {
 			if a.output == "json" {
 				return a.printJSON(v)
 			}
-			rows := [][]string{{"ID", "ADDRESS", "ROLE", "VOTER"}}
+			rows := [][]string{{"ID", "ADDRESS", "ROLE", "VOTER", "STATUS", "LAST CONTACT", "VERSION"}}
+			versions := map[string]bool{}
 			for _, m := range v.Members {
-				role := "follower"
-				if m.Leader {
-					role = "leader"
+				id := m.ID
+				if m.ID == v.Self {
+					id += " (answered)"
 				}
 				voter := "yes"
 				if !m.Voter {
 					voter = "no"
 				}
-				id := m.ID
-				if m.ID == v.Self {
-					id += " (answered)"
+				version := m.Version
+				switch {
+				case m.Legacy:
+					version += " (or older)"
+				case version == "":
+					version = "?"
 				}
-				rows = append(rows, []string{id, m.Address, role, voter})
+				if m.Version != "" {
+					versions[version] = true
+				}
+				rows = append(rows, []string{id, m.Address, memberRole(m), voter, orDash(m.Status), lastContact(m.LastContactSeconds), version})
 			}
 			a.table(rows)
 			if v.Leader == "" {
 				fmt.Fprintln(a.stderr, "no leader is known to "+v.Self+": the cluster has no quorum, or is electing one")
 			}
+			for _, m := range v.Members {
+				if m.Status == api.MemberDown {
+					fmt.Fprintf(a.stderr, "%s is down: %s\n", m.ID, m.Error)
+				}
+			}
+			if len(versions) > 1 {
+				fmt.Fprintln(a.stderr, "the members run different versions (an upgrade in progress?): features that need a newer release stay off until every member runs it")
+			}
 			return nil
 		},
 	}
+}
+
+// memberRole is a member's raft role as it answered; a member that is
+// down has none that anyone can vouch for.
+func memberRole(m api.ClusterMember) string {
+	switch {
+	case m.Status == api.MemberDown:
+		return "-"
+	case m.Leader:
+		return "leader"
+	case m.State != "":
+		return strings.ToLower(m.State)
+	}
+	return "follower"
+}
+
+// lastContact formats seconds for the table: "35ms", "12.4s", "3m20s".
+func lastContact(s *float64) string {
+	if s == nil {
+		return "-"
+	}
+	d := time.Duration(*s * float64(time.Second))
+	switch {
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	}
+	return d.Round(time.Second).String()
 }
 
 func (a *app) clusterRemove() *cobra.Command {

@@ -73,9 +73,18 @@ func (a *app) serveCommand() *cobra.Command {
 				a.version, n.ID(), n.URL(), n.MQTTURL(), filepath.Join(dataDir, node.TokenFile), filepath.Join(dataDir, node.TLSDir, "ca.crt"))
 			fmt.Fprintf(a.stderr, "add a node to this cluster with: appliance serve --join https://%s --join-token \"$(cat %s)\"\n",
 				n.RaftAddr(), filepath.Join(dataDir, node.JoinTokenFile))
-			<-cmd.Context().Done()
-			fmt.Fprintln(a.stderr, "shutting down (press Ctrl-C again to exit at once)")
-			return n.Stop()
+			select {
+			case <-cmd.Context().Done():
+				fmt.Fprintln(a.stderr, "shutting down (press Ctrl-C again to exit at once)")
+				return n.Stop()
+			case <-n.Failed():
+				// The node cannot go on (its log holds what this build
+				// cannot apply): stop it and exit non-zero with why.
+				if err := n.Stop(); err != nil {
+					logger.Error("stop after failure", "err", err)
+				}
+				return n.Err()
+			}
 		},
 	}
 	f := cmd.Flags()

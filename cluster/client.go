@@ -109,6 +109,29 @@ func (c *Client) ReadIndex(ctx context.Context, addr string) (uint64, error) {
 	return out.Index, nil
 }
 
+// NodeInfo asks the node at addr what it runs and can apply. A node that
+// answers 404 serves no info RPC (it runs raftstore.LegacyRelease): the
+// error wraps raftstore.ErrNoNodeInfo. Any other failure means the node
+// did not say.
+func (c *Client) NodeInfo(ctx context.Context, addr string) (raftstore.NodeInfo, error) {
+	resp, _, err := c.do(ctx, http.MethodGet, addr, InfoPath, nil)
+	if err != nil {
+		return raftstore.NodeInfo{}, fmt.Errorf("ask %s what it runs: %w", addr, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusNotFound {
+		return raftstore.NodeInfo{}, fmt.Errorf("ask %s what it runs: HTTP 404: %w", addr, raftstore.ErrNoNodeInfo)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return raftstore.NodeInfo{}, decodeRPCError("ask "+addr+" what it runs", resp)
+	}
+	var info raftstore.NodeInfo
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&info); err != nil {
+		return raftstore.NodeInfo{}, fmt.Errorf("ask %s what it runs: %w", addr, err)
+	}
+	return info, nil
+}
+
 // GetJSON reads a node-only route of the peer at addr into out.
 func (c *Client) GetJSON(ctx context.Context, addr, path string, out any) error {
 	resp, _, err := c.do(ctx, http.MethodGet, addr, path, nil)

@@ -157,6 +157,10 @@ func startNode(t testing.TB, b *pki.Bundle, secrets cluster.Secrets, bootstrap b
 			n.forwards.Add(1)
 			return n.client.Apply(ctx, leaderAddr, entry)
 		},
+		Version: "test-" + b.NodeID,
+		PeerInfo: func(ctx context.Context, _, addr string) (raftstore.NodeInfo, error) {
+			return n.client.NodeInfo(ctx, addr)
+		},
 	})
 	if err != nil {
 		mux.Close()

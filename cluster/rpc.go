@@ -24,6 +24,8 @@ type Store interface {
 	AddVoter(ctx context.Context, nodeID, addr string) error
 	RemoveServer(ctx context.Context, nodeID string) error
 	Leader() (addr, id string)
+	// Info is what this node runs and can apply (the info RPC).
+	Info() raftstore.NodeInfo
 }
 
 // Secrets are what a node hands a joiner that proved it knows the join
@@ -106,6 +108,7 @@ func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server
 	mux.HandleFunc("DELETE /cluster/v1/members/{id}", s.nodeOnly(s.removeMember))
 	mux.HandleFunc("POST /cluster/v1/apply", s.nodeOnly(s.apply))
 	mux.HandleFunc("POST /cluster/v1/read-index", s.nodeOnly(s.readIndex))
+	mux.HandleFunc("GET "+InfoPath, s.nodeOnly(s.info))
 	s.srv = &http.Server{
 		Handler: mux, ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
@@ -252,6 +255,15 @@ func (s *Server) readIndex(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, readIndexResponse{Index: idx})
 }
 
+// InfoPath is the info RPC: what the node runs and can apply
+// (raftstore.NodeInfo). A node of raftstore.LegacyRelease, which predates
+// it, answers 404.
+const InfoPath = "/cluster/v1/info"
+
+func (s *Server) info(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.store.Info())
+}
+
 func (s *Server) writeStoreError(w http.ResponseWriter, err error) {
 	leader, _ := s.store.Leader()
 	e := rpcError{Error: err.Error(), Leader: leader, StoreCode: raftstore.ErrorCode(err)}
@@ -259,6 +271,8 @@ func (s *Server) writeStoreError(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, raftstore.ErrNotLeader):
 		status, e.Code = http.StatusMisdirectedRequest, codeNotLeader
+	case errors.Is(err, raftstore.ErrClusterBehind):
+		status, e.Code = http.StatusConflict, codeRejected
 	case errors.Is(err, fleet.ErrNotFound), errors.Is(err, fleet.ErrInvalid), errors.Is(err, fleet.ErrExists),
 		errors.Is(err, fleet.ErrPreconditionFailed), errors.Is(err, fleet.ErrImmutable):
 		status, e.Code = http.StatusBadRequest, codeRejected

@@ -28,7 +28,13 @@ type agentProc struct {
 
 func startAgent(t *testing.T, args ...string) *agentProc {
 	t.Helper()
-	cmd := exec.Command(binary, append([]string{"agent", "--runtime", "process", "--restart-cool-off", "300ms"}, args...)...)
+	return startAgentOf(t, binary, args...)
+}
+
+// startAgentOf is startAgent with the binary bin (another release).
+func startAgentOf(t *testing.T, bin string, args ...string) *agentProc {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"agent", "--runtime", "process", "--restart-cool-off", "300ms"}, args...)...)
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {

@@ -164,6 +164,38 @@ func TestCluster_JoinMembersAndWritesOnAnyNode(t *testing.T) {
 	if _, err := follower.client().PutDevice(ctx, "written-on-n1", api.DeviceRequest{}, api.WriteOptions{IfNoneMatch: "*"}); !isErr(err, fleet.ErrExists) {
 		t.Errorf("create of an existing device through follower %s: %v, want a conflict", follower.id, err)
 	}
+
+	// Every member says what it runs; a dead one is listed as down (it
+	// used to be listed as a plain follower), on the leader and on the
+	// other follower alike.
+	for _, m := range members(t, nodes[0].server).Members {
+		if m.Status != api.MemberUp || m.Version == "" || m.Legacy || len(m.Commands) == 0 {
+			t.Errorf("member %+v: want up, with its version and commands", m)
+		}
+	}
+	follower.kill()
+	for _, n := range nodes {
+		if n == follower {
+			continue
+		}
+		eventually(t, n.id+" lists "+follower.id+" as down", 10*time.Second, func() bool {
+			for _, m := range members(t, n.server).Members {
+				if m.ID == follower.id {
+					return m.Status == api.MemberDown && m.State == "" && m.Error != ""
+				}
+			}
+			return false
+		})
+		r := cli(t, n.dataDir, "cluster", "members").mustSucceed(t)
+		for _, line := range strings.Split(r.stdout, "\n") {
+			if f := strings.Fields(line); len(f) > 0 && f[0] == follower.id && (!strings.Contains(line, "down") || strings.Contains(line, "follower")) {
+				t.Errorf("the table on %s lists the dead %s as %q", n.id, follower.id, line)
+			}
+		}
+		if !strings.Contains(r.stderr, follower.id+" is down") {
+			t.Errorf("the table on %s does not say %s is down: %s", n.id, follower.id, r.stderr)
+		}
+	}
 }
 
 func isErr(err, target error) bool {

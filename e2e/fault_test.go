@@ -77,42 +77,7 @@ func TestCluster_FaultInjection(t *testing.T) {
 	leader := c.waitLeader(t, "")
 	t.Logf("cluster up, leader %s", leader)
 
-	// The registers: devices that exist before the history starts, with
-	// tag v = 0, the model's initial state.
-	ctx := context.Background()
-	for k := range faultKeys {
-		id := faultKey(k)
-		eventually(t, "create "+id, 30*time.Second, func() bool {
-			_, err := c.client(0).PutDevice(ctx, id, api.DeviceRequest{Tags: map[string]any{"group": "fault", "v": 0}}, api.WriteOptions{})
-			return err == nil
-		})
-	}
-
-	h := newFaultHistory()
-	// A test stopped by a fault the cluster did not survive still says
-	// what happened up to then (after the clients have stopped: cleanups
-	// run last registered first).
-	t.Cleanup(func() {
-		h.mu.Lock()
-		done := h.summarized
-		h.mu.Unlock()
-		if !done {
-			h.logSummary(t, c.net.stats())
-		}
-	})
-	load, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	var seq atomic.Int64
-	for i := range faultClients {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			h.runClient(load, i, c, &seq)
-		}()
-	}
-	// If the test ends early (a Fatal), the clients stop before the nodes
-	// are killed.
-	t.Cleanup(func() { stop(); wg.Wait() })
+	h, stop := c.startLoad(t)
 
 	// The faults, one after the other, with load between them.
 	time.Sleep(faultSettle)
@@ -147,7 +112,56 @@ func TestCluster_FaultInjection(t *testing.T) {
 
 	time.Sleep(faultSettle)
 	stop()
-	wg.Wait()
+	c.checkHistory(t, h)
+}
+
+// startLoad creates the registers (devices that exist before the history
+// starts, with tag v = 0, the model's initial state) and starts the
+// clients on random nodes. stop stops them and waits; it also runs when
+// the test ends early (before the nodes are killed).
+func (c *faultCluster) startLoad(t *testing.T) (h *faultHistory, stop func()) {
+	t.Helper()
+	ctx := context.Background()
+	for k := range faultKeys {
+		id := faultKey(k)
+		eventually(t, "create "+id, 30*time.Second, func() bool {
+			_, err := c.client(0).PutDevice(ctx, id, api.DeviceRequest{Tags: map[string]any{"group": "fault", "v": 0}}, api.WriteOptions{})
+			return err == nil
+		})
+	}
+	h = newFaultHistory()
+	// A test stopped by a fault the cluster did not survive still says
+	// what happened up to then (after the clients have stopped: cleanups
+	// run last registered first).
+	t.Cleanup(func() {
+		h.mu.Lock()
+		done := h.summarized
+		h.mu.Unlock()
+		if !done {
+			h.logSummary(t, c.net.stats())
+		}
+	})
+	load, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var seq atomic.Int64
+	for i := range faultClients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.runClient(load, i, c, &seq)
+		}()
+	}
+	stop = func() { cancel(); wg.Wait() }
+	t.Cleanup(stop)
+	return h, stop
+}
+
+// checkHistory, once the clients have stopped, checks what they saw and
+// every node's state: no answer a node must not give, every node's state
+// the same, every acknowledged deployment there, and the register history
+// linearizable.
+func (c *faultCluster) checkHistory(t *testing.T, h *faultHistory) {
+	t.Helper()
 	h.fault("clients stopped")
 	h.logSummary(t, c.net.stats())
 
@@ -173,7 +187,9 @@ type faultNode struct {
 	// args are its serve flags, the same at every start: a restart keeps
 	// the data directory and every address.
 	args []string
-	srv  *server
+	// bin is the binary it runs.
+	bin string
+	srv *server
 }
 
 // faultCluster is three nodes behind a faultNet.
@@ -194,6 +210,13 @@ type faultCluster struct {
 // more serve flags for every node.
 func startFaultCluster(t *testing.T, extra ...string) *faultCluster {
 	t.Helper()
+	return startFaultClusterOf(t, binary, extra...)
+}
+
+// startFaultClusterOf is startFaultCluster with every node running the
+// binary bin (another release; restart keeps it, upgrade replaces it).
+func startFaultClusterOf(t *testing.T, bin string, extra ...string) *faultCluster {
+	t.Helper()
 	// Every port is held until the proxies have bound theirs, so that no
 	// two of them (nor a proxy and a node) get the same one.
 	var ports portReservation
@@ -208,14 +231,14 @@ func startFaultCluster(t *testing.T, extra ...string) *faultCluster {
 	c := &faultCluster{net: newFaultNet(t, specs)}
 	ports.release()
 	for i, s := range specs {
-		n := &faultNode{id: s.id, dataDir: t.TempDir()}
+		n := &faultNode{id: s.id, dataDir: t.TempDir(), bin: bin}
 		n.args = []string{"--node-id", s.id, "--raft-addr", s.target, "--raft-advertise", c.net.addr(s.id),
 			"--http-addr", apiAddrs[i], "--mqtt-addr", mqttAddrs[i]}
 		n.args = append(n.args, extra...)
 		if i > 0 {
 			n.args = append(n.args, "--join", "https://"+c.net.addr("n1"), "--join-token", joinToken(t, c.nodes[0].dataDir))
 		}
-		n.srv = startServer(t, n.dataDir, n.args...)
+		n.srv = startServerOf(t, n.bin, n.dataDir, n.args...)
 		if i == 0 {
 			c.http = apiHTTPClient(t, n.dataDir)
 		}
@@ -291,7 +314,7 @@ func (c *faultCluster) kill(id string) {
 func (c *faultCluster) restart(t *testing.T, id string) {
 	t.Helper()
 	i, n := c.node(id)
-	n.srv = startServer(t, n.dataDir, n.args...)
+	n.srv = startServerOf(t, n.bin, n.dataDir, n.args...)
 	c.mu.Lock()
 	c.clients[i] = c.newClient(n.srv)
 	c.mu.Unlock()

@@ -106,7 +106,13 @@ func (s *server) watch() {
 // loopback ports, and waits until it has a leader.
 func startServer(t *testing.T, dataDir string, extra ...string) *server {
 	t.Helper()
-	s := launchServer(t, dataDir, extra...)
+	return startServerOf(t, binary, dataDir, extra...)
+}
+
+// startServerOf is startServer with the binary bin (another release).
+func startServerOf(t *testing.T, bin, dataDir string, extra ...string) *server {
+	t.Helper()
+	s := launchServerOf(t, bin, dataDir, extra...)
 	s.waitReady()
 	return s
 }
@@ -116,10 +122,16 @@ func startServer(t *testing.T, dataDir string, extra ...string) *server {
 // until enough of its peers are back.
 func launchServer(t *testing.T, dataDir string, extra ...string) *server {
 	t.Helper()
+	return launchServerOf(t, binary, dataDir, extra...)
+}
+
+// launchServerOf is launchServer with the binary bin.
+func launchServerOf(t *testing.T, bin, dataDir string, extra ...string) *server {
+	t.Helper()
 	os.Remove(filepath.Join(dataDir, "http-url"))
 	args := append([]string{"serve", "--data-dir", dataDir, "--node-id", "n1",
 		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"}, extra...)
-	cmd := exec.Command(binary, args...)
+	cmd := exec.Command(bin, args...)
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {

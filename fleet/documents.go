@@ -2,12 +2,26 @@ package fleet
 
 import (
 	"encoding/json"
+	"strconv"
+	"strings"
 	"time"
 )
+
+// DocumentSchema is the schema version of the desired and reported
+// documents this build writes, "major.minor". Readers ignore fields they
+// do not know, so a document of a newer minor (fields added) is read as
+// far as it is understood: agents and controllers of adjacent releases
+// work together. A new major would mean a change an older reader cannot
+// follow: an agent refuses a desired document of a major it does not know
+// (StatusCodeInvalidSchema). A document without schemaVersion is "1.0",
+// the first (releases up to commit db9fcc5 wrote none).
+const DocumentSchema = "1.1"
 
 // DesiredDocument is what the controller sends a device on its desired
 // topic: the modules content of the deployment that applies to it.
 type DesiredDocument struct {
+	// SchemaVersion is the document's schema (DocumentSchema when written).
+	SchemaVersion string `json:"schemaVersion,omitempty"`
 	// Version only grows for a device: it is the raft index of the change
 	// that gave the device this document (or, after a controller restart,
 	// the index the controller had then). An agent ignores a document whose
@@ -45,6 +59,8 @@ const (
 // ReportedDocument is what a device's agent publishes on its reported
 // topic, modelled on edgeAgent's reported properties.
 type ReportedDocument struct {
+	// SchemaVersion is the document's schema (DocumentSchema when written).
+	SchemaVersion      string                  `json:"schemaVersion,omitempty"`
 	LastDesiredVersion uint64                  `json:"lastDesiredVersion"`
 	LastDesiredStatus  DesiredStatus           `json:"lastDesiredStatus"`
 	DeviceHealth       string                  `json:"deviceHealth,omitempty"` // healthy or unhealthy
@@ -89,4 +105,18 @@ type ModuleStatus struct {
 // ModuleSettings echoes what the module runs.
 type ModuleSettings struct {
 	Image string `json:"image,omitempty"`
+}
+
+// SchemaMajor is the major part of a schemaVersion: 1 for "", "1", "1.0",
+// "1.7"; 0 for one that does not start with a number.
+func SchemaMajor(v string) int {
+	if v == "" {
+		return 1
+	}
+	major, _, _ := strings.Cut(v, ".")
+	n, err := strconv.Atoi(major)
+	if err != nil || n < 0 {
+		return 0
+	}
+	return n
 }

@@ -34,6 +34,9 @@ func (b *backend) apply(ctx context.Context, cmd raftstore.Command) (*raftstore.
 	if err != nil && (errors.Is(err, raftstore.ErrNotLeader) || errors.Is(err, raftstore.ErrClosed)) {
 		return nil, b.unavailable(err)
 	}
+	if err != nil && errors.Is(err, raftstore.ErrClusterBehind) {
+		return nil, fmt.Errorf("%w: %w", api.ErrUpgradeRequired, err)
+	}
 	if err != nil && errors.Is(err, raftstore.ErrUnknownOutcome) {
 		return nil, fmt.Errorf("%w: the write may or may not have been applied (leadership changed or the leader could not be reached while it was in flight); read it back before retrying: %v",
 			api.ErrUnavailable, err)

@@ -16,9 +16,11 @@ import (
 	"appliance/raftstore"
 )
 
-// Cluster lists the raft members as this node sees them.
+// Cluster lists the raft members as this node sees them, each with what
+// it runs and whether it is reachable: every member is asked (in
+// parallel, about a second at most for one that is down).
 func (b *backend) Cluster(ctx context.Context) (api.ClusterView, error) {
-	members, err := b.store.Members(ctx)
+	statuses, err := b.store.MemberStatuses(ctx)
 	if err != nil {
 		return api.ClusterView{}, b.unavailable(err)
 	}
@@ -30,10 +32,48 @@ func (b *backend) Cluster(ctx context.Context) (api.ClusterView, error) {
 	if t, err := strconv.ParseUint(b.store.Stats()["term"], 10, 64); err == nil {
 		v.Term = t
 	}
-	for _, m := range members {
-		v.Members = append(v.Members, api.ClusterMember{ID: m.ID, Address: m.Address, Voter: m.Voter, Leader: m.ID == leader})
+	self := b.node().info()
+	for _, st := range statuses {
+		v.Members = append(v.Members, clusterMember(st, leader, self))
 	}
 	return v, nil
+}
+
+// clusterMember is one member's row: up when it answered and the
+// leader's heartbeats to it do not fail, down otherwise.
+func clusterMember(st raftstore.MemberStatus, leader string, self raftstore.NodeInfo) api.ClusterMember {
+	m := api.ClusterMember{ID: st.ID, Address: st.Address, Voter: st.Voter, Leader: st.ID == leader, Status: api.MemberUp}
+	info := st.Info
+	if st.ID == self.ID {
+		info = self
+	}
+	seconds := func(ms int64) *float64 { s := float64(ms) / 1000; return &s }
+	switch {
+	case !st.Answered:
+		m.Status = api.MemberDown
+		m.Error = fmt.Sprintf("did not answer %s: %v", self.ID, st.Err)
+		if st.Heartbeat != nil && st.Heartbeat.Failing && st.Heartbeat.SinceMs >= 0 {
+			m.LastContactSeconds = seconds(st.Heartbeat.SinceMs)
+		} else if !st.LastAnswer.IsZero() {
+			m.LastContactSeconds = seconds(time.Since(st.LastAnswer).Milliseconds())
+		}
+		// What it ran when it last answered.
+		m.Version, m.Commit, m.Legacy = info.Version, info.Commit, info.Legacy
+		return m
+	case st.Heartbeat != nil && st.Heartbeat.Failing:
+		m.Status = api.MemberDown
+		m.Error = "the leader's heartbeats to it fail (cut off from the leader)"
+		if st.Heartbeat.SinceMs >= 0 {
+			m.LastContactSeconds = seconds(st.Heartbeat.SinceMs)
+		}
+	case info.State != "Leader" && info.LastContactMs >= 0:
+		m.LastContactSeconds = seconds(info.LastContactMs)
+	}
+	m.State, m.Version, m.Commit, m.Legacy, m.DocumentSchema = info.State, info.Version, info.Commit, info.Legacy, info.DocumentSchema
+	for _, c := range info.Commands {
+		m.Commands = append(m.Commands, int(c))
+	}
+	return m
 }
 
 // RotateAdminToken makes a new admin token and sets it on every node

@@ -8,10 +8,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"time"
 
 	"appliance/cluster"
+	"appliance/fleet"
 	"appliance/internal/fsutil"
 	"appliance/pki"
 	"appliance/raftstore"
@@ -279,6 +281,43 @@ func (c *clusterStore) RemoveServer(ctx context.Context, id string) error {
 	return c.store.RemoveServer(ctx, id)
 }
 func (c *clusterStore) Leader() (string, string) { return c.store.Leader() }
+func (c *clusterStore) Info() raftstore.NodeInfo { return (*Node)(c).info() }
+
+// info is what this node runs: its store's NodeInfo with the build's
+// commit and the documents' schema.
+func (n *Node) info() raftstore.NodeInfo {
+	info := n.store.Info()
+	info.Commit = buildCommit()
+	info.DocumentSchema = fleet.DocumentSchema
+	return info
+}
+
+// peerInfo asks a peer what it runs (raftstore's Config.PeerInfo).
+func (n *Node) peerInfo(ctx context.Context, _, addr string) (raftstore.NodeInfo, error) {
+	return n.peers.NodeInfo(ctx, addr)
+}
+
+// buildCommit is the VCS revision the binary was built from ("" when the
+// build did not record it), "-dirty" appended for a modified tree.
+func buildCommit() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return ""
+	}
+	var rev, modified string
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			modified = s.Value
+		}
+	}
+	if rev != "" && modified == "true" {
+		rev += "-dirty"
+	}
+	return rev
+}
 
 func (n *Node) clusterSecrets() cluster.Secrets {
 	return cluster.Secrets{Bundle: n.bundle, JoinToken: n.JoinToken(), AdminToken: n.Token()}

@@ -108,7 +108,7 @@ func (d *devices) Desired(deviceID string) ([]byte, error) {
 // desiredDocument reads the applied deployment's content (unredacted: it
 // goes only to this device) and wraps it with its version.
 func (n *Node) desiredDocument(deviceID, deploymentID string, version uint64) ([]byte, error) {
-	doc := fleet.DesiredDocument{Version: version, DeploymentID: deploymentID}
+	doc := fleet.DesiredDocument{SchemaVersion: fleet.DocumentSchema, Version: version, DeploymentID: deploymentID}
 	if deploymentID != "" {
 		err := n.store.View(func(r *raftstore.Reader) error {
 			dep, err := r.Deployment(deploymentID)

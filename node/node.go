@@ -142,6 +142,9 @@ type Node struct {
 	engineMu sync.RWMutex
 
 	stopOnce sync.Once
+	// failed is closed when the node must stop (Failed); failErr says why.
+	failed  chan struct{}
+	failErr atomic.Pointer[error]
 }
 
 // New checks the configuration and fills in defaults. Nothing is opened
@@ -178,7 +181,7 @@ func New(cfg Config) (*Node, error) {
 	if cfg.ShedDevicesAfter == 0 {
 		cfg.ShedDevicesAfter = DefaultShedDevicesAfter
 	}
-	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine()}
+	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine(), failed: make(chan struct{})}
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
 	n.metrics = newMetrics(n)
@@ -260,6 +263,8 @@ func (n *Node) Start(ctx context.Context) error {
 		ElectionTimeout:    n.cfg.RaftElectionTimeout,
 		LeaderLeaseTimeout: n.cfg.RaftLeaderLeaseTimeout,
 		Forward:            n.forward,
+		Version:            n.cfg.Version,
+		PeerInfo:           n.peerInfo,
 	})
 	if err != nil {
 		n.mux.Close()
@@ -267,6 +272,7 @@ func (n *Node) Start(ctx context.Context) error {
 		return err
 	}
 	n.store = store
+	go n.watchHalt()
 	n.rpc = cluster.NewServer((*clusterStore)(n), n.clusterSecrets, n.cfg.Logger)
 	n.rpc.HandleNode("GET "+connectionsPath, n.serveConnections)
 	go func() {
@@ -348,13 +354,43 @@ func (n *Node) Start(ctx context.Context) error {
 	return nil
 }
 
-// Run starts the node and serves until ctx ends, then shuts down.
+// Run starts the node and serves until ctx ends or the node fails (Failed),
+// then shuts down. A failure is returned.
 func (n *Node) Run(ctx context.Context) error {
 	if err := n.Start(ctx); err != nil {
 		return err
 	}
-	<-ctx.Done()
-	return n.Stop()
+	select {
+	case <-ctx.Done():
+		return n.Stop()
+	case <-n.failed:
+		return errors.Join(n.Err(), n.Stop())
+	}
+}
+
+// Failed is closed when the node can no longer serve and must stop: its
+// replica met a raft entry this build cannot apply (written by a newer
+// release), so it must be upgraded. Err says why. The caller stops the
+// node (Stop) and exits non-zero.
+func (n *Node) Failed() <-chan struct{} { return n.failed }
+
+// Err is why the node failed, nil while it has not.
+func (n *Node) Err() error {
+	if e := n.failErr.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// watchHalt turns the store's halt into the node's failure.
+func (n *Node) watchHalt() {
+	select {
+	case <-n.store.Halted():
+		err := fmt.Errorf("node %s stopped: %w", n.cfg.NodeID, n.store.HaltError())
+		n.failErr.Store(&err)
+		close(n.failed)
+	case <-n.stopCtx.Done():
+	}
 }
 
 // URL is the base URL of the operator API.

@@ -110,7 +110,7 @@ func TestDeviceProtocol(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev.subscribeDesired(t)
-	if doc := dev.nextDesired(t); doc.DeploymentID != "" || len(doc.ModulesContent) != 0 {
+	if doc := dev.nextDesired(t); doc.DeploymentID != "" || len(doc.ModulesContent) != 0 || doc.SchemaVersion != fleet.DocumentSchema {
 		t.Fatalf("a device with no deployment got %+v", doc)
 	}
 	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 5}, api.WriteOptions{}); err != nil {

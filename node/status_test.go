@@ -68,7 +68,9 @@ func TestDeploymentStatus(t *testing.T) {
 	old := time.Now().UTC().Add(-time.Hour)
 	fresh := time.Now().UTC()
 	reports := map[string]string{
-		"healthy":   fmt.Sprintf(`{"deploymentId":"prod","lastDesiredStatus":{"code":200},"modules":{"temp":{"runtimeStatus":"running","status":"running","lastStartTimeUtc":%q,"exitCode":0,"restartCount":0,"settings":{}}}}`, old.Format(time.RFC3339Nano)),
+		// From an agent a release ahead: a newer minor schema and fields
+		// this controller does not know, which it ignores.
+		"healthy":   fmt.Sprintf(`{"schemaVersion":"1.9","deploymentId":"prod","lastDesiredStatus":{"code":200},"hub":{"routes":3},"modules":{"temp":{"runtimeStatus":"running","status":"running","lastStartTimeUtc":%q,"exitCode":0,"restartCount":0,"settings":{},"twin":{"version":4}}}}`, old.Format(time.RFC3339Nano)),
 		"soaking":   fmt.Sprintf(`{"deploymentId":"prod","lastDesiredStatus":{"code":200},"modules":{"temp":{"runtimeStatus":"running","status":"running","lastStartTimeUtc":%q,"exitCode":0,"restartCount":0,"settings":{}}}}`, fresh.Format(time.RFC3339Nano)),
 		"failing":   `{"deploymentId":"prod","lastDesiredStatus":{"code":200},"modules":{"temp":{"runtimeStatus":"failed","status":"running","exitCode":3,"restartCount":2,"settings":{}}}}`,
 		"rejecting": `{"deploymentId":"prod","lastDesiredStatus":{"code":400,"description":"bad"},"modules":{}}`,

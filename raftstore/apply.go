@@ -28,10 +28,21 @@ import (
 // A forwarded write is acknowledged once the leader applied it; this
 // node's replica may lag a little: call WaitApplied(ctx, res.Index) to
 // read one's own write here.
+//
+// A command outside LegacyCommands is first checked against what every
+// member of the cluster can apply (checkCommand): when one runs an older
+// release, or does not answer, it is refused with an error wrapping
+// ErrClusterBehind and nothing is proposed. The leader checks again a
+// write forwarded to it.
 func (s *Store) Apply(ctx context.Context, cmd Command) (*Result, error) {
 	data, err := Encode(cmd)
 	if err != nil {
 		return nil, err
+	}
+	ctx, cancel := withDefaultTimeout(ctx, defaultApplyTimeout)
+	defer cancel()
+	if err := s.checkCommand(ctx, cmd.Type()); err != nil {
+		return nil, err // names the command
 	}
 	return s.apply(ctx, cmd.Type(), data)
 }
@@ -39,9 +50,10 @@ func (s *Store) Apply(ctx context.Context, cmd Command) (*Result, error) {
 // ApplyEncoded applies an entry forwarded by a follower's Apply (its
 // Config.Forward, through the cluster package). The entry must decode as a
 // command (otherwise an error wrapping fleet.ErrInvalid); the result and
-// errors are those of Apply, except that it never forwards: on a node that
-// is not the leader it returns ErrNotLeader, which tells the follower that
-// nothing was applied and it may retry elsewhere.
+// errors are those of Apply (the upgrade gate included), except that it
+// never forwards: on a node that is not the leader it returns ErrNotLeader,
+// which tells the follower that nothing was applied and it may retry
+// elsewhere.
 func (s *Store) ApplyEncoded(ctx context.Context, entry []byte) (*Result, error) {
 	cmd, err := Decode(entry)
 	if err != nil {
@@ -52,6 +64,9 @@ func (s *Store) ApplyEncoded(ctx context.Context, entry []byte) (*Result, error)
 	}
 	ctx, cancel := withDefaultTimeout(ctx, defaultApplyTimeout)
 	defer cancel()
+	if err := s.checkCommand(ctx, cmd.Type()); err != nil {
+		return nil, err
+	}
 	res, err := s.applyLocal(ctx, entry)
 	if res == nil && err != nil {
 		return nil, fmt.Errorf("apply forwarded %s: %w", cmd.Type(), err)

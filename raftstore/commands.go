@@ -2,6 +2,7 @@ package raftstore
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -207,13 +208,32 @@ func Encode(c Command) ([]byte, error) {
 	return append(buf, payload...), nil
 }
 
-// Decode is the inverse of Encode.
+// ErrUnknownCommand: a log entry's type byte is none this build knows.
+// Only a newer binary writes one; applying around it would let this node
+// diverge from its peers (see the state machine's halt).
+var ErrUnknownCommand = errors.New("unknown command type")
+
+// Decode is the inverse of Encode. An entry of a type this build does not
+// know gives an error wrapping ErrUnknownCommand.
 func Decode(entry []byte) (Command, error) {
 	if len(entry) == 0 {
 		return nil, fmt.Errorf("decode command: empty entry")
 	}
+	c := newCommand(CommandType(entry[0]))
+	if c == nil {
+		return nil, fmt.Errorf("decode command: %w %d (written by a newer release?)", ErrUnknownCommand, entry[0])
+	}
+	if err := json.Unmarshal(entry[1:], c); err != nil {
+		return nil, fmt.Errorf("decode %s: %w", CommandType(entry[0]), err)
+	}
+	return c, nil
+}
+
+// newCommand is the registry of what this build can apply: an empty
+// command of type t, nil for a type it does not know.
+func newCommand(t CommandType) Command {
 	var c Command
-	switch CommandType(entry[0]) {
+	switch t {
 	case CmdPutDevice:
 		c = &PutDevice{}
 	case CmdPatchDevice:
@@ -236,11 +256,39 @@ func Decode(entry []byte) (Command, error) {
 		c = &SetAdminToken{}
 	case CmdSetJoinToken:
 		c = &SetJoinToken{}
-	default:
-		return nil, fmt.Errorf("decode command: unknown type %d", entry[0])
 	}
-	if err := json.Unmarshal(entry[1:], c); err != nil {
-		return nil, fmt.Errorf("decode %s: %w", CommandType(entry[0]), err)
-	}
-	return c, nil
+	return c
 }
+
+// Commands lists the command types this build can apply, in ascending
+// order: what a node advertises to its peers (NodeInfo).
+func Commands() []CommandType {
+	var out []CommandType
+	for t := 1; t <= 255; t++ {
+		if newCommand(CommandType(t)) != nil {
+			out = append(out, CommandType(t))
+		}
+	}
+	return out
+}
+
+// LegacyCommands are the command types of the last release that did not
+// advertise its capabilities (LegacyRelease): 1-11. A peer that does not
+// serve its NodeInfo runs that release (or an older one) and can apply
+// these and no others. Every release applies them, so the leader proposes
+// them without asking anyone.
+func LegacyCommands() []CommandType {
+	out := make([]CommandType, 0, int(lastLegacyCommand))
+	for t := CmdPutDevice; t <= lastLegacyCommand; t++ {
+		out = append(out, t)
+	}
+	return out
+}
+
+// lastLegacyCommand is the highest command type of LegacyRelease.
+const lastLegacyCommand = CmdSetJoinToken
+
+// LegacyRelease is the commit of the last release without NodeInfo.
+const LegacyRelease = "db9fcc5"
+
+func isLegacyCommand(t CommandType) bool { return t >= CmdPutDevice && t <= lastLegacyCommand }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -111,6 +112,15 @@ type fsm struct {
 	applied     uint64
 	// closed: the store shut down, applied will not move again.
 	closed bool
+
+	// halted is set (once, on raft's apply goroutine) when an entry holds
+	// a command this build cannot apply: from then on nothing is applied
+	// and no snapshot is taken, so the state file stays exactly at the
+	// entry before it, and a newer build resumes there. onHalt is told.
+	halted atomic.Pointer[UnknownCommandError]
+	onHalt func(*UnknownCommandError)
+	// version is this build's, for the halt's message.
+	version string
 }
 
 var _ raft.BatchingFSM = (*fsm)(nil)
@@ -298,12 +308,23 @@ func (f *fsm) Apply(l *raft.Log) interface{} {
 // ApplyBatch applies committed entries in one bbolt transaction, together
 // with the new applied index. Entries at or below the stored applied index
 // were applied before a restart and are skipped, so replay is idempotent.
+//
+// An entry whose command type this build does not know (a newer release
+// wrote it) halts the state machine: the entries before it are committed,
+// it and everything after it are not, and the store shuts down (halt).
+// Skipping it instead would leave this node's state different from its
+// peers' for good.
 func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 	results := make([]interface{}, len(logs))
 	if len(logs) == 0 {
 		return results
 	}
+	if h := f.halted.Load(); h != nil {
+		return haltedResults(results, logs, 0, h)
+	}
 	var changes []Change
+	var halt *UnknownCommandError
+	applied := logs[len(logs)-1].Index
 	f.mu.RLock()
 	err := f.db.Update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
@@ -317,9 +338,16 @@ func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 				continue
 			}
 			cmd, err := Decode(l.Data)
+			if errors.Is(err, ErrUnknownCommand) {
+				halt = &UnknownCommandError{Index: l.Index, Type: CommandType(l.Data[0]), Version: f.version}
+				haltedResults(results, logs, i, halt)
+				applied = l.Index - 1
+				break
+			}
 			if err != nil {
-				// Only a newer binary writes a type we do not know: refuse it
-				// as a value rather than silently diverging from our peers.
+				// A known type whose payload does not decode: every node of
+				// this build refuses it alike, so it is a rejection (as a
+				// value), not a divergence.
 				results[i] = &Result{Index: l.Index, Err: fmt.Errorf("entry %d: %w", l.Index, err)}
 				f.logger.Error("cannot decode raft entry", "index", l.Index, "err", err)
 				continue
@@ -329,10 +357,9 @@ func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 			changes = append(changes, w.changes...)
 			w.changes = w.changes[:0]
 		}
-		last := logs[len(logs)-1].Index
-		if last > stored {
+		if applied > stored {
 			var b [8]byte
-			binary.BigEndian.PutUint64(b[:], last)
+			binary.BigEndian.PutUint64(b[:], applied)
 			return meta.Put(keyAppliedIndex, b[:])
 		}
 		return nil
@@ -343,15 +370,55 @@ func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 		// node diverge from its peers.
 		panic(fmt.Sprintf("apply raft entries %d..%d to %s: %v", logs[0].Index, logs[len(logs)-1].Index, f.path, err))
 	}
-	f.setApplied(logs[len(logs)-1].Index)
+	if halt == nil || applied > f.AppliedIndex() {
+		f.setApplied(applied)
+	}
 	if f.observer != nil && len(changes) > 0 {
 		f.observer.Applied(changes)
+	}
+	if halt != nil && f.halted.CompareAndSwap(nil, halt) {
+		f.logger.Error("stopped applying the raft log: "+halt.Error(), "index", halt.Index, "command_type", int(halt.Type))
+		if f.onHalt != nil {
+			f.onHalt(halt)
+		}
 	}
 	return results
 }
 
+// haltedResults answers the entries from logs[from] on, which a halted
+// state machine did not apply. The entries are committed, so nodes that
+// know their command do apply them: for whoever proposed one, the outcome
+// is unknown.
+func haltedResults(results []interface{}, logs []*raft.Log, from int, h *UnknownCommandError) []interface{} {
+	for i := from; i < len(logs); i++ {
+		results[i] = &Result{Index: logs[i].Index, Err: fmt.Errorf("entry %d not applied on this node: %w: %w", logs[i].Index, h, ErrUnknownOutcome)}
+	}
+	return results
+}
+
+// UnknownCommandError is why a state machine halted: the log holds, at
+// Index, a command of a type this build (Version) cannot apply.
+type UnknownCommandError struct {
+	Index   uint64
+	Type    CommandType
+	Version string
+}
+
+func (e *UnknownCommandError) Error() string {
+	return fmt.Sprintf("raft entry %d holds command type %d, which this build (version %s) cannot apply: a newer release wrote it; "+
+		"upgrade this node to the release its peers run and start it again (it resumes at entry %d, nothing was skipped)",
+		e.Index, byte(e.Type), e.Version, e.Index)
+}
+
+func (e *UnknownCommandError) Unwrap() error { return ErrUnknownCommand }
+
 // Snapshot captures the state in a read transaction; Persist streams it.
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	if h := f.halted.Load(); h != nil {
+		// Raft would label the snapshot with an index past what the file
+		// holds; a restart from it would skip the unapplied entries.
+		return nil, fmt.Errorf("snapshot: the state machine is halted: %w", h)
+	}
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	tx, err := f.db.Begin(false)
@@ -378,6 +445,9 @@ func (s *snapshot) Release() { _ = s.tx.Rollback() }
 // leaves either the old state or the new one, never a mix.
 func (f *fsm) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
+	if h := f.halted.Load(); h != nil {
+		return fmt.Errorf("restore snapshot: the state machine is halted: %w", h)
+	}
 	tmp := f.path + ".restore"
 	if err := writeFileSync(tmp, rc); err != nil {
 		return fmt.Errorf("restore snapshot: %w", err)

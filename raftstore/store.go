@@ -86,6 +86,16 @@ type Config struct {
 	Bootstrap bool
 	// Observer follows applied changes (optional).
 	Observer Observer
+	// Version is this build's version, as peers and operators see it
+	// (NodeInfo); "dev" when empty.
+	Version string
+	// PeerInfo asks the member id at its raft address addr what it runs
+	// (the cluster package's info RPC). It returns an error wrapping
+	// ErrNoNodeInfo when the peer answered that it has no such call (it
+	// runs LegacyRelease), any other error when it did not answer. Nil
+	// means no peer can be asked: a command outside LegacyCommands is then
+	// proposed only in a cluster of one. See checkCommand.
+	PeerInfo func(ctx context.Context, id, addr string) (NodeInfo, error)
 	// Logger; defaults to slog.Default().
 	Logger *slog.Logger
 
@@ -140,6 +150,16 @@ type Store struct {
 	// what the previous leader acknowledged (see leaderReady).
 	readyTerm atomic.Uint64
 
+	// peers caches what the other members can apply and how the leader's
+	// heartbeats to them fare (capabilities.go).
+	peers *peerTracker
+	// halted is closed when the state machine halts (fsm.go); haltErr says why.
+	halted   chan struct{}
+	haltErr  atomic.Pointer[UnknownCommandError]
+	observer *raft.Observer
+	// opened is closed when Open has finished; closing when Close begins.
+	opened, closing chan struct{}
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -174,8 +194,12 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create raft dir %s: %w", cfg.Dir, err)
 	}
+	if cfg.Version == "" {
+		cfg.Version = "dev"
+	}
 	logger := cfg.Logger.With("component", "raftstore")
-	s := &Store{cfg: cfg, logger: logger}
+	s := &Store{cfg: cfg, logger: logger, halted: make(chan struct{}), opened: make(chan struct{}), closing: make(chan struct{})}
+	s.peers = newPeerTracker(cfg.PeerInfo)
 
 	bootID := cfg.bootID
 	if cfg.syncState {
@@ -186,6 +210,8 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 		return nil, err
 	}
 	s.fsm = f
+	f.version = cfg.Version
+	f.onHalt = s.halt
 	// Derived state (the evaluator's assignments) starts from what is on
 	// disk, before raft applies anything new.
 	if cfg.Observer != nil {
@@ -255,6 +281,8 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	s.raft = r
 	s.proposer = newProposer(r)
 	go s.proposer.run()
+	s.observePeers()
+	close(s.opened)
 	logger.Info("raft started", "node", cfg.NodeID, "raft_addr", transport.LocalAddr(),
 		"applied_index", f.AppliedIndex(), "resumed", hasState)
 	return s, nil
@@ -388,6 +416,10 @@ func (s *Store) Snapshot() error {
 // Close shuts raft down and closes every file. It is idempotent.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
+		close(s.closing)
+		if s.observer != nil {
+			s.raft.DeregisterObserver(s.observer)
+		}
 		if err := s.raft.Shutdown().Error(); err != nil {
 			s.closeErr = fmt.Errorf("shutdown raft: %w", err)
 		}
@@ -398,4 +430,32 @@ func (s *Store) Close() error {
 		s.logger.Info("raft stopped", "node", s.cfg.NodeID)
 	})
 	return s.closeErr
+}
+
+// halt is the state machine's call (on raft's apply goroutine) when it
+// meets a command this build cannot apply. The store shuts raft down at
+// once, in the background (raft's shutdown waits for the apply goroutine):
+// a replica that cannot apply its log must not vote, lead or serve reads.
+func (s *Store) halt(err *UnknownCommandError) {
+	if s.haltErr.CompareAndSwap(nil, err) {
+		close(s.halted)
+		go func() {
+			<-s.opened // a halt while raft replays inside Open
+			s.Close()
+		}()
+	}
+}
+
+// Halted is closed when the store stopped because its log holds a command
+// this build cannot apply (a newer release wrote it); HaltError then says
+// which entry. The store closes itself: the node must stop and be
+// upgraded. Until then the state file stays at the entry before.
+func (s *Store) Halted() <-chan struct{} { return s.halted }
+
+// HaltError is why the store halted, nil while it has not.
+func (s *Store) HaltError() error {
+	if e := s.haltErr.Load(); e != nil {
+		return e
+	}
+	return nil
 }

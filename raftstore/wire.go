@@ -23,6 +23,7 @@ const (
 	codeImmutable          = "immutable"
 	codeDeadlineExceeded   = "deadline_exceeded"
 	codeCanceled           = "canceled"
+	codeClusterBehind      = "cluster_behind"
 	codeInternal           = "internal"
 )
 
@@ -43,13 +44,15 @@ var codeSentinels = []struct {
 	{codeInvalid, fleet.ErrInvalid},
 	{codeDeadlineExceeded, context.DeadlineExceeded},
 	{codeCanceled, context.Canceled},
+	{codeClusterBehind, ErrClusterBehind},
 }
 
 // ErrorCode names the class of err for the wire: "" for nil; one of
 // not_leader, unknown_outcome, closed, not_found, exists,
-// precondition_failed, invalid, immutable, deadline_exceeded, canceled for
-// an error wrapping ErrNotLeader, ErrUnknownOutcome, ErrClosed, the fleet
-// sentinels or the context errors; internal otherwise. ErrorFromCode on
+// precondition_failed, invalid, immutable, deadline_exceeded, canceled,
+// cluster_behind for an error wrapping ErrNotLeader, ErrUnknownOutcome,
+// ErrClosed, the fleet sentinels, the context errors or ErrClusterBehind;
+// internal otherwise. ErrorFromCode on
 // the other side rebuilds an error of the same class.
 func ErrorCode(err error) string {
 	if err == nil {

@@ -112,6 +112,7 @@ func (c *moduleCache) get(content json.RawMessage) ([]desiredModule, error) {
 func buildReport(doc fleet.DesiredDocument, mods []desiredModule, parseErr error, fail bool, now time.Time) fleet.ReportedDocument {
 	now = now.UTC().Round(time.Millisecond)
 	r := fleet.ReportedDocument{
+		SchemaVersion:      fleet.DocumentSchema,
 		LastDesiredVersion: doc.Version,
 		LastDesiredStatus:  fleet.DesiredStatus{Code: fleet.StatusCodeOK},
 		DeviceHealth:       "healthy",
