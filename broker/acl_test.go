@@ -20,6 +20,13 @@ func TestAllowed(t *testing.T) {
 		{fleet.MessagesTopicPrefix(me) + "temperature", true, true},
 		{fleet.MessagesTopicPrefix(me) + "a/b/c", true, true},
 		{fleet.MessagesTopicPrefix(me) + "#", false, false},
+		{fleet.MethodsTopic(me), false, true},
+		{fleet.MethodsTopic(me), true, false}, // only the controller sends method requests
+		{fleet.MethodsTopic("press-02"), false, false},
+		{fleet.MethodsTopic(me) + "/#", false, false},
+		{fleet.UpstreamTopic(me), true, true},
+		{fleet.MethodResponseTopic(me), true, true},
+		{fleet.UpstreamTopic("press-02"), true, false},
 		{fleet.DesiredTopic("press-02"), false, false},
 		{fleet.ReportedTopic("press-02"), true, false},
 		{fleet.MessagesTopicPrefix("press-02") + "x", true, false},

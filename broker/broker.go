@@ -71,9 +71,9 @@ var (
 
 // Defaults of Limits, used for every zero field.
 const (
-	DefaultMaxPacketSize  = 256 << 10 // bytes; the largest message Azure IoT Hub accepts
-	DefaultMaxReportSize  = 64 << 10  // bytes
-	DefaultMaxInflight    = 32        // QoS 1 messages per client and direction
+	DefaultMaxPacketSize  = fleet.MaxUpstreamBatchSize + 4<<10 // bytes; a device hub's upstream batch holding one message of Azure IoT Hub's largest size (256 KiB), with its topic
+	DefaultMaxReportSize  = 64 << 10                           // bytes
+	DefaultMaxInflight    = 32                                 // QoS 1 messages per client and direction
 	DefaultMaxKeepalive   = 20 * time.Minute
 	DefaultConnectTimeout = 10 * time.Second
 	DefaultAuthTimeout    = 5 * time.Second
@@ -199,17 +199,26 @@ type Stats struct {
 	AuthFailures    uint64 // CONNECTs refused: bad credentials, client id not the device id, will topic not the device's own
 	ACLDenials      uint64 // subscriptions and publishes refused
 	ReportsAccepted uint64 // reported documents handed to the ReportSink
-	ReportsDropped  uint64 // reported documents malformed, too large, or refused by the sink
-	DesiredSent     uint64 // desired documents handed to mochi for delivery
-	DesiredFailed   uint64 // DesiredSource errors, and desired documents not sent because the client was backlogged
-	PanicsRecovered uint64 // panics in a client's connection, each closing only that client
-	Refusing        bool   // Refuse is in effect
-	Refused         uint64 // connections turned away or ended because of Refuse
+	// UpstreamBatches and UpstreamMessages count the device hubs' batches
+	// received on fleet.UpstreamTopic and the messages they announce;
+	// MethodResponses the answers received on fleet.MethodResponseTopic.
+	// They are acknowledged and counted; nothing consumes them yet.
+	UpstreamBatches  uint64
+	UpstreamMessages uint64
+	MethodResponses  uint64
+	ReportsDropped   uint64 // reported documents malformed, too large, or refused by the sink
+	DesiredSent      uint64 // desired documents handed to mochi for delivery
+	DesiredFailed    uint64 // DesiredSource errors, and desired documents not sent because the client was backlogged
+	PanicsRecovered  uint64 // panics in a client's connection, each closing only that client
+	Refusing         bool   // Refuse is in effect
+	Refused          uint64 // connections turned away or ended because of Refuse
 }
 
 type counters struct {
 	authFailures, aclDenials                atomic.Uint64
 	reportsAccepted, reportsDropped         atomic.Uint64
+	upstreamBatches, upstreamMessages       atomic.Uint64
+	methodResponses                         atomic.Uint64
 	desiredSent, desiredFailed, panicsSaved atomic.Uint64
 	refused                                 atomic.Uint64
 }
@@ -563,16 +572,19 @@ func (b *Broker) Stats() Stats {
 	}
 	b.mu.RUnlock()
 	return Stats{
-		Connections:     n,
-		AuthFailures:    b.stats.authFailures.Load(),
-		ACLDenials:      b.stats.aclDenials.Load(),
-		ReportsAccepted: b.stats.reportsAccepted.Load(),
-		ReportsDropped:  b.stats.reportsDropped.Load(),
-		DesiredSent:     b.stats.desiredSent.Load(),
-		DesiredFailed:   b.stats.desiredFailed.Load(),
-		PanicsRecovered: b.stats.panicsSaved.Load(),
-		Refusing:        b.refusing.Load(),
-		Refused:         b.stats.refused.Load(),
+		Connections:      n,
+		AuthFailures:     b.stats.authFailures.Load(),
+		ACLDenials:       b.stats.aclDenials.Load(),
+		ReportsAccepted:  b.stats.reportsAccepted.Load(),
+		UpstreamBatches:  b.stats.upstreamBatches.Load(),
+		UpstreamMessages: b.stats.upstreamMessages.Load(),
+		MethodResponses:  b.stats.methodResponses.Load(),
+		ReportsDropped:   b.stats.reportsDropped.Load(),
+		DesiredSent:      b.stats.desiredSent.Load(),
+		DesiredFailed:    b.stats.desiredFailed.Load(),
+		PanicsRecovered:  b.stats.panicsSaved.Load(),
+		Refusing:         b.refusing.Load(),
+		Refused:          b.stats.refused.Load(),
 	}
 }
 

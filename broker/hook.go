@@ -53,11 +53,11 @@ func (h *deviceHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool 
 }
 
 // allowed: a device may subscribe to (and be delivered) exactly its own
-// desired topic, and publish exactly to its own reported topic or under its
-// own messages prefix. Wildcard filters are never allowed: "+" and "#" are not
-// valid device ids, so fleet.DeviceIDFromTopic refuses them in the id level,
-// and the kind level must match exactly. $share and $SYS filters do not start
-// with the device prefix.
+// desired and methods topics, and publish exactly to its own reported topic
+// or under its own messages prefix. Wildcard filters are never allowed: "+"
+// and "#" are not valid device ids, so fleet.DeviceIDFromTopic refuses them
+// in the id level, and the kind level must match exactly. $share and $SYS
+// filters do not start with the device prefix.
 func allowed(deviceID, topic string, write bool) bool {
 	id, kind, ok := fleet.DeviceIDFromTopic(topic)
 	if !ok || id != deviceID {
@@ -66,7 +66,7 @@ func allowed(deviceID, topic string, write bool) bool {
 	if write {
 		return kind == fleet.TopicKindReported || kind == fleet.TopicKindMessages
 	}
-	return kind == fleet.TopicKindDesired
+	return kind == fleet.TopicKindDesired || kind == fleet.TopicKindMethods
 }
 
 // OnSubscribed sends the device its current desired document when it has
@@ -132,8 +132,9 @@ func (b *Broker) sendCurrentDesired(cl *mqtt.Client) {
 	_ = b.sendDesired(tc, cl, doc)
 }
 
-// OnPublish takes reported documents. It runs after the ACL allowed the
-// publish, so the topic is the device's own. Accepted or not, the message is
+// OnPublish takes reported documents, and counts the device hub's upstream
+// batches and method responses. It runs after the ACL allowed the publish,
+// so the topic is the device's own. Accepted or not, the message is
 // acknowledged and goes no further (nobody may subscribe to reported or
 // telemetry topics, and nothing is retained).
 func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
@@ -141,8 +142,17 @@ func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	if tc == nil { // not one of our connections: cannot happen; take nothing
 		return pk, packets.CodeSuccessIgnore
 	}
-	if _, kind, ok := fleet.DeviceIDFromTopic(pk.TopicName); ok && kind == fleet.TopicKindReported {
+	switch _, kind, ok := fleet.DeviceIDFromTopic(pk.TopicName); {
+	case ok && kind == fleet.TopicKindReported:
 		h.b.intakeReport(tc, cl.ID, pk.Payload)
+	case pk.TopicName == fleet.UpstreamTopic(cl.ID):
+		// The device hub's messages: counted, not consumed yet.
+		h.b.stats.upstreamBatches.Add(1)
+		if n, ok := fleet.UpstreamBatchCount(pk.Payload); ok {
+			h.b.stats.upstreamMessages.Add(uint64(n))
+		}
+	case pk.TopicName == fleet.MethodResponseTopic(cl.ID):
+		h.b.stats.methodResponses.Add(1)
 	}
 	return pk, packets.CodeSuccessIgnore
 }

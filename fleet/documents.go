@@ -70,6 +70,99 @@ type ReportedDocument struct {
 	Modules            map[string]ModuleStatus `json:"modules"`
 	// DeploymentID is the deployment whose content the agent runs.
 	DeploymentID string `json:"deploymentId,omitempty"`
+	// Hub is the device hub's state ($edgeHub's reported properties);
+	// absent from agents without a hub.
+	Hub *HubStatus `json:"hub,omitempty"`
+	// ModuleTwins holds each module's reported properties, by module name:
+	// the JSON object the module built with its twin PATCHes, "$version"
+	// included (it rises with every PATCH). Absent when no module has
+	// reported anything. The whole map is capped at MaxModuleTwinsReport
+	// bytes: a module whose properties do not fit is listed as
+	// {"$version": N, "$omitted": "<why>"}.
+	ModuleTwins map[string]json.RawMessage `json:"moduleTwins,omitempty"`
+}
+
+// Limits of the device hub's reports.
+const (
+	// MaxModuleTwinReported caps one module's reported properties (Azure's
+	// twin limit): a PATCH that would make them larger is refused.
+	MaxModuleTwinReported = 32 << 10
+	// MaxModuleTwinsReport caps ReportedDocument.ModuleTwins as a whole, so
+	// that a report stays under the broker's report size limit.
+	MaxModuleTwinsReport = 32 << 10
+)
+
+// HubStatus is the device hub's reported state.
+type HubStatus struct {
+	// Status is "running", or "failed" when the hub cannot serve (its
+	// listener cannot bind, its store cannot open): Description says why.
+	Status      string `json:"status"`
+	Description string `json:"description,omitempty"`
+	// Routes is how many routes of the running deployment the hub applies.
+	Routes int `json:"routes"`
+	// Clients are the modules' connections, by module name.
+	Clients map[string]HubClient `json:"clients,omitempty"`
+	// Queued is how many messages wait in the store-and-forward queues, of
+	// QueuedBytes bytes, as last counted (reports are not sent for every
+	// change of these).
+	Queued      uint64 `json:"queued"`
+	QueuedBytes uint64 `json:"queuedBytes"`
+	// Expired and Dropped count, since the agent started, the messages the
+	// hub removed unsent: past their time to live, or the oldest ones when
+	// the store was full.
+	Expired uint64 `json:"expired"`
+	Dropped uint64 `json:"dropped"`
+}
+
+// HubClient is one module's connection to the device hub.
+type HubClient struct {
+	Status                  string     `json:"status"` // connected or disconnected
+	LastConnectedTimeUTC    *time.Time `json:"lastConnectedTimeUtc,omitempty"`
+	LastDisconnectedTimeUTC *time.Time `json:"lastDisconnectedTimeUtc,omitempty"`
+}
+
+// MethodRequest is a direct method call for one of a device's modules,
+// sent by the controller on MethodsTopic (JSON, QoS 1). The agent's hub
+// delivers it to the module on $iothub/methods/POST/{method}/?$rid=...
+// and answers with a MethodResponse carrying the same ID.
+type MethodRequest struct {
+	// ID identifies the request; the response echoes it. Unique per device
+	// among the requests in flight.
+	ID string `json:"id"`
+	// Module and Method name the target: the module's name in the
+	// deployment and the method the module registered.
+	Module string `json:"module"`
+	Method string `json:"method"`
+	// Payload is any JSON value, passed to the module as it is (absent:
+	// null).
+	Payload json.RawMessage `json:"payload,omitempty"`
+	// ResponseTimeoutSeconds is how long the hub waits for the module's
+	// answer (Azure's responseTimeoutInSeconds: 5 to 300; 0 means 30).
+	ResponseTimeoutSeconds int `json:"responseTimeoutInSeconds,omitempty"`
+	// ConnectTimeoutSeconds is how long the hub waits for the module to be
+	// connected and subscribed to methods (Azure's connectTimeoutInSeconds,
+	// 0 to 300; 0: not at all).
+	ConnectTimeoutSeconds int `json:"connectTimeoutInSeconds,omitempty"`
+}
+
+// Status codes of MethodResponse.Status the hub sets itself, as IoT Hub
+// does; any other status is the module's own.
+const (
+	MethodStatusBadRequest   = 400 // the request is malformed (no id, module or method; payload not JSON)
+	MethodStatusNotConnected = 404 // the module is not connected, or not subscribed to methods
+	MethodStatusTimeout      = 504 // the module did not answer within the response timeout
+)
+
+// MethodResponse answers a MethodRequest, published by the agent on
+// MethodResponseTopic (JSON, QoS 1).
+type MethodResponse struct {
+	ID string `json:"id"`
+	// Status is the module's status code, or one of MethodStatus* when the
+	// hub answers for it (Error then says why).
+	Status int `json:"status"`
+	// Payload is the module's answer: a JSON value (absent: none).
+	Payload json.RawMessage `json:"payload,omitempty"`
+	Error   string          `json:"error,omitempty"`
 }
 
 // DesiredStatus is the outcome of applying the last desired document.

@@ -37,6 +37,17 @@ type CA struct {
 
 // NewCA creates a self-signed ECDSA P-256 CA valid for ten years.
 func NewCA(clusterName string, now time.Time) (*CA, error) {
+	return newCA("appliance cluster CA "+clusterName, now)
+}
+
+// NewDeviceCA creates a device's own CA (ECDSA P-256, ten years), the root
+// its device hub's modules trust: it signs only the hub's server
+// certificate (IssueServer) and never leaves the device.
+func NewDeviceCA(deviceID string, now time.Time) (*CA, error) {
+	return newCA("appliance device CA "+deviceID, now)
+}
+
+func newCA(commonName string, now time.Time) (*CA, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generate CA key: %w", err)
@@ -47,7 +58,7 @@ func NewCA(clusterName string, now time.Time) (*CA, error) {
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "appliance cluster CA " + clusterName, Organization: []string{organization}},
+		Subject:               pkix.Name{CommonName: commonName, Organization: []string{organization}},
 		NotBefore:             now.Add(-clockSkew),
 		NotAfter:              now.Add(validity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
@@ -159,6 +170,51 @@ func (ca *CA) IssueNode(nodeID string, hosts []string, now time.Time) (certPEM, 
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
 	if err != nil {
 		return nil, nil, fmt.Errorf("create certificate for node %q: %w", nodeID, err)
+	}
+	if keyPEMBytes, err = keyPEM(key); err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEMBytes, nil
+}
+
+// IssueServer issues a TLS server certificate and a new ECDSA P-256 key
+// for commonName, valid for 10 years (but never past the CA), for server
+// auth only. Each host becomes an IP SAN if it parses as an IP, else a DNS
+// SAN: clients check the name they dialled against them.
+func (ca *CA) IssueServer(commonName string, hosts []string, now time.Time) (certPEM, keyPEMBytes []byte, err error) {
+	if ca.Key == nil {
+		return nil, nil, fmt.Errorf("issue server certificate %q: %w", commonName, ErrNoCAKey)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("generate key for %q: %w", commonName, err)
+	}
+	serial, err := newSerial()
+	if err != nil {
+		return nil, nil, err
+	}
+	notAfter := now.Add(validity)
+	if notAfter.After(ca.Cert.NotAfter) {
+		notAfter = ca.Cert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: commonName, Organization: []string{organization}},
+		NotBefore:    now.Add(-clockSkew),
+		NotAfter:     notAfter,
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else if h != "" {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("create certificate for %q: %w", commonName, err)
 	}
 	if keyPEMBytes, err = keyPEM(key); err != nil {
 		return nil, nil, err

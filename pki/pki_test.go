@@ -2,6 +2,7 @@ package pki
 
 import (
 	"bytes"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"io/fs"
@@ -198,5 +199,42 @@ func TestBundleFromPEM_RefusesForeignNode(t *testing.T) {
 	}
 	if _, err := BundleFromPEM(caA.CertPEM(), nil, certPEM, keyPEM); err == nil {
 		t.Fatal("bundle accepted a node certificate from another CA")
+	}
+}
+
+// A device CA issues the hub's server certificate, which a client that
+// trusts only that CA accepts for each of the names and addresses given.
+func TestDeviceCA_IssueServer(t *testing.T) {
+	now := time.Now()
+	ca, err := NewDeviceCA("press-01", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(ca.Cert.Subject.CommonName, "press-01") {
+		t.Errorf("CA subject %q", ca.Cert.Subject.CommonName)
+	}
+	certPEM, keyPEM, err := ca.IssueServer("hub", []string{"127.0.0.5", "appliance-hub"}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, host := range []string{"127.0.0.5", "appliance-hub"} {
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: ca.Pool(), DNSName: host, CurrentTime: now}); err != nil {
+			t.Errorf("verify for %s: %v", host, err)
+		}
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: ca.Pool(), DNSName: "other", CurrentTime: now}); err == nil {
+		t.Error("verified for a name not in the certificate")
+	}
+	loaded, _ := ParseCA(ca.CertPEM(), nil)
+	if _, _, err := loaded.IssueServer("hub", nil, now); !errors.Is(err, ErrNoCAKey) {
+		t.Errorf("issue without the CA key: %v", err)
 	}
 }
