@@ -162,6 +162,9 @@ func (c *Client) Devices(ctx context.Context, q DeviceQuery) (DevicePage, error)
 	if q.Condition != "" {
 		v.Set("condition", q.Condition)
 	}
+	if q.Prefix != "" {
+		v.Set("prefix", q.Prefix)
+	}
 	pageQuery(v, q.After, q.Limit)
 	var p DevicePage
 	_, err := c.do(ctx, http.MethodGet, "/api/v1/devices", v, WriteOptions{}, nil, &p)

@@ -72,6 +72,8 @@ type Backend interface {
 
 	Health() Health
 	Ready(ctx context.Context) error
+
+	ConsoleBackend
 }
 
 // ServerConfig configures the HTTP handler.
@@ -191,6 +193,7 @@ func (s *Server) routes() {
 	s.mux.Handle("POST /api/v1/cluster/admin-token", s.auth(s.rotateAdminToken))
 	s.mux.Handle("POST /api/v1/cluster/join-token", s.auth(s.rotateJoinToken))
 	s.mux.Handle("GET /api/v1/backup", s.auth(s.backup))
+	s.consoleRoutes()
 
 	// Anything else under /api/ is still behind the token: an unknown
 	// route must not tell an anonymous caller which routes exist.
@@ -445,7 +448,8 @@ func (s *Server) listDevices(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	page, err := s.cfg.Backend.Devices(r.Context(), DeviceQuery{
-		Condition: r.URL.Query().Get("condition"), After: after, Limit: limit, Consistent: consistent(r),
+		Condition: r.URL.Query().Get("condition"), Prefix: r.URL.Query().Get("prefix"),
+		After: after, Limit: limit, Consistent: consistent(r),
 	})
 	if err != nil {
 		s.fail(w, r, err)
@@ -460,7 +464,7 @@ func (s *Server) putDeployment(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := r.PathValue("id")
-	if v := r.URL.Query().Get("dryRun"); v == "true" || v == "1" {
+	if dryRun(r) {
 		res, err := s.cfg.Backend.DryRunDeployment(r.Context(), id, req)
 		if err != nil {
 			s.fail(w, r, err)
@@ -487,6 +491,15 @@ func (s *Server) patchDeployment(w http.ResponseWriter, r *http.Request) {
 	if !s.decode(w, r, &p) {
 		return
 	}
+	if dryRun(r) {
+		res, err := s.cfg.Backend.DryRunPatchDeployment(r.Context(), r.PathValue("id"), p)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+		return
+	}
 	dep, err := s.cfg.Backend.PatchDeployment(r.Context(), r.PathValue("id"), p, writeOpts(r))
 	if err != nil {
 		s.fail(w, r, err)
@@ -497,6 +510,15 @@ func (s *Server) patchDeployment(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) deleteDeployment(w http.ResponseWriter, r *http.Request) {
+	if dryRun(r) {
+		res, err := s.cfg.Backend.DryRunDeleteDeployment(r.Context(), r.PathValue("id"))
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+		return
+	}
 	if err := s.cfg.Backend.DeleteDeployment(r.Context(), r.PathValue("id"), writeOpts(r)); err != nil {
 		s.fail(w, r, err)
 		return

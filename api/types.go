@@ -66,6 +66,30 @@ type DeviceView struct {
 	DesiredVersion uint64 `json:"desiredVersion"`
 	// Reported is the device's last reported document, when it sent one.
 	Reported *ReportedState `json:"reported,omitempty"`
+	// Health is the device's category under the deployment applied to it
+	// (healthy, soaking, unhealthy or unknown, as in that deployment's
+	// status with the default soak), or "none" when none applies.
+	Health string `json:"health"`
+	// Precedence lists, in a single device's read only, the deployments
+	// that target the device in precedence order (the first applies), each
+	// with why it wins or loses.
+	Precedence []PrecedenceEntry `json:"precedence,omitempty"`
+}
+
+// PrecedenceEntry is one deployment targeting a device, and why it applies
+// or not: the highest priority wins, a tie goes to the most recently
+// created, then to the smaller id.
+type PrecedenceEntry struct {
+	Deployment     string    `json:"deployment"`
+	Status         string    `json:"status"` // Applied or Targeted
+	Priority       int64     `json:"priority"`
+	CreatedTimeUTC time.Time `json:"createdTimeUtc"`
+	// DecidedBy is what ranks it against the one before (for the applied
+	// one: against the one after): "priority", "created" or "id"; "" when
+	// it is the only one.
+	DecidedBy string `json:"decidedBy,omitempty"`
+	// Reason says it in words.
+	Reason string `json:"reason"`
 }
 
 // ReportedState is a device's last reported document and when it arrived.
@@ -85,11 +109,16 @@ type DevicePage struct {
 	Items []DeviceView `json:"items"`
 	// Next, when set, is passed as ?after= to get the next page.
 	Next string `json:"next,omitempty"`
+	// Total is how many devices the query selects in all (not given for a
+	// prefix search).
+	Total *int `json:"total,omitempty"`
 }
 
 // DeviceQuery selects devices for GET /devices.
 type DeviceQuery struct {
-	Condition  string
+	Condition string
+	// Prefix keeps the devices whose id starts with it.
+	Prefix     string
 	After      string
 	Limit      int
 	Consistent bool
@@ -142,10 +171,21 @@ type DeploymentQuery struct {
 	Consistent bool
 }
 
-// DryRunResult answers PUT /deployments/{id}?dryRun=true.
+// DryRunResult answers a write with ?dryRun=true: PUT (create), PATCH
+// (update) or DELETE of a deployment. Nothing is changed.
 type DryRunResult struct {
-	TargetedCount   int `json:"targetedCount"`
+	// TargetedCount is how many devices the deployment would target
+	// (after a DELETE: how many it targets now).
+	TargetedCount int `json:"targetedCount"`
+	// WouldApplyCount is how many it would apply to (0 after a DELETE).
 	WouldApplyCount int `json:"wouldApplyCount"`
+	// TargetedDevices and WouldApplyDevices are the first DryRunSample of
+	// each, by id.
+	TargetedDevices   []string `json:"targetedDevices"`
+	WouldApplyDevices []string `json:"wouldApplyDevices"`
+	// Moves groups the devices whose applied deployment would change, by
+	// where they come from and go to, largest group first.
+	Moves []DryRunMove `json:"moves"`
 }
 
 // Health is the body of /healthz and /readyz.

@@ -624,6 +624,14 @@ func (e *Engine) Applied(deviceID string) string {
 	return e.name(e.applied[slot])
 }
 
+// HasDevice tells whether the engine holds a device.
+func (e *Engine) HasDevice(deviceID string) bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	_, ok := e.byID[deviceID]
+	return ok
+}
+
 // Targeting returns the deployments whose condition matches a device, by
 // precedence: the first one is applied, the others are only targeting it.
 func (e *Engine) Targeting(deviceID string) []string {
@@ -710,15 +718,38 @@ func (e *Engine) Match(c *Condition) ([]string, error) {
 // DryRun reports how many devices a deployment would target and how many
 // it would apply to if it were put now, without changing anything.
 func (e *Engine) DryRun(d Deployment) (targeted, wouldApply int, err error) {
-	cond, err := Compile(d.Condition)
+	cond, err := Compile(d.Condition) // before the lock: a long condition takes a while
 	if err != nil {
 		return 0, 0, err
 	}
 	e.mu.RLock()
 	defer e.mu.RUnlock()
+	targets, would := e.dryRunSets(d, cond)
+	return targets.count(), would.count(), nil
+}
+
+// DryRunDevices is DryRun with the devices themselves: the ids the
+// deployment would target and those it would apply to, each sorted.
+func (e *Engine) DryRunDevices(d Deployment) (targeted, wouldApply []string, err error) {
+	cond, err := Compile(d.Condition)
+	if err != nil {
+		return nil, nil, err
+	}
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	targets, would := e.dryRunSets(d, cond)
+	return e.sortedIDs(targets), e.sortedIDs(would), nil
+}
+
+// dryRunSets computes the sets DryRun counts: the devices cond (d's
+// condition) matches, and those of them no deployment that precedes d
+// targets (d itself, if it exists, does not count against its new
+// version). The caller holds the read lock.
+func (e *Engine) dryRunSets(d Deployment, cond *Condition) (targets, would dense) {
 	b := binder{d: &e.d}
-	s := e.targetSet(b.bind(cond.root))
-	targeted = s.count()
+	targets = e.targetSet(b.bind(cond.root))
+	would = e.emptySet()
+	would.orD(targets)
 	self := e.depIDs[d.ID]
 	for _, h := range e.ranked {
 		dp := e.deps[h]
@@ -726,10 +757,10 @@ func (e *Engine) DryRun(d Deployment) (targeted, wouldApply int, err error) {
 			break
 		}
 		if h != self {
-			s.andNot(&dp.targets)
+			would.andNot(&dp.targets)
 		}
 	}
-	return targeted, s.count(), nil
+	return targets, would
 }
 
 // Stats describes the engine's size.

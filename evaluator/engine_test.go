@@ -164,6 +164,22 @@ func TestEngine_DryRun(t *testing.T) {
 		if err != nil || tg != tt.targeted || ap != tt.applies {
 			t.Errorf("DryRun(%+v) = %d, %d, %v; want %d, %d", tt.d, tg, ap, err, tt.targeted, tt.applies)
 		}
+		// The devices: the targeted ones are exactly the condition's
+		// matches, and the ones it would apply to are those of them that
+		// no preceding deployment ("a", on n < 5) holds.
+		tgIDs, apIDs, err := e.DryRunDevices(tt.d)
+		if err != nil || len(tgIDs) != tt.targeted || len(apIDs) != tt.applies {
+			t.Errorf("DryRunDevices(%+v) = %v, %v, %v; want %d and %d ids", tt.d, tgIDs, apIDs, err, tt.targeted, tt.applies)
+		}
+		matched, _ := e.Match(MustCompile(tt.d.Condition))
+		if !slices.Equal(tgIDs, matched) {
+			t.Errorf("DryRunDevices(%+v) targets %v, the condition matches %v", tt.d, tgIDs, matched)
+		}
+		for _, id := range apIDs {
+			if !slices.Contains(tgIDs, id) {
+				t.Errorf("DryRunDevices(%+v) would apply to %s, which it does not target", tt.d, id)
+			}
+		}
 	}
 	if tg, ap := e.Counts("a"); tg != 5 || ap != 5 {
 		t.Errorf("DryRun changed the engine: Counts = %d, %d", tg, ap)

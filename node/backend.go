@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -147,10 +148,16 @@ func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device, peers map[stri
 		v.LastActivityTime = &last
 	}
 	v.DesiredVersion = b.versions.of(d.ID)
+	var doc *fleet.ReportedDocument
 	if rep, err := r.Report(d.ID); err == nil {
 		v.Reported = &api.ReportedState{Document: rep.Document, ReceivedTimeUTC: rep.ReceivedTimeUTC}
+		var parsed fleet.ReportedDocument
+		if json.Unmarshal(rep.Document, &parsed) == nil {
+			doc = &parsed
+		}
 	}
 	applied := b.engine.Applied(d.ID)
+	v.Health = healthOf(doc, applied, time.Now().UTC())
 	for _, dep := range b.engine.Targeting(d.ID) {
 		st := api.StatusTargeted
 		if dep == applied {
@@ -172,6 +179,7 @@ func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.D
 		b.engineMu.RLock()
 		defer b.engineMu.RUnlock()
 		v = b.deviceView(r, d, peers)
+		v.Precedence = precedence(r, b.engine.Targeting(id))
 		return nil
 	})
 	return v, err
@@ -195,6 +203,16 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 		if err != nil {
 			return page, conditionError("condition", err)
 		}
+		if q.Prefix != "" {
+			lo, _ := slices.BinarySearch(ids, q.Prefix)
+			hi := lo
+			for hi < len(ids) && strings.HasPrefix(ids[hi], q.Prefix) {
+				hi++
+			}
+			ids = ids[lo:hi]
+		}
+		total := len(ids)
+		page.Total = &total
 		i := sort.SearchStrings(ids, q.After)
 		if i < len(ids) && ids[i] == q.After {
 			i++
@@ -222,14 +240,33 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 			}
 			return nil
 		}
-		return r.Devices(q.After, func(d fleet.Device) bool {
+		add := func(d fleet.Device) bool {
+			if !strings.HasPrefix(d.ID, q.Prefix) {
+				return false // ids are in order: no later one has the prefix
+			}
 			if len(page.Items) == limit {
 				page.Next = page.Items[len(page.Items)-1].ID
 				return false
 			}
 			page.Items = append(page.Items, b.deviceView(r, d, peers))
 			return true
-		})
+		}
+		after := q.After
+		if q.Prefix > after {
+			// Start at the prefix; the walk starts after its argument, so
+			// a device whose id is the prefix itself is taken first.
+			after = q.Prefix
+			if d, err := r.Device(q.Prefix); err == nil {
+				add(d)
+			} else if !errors.Is(err, fleet.ErrNotFound) {
+				return err
+			}
+		}
+		if q.Prefix == "" {
+			total := b.engine.Stats().Devices
+			page.Total = &total
+		}
+		return r.Devices(after, add)
 	})
 	return page, err
 }
@@ -327,25 +364,9 @@ func compactJSON(raw json.RawMessage) (json.RawMessage, error) {
 	return json.Marshal(v)
 }
 
-func (b *backend) DryRunDeployment(ctx context.Context, id string, req api.DeploymentRequest) (api.DryRunResult, error) {
-	if err := validateDeployment(id, req); err != nil {
-		return api.DryRunResult{}, err
-	}
-	b.engineMu.RLock()
-	defer b.engineMu.RUnlock()
-	targeted, would, err := b.engine.DryRun(evaluator.Deployment{
-		ID: id, Condition: req.TargetCondition, Priority: req.Priority, CreatedUnixNano: now().UnixNano(),
-	})
-	if err != nil {
-		return api.DryRunResult{}, conditionError("targetCondition", err)
-	}
-	return api.DryRunResult{TargetedCount: targeted, WouldApplyCount: would}, nil
-}
-
 func (b *backend) PatchDeployment(ctx context.Context, id string, p api.DeploymentPatch, opts api.WriteOptions) (api.DeploymentView, error) {
 	if len(p.Content) > 0 {
-		return api.DeploymentView{}, fmt.Errorf("%w", &fleet.ValidationError{Field: "content",
-			Msg: "a deployment's content cannot change after creation; create a new deployment with a higher priority instead (only targetCondition, priority, labels and metrics can be updated)"})
+		return api.DeploymentView{}, errContentImmutable
 	}
 	if p.TargetCondition != nil {
 		if _, err := evaluator.Compile(*p.TargetCondition); err != nil {
@@ -447,6 +468,10 @@ func (b *backend) Deployments(ctx context.Context, q api.DeploymentQuery) (api.D
 	}
 	return page, nil
 }
+
+// errContentImmutable refuses a PATCH that carries content.
+var errContentImmutable = &fleet.ValidationError{Field: "content",
+	Msg: "a deployment's content cannot change after creation; create a new deployment with a higher priority instead (only targetCondition, priority, labels and metrics can be updated)"}
 
 // operatorActor names who wrote through the operator API: there is one
 // admin token today.

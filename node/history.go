@@ -407,3 +407,45 @@ func (h *history) close() error {
 	}
 	return h.db.Close()
 }
+
+// recentDeploymentEvents returns the latest events of all deployments,
+// newest first (by raft index), at most limit. It reads at most limit
+// events of each deployment, from its newest.
+func (h *history) recentDeploymentEvents(limit int) ([]api.RecentEvent, error) {
+	out := []api.RecentEvent{}
+	err := h.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketDeploymentHistory).Cursor()
+		for k, _ := c.First(); k != nil; {
+			subject, _, ok := bytes.Cut(k, []byte{0})
+			if !ok {
+				k, _ = c.Next()
+				continue
+			}
+			subject = bytes.Clone(subject)
+			prefix := append(bytes.Clone(subject), 0)
+			// The subject's keys end before subject+1: walk back from there.
+			next := append(bytes.Clone(subject), 1)
+			kk, v := c.Seek(next)
+			if kk == nil {
+				kk, v = c.Last()
+			} else {
+				kk, v = c.Prev()
+			}
+			for n := 0; kk != nil && hasPrefix(kk, prefix) && n < limit; n++ {
+				var ev api.HistoryEvent
+				if err := json.Unmarshal(v, &ev); err != nil {
+					return fmt.Errorf("history of %s: %w", subject, err)
+				}
+				out = append(out, api.RecentEvent{Subject: string(subject), HistoryEvent: ev})
+				kk, v = c.Prev()
+			}
+			k, _ = c.Seek(next)
+		}
+		return nil
+	})
+	slices.SortStableFunc(out, func(a, b api.RecentEvent) int { return cmp.Compare(b.Index, a.Index) })
+	if len(out) > limit {
+		out = out[:limit]
+	}
+	return out, err
+}

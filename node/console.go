@@ -1,0 +1,410 @@
+package node
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"appliance/api"
+	"appliance/evaluator"
+	"appliance/fleet"
+	"appliance/raftstore"
+)
+
+// The reads and dry runs behind the operator's console (api.ConsoleBackend).
+
+// recentEvents is how many deployment events the overview shows.
+const recentEvents = 20
+
+// reportOf reads and decodes a device's last report; nil when it has none
+// or it does not decode.
+func reportOf(r *raftstore.Reader, deviceID string) *fleet.ReportedDocument {
+	stored, err := r.Report(deviceID)
+	if err != nil {
+		return nil
+	}
+	var doc fleet.ReportedDocument
+	if json.Unmarshal(stored.Document, &doc) != nil {
+		return nil
+	}
+	return &doc
+}
+
+// healthOf is a device's category under its applied deployment (classify
+// with the default soak), or api.HealthNone.
+func healthOf(rep *fleet.ReportedDocument, applied string, now time.Time) string {
+	if applied == "" {
+		return api.HealthNone
+	}
+	return classify(rep, applied, now, DefaultSoak)
+}
+
+// deploymentState puts a deployment in one overview state from its counts.
+func deploymentState(c api.StatusCounts) string {
+	switch {
+	case c.Targeted == 0:
+		return api.StateIdle
+	case c.Applied == 0:
+		return api.StateSuperseded
+	case c.Unhealthy > 0:
+		return api.StateFailing
+	case c.Unknown > 0 || c.Soaking > 0:
+		return api.StateConverging
+	}
+	return api.StateHealthy
+}
+
+// Overview counts the fleet: every device once by connection and once by
+// health (a device has at most one applied deployment, so summing the
+// deployments' applied devices never counts a device twice), every
+// deployment once by state.
+func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
+	o := api.Overview{
+		Node: b.cfg.NodeID, SoakSeconds: DefaultSoak.Seconds(),
+		Devices:     api.OverviewDevices{Health: map[string]int{}},
+		Deployments: api.OverviewDeployments{States: map[string]int{}, Items: []api.DeploymentSummary{}},
+	}
+	for _, h := range api.HealthStates {
+		o.Devices.Health[h] = 0
+	}
+	for _, s := range api.DeploymentStates {
+		o.Deployments.States[s] = 0
+	}
+	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
+	now := time.Now().UTC()
+	err := b.view(ctx, false, func(r *raftstore.Reader) error {
+		b.engineMu.RLock()
+		defer b.engineMu.RUnlock()
+		o.Devices.Total = b.engine.Stats().Devices
+		connected := map[string]bool{}
+		for _, c := range b.broker.Connections() {
+			connected[c.DeviceID] = true
+		}
+		for id := range peers {
+			connected[id] = true
+		}
+		for id := range connected {
+			if b.engine.HasDevice(id) { // a session outliving its device's deletion by a moment
+				o.Devices.Connected++
+			}
+		}
+		o.Devices.Disconnected = o.Devices.Total - o.Devices.Connected
+		withDeployment := 0
+		for _, id := range b.engine.DeploymentIDs() {
+			dep, err := r.Deployment(id)
+			if errors.Is(err, fleet.ErrNotFound) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			targeted, _ := b.engine.Counts(id)
+			counts := api.StatusCounts{Targeted: targeted}
+			for _, dev := range b.engine.AppliedDevices(id) {
+				counts.Applied++
+				switch classify(reportOf(r, dev), id, now, DefaultSoak) {
+				case api.CategoryHealthy:
+					counts.Healthy++
+				case api.CategorySoaking:
+					counts.Soaking++
+				case api.CategoryUnhealthy:
+					counts.Unhealthy++
+				default:
+					counts.Unknown++
+				}
+			}
+			withDeployment += counts.Applied
+			o.Devices.Health[api.CategoryHealthy] += counts.Healthy
+			o.Devices.Health[api.CategorySoaking] += counts.Soaking
+			o.Devices.Health[api.CategoryUnhealthy] += counts.Unhealthy
+			o.Devices.Health[api.CategoryUnknown] += counts.Unknown
+			state := deploymentState(counts)
+			o.Deployments.States[state]++
+			o.Deployments.Total++
+			if len(o.Deployments.Items) == api.MaxPageSize {
+				o.Deployments.Truncated = true
+				continue
+			}
+			o.Deployments.Items = append(o.Deployments.Items, api.DeploymentSummary{
+				ID: id, Priority: dep.Priority, TargetCondition: dep.TargetCondition, State: state, Counts: counts,
+			})
+		}
+		o.Devices.Health[api.HealthNone] = o.Devices.Total - withDeployment
+		return nil
+	})
+	if err != nil {
+		return api.Overview{}, err
+	}
+	recent, err := b.history.recentDeploymentEvents(recentEvents)
+	if err != nil {
+		return api.Overview{}, fmt.Errorf("read recent history: %w", err)
+	}
+	o.Recent = recent
+	return o, nil
+}
+
+// CheckCondition compiles a condition and, for a target condition, counts
+// the devices it matches. A bad condition is an answer, not an error.
+func (b *backend) CheckCondition(ctx context.Context, req api.ConditionRequest) (api.ConditionCheck, error) {
+	invalid := func(err error, offset int) api.ConditionCheck {
+		res := api.ConditionCheck{Message: err.Error()}
+		var se *evaluator.SyntaxError
+		if errors.As(err, &se) {
+			res.Message, res.Column = se.Msg, se.Column+offset
+		}
+		return res
+	}
+	if req.Kind == api.ConditionMetric {
+		cond, offset := metricConditionAt(req.Condition)
+		if strings.TrimSpace(cond) == "" {
+			return api.ConditionCheck{Message: "a metric query must not be empty"}, nil
+		}
+		if _, err := evaluator.CompileQuery(cond, "properties"); err != nil {
+			return invalid(err, offset), nil
+		}
+		return api.ConditionCheck{Valid: true}, nil
+	}
+	cond, err := evaluator.Compile(req.Condition)
+	if err != nil {
+		return invalid(err, 0), nil
+	}
+	b.engineMu.RLock()
+	ids, err := b.engine.Match(cond)
+	b.engineMu.RUnlock()
+	if err != nil {
+		return invalid(err, 0), nil
+	}
+	n := len(ids)
+	res := api.ConditionCheck{Valid: true, Matches: &n}
+	if cond.MatchesNothing() && strings.TrimSpace(req.Condition) == "" {
+		res.Message = "an empty condition targets no device ('*' targets every device)"
+	}
+	return res, nil
+}
+
+// metricConditionAt is MetricCondition with the column (in characters) at
+// which the condition starts in the query, so that an error's column
+// points into the query as written.
+func metricConditionAt(query string) (string, int) {
+	cond := MetricCondition(query)
+	at := strings.LastIndex(query, cond)
+	if cond == "" || at < 0 {
+		return cond, 0
+	}
+	return cond, utf8.RuneCountInString(query[:at])
+}
+
+// DryRunDeployment reports what creating (or re-putting) a deployment would
+// do, changing nothing.
+func (b *backend) DryRunDeployment(ctx context.Context, id string, req api.DeploymentRequest) (api.DryRunResult, error) {
+	if err := validateDeployment(id, req); err != nil {
+		return api.DryRunResult{}, err
+	}
+	created := now()
+	err := b.store.View(func(r *raftstore.Reader) error {
+		if d, err := r.Deployment(id); err == nil {
+			created = d.CreatedTimeUTC // a re-put keeps its place
+		}
+		return nil
+	})
+	if err != nil {
+		return api.DryRunResult{}, err
+	}
+	return b.dryRun(evaluator.Deployment{ID: id, Condition: req.TargetCondition, Priority: req.Priority, CreatedUnixNano: created.UnixNano()})
+}
+
+// DryRunPatchDeployment reports what a PATCH would do: the deployment with
+// the patch's condition and priority, in its place by creation time.
+func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.DeploymentPatch) (api.DryRunResult, error) {
+	if len(p.Content) > 0 {
+		return api.DryRunResult{}, errContentImmutable
+	}
+	var d fleet.Deployment
+	err := b.store.View(func(r *raftstore.Reader) error {
+		var err error
+		d, err = r.Deployment(id)
+		return err
+	})
+	if err != nil {
+		return api.DryRunResult{}, err
+	}
+	if p.TargetCondition != nil {
+		if _, err := evaluator.Compile(*p.TargetCondition); err != nil {
+			return api.DryRunResult{}, conditionError("targetCondition", err)
+		}
+		d.TargetCondition = *p.TargetCondition
+	}
+	if p.Priority != nil {
+		if err := fleet.ValidatePriority(*p.Priority); err != nil {
+			return api.DryRunResult{}, err
+		}
+		d.Priority = *p.Priority
+	}
+	return b.dryRun(engineDeployment(&d))
+}
+
+// dryRun computes what putting d would change: the devices it would
+// target and apply to, and every device whose applied deployment would
+// change (to d, or, for devices d holds now and would lose, to the next
+// deployment that targets them, or none).
+func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
+	b.engineMu.RLock()
+	defer b.engineMu.RUnlock()
+	targeted, would, err := b.engine.DryRunDevices(d)
+	if err != nil {
+		return api.DryRunResult{}, conditionError("targetCondition", err)
+	}
+	res := api.DryRunResult{
+		TargetedCount: len(targeted), WouldApplyCount: len(would),
+		TargetedDevices: sample(targeted), WouldApplyDevices: sample(would),
+	}
+	moves := newMoveSet()
+	for _, dev := range would {
+		if from := b.engine.Applied(dev); from != d.ID {
+			moves.add(from, d.ID, dev)
+		}
+	}
+	for _, dev := range b.engine.AppliedDevices(d.ID) {
+		if _, stays := slices.BinarySearch(would, dev); !stays {
+			moves.add(d.ID, b.nextDeployment(dev, d.ID), dev)
+		}
+	}
+	res.Moves = moves.list()
+	return res, nil
+}
+
+// DryRunDeleteDeployment reports where the deployment's devices would go.
+func (b *backend) DryRunDeleteDeployment(ctx context.Context, id string) (api.DryRunResult, error) {
+	err := b.store.View(func(r *raftstore.Reader) error {
+		_, err := r.Deployment(id)
+		return err
+	})
+	if err != nil {
+		return api.DryRunResult{}, err
+	}
+	b.engineMu.RLock()
+	defer b.engineMu.RUnlock()
+	targeted := b.engine.TargetedDevices(id)
+	res := api.DryRunResult{TargetedCount: len(targeted), TargetedDevices: sample(targeted), WouldApplyDevices: []string{}}
+	moves := newMoveSet()
+	for _, dev := range b.engine.AppliedDevices(id) {
+		moves.add(id, b.nextDeployment(dev, id), dev)
+	}
+	res.Moves = moves.list()
+	return res, nil
+}
+
+// nextDeployment is the deployment that would apply to a device without
+// the one named: the first other that targets it, by precedence.
+func (b *backend) nextDeployment(deviceID, without string) string {
+	for _, dep := range b.engine.Targeting(deviceID) {
+		if dep != without {
+			return dep
+		}
+	}
+	return ""
+}
+
+func sample(ids []string) []string {
+	return slices.Clone(ids[:min(len(ids), api.DryRunSample)])
+}
+
+// moveSet groups devices by (from, to).
+type moveSet map[[2]string]*api.DryRunMove
+
+func newMoveSet() moveSet { return moveSet{} }
+
+func (m moveSet) add(from, to, deviceID string) {
+	mv := m[[2]string{from, to}]
+	if mv == nil {
+		mv = &api.DryRunMove{From: from, To: to, Devices: []string{}}
+		m[[2]string{from, to}] = mv
+	}
+	mv.Count++
+	if len(mv.Devices) < api.DryRunSample {
+		mv.Devices = append(mv.Devices, deviceID)
+	}
+}
+
+// list returns the groups, largest first, then by from and to.
+func (m moveSet) list() []api.DryRunMove {
+	out := make([]api.DryRunMove, 0, len(m))
+	for _, mv := range m {
+		slices.Sort(mv.Devices)
+		out = append(out, *mv)
+	}
+	slices.SortFunc(out, func(a, b api.DryRunMove) int {
+		return cmp.Or(cmp.Compare(b.Count, a.Count), strings.Compare(a.From, b.From), strings.Compare(a.To, b.To))
+	})
+	return out
+}
+
+// precedence explains, for one device, the order of the deployments that
+// target it (targeting, as the engine ranks them): the first applies.
+// The caller holds engineMu and r's transaction.
+func precedence(r *raftstore.Reader, targeting []string) []api.PrecedenceEntry {
+	deps := make([]fleet.Deployment, 0, len(targeting))
+	for _, id := range targeting {
+		if d, err := r.Deployment(id); err == nil {
+			deps = append(deps, d)
+		}
+	}
+	out := make([]api.PrecedenceEntry, len(deps))
+	for i, d := range deps {
+		e := api.PrecedenceEntry{Deployment: d.ID, Status: api.StatusTargeted, Priority: d.Priority, CreatedTimeUTC: d.CreatedTimeUTC}
+		switch {
+		case i == 0 && len(deps) == 1:
+			e.Status = api.StatusApplied
+			e.Reason = "applies: the only deployment whose condition matches this device"
+		case i == 0:
+			e.Status = api.StatusApplied
+			e.DecidedBy = decidedBy(d, deps[1])
+			e.Reason = "applies: " + winsOver(d, deps[1], e.DecidedBy)
+		default:
+			e.DecidedBy = decidedBy(deps[0], d)
+			e.Reason = fmt.Sprintf("loses to %s: %s", deps[0].ID, losesTo(d, deps[0], e.DecidedBy))
+		}
+		out[i] = e
+	}
+	return out
+}
+
+// decidedBy names what orders winner before loser (the engine's
+// precedence: priority, then creation time, then id).
+func decidedBy(winner, loser fleet.Deployment) string {
+	switch {
+	case winner.Priority != loser.Priority:
+		return "priority"
+	case winner.CreatedTimeUTC.UnixNano() != loser.CreatedTimeUTC.UnixNano():
+		return "created"
+	}
+	return "id"
+}
+
+func winsOver(d, next fleet.Deployment, by string) string {
+	switch by {
+	case "priority":
+		return fmt.Sprintf("highest priority (%d; next is %s with %d)", d.Priority, next.ID, next.Priority)
+	case "created":
+		return fmt.Sprintf("same priority (%d) as %s, created later (%s vs %s)", d.Priority, next.ID, stamp(d.CreatedTimeUTC), stamp(next.CreatedTimeUTC))
+	}
+	return fmt.Sprintf("same priority (%d) and creation time as %s; its id sorts first", d.Priority, next.ID)
+}
+
+func losesTo(d, winner fleet.Deployment, by string) string {
+	switch by {
+	case "priority":
+		return fmt.Sprintf("lower priority (%d < %d)", d.Priority, winner.Priority)
+	case "created":
+		return fmt.Sprintf("same priority (%d), created earlier (%s vs %s)", d.Priority, stamp(d.CreatedTimeUTC), stamp(winner.CreatedTimeUTC))
+	}
+	return fmt.Sprintf("same priority (%d) and creation time; its id sorts after", d.Priority)
+}
+
+func stamp(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05.000000Z") }
