@@ -1,11 +1,29 @@
 // Package ui owns the operator dashboard: one page of plain HTML, CSS and
-// JavaScript, embedded in the binary so that every node serves it at /ui/
-// with nothing fetched from elsewhere (sites are air-gapped).
+// JavaScript modules, embedded in the binary so that every node serves it
+// at /ui/ with nothing fetched from elsewhere (sites are air-gapped).
 //
 // The page holds no secrets and needs none to load: it asks the operator
 // for the admin token, keeps it in sessionStorage and sends it as a bearer
 // token on every call to /api/v1/, so the API stays the only place that
-// checks it.
+// checks it. It acts only through the API, as the CLI does: everything it
+// shows or changes an operator can also do with curl.
+//
+// The files (static/):
+//
+//	index.html, app.css   the frame and the styles
+//	app.js                the hash router (the routes are listed there)
+//	lib.js, shell.js      elements, API calls, formatting; sign-in, polling, notices
+//	overview.js           the fleet overview (GET /overview)
+//	deployments.js        the deployment list and one deployment, delete with its dry run
+//	deployment-form.js    create (manifest expanded by POST /manifests/expand) and update, dry run first
+//	dryrun.js             a dry run's result, unknown fields shown as they come
+//	condition.js          condition inputs checked as typed (POST /conditions/check)
+//	devices.js, device.js the device list (paged, searched, filtered) and one device
+//
+// Pages build the DOM with element and text nodes only (never innerHTML:
+// ids and tags are operator and device input); views poll the node while
+// shown and stop when the route changes; forms are built once and never
+// re-rendered under the operator's hands.
 package ui
 
 import (
