@@ -101,6 +101,17 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer st.Close()
 	a.st = st
+	if a.cfg.EnrollToken != "" {
+		own, err := st.ownKey()
+		if err != nil {
+			return err
+		}
+		derived, err := fleet.DeriveDeviceKey(a.cfg.EnrollToken, a.cfg.DeviceID)
+		if err != nil {
+			return err
+		}
+		a.cfg.DeviceKey = fleet.EnrollmentKey(derived, own)
+	}
 	drv, err := newDriver(a.cfg, a.poke)
 	if err != nil {
 		return err

@@ -69,6 +69,13 @@ type Config struct {
 	DeviceID string
 	// DeviceKey is the MQTT password. It is never logged.
 	DeviceKey string
+	// EnrollToken, instead of DeviceKey, enrolls the device through an
+	// enrollment group: the agent makes a key of its own (32 random bytes,
+	// stored in its state before it is first sent) and presents it with
+	// the proof derived from the token (fleet.EnrollmentKey). The
+	// controller registers the device with that key only, so the token
+	// alone, which every device of the group holds, opens no device.
+	EnrollToken string
 	// DataDir holds the agent's state (agent.db), the default working
 	// directories of process modules and their pid records. Created 0700.
 	DataDir string
@@ -195,8 +202,15 @@ func (c Config) validate() error {
 	if err := fleet.ValidateDeviceID(c.DeviceID); err != nil {
 		return configErr("DeviceID: %v", err)
 	}
-	if c.DeviceKey == "" {
-		return configErr("DeviceKey is required")
+	switch {
+	case c.DeviceKey != "" && c.EnrollToken != "":
+		return configErr("give DeviceKey or EnrollToken, not both")
+	case c.DeviceKey == "" && c.EnrollToken == "":
+		return configErr("DeviceKey or EnrollToken is required")
+	case c.EnrollToken != "":
+		if _, err := fleet.DeriveDeviceKey(c.EnrollToken, c.DeviceID); err != nil {
+			return configErr("EnrollToken: %v", err)
+		}
 	}
 	if c.DataDir == "" {
 		return configErr("DataDir is required")

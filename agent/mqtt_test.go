@@ -34,6 +34,9 @@ type controller struct {
 	b        *broker.Broker
 	deviceID string
 	key      string
+	// auth, when set, replaces the check of key (set it before an agent
+	// connects).
+	auth func(deviceID, key string) error
 
 	mu      sync.Mutex
 	desired []byte
@@ -76,6 +79,9 @@ func startControllerOn(t testing.TB, addr string, tlsCfg *tls.Config, deviceID, 
 		TLSConfig: tlsCfg,
 		Logger:    testLogger(t),
 		Auth: fakeAuth(func(_ context.Context, id, k string) error {
+			if c.auth != nil {
+				return c.auth(id, k)
+			}
 			if id != c.deviceID || k != c.key {
 				return errors.New("unknown device or wrong key")
 			}
@@ -431,5 +437,61 @@ func (p *silencingProxy) pipe(dst, src net.Conn) {
 		if _, err := dst.Write(buf[:n]); err != nil {
 			return
 		}
+	}
+}
+
+// TestAgent_EnrollsWithItsOwnKey: an agent given an enrollment token makes
+// a key of its own, stores it, and connects with the token's proof and
+// that key; restarted on the same data directory it presents the same
+// key, so the key the controller registered stays the one it holds.
+func TestAgent_EnrollsWithItsOwnKey(t *testing.T) {
+	cfg := testConfig(t)
+	const token = "line-1.c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"
+	c := startController(t, "127.0.0.1:0", cfg.DeviceID, "")
+	passwords := map[string]chan string{cfg.DeviceID: make(chan string, 64), "sibling": make(chan string, 64)}
+	c.auth = func(id, k string) error {
+		ch, ok := passwords[id]
+		if !ok {
+			return errors.New("unknown device")
+		}
+		select {
+		case ch <- k:
+		default:
+		}
+		return nil
+	}
+	cfg.Servers, cfg.DeviceKey, cfg.EnrollToken = []string{c.url()}, "", token
+	next := func(id string) string {
+		t.Helper()
+		select {
+		case p := <-passwords[id]:
+			return p
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s did not connect", id)
+			return ""
+		}
+	}
+	ra := startAgent(t, cfg)
+	first := next(cfg.DeviceID)
+	ra.stop(t)
+	derived, own, ok := fleet.ParseEnrollmentKey(first)
+	want, _ := fleet.DeriveDeviceKey(token, cfg.DeviceID)
+	if !ok || derived != want || fleet.ValidateOwnKey(own) != nil {
+		t.Fatalf("the agent connected with %q; want the token's proof and a key of its own", first)
+	}
+	for len(passwords[cfg.DeviceID]) > 0 {
+		<-passwords[cfg.DeviceID]
+	}
+	startAgent(t, cfg)
+	if again := next(cfg.DeviceID); again != first {
+		t.Fatalf("restarted, the agent presented %q; want %q", again, first)
+	}
+	// A sibling of the group makes its own key: nothing it holds gives
+	// it the first one's.
+	sibling := cfg
+	sibling.DeviceID, sibling.DataDir = "sibling", t.TempDir()
+	startAgent(t, sibling)
+	if _, o, _ := fleet.ParseEnrollmentKey(next("sibling")); o == own {
+		t.Fatal("two agents made the same own key")
 	}
 }

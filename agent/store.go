@@ -9,12 +9,16 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
+
+	"appliance/fleet"
 )
 
 // store is the agent's durable state, one bbolt file in the data dir:
 //
 //	agent/desired   the last valid desired document, as received
 //	agent/last      the version and outcome of the last document processed
+//	agent/ownKey    the key the device enrolled with (EnrollToken), made
+//	                and committed before it is first sent
 //	modules/<name>  what the agent created for a module (moduleRecord)
 //
 // A module record is written as soon as the runtime returns a handle and
@@ -29,6 +33,7 @@ var (
 	bucketModules = []byte("modules")
 	keyDesired    = []byte("desired")
 	keyLast       = []byte("last")
+	keyOwnKey     = []byte("ownKey")
 )
 
 // lastRecord is the outcome of the last desired document processed, valid
@@ -143,4 +148,33 @@ func (s *store) deleteModule(name string) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketModules).Delete([]byte(name))
 	})
+}
+
+// ownKey returns the device's own key, making it the first time: 32
+// random bytes, committed (bbolt fsyncs the commit) before the caller can
+// send it. An agent killed before the commit never sent the key and makes
+// another next time; one killed after it finds the same key, so whatever
+// the controller registered, the agent holds.
+func (s *store) ownKey() (string, error) {
+	var key string
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		a := tx.Bucket(bucketAgent)
+		if v := a.Get(keyOwnKey); v != nil {
+			key = string(v)
+			return nil
+		}
+		k, err := fleet.NewKey()
+		if err != nil {
+			return err
+		}
+		key = k
+		return a.Put(keyOwnKey, []byte(k))
+	})
+	if err != nil {
+		return "", fmt.Errorf("device's own key: %w", err)
+	}
+	if err := fleet.ValidateOwnKey(key); err != nil {
+		return "", fmt.Errorf("device's own key in the state file is damaged (%v): an operator must give the device a key (appliance device keys regenerate) and run it with --device-key", err)
+	}
+	return key, nil
 }

@@ -271,10 +271,25 @@ func (c *Client) Enrollments(ctx context.Context) ([]fleet.Enrollment, error) {
 	return p.Items, err
 }
 
-// DeleteEnrollment removes an enrollment; devices it registered stay.
-func (c *Client) DeleteEnrollment(ctx context.Context, name string, opts WriteOptions) error {
-	_, err := c.do(ctx, http.MethodDelete, "/api/v1/enrollments/"+esc(name), nil, opts, nil, nil)
-	return err
+// DeleteEnrollment removes an enrollment; its token enrolls nothing from
+// then on. Devices it registered stay, unless revokeDevices: their keys
+// are then cleared too, and the answer lists them.
+func (c *Client) DeleteEnrollment(ctx context.Context, name string, revokeDevices bool, opts WriteOptions) (EnrollmentDeletion, error) {
+	var q url.Values
+	if revokeDevices {
+		q = url.Values{"revokeDevices": {"true"}}
+	}
+	out := EnrollmentDeletion{Name: name}
+	_, err := c.do(ctx, http.MethodDelete, "/api/v1/enrollments/"+esc(name), q, opts, nil, &out)
+	return out, err
+}
+
+// RotateEnrollment gives an enrollment a new token, returned this once;
+// the old token enrolls nothing from then on.
+func (c *Client) RotateEnrollment(ctx context.Context, name string, req RotateEnrollmentRequest, opts WriteOptions) (EnrollmentRotation, error) {
+	var out EnrollmentRotation
+	_, err := c.do(ctx, http.MethodPost, "/api/v1/enrollments/"+esc(name)+"/rotate", nil, opts, req, &out)
+	return out, err
 }
 
 // DeploymentStatus reads where a deployment stands.

@@ -50,7 +50,12 @@ type Backend interface {
 	RegenerateDeviceKey(ctx context.Context, id, which string) (fleet.Device, error)
 
 	PutEnrollment(ctx context.Context, name string, req EnrollmentRequest, opts WriteOptions) (fleet.Enrollment, bool, error)
-	DeleteEnrollment(ctx context.Context, name string, opts WriteOptions) error
+	// DeleteEnrollment deletes an enrollment; with revokeDevices it also
+	// clears the keys of the devices it registered, and returns them.
+	DeleteEnrollment(ctx context.Context, name string, revokeDevices bool, opts WriteOptions) ([]string, error)
+	// RotateEnrollment gives an enrollment a new token (the old one
+	// enrolls nothing from then on).
+	RotateEnrollment(ctx context.Context, name string, req RotateEnrollmentRequest, opts WriteOptions) (EnrollmentRotation, error)
 	Enrollment(ctx context.Context, name string) (fleet.Enrollment, error)
 	Enrollments(ctx context.Context) ([]fleet.Enrollment, error)
 
@@ -177,6 +182,7 @@ func (s *Server) routes() {
 	s.mux.Handle("PUT /api/v1/enrollments/{name}", s.auth(s.putEnrollment))
 	s.mux.Handle("GET /api/v1/enrollments/{name}", s.auth(s.getEnrollment))
 	s.mux.Handle("DELETE /api/v1/enrollments/{name}", s.auth(s.deleteEnrollment))
+	s.mux.Handle("POST /api/v1/enrollments/{name}/rotate", s.auth(s.rotateEnrollment))
 	s.mux.Handle("GET /api/v1/enrollments", s.auth(s.listEnrollments))
 
 	s.mux.Handle("PUT /api/v1/deployments/{id}", s.auth(s.putDeployment))
@@ -602,11 +608,47 @@ func (s *Server) getEnrollment(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) deleteEnrollment(w http.ResponseWriter, r *http.Request) {
-	if err := s.cfg.Backend.DeleteEnrollment(r.Context(), r.PathValue("name"), writeOpts(r)); err != nil {
+	revoke, err := boolParam(r, "revokeDevices")
+	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	w.WriteHeader(http.StatusNoContent)
+	revoked, err := s.cfg.Backend.DeleteEnrollment(r.Context(), r.PathValue("name"), revoke, writeOpts(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if !revoke {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	writeJSON(w, http.StatusOK, EnrollmentDeletion{Name: r.PathValue("name"), RevokedDevices: revoked})
+}
+
+func (s *Server) rotateEnrollment(w http.ResponseWriter, r *http.Request) {
+	var req RotateEnrollmentRequest
+	if !s.decode(w, r, &req) {
+		return
+	}
+	rot, err := s.cfg.Backend.RotateEnrollment(r.Context(), r.PathValue("name"), req, writeOpts(r))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	setEtag(w, rot.Etag)
+	writeJSON(w, http.StatusOK, rot)
+}
+
+// boolParam reads an optional true/false query parameter.
+func boolParam(r *http.Request, name string) (bool, error) {
+	switch v := r.URL.Query().Get(name); v {
+	case "", "false", "0":
+		return false, nil
+	case "true", "1":
+		return true, nil
+	default:
+		return false, fleet.Invalid(name, "must be true or false; got %q", v)
+	}
 }
 
 func (s *Server) listEnrollments(w http.ResponseWriter, r *http.Request) {

@@ -215,6 +215,27 @@ type EnrollmentRequest struct {
 	Tags map[string]any `json:"tags,omitempty"`
 }
 
+// RotateEnrollmentRequest is the body of POST /enrollments/{name}/rotate.
+type RotateEnrollmentRequest struct {
+	// RevokeDevices also clears the keys of every device the enrollment
+	// registered: they cannot connect until given keys again (device keys
+	// regenerate) or deleted (then they enroll anew with the new token).
+	RevokeDevices bool `json:"revokeDevices,omitempty"`
+}
+
+// EnrollmentRotation answers a rotation: the enrollment with its new token
+// (shown this once) and the devices whose keys were revoked.
+type EnrollmentRotation struct {
+	fleet.Enrollment
+	RevokedDevices []string `json:"revokedDevices"`
+}
+
+// EnrollmentDeletion answers DELETE /enrollments/{name}?revokeDevices=true.
+type EnrollmentDeletion struct {
+	Name           string   `json:"name"`
+	RevokedDevices []string `json:"revokedDevices"`
+}
+
 // EnrollmentPage lists enrollments (never their tokens).
 type EnrollmentPage struct {
 	Items []fleet.Enrollment `json:"items"`

@@ -433,12 +433,13 @@ func (b *Broker) Disconnect(deviceID string) {
 
 // DisconnectStale drops the device's connections whose credential no
 // longer opens it: stillValid is asked about each authenticated
-// connection's KeyID, and a connection whose key check is still running is
-// marked revoked (refused when the check returns; the device reconnects
-// with whatever key is valid now). The node calls it when it applies a
-// change of the device's keys or status, on every node, so a replaced key
-// loses its sessions everywhere at once. It returns how many connections it
-// ended.
+// connection's KeyID; a connection whose key check is still running asks
+// it when the check returns, and is refused if the answer is no (the
+// check may have read the keys from before the change). stillValid must
+// judge by the state at the time it is called, since that can be later.
+// The node calls it when it applies a change of the device's keys or
+// status, on every node, so a replaced key loses its sessions everywhere
+// at once. It returns how many connections it ended.
 func (b *Broker) DisconnectStale(deviceID string, stillValid func(keyID string) bool) int {
 	b.mu.Lock()
 	var stale []*trackedConn
@@ -446,7 +447,11 @@ func (b *Broker) DisconnectStale(deviceID string, stillValid func(keyID string) 
 		if tc.revoked.Load() {
 			continue
 		}
-		if tc.keyID == "" || !stillValid(tc.keyID) {
+		if tc.keyID == "" {
+			tc.recheck = stillValid
+			continue
+		}
+		if !stillValid(tc.keyID) {
 			tc.revoked.Store(true)
 			stale = append(stale, tc)
 		}

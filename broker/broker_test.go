@@ -686,7 +686,8 @@ func TestBroker_DisconnectStale_EndsOnlySessionsOfAReplacedKey(t *testing.T) {
 
 // TestBroker_DisconnectStale_DuringAuthenticationRefuses: a key replaced
 // while a connection's key check runs (the node read the old key) refuses
-// that connection when the check returns.
+// that connection when the check returns; a change that keeps its key
+// valid does not.
 func TestBroker_DisconnectStale_DuringAuthenticationRefuses(t *testing.T) {
 	f := newTestFleet("press-01")
 	authenticating := make(chan struct{})
@@ -710,10 +711,27 @@ func TestBroker_DisconnectStale_DuringAuthenticationRefuses(t *testing.T) {
 		errc <- err
 	}()
 	<-authenticating
-	b.DisconnectStale("press-01", func(string) bool { return true })
+	b.DisconnectStale("press-01", func(string) bool { return false })
 	close(release)
 	if err := <-errc; err == nil {
-		t.Fatal("connection accepted although its key changed during the check; want refused")
+		t.Fatal("connection accepted although its key was replaced during the check; want refused")
+	}
+	// A change that leaves the key valid (the device's own enrollment,
+	// adopting a key) refuses nothing.
+	calls.Store(0)
+	authenticating, release = make(chan struct{}), make(chan struct{})
+	go func() {
+		c, err := rawConnect(b.Addr(), "press-01", "key-press-01")
+		if err == nil {
+			c.Close()
+		}
+		errc <- err
+	}()
+	<-authenticating
+	b.DisconnectStale("press-01", func(string) bool { return true })
+	close(release)
+	if err := <-errc; err != nil {
+		t.Fatalf("connection refused although its key stayed valid: %v", err)
 	}
 }
 

@@ -267,8 +267,11 @@ type trackedConn struct {
 	desiredTopic string
 	// keyID names the credential the connection authenticated with
 	// (KeyIdentifier), set under Broker.mu once the Authenticator has
-	// accepted it; "" while the check runs.
-	keyID string
+	// accepted it; "" while the check runs. recheck, set under Broker.mu
+	// by DisconnectStale while the check runs, judges the key once it is
+	// known.
+	keyID   string
+	recheck func(keyID string) bool
 	// desiredQoS is the QoS granted on the desired topic, or
 	// notSubscribed: the hook's copy of what mochi's subscription map
 	// says, read for every document without mochi's lock and map lookup.

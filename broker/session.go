@@ -171,12 +171,16 @@ func (b *Broker) authenticate(tc *trackedConn, cl *mqtt.Client, pk packets.Packe
 	if err == nil {
 		b.takeOver(tc)
 		// The credential is recorded under the registry's lock, where
-		// DisconnectStale reads it: a key replaced while this check ran
-		// has marked the connection revoked, and it is refused here.
+		// DisconnectStale reads it: keys changed while this check ran
+		// left a recheck, which judges the key by the state now.
 		keyID := b.keyID(deviceID, string(pk.Connect.Password))
 		b.mu.Lock()
 		tc.keyID = keyID
+		recheck := tc.recheck
 		b.mu.Unlock()
+		if recheck != nil && !recheck(keyID) {
+			tc.revoked.Store(true)
+		}
 		if tc.revoked.Load() {
 			err = errRevoked
 		}

@@ -34,10 +34,12 @@ them running by their restart policies, reports their status, and keeps running
 its last manifest while every controller is unreachable.
 
 A device authenticates with one of its keys (--device-key), or enrolls itself
-with an enrollment group's token (--enroll-token): it then derives its own key
-from the token and is registered with the group's tags on first connect. Tags
-are the operator's: a device cannot choose its own, or it could put itself in
-any deployment's audience.`,
+with an enrollment group's token (--enroll-token): it then makes a key of its
+own (kept in its data directory), proves it holds the token with the key the
+token derives for its id, and is registered with its own key and the group's
+tags on first connect. The token alone opens no device, so the devices of a
+group cannot impersonate each other. Tags are the operator's: a device cannot
+choose its own, or it could put itself in any deployment's audience.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			logger, err := newLogger(a.stderr, logFormat, logLevel)
@@ -62,8 +64,7 @@ any deployment's audience.`,
 			case deviceKey == "" && enrollToken == "":
 				return fmt.Errorf("flag --device-key or --enroll-token is required (env %sDEVICE_KEY or %sENROLL_TOKEN)", agentEnv, agentEnv)
 			case enrollToken != "":
-				deviceKey, err = fleet.DeriveDeviceKey(enrollToken, deviceID)
-				if err != nil {
+				if _, err := fleet.DeriveDeviceKey(enrollToken, deviceID); err != nil {
 					return fmt.Errorf("flag --enroll-token: %w", err)
 				}
 			}
@@ -72,16 +73,17 @@ any deployment's audience.`,
 				dir = filepath.Join(DefaultDataDir(a.getenv), "agent")
 			}
 			ag, err := agent.New(agent.Config{
-				Servers:   strings.Split(servers, ","),
-				DeviceID:  deviceID,
-				DeviceKey: deviceKey,
-				DataDir:   dir,
-				Runtime:   env("RUNTIME", runtime),
-				CAFile:    env("CA_FILE", caFile),
-				Logger:    logger,
-				Version:   a.version,
-				Restart:   agent.RestartConfig{CoolOff: coolOff, MaxRestarts: maxRestarts},
-				KeepAlive: keepAlive,
+				Servers:     strings.Split(servers, ","),
+				DeviceID:    deviceID,
+				DeviceKey:   deviceKey,
+				EnrollToken: enrollToken,
+				DataDir:     dir,
+				Runtime:     env("RUNTIME", runtime),
+				CAFile:      env("CA_FILE", caFile),
+				Logger:      logger,
+				Version:     a.version,
+				Restart:     agent.RestartConfig{CoolOff: coolOff, MaxRestarts: maxRestarts},
+				KeepAlive:   keepAlive,
 			})
 			if err != nil {
 				return err

@@ -10,7 +10,7 @@ import (
 
 func (a *app) enrollmentCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "enrollment", Short: "Manage enrollment groups: tokens with which new devices register themselves"}
-	cmd.AddCommand(a.enrollmentCreate(), a.enrollmentShow(), a.enrollmentList(), a.enrollmentDelete())
+	cmd.AddCommand(a.enrollmentCreate(), a.enrollmentShow(), a.enrollmentList(), a.enrollmentDelete(), a.enrollmentRotate())
 	return cmd
 }
 
@@ -98,25 +98,86 @@ func (a *app) enrollmentList() *cobra.Command {
 }
 
 func (a *app) enrollmentDelete() *cobra.Command {
-	return &cobra.Command{
+	var revoke bool
+	cmd := &cobra.Command{
 		Use:   "delete NAME",
-		Short: "Delete an enrollment group (devices it registered stay)",
+		Short: "Delete an enrollment group: its token enrolls nothing from now on (devices it registered stay, unless --revoke-devices)",
 		Args:  exactArgs(1, "NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
 			if err != nil {
 				return err
 			}
-			if err := c.DeleteEnrollment(cmd.Context(), args[0], api.WriteOptions{}); err != nil {
+			del, err := c.DeleteEnrollment(cmd.Context(), args[0], revoke, api.WriteOptions{})
+			if err != nil {
 				return err
 			}
 			if a.output == "json" {
-				return a.printJSON(map[string]string{"deleted": args[0]})
+				if !revoke {
+					return a.printJSON(map[string]string{"deleted": args[0]})
+				}
+				return a.printJSON(del)
 			}
 			fmt.Fprintf(a.stdout, "deleted enrollment %s\n", args[0])
+			if revoke {
+				a.printRevoked(del.RevokedDevices)
+			}
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&revoke, "revoke-devices", false, revokeDevicesHelp)
+	return cmd
+}
+
+const revokeDevicesHelp = "also revoke the devices the enrollment registered: their keys stop working on every node at once " +
+	"(give one keys again with: appliance device keys regenerate ID, or delete it so that it enrolls anew)"
+
+func (a *app) enrollmentRotate() *cobra.Command {
+	var revoke bool
+	cmd := &cobra.Command{
+		Use:   "rotate NAME",
+		Short: "Give an enrollment group a new token (printed once); the old token enrolls nothing from now on",
+		Long: `Give an enrollment group a new token. The old token stops enrolling devices on
+every node as soon as the change is applied; devices already enrolled keep
+working (each holds a key of its own, not one the token derives), unless
+--revoke-devices is given: their keys are then cleared too, and every session
+they hold ends.`,
+		Args: exactArgs(1, "NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			rot, err := c.RotateEnrollment(cmd.Context(), args[0], api.RotateEnrollmentRequest{RevokeDevices: revoke}, api.WriteOptions{})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(rot)
+			}
+			a.keyValues([][]string{{"name", rot.Name}, {"token", rot.Token}, {"etag", rot.Etag}})
+			if revoke {
+				a.printRevoked(rot.RevokedDevices)
+			}
+			fmt.Fprintln(a.stderr, "keep the token now: it is not shown again. The previous token no longer enrolls devices.")
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&revoke, "revoke-devices", false, revokeDevicesHelp)
+	return cmd
+}
+
+// printRevoked lists the devices a revocation cut off.
+func (a *app) printRevoked(ids []string) {
+	fmt.Fprintf(a.stdout, "revoked %d devices\n", len(ids))
+	if len(ids) == 0 {
+		return
+	}
+	rows := [][]string{{"DEVICE"}}
+	for _, id := range ids {
+		rows = append(rows, []string{id})
+	}
+	a.table(rows)
 }
 
 func (a *app) deviceKeys() *cobra.Command {

@@ -9,10 +9,14 @@ import (
 	"encoding/json"
 	"net/url"
 	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+	bolt "go.etcd.io/bbolt"
 
 	"appliance/fleet"
 )
@@ -119,5 +123,136 @@ func TestRevocation_RegeneratedKeyCutOffOnEveryNode(t *testing.T) {
 		if _, err := connectDevice(t, n.server, "press-01", key); err == nil {
 			t.Errorf("%s let press-01 connect with its replaced key", n.id)
 		}
+	}
+}
+
+// agentOwnKey reads the key an agent made for itself from its state file
+// (the agent must have stopped: it holds the file's lock).
+func agentOwnKey(t *testing.T, dataDir string) string {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(dataDir, "agent.db"), 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var key string
+	db.View(func(tx *bolt.Tx) error {
+		if b := tx.Bucket([]byte("agent")); b != nil {
+			key = string(b.Get([]byte("ownKey")))
+		}
+		return nil
+	})
+	if key == "" {
+		t.Fatalf("no own key in %s", dataDir)
+	}
+	return key
+}
+
+// TestRevocation_EnrollmentTokens is issue 13's acceptance 2 for
+// enrollments, with real agents: two devices of one group enroll; what one
+// of them holds (the group's token and its own state) gives it no key that
+// opens the other; a rotated-out or deleted enrollment's token enrolls
+// nothing; and rotating with --revoke-devices cuts the group's devices off.
+func TestRevocation_EnrollmentTokens(t *testing.T) {
+	dir := t.TempDir()
+	srv := startServer(t, dir)
+	mqtt := srv.mqttURL()
+	token := enrollmentToken(t, dir, "line-1", "environment=prod")
+	dataA, dataB := t.TempDir(), t.TempDir()
+	agentA := startAgent(t, "--server", mqtt, "--ca-file", srv.caFile(), "--device-id", "press-a", "--enroll-token", token, "--data-dir", dataA)
+	agentB := startAgent(t, "--server", mqtt, "--ca-file", srv.caFile(), "--device-id", "press-b", "--enroll-token", token, "--data-dir", dataB)
+	for _, id := range []string{"press-a", "press-b"} {
+		eventually(t, id+" enrolled and connected", 30*time.Second, func() bool {
+			r := cli(t, dir, "device", "show", id, "-o", "json")
+			return r.code == 0 && strings.Contains(r.stdout, `"connectionState": "Connected"`) && strings.Contains(r.stdout, `"enrollment": "line-1"`)
+		})
+	}
+
+	// press-b is compromised: everything it holds is the token and its
+	// state file. Nothing computed from them opens press-a.
+	agentB.kill()
+	ownB := agentOwnKey(t, dataB)
+	derivedA, err := fleet.DeriveDeviceKey(token, "press-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	derivedB, _ := fleet.DeriveDeviceKey(token, "press-b")
+	for name, key := range map[string]string{
+		"press-a's derived key":                  derivedA,
+		"press-a's derived key with b's own key": fleet.EnrollmentKey(derivedA, ownB),
+		"b's own key":                            ownB,
+		"b's own password":                       fleet.EnrollmentKey(derivedB, ownB),
+	} {
+		if _, err := connectDevice(t, srv, "press-a", key); err == nil {
+			t.Errorf("press-b's holdings open press-a: %s", name)
+		}
+	}
+	// press-a's key is its own: not derivable from the token, and it opens
+	// press-a (over MQTT, as the agent presents it).
+	agentA.kill()
+	ownA := agentOwnKey(t, dataA)
+	if ownA == ownB || ownA == derivedA {
+		t.Fatal("press-a's key is one press-b could know")
+	}
+	if _, err := connectDevice(t, srv, "press-a", fleet.EnrollmentKey(derivedA, ownA)); err != nil {
+		t.Fatalf("press-a's own key: %v", err)
+	}
+
+	// Rotating: the old token enrolls nothing, the new one does.
+	r := cli(t, dir, "enrollment", "rotate", "line-1", "-o", "json").mustSucceed(t)
+	var rot struct {
+		Token          string
+		RevokedDevices []string
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &rot); err != nil || rot.Token == "" || rot.Token == token || len(rot.RevokedDevices) != 0 {
+		t.Fatalf("enrollment rotate: %s (%v)", r.stdout, err)
+	}
+	enroll := func(tok, id string) error {
+		derived, err := fleet.DeriveDeviceKey(tok, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		own, _ := fleet.NewKey()
+		_, err = connectDevice(t, srv, id, fleet.EnrollmentKey(derived, own))
+		return err
+	}
+	if err := enroll(token, "press-c"); err == nil {
+		t.Error("the rotated-out token enrolled press-c")
+	}
+	if err := enroll(rot.Token, "press-d"); err != nil {
+		t.Errorf("the new token: %v", err)
+	}
+	// A device enrolled with the old token keeps its own key.
+	agentA = startAgent(t, "--server", mqtt, "--ca-file", srv.caFile(), "--device-id", "press-a", "--enroll-token", token, "--data-dir", dataA)
+	eventually(t, "press-a reconnects after the rotation", 30*time.Second, func() bool {
+		return strings.Contains(cli(t, dir, "device", "show", "press-a", "-o", "json").stdout, `"connectionState": "Connected"`)
+	})
+
+	// --revoke-devices: press-a's agent is cut off and stays out.
+	r = cli(t, dir, "enrollment", "rotate", "line-1", "--revoke-devices", "-o", "json").mustSucceed(t)
+	if err := json.Unmarshal([]byte(r.stdout), &rot); err != nil || !slices.Equal(rot.RevokedDevices, []string{"press-a", "press-b", "press-d"}) {
+		t.Fatalf("enrollment rotate --revoke-devices: %s (%v)", r.stdout, err)
+	}
+	eventually(t, "press-a's agent cut off", 30*time.Second, func() bool {
+		return strings.Contains(agentA.logs.String(), "connection to controller lost") &&
+			strings.Contains(cli(t, dir, "device", "show", "press-a", "-o", "json").stdout, `"connectionState": "Disconnected"`)
+	})
+	agentA.kill()
+	if _, err := connectDevice(t, srv, "press-a", fleet.EnrollmentKey(derivedA, ownA)); err == nil {
+		t.Error("a revoked device reconnected")
+	}
+
+	// Deleting: the token enrolls nothing from then on, for a real agent
+	// too, which logs the refusal.
+	cli(t, dir, "enrollment", "delete", "line-1").mustSucceed(t)
+	if err := enroll(rot.Token, "press-e"); err == nil {
+		t.Error("a deleted enrollment's token enrolled press-e")
+	}
+	agentF := startAgent(t, "--server", mqtt, "--ca-file", srv.caFile(), "--device-id", "press-f", "--enroll-token", rot.Token, "--data-dir", t.TempDir())
+	eventually(t, "the agent with a deleted enrollment's token is refused", 30*time.Second, func() bool {
+		return strings.Contains(agentF.logs.String(), "cannot connect to controller")
+	})
+	if r := cli(t, dir, "device", "show", "press-f"); r.code == 0 {
+		t.Error("a deleted enrollment's token registered press-f")
 	}
 }

@@ -29,6 +29,11 @@ type Device struct {
 	LastUpdatedTimeUTC time.Time      `json:"lastUpdatedTimeUtc"`
 	Etag               string         `json:"etag"`
 	Authentication     Authentication `json:"authentication"`
+	// Enrollment names the enrollment group through which the device
+	// registered itself ("" for a device an operator created). Kept when
+	// the device changes; revoking that group's devices
+	// (enrollment rotate/delete --revoke-devices) finds it by this.
+	Enrollment string `json:"enrollment,omitempty"`
 }
 
 // Authentication describes how a device proves who it is. Only symmetric

@@ -15,12 +15,14 @@ import (
 // connect, with the enrollment's initial tags, and the evaluator then
 // targets it like any other device.
 //
-// The device never sends the token. It derives its own key from it,
-// DeriveDeviceKey(token, deviceId) (HMAC-SHA256, as DPS derives device keys
-// from a group key), and connects with that key; the controller, which
-// holds the enrollment's derivation key, recognises it and registers the
-// device with that key. Each device so has a key of its own, and a key
-// leaked from one device opens no other.
+// The device never sends the token. It proves it holds it with the key
+// derived from it, DeriveDeviceKey(token, deviceId) (HMAC-SHA256, as DPS
+// derives device keys from a group key), and it presents, with that
+// proof, a key of its own: 32 random bytes it made and stored before it
+// first connected (EnrollmentKey). The controller registers the device
+// with its own key only. Every holder of the token can compute any
+// device's derived key, so the derived key opens no registered device:
+// one device of a group cannot impersonate another.
 type Enrollment struct {
 	Name               string         `json:"name"`
 	Tags               map[string]any `json:"tags"`
@@ -69,6 +71,29 @@ func DeriveDeviceKey(token, deviceID string) (string, error) {
 // DeviceKeyFor is the key a device enrolling with e must present.
 func (e Enrollment) DeviceKeyFor(deviceID string) string {
 	return deviceKeyFrom(e.DerivationKey, deviceID)
+}
+
+// EnrollmentKey is the MQTT password of a device that enrolls itself:
+// the key derived from the group's token (the proof), ":", and the
+// device's own key (what it will be registered with). A device key never
+// contains ":" (base64), so the two forms cannot be confused.
+func EnrollmentKey(derived, own string) string { return derived + ":" + own }
+
+// ParseEnrollmentKey splits a password made by EnrollmentKey; ok is false
+// for a plain device key.
+func ParseEnrollmentKey(password string) (derived, own string, ok bool) {
+	derived, own, ok = strings.Cut(password, ":")
+	return derived, own, ok && derived != "" && own != ""
+}
+
+// ValidateOwnKey checks a device's own key: 32 bytes in standard base64,
+// the shape NewKey makes, so that no device registers a guessable key.
+func ValidateOwnKey(key string) error {
+	b, err := base64.StdEncoding.DecodeString(key)
+	if err != nil || len(b) != 32 {
+		return Invalid("ownKey", "must be 32 random bytes in standard base64 (44 characters)")
+	}
+	return nil
 }
 
 func deviceKeyFrom(derivationKey, deviceID string) string {

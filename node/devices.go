@@ -34,6 +34,9 @@ var (
 // state stores for it (fleet.HashKey), so that a session can be checked
 // against the device's keys after they change.
 func (d *devices) KeyID(deviceID, key string) string {
+	if _, own, ok := fleet.ParseEnrollmentKey(key); ok {
+		return fleet.HashKey(own)
+	}
 	return fleet.HashKey(key)
 }
 
@@ -75,8 +78,16 @@ func (n *Node) recheckSessions(ids []string) {
 }
 
 // AuthenticateDevice checks a device's key against the stored hashes in
-// constant time, from the local replica.
+// constant time, from the local replica. The key is a device key, or an
+// enrolling device's EnrollmentKey (proof from the group's token, and its
+// own key): an unknown device enrolls with it; a registered one is checked
+// on its own key alone.
 func (d *devices) AuthenticateDevice(ctx context.Context, deviceID, key string) error {
+	derived, own, enrolling := fleet.ParseEnrollmentKey(key)
+	presented := key
+	if enrolling {
+		presented = own
+	}
 	var dev fleet.Device
 	err := d.store.View(func(r *raftstore.Reader) error {
 		var err error
@@ -84,15 +95,28 @@ func (d *devices) AuthenticateDevice(ctx context.Context, deviceID, key string) 
 		return err
 	})
 	if err != nil {
-		if errors.Is(err, fleet.ErrNotFound) {
-			return d.enroll(ctx, deviceID, key)
+		if !errors.Is(err, fleet.ErrNotFound) {
+			return fmt.Errorf("authenticate %s: %w", deviceID, err)
 		}
-		return fmt.Errorf("authenticate %s: %w", deviceID, err)
+		if !enrolling {
+			(*Node)(d).explainDerivedOnly(deviceID, key)
+			return ErrDeviceRefused
+		}
+		return d.enroll(ctx, deviceID, derived, own)
 	}
-	if dev.Status == fleet.DeviceDisabled || dev.Authentication.KeyHashes == nil || !dev.Authentication.KeyHashes.CheckKey(key) {
+	h := dev.Authentication.KeyHashes
+	if dev.Status == fleet.DeviceDisabled || h == nil {
 		return ErrDeviceRefused
 	}
-	return nil
+	if h.CheckKey(presented) {
+		return nil
+	}
+	if enrolling && h.CheckKey(derived) {
+		// Registered before devices brought their own key: its key is
+		// the derived one, which its siblings can compute.
+		return d.adoptOwnKey(ctx, dev, derived, own)
+	}
+	return ErrDeviceRefused
 }
 
 // Desired returns the device's current desired document.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +15,7 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/raftstore"
 )
 
 // mqttDevice is a real MQTT 5 client (Eclipse Paho) playing a device.
@@ -247,9 +249,12 @@ func sameJSON(a json.RawMessage, b string) bool {
 	return mustJSON(x) == mustJSON(y)
 }
 
-// TestEnrollment has a new device register itself with a key derived from
-// an enrollment's token: it gets the enrollment's tags, the deployment for
-// those tags applies at once, and only its own derived key works.
+// TestEnrollment has a new device register itself with an enrollment's
+// token: it proves it holds the token with the key the token derives for
+// its id and brings a key of its own, gets the enrollment's tags, and the
+// deployment for those tags applies at once. It is registered with its own
+// key only: the derived key, which every holder of the token can compute,
+// opens it no more, so a sibling cannot impersonate it.
 func TestEnrollment(t *testing.T) {
 	n := startNode(t, t.TempDir())
 	c := clientFor(n)
@@ -264,21 +269,30 @@ func TestEnrollment(t *testing.T) {
 	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'"}, api.WriteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	own := newOwnKey(t)
 
 	// A key derived for another device id, or from another token, fails.
 	other, _ := fleet.DeriveDeviceKey(e.Token, "someone-else")
-	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", other); err == nil {
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", fleet.EnrollmentKey(other, own)); err == nil {
 		t.Fatal("a key derived for another device enrolled this one")
+	}
+	// The derived key alone (an agent of an older release) enrolls nothing.
+	derived, err := fleet.DeriveDeviceKey(e.Token, "new-press")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", derived); err == nil {
+		t.Fatal("the derived key alone enrolled the device")
+	}
+	// Nor does a weak own key.
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", fleet.EnrollmentKey(derived, "short")); err == nil {
+		t.Fatal("a device enrolled with a weak own key")
 	}
 	if _, err := c.Device(ctx, "new-press", false); err == nil {
 		t.Fatal("a refused enrollment registered the device")
 	}
 
-	key, err := fleet.DeriveDeviceKey(e.Token, "new-press")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := connectDevice(t, n.MQTTAddr(), "new-press", key)
+	dev, err := connectDevice(t, n.MQTTAddr(), "new-press", fleet.EnrollmentKey(derived, own))
 	if err != nil {
 		t.Fatalf("enroll: %v", err)
 	}
@@ -287,20 +301,189 @@ func TestEnrollment(t *testing.T) {
 		t.Fatalf("enrolled device got %+v", doc)
 	}
 	v, err := c.Device(ctx, "new-press", true)
-	if err != nil || v.Tags["line"] != 3.0 || v.Configurations["prod"].Status != api.StatusApplied {
+	if err != nil || v.Tags["line"] != 3.0 || v.Configurations["prod"].Status != api.StatusApplied || v.Enrollment != "line-3" {
 		t.Fatalf("enrolled device %+v %v", v, err)
 	}
-	// Rotating the primary key: the old derived key stops working.
+	dev.c.Disconnect(&paho.Disconnect{})
+
+	// A sibling holds the same token, so it computes new-press's derived
+	// key; with that and any key of its own it is refused, alone too.
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", fleet.EnrollmentKey(derived, newOwnKey(t))); err == nil {
+		t.Fatal("a sibling with the token impersonated the enrolled device")
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", derived); err == nil {
+		t.Fatal("the derived key opens the enrolled device")
+	}
+	// The device itself reconnects with its own key, alone or with the
+	// proof (an agent sends both every time).
+	for _, key := range []string{own, fleet.EnrollmentKey(derived, own)} {
+		d, err := connectDevice(t, n.MQTTAddr(), "new-press", key)
+		if err != nil {
+			t.Fatalf("the enrolled device reconnects: %v", err)
+		}
+		d.c.Disconnect(&paho.Disconnect{})
+	}
+
+	// Rotating the primary key: the device's own key stops working.
 	rot, err := c.RegenerateDeviceKey(ctx, "new-press", "primary")
 	if err != nil || rot.Authentication.SymmetricKey == nil || rot.Authentication.SymmetricKey.PrimaryKey == "" {
 		t.Fatalf("regenerate: %+v %v", rot, err)
 	}
-	dev.c.Disconnect(&paho.Disconnect{})
-	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", key); err == nil {
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", fleet.EnrollmentKey(derived, own)); err == nil {
 		t.Fatal("the replaced key still works")
 	}
 	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", rot.Authentication.SymmetricKey.PrimaryKey); err != nil {
 		t.Fatalf("the new key: %v", err)
+	}
+}
+
+func newOwnKey(t *testing.T) string {
+	t.Helper()
+	k, err := fleet.NewKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// TestEnrollment_RotateAndDeleteRevokeTheToken: rotating an enrollment
+// stops its old token enrolling at once while its devices go on; with
+// --revoke-devices their sessions end and their keys stop working; a
+// deleted enrollment's token enrolls nothing, and deleting with
+// --revoke-devices cuts its devices off too.
+func TestEnrollment_RotateAndDeleteRevokeTheToken(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	e, err := c.PutEnrollment(ctx, "line-1", api.EnrollmentRequest{Tags: map[string]any{"line": 1}}, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	enroll := func(token, id, own string) (*mqttDevice, error) {
+		derived, err := fleet.DeriveDeviceKey(token, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return connectDevice(t, n.MQTTAddr(), id, fleet.EnrollmentKey(derived, own))
+	}
+	ownA := newOwnKey(t)
+	a, err := enroll(e.Token, "dev-a", ownA)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	rot, err := c.RotateEnrollment(ctx, "line-1", api.RotateEnrollmentRequest{}, api.WriteOptions{})
+	if err != nil || rot.Token == "" || rot.Token == e.Token || rot.DerivationKey != "" || len(rot.RevokedDevices) != 0 {
+		t.Fatalf("rotate: %+v %v", rot, err)
+	}
+	if _, err := enroll(e.Token, "dev-b", newOwnKey(t)); err == nil {
+		t.Fatal("the rotated-out token enrolled a device")
+	}
+	ownB := newOwnKey(t)
+	if _, err := enroll(rot.Token, "dev-b", ownB); err != nil {
+		t.Fatalf("the new token: %v", err)
+	}
+	select {
+	case <-a.c.Done():
+		t.Fatal("a rotation without --revoke-devices ended a device's session")
+	default:
+	}
+
+	// Revoking: both devices' sessions end, and neither key opens them.
+	rot2, err := c.RotateEnrollment(ctx, "line-1", api.RotateEnrollmentRequest{RevokeDevices: true}, api.WriteOptions{})
+	if err != nil || !slices.Equal(rot2.RevokedDevices, []string{"dev-a", "dev-b"}) {
+		t.Fatalf("rotate --revoke-devices: %+v %v", rot2, err)
+	}
+	select {
+	case <-a.c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("a revoked device's session stayed open")
+	}
+	if _, err := enroll(rot2.Token, "dev-a", ownA); err == nil {
+		t.Fatal("a revoked device reconnected (with the current token too)")
+	}
+	// An operator gives a device keys again.
+	if d, err := c.RegenerateDeviceKey(ctx, "dev-a", "primary"); err != nil {
+		t.Fatal(err)
+	} else if _, err := connectDevice(t, n.MQTTAddr(), "dev-a", d.Authentication.SymmetricKey.PrimaryKey); err != nil {
+		t.Fatalf("a revoked device given a new key: %v", err)
+	}
+
+	// Deleting: the token enrolls nothing more.
+	if _, err := c.DeleteEnrollment(ctx, "line-1", false, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := enroll(rot2.Token, "dev-c", newOwnKey(t)); err == nil {
+		t.Fatal("a deleted enrollment's token enrolled a device")
+	}
+
+	// Deleting with --revoke-devices cuts off the devices it registered.
+	e2, err := c.PutEnrollment(ctx, "line-2", api.EnrollmentRequest{}, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ownD := newOwnKey(t)
+	d, err := enroll(e2.Token, "dev-d", ownD)
+	if err != nil {
+		t.Fatal(err)
+	}
+	del, err := c.DeleteEnrollment(ctx, "line-2", true, api.WriteOptions{})
+	if err != nil || !slices.Equal(del.RevokedDevices, []string{"dev-d"}) {
+		t.Fatalf("delete --revoke-devices: %+v %v", del, err)
+	}
+	select {
+	case <-d.c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("a device of a deleted, revoked enrollment stayed connected")
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "dev-d", ownD); err == nil {
+		t.Fatal("a revoked device reconnected")
+	}
+}
+
+// TestEnrollment_OlderDeviceAdoptsItsOwnKey: a device registered before
+// devices brought their own key holds the derived key, which its siblings
+// can compute. When its agent presents the derived key with a key of its
+// own, that key replaces the derived one, which opens the device no more.
+func TestEnrollment_OlderDeviceAdoptsItsOwnKey(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	e, err := c.PutEnrollment(ctx, "line-1", api.EnrollmentRequest{}, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	derived, _ := fleet.DeriveDeviceKey(e.Token, "old-press")
+	// As the previous release enrolled it: the derived key is its primary.
+	if _, err := n.store.Apply(ctx, raftstore.PutDevice{Time: time.Now(), Device: fleet.Device{ID: "old-press",
+		Authentication: fleet.Authentication{Type: "sas", KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(derived), Secondary: fleet.HashKey("x")}}}}); err != nil {
+		t.Fatal(err)
+	}
+	old, err := connectDevice(t, n.MQTTAddr(), "old-press", derived)
+	if err != nil {
+		t.Fatalf("an older agent with its derived key: %v", err)
+	}
+	old.c.Disconnect(&paho.Disconnect{})
+	own := newOwnKey(t)
+	if _, err := connectDevice(t, n.MQTTAddr(), "old-press", fleet.EnrollmentKey(derived, own)); err != nil {
+		t.Fatalf("adopting its own key: %v", err)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "old-press", derived); err == nil {
+		t.Fatal("the derived key still opens the device after it adopted its own")
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "old-press", own); err != nil {
+		t.Fatalf("its own key: %v", err)
+	}
+	if v, err := c.Device(ctx, "old-press", true); err != nil || v.Enrollment != "line-1" {
+		t.Fatalf("device after adoption: %+v %v", v, err)
+	}
+	// A key that no token derives is not replaced this way.
+	d, err := c.PutDevice(ctx, "keyed", api.DeviceRequest{}, api.WriteOptions{IfNoneMatch: "*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "keyed", fleet.EnrollmentKey(d.Authentication.SymmetricKey.PrimaryKey, newOwnKey(t))); err == nil {
+		t.Fatal("an operator-given key was swapped for a device's own")
 	}
 }
 

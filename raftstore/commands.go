@@ -29,6 +29,13 @@ const (
 	CmdSetJoinToken                        // 11: replace the token new nodes join with, on every node
 )
 
+// Later command types carry explicit numbers, so that no edit of the list
+// above can move them.
+const (
+	CmdRotateEnrollment        CommandType = 13 // give an enrollment a new token (the old one stops enrolling)
+	CmdRevokeEnrollmentDevices CommandType = 14 // clear the keys of the devices an enrollment registered
+)
+
 func (t CommandType) String() string {
 	switch t {
 	case CmdPutDevice:
@@ -53,6 +60,10 @@ func (t CommandType) String() string {
 		return "set-admin-token"
 	case CmdSetJoinToken:
 		return "set-join-token"
+	case CmdRotateEnrollment:
+		return "rotate-enrollment"
+	case CmdRevokeEnrollmentDevices:
+		return "revoke-enrollment-devices"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -92,7 +103,11 @@ type PatchDevice struct {
 	Status      string         `json:"status,omitempty"`
 	// KeyHashes, when set, replaces the device's key digests (key rotation).
 	KeyHashes *fleet.KeyHashes `json:"keyHashes,omitempty"`
-	Time      time.Time        `json:"time"`
+	// Enrollment, when set, names the enrollment the device registered
+	// through, if it names none yet (a device enrolled before devices kept
+	// it, adopting its own key).
+	Enrollment string    `json:"enrollment,omitempty"`
+	Time       time.Time `json:"time"`
 }
 
 // DeleteDevice removes a device.
@@ -187,6 +202,46 @@ type SetJoinToken struct {
 
 func (SetJoinToken) Type() CommandType { return CmdSetJoinToken }
 
+// EnrollmentDevices names the devices an enrollment registered, for a
+// revocation: those the proposer found in its replica at index AsOf
+// (Devices), and, applied with them, any device that names the enrollment
+// and changed after AsOf (enrolled while the command was on its way). The
+// explicit list keeps Apply deterministic even for replicas that differ in
+// a field an older binary did not keep.
+type EnrollmentDevices struct {
+	Devices []string `json:"devices,omitempty"`
+	AsOf    uint64   `json:"asOf,omitempty"`
+}
+
+// RotateEnrollment gives an enrollment a new derivation key (a new token):
+// the old token enrolls no device from then on. With RevokeDevices the
+// devices it registered lose their keys in the same entry (see
+// RevokeEnrollmentDevices).
+type RotateEnrollment struct {
+	Precondition
+	Name          string    `json:"name"`
+	DerivationKey string    `json:"derivationKey"`
+	RevokeDevices bool      `json:"revokeDevices,omitempty"`
+	Time          time.Time `json:"time"`
+	EnrollmentDevices
+}
+
+func (RotateEnrollment) Type() CommandType { return CmdRotateEnrollment }
+
+// RevokeEnrollmentDevices clears the keys of every device the enrollment
+// registered (they can no longer connect, on any node, until an operator
+// gives them keys again or deletes them so they enroll anew), and with
+// DeleteEnrollment deletes the enrollment in the same entry.
+type RevokeEnrollmentDevices struct {
+	Precondition
+	Name             string    `json:"name"`
+	DeleteEnrollment bool      `json:"deleteEnrollment,omitempty"`
+	Time             time.Time `json:"time"`
+	EnrollmentDevices
+}
+
+func (RevokeEnrollmentDevices) Type() CommandType { return CmdRevokeEnrollmentDevices }
+
 func (PutDevice) Type() CommandType        { return CmdPutDevice }
 func (PatchDevice) Type() CommandType      { return CmdPatchDevice }
 func (DeleteDevice) Type() CommandType     { return CmdDeleteDevice }
@@ -256,6 +311,10 @@ func newCommand(t CommandType) Command {
 		c = &SetAdminToken{}
 	case CmdSetJoinToken:
 		c = &SetJoinToken{}
+	case CmdRotateEnrollment:
+		c = &RotateEnrollment{}
+	case CmdRevokeEnrollmentDevices:
+		c = &RevokeEnrollmentDevices{}
 	}
 	return c
 }

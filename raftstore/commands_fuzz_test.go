@@ -27,6 +27,9 @@ func FuzzDecode(f *testing.F) {
 		DeleteEnrollment{Name: "line"},
 		SetAdminToken{Token: "0123456789abcdef0123456789abcdef"},
 		SetJoinToken{Token: "APL1aaaaaaaaaaaaaaaa::0123456789abcdef0123456789abcdef"},
+		RotateEnrollment{Name: "line", DerivationKey: "k2", RevokeDevices: true, Time: at,
+			EnrollmentDevices: EnrollmentDevices{Devices: []string{"d1"}, AsOf: 7}},
+		RevokeEnrollmentDevices{Name: "line", DeleteEnrollment: true, Time: at},
 	} {
 		b, err := Encode(c)
 		if err != nil {

@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -88,7 +90,9 @@ type Result struct {
 	Device     *fleet.Device
 	Deployment *fleet.Deployment
 	Enrollment *fleet.Enrollment
-	Err        error
+	// Revoked lists the devices whose keys a revocation cleared.
+	Revoked []string
+	Err     error
 }
 
 // fsm is the replicated state machine: a bbolt file holding devices and
@@ -595,6 +599,10 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.setSecret(index, keyAdminToken, AdminTokenSet, "admin token", c.Token)
 	case *SetJoinToken:
 		return w.setSecret(index, keyJoinToken, JoinTokenSet, "join token", c.Token)
+	case *RotateEnrollment:
+		return w.rotateEnrollment(index, c)
+	case *RevokeEnrollmentDevices:
+		return w.revokeEnrollmentDevices(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }
@@ -654,6 +662,7 @@ func (w *writer) putDevice(index uint64, c *PutDevice) *Result {
 	} else {
 		d.CreatedTimeUTC = old.CreatedTimeUTC
 		d.Authentication = old.Authentication
+		d.Enrollment = old.Enrollment
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
@@ -687,6 +696,9 @@ func (w *writer) patchDevice(index uint64, c *PatchDevice) *Result {
 	if c.KeyHashes != nil {
 		credentials = true
 		d.Authentication.KeyHashes = c.KeyHashes
+	}
+	if d.Enrollment == "" {
+		d.Enrollment = c.Enrollment
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
@@ -887,6 +899,92 @@ func (w *writer) deleteEnrollment(index uint64, c *DeleteEnrollment) *Result {
 		panic(err)
 	}
 	return &Result{Index: index, Enrollment: e}
+}
+
+func (w *writer) rotateEnrollment(index uint64, c *RotateEnrollment) *Result {
+	b := w.tx.Bucket(bucketEnrollments)
+	e := mustGet[fleet.Enrollment](b, c.Name)
+	if e == nil {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", c.Name, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, e.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", c.Name, err)}
+	}
+	if c.DerivationKey == "" || c.DerivationKey == e.DerivationKey {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: rotation needs a new derivation key: %w", c.Name, fleet.ErrInvalid)}
+	}
+	e.DerivationKey = c.DerivationKey
+	e.LastUpdatedTimeUTC = c.Time
+	e.Etag = etagFor(index)
+	putJSON(b, e.Name, e)
+	res := &Result{Index: index, Enrollment: e}
+	if c.RevokeDevices {
+		res.Revoked = w.revokeDevices(index, c.Name, c.EnrollmentDevices, c.Time)
+	}
+	return res
+}
+
+func (w *writer) revokeEnrollmentDevices(index uint64, c *RevokeEnrollmentDevices) *Result {
+	b := w.tx.Bucket(bucketEnrollments)
+	e := mustGet[fleet.Enrollment](b, c.Name)
+	if e == nil {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", c.Name, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, e.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", c.Name, err)}
+	}
+	res := &Result{Index: index, Enrollment: e}
+	res.Revoked = w.revokeDevices(index, c.Name, c.EnrollmentDevices, c.Time)
+	if c.DeleteEnrollment {
+		if err := b.Delete([]byte(c.Name)); err != nil {
+			panic(err)
+		}
+	}
+	return res
+}
+
+// revokeDevices clears the keys of the listed devices and of those that
+// name the enrollment and changed after the list was read: none of them
+// can connect until an operator gives it keys again. Each becomes a
+// DevicePut with CredentialsChanged, so every node ends its sessions.
+func (w *writer) revokeDevices(index uint64, enrollment string, which EnrollmentDevices, at time.Time) []string {
+	b := w.tx.Bucket(bucketDevices)
+	ids := map[string]bool{}
+	for _, id := range which.Devices {
+		ids[id] = true
+	}
+	c := b.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if ids[string(k)] {
+			continue
+		}
+		var d struct {
+			Enrollment string `json:"enrollment"`
+			Etag       string `json:"etag"`
+		}
+		if err := json.Unmarshal(v, &d); err != nil {
+			panic(fmt.Sprintf("decode stored device %q: %v", k, err))
+		}
+		if etag, _ := strconv.ParseUint(d.Etag, 10, 64); d.Enrollment == enrollment && etag > which.AsOf {
+			ids[string(k)] = true
+		}
+	}
+	// In id order: the changes reach every node's observer alike.
+	sorted := slices.Sorted(maps.Keys(ids))
+	revoked := make([]string, 0, len(sorted))
+	for _, id := range sorted {
+		d := mustGet[fleet.Device](b, id)
+		if d == nil {
+			continue
+		}
+		d.Authentication.KeyHashes = nil
+		d.LastUpdatedTimeUTC = at
+		d.Etag = etagFor(index)
+		putJSON(b, d.ID, d)
+		w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: d, CredentialsChanged: true})
+		revoked = append(revoked, d.ID)
+	}
+	return revoked
 }
 
 // setSecret keeps a cluster-wide token (admin or join) in the meta bucket.

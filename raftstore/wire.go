@@ -121,6 +121,7 @@ type resultJSON struct {
 	Device     *fleet.Device     `json:"device,omitempty"`
 	Deployment *fleet.Deployment `json:"deployment,omitempty"`
 	Enrollment *fleet.Enrollment `json:"enrollment,omitempty"`
+	Revoked    []string          `json:"revoked,omitempty"`
 	Err        *errorJSON        `json:"err,omitempty"`
 }
 
@@ -145,7 +146,7 @@ func MarshalResult(r *Result) ([]byte, error) {
 	}
 	out := resultJSON{
 		Index: r.Index, Created: r.Created, Stored: r.Stored,
-		Device: r.Device, Deployment: r.Deployment, Enrollment: r.Enrollment,
+		Device: r.Device, Deployment: r.Deployment, Enrollment: r.Enrollment, Revoked: r.Revoked,
 	}
 	if r.Err != nil {
 		out.Err = &errorJSON{Code: ErrorCode(r.Err), Msg: r.Err.Error()}
@@ -170,7 +171,7 @@ func UnmarshalResult(b []byte) (*Result, error) {
 	}
 	r := &Result{
 		Index: in.Index, Created: in.Created, Stored: in.Stored,
-		Device: in.Device, Deployment: in.Deployment, Enrollment: in.Enrollment,
+		Device: in.Device, Deployment: in.Deployment, Enrollment: in.Enrollment, Revoked: in.Revoked,
 	}
 	if in.Err != nil {
 		code := in.Err.Code

@@ -4,10 +4,13 @@
 //
 // It owns the simulated device and nothing of the controller. Every device
 // speaks the real device protocol, as the agent does:
-//   - it enrolls with an enrollment's token: it derives its own key
-//     (fleet.DeriveDeviceKey) and connects with username = client id =
-//     device id, password = that key; the controller registers it with the
-//     enrollment's tags on its first connection. A device cannot choose its
+//   - it enrolls with an enrollment's token as the agent does: it connects
+//     with username = client id = device id and password =
+//     fleet.EnrollmentKey(the key the token derives for it, its own key);
+//     the controller registers it with its own key and the enrollment's
+//     tags on its first connection. (Unlike the agent's, a simulated
+//     device's own key is computed from the token, so that a restarted
+//     simulator finds its devices: see simOwnKey.) A device cannot choose its
 //     tags, so the simulator has none to give: they belong on the
 //     enrollment;
 //   - it subscribes to its desired topic, applies every desired document

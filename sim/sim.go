@@ -2,8 +2,11 @@ package sim
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -176,13 +179,26 @@ func New(cfg Config) (*Sim, error) {
 	s.devices = make([]*device, cfg.Devices)
 	for i := range s.devices {
 		id := deviceID(cfg.Prefix, width, i+1)
-		key, err := fleet.DeriveDeviceKey(cfg.EnrollToken, id)
+		derived, err := fleet.DeriveDeviceKey(cfg.EnrollToken, id)
 		if err != nil {
 			return nil, fmt.Errorf("sim: %w", err)
 		}
+		key := fleet.EnrollmentKey(derived, simOwnKey(cfg.EnrollToken, id))
 		s.devices[i] = &device{sim: s, id: id, key: key, server: i % len(urls), fails: failing(i+1, cfg.FailShare)}
 	}
 	return s, nil
+}
+
+// simOwnKey is a simulated device's own key. A real agent makes a random
+// one and keeps it in its state file; the simulator keeps no state, so it
+// computes each device's from the token instead, and a restarted
+// simulator finds its devices again. Any holder of the token could compute
+// these keys too: simulated devices are for demos and load tests, not for
+// devices whose identity matters.
+func simOwnKey(token, deviceID string) string {
+	m := hmac.New(sha256.New, []byte(token))
+	m.Write([]byte("appliance sim device key\x00" + deviceID))
+	return base64.StdEncoding.EncodeToString(m.Sum(nil))
 }
 
 func orDefault[T comparable](v, def T) T {
