@@ -273,7 +273,15 @@ func (s *Server) removeClusterMember(w http.ResponseWriter, r *http.Request) {
 
 // backup sends the archive, made in full before the first byte goes out
 // so that a failure is a proper error response.
+//
+// An archive can be large and the link slow, so the server's timeouts for
+// a whole request and a whole response do not fit it: they are lifted for
+// this request (the caller holds the admin token) and each chunk written
+// must instead go out within backupChunkTimeout.
 func (s *Server) backup(w http.ResponseWriter, r *http.Request) {
+	ctl := http.NewResponseController(w)
+	_ = ctl.SetReadDeadline(time.Time{})
+	_ = ctl.SetWriteDeadline(time.Time{})
 	rc, size, err := s.cfg.Backend.Backup(r.Context())
 	if err != nil {
 		s.fail(w, r, err)
@@ -284,9 +292,25 @@ func (s *Server) backup(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
 	w.Header().Set("Content-Disposition", `attachment; filename="appliance-backup.tar"`)
 	w.WriteHeader(http.StatusOK)
-	if _, err := io.Copy(w, rc); err != nil {
+	if _, err := io.Copy(chunkDeadlineWriter{w, ctl}, rc); err != nil {
 		s.cfg.Logger.Warn("backup transfer cut short", "err", err)
 	}
+}
+
+// backupChunkTimeout bounds writing one chunk of a backup download: a
+// client that stops reading is dropped after it.
+const backupChunkTimeout = 30 * time.Second
+
+// chunkDeadlineWriter renews the connection's write deadline before each
+// write.
+type chunkDeadlineWriter struct {
+	w   http.ResponseWriter
+	ctl *http.ResponseController
+}
+
+func (c chunkDeadlineWriter) Write(p []byte) (int, error) {
+	_ = c.ctl.SetWriteDeadline(time.Now().Add(backupChunkTimeout))
+	return c.w.Write(p)
 }
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {

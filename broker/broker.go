@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -19,6 +20,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
+	"appliance/internal/ratelog"
 )
 
 // Authenticator checks a device's MQTT credentials: deviceID is the MQTT
@@ -78,6 +80,15 @@ const (
 	DefaultConnectTimeout = 10 * time.Second
 	DefaultAuthTimeout    = 5 * time.Second
 	DefaultReadBufferSize = 2 << 10 // bytes, per connection while it has bytes to process
+
+	DefaultMaxPendingPerSource = 256 // connections not yet authenticated, per source address
+
+	// Report quotas per device: see Limits.
+	DefaultReportRate       = 2.0       // reports a second, sustained
+	DefaultReportBurst      = 30        // reports at once
+	DefaultReportBytesRate  = 16 << 10  // bytes a second, sustained
+	DefaultReportBytesBurst = 256 << 10 // bytes at once (at least MaxReportSize)
+	DefaultReportOverruns   = 30        // reports over quota in one session before a disconnect
 )
 
 // mochiReadBufferSize sizes the bufio.Reader mochi keeps for each client. It
@@ -118,6 +129,31 @@ type Limits struct {
 	// shared pool while it has bytes to process; an idle connection holds
 	// none. Larger packets are still read whole (up to MaxPacketSize).
 	ReadBufferSize int
+	// MaxPendingPerSource caps the connections of one source address that
+	// have not authenticated yet (TCP accepted, TLS and CONNECT under way,
+	// within ConnectTimeout); more are closed at accept, before TLS.
+	// Authenticated devices do not count, so any number of devices may
+	// share one address (a NAT gateway): the cap bounds what one host
+	// without a device key can hold. Negative: no cap.
+	MaxPendingPerSource int
+
+	// Report quotas, per device (kept across its reconnections to this
+	// node): reports beyond ReportBurst at once or ReportRate a second
+	// sustained, or beyond ReportBytesBurst bytes at once or
+	// ReportBytesRate a second, are throttled: not committed now, the
+	// latest one kept and committed as soon as the device's budget allows
+	// (nothing it reported is lost, later reports supersede earlier ones).
+	// A device that sends ReportOverruns reports over its quota (or too
+	// large, or malformed) in one session, each sooner after the one
+	// before than its budget takes to refill from empty (15-16 s by
+	// default), is disconnected. So one device grows the replicated log
+	// by at most ReportBytesBurst plus ReportBytesRate a second, whatever
+	// it sends. ReportRate < 0 turns the quotas off.
+	ReportRate       float64
+	ReportBurst      int
+	ReportBytesRate  int
+	ReportBytesBurst int
+	ReportOverruns   int
 }
 
 func (l Limits) withDefaults() Limits {
@@ -142,8 +178,29 @@ func (l Limits) withDefaults() Limits {
 	if l.ReadBufferSize == 0 {
 		l.ReadBufferSize = DefaultReadBufferSize
 	}
+	if l.MaxPendingPerSource == 0 {
+		l.MaxPendingPerSource = DefaultMaxPendingPerSource
+	}
+	if l.ReportRate == 0 {
+		l.ReportRate = DefaultReportRate
+	}
+	if l.ReportBurst == 0 {
+		l.ReportBurst = DefaultReportBurst
+	}
+	if l.ReportBytesRate == 0 {
+		l.ReportBytesRate = DefaultReportBytesRate
+	}
+	if l.ReportBytesBurst == 0 {
+		l.ReportBytesBurst = max(DefaultReportBytesBurst, l.MaxReportSize)
+	}
+	if l.ReportOverruns == 0 {
+		l.ReportOverruns = DefaultReportOverruns
+	}
 	return l
 }
+
+// quotasOn tells whether report quotas apply.
+func (l Limits) quotasOn() bool { return l.ReportRate > 0 }
 
 func (l Limits) validate() error {
 	switch {
@@ -157,6 +214,13 @@ func (l Limits) validate() error {
 		return fmt.Errorf("limits: MaxConnections %d is negative", l.MaxConnections)
 	case l.ReadBufferSize < 0:
 		return errors.New("limits: ReadBufferSize must not be negative")
+	case math.IsNaN(l.ReportRate):
+		return errors.New("limits: ReportRate is not a number")
+	case l.quotasOn() && (math.IsInf(l.ReportRate, 0) || l.ReportBurst < 1 || l.ReportBytesRate < 1 || l.ReportOverruns < 1):
+		return fmt.Errorf("limits: report quotas need a finite rate, a burst of at least 1, a byte rate of at least 1 and at least 1 overrun; got rate %v, burst %d, bytes %d/s, overruns %d",
+			l.ReportRate, l.ReportBurst, l.ReportBytesRate, l.ReportOverruns)
+	case l.quotasOn() && l.ReportBytesBurst < l.MaxReportSize:
+		return fmt.Errorf("limits: ReportBytesBurst %d is below MaxReportSize %d: a report of the largest size could never be committed", l.ReportBytesBurst, l.MaxReportSize)
 	}
 	return nil
 }
@@ -212,6 +276,24 @@ type Stats struct {
 	PanicsRecovered  uint64 // panics in a client's connection, each closing only that client
 	Refusing         bool   // Refuse is in effect
 	Refused          uint64 // connections turned away or ended because of Refuse
+
+	// Connections that ended without a session, besides AuthFailures
+	// and Refused.
+	NoConnect      uint64 // ended before a CONNECT arrived: ConnectTimeout, TLS failure, closed by the client
+	ProtocolErrors uint64 // first packet not a CONNECT, or a malformed or invalid one
+	Busy           uint64 // refused at MaxConnections
+	// Connections closed at accept because their source address held
+	// MaxPendingPerSource unauthenticated ones; OpenConns: every
+	// connection open now, authenticated or not.
+	SourceRefused uint64
+	OpenConns     int64
+
+	// Report quotas: reports over a device's budget (the latest of them
+	// is committed later, then counted in ReportsAccepted), devices
+	// disconnected for going on, devices over budget now.
+	ReportsThrottled uint64
+	QuotaDisconnects uint64
+	DevicesThrottled int
 }
 
 type counters struct {
@@ -221,6 +303,7 @@ type counters struct {
 	methodResponses                         atomic.Uint64
 	desiredSent, desiredFailed, panicsSaved atomic.Uint64
 	refused                                 atomic.Uint64
+	noConnect, protocolErrors, busy         atomic.Uint64
 }
 
 // Broker is the embedded MQTT broker. Create it with New, then Start it.
@@ -252,6 +335,13 @@ type Broker struct {
 	devices map[string][]*trackedConn // device id → its connections (usually one; two during a takeover)
 
 	refusing atomic.Bool // Refuse: devices are turned away
+
+	quotas *reportQuotas // per-device report budgets; nil when off (quota.go)
+
+	// Rate limits of the log lines a client can cause at will: refused
+	// CONNECTs and protocol errors (clientLog), connections over the cap
+	// per source (sourceLog), recovered panics, quota disconnects.
+	clientLog, sourceLog, panicLog, quotaLog ratelog.Limiter
 
 	stats counters
 }
@@ -321,6 +411,10 @@ func New(cfg Config) (*Broker, error) {
 		idleWorkers: make(chan burstJob),
 	}
 	b.connectFn, b.serveFn = b.connectSession, b.serveSession
+	if lim.quotasOn() {
+		b.quotas = newReportQuotas(b, lim)
+	}
+	b.clientLog.Burst = clientLogBurst
 	b.readBufs.New = func() any {
 		buf := make([]byte, lim.ReadBufferSize)
 		return &buf
@@ -576,7 +670,8 @@ func (b *Broker) Stats() Stats {
 		}
 	}
 	b.mu.RUnlock()
-	return Stats{
+	cs := b.ln.connStats()
+	st := Stats{
 		Connections:      n,
 		AuthFailures:     b.stats.authFailures.Load(),
 		ACLDenials:       b.stats.aclDenials.Load(),
@@ -590,6 +685,38 @@ func (b *Broker) Stats() Stats {
 		PanicsRecovered:  b.stats.panicsSaved.Load(),
 		Refusing:         b.refusing.Load(),
 		Refused:          b.stats.refused.Load(),
+		NoConnect:        b.stats.noConnect.Load(),
+		ProtocolErrors:   b.stats.protocolErrors.Load(),
+		Busy:             b.stats.busy.Load(),
+		SourceRefused:    cs.Refused,
+		OpenConns:        cs.Open,
+	}
+	if b.quotas != nil {
+		st.ReportsThrottled = b.quotas.throttled.Load()
+		st.QuotaDisconnects = b.quotas.disconnects.Load()
+		st.DevicesThrottled = b.quotas.throttledDevices()
+	}
+	return st
+}
+
+// clientLogBurst is how many lines about refused connections and protocol
+// errors go out every ten seconds; the others are counted in the next one.
+const clientLogBurst = 5
+
+// logClient logs a line a client caused (a refused CONNECT, a protocol
+// error) at Info, rate-limited across clients.
+func (b *Broker) logClient(msg string, args ...any) {
+	if n, ok := b.clientLog.Allow(); ok {
+		b.log.Info(msg, append(args, "suppressed", n)...)
+	}
+}
+
+// logSourceRefused logs a connection closed at accept for the cap per
+// source, rate-limited.
+func (b *Broker) logSourceRefused(remote net.Addr) {
+	if n, ok := b.sourceLog.Allow(); ok {
+		b.log.Warn("refused a connection: its address holds the most unauthenticated connections allowed per source (flag --mqtt-max-pending-per-source)",
+			"remote", remote.String(), "max_per_source", b.lim.MaxPendingPerSource, "suppressed", n)
 	}
 }
 
@@ -606,6 +733,9 @@ func (b *Broker) Close() error {
 		return nil
 	}
 	b.cancel()
+	if b.quotas != nil {
+		b.quotas.close()
+	}
 	// mochi's Close closes the listener, which disconnects every connection
 	// (capping its deadline first, so a client that stopped reading cannot
 	// stall it) and waits, at most closeTimeout, for their goroutines.

@@ -3,7 +3,6 @@ package broker
 import (
 	"bytes"
 	"encoding/json"
-	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -157,7 +156,8 @@ func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	return pk, packets.CodeSuccessIgnore
 }
 
-// intakeReport checks a reported document and hands it to the sink.
+// intakeReport checks a reported document and hands it to the sink, or to
+// the device's quota (quota.go) first.
 func (b *Broker) intakeReport(tc *trackedConn, deviceID string, payload []byte) {
 	var why string
 	switch {
@@ -165,31 +165,51 @@ func (b *Broker) intakeReport(tc *trackedConn, deviceID string, payload []byte) 
 		// Its key was replaced or the device disabled: nothing it sends
 		// from now on is taken, even before the connection is gone.
 		why = "session revoked"
+	case tc.overQuota.Load():
+		why = "over quota; the device is being disconnected"
 	case len(payload) > b.lim.MaxReportSize:
 		why = "report too large"
 	case !isJSONObject(payload):
 		why = "report is not a JSON object"
-	default:
-		if err := b.reports.SubmitReport(deviceID, bytes.Clone(payload)); err != nil {
-			why = "report sink refused: " + err.Error()
+	}
+	if why != "" {
+		b.dropReport(tc, deviceID, why, len(payload))
+		if b.quotas != nil && !tc.overQuota.Load() && b.quotas.refused(tc, deviceID) {
+			b.cutOff(tc, deviceID, why)
+		}
+		return
+	}
+	report := bytes.Clone(payload)
+	if b.quotas != nil {
+		switch b.quotas.take(tc, deviceID, report) {
+		case reportThrottled:
+			return
+		case reportOverQuota:
+			b.cutOff(tc, deviceID, "reports over quota")
+			return
 		}
 	}
-	if why == "" {
-		b.stats.reportsAccepted.Add(1)
-		return
-	}
-	b.stats.reportsDropped.Add(1)
-	// At most one line per connection every reportLogInterval: a device
-	// flooding bad reports must not flood the log.
-	now := time.Now().UnixNano()
-	if last := tc.dropLogAt.Load(); now-last < int64(reportLogInterval) || !tc.dropLogAt.CompareAndSwap(last, now) {
-		tc.dropsUnlogged.Add(1)
-		return
-	}
-	b.log.Warn("reported document dropped", "device", deviceID, "reason", why, "bytes", len(payload), "droppedUnlogged", tc.dropsUnlogged.Swap(0))
+	b.submitReport(tc, deviceID, report)
 }
 
-const reportLogInterval = 10 * time.Second
+// submitReport hands a report the quotas let through to the sink.
+func (b *Broker) submitReport(tc *trackedConn, deviceID string, report []byte) {
+	if err := b.reports.SubmitReport(deviceID, report); err != nil {
+		b.dropReport(tc, deviceID, "report sink refused: "+err.Error(), len(report))
+		return
+	}
+	b.stats.reportsAccepted.Add(1)
+}
+
+// dropReport counts a report not taken and logs it, at most one line per
+// connection every ten seconds: a device flooding bad reports must not
+// flood the log.
+func (b *Broker) dropReport(tc *trackedConn, deviceID, why string, size int) {
+	b.stats.reportsDropped.Add(1)
+	if n, ok := tc.dropLog.Allow(); ok {
+		b.log.Warn("reported document dropped", "device", deviceID, "reason", why, "bytes", size, "suppressed", n)
+	}
+}
 
 func isJSONObject(b []byte) bool {
 	b = bytes.TrimLeft(b, " \t\r\n")

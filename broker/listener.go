@@ -15,6 +15,9 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"appliance/internal/netlimit"
+	"appliance/internal/ratelog"
 )
 
 // listenerID names our listener inside mochi.
@@ -33,7 +36,7 @@ type guardedListener struct {
 	tlsConfig *tls.Config
 	log       *slog.Logger
 
-	ln net.Listener
+	ln *netlimit.Listener // capped per source: connections not yet authenticated
 
 	mu     sync.Mutex
 	closed bool
@@ -71,16 +74,30 @@ func (l *guardedListener) Address() string {
 	return l.address
 }
 
-// Init binds the address; mochi calls it from AddListener.
+// Init binds the address; mochi calls it from AddListener. Connections
+// hold a slot of their source address (Limits.MaxPendingPerSource) until
+// they authenticate.
 func (l *guardedListener) Init(*slog.Logger) error {
-	ln, err := net.Listen("tcp", l.address)
+	raw, err := net.Listen("tcp", l.address)
 	if err != nil {
 		return err
 	}
+	ln := netlimit.Wrap(raw, l.b.lim.MaxPendingPerSource, l.b.logSourceRefused)
 	l.mu.Lock()
 	l.ln = ln
 	l.mu.Unlock()
 	return nil
+}
+
+// connStats are the listener's counts (zero before Init).
+func (l *guardedListener) connStats() netlimit.Stats {
+	l.mu.Lock()
+	ln := l.ln
+	l.mu.Unlock()
+	if ln == nil {
+		return netlimit.Stats{}
+	}
+	return ln.Stats()
 }
 
 // Serve accepts connections until Close. mochi runs it on its own goroutine.
@@ -214,9 +231,15 @@ func (l *guardedListener) wait(d time.Duration) bool {
 // recovered cleans up after a panic in one of tc's bursts: the connection is
 // closed and the client stopped; endSession then removes what mochi holds
 // for it (client map entry, subscriptions, inflight messages).
+//
+// The log line is rate-limited (one every ten seconds, saying how many were
+// suppressed): a client that found a way to panic the decoder can repeat it
+// at will. Stats.PanicsRecovered counts every one.
 func (b *Broker) recovered(tc *trackedConn, r any, stack []byte) {
-	b.log.Error("recovered panic in client connection; closed only that client",
-		"device", tc.deviceID, "remote", tc.RemoteAddr().String(), "panic", fmt.Sprint(r), "stack", string(stack))
+	if n, ok := b.panicLog.Allow(); ok {
+		b.log.Error("recovered panic in client connection; closed only that client",
+			"device", tc.deviceID, "remote", tc.RemoteAddr().String(), "panic", fmt.Sprint(r), "stack", string(stack), "suppressed", n)
+	}
 	defer b.stats.panicsSaved.Add(1)
 	defer func() {
 		if r := recover(); r != nil {
@@ -277,9 +300,10 @@ type trackedConn struct {
 	// says, read for every document without mochi's lock and map lookup.
 	desiredQoS atomic.Int32
 
-	// dropLogAt and dropsUnlogged rate-limit the "report dropped" log line.
-	dropLogAt     atomic.Int64
-	dropsUnlogged atomic.Int64
+	// dropLog rate-limits the "report dropped" log line (one every ten
+	// seconds: the zero value); overQuota: cut off by its report quota.
+	dropLog   ratelog.Limiter
+	overQuota atomic.Bool
 
 	deadlineMu  sync.Mutex
 	deadline    time.Time // the last one SetDeadline asked for

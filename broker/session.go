@@ -9,6 +9,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
+	"appliance/internal/netlimit"
 )
 
 // A session is mochi's client for one connection, driven by our listener
@@ -36,16 +37,21 @@ func (b *Broker) connectSession(tc *trackedConn) bool {
 
 	fh := new(packets.FixedHeader)
 	if err := cl.ReadFixedHeader(fh); err != nil {
+		// Nothing, or not even a TLS handshake, within ConnectTimeout:
+		// what a slowloris leaves. Counted; logged at Debug only.
+		b.stats.noConnect.Add(1)
 		b.log.Debug("connection ended before CONNECT", "remote", cl.Net.Remote, "error", err)
 		return false
 	}
 	if fh.Type != packets.Connect {
-		b.log.Info("client protocol error; closing it", "remote", cl.Net.Remote, "error", packets.ErrProtocolViolationRequireFirstConnect)
+		b.stats.protocolErrors.Add(1)
+		b.logClient("client protocol error; closing it", "remote", cl.Net.Remote, "error", packets.ErrProtocolViolationRequireFirstConnect)
 		return false
 	}
 	pk, err := cl.ReadPacket(fh)
 	if err != nil {
-		b.log.Info("client protocol error; closing it", "remote", cl.Net.Remote, "error", err)
+		b.stats.protocolErrors.Add(1)
+		b.logClient("client protocol error; closing it", "remote", cl.Net.Remote, "error", err)
 		return false
 	}
 	cl.ParseConnect(listenerID, pk)
@@ -56,10 +62,14 @@ func (b *Broker) connectSession(tc *trackedConn) bool {
 		if cl.Properties.ProtocolVersion < 5 {
 			code = packets.ErrServerUnavailable
 		}
+		b.stats.busy.Add(1)
+		b.logClient("device refused", "device", string(pk.Connect.Username), "remote", cl.Net.Remote, "reason", "the broker holds MaxConnections")
 		_ = b.srv.SendConnack(cl, code, false, nil)
 		return false
 	}
 	if code := validateConnect(caps, cl, pk); code != packets.CodeSuccess {
+		b.stats.protocolErrors.Add(1)
+		b.logClient("device refused", "device", string(pk.Connect.Username), "remote", cl.Net.Remote, "reason", code.Reason)
 		_ = b.srv.SendConnack(cl, code, false, nil)
 		return false
 	}
@@ -132,7 +142,7 @@ func (b *Broker) admit(tc *trackedConn, cl *mqtt.Client, pk packets.Packet) bool
 	deviceID := string(pk.Connect.Username)
 	refuse := func(code packets.Code, why string) bool {
 		b.stats.authFailures.Add(1)
-		b.log.Info("device refused", "device", deviceID, "clientId", pk.Connect.ClientIdentifier, "remote", cl.Net.Remote, "reason", why)
+		b.logClient("device refused", "device", deviceID, "clientId", pk.Connect.ClientIdentifier, "remote", cl.Net.Remote, "reason", why)
 		_ = b.srv.SendConnack(cl, code, false, nil)
 		return false
 	}
@@ -159,7 +169,7 @@ func (b *Broker) authenticate(tc *trackedConn, cl *mqtt.Client, pk packets.Packe
 	deviceID := string(pk.Connect.Username)
 	if fleet.ValidateDeviceID(deviceID) != nil || !pk.Connect.PasswordFlag || len(pk.Connect.Password) == 0 {
 		b.stats.authFailures.Add(1)
-		b.log.Info("device refused", "device", deviceID, "remote", cl.Net.Remote, "reason", "missing or malformed credentials")
+		b.logClient("device refused", "device", deviceID, "remote", cl.Net.Remote, "reason", "missing or malformed credentials")
 		return false
 	}
 	// Registered before the check, so that a Disconnect racing with it (the
@@ -187,10 +197,13 @@ func (b *Broker) authenticate(tc *trackedConn, cl *mqtt.Client, pk packets.Packe
 	}
 	if err != nil {
 		b.stats.authFailures.Add(1)
-		b.log.Info("device refused", "device", deviceID, "remote", cl.Net.Remote, "reason", err.Error())
+		b.logClient("device refused", "device", deviceID, "remote", cl.Net.Remote, "reason", err.Error())
 		return false
 	}
 	tc.since.Store(time.Now().UnixNano())
+	// A device: its connection no longer counts against its address's
+	// cap on unauthenticated ones (Limits.MaxPendingPerSource).
+	netlimit.Release(tc.Conn)
 	return true
 }
 
@@ -229,7 +242,7 @@ func (b *Broker) serveSession(tc *trackedConn) bool {
 			if code, ok := err.(packets.Code); ok && cl.Properties.ProtocolVersion == 5 && code.Code >= packets.ErrUnspecifiedError.Code {
 				_ = b.srv.DisconnectClient(cl, code)
 			}
-			b.log.Info("client protocol error; closing it", "device", cl.ID, "remote", cl.Net.Remote, "error", err)
+			b.logClient("client protocol error; closing it", "device", cl.ID, "remote", cl.Net.Remote, "error", err)
 			cl.Stop(err)
 			return false
 		}

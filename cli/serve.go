@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"appliance/broker"
 	"appliance/node"
 )
 
@@ -22,6 +23,9 @@ func (a *app) serveCommand() *cobra.Command {
 		historyPerKey                                       int
 		heartbeat, election, lease                          time.Duration
 		shedAfter                                           time.Duration
+		listenerLimits                                      node.ListenerLimits
+		deviceLimits                                        broker.Limits
+		mqttConnectTimeout                                  time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -37,6 +41,16 @@ func (a *app) serveCommand() *cobra.Command {
 			}
 			if shedAfter == 0 {
 				shedAfter = -1 // the flag's 0 is "never"; the node's is "default"
+			}
+			if err := checkLimits(listenerLimits, deviceLimits, mqttConnectTimeout); err != nil {
+				return err
+			}
+			deviceLimits.ConnectTimeout = mqttConnectTimeout
+			noCap(&listenerLimits.APIMaxConnsPerSource)
+			noCap(&listenerLimits.ClusterMaxConnsPerSource)
+			noCap(&deviceLimits.MaxPendingPerSource)
+			if deviceLimits.ReportRate == 0 {
+				deviceLimits.ReportRate = -1
 			}
 			dataDir := a.resolvedDataDir()
 			n, err := node.New(node.Config{
@@ -62,6 +76,8 @@ func (a *app) serveCommand() *cobra.Command {
 				RaftElectionTimeout:    election,
 				RaftLeaderLeaseTimeout: lease,
 				ShedDevicesAfter:       shedAfter,
+				Limits:                 listenerLimits,
+				DeviceLimits:           deviceLimits,
 			})
 			if err != nil {
 				return err
@@ -107,9 +123,63 @@ func (a *app) serveCommand() *cobra.Command {
 		"without a cluster leader for this long, disconnect devices and refuse them until a leader is back, so that they move to a node that has one (0: never)")
 	f.DurationVar(&historyRetention, "history-retention", node.DefaultHistoryRetention, "drop history events older than this")
 	f.IntVar(&historyPerKey, "history-per-key", node.DefaultHistoryPerKey, "keep at most this many history events per deployment or device")
+	// Bounds on clients (docs/architecture.md, "Bounded listeners"). The
+	// caps count per source address (an IPv6 /64); 0 turns a cap off.
+	f.DurationVar(&listenerLimits.HandshakeTimeout, "handshake-timeout", node.DefaultHandshakeTimeout,
+		"a new API or cluster-port connection must finish TLS and send its request header (API) or first byte (cluster port) within this")
+	f.DurationVar(&mqttConnectTimeout, "mqtt-connect-timeout", broker.DefaultConnectTimeout,
+		"a new device connection must finish TCP and TLS and send its MQTT CONNECT within this")
+	f.DurationVar(&listenerLimits.IdleTimeout, "http-idle-timeout", node.DefaultIdleTimeout, "close an API connection kept alive with no request for this long")
+	f.IntVar(&listenerLimits.APIMaxConnsPerSource, "http-max-conns-per-source", node.DefaultAPIMaxConnsPerSource,
+		"most API connections one source address may hold (0: no cap, e.g. behind a TLS-terminating proxy)")
+	f.IntVar(&listenerLimits.ClusterMaxConnsPerSource, "raft-max-conns-per-source", node.DefaultClusterMaxConnsPerSource,
+		"most cluster-port connections one source address may hold before they show a node certificate of this cluster (0: no cap)")
+	f.IntVar(&deviceLimits.MaxPendingPerSource, "mqtt-max-pending-per-source", broker.DefaultMaxPendingPerSource,
+		"most device connections one source address may hold before they authenticate; authenticated devices do not count, so any number may share a NAT gateway (0: no cap)")
+	f.IntVar(&deviceLimits.MaxReportSize, "device-report-max-bytes", broker.DefaultMaxReportSize, "largest reported document a device may send; larger ones are dropped")
+	f.Float64Var(&deviceLimits.ReportRate, "device-report-rate", broker.DefaultReportRate,
+		"reports a second a device may send, sustained; more are throttled (the latest is committed when its budget allows) (0: no report quotas)")
+	f.IntVar(&deviceLimits.ReportBurst, "device-report-burst", broker.DefaultReportBurst, "reports a device may send at once above --device-report-rate")
+	f.IntVar(&deviceLimits.ReportBytesRate, "device-report-bytes-per-second", broker.DefaultReportBytesRate,
+		"report bytes a second a device may send, sustained (bursts up to 256 KiB or --device-report-max-bytes, the larger); more are throttled")
+	f.IntVar(&deviceLimits.ReportOverruns, "device-report-overruns", broker.DefaultReportOverruns,
+		"reports over quota (or too large, or malformed) a device may send in one session before it is disconnected")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
+}
+
+// checkLimits refuses negative limits, naming the flag.
+func checkLimits(l node.ListenerLimits, d broker.Limits, mqttConnect time.Duration) error {
+	for _, f := range []struct {
+		name string
+		neg  bool
+		v    any
+	}{
+		{"--handshake-timeout", l.HandshakeTimeout < 0, l.HandshakeTimeout},
+		{"--mqtt-connect-timeout", mqttConnect < 0, mqttConnect},
+		{"--http-idle-timeout", l.IdleTimeout < 0, l.IdleTimeout},
+		{"--http-max-conns-per-source", l.APIMaxConnsPerSource < 0, l.APIMaxConnsPerSource},
+		{"--raft-max-conns-per-source", l.ClusterMaxConnsPerSource < 0, l.ClusterMaxConnsPerSource},
+		{"--mqtt-max-pending-per-source", d.MaxPendingPerSource < 0, d.MaxPendingPerSource},
+		{"--device-report-max-bytes", d.MaxReportSize < 0, d.MaxReportSize},
+		{"--device-report-rate", !(d.ReportRate >= 0), d.ReportRate},
+		{"--device-report-burst", d.ReportBurst < 0, d.ReportBurst},
+		{"--device-report-bytes-per-second", d.ReportBytesRate < 0, d.ReportBytesRate},
+		{"--device-report-overruns", d.ReportOverruns < 0, d.ReportOverruns},
+	} {
+		if f.neg {
+			return fmt.Errorf("flag %s: %v is negative", f.name, f.v)
+		}
+	}
+	return nil
+}
+
+// noCap turns a flag's 0 ("none") into the libraries' negative.
+func noCap(v *int) {
+	if *v == 0 {
+		*v = -1
+	}
 }
 
 func envDefault(flag, env string) string {

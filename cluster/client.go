@@ -40,8 +40,10 @@ func NewClient(m *Mux) *Client {
 			return m.dial(addr, timeout)
 		},
 		MaxIdleConnsPerHost: 8,
-		IdleConnTimeout:     90 * time.Second,
-		ForceAttemptHTTP2:   false,
+		// Before the peer's server closes it (Limits.IdleTimeout): a
+		// request never goes out on a connection being closed under it.
+		IdleConnTimeout:   m.Limits().IdleTimeout / 2,
+		ForceAttemptHTTP2: false,
 	}
 	return &Client{http: &http.Client{Transport: tr}}
 }

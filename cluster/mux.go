@@ -10,12 +10,66 @@ import (
 	"sync"
 	"time"
 
+	"appliance/internal/netlimit"
+	"appliance/internal/ratelog"
 	"appliance/pki"
 )
 
-// handshakeTimeout bounds a new connection's TLS handshake and its first
-// byte, so a silent client cannot hold a goroutine.
-const handshakeTimeout = 10 * time.Second
+// Limits bound what a client of the cluster port can hold. Zero fields
+// take the Default* values.
+//
+// Raft's own streams get no deadline here once they are routed: they come
+// only from holders of a node certificate of this cluster, and
+// hashicorp/raft's NetworkTransport pools its outgoing connections (up to
+// three per peer, plus the heartbeat and pipeline ones) and leaves them idle
+// for as long as it has nothing to send (a vote connection waits for the
+// next election). The accepting side of such a stream blocks on the next
+// RPC's type byte with no deadline by design; an idle timeout would close
+// pooled connections under raft, whose next RPC on them would then fail (a
+// lost heartbeat or vote, a needless election). The sending side bounds
+// every RPC with raft's own timeout (transportTimeout in raftstore).
+type Limits struct {
+	// MaxConnsPerSource caps the connections one source address holds
+	// before it has proved to be a node of the cluster: a connection
+	// that presents a node certificate gives its slot back after the
+	// handshake, so peers never count. Negative: no cap.
+	MaxConnsPerSource int
+	// HandshakeTimeout bounds a new connection's TLS handshake plus its
+	// first byte (which routes it), and an RPC request's header.
+	HandshakeTimeout time.Duration
+	// ReadTimeout bounds reading one RPC request, body included.
+	ReadTimeout time.Duration
+	// IdleTimeout closes an RPC connection kept alive with no request for
+	// this long. This node's own client drops idle connections at half of
+	// it, so that it never sends a request on a connection its peer (with
+	// the same setting) is closing: a forwarded write lost that way would
+	// have an unknown outcome.
+	IdleTimeout time.Duration
+}
+
+// Defaults of Limits.
+const (
+	DefaultMaxConnsPerSource = 64
+	DefaultHandshakeTimeout  = 10 * time.Second
+	DefaultReadTimeout       = 60 * time.Second
+	DefaultIdleTimeout       = 3 * time.Minute
+)
+
+func (l Limits) withDefaults() Limits {
+	if l.MaxConnsPerSource == 0 {
+		l.MaxConnsPerSource = DefaultMaxConnsPerSource
+	}
+	if l.HandshakeTimeout <= 0 {
+		l.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if l.ReadTimeout <= 0 {
+		l.ReadTimeout = DefaultReadTimeout
+	}
+	if l.IdleTimeout <= 0 {
+		l.IdleTimeout = DefaultIdleTimeout
+	}
+	return l
+}
 
 // raftTypeMax bounds the RPC type byte hashicorp/raft's network transport
 // sends first on a connection (v1.7: AppendEntries 0, RequestVote 1,
@@ -27,12 +81,16 @@ const raftTypeMax = 0x1f
 // Mux is a node's cluster listener: TLS with the cluster CA, split between
 // raft and the cluster's HTTP RPCs by the first byte.
 type Mux struct {
-	ln        net.Listener
+	ln        *netlimit.Listener
+	limits    Limits
 	server    *tls.Config
 	peer      *tls.Config
 	advertise string
 	dialer    net.Dialer
 	logger    *slog.Logger
+	// refusedLog rate-limits the line about connections over the cap
+	// (one every ten seconds: the zero value).
+	refusedLog ratelog.Limiter
 
 	raft *connQueue
 	http *connQueue
@@ -47,28 +105,35 @@ type Mux struct {
 // bound IP when it is a specific one, so that a peer (or a test's partition
 // proxy) sees which node is calling.
 func Listen(addr, advertise string, b *pki.Bundle, logger *slog.Logger) (*Mux, error) {
+	return ListenWith(addr, advertise, b, Limits{}, logger)
+}
+
+// ListenWith is Listen with limits other than the defaults.
+func ListenWith(addr, advertise string, b *pki.Bundle, lim Limits, logger *slog.Logger) (*Mux, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	ln, err := net.Listen("tcp", addr)
+	lim = lim.withDefaults()
+	raw, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("cluster listener on %s (flag --raft-addr): %w", addr, err)
 	}
 	if advertise == "" {
-		advertise = ln.Addr().String()
+		advertise = raw.Addr().String()
 	}
 	if _, _, err := net.SplitHostPort(advertise); err != nil {
-		ln.Close()
+		raw.Close()
 		return nil, fmt.Errorf("raft advertise address %q (flag --raft-advertise): %w", advertise, err)
 	}
 	m := &Mux{
-		ln: ln, server: b.ServerTLS(), peer: b.PeerClientTLS(), advertise: advertise,
+		limits: lim, server: b.ServerTLS(), peer: b.PeerClientTLS(), advertise: advertise,
 		logger: logger.With("component", "cluster"),
-		raft:   newConnQueue(ln.Addr()), http: newConnQueue(ln.Addr()),
+		raft:   newConnQueue(raw.Addr()), http: newConnQueue(raw.Addr()),
 		closed: make(chan struct{}),
 	}
+	m.ln = netlimit.Wrap(raw, lim.MaxConnsPerSource, m.logRefused)
 	m.dialer.Timeout = 5 * time.Second
-	if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsUnspecified() {
+	if tcp, ok := raw.Addr().(*net.TCPAddr); ok && !tcp.IP.IsUnspecified() {
 		m.dialer.LocalAddr = &net.TCPAddr{IP: tcp.IP}
 	}
 	m.wg.Add(1)
@@ -78,6 +143,20 @@ func Listen(addr, advertise string, b *pki.Bundle, logger *slog.Logger) (*Mux, e
 
 // Addr is the bound address.
 func (m *Mux) Addr() net.Addr { return m.ln.Addr() }
+
+// Limits are the mux's limits, defaults filled in.
+func (m *Mux) Limits() Limits { return m.limits }
+
+// ConnStats counts the cluster port's connections: open now, and refused
+// because their source address was at Limits.MaxConnsPerSource.
+func (m *Mux) ConnStats() netlimit.Stats { return m.ln.Stats() }
+
+func (m *Mux) logRefused(remote net.Addr) {
+	if n, ok := m.refusedLog.Allow(); ok {
+		m.logger.Warn("refused a connection: its address holds the most connections allowed per source",
+			"remote", remote.String(), "max_per_source", m.limits.MaxConnsPerSource, "suppressed", n)
+	}
+}
 
 // Advertise is the address peers dial.
 func (m *Mux) Advertise() string { return m.advertise }
@@ -122,12 +201,17 @@ func (m *Mux) acceptLoop() {
 // route completes the TLS handshake, reads the first byte, and hands the
 // connection to raft (node certificates only) or to the HTTP side.
 func (m *Mux) route(raw net.Conn) {
-	_ = raw.SetDeadline(time.Now().Add(handshakeTimeout))
+	_ = raw.SetDeadline(time.Now().Add(m.limits.HandshakeTimeout))
 	tc := tls.Server(raw, m.server)
 	if err := tc.Handshake(); err != nil {
 		m.logger.Debug("cluster TLS handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
 		raw.Close()
 		return
+	}
+	if _, ok := pki.PeerNodeID(tc.ConnectionState()); ok {
+		// A node of the cluster: its connections do not count against
+		// its address (peers may share one with strangers).
+		netlimit.Release(raw)
 	}
 	br := bufio.NewReaderSize(tc, 512)
 	first, err := br.Peek(1)

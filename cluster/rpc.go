@@ -136,8 +136,15 @@ func (s *Server) HandleNode(pattern string, h http.HandlerFunc) {
 	s.mux.HandleFunc(pattern, s.nodeOnly(h))
 }
 
-// Serve serves the mux's HTTP connections until Shutdown.
+// Serve serves the mux's HTTP connections until Shutdown, within the
+// mux's limits: a request's header must arrive within its handshake
+// timeout, the whole request within its read timeout, and a kept-alive
+// connection is closed after its idle timeout.
 func (s *Server) Serve(m *Mux) error {
+	lim := m.Limits()
+	s.srv.ReadHeaderTimeout = lim.HandshakeTimeout
+	s.srv.ReadTimeout = lim.ReadTimeout
+	s.srv.IdleTimeout = lim.IdleTimeout
 	err := s.srv.Serve(m.HTTPListener())
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil

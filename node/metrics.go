@@ -65,19 +65,24 @@ var (
 	descConnected   = prometheus.NewDesc("appliance_devices_connected", "Devices holding an MQTT session with this node.", nil, nil)
 	descAuthFail    = prometheus.NewDesc("appliance_mqtt_auth_failures_total", "MQTT connections refused for bad credentials.", nil, nil)
 	descACLDenied   = prometheus.NewDesc("appliance_mqtt_acl_denials_total", "Subscriptions and publishes refused by the device ACL.", nil, nil)
-	descReports     = prometheus.NewDesc("appliance_reports_total", "Reported documents by outcome: accepted by the broker, dropped (malformed, too large, queue full), committed to raft.", []string{"outcome"}, nil)
+	descReports     = prometheus.NewDesc("appliance_reports_total", "Reported documents by outcome: accepted by the broker, throttled (over the device's quota: the latest is accepted later), dropped (malformed, too large, queue full), committed to raft.", []string{"outcome"}, nil)
 	descReportBatch = prometheus.NewDesc("appliance_report_batches_total", "Raft entries that carried reports.", nil, nil)
 	descDesired     = prometheus.NewDesc("appliance_desired_documents_sent_total", "Desired documents handed to devices' sessions.", nil, nil)
 	descPanics      = prometheus.NewDesc("appliance_mqtt_connection_panics_total", "Panics in one client's connection, each closing only that client.", nil, nil)
 	descRefusing    = prometheus.NewDesc("appliance_mqtt_refusing_devices", "1 while this node turns devices away because it has had no cluster leader for --shed-devices-after.", nil, nil)
 	descRefused     = prometheus.NewDesc("appliance_mqtt_refused_total", "Device connections refused or ended because the node had no cluster leader.", nil, nil)
+	descConnRefused = prometheus.NewDesc("appliance_connections_refused_total", "Connections closed at accept because their source address held the most allowed per source, by listener (api, cluster, mqtt; for mqtt: connections not yet authenticated).", []string{"listener"}, nil)
+	descConnOpen    = prometheus.NewDesc("appliance_connections_open", "Connections open now, by listener (api, cluster, mqtt).", []string{"listener"}, nil)
+	descNoSession   = prometheus.NewDesc("appliance_mqtt_connects_refused_total", "MQTT connections that ended without a session, besides bad credentials and a node without a leader: no_connect (no CONNECT within the connect timeout, TLS failed), protocol (first packet not a valid CONNECT), busy (the broker's connection cap).", []string{"reason"}, nil)
+	descThrottled   = prometheus.NewDesc("appliance_mqtt_devices_throttled", "Devices over their report quota now (a report waiting for their budget, or reports over quota in their session).", nil, nil)
+	descQuotaCut    = prometheus.NewDesc("appliance_mqtt_quota_disconnects_total", "Devices disconnected because they went on sending reports over their quota.", nil, nil)
 	descRaftState   = prometheus.NewDesc("appliance_raft_state", "1 for this node's raft state.", []string{"state"}, nil)
 	descApplied     = prometheus.NewDesc("appliance_raft_applied_index", "Index of the last raft entry applied to the state machine.", nil, nil)
 	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by status category (targeted, applied, healthy, unhealthy, soaking, unknown; soak 30 s).", []string{"deployment", "category"}, nil)
 )
 
 func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRefusing, descRefused, descRaftState, descApplied, descDeployments} {
+	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRefusing, descRefused, descConnRefused, descConnOpen, descNoSession, descThrottled, descQuotaCut, descRaftState, descApplied, descDeployments} {
 		ch <- d
 	}
 }
@@ -99,6 +104,24 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descRefusing, prometheus.GaugeValue, refusing)
 		ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(st.Refused))
+		ch <- prometheus.MustNewConstMetric(descConnRefused, prometheus.CounterValue, float64(st.SourceRefused), "mqtt")
+		ch <- prometheus.MustNewConstMetric(descConnOpen, prometheus.GaugeValue, float64(st.OpenConns), "mqtt")
+		ch <- prometheus.MustNewConstMetric(descNoSession, prometheus.CounterValue, float64(st.NoConnect), "no_connect")
+		ch <- prometheus.MustNewConstMetric(descNoSession, prometheus.CounterValue, float64(st.ProtocolErrors), "protocol")
+		ch <- prometheus.MustNewConstMetric(descNoSession, prometheus.CounterValue, float64(st.Busy), "busy")
+		ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(st.ReportsThrottled), "throttled")
+		ch <- prometheus.MustNewConstMetric(descThrottled, prometheus.GaugeValue, float64(st.DevicesThrottled))
+		ch <- prometheus.MustNewConstMetric(descQuotaCut, prometheus.CounterValue, float64(st.QuotaDisconnects))
+	}
+	if n.apiLn != nil {
+		st := n.apiLn.capped.Stats()
+		ch <- prometheus.MustNewConstMetric(descConnRefused, prometheus.CounterValue, float64(st.Refused), "api")
+		ch <- prometheus.MustNewConstMetric(descConnOpen, prometheus.GaugeValue, float64(st.Open), "api")
+	}
+	if n.mux != nil {
+		st := n.mux.ConnStats()
+		ch <- prometheus.MustNewConstMetric(descConnRefused, prometheus.CounterValue, float64(st.Refused), "cluster")
+		ch <- prometheus.MustNewConstMetric(descConnOpen, prometheus.GaugeValue, float64(st.Open), "cluster")
 	}
 	ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(n.reports.committed.Load()), "committed")
 	ch <- prometheus.MustNewConstMetric(descReportBatch, prometheus.CounterValue, float64(n.reports.batches.Load()))

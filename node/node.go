@@ -84,6 +84,14 @@ type Config struct {
 	// that has one (watchLeader). Zero means DefaultShedDevicesAfter;
 	// negative never sheds.
 	ShedDevicesAfter time.Duration
+	// Limits bound the API's and the cluster port's connections (timeouts,
+	// caps per source address); zero fields are defaults.
+	Limits ListenerLimits
+	// DeviceLimits bound what devices can make the broker hold and commit:
+	// the CONNECT timeout, the cap on unauthenticated connections per
+	// source address, report sizes and the per-device report quotas
+	// (broker.Limits; zero fields are defaults).
+	DeviceLimits broker.Limits
 }
 
 // Default listener addresses.
@@ -135,6 +143,7 @@ type Node struct {
 	bgDone     sync.WaitGroup
 
 	httpLn  net.Listener
+	apiLn   *apiListener // httpLn capped per source (and TLS)
 	httpSrv *http.Server
 
 	// engineMu orders engine updates from the apply path against readers
@@ -181,6 +190,7 @@ func New(cfg Config) (*Node, error) {
 	if cfg.ShedDevicesAfter == 0 {
 		cfg.ShedDevicesAfter = DefaultShedDevicesAfter
 	}
+	cfg.Limits = cfg.Limits.withDefaults()
 	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine(), failed: make(chan struct{})}
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
@@ -235,7 +245,7 @@ func (n *Node) Start(ctx context.Context) error {
 	b, err := broker.New(broker.Config{
 		Addr: n.cfg.MQTTAddr, TLSConfig: tlsConf,
 		Auth: (*devices)(n), Desired: (*devices)(n), Reports: n.reports,
-		Logger: n.cfg.Logger,
+		Logger: n.cfg.Logger, Limits: n.cfg.DeviceLimits,
 	})
 	if err != nil {
 		n.history.close()
@@ -243,7 +253,7 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	n.broker = b
 
-	mux, err := cluster.Listen(n.cfg.RaftAddr, n.cfg.RaftAdvertise, bundle, n.cfg.Logger)
+	mux, err := cluster.ListenWith(n.cfg.RaftAddr, n.cfg.RaftAdvertise, bundle, n.cfg.Limits.cluster(), n.cfg.Logger)
 	if err != nil {
 		n.history.close()
 		return err
@@ -333,12 +343,14 @@ func (n *Node) Start(ctx context.Context) error {
 		return fmt.Errorf("listen for the API on %s (flag --http-addr): %w", n.cfg.HTTPAddr, err)
 	}
 	n.httpLn = ln
+	var apiTLS *tls.Config
 	if !n.cfg.PlainHTTP {
-		ln = tls.NewListener(ln, n.publicTLS())
+		apiTLS = n.publicTLS()
 	}
-	n.httpSrv = &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+	n.apiLn = n.listenAPI(ln, apiTLS)
+	n.httpSrv = n.newAPIServer(srv)
 	go func() {
-		if err := n.httpSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := n.httpSrv.Serve(n.apiLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			n.logger.Error("API server stopped", "err", err)
 		}
 	}()
