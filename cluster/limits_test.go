@@ -199,3 +199,31 @@ func TestMux_CapPerSourceCountsStrangersOnly(t *testing.T) {
 		t.Fatalf("a connection from 127.0.0.2: %v", err)
 	}
 }
+
+// TestMux_StrangerLogsAreRateLimited: anyone who reaches the cluster port
+// can send raft bytes without a certificate or joins with a wrong secret,
+// as often as they like: the node logs a few of each per interval.
+func TestMux_StrangerLogsAreRateLimited(t *testing.T) {
+	c := newTestCluster(t, "home")
+	n1 := startFirst(t, c, "n1")
+	mark := n1.logs.mark()
+	wrong := pki.FormatJoinToken(c.ca.Fingerprint(), "not-the-secret")
+	const tries = 12
+	for range tries {
+		if _, err := cluster.Join(testContext(t), "https://"+n1.addr(), wrong, "joiner", []string{"127.0.0.1"}); err == nil {
+			t.Fatal("a wrong secret joined")
+		}
+		conn, err := tls.Dial("tcp", n1.addr(), pki.PinnedClientTLS(c.ca.Fingerprint()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Write([]byte{1, 0, 0, 0})
+		readAll(t, conn)
+		conn.Close()
+	}
+	for _, line := range []string{"refused a join with a wrong secret", "refused a raft connection without a node certificate"} {
+		if n := len(n1.logs.since(mark, line)); n == 0 || n >= tries {
+			t.Errorf("%d lines %q for %d attempts; want a few", n, line, tries)
+		}
+	}
+}

@@ -89,8 +89,9 @@ type Mux struct {
 	dialer    net.Dialer
 	logger    *slog.Logger
 	// refusedLog rate-limits the line about connections over the cap
-	// (one every ten seconds: the zero value).
-	refusedLog ratelog.Limiter
+	// (one every ten seconds: the zero value), strangerLog the one about
+	// raft bytes from a client without a node certificate.
+	refusedLog, strangerLog ratelog.Limiter
 
 	raft *connQueue
 	http *connQueue
@@ -131,6 +132,7 @@ func ListenWith(addr, advertise string, b *pki.Bundle, lim Limits, logger *slog.
 		raft:   newConnQueue(raw.Addr()), http: newConnQueue(raw.Addr()),
 		closed: make(chan struct{}),
 	}
+	m.strangerLog.Burst = strangerLogBurst
 	m.ln = netlimit.Wrap(raw, lim.MaxConnsPerSource, m.logRefused)
 	m.dialer.Timeout = 5 * time.Second
 	if tcp, ok := raw.Addr().(*net.TCPAddr); ok && !tcp.IP.IsUnspecified() {
@@ -140,6 +142,11 @@ func ListenWith(addr, advertise string, b *pki.Bundle, lim Limits, logger *slog.
 	go m.acceptLoop()
 	return m, nil
 }
+
+// strangerLogBurst is how many lines about clients refused for want of
+// a node certificate (raft bytes here, a wrong join secret in the RPC
+// server) go out every ten seconds; the next says how many were suppressed.
+const strangerLogBurst = 5
 
 // Addr is the bound address.
 func (m *Mux) Addr() net.Addr { return m.ln.Addr() }
@@ -224,7 +231,9 @@ func (m *Mux) route(raw net.Conn) {
 	if first[0] <= raftTypeMax {
 		id, ok := pki.PeerNodeID(tc.ConnectionState())
 		if !ok {
-			m.logger.Warn("refused a raft connection without a node certificate of this cluster", "remote", raw.RemoteAddr().String())
+			if n, ok := m.strangerLog.Allow(); ok {
+				m.logger.Warn("refused a raft connection without a node certificate of this cluster", "remote", raw.RemoteAddr().String(), "suppressed", n)
+			}
 			tc.Close()
 			return
 		}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/ratelog"
 	"appliance/pki"
 	"appliance/raftstore"
 )
@@ -92,6 +93,9 @@ type Server struct {
 	logger  *slog.Logger
 	srv     *http.Server
 	now     func() time.Time
+	// refusedLog rate-limits the line about joins with a wrong secret:
+	// anyone who reaches the port can send them.
+	refusedLog ratelog.Limiter
 }
 
 // NewServer builds the RPC server. secrets is called per join, so a node
@@ -100,7 +104,8 @@ func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server
 	if logger == nil {
 		logger = slog.Default()
 	}
-	s := &Server{store: store, secrets: secrets, logger: logger.With("component", "cluster"), now: time.Now}
+	s := &Server{store: store, secrets: secrets, logger: logger.With("component", "cluster"), now: time.Now,
+		refusedLog: ratelog.Limiter{Burst: strangerLogBurst}}
 	mux := http.NewServeMux()
 	s.mux = mux
 	mux.HandleFunc("POST /cluster/v1/join", s.join)
@@ -185,7 +190,9 @@ func (s *Server) join(w http.ResponseWriter, r *http.Request) {
 	sec := s.secrets()
 	_, want, err := pki.ParseJoinToken(sec.JoinToken)
 	if err != nil || !pki.SecretEqual(req.Secret, want) {
-		s.logger.Warn("refused a join with a wrong secret", "node_id", req.NodeID, "remote", r.RemoteAddr)
+		if n, ok := s.refusedLog.Allow(); ok {
+			s.logger.Warn("refused a join with a wrong secret", "node_id", req.NodeID, "remote", r.RemoteAddr, "suppressed", n)
+		}
 		writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, "wrong join token secret", "")
 		return
 	}
