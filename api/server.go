@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/routes"
 )
 
 // ErrUnavailable is returned by a Backend that cannot serve now (no raft
@@ -98,7 +99,7 @@ type ServerConfig struct {
 // Server serves the operator API.
 type Server struct {
 	cfg   ServerConfig
-	mux   *http.ServeMux
+	mux   *routes.Mux
 	token atomic.Pointer[string] // the admin token; SetToken replaces it
 }
 
@@ -117,7 +118,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = 4 << 20
 	}
-	s := &Server{cfg: cfg, mux: http.NewServeMux()}
+	s := &Server{cfg: cfg, mux: routes.New()}
 	s.SetToken(cfg.Token)
 	s.routes()
 	return s, nil
@@ -131,6 +132,13 @@ func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, 
 func (s *Server) HandleWithToken(pattern string, h http.Handler) {
 	s.mux.Handle(pattern, s.auth(h.ServeHTTP))
 }
+
+// Routes lists the pattern of every route served, the ones added with
+// Handle and HandleWithToken included: tests walk them all.
+func (s *Server) Routes() []string { return s.mux.Patterns() }
+
+// Route is the pattern a request would be served by ("" for none).
+func (s *Server) Route(r *http.Request) string { return s.mux.Pattern(r) }
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -351,47 +359,46 @@ func consistent(r *http.Request) bool {
 	return v == "true" || v == "1"
 }
 
+// decode reads a request body, at most MaxBodyBytes, into v (see
+// DecodeBody); a bad body is answered 400 (413 when too large) naming the
+// offending key, and decode reports false.
 func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any) bool {
-	body := http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
-	data, err := io.ReadAll(body)
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes))
 	if err != nil {
-		writeError(w, http.StatusRequestEntityTooLarge, "bad_request", fmt.Sprintf("request body: %v", err), "")
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			writeError(w, http.StatusRequestEntityTooLarge, "bad_request", fmt.Sprintf("request body: larger than the limit of %d bytes", tooLarge.Limit), "")
+			return false
+		}
+		writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("request body: %v", err), "")
 		return false
 	}
-	if len(strings.TrimSpace(string(data))) == 0 {
-		data = []byte("{}")
-	}
-	dec := json.NewDecoder(strings.NewReader(string(data)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		writeError(w, http.StatusBadRequest, "bad_request", "request body: "+describeJSONError(data, err), jsonErrorField(err))
+	if err := DecodeBody(data, v); err != nil {
+		s.fail(w, r, err)
 		return false
 	}
 	return true
 }
 
-func describeJSONError(data []byte, err error) string {
+// jsonError describes an error of encoding/json's decoder, naming the
+// field when it knows it.
+func jsonError(data []byte, err error) *fleet.ValidationError {
 	var syn *json.SyntaxError
 	if errors.As(err, &syn) {
 		line, col := lineCol(data, syn.Offset)
-		return fmt.Sprintf("invalid JSON at line %d, column %d: %v", line, col, syn)
+		return &fleet.ValidationError{Msg: fmt.Sprintf("request body: invalid JSON at line %d, column %d: %v", line, col, syn)}
 	}
 	var typ *json.UnmarshalTypeError
 	if errors.As(err, &typ) {
-		return fmt.Sprintf("field %q must be %s, got JSON %s", typ.Field, typ.Type, typ.Value)
-	}
-	return err.Error()
-}
-
-func jsonErrorField(err error) string {
-	var typ *json.UnmarshalTypeError
-	if errors.As(err, &typ) {
-		return typ.Field
+		if typ.Field == "" {
+			return &fleet.ValidationError{Msg: fmt.Sprintf("request body must be a JSON %s, got JSON %s", typ.Type, typ.Value)}
+		}
+		return &fleet.ValidationError{Field: typ.Field, Msg: fmt.Sprintf("must be %s, got JSON %s", typ.Type, typ.Value)}
 	}
 	if msg := err.Error(); strings.HasPrefix(msg, "json: unknown field ") {
-		return strings.Trim(strings.TrimPrefix(msg, "json: unknown field "), `"`)
+		return &fleet.ValidationError{Field: strings.Trim(strings.TrimPrefix(msg, "json: unknown field "), `"`), Msg: "unknown field in the request body"}
 	}
-	return ""
+	return &fleet.ValidationError{Msg: "request body: " + err.Error()}
 }
 
 func lineCol(data []byte, offset int64) (int, int) {

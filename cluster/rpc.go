@@ -14,6 +14,7 @@ import (
 
 	"appliance/fleet"
 	"appliance/internal/ratelog"
+	"appliance/internal/routes"
 	"appliance/pki"
 	"appliance/raftstore"
 )
@@ -87,7 +88,7 @@ type readIndexResponse struct {
 
 // Server serves the cluster RPCs on the mux's HTTP side.
 type Server struct {
-	mux     *http.ServeMux
+	mux     *routes.Mux
 	store   Store
 	secrets func() Secrets
 	logger  *slog.Logger
@@ -106,7 +107,7 @@ func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server
 	}
 	s := &Server{store: store, secrets: secrets, logger: logger.With("component", "cluster"), now: time.Now,
 		refusedLog: ratelog.Limiter{Burst: strangerLogBurst}}
-	mux := http.NewServeMux()
+	mux := routes.New()
 	s.mux = mux
 	mux.HandleFunc("POST /cluster/v1/join", s.join)
 	mux.HandleFunc("POST /cluster/v1/members", s.nodeOnly(s.addMember))
@@ -140,6 +141,13 @@ type tlsStateKey struct{}
 func (s *Server) HandleNode(pattern string, h http.HandlerFunc) {
 	s.mux.HandleFunc(pattern, s.nodeOnly(h))
 }
+
+// Routes lists the pattern of every RPC served, HandleNode's included:
+// tests walk them all.
+func (s *Server) Routes() []string { return s.mux.Patterns() }
+
+// Route is the pattern a request would be served by ("" for none).
+func (s *Server) Route(r *http.Request) string { return s.mux.Pattern(r) }
 
 // Serve serves the mux's HTTP connections until Shutdown, within the
 // mux's limits: a request's header must arrive within its handshake

@@ -9,11 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -24,6 +20,7 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/internal/testenv"
 	"appliance/ui"
 )
 
@@ -32,7 +29,7 @@ import (
 const artifactsDir = "artifacts"
 
 // chromiumPath finds Debian's chromium. Without it the test skips, except
-// in CI (CI set), where a missing browser is a broken runner.
+// under CI, where a missing browser is a broken runner (testenv).
 func chromiumPath(t *testing.T) string {
 	t.Helper()
 	for _, p := range []string{os.Getenv("CHROMIUM"), "/usr/bin/chromium"} {
@@ -43,40 +40,24 @@ func chromiumPath(t *testing.T) string {
 			return p
 		}
 	}
-	if p, err := exec.LookPath("chromium"); err == nil {
-		return p
-	}
-	const msg = "no chromium: install Debian's chromium package (apt-get install -y chromium) or set CHROMIUM"
-	if os.Getenv("CI") != "" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-	return ""
+	return testenv.LookPath(t, "chromium", "install Debian's chromium package (apt-get install -y chromium) or set CHROMIUM")
 }
 
-// dashboardURL is where the browser finds the dashboard and the API on one
-// origin: the node itself once it mounts /ui/, else a test server that
-// serves ui.Handler() and passes /api/ through to the node.
+// dashboardURL is where the browser finds the dashboard: the node itself,
+// which serves the page at /ui/ on the API's origin. A node that does not
+// mount it fails the test (nothing here serves the page in its place).
 func dashboardURL(t *testing.T, srv *server) string {
 	t.Helper()
-	if resp, err := srv.httpClient().Get(srv.url + ui.Prefix); err == nil {
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode == http.StatusOK && strings.Contains(string(body), `content="appliance-dashboard"`) {
-			return srv.url
-		}
-	}
-	target, err := url.Parse(srv.url)
+	resp, err := srv.httpClient().Get(srv.url + ui.Prefix)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("GET %s%s: %v", srv.url, ui.Prefix, err)
 	}
-	mux := http.NewServeMux()
-	mux.Handle(ui.Prefix, ui.Handler())
-	mux.Handle("/", httputil.NewSingleHostReverseProxy(target))
-	front := httptest.NewServer(mux)
-	t.Cleanup(front.Close)
-	t.Logf("the node does not serve %s; serving ui.Handler() in front of it at %s", ui.Prefix, front.URL)
-	return front.URL
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `content="appliance-dashboard"`) {
+		t.Fatalf("the node does not serve the dashboard at %s: HTTP %d", ui.Prefix, resp.StatusCode)
+	}
+	return srv.url
 }
 
 // browser starts headless chromium and returns a tab context. Console
