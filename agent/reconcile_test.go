@@ -205,7 +205,7 @@ func TestAgent_StatusBeforeAnyDesired(t *testing.T) {
 func TestAgent_ImportsNoControllerCode(t *testing.T) {
 	out, err := goList(t, "-deps", "appliance/agent")
 	if err != nil {
-		t.Skipf("go list unavailable: %v", err)
+		t.Fatalf("go list -deps appliance/agent: %v", err)
 	}
 	for _, dep := range strings.Fields(out) {
 		for _, banned := range []string{"appliance/raftstore", "appliance/node", "appliance/broker", "appliance/evaluator",

@@ -395,12 +395,10 @@ func TestBroker_PreConnectIdleIsClosed(t *testing.T) {
 	f := newTestFleet()
 	b := startBroker(t, f, func(c *Config) { c.Limits.ConnectTimeout = 200 * time.Millisecond })
 	c := dialRaw(t, b.Addr())
-	start := time.Now()
+	// drain gives up after 5 s, 25 times the limit: a connection closed
+	// before that was closed by the broker's limit.
 	if err := drain(c); err != nil {
 		t.Fatalf("connection not closed by the broker: %v", err)
-	}
-	if d := time.Since(start); d > 3*time.Second {
-		t.Fatalf("closed after %s; want about 200ms", d)
 	}
 }
 

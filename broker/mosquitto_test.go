@@ -3,27 +3,21 @@ package broker
 import (
 	"context"
 	"net"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/testenv"
 )
 
 // TestBroker_MosquittoClients is issue 4's first acceptance test, with the
 // real Debian clients (package mosquitto-clients), an MQTT implementation
 // independent of both mochi and paho.
 func TestBroker_MosquittoClients(t *testing.T) {
-	sub, err1 := exec.LookPath("mosquitto_sub")
-	pub, err2 := exec.LookPath("mosquitto_pub")
-	if err1 != nil || err2 != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("mosquitto_sub/mosquitto_pub missing in CI: .ci/run installs mosquitto-clients")
-		}
-		t.Skip("mosquitto_sub/mosquitto_pub not found; install the Debian package mosquitto-clients to run this acceptance test")
-	}
+	sub := testenv.LookPath(t, "mosquitto_sub", "install the Debian package mosquitto-clients to run this acceptance test")
+	pub := testenv.LookPath(t, "mosquitto_pub", "install the Debian package mosquitto-clients to run this acceptance test")
 	f := newTestFleet("press-01", "press-02")
 	b := startBroker(t, f)
 	host, port, _ := net.SplitHostPort(b.Addr())

@@ -9,15 +9,18 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"appliance/internal/testenv"
 )
 
 const corpusDir = "../../shared/corpus/azure-manifests"
 
 func corpusFiles(t *testing.T) []string {
 	t.Helper()
+	testenv.Dir(t, corpusDir, "the shared corpus lies beside the clone (../shared), as CI lays it")
 	files, err := filepath.Glob(filepath.Join(corpusDir, "*.json"))
 	if err != nil || len(files) == 0 {
-		t.Skipf("no corpus at %s (CI lays shared/ beside the clone)", corpusDir)
+		t.Fatalf("no manifests in %s: %v", corpusDir, err)
 	}
 	return files
 }

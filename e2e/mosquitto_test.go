@@ -7,27 +7,21 @@ import (
 	"context"
 	"encoding/json"
 	"net"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/testenv"
 )
 
 // mosquittoTools finds the Debian mosquitto-clients programs; CI installs
 // them, so there their absence is a failure rather than a skip.
 func mosquittoTools(t *testing.T) (sub, pub string) {
 	t.Helper()
-	sub, err1 := exec.LookPath("mosquitto_sub")
-	pub, err2 := exec.LookPath("mosquitto_pub")
-	if err1 != nil || err2 != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("mosquitto_sub/mosquitto_pub missing in CI (.ci/run installs mosquitto-clients)")
-		}
-		t.Skip("mosquitto_sub/mosquitto_pub not found: apt-get install mosquitto-clients")
-	}
+	sub = testenv.LookPath(t, "mosquitto_sub", "apt-get install mosquitto-clients")
+	pub = testenv.LookPath(t, "mosquitto_pub", "apt-get install mosquitto-clients")
 	return sub, pub
 }
 

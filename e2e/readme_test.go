@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"appliance/internal/testenv"
 )
 
 // tourCommands returns the shell commands of the README's CLI tour (between
@@ -47,9 +49,7 @@ func tourCommands(t *testing.T) []string {
 // directory are moved (through their environment variables) so the test
 // never touches fixed ports or the user's home.
 func TestReadmeQuickStart(t *testing.T) {
-	if _, err := exec.LookPath("make"); err != nil {
-		t.Skip("make is not installed")
-	}
+	testenv.LookPath(t, "make", "apt-get install make")
 	dataDir := t.TempDir()
 	env := append(os.Environ(),
 		"APPLIANCE_DATA_DIR="+dataDir,
@@ -123,9 +123,7 @@ func TestReadmeQuickStart(t *testing.T) {
 // three nodes join, the simulated devices enroll and apply the demo
 // deployment, any node answers for the cluster, and Ctrl-C stops it all.
 func TestReadmeMakeCluster(t *testing.T) {
-	if _, err := exec.LookPath("make"); err != nil {
-		t.Skip("make is not installed")
-	}
+	testenv.LookPath(t, "make", "apt-get install make")
 	var ports portReservation
 	var list []string
 	for range 9 {

@@ -377,11 +377,8 @@ func TestCompile_Limits(t *testing.T) {
 		if err != nil && (!errors.As(err, &se) || !strings.Contains(se.Msg, "too complex")) {
 			t.Fatalf("depth %d: %v", depth, err)
 		}
-		// Typically under a second; the bound only catches a blow-up, not a
-		// busy machine.
-		if d := time.Since(start); d > time.Minute {
-			t.Errorf("depth %d: compiling took %v", depth, d)
-		}
+		// Typically under a second; a blow-up shows as this test timing
+		// out (speed is measured by benchmarks, never asserted here).
 		t.Logf("depth %d: %v in %v", depth, err, time.Since(start))
 	}
 	ids := "deviceId IN ['d0'"

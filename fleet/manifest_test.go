@@ -10,6 +10,8 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"appliance/internal/testenv"
 )
 
 // corpusDir is the shared corpus of real Azure manifests, cloned beside the
@@ -27,10 +29,10 @@ func manifestDirs() []string {
 // corpus and is absent.
 func manifestFiles(t *testing.T, dir string) []string {
 	t.Helper()
+	if dir == corpusDir {
+		testenv.Dir(t, dir, "clone the shared repository beside this one, so that it sits at ../../shared from fleet/")
+	}
 	if _, err := os.Stat(dir); err != nil {
-		if dir == corpusDir {
-			t.Skipf("shared corpus not found at %s (clone the shared repository beside this one so that /work/shared sits at ../../shared from fleet/): %v", dir, err)
-		}
 		t.Fatal(err)
 	}
 	files, err := filepath.Glob(filepath.Join(dir, "*.json"))

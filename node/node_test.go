@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -48,14 +49,24 @@ func (w testWriter) Write(p []byte) (int, error) {
 // raft and bbolt files in dir.
 func startNode(t *testing.T, dir string) *Node {
 	t.Helper()
-	n, err := New(Config{
+	return startNodeWith(t, dir, nil)
+}
+
+// startNodeWith is startNode with changes to the configuration.
+func startNodeWith(t *testing.T, dir string, configure func(*Config)) *Node {
+	t.Helper()
+	cfg := Config{
 		DataDir: dir, NodeID: "n1", HTTPAddr: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", MQTTAddr: "127.0.0.1:0",
 		Logger:               slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelWarn})),
 		RaftHeartbeatTimeout: 100 * time.Millisecond, RaftElectionTimeout: 100 * time.Millisecond,
 		// The API and broker semantics are under test here, over plain
 		// TCP; TestTLSByDefault covers the default TLS listeners.
 		PlainHTTP: true, PlainMQTT: true,
-	})
+	}
+	if configure != nil {
+		configure(&cfg)
+	}
+	n, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,6 +80,23 @@ func startNode(t *testing.T, dir string) *Node {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// waitTimeout bounds every wait for something that should happen: long
+// enough never to fail a correct build on a loaded machine, so a test that
+// waits this long has found a bug, not a slow run.
+const waitTimeout = 60 * time.Second
+
+// waitFor polls cond until it holds, failing the test after waitTimeout.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited %s for %s", waitTimeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 func clientFor(n *Node) *api.Client { return &api.Client{BaseURL: n.URL(), Token: n.Token()} }
@@ -98,44 +126,6 @@ func rawRequest(t *testing.T, method, url, token, body string, headers ...string
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b), resp.Header
-}
-
-func TestAPI_EveryRouteNeedsTheToken(t *testing.T) {
-	n := startNode(t, t.TempDir())
-	routes := []struct{ method, path string }{
-		{"PUT", "/api/v1/devices/d1"}, {"GET", "/api/v1/devices/d1"}, {"PATCH", "/api/v1/devices/d1"},
-		{"DELETE", "/api/v1/devices/d1"}, {"GET", "/api/v1/devices"},
-		{"PUT", "/api/v1/deployments/x"}, {"GET", "/api/v1/deployments/x"}, {"PATCH", "/api/v1/deployments/x"},
-		{"DELETE", "/api/v1/deployments/x"}, {"GET", "/api/v1/deployments"},
-		{"GET", "/api/v1/no-such-route"},
-	}
-	for _, r := range routes {
-		for _, token := range []string{"", "wrong-token", n.Token() + "x"} {
-			code, body, _ := rawRequest(t, r.method, n.URL()+r.path, token, `{"tags":{}}`)
-			if code != http.StatusUnauthorized {
-				t.Errorf("%s %s with token %q: status %d, want 401", r.method, r.path, token, code)
-			}
-			var eb api.ErrorBody
-			if json.Unmarshal([]byte(body), &eb) != nil || eb.Error.Code != "unauthorized" {
-				t.Errorf("%s %s: body %s is not a JSON unauthorized error", r.method, r.path, body)
-			}
-		}
-	}
-	// Nothing was written by the refused requests.
-	if _, err := clientFor(n).Device(context.Background(), "d1", false); !errors.Is(err, fleet.ErrNotFound) {
-		t.Fatalf("device d1 after refused writes: %v", err)
-	}
-	// Health endpoints stay open.
-	for _, p := range []string{"/healthz", "/readyz"} {
-		if code, body, _ := rawRequest(t, "GET", n.URL()+p, "", ""); code != 200 {
-			t.Errorf("GET %s: %d %s", p, code, body)
-		}
-	}
-	// The token file is private.
-	st, err := os.Stat(filepath.Join(n.cfg.DataDir, TokenFile))
-	if err != nil || st.Mode().Perm() != 0o600 {
-		t.Fatalf("admin token file mode: %v %v", st.Mode(), err)
-	}
 }
 
 func TestAPI_DeviceLifecycle(t *testing.T) {
@@ -211,33 +201,112 @@ func TestAPI_DeviceLifecycle(t *testing.T) {
 	}
 }
 
-func TestAPI_DevicePagination(t *testing.T) {
+// TestAPI_Paging walks every paged list page by page with a small limit:
+// each item comes exactly once, in order, and the walk ends. The pages
+// with a condition, a label or a category are the ones a broken `after`
+// turns into an endless loop (the CLI follows Next until it is empty).
+func TestAPI_Paging(t *testing.T) {
 	n := startNode(t, t.TempDir())
 	c := clientFor(n)
 	ctx := context.Background()
-	for _, id := range []string{"a", "b", "c", "d", "e"} {
-		if _, err := c.PutDevice(ctx, id, api.DeviceRequest{}, api.WriteOptions{}); err != nil {
+	var prod, all []string
+	for i := range 9 {
+		id := fmt.Sprintf("d%d", i)
+		env := "test"
+		if i%3 != 1 {
+			env = "prod"
+			prod = append(prod, id)
+		}
+		createDevice(t, c, id, map[string]any{"environment": env})
+		all = append(all, id)
+	}
+	var labelled, deps []string
+	for i := range 7 {
+		id := fmt.Sprintf("dep%d", i)
+		team := "b"
+		if i%2 == 0 {
+			team = "a"
+			labelled = append(labelled, id)
+		}
+		deps = append(deps, id)
+		// Priority decides which one applies; every one targets the prod devices.
+		req := api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: int64(i), Labels: map[string]string{"team": team}}
+		if _, err := c.PutDeployment(ctx, id, req, api.WriteOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	var seen []string
-	q := api.DeviceQuery{Limit: 2}
-	for {
-		p, err := c.Devices(ctx, q)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, d := range p.Items {
-			seen = append(seen, d.ID)
-		}
-		if p.Next == "" {
-			break
-		}
-		q.After = p.Next
+	type page struct {
+		ids  []string
+		next string
 	}
-	if strings.Join(seen, ",") != "a,b,c,d,e" {
-		t.Fatalf("paged through %v", seen)
+	for _, tc := range []struct {
+		name string
+		want []string
+		get  func(after string) (page, error)
+	}{
+		{"devices", all, func(after string) (page, error) {
+			p, err := c.Devices(ctx, api.DeviceQuery{After: after, Limit: 2})
+			return page{deviceIDs(p.Items), p.Next}, err
+		}},
+		{"devices with a condition", prod, func(after string) (page, error) {
+			p, err := c.Devices(ctx, api.DeviceQuery{Condition: "tags.environment='prod'", After: after, Limit: 2})
+			return page{deviceIDs(p.Items), p.Next}, err
+		}},
+		{"devices with a condition, consistent", prod, func(after string) (page, error) {
+			p, err := c.Devices(ctx, api.DeviceQuery{Condition: "tags.environment='prod'", After: after, Limit: 4, Consistent: true})
+			return page{deviceIDs(p.Items), p.Next}, err
+		}},
+		{"deployments", deps, func(after string) (page, error) {
+			p, err := c.Deployments(ctx, api.DeploymentQuery{After: after, Limit: 3})
+			return page{deploymentIDs(p.Items), p.Next}, err
+		}},
+		{"deployments with a label", labelled, func(after string) (page, error) {
+			p, err := c.Deployments(ctx, api.DeploymentQuery{Labels: map[string]string{"team": "a"}, After: after, Limit: 1})
+			return page{deploymentIDs(p.Items), p.Next}, err
+		}},
+		{"a status category", prod, func(after string) (page, error) {
+			st, err := c.DeploymentStatus(ctx, "dep6", api.StatusQuery{Category: api.CategoryTargeted, After: after, Limit: 2})
+			return page{st.Devices[api.CategoryTargeted], st.Next[api.CategoryTargeted]}, err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var seen []string
+			after := ""
+			for pages := 0; ; pages++ {
+				if pages > len(tc.want) {
+					t.Fatalf("still paging after %d pages (seen %v): after= is not honoured", pages, seen)
+				}
+				p, err := tc.get(after)
+				if err != nil {
+					t.Fatal(err)
+				}
+				seen = append(seen, p.ids...)
+				if p.next == "" {
+					break
+				}
+				after = p.next
+			}
+			if !slices.Equal(seen, tc.want) {
+				t.Fatalf("paged through %v, want %v", seen, tc.want)
+			}
+		})
 	}
+}
+
+func deviceIDs(items []api.DeviceView) []string {
+	ids := make([]string, len(items))
+	for i, d := range items {
+		ids[i] = d.ID
+	}
+	return ids
+}
+
+func deploymentIDs(items []api.DeploymentView) []string {
+	ids := make([]string, len(items))
+	for i, d := range items {
+		ids[i] = d.ID
+	}
+	return ids
 }
 
 const manifest = `{"modulesContent":{

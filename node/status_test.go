@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -94,21 +96,14 @@ func TestDeploymentStatus(t *testing.T) {
 
 	want := api.StatusCounts{Targeted: 6, Applied: 5, Healthy: 1, Soaking: 1, Unhealthy: 2, Unknown: 1}
 	var st api.DeploymentStatus
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	waitFor(t, fmt.Sprintf("counts %+v", want), func() bool {
 		var err error
 		st, err = c.DeploymentStatus(ctx, "prod", api.StatusQuery{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st.Counts == want || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if st.Counts != want {
-		t.Fatalf("counts %+v, want %+v", st.Counts, want)
-	}
+		return st.Counts == want
+	})
 	if fmt.Sprint(st.Devices[api.CategoryUnhealthy]) != "[failing rejecting]" || fmt.Sprint(st.Devices[api.CategoryUnknown]) != "[silent]" {
 		t.Fatalf("devices by category %v", st.Devices)
 	}
@@ -179,15 +174,11 @@ func TestHistory(t *testing.T) {
 		t.Fatal(err)
 	}
 	var dev, dep api.HistoryPage
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	waitFor(t, "the history written", func() bool {
 		dev, _ = c.DeviceHistory(ctx, "d1", 0)
 		dep, _ = c.DeploymentHistory(ctx, "prod", 0)
-		if len(dev.Items) >= 3 && len(dep.Items) >= 2 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return len(dev.Items) >= 3 && len(dep.Items) >= 2
+	})
 	// Newest first: prod → base (condition changed), base → prod (tags
 	// changed), none → base (base created).
 	var moves []string
@@ -257,5 +248,42 @@ func TestHistory(t *testing.T) {
 	}
 	if evs, _ := h.events(false, "x", 1); len(evs) != 1 || evs[0].What != "applied deployment none → d (test)" || evs[0].Kind != "assigned" || evs[0].Deployment != "d" {
 		t.Fatalf("assignment event %+v", evs)
+	}
+}
+
+// TestHistory_AgeRetention: events older than the retention go when their
+// subject is next written, however few it has (the cap per subject is far
+// away here), and a deployment's events the same way as a device's.
+func TestHistory_AgeRetention(t *testing.T) {
+	h, err := openHistory(filepath.Join(t.TempDir(), "h.db"), time.Hour, 100, slog.New(slog.NewTextHandler(newTestWriter(t), nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.close()
+	now := time.Now()
+	write := func(index uint64, at time.Time) {
+		h.add(queued{ev: api.HistoryEvent{Time: at, Index: index}, cause: "test", moves: []evaluator.Change{{DeviceID: "x", To: "d"}}},
+			queued{deployment: "dep", ev: api.HistoryEvent{Time: at, Index: index, Kind: "updated"}})
+		h.flush()
+	}
+	indexes := func(deployment bool, subject string) []uint64 {
+		evs, err := h.events(deployment, subject, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []uint64
+		for _, ev := range evs {
+			out = append(out, ev.Index)
+		}
+		return out
+	}
+	write(1, now.Add(-3*time.Hour))
+	write(2, now.Add(-2*time.Hour))
+	write(3, now.Add(-30*time.Minute))
+	write(4, now)
+	for _, deployment := range []bool{false, true} {
+		if got := indexes(deployment, map[bool]string{false: "x", true: "dep"}[deployment]); !slices.Equal(got, []uint64{4, 3}) {
+			t.Errorf("deployment=%v: events %v after a write, want [4 3]: the ones older than an hour must go", deployment, got)
+		}
 	}
 }

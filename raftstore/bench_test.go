@@ -85,7 +85,7 @@ func BenchmarkFailover(b *testing.B) {
 		name string
 		edit func(*Config)
 	}{
-		{"tuned", func(c *Config) { c.HeartbeatTimeout, c.ElectionTimeout = 0, 0 }},
+		{"tuned", func(c *Config) { c.HeartbeatTimeout, c.ElectionTimeout, c.LeaderLeaseTimeout = 0, 0, 0 }},
 		{"hashicorp-defaults", func(c *Config) { *c = c.HashicorpDefaults() }},
 	} {
 		b.Run(tc.name, func(b *testing.B) {

@@ -28,6 +28,14 @@ func openConfig(t testing.TB, cfg Config) *Store {
 	return s
 }
 
+// clusterRaftTimeout is the heartbeat, election and lease timeout of the
+// stores of a test cluster: longer than the product's, because these tests
+// are not about failover (BenchmarkFailover measures it), and a leader must
+// not lose its lease, nor a follower start an election, when two busy cores
+// running the race detector leave raft's goroutines waiting (seen at 230
+// ms with 100 ms timeouts).
+const clusterRaftTimeout = 500 * time.Millisecond
+
 // newTestCluster opens n stores in this process; n1 bootstraps, leads, and
 // adds the others as voters. edit, when set, adjusts each node's Config.
 func newTestCluster(t testing.TB, n int, edit func(cfg *Config)) []*Store {
@@ -35,6 +43,7 @@ func newTestCluster(t testing.TB, n int, edit func(cfg *Config)) []*Store {
 	stores := make([]*Store, n)
 	for i := range stores {
 		cfg := testConfig(t, t.TempDir(), fmt.Sprintf("n%d", i+1))
+		cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = clusterRaftTimeout, clusterRaftTimeout, clusterRaftTimeout
 		cfg.Bootstrap = i == 0
 		if edit != nil {
 			edit(&cfg)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -107,25 +108,20 @@ func TestRaftConfig_Timeouts(t *testing.T) {
 }
 
 // TestStore_Failover_DefaultTimeouts stops the leader of a cluster running
-// the default timeouts and measures how long until the survivors elect a
-// new one: the tuning aims at about a second at most.
+// the default timeouts: the survivors elect a new one, which takes writes
+// and holds the one acknowledged before. How long that takes is measured
+// by BenchmarkFailover (docs/benchmarks.md), never asserted here.
 func TestStore_Failover_DefaultTimeouts(t *testing.T) {
-	if testing.Short() {
-		t.Skip("failover timing")
-	}
 	stores := newTestCluster(t, 3, func(cfg *Config) {
-		cfg.HeartbeatTimeout, cfg.ElectionTimeout = 0, 0 // the defaults
+		cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = 0, 0, 0 // the defaults
 	})
 	putDevice(t, stores[0], "before", nil)
-	start := time.Now()
 	stores[0].Close()
 	leader := leaderOf(t, stores[1:])
-	took := time.Since(start)
-	t.Logf("new leader %s after %s", leader.NodeID(), took)
-	if took > 3*time.Second {
-		t.Fatalf("failover took %s with the default timeouts", took)
-	}
 	putDevice(t, leader, "after", nil)
+	if got := deviceIDs(t, leader); !slices.Equal(got, []string{"after", "before"}) {
+		t.Fatalf("new leader %s holds devices %v, want [after before]", leader.NodeID(), got)
+	}
 }
 
 // TestOpen_StreamClosedOnFailure: the store owns its stream, also when
