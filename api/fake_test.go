@@ -34,7 +34,8 @@ type fakeBackend struct {
 	history             func(ctx context.Context, deployment bool, id string, limit int) (HistoryPage, error)
 	regenerateDeviceKey func(ctx context.Context, id, which string) (fleet.Device, error)
 	putEnrollment       func(ctx context.Context, name string, req EnrollmentRequest, opts WriteOptions) (fleet.Enrollment, bool, error)
-	deleteEnrollment    func(ctx context.Context, name string, opts WriteOptions) error
+	deleteEnrollment    func(ctx context.Context, name string, revokeDevices bool, opts WriteOptions) ([]string, error)
+	rotateEnrollment    func(ctx context.Context, name string, req RotateEnrollmentRequest, opts WriteOptions) (EnrollmentRotation, error)
 	enrollment          func(ctx context.Context, name string) (fleet.Enrollment, error)
 	enrollments         func(ctx context.Context) ([]fleet.Enrollment, error)
 	cluster             func(ctx context.Context) (ClusterView, error)
@@ -42,6 +43,10 @@ type fakeBackend struct {
 	rotateAdminToken    func(ctx context.Context) (string, error)
 	rotateJoinToken     func(ctx context.Context) (string, error)
 	backup              func(ctx context.Context) (io.ReadCloser, int64, error)
+	overview            func(ctx context.Context) (Overview, error)
+	checkCondition      func(ctx context.Context, req ConditionRequest) (ConditionCheck, error)
+	dryRunPatch         func(ctx context.Context, id string, patch DeploymentPatch) (DryRunResult, error)
+	dryRunDelete        func(ctx context.Context, id string) (DryRunResult, error)
 	health              func() Health
 	ready               func(ctx context.Context) error
 }
@@ -174,11 +179,18 @@ func (b *fakeBackend) PutEnrollment(ctx context.Context, name string, req Enroll
 	return b.putEnrollment(ctx, name, req, opts)
 }
 
-func (b *fakeBackend) DeleteEnrollment(ctx context.Context, name string, opts WriteOptions) error {
+func (b *fakeBackend) DeleteEnrollment(ctx context.Context, name string, revokeDevices bool, opts WriteOptions) ([]string, error) {
 	if err := b.record("DeleteEnrollment", b.deleteEnrollment != nil); err != nil {
-		return err
+		return nil, err
 	}
-	return b.deleteEnrollment(ctx, name, opts)
+	return b.deleteEnrollment(ctx, name, revokeDevices, opts)
+}
+
+func (b *fakeBackend) RotateEnrollment(ctx context.Context, name string, req RotateEnrollmentRequest, opts WriteOptions) (EnrollmentRotation, error) {
+	if err := b.record("RotateEnrollment", b.rotateEnrollment != nil); err != nil {
+		return EnrollmentRotation{}, err
+	}
+	return b.rotateEnrollment(ctx, name, req, opts)
 }
 
 func (b *fakeBackend) Enrollment(ctx context.Context, name string) (fleet.Enrollment, error) {
@@ -228,6 +240,34 @@ func (b *fakeBackend) Backup(ctx context.Context) (io.ReadCloser, int64, error) 
 		return nil, 0, err
 	}
 	return b.backup(ctx)
+}
+
+func (b *fakeBackend) Overview(ctx context.Context) (Overview, error) {
+	if err := b.record("Overview", b.overview != nil); err != nil {
+		return Overview{}, err
+	}
+	return b.overview(ctx)
+}
+
+func (b *fakeBackend) CheckCondition(ctx context.Context, req ConditionRequest) (ConditionCheck, error) {
+	if err := b.record("CheckCondition", b.checkCondition != nil); err != nil {
+		return ConditionCheck{}, err
+	}
+	return b.checkCondition(ctx, req)
+}
+
+func (b *fakeBackend) DryRunPatchDeployment(ctx context.Context, id string, patch DeploymentPatch) (DryRunResult, error) {
+	if err := b.record("DryRunPatchDeployment", b.dryRunPatch != nil); err != nil {
+		return DryRunResult{}, err
+	}
+	return b.dryRunPatch(ctx, id, patch)
+}
+
+func (b *fakeBackend) DryRunDeleteDeployment(ctx context.Context, id string) (DryRunResult, error) {
+	if err := b.record("DryRunDeleteDeployment", b.dryRunDelete != nil); err != nil {
+		return DryRunResult{}, err
+	}
+	return b.dryRunDelete(ctx, id)
 }
 
 // Health and Ready answer ok unless the test says otherwise: every
