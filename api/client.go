@@ -332,10 +332,13 @@ func (c *Client) Cluster(ctx context.Context) (ClusterView, error) {
 	return v, err
 }
 
-// RemoveClusterMember takes a node out of the cluster.
-func (c *Client) RemoveClusterMember(ctx context.Context, id string) error {
-	_, err := c.do(ctx, http.MethodDelete, "/api/v1/cluster/members/"+esc(id), nil, WriteOptions{}, nil, nil)
-	return err
+// RemoveClusterMember takes a node out of the cluster for good: the
+// answer holds the new admin and join tokens (the removed node's copies no
+// longer work) and whether its certificate was revoked.
+func (c *Client) RemoveClusterMember(ctx context.Context, id string) (MemberRemoval, error) {
+	var out MemberRemoval
+	_, err := c.do(ctx, http.MethodDelete, "/api/v1/cluster/members/"+esc(id), nil, WriteOptions{}, nil, &out)
+	return out, err
 }
 
 // RotateAdminToken replaces the admin token on every node and returns the

@@ -39,7 +39,7 @@ type fakeBackend struct {
 	enrollment          func(ctx context.Context, name string) (fleet.Enrollment, error)
 	enrollments         func(ctx context.Context) ([]fleet.Enrollment, error)
 	cluster             func(ctx context.Context) (ClusterView, error)
-	removeClusterMember func(ctx context.Context, id string) error
+	removeClusterMember func(ctx context.Context, id string) (MemberRemoval, error)
 	rotateAdminToken    func(ctx context.Context) (string, error)
 	rotateJoinToken     func(ctx context.Context) (string, error)
 	backup              func(ctx context.Context) (io.ReadCloser, int64, error)
@@ -214,9 +214,9 @@ func (b *fakeBackend) Cluster(ctx context.Context) (ClusterView, error) {
 	return b.cluster(ctx)
 }
 
-func (b *fakeBackend) RemoveClusterMember(ctx context.Context, id string) error {
+func (b *fakeBackend) RemoveClusterMember(ctx context.Context, id string) (MemberRemoval, error) {
 	if err := b.record("RemoveClusterMember", b.removeClusterMember != nil); err != nil {
-		return err
+		return MemberRemoval{}, err
 	}
 	return b.removeClusterMember(ctx, id)
 }

@@ -64,7 +64,9 @@ type Backend interface {
 	// RemoveClusterMember takes a node out of the cluster (through the
 	// leader).
 	Cluster(ctx context.Context) (ClusterView, error)
-	RemoveClusterMember(ctx context.Context, id string) error
+	// It rotates the join and admin tokens and revokes the node's
+	// certificate on every node.
+	RemoveClusterMember(ctx context.Context, id string) (MemberRemoval, error)
 	// RotateAdminToken replaces the admin token on every node and returns
 	// the new one; the old one stops working.
 	RotateAdminToken(ctx context.Context) (string, error)
@@ -272,11 +274,12 @@ func (s *Server) rotate(w http.ResponseWriter, r *http.Request, rotate func(cont
 }
 
 func (s *Server) removeClusterMember(w http.ResponseWriter, r *http.Request) {
-	if err := s.cfg.Backend.RemoveClusterMember(r.Context(), r.PathValue("id")); err != nil {
+	out, err := s.cfg.Backend.RemoveClusterMember(r.Context(), r.PathValue("id"))
+	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	w.WriteHeader(http.StatusNoContent)
+	writeJSON(w, http.StatusOK, out)
 }
 
 // backup sends the archive, made in full before the first byte goes out

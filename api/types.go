@@ -215,6 +215,21 @@ type EnrollmentRequest struct {
 	Tags map[string]any `json:"tags,omitempty"`
 }
 
+// MemberRemoval answers DELETE /cluster/members/{id}: the node is out of
+// the cluster, and what it held no longer works: the admin token and the
+// join token were rotated (the new ones are here, and in every remaining
+// node's files), and its certificate was revoked on every node.
+type MemberRemoval struct {
+	Removed            string `json:"removed"`
+	AdminToken         string `json:"adminToken"`
+	JoinToken          string `json:"joinToken"`
+	CertificateRevoked bool   `json:"certificateRevoked"`
+	// Fingerprint is the revoked certificate's SHA-256.
+	Fingerprint string `json:"fingerprint,omitempty"`
+	// Warning says what could not be done yet, and what to do.
+	Warning string `json:"warning,omitempty"`
+}
+
 // RotateEnrollmentRequest is the body of POST /enrollments/{name}/rotate.
 type RotateEnrollmentRequest struct {
 	// RevokeDevices also clears the keys of every device the enrollment

@@ -110,23 +110,48 @@ func lastContact(s *float64) string {
 func (a *app) clusterRemove() *cobra.Command {
 	return &cobra.Command{
 		Use:   "remove NODE",
-		Short: "Remove a node from the cluster (to take a node out for good, remove it, then stop it)",
-		Args:  exactArgs(1, "NODE"),
+		Short: "Remove a node from the cluster for good: its certificate, join token and admin token stop working everywhere",
+		Long: `Remove a node from the cluster for good. The node's certificate is revoked on
+every node (its connections are closed, its handshakes refused, even while it
+keeps running), and the admin token and the join token are rotated, since the
+removed node holds copies of both: the new ones are printed, and every
+remaining node's admin-token and join-token files hold them. Run it against
+another node than the one removed. To bring the machine back, wipe its data
+directory and join it with the new join token.`,
+		Args: exactArgs(1, "NODE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
 			if err != nil {
 				return err
 			}
-			if err := c.RemoveClusterMember(cmd.Context(), args[0]); err != nil {
+			out, err := c.RemoveClusterMember(cmd.Context(), args[0])
+			if err != nil {
 				return err
 			}
 			if a.output == "json" {
-				return a.printJSON(map[string]string{"removed": args[0]})
+				return a.printJSON(out)
 			}
-			fmt.Fprintf(a.stdout, "removed %s from the cluster; stop its process and do not restart it with --join\n", args[0])
+			revoked := "no"
+			if out.CertificateRevoked {
+				revoked = "yes (" + shortID(out.Fingerprint) + ")"
+			}
+			a.keyValues([][]string{{"removed", out.Removed}, {"certificateRevoked", revoked},
+				{"adminToken", out.AdminToken}, {"joinToken", out.JoinToken}})
+			if out.Warning != "" {
+				fmt.Fprintln(a.stderr, "warning: "+out.Warning)
+			}
+			fmt.Fprintf(a.stderr, "removed %s: stop its process; the tokens above replace the old ones (every remaining node's <data-dir>/%s and %s hold them)\n",
+				out.Removed, node.TokenFile, node.JoinTokenFile)
 			return nil
 		},
 	}
+}
+
+func shortID(s string) string {
+	if len(s) > 16 {
+		return s[:16]
+	}
+	return s
 }
 
 func (a *app) clusterRotateAdminToken() *cobra.Command {

@@ -151,10 +151,12 @@ func (c *Client) GetJSON(ctx context.Context, addr, path string, out any) error 
 }
 
 // AddSelf asks the node at addr to make this node (named by its
-// certificate) a voter reachable at advertise. A follower answers with the
-// leader's address, which is tried next.
-func (c *Client) AddSelf(ctx context.Context, addr, advertise string) error {
-	body, _ := json.Marshal(memberRequest{Address: advertise})
+// certificate) a voter reachable at advertise. A node that is not a member
+// yet must give the cluster's current join token (its secret is sent). A
+// follower answers with the leader's address, which is tried next.
+func (c *Client) AddSelf(ctx context.Context, addr, advertise, joinToken string) error {
+	_, secret, _ := pki.ParseJoinToken(joinToken)
+	body, _ := json.Marshal(memberRequest{Address: advertise, Secret: secret})
 	return c.onLeader(ctx, addr, "add this node as a voter", func(a string) (*http.Response, error) {
 		resp, _, err := c.do(ctx, http.MethodPost, a, "/cluster/v1/members", body)
 		return resp, err

@@ -211,7 +211,7 @@ func joinNode(t testing.TB, via *testNode, token, nodeID string) *testNode {
 	// Like a node, retry while the cluster has no leader (an election may
 	// follow the previous join).
 	for {
-		err := n.client.AddSelf(ctx, via.addr(), n.addr())
+		err := n.client.AddSelf(ctx, via.addr(), n.addr(), token)
 		if err == nil {
 			return n
 		}

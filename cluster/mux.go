@@ -96,6 +96,8 @@ type Mux struct {
 	raft *connQueue
 	http *connQueue
 
+	guard guard // authorization of peers, open connections (guard.go)
+
 	closeOnce sync.Once
 	closed    chan struct{}
 	wg        sync.WaitGroup
@@ -134,6 +136,16 @@ func ListenWith(addr, advertise string, b *pki.Bundle, lim Limits, logger *slog.
 	}
 	m.strangerLog.Burst = strangerLogBurst
 	m.ln = netlimit.Wrap(raw, lim.MaxConnsPerSource, m.logRefused)
+	// Every handshake, either side, asks the Authorizer about the peer's
+	// certificate (a removed node's is refused before any byte of raft).
+	m.server.VerifyConnection = m.guard.verifyPeer
+	verifyServer := m.peer.VerifyConnection
+	m.peer.VerifyConnection = func(cs tls.ConnectionState) error {
+		if err := verifyServer(cs); err != nil {
+			return err
+		}
+		return m.guard.verifyPeer(cs)
+	}
 	m.dialer.Timeout = 5 * time.Second
 	if tcp, ok := raw.Addr().(*net.TCPAddr); ok && !tcp.IP.IsUnspecified() {
 		m.dialer.LocalAddr = &net.TCPAddr{IP: tcp.IP}
@@ -227,23 +239,29 @@ func (m *Mux) route(raw net.Conn) {
 		return
 	}
 	_ = raw.SetDeadline(time.Time{})
-	conn := &peekedConn{Conn: tc, r: br}
+	peer, hasCert := pki.PeerCertID(tc.ConnectionState())
 	if first[0] <= raftTypeMax {
-		id, ok := pki.PeerNodeID(tc.ConnectionState())
-		if !ok {
+		if !hasCert {
 			if n, ok := m.strangerLog.Allow(); ok {
 				m.logger.Warn("refused a raft connection without a node certificate of this cluster", "remote", raw.RemoteAddr().String(), "suppressed", n)
 			}
 			tc.Close()
 			return
 		}
-		if !m.raft.put(conn) {
+		if err := m.guard.authorize(peer, UseRaft); err != nil {
+			m.refused(peer, raw.RemoteAddr(), err)
+			tc.Close()
+			return
+		}
+		conn := &peekedConn{Conn: tc, r: br}
+		if !m.raft.put(m.guard.track(conn, peer, true, UseRaft)) {
 			tc.Close()
 		}
-		m.logger.Debug("raft connection", "peer", id, "remote", raw.RemoteAddr().String())
+		m.logger.Debug("raft connection", "peer", peer.NodeID, "remote", raw.RemoteAddr().String())
 		return
 	}
-	if !m.http.put(conn) {
+	conn := &peekedConn{Conn: tc, r: br}
+	if !m.http.put(m.guard.track(conn, peer, hasCert, UseHandshake)) {
 		tc.Close()
 	}
 }
@@ -265,7 +283,8 @@ func (m *Mux) dial(address string, timeout time.Duration) (net.Conn, error) {
 		return nil, fmt.Errorf("TLS with cluster peer %s: %w", address, err)
 	}
 	_ = raw.SetDeadline(time.Time{})
-	return tc, nil
+	peer, _ := pki.PeerCertID(tc.ConnectionState())
+	return m.guard.track(tc, peer, true, UseHandshake), nil
 }
 
 // RaftLayer is the stream layer raft uses: connections that start with a

@@ -28,6 +28,11 @@ type Store interface {
 	Leader() (addr, id string)
 	// Info is what this node runs and can apply (the info RPC).
 	Info() raftstore.NodeInfo
+	// IsMember tells whether nodeID is in the latest raft configuration.
+	IsMember(ctx context.Context, nodeID string) (bool, error)
+	// BindNode records the certificate the cluster knows for nodeID
+	// (replace: even if it knows another one).
+	BindNode(ctx context.Context, nodeID, fingerprint, serial string, replace bool) error
 }
 
 // Secrets are what a node hands a joiner that proved it knows the join
@@ -80,6 +85,11 @@ type JoinResponse struct {
 
 type memberRequest struct {
 	Address string `json:"address"`
+	// Secret is the join token's secret: a node that is not a member yet
+	// must know the current one to become a voter (the certificate alone
+	// proves only that the CA issued it, and every server holds the CA's
+	// key, a removed one included).
+	Secret string `json:"secret,omitempty"`
 }
 
 type readIndexResponse struct {
@@ -97,6 +107,8 @@ type Server struct {
 	// refusedLog rate-limits the line about joins with a wrong secret:
 	// anyone who reaches the port can send them.
 	refusedLog ratelog.Limiter
+	// guard is the mux's (set by Serve): it judges callers' certificates.
+	guard *guard
 }
 
 // NewServer builds the RPC server. secrets is called per join, so a node
@@ -110,7 +122,7 @@ func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server
 	mux := routes.New()
 	s.mux = mux
 	mux.HandleFunc("POST /cluster/v1/join", s.join)
-	mux.HandleFunc("POST /cluster/v1/members", s.nodeOnly(s.addMember))
+	mux.HandleFunc("POST /cluster/v1/members", s.nodeOnlyFor(UseAddSelf, s.addMember))
 	mux.HandleFunc("DELETE /cluster/v1/members/{id}", s.nodeOnly(s.removeMember))
 	mux.HandleFunc("POST /cluster/v1/apply", s.nodeOnly(s.apply))
 	mux.HandleFunc("POST /cluster/v1/read-index", s.nodeOnly(s.readIndex))
@@ -122,6 +134,9 @@ func NewServer(store Store, secrets func() Secrets, logger *slog.Logger) *Server
 		// hands over a wrapper (it has read the first byte), so the
 		// peer's certificate travels in the context instead.
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if gc, ok := c.(*guardedConn); ok {
+				c = gc.Conn
+			}
 			if pc, ok := c.(*peekedConn); ok {
 				if tc, ok := pc.Conn.(*tls.Conn); ok {
 					return context.WithValue(ctx, tlsStateKey{}, tc.ConnectionState())
@@ -158,6 +173,7 @@ func (s *Server) Serve(m *Mux) error {
 	s.srv.ReadHeaderTimeout = lim.HandshakeTimeout
 	s.srv.ReadTimeout = lim.ReadTimeout
 	s.srv.IdleTimeout = lim.IdleTimeout
+	s.guard = &m.guard
 	err := s.srv.Serve(m.HTTPListener())
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
@@ -170,24 +186,40 @@ func (s *Server) Shutdown(ctx context.Context) error { return s.srv.Shutdown(ctx
 
 type peerKey struct{}
 
-// nodeOnly admits only callers with a node certificate of this cluster.
-func (s *Server) nodeOnly(h http.HandlerFunc) http.HandlerFunc {
+// nodeOnly admits only callers with a node certificate of this cluster
+// that the Authorizer accepts for a node-only RPC (not revoked, the one
+// bound to its node, a member's).
+func (s *Server) nodeOnly(h http.HandlerFunc) http.HandlerFunc { return s.nodeOnlyFor(UseRPC, h) }
+
+func (s *Server) nodeOnlyFor(use Use, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		cs, ok := r.Context().Value(tlsStateKey{}).(tls.ConnectionState)
 		if !ok {
 			writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, "a node certificate of this cluster is required", "")
 			return
 		}
-		id, ok := pki.PeerNodeID(cs)
+		peer, ok := pki.PeerCertID(cs)
 		if !ok {
 			writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, "a node certificate of this cluster is required", "")
 			return
 		}
-		h(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, id)))
+		if s.guard != nil {
+			if err := s.guard.authorize(peer, use); err != nil {
+				s.logger.Warn("refused a cluster RPC", "peer", peer.NodeID, "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
+				writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, err.Error(), "")
+				return
+			}
+		}
+		h(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, peer)))
 	}
 }
 
-func peerOf(r *http.Request) string { id, _ := r.Context().Value(peerKey{}).(string); return id }
+func peerOf(r *http.Request) string { return peerCertOf(r).NodeID }
+
+func peerCertOf(r *http.Request) pki.CertID {
+	p, _ := r.Context().Value(peerKey{}).(pki.CertID)
+	return p
+}
 
 func (s *Server) join(w http.ResponseWriter, r *http.Request) {
 	var req JoinRequest
@@ -228,7 +260,35 @@ func (s *Server) addMember(w http.ResponseWriter, r *http.Request) {
 		writeRPCError(w, http.StatusBadRequest, codeBadRequest, "member request: an address is required", "")
 		return
 	}
-	id := peerOf(r)
+	peer := peerCertOf(r)
+	id := peer.NodeID
+	member, err := s.store.IsMember(r.Context(), id)
+	if err != nil {
+		s.writeStoreError(w, err)
+		return
+	}
+	if !member {
+		// A joiner: it proves it knows the current join secret, as it did
+		// to get its certificate, and the cluster binds that certificate
+		// to it before it becomes a voter.
+		_, want, err := pki.ParseJoinToken(s.secrets().JoinToken)
+		if err != nil || !pki.SecretEqual(req.Secret, want) {
+			s.logger.Warn("refused to make a node a voter: wrong join token secret", "node_id", id, "remote", r.RemoteAddr)
+			writeRPCError(w, http.StatusUnauthorized, codeUnauthorized, "wrong join token secret: a node that is not a member must know the cluster's current join token to become a voter", "")
+			return
+		}
+	}
+	// A member binds only a certificate the cluster knows none for (one
+	// of a release before bindings); a joiner's replaces any.
+	switch err := s.store.BindNode(r.Context(), id, peer.Fingerprint, peer.Serial, !member); {
+	case errors.Is(err, raftstore.ErrClusterBehind):
+		s.logger.Warn("node certificate not bound: a member runs a release without bindings; it is bound once every member is upgraded", "node_id", id, "err", err)
+	case errors.Is(err, fleet.ErrExists):
+		// Bound to another certificate: the Authorizer has judged it.
+	case err != nil:
+		s.writeStoreError(w, err)
+		return
+	}
 	if err := s.store.AddVoter(r.Context(), id, req.Address); err != nil {
 		s.writeStoreError(w, err)
 		return

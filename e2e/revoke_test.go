@@ -3,10 +3,15 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -18,7 +23,10 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 	bolt "go.etcd.io/bbolt"
 
+	"appliance/api"
 	"appliance/fleet"
+	"appliance/pki"
+	"appliance/raftstore"
 )
 
 // deviceSession is one MQTT 5 session of a device with a node's broker, as
@@ -254,5 +262,176 @@ func TestRevocation_EnrollmentTokens(t *testing.T) {
 	})
 	if r := cli(t, dir, "device", "show", "press-f"); r.code == 0 {
 		t.Error("a deleted enrollment's token registered press-f")
+	}
+}
+
+// peerTLS dials a node's cluster port with a node certificate, as a peer
+// does; the error is the handshake's.
+func peerTLS(addr string, b *pki.Bundle) (*tls.Conn, error) {
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, b.PeerClientTLS())
+	if err != nil {
+		return nil, err
+	}
+	// TLS 1.3: the server's verdict on the client certificate arrives
+	// after the client's handshake returns; a read surfaces it.
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if _, err := c.Read(make([]byte, 1)); err != nil && !isTimeout(err) {
+		c.Close()
+		return nil, err
+	}
+	c.SetReadDeadline(time.Time{})
+	return c, nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// clusterApply forwards a raft entry to a node's cluster port as a peer
+// would (POST /cluster/v1/apply), with the given certificate; it returns
+// the HTTP status, or the transport's error.
+func clusterApply(addr string, b *pki.Bundle, entry []byte) (int, error) {
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: b.PeerClientTLS()}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Post("https://"+addr+"/cluster/v1/apply", "application/octet-stream", bytes.NewReader(entry))
+	if err != nil {
+		return 0, err
+	}
+	resp.Body.Close()
+	return resp.StatusCode, nil
+}
+
+// TestRevocation_RemovedNodeIsCutOff is issue 13's acceptance 2 for
+// cluster members: a removed node that keeps running (and is restarted)
+// cannot write, with its API, its certificate, a certificate it issues
+// itself with the CA key it holds, its admin token or its join token; and
+// while it runs the other two keep their quorum and take writes.
+func TestRevocation_RemovedNodeIsCutOff(t *testing.T) {
+	nodes := startCluster(t, 3)
+	eventually(t, "3 voters and a leader", 20*time.Second, func() bool {
+		v := members(t, nodes[0].server)
+		return len(v.Members) == 3 && v.Leader != ""
+	})
+	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
+	oldAdmin, oldJoin := n1.token, joinToken(t, n1.dataDir)
+	bundle3, err := pki.LoadBundle(filepath.Join(n3.dataDir, "tls"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Before the removal n3's certificate is a peer's like any other.
+	entry, err := raftstore.Encode(raftstore.PutDevice{Device: fleet.Device{ID: "by-n3-before"}, Time: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, err := clusterApply(n1.raftAddr, bundle3, entry); err != nil || code != http.StatusOK {
+		t.Fatalf("n3 forwarding a write before its removal: %d %v", code, err)
+	}
+
+	r := cli(t, n2.dataDir, "cluster", "remove", "n3", "-o", "json").mustSucceed(t)
+	var rem api.MemberRemoval
+	if err := json.Unmarshal([]byte(r.stdout), &rem); err != nil || rem.Removed != "n3" || !rem.CertificateRevoked ||
+		rem.AdminToken == "" || rem.AdminToken == oldAdmin || rem.JoinToken == "" || rem.JoinToken == oldJoin {
+		t.Fatalf("cluster remove n3: %s (%v)", r.stdout, err)
+	}
+	if rem.Fingerprint != bundle3.NodeCertID().Fingerprint {
+		t.Fatalf("revoked certificate %s, n3's is %s", rem.Fingerprint, bundle3.NodeCertID().Fingerprint)
+	}
+	apiStatus := func(n *clusterNode, token string) int {
+		req, _ := http.NewRequest(http.MethodGet, n.url+"/api/v1/devices", nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := n.httpClient().Do(req)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, n := range []*clusterNode{n1, n2} {
+		eventually(t, n.id+" takes the new tokens and refuses n3's admin token", 10*time.Second, func() bool {
+			return apiStatus(n, rem.AdminToken) == http.StatusOK && apiStatus(n, oldAdmin) == http.StatusUnauthorized &&
+				joinToken(t, n.dataDir) == rem.JoinToken
+		})
+	}
+
+	// n3 keeps running. Its certificate is refused at the handshake...
+	if c, err := peerTLS(n1.raftAddr, bundle3); err == nil {
+		c.Write([]byte{1})
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+		if err == nil {
+			t.Error("n3's certificate got an answer on n1's cluster port")
+		}
+	}
+	entry, _ = raftstore.Encode(raftstore.PutDevice{Device: fleet.Device{ID: "by-n3-after"}, Time: time.Now()})
+	if code, err := clusterApply(n1.raftAddr, bundle3, entry); err == nil {
+		t.Errorf("n3 forwarded a write with its revoked certificate: HTTP %d", code)
+	}
+	// ...and so is any certificate it issues itself with the CA key every
+	// server holds: for a member's id (not the certificate the cluster
+	// knows for it), or for an id of its own (not a member).
+	for _, id := range []string{"n1", "n3", "n9"} {
+		minted, err := pki.NewBundle(bundle3.CA, id, []string{"127.0.0.1"}, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		code, err := clusterApply(n1.raftAddr, minted, entry)
+		if err == nil && code == http.StatusOK {
+			t.Errorf("a certificate n3 issued itself for %s forwarded a write", id)
+		}
+		if c, err := peerTLS(n2.raftAddr, minted); err == nil {
+			c.Write([]byte{1, 0x80}) // a raft RequestVote's first bytes
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, err = c.Read(make([]byte, 1))
+			c.Close()
+			if err == nil {
+				t.Errorf("a certificate n3 issued itself for %s got a raft answer from n2", id)
+			}
+		}
+	}
+	// Its own API (its old token is its own) cannot write either: the
+	// write it forwards is refused.
+	if r := cli(t, n3.dataDir, "device", "create", "through-n3"); r.code == 0 {
+		t.Error("a write through the removed node's API succeeded")
+	}
+
+	// While n3 runs, n1 and n2 keep a leader and take every write.
+	before := members(t, n1.server)
+	for i := range 20 {
+		cli(t, n1.dataDir, "device", "create", fmt.Sprintf("after-removal-%02d", i)).mustSucceed(t)
+		time.Sleep(100 * time.Millisecond)
+	}
+	after := members(t, n1.server)
+	if len(after.Members) != 2 || after.Leader == "" || after.Leader == "n3" {
+		t.Fatalf("members after the removal: %+v", after)
+	}
+	t.Logf("survivors' term %d before and %d after 2 s of writes with the removed node running", before.Term, after.Term)
+
+	// Restarted with its data directory (its revoked certificate and old
+	// join token), n3 does not get back in.
+	n3.kill()
+	n3.restart(t)
+	time.Sleep(3 * time.Second) // its join attempts and elections, refused
+	if v := members(t, n1.server); len(v.Members) != 2 {
+		t.Fatalf("after n3 restarted, members %+v", v.Members)
+	}
+	c1 := n1.client()
+	c1.Token = rem.AdminToken
+	for _, id := range []string{"by-n3-after", "through-n3"} {
+		if _, err := c1.Device(context.Background(), id, true); !isErr(err, fleet.ErrNotFound) {
+			t.Errorf("device %s written by the removed node: %v", id, err)
+		}
+	}
+	if !strings.Contains(n1.logs.String()+n2.logs.String(), "refused a cluster peer") {
+		t.Error("neither survivor logged refusing n3")
+	}
+	// A fresh node with the old join token is refused too.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	refused := runBinary(ctx, t, "serve", "--data-dir", t.TempDir(), "--node-id", "n3", "--http-addr", "127.0.0.1:0",
+		"--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--join", "https://"+n1.raftAddr, "--join-token", oldJoin)
+	if refused.code == 0 || !strings.Contains(refused.stderr, "wrong join token secret") {
+		t.Fatalf("a node with the removed node's join token: exit %d\n%s", refused.code, refused.stderr)
 	}
 }

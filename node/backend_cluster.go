@@ -105,37 +105,71 @@ func (b *backend) RotateJoinToken(ctx context.Context) (string, error) {
 	return t, nil
 }
 
-// RemoveClusterMember removes a node, on the leader (asked through the
-// cluster port when this node is a follower).
-func (b *backend) RemoveClusterMember(ctx context.Context, id string) error {
+// RemoveClusterMember removes a node for good, on the leader (asked
+// through the cluster port when this node is a follower), then takes away
+// everything the removed node held: the join token and the admin token are
+// rotated (its copies stop working; every other node adopts the new ones
+// as it applies them, files included), and its certificate is revoked on
+// every node, which closes its connections and refuses its handshakes from
+// then on. Removing a node whose revocation did not finish (the leader
+// changed midway) completes it.
+func (b *backend) RemoveClusterMember(ctx context.Context, id string) (api.MemberRemoval, error) {
+	out := api.MemberRemoval{Removed: id}
+	if id == b.cfg.NodeID {
+		return out, selfRemoval(id)
+	}
 	members, err := b.store.Members(ctx)
 	if err != nil {
-		return b.unavailable(err)
+		return out, b.unavailable(err)
 	}
 	found := false
 	for _, m := range members {
 		found = found || m.ID == id
 	}
-	if !found {
-		return fmt.Errorf("cluster member %q: %w", id, fleet.ErrNotFound)
-	}
-	if len(members) == 1 {
-		return fleet.Invalid("id", "%s is the only member: removing it would leave no cluster (stop the node instead)", id)
-	}
-	if b.store.IsLeader() {
-		err = b.store.RemoveServer(ctx, id)
-	} else if addr, _ := b.store.Leader(); addr == "" {
-		err = fmt.Errorf("no raft leader known: %w", raftstore.ErrNotLeader)
-	} else {
-		err = b.peers.RemoveMember(ctx, addr, id)
-	}
-	if errors.Is(err, raftstore.ErrNotLeader) {
-		return b.unavailable(err)
-	}
-	if err == nil {
+	switch {
+	case !found && !b.wasRemoved(id):
+		return out, fmt.Errorf("cluster member %q: %w", id, fleet.ErrNotFound)
+	case found && len(members) == 1:
+		return out, fleet.Invalid("id", "%s is the only member: removing it would leave no cluster (stop the node instead)", id)
+	case found:
+		if b.store.IsLeader() {
+			err = b.store.RemoveServer(ctx, id)
+		} else if addr, _ := b.store.Leader(); addr == "" {
+			err = fmt.Errorf("no raft leader known: %w", raftstore.ErrNotLeader)
+		} else {
+			err = b.peers.RemoveMember(ctx, addr, id)
+		}
+		if errors.Is(err, raftstore.ErrNotLeader) {
+			return out, b.unavailable(err)
+		}
+		if err != nil {
+			return out, err
+		}
 		b.logger.Info("removed a node from the cluster", "removed", id)
 	}
-	return err
+	// The removed node knows both tokens: new ones, before its
+	// certificate goes, so that nothing it holds works afterwards.
+	if out.JoinToken, err = b.RotateJoinToken(ctx); err != nil {
+		return out, fmt.Errorf("node %s removed, but rotating the join token failed (run the removal again): %w", id, err)
+	}
+	if out.AdminToken, err = b.RotateAdminToken(ctx); err != nil {
+		return out, fmt.Errorf("node %s removed, but rotating the admin token failed (run the removal again): %w", id, err)
+	}
+	cert, err := b.revokeRemoved(ctx, id)
+	switch {
+	case errors.Is(err, raftstore.ErrClusterBehind):
+		// A member runs a release without revocation: the removed node,
+		// no member any more, is refused raft and the node-only RPCs all
+		// the same; its certificate goes on the list once all are upgraded.
+		out.Warning = "the certificate was not put on the deny list: " + err.Error() + "; run the removal again once every member is upgraded"
+	case err != nil:
+		return out, fmt.Errorf("node %s removed and the tokens rotated, but revoking its certificate failed (run the removal again): %w", id, err)
+	default:
+		out.CertificateRevoked = cert.Fingerprint != ""
+		out.Fingerprint = cert.Fingerprint
+	}
+	b.logger.Info("the removed node's credentials were revoked", "removed", id, "certificate", shortFingerprint(cert.Fingerprint))
+	return out, nil
 }
 
 // Backup writes a consistent archive to a temporary file in the data

@@ -216,7 +216,7 @@ func (n *Node) addSelf(ctx context.Context) error {
 		var lastErr error
 		for _, t := range targets {
 			actx, cancel := context.WithTimeout(ctx, 15*time.Second)
-			lastErr = n.peers.AddSelf(actx, t, n.mux.Advertise())
+			lastErr = n.peers.AddSelf(actx, t, n.mux.Advertise(), n.JoinToken())
 			cancel()
 			if lastErr == nil {
 				n.logger.Info("this node is a voter of the cluster", "via", t)
@@ -281,6 +281,12 @@ func (c *clusterStore) RemoveServer(ctx context.Context, id string) error {
 	return c.store.RemoveServer(ctx, id)
 }
 func (c *clusterStore) Leader() (string, string) { return c.store.Leader() }
+func (c *clusterStore) IsMember(ctx context.Context, id string) (bool, error) {
+	return c.store.IsMember(ctx, id)
+}
+func (c *clusterStore) BindNode(ctx context.Context, id, fingerprint, serial string, replace bool) error {
+	return c.store.BindNode(ctx, id, fingerprint, serial, replace)
+}
 func (c *clusterStore) Info() raftstore.NodeInfo { return (*Node)(c).info() }
 
 // info is what this node runs: its store's NodeInfo with the build's

@@ -282,6 +282,9 @@ func (n *Node) Start(ctx context.Context) error {
 		return err
 	}
 	n.store = store
+	// From here the replicated state judges every peer's certificate.
+	n.mux.SetAuthorizer((*peerAuthorizer)(n))
+	go n.bindSelf(n.stopCtx)
 	go n.watchHalt()
 	n.rpc = cluster.NewServer((*clusterStore)(n), n.clusterSecrets, n.cfg.Logger)
 	n.rpc.HandleNode("GET "+connectionsPath, n.serveConnections)

@@ -25,6 +25,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	var drop, recheck []string
 	var events []queued
 	var adminToken, joinToken string // rotations, adopted after the lock
+	certsChanged := false
 	n.engineMu.Lock()
 	for _, c := range changes {
 		var out []evaluator.Change
@@ -63,6 +64,8 @@ func (o *observer) Applied(changes []raftstore.Change) {
 			adminToken = c.Secret
 		case raftstore.JoinTokenSet:
 			joinToken = c.Secret
+		case raftstore.NodeCertsChanged:
+			certsChanged = true
 		}
 		if len(out) == 0 {
 			continue
@@ -84,6 +87,11 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	if joinToken != "" {
 		n.adoptJoinToken(joinToken)
 	}
+	if certsChanged && n.mux != nil {
+		// A node's certificate was revoked (or bound): connections that
+		// presented one the cluster no longer accepts close now.
+		n.mux.Recheck()
+	}
 	if n.broker != nil {
 		for _, id := range drop {
 			n.broker.Disconnect(id)
@@ -102,6 +110,11 @@ func (o *observer) Restored(r *raftstore.Reader) {
 	}
 	if t := r.JoinToken(); t != "" {
 		n.adoptJoinToken(t)
+	}
+	if n.mux != nil {
+		// Revocations the snapshot holds. Not here: the check reads the
+		// state, which this call holds open.
+		go n.mux.Recheck()
 	}
 	n.engineMu.Lock()
 	n.engine.Reset()

@@ -122,3 +122,43 @@ func short(fp string) string {
 	}
 	return fp
 }
+
+// CertID identifies a node certificate: the node it names, its SHA-256
+// fingerprint (lowercase hex of the DER) and its serial number (hex). The
+// fingerprint is what the cluster binds to a member and what it revokes.
+type CertID struct {
+	NodeID      string `json:"nodeId"`
+	Fingerprint string `json:"fingerprint"`
+	Serial      string `json:"serial"`
+}
+
+// IdentityOf is a node certificate's CertID; ok is false for a
+// certificate without a node identity. Call it on verified certificates.
+func IdentityOf(cert *x509.Certificate) (CertID, bool) {
+	id, ok := NodeIdentity(cert)
+	if !ok {
+		return CertID{}, false
+	}
+	return CertID{NodeID: id, Fingerprint: fingerprint(cert), Serial: cert.SerialNumber.Text(16)}, true
+}
+
+// PeerCertID is the CertID of the verified certificate a peer presented:
+// on the server side the client's (ok is false for a client without one, a
+// joiner), on the client side the server's (verified by PeerClientTLS).
+func PeerCertID(cs tls.ConnectionState) (CertID, bool) {
+	if len(cs.VerifiedChains) > 0 && len(cs.VerifiedChains[0]) > 0 {
+		return IdentityOf(cs.VerifiedChains[0][0])
+	}
+	if len(cs.PeerCertificates) > 0 {
+		// A client side with InsecureSkipVerify: PeerClientTLS's
+		// VerifyConnection verified the leaf against the CA.
+		return IdentityOf(cs.PeerCertificates[0])
+	}
+	return CertID{}, false
+}
+
+// NodeCertID is the CertID of this node's own certificate.
+func (b *Bundle) NodeCertID() CertID {
+	id, _ := IdentityOf(b.Node.Leaf)
+	return id
+}

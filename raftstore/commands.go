@@ -32,8 +32,10 @@ const (
 // Later command types carry explicit numbers, so that no edit of the list
 // above can move them.
 const (
+	CmdRevokeNode              CommandType = 12 // deny a removed node's certificate on every node
 	CmdRotateEnrollment        CommandType = 13 // give an enrollment a new token (the old one stops enrolling)
 	CmdRevokeEnrollmentDevices CommandType = 14 // clear the keys of the devices an enrollment registered
+	CmdBindNode                CommandType = 25 // record the certificate the cluster knows for a node
 )
 
 func (t CommandType) String() string {
@@ -60,6 +62,10 @@ func (t CommandType) String() string {
 		return "set-admin-token"
 	case CmdSetJoinToken:
 		return "set-join-token"
+	case CmdRevokeNode:
+		return "revoke-node"
+	case CmdBindNode:
+		return "bind-node"
 	case CmdRotateEnrollment:
 		return "rotate-enrollment"
 	case CmdRevokeEnrollmentDevices:
@@ -311,6 +317,10 @@ func newCommand(t CommandType) Command {
 		c = &SetAdminToken{}
 	case CmdSetJoinToken:
 		c = &SetJoinToken{}
+	case CmdRevokeNode:
+		c = &RevokeNode{}
+	case CmdBindNode:
+		c = &BindNode{}
 	case CmdRotateEnrollment:
 		c = &RotateEnrollment{}
 	case CmdRevokeEnrollmentDevices:

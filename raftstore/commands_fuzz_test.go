@@ -30,6 +30,8 @@ func FuzzDecode(f *testing.F) {
 		RotateEnrollment{Name: "line", DerivationKey: "k2", RevokeDevices: true, Time: at,
 			EnrollmentDevices: EnrollmentDevices{Devices: []string{"d1"}, AsOf: 7}},
 		RevokeEnrollmentDevices{Name: "line", DeleteEnrollment: true, Time: at},
+		RevokeNode{NodeID: "n3", Fingerprint: "ab12", Serial: "7f", Time: at},
+		BindNode{NodeID: "n2", Fingerprint: "cd34", Serial: "01", Time: at, IfUnbound: true},
 	} {
 		b, err := Encode(c)
 		if err != nil {

@@ -45,8 +45,9 @@ const (
 	DeploymentPut
 	DeploymentDeleted
 	ReportPut
-	AdminTokenSet // Secret is the new admin token
-	JoinTokenSet  // Secret is the new join token
+	AdminTokenSet    // Secret is the new admin token
+	JoinTokenSet     // Secret is the new join token
+	NodeCertsChanged // a node's certificate was bound or revoked (ID: the node)
 )
 
 // Change is one effect of an applied command, published to the Observer in
@@ -603,6 +604,10 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.rotateEnrollment(index, c)
 	case *RevokeEnrollmentDevices:
 		return w.revokeEnrollmentDevices(index, c)
+	case *BindNode:
+		return w.bindNode(index, c)
+	case *RevokeNode:
+		return w.revokeNode(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }

@@ -1,0 +1,175 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"appliance/cluster"
+	"appliance/fleet"
+	"appliance/pki"
+	"appliance/raftstore"
+)
+
+// peerAuthorizer judges the node certificates presented on this node's
+// cluster port from the replicated state, so every node judges alike
+// (cluster.Authorizer):
+//  1. a revoked certificate (a removed node's) is refused everywhere;
+//  2. a certificate for a node the cluster has bound another certificate
+//     to is refused: every server holds the CA's key, so a removed node
+//     could issue itself a certificate for any id, and only the binding
+//     tells the real one apart;
+//  3. raft connections and node-only RPCs come from members only (this
+//     node's latest raft configuration; a node with none yet, one waiting
+//     to be added, takes the leader's word). A node becoming a voter
+//     (UseAddSelf) proves the join secret instead.
+type peerAuthorizer Node
+
+var _ cluster.Authorizer = (*peerAuthorizer)(nil)
+
+func (a *peerAuthorizer) AuthorizePeer(p pki.CertID, use cluster.Use) error {
+	n := (*Node)(a)
+	var verdict error
+	err := n.store.View(func(r *raftstore.Reader) error {
+		rc, revoked, err := r.RevokedCert(p.Fingerprint)
+		if err != nil {
+			return err
+		}
+		if revoked {
+			verdict = fmt.Errorf("the certificate %s of node %s was revoked when %s was removed from the cluster", shortFingerprint(p.Fingerprint), p.NodeID, rc.NodeID)
+			return nil
+		}
+		nc, bound, err := r.NodeCert(p.NodeID)
+		if err != nil {
+			return err
+		}
+		if bound && nc.Fingerprint != p.Fingerprint {
+			verdict = fmt.Errorf("node %s presented certificate %s, not the one the cluster knows for it (%s)", p.NodeID, shortFingerprint(p.Fingerprint), shortFingerprint(nc.Fingerprint))
+		}
+		return nil
+	})
+	if err != nil {
+		// Fail closed: a state that cannot be read cannot vouch for anyone.
+		return fmt.Errorf("read the cluster's certificates: %w", err)
+	}
+	if verdict != nil || (use != cluster.UseRaft && use != cluster.UseRPC) {
+		return verdict
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	members, err := n.store.Members(ctx)
+	if err != nil {
+		return fmt.Errorf("read the cluster's members: %w", err)
+	}
+	if len(members) == 0 {
+		return nil
+	}
+	for _, m := range members {
+		if m.ID == p.NodeID {
+			return nil
+		}
+	}
+	return fmt.Errorf("node %s is not a member of the cluster", p.NodeID)
+}
+
+func shortFingerprint(fp string) string {
+	if len(fp) > 16 {
+		return fp[:16]
+	}
+	return fp
+}
+
+// bindSelf makes sure the cluster knows this node's certificate: a node
+// that joined was bound by the leader when it became a voter; the node
+// that formed the cluster, a member of a release before bindings, and a
+// restored node (a new certificate from the restored CA) bind themselves
+// here. It runs until the binding is this node's certificate, or the node
+// stops. A node bound to another certificate can bind itself only as the
+// leader (a restored cluster of one); otherwise its peers refuse it, and it
+// says so.
+func (n *Node) bindSelf(ctx context.Context) {
+	self := n.bundle.NodeCertID()
+	warned := false
+	for {
+		wait := time.Second
+		var nc raftstore.NodeCert
+		var bound bool
+		err := n.store.View(func(r *raftstore.Reader) error {
+			var err error
+			nc, bound, err = r.NodeCert(self.NodeID)
+			return err
+		})
+		switch {
+		case err != nil:
+			n.logger.Warn("cannot read this node's certificate binding", "err", err)
+		case bound && nc.Fingerprint == self.Fingerprint:
+			return
+		case bound && !n.store.IsLeader():
+			if !warned {
+				n.logger.Error("the cluster knows another certificate for this node; its peers refuse this one (was the node removed? a removed node rejoins with a fresh data directory and the current join token)",
+					"fingerprint", shortFingerprint(self.Fingerprint), "known", shortFingerprint(nc.Fingerprint))
+				warned = true
+			}
+			wait = 10 * time.Second
+		default:
+			// Apply waits for a leader (the node that forms a cluster
+			// binds itself as soon as it leads, before anyone joins).
+			actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := n.store.BindNode(actx, self.NodeID, self.Fingerprint, self.Serial, bound)
+			cancel()
+			switch {
+			case err == nil:
+				n.logger.Info("the cluster knows this node's certificate", "fingerprint", shortFingerprint(self.Fingerprint))
+				return
+			case errors.Is(err, raftstore.ErrClusterBehind):
+				wait = 2 * time.Second // a member runs an older release, or has not said yet
+			case ctx.Err() == nil:
+				n.logger.Debug("binding this node's certificate", "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// revokeRemoved puts a removed node's certificate on the cluster's deny
+// list: the one bound to it, else the last one it presented here.
+func (b *backend) revokeRemoved(ctx context.Context, id string) (pki.CertID, error) {
+	cert := pki.CertID{NodeID: id}
+	err := b.store.View(func(r *raftstore.Reader) error {
+		nc, bound, err := r.NodeCert(id)
+		if bound {
+			cert.Fingerprint, cert.Serial = nc.Fingerprint, nc.Serial
+		}
+		return err
+	})
+	if err != nil {
+		return cert, err
+	}
+	if cert.Fingerprint == "" {
+		if seen, ok := b.mux.SeenCert(id); ok {
+			cert = seen
+		}
+	}
+	_, err = b.apply(ctx, raftstore.RevokeNode{NodeID: id, Fingerprint: cert.Fingerprint, Serial: cert.Serial, Time: now()})
+	return cert, err
+}
+
+// wasRemoved tells whether id is a node whose removal did not finish (its
+// certificate still bound): removing it again completes the revocation.
+func (b *backend) wasRemoved(id string) bool {
+	bound := false
+	_ = b.store.View(func(r *raftstore.Reader) error {
+		_, bound, _ = r.NodeCert(id)
+		return nil
+	})
+	return bound
+}
+
+func selfRemoval(id string) error {
+	return fleet.Invalid("id", "node %s cannot remove itself (it would be out of the cluster before it could revoke its own credentials): run the command against another node (--server)", id)
+}
