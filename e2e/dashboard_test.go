@@ -597,6 +597,7 @@ func TestDashboard_OperatorConsole(t *testing.T) {
 	if _, err := c.Deployment(bg, "base", false); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("after the delete: %v", err)
 	}
+	run(t, ctx, "a deleted deployment's page", chromedp.Navigate(base+"/ui/#/deployments/base"), chromedp.WaitVisible(chromedp.ID("deployment-missing")))
 
 	// The overview's numbers equal the API's: the overview itself, and the
 	// per-device and per-deployment reads it must agree with.

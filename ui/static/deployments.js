@@ -3,8 +3,8 @@
 // with its dry run.
 
 import {
-  CATEGORIES, HEALTH, api, bar, call, count, deploymentHref, deploymentLink, deviceLink, enc, h,
-  num, stateChip, table, when, fill,
+  CATEGORIES, HEALTH, OVERVIEW_MS, api, bar, call, count, deploymentHref, deploymentLink, deviceLink, enc, h,
+  notFound, num, stateChip, table, when, fill,
 } from "./lib.js";
 import { failText, live, notice, section, setView } from "./shell.js";
 import { dryRunPreview } from "./dryrun.js";
@@ -18,7 +18,7 @@ export function deploymentsView() {
       h("h1", {}, "Deployments"),
       h("a", { class: "button", href: "#/new-deployment", id: "new-deployment" }, "New deployment")),
     body);
-  live(() => api("/api/v1/overview"), (o) => fill(body, ...renderDeployments(o)));
+  live(() => api("/api/v1/overview"), (o) => fill(body, ...renderDeployments(o)), OVERVIEW_MS);
 }
 
 function healthLegend(id, counts) {
@@ -81,12 +81,23 @@ export function deploymentView(id) {
         del)),
     deletePanel, body);
   del.addEventListener("click", () => confirmDelete(id, path, () => etag, deletePanel));
+  const actions = del.parentElement;
   live(async () => {
-    const [dep, st, hist] = await Promise.all([
-      call(path), api(path + "/status?limit=1000"), api(path + "/history?limit=20"),
-    ]);
-    return { dep: dep.body, etag: dep.etag, st, hist };
+    try {
+      const [dep, st, hist] = await Promise.all([
+        call(path), api(path + "/status?limit=1000"), api(path + "/history?limit=20"),
+      ]);
+      return { dep: dep.body, etag: dep.etag, st, hist };
+    } catch (err) {
+      if (notFound(err)) return null;
+      throw err;
+    }
   }, (r) => {
+    actions.hidden = !r;
+    if (!r) {
+      fill(body, h("p", { class: "error", id: "deployment-missing" }, `There is no deployment ${id}: it was deleted, or never existed.`));
+      return;
+    }
     etag = r.etag;
     fill(body, ...renderDeployment(r.dep, r.st, r.hist));
   });

@@ -3,7 +3,7 @@
 // as last reported, the report itself, and its assignment history.
 
 import {
-  ago, api, call, deploymentLink, enc, h, healthChip, jsonPretty, table, tagChips, tagValue, when, fill,
+  ago, api, call, deploymentLink, enc, h, healthChip, jsonPretty, notFound, table, tagChips, tagValue, when, fill,
 } from "./lib.js";
 import { failText, live, notice, section, setView } from "./shell.js";
 
@@ -39,9 +39,20 @@ export function deviceView(id) {
     h("h1", { class: "mono", id: "device-id" }, id),
     header, tagsBox, body);
   const refresh = live(async () => {
-    const [dev, hist] = await Promise.all([call(path), api(path + "/history?limit=50")]);
-    return { dev: dev.body, etag: dev.etag, hist };
+    try {
+      const [dev, hist] = await Promise.all([call(path), api(path + "/history?limit=50")]);
+      return { dev: dev.body, etag: dev.etag, hist };
+    } catch (err) {
+      if (notFound(err)) return null;
+      throw err;
+    }
   }, (r) => {
+    if (!r) {
+      fill(header, h("p", { class: "error", id: "device-missing" }, `There is no device ${id}: it was deleted, or never existed.`));
+      fill(tagsBox);
+      fill(body);
+      return;
+    }
     const before = last && appliedOf(last.dev);
     last = { dev: r.dev, etag: r.etag };
     fill(header, renderHeader(r.dev));

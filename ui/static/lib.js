@@ -4,6 +4,10 @@
 // and devices.
 
 export const POLL_MS = 2000;
+// OVERVIEW_MS paces views built on GET /overview, which reads every
+// reporting device's last report: at 100,000 devices it costs far more
+// than a page of devices (docs/benchmarks.md).
+export const OVERVIEW_MS = 5000;
 const TOKEN_KEY = "appliance.adminToken";
 
 // Health of a device under its applied deployment, in bar order; "none"
@@ -26,6 +30,10 @@ export class ApiError extends Error {
     this.field = detail.field || "";
   }
 }
+
+// notFound tells a 404 (a device or deployment that does not exist, or
+// no longer does) from other errors.
+export const notFound = (err) => err instanceof ApiError && err.status === 404;
 
 export const $ = (id) => document.getElementById(id);
 

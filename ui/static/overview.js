@@ -2,10 +2,8 @@
 // state, the latest deployment changes. Every number comes from
 // GET /api/v1/overview, which counts each device and each deployment once.
 
-import { DEVICE_HEALTH, STATES, api, bar, count, deploymentLink, h, table, when, fill } from "./lib.js";
+import { DEVICE_HEALTH, OVERVIEW_MS, STATES, api, bar, count, deploymentLink, h, table, when, fill } from "./lib.js";
 import { live, section, setView } from "./shell.js";
-
-const OVERVIEW_MS = 5000; // the overview reads every device's report: poll it less often
 
 export function overviewView() {
   const body = h("div", { id: "overview" });
