@@ -238,13 +238,18 @@ func (s *Server) consoleRoutes() {
 	s.mux.Handle("POST /api/v1/manifests/expand", s.auth(s.expandManifest))
 }
 
-func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
-	o, err := s.cfg.Backend.Overview(r.Context())
+// reply answers a read (or a dry run) with its result or its error.
+func (s *Server) reply(w http.ResponseWriter, r *http.Request, v any, err error) {
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, o)
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
+	o, err := s.cfg.Backend.Overview(r.Context())
+	s.reply(w, r, o, err)
 }
 
 func (s *Server) checkCondition(w http.ResponseWriter, r *http.Request) {
@@ -261,11 +266,7 @@ func (s *Server) checkCondition(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := s.cfg.Backend.CheckCondition(r.Context(), req)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, res)
+	s.reply(w, r, res, err)
 }
 
 func (s *Server) expandManifest(w http.ResponseWriter, r *http.Request) {
@@ -274,11 +275,7 @@ func (s *Server) expandManifest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := ExpandManifest(req)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, res)
+	s.reply(w, r, res, err)
 }
 
 // dryRun tells whether a write asks only for its dry run.

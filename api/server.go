@@ -506,11 +506,7 @@ func (s *Server) putDeployment(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	if dryRun(r) {
 		res, err := s.cfg.Backend.DryRunDeployment(r.Context(), id, req)
-		if err != nil {
-			s.fail(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, res)
+		s.reply(w, r, res, err)
 		return
 	}
 	dep, created, err := s.cfg.Backend.PutDeployment(r.Context(), id, req, writeOpts(r))
@@ -533,11 +529,7 @@ func (s *Server) patchDeployment(w http.ResponseWriter, r *http.Request) {
 	}
 	if dryRun(r) {
 		res, err := s.cfg.Backend.DryRunPatchDeployment(r.Context(), r.PathValue("id"), p)
-		if err != nil {
-			s.fail(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, res)
+		s.reply(w, r, res, err)
 		return
 	}
 	dep, err := s.cfg.Backend.PatchDeployment(r.Context(), r.PathValue("id"), p, writeOpts(r))
@@ -552,11 +544,7 @@ func (s *Server) patchDeployment(w http.ResponseWriter, r *http.Request) {
 func (s *Server) deleteDeployment(w http.ResponseWriter, r *http.Request) {
 	if dryRun(r) {
 		res, err := s.cfg.Backend.DryRunDeleteDeployment(r.Context(), r.PathValue("id"))
-		if err != nil {
-			s.fail(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, res)
+		s.reply(w, r, res, err)
 		return
 	}
 	if err := s.cfg.Backend.DeleteDeployment(r.Context(), r.PathValue("id"), writeOpts(r)); err != nil {

@@ -77,38 +77,52 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 		o.Deployments.States[s] = 0
 	}
 	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
+	connected := map[string]bool{}
+	for _, c := range b.broker.Connections() {
+		connected[c.DeviceID] = true
+	}
+	for id := range peers {
+		connected[id] = true
+	}
+	// The assignments are taken under the engine lock, all at one applied
+	// index; the reports are read after it is released, so that reading a
+	// large fleet's reports never holds up the apply path (the report of a
+	// device that changed meanwhile is classified as DeploymentStatus
+	// does: unknown until it reports the deployment).
+	type assigned struct {
+		id       string
+		targeted int
+		applied  []string
+	}
+	var deps []assigned
+	b.engineMu.RLock()
+	o.Devices.Total = b.engine.Stats().Devices
+	for id := range connected {
+		if b.engine.HasDevice(id) { // a session outliving its device's deletion by a moment
+			o.Devices.Connected++
+		}
+	}
+	for _, id := range b.engine.DeploymentIDs() {
+		targeted, _ := b.engine.Counts(id)
+		deps = append(deps, assigned{id: id, targeted: targeted, applied: b.engine.AppliedDevices(id)})
+	}
+	b.engineMu.RUnlock()
+	o.Devices.Disconnected = o.Devices.Total - o.Devices.Connected
+
 	now := time.Now().UTC()
+	withDeployment := 0
 	err := b.view(ctx, false, func(r *raftstore.Reader) error {
-		b.engineMu.RLock()
-		defer b.engineMu.RUnlock()
-		o.Devices.Total = b.engine.Stats().Devices
-		connected := map[string]bool{}
-		for _, c := range b.broker.Connections() {
-			connected[c.DeviceID] = true
-		}
-		for id := range peers {
-			connected[id] = true
-		}
-		for id := range connected {
-			if b.engine.HasDevice(id) { // a session outliving its device's deletion by a moment
-				o.Devices.Connected++
-			}
-		}
-		o.Devices.Disconnected = o.Devices.Total - o.Devices.Connected
-		withDeployment := 0
-		for _, id := range b.engine.DeploymentIDs() {
-			dep, err := r.Deployment(id)
+		for _, a := range deps {
+			dep, err := r.Deployment(a.id)
 			if errors.Is(err, fleet.ErrNotFound) {
 				continue
 			}
 			if err != nil {
 				return err
 			}
-			targeted, _ := b.engine.Counts(id)
-			counts := api.StatusCounts{Targeted: targeted}
-			for _, dev := range b.engine.AppliedDevices(id) {
-				counts.Applied++
-				switch classify(reportOf(r, dev), id, now, DefaultSoak) {
+			counts := api.StatusCounts{Targeted: a.targeted, Applied: len(a.applied)}
+			for _, dev := range a.applied {
+				switch classify(reportOf(r, dev), a.id, now, DefaultSoak) {
 				case api.CategoryHealthy:
 					counts.Healthy++
 				case api.CategorySoaking:
@@ -132,15 +146,15 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 				continue
 			}
 			o.Deployments.Items = append(o.Deployments.Items, api.DeploymentSummary{
-				ID: id, Priority: dep.Priority, TargetCondition: dep.TargetCondition, State: state, Counts: counts,
+				ID: a.id, Priority: dep.Priority, TargetCondition: dep.TargetCondition, State: state, Counts: counts,
 			})
 		}
-		o.Devices.Health[api.HealthNone] = o.Devices.Total - withDeployment
 		return nil
 	})
 	if err != nil {
 		return api.Overview{}, err
 	}
+	o.Devices.Health[api.HealthNone] = o.Devices.Total - withDeployment
 	recent, err := b.history.recentDeploymentEvents(recentEvents)
 	if err != nil {
 		return api.Overview{}, fmt.Errorf("read recent history: %w", err)
@@ -225,15 +239,11 @@ func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.De
 	if len(p.Content) > 0 {
 		return api.DryRunResult{}, errContentImmutable
 	}
-	var d fleet.Deployment
-	err := b.store.View(func(r *raftstore.Reader) error {
-		var err error
-		d, err = r.Deployment(id)
-		return err
-	})
+	view, err := b.Deployment(ctx, id, false)
 	if err != nil {
 		return api.DryRunResult{}, err
 	}
+	d := view.Deployment
 	if p.TargetCondition != nil {
 		if _, err := evaluator.Compile(*p.TargetCondition); err != nil {
 			return api.DryRunResult{}, conditionError("targetCondition", err)
@@ -252,10 +262,11 @@ func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.De
 // dryRun computes what putting d would change: the devices it would
 // target and apply to, and every device whose applied deployment would
 // change (to d, or, for devices d holds now and would lose, to the next
-// deployment that targets them, or none).
+// deployment that targets them, or none). It reads the engine call by call
+// (each is consistent on its own) without engineMu, which would hold up
+// the apply path for as long as a large fleet takes to walk: a write
+// landing meanwhile can make a preview a device off, never the write.
 func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
-	b.engineMu.RLock()
-	defer b.engineMu.RUnlock()
 	targeted, would, err := b.engine.DryRunDevices(d)
 	if err != nil {
 		return api.DryRunResult{}, conditionError("targetCondition", err)
@@ -264,7 +275,7 @@ func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
 		TargetedCount: len(targeted), WouldApplyCount: len(would),
 		TargetedDevices: sample(targeted), WouldApplyDevices: sample(would),
 	}
-	moves := newMoveSet()
+	moves := moveSet{}
 	for _, dev := range would {
 		if from := b.engine.Applied(dev); from != d.ID {
 			moves.add(from, d.ID, dev)
@@ -281,18 +292,12 @@ func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
 
 // DryRunDeleteDeployment reports where the deployment's devices would go.
 func (b *backend) DryRunDeleteDeployment(ctx context.Context, id string) (api.DryRunResult, error) {
-	err := b.store.View(func(r *raftstore.Reader) error {
-		_, err := r.Deployment(id)
-		return err
-	})
-	if err != nil {
+	if _, err := b.Deployment(ctx, id, false); err != nil {
 		return api.DryRunResult{}, err
 	}
-	b.engineMu.RLock()
-	defer b.engineMu.RUnlock()
-	targeted := b.engine.TargetedDevices(id)
+	targeted := b.engine.TargetedDevices(id) // without engineMu, as dryRun
 	res := api.DryRunResult{TargetedCount: len(targeted), TargetedDevices: sample(targeted), WouldApplyDevices: []string{}}
-	moves := newMoveSet()
+	moves := moveSet{}
 	for _, dev := range b.engine.AppliedDevices(id) {
 		moves.add(id, b.nextDeployment(dev, id), dev)
 	}
@@ -317,8 +322,6 @@ func sample(ids []string) []string {
 
 // moveSet groups devices by (from, to).
 type moveSet map[[2]string]*api.DryRunMove
-
-func newMoveSet() moveSet { return moveSet{} }
 
 func (m moveSet) add(from, to, deviceID string) {
 	mv := m[[2]string{from, to}]

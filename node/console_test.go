@@ -39,6 +39,26 @@ func report(t *testing.T, n *Node, id, key, doc string) {
 	}
 }
 
+// createFleet creates three prod devices (p3 in the canary ring), a test
+// device and, with loose, one without tags; it returns their keys.
+func createFleet(t *testing.T, c *api.Client, loose bool) map[string]string {
+	t.Helper()
+	tags := map[string]map[string]any{
+		"p1": {"environment": "prod"},
+		"p2": {"environment": "prod"},
+		"p3": {"environment": "prod", "ring": "canary"},
+		"t1": {"environment": "test"},
+	}
+	if loose {
+		tags["loose"] = nil
+	}
+	keys := map[string]string{}
+	for id, tt := range tags {
+		keys[id] = createDevice(t, c, id, tt)
+	}
+	return keys
+}
+
 func runningReport(deployment string, started time.Time) string {
 	return fmt.Sprintf(`{"deploymentId":%q,"lastDesiredStatus":{"code":200},"modules":{"temp":{"runtimeStatus":"running","status":"running","lastStartTimeUtc":%q,"exitCode":0,"restartCount":0,"settings":{}}}}`,
 		deployment, started.Format(time.RFC3339Nano))
@@ -53,19 +73,7 @@ func TestConsole_Overview(t *testing.T) {
 	c := clientFor(n)
 	ctx := context.Background()
 	old := time.Now().UTC().Add(-time.Hour)
-	keys := map[string]string{}
-	for _, d := range []struct {
-		id   string
-		tags map[string]any
-	}{
-		{"p1", map[string]any{"environment": "prod"}},
-		{"p2", map[string]any{"environment": "prod"}},
-		{"p3", map[string]any{"environment": "prod", "ring": "canary"}},
-		{"t1", map[string]any{"environment": "test"}},
-		{"loose", nil},
-	} {
-		keys[d.id] = createDevice(t, c, d.id, d.tags)
-	}
+	keys := createFleet(t, c, true)
 	putDeployment(t, c, "prod", "tags.environment='prod'", 1)
 	putDeployment(t, c, "canary", "tags.ring='canary'", 5)
 	putDeployment(t, c, "prod-too", "tags.environment='prod'", 0) // targets prod, applies nowhere
@@ -133,7 +141,7 @@ func TestConsole_Overview(t *testing.T) {
 	}
 	if strings.Join(recent, ",") != "nothing created,prod-too created,canary created,prod created" {
 		// The history is written asynchronously: wait for it.
-		eventuallyNode(t, "recent history", func() bool {
+		eventually(t, "recent history", func() bool {
 			o, _ = c.Overview(ctx)
 			recent = recent[:0]
 			for _, e := range o.Recent {
@@ -144,7 +152,7 @@ func TestConsole_Overview(t *testing.T) {
 	}
 }
 
-func eventuallyNode(t *testing.T, what string, cond func() bool) {
+func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !cond() {
@@ -272,17 +280,7 @@ func TestConsole_DryRuns(t *testing.T) {
 	n := startNode(t, t.TempDir())
 	c := clientFor(n)
 	ctx := context.Background()
-	for _, d := range []struct {
-		id   string
-		tags map[string]any
-	}{
-		{"p1", map[string]any{"environment": "prod"}},
-		{"p2", map[string]any{"environment": "prod"}},
-		{"p3", map[string]any{"environment": "prod", "ring": "canary"}},
-		{"t1", map[string]any{"environment": "test"}},
-	} {
-		createDevice(t, c, d.id, d.tags)
-	}
+	createFleet(t, c, false)
 	putDeployment(t, c, "prod", "tags.environment='prod'", 1)
 	putDeployment(t, c, "canary", "tags.ring='canary'", 5)
 	type move struct {
@@ -414,7 +412,7 @@ func TestConsole_DeviceView(t *testing.T) {
 		t.Fatalf("tie on priority: %+v", d.Precedence)
 	}
 	report(t, n, "press-1", key, runningReport("prod-newer", time.Now().UTC()))
-	eventuallyNode(t, "press-1 soaking", func() bool {
+	eventually(t, "press-1 soaking", func() bool {
 		d, err = c.Device(ctx, "press-1", false)
 		return err == nil && d.Health == api.CategorySoaking
 	})
