@@ -133,7 +133,7 @@ func (s *Store) applyLocal(ctx context.Context, data []byte) (*Result, error) {
 		if timeout <= 0 {
 			return nil, deadlineErr(ctx)
 		}
-		f = s.raft.Apply(data, timeout)
+		f = s.raft.ApplyLog(commandLog(data), timeout)
 	} else {
 		var err error
 		if f, err = s.proposer.apply(ctx, data); err != nil {

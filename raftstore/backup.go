@@ -15,6 +15,8 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	bolt "go.etcd.io/bbolt"
+
+	"appliance/internal/boltcheck"
 )
 
 // restoreTerm is the raft term of a restored cluster's first snapshot; the
@@ -111,29 +113,36 @@ func RestoreDir(dir, nodeID, advertiseAddr string, state io.Reader) (index uint6
 // backupIndex checks that path is a state file of this package and returns
 // its applied index.
 func backupIndex(path string) (uint64, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	db, err := boltcheck.Open(path, &bolt.Options{ReadOnly: true, Timeout: time.Second})
 	if err != nil {
 		return 0, fmt.Errorf("restore: not an appliance backup (not a bbolt file: %v)", err)
 	}
 	defer db.Close()
 	var idx uint64
-	err = db.View(func(tx *bolt.Tx) error {
-		meta := tx.Bucket(bucketMeta)
-		if meta == nil {
-			return fmt.Errorf("restore: not an appliance backup (a bbolt file without the %q bucket)", bucketMeta)
-		}
-		v := meta.Get(keyAppliedIndex)
-		if len(v) != 8 {
-			return fmt.Errorf("restore: not an appliance backup (no %s)", keyAppliedIndex)
-		}
-		idx = binary.BigEndian.Uint64(v)
-		if idx == 0 {
-			return fmt.Errorf("restore: not an appliance backup (%s is 0: nothing was ever applied)", keyAppliedIndex)
-		}
-		return nil
+	err = boltcheck.Guard(path, func() error {
+		return db.View(func(tx *bolt.Tx) error {
+			meta := tx.Bucket(bucketMeta)
+			if meta == nil {
+				return fmt.Errorf("restore: not an appliance backup (a bbolt file without the %q bucket)", bucketMeta)
+			}
+			v := meta.Get(keyAppliedIndex)
+			if len(v) != 8 {
+				return fmt.Errorf("restore: not an appliance backup (no %s)", keyAppliedIndex)
+			}
+			idx = binary.BigEndian.Uint64(v)
+			if idx == 0 {
+				return fmt.Errorf("restore: not an appliance backup (%s is 0: nothing was ever applied)", keyAppliedIndex)
+			}
+			return nil
+		})
 	})
 	if err != nil {
 		return 0, err
+	}
+	// An appliance state file: every page must read and its content match
+	// its digest (a backup of an earlier release has none yet).
+	if _, err := checkStateFile(db); err != nil {
+		return 0, fmt.Errorf("restore: the backup is damaged: %w", err)
 	}
 	return idx, nil
 }

@@ -100,4 +100,5 @@ func TestFSM_EnrollmentRotationAndRevocation(t *testing.T) {
 type recordingObserver struct{ changes []Change }
 
 func (o *recordingObserver) Applied(changes []Change) { o.changes = append(o.changes, changes...) }
-func (o *recordingObserver) Restored(*Reader)         {}
+func (o *recordingObserver) Restored(*Reader) error   { return nil }
+func (o *recordingObserver) Halted(error)             {}

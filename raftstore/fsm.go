@@ -21,6 +21,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"appliance/fleet"
+	"appliance/internal/boltcheck"
 )
 
 // Bucket names of the state machine's bbolt file.
@@ -70,15 +71,27 @@ type Change struct {
 	Secret             string            // the new token, for AdminTokenSet and JoinTokenSet: never log it
 }
 
-// Observer follows the state machine. Both methods run on raft's apply
-// goroutine, so they must be quick and must not call back into Apply.
+// Observer follows the state machine. Its methods run on raft's apply
+// goroutine (Restored also in Open), so they must be quick and must not
+// call back into Apply.
 type Observer interface {
 	// Applied receives the changes of one committed batch, in log order.
 	Applied(changes []Change)
-	// Restored says the whole state was replaced (a snapshot was installed):
-	// derived state must be rebuilt from r.
-	Restored(r *Reader)
+	// Restored says the whole state was replaced (at open, or a snapshot
+	// was installed): derived state must be rebuilt from r. An error (a
+	// read failed) means the derived state is incomplete: Open fails with
+	// it, and after a snapshot install the state machine stops (Halted).
+	Restored(r *Reader) error
+	// Halted says the state machine stopped for good: it found damaged
+	// state (an error wrapping ErrCorrupt) or could not write its file, and
+	// applies nothing more. Derived state may be behind or incomplete: the
+	// node must stop serving from it. Called once.
+	Halted(err error)
 }
+
+// ErrStopped is wrapped by the result of every entry the state machine
+// did not apply because it stopped (see Observer.Halted).
+var ErrStopped = errors.New("the state machine has stopped: this node applies no more entries")
 
 // Result is what Apply returns for one command. Err carries a rule
 // rejection (not found, precondition failed, immutable content): the entry
@@ -107,6 +120,17 @@ type fsm struct {
 	noSync bool
 	// unlock releases the state file's lock (statefile.go), after close.
 	unlock func() error
+	// machineDown: the machine went down while the previous run had the
+	// state file open (statefile.go); a torn raft.db meta page is expected.
+	machineDown bool
+	// stopped is set (once, on raft's apply goroutine, or in Restore) when
+	// the state machine stops (stop): an entry holds a command this build
+	// cannot apply, or damaged state was found. From then on nothing is
+	// applied and no snapshot is taken, so the state file stays exactly at
+	// the entry before, and a newer build (or a repaired file) resumes
+	// there. onHalt is told; it must not block.
+	stopped atomic.Pointer[error]
+	onHalt  func(error)
 
 	// mu guards db against the swap in Restore; apply and reads take it shared.
 	mu sync.RWMutex
@@ -118,12 +142,6 @@ type fsm struct {
 	// closed: the store shut down, applied will not move again.
 	closed bool
 
-	// halted is set (once, on raft's apply goroutine) when an entry holds
-	// a command this build cannot apply: from then on nothing is applied
-	// and no snapshot is taken, so the state file stays exactly at the
-	// entry before it, and a newer build resumes there. onHalt is told.
-	halted atomic.Pointer[UnknownCommandError]
-	onHalt func(*UnknownCommandError)
 	// version is this build's, for the halt's message.
 	version string
 }
@@ -149,32 +167,45 @@ func openFSM(path string, observer Observer, logger *slog.Logger, bootID func() 
 	case err != nil:
 		return nil, fmt.Errorf("lock state file: %w", err)
 	}
-	noSync, err := claimStateFile(path, bootID, logger)
+	noSync, machineDown, err := claimStateFile(path, bootID, logger)
 	if err != nil {
 		unlock()
 		return nil, err
 	}
-	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock}
+	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock, machineDown: machineDown}
 	f.appliedCond = sync.NewCond(&f.appliedMu)
-	db, err := openStateDB(path, noSync)
+	db, info, err := openStateDB(path, noSync, logger, nil)
 	if err != nil {
 		unlock()
 		return nil, err
 	}
 	f.db = db
-	idx, err := readAppliedIndex(db)
-	if err != nil {
-		f.close()
-		return nil, err
-	}
-	f.applied = idx
+	f.applied = info.applied
 	return f, nil
 }
 
-func openStateDB(path string, noSync bool) (*bolt.DB, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{NoSync: noSync})
+// openStateDB opens a state file: unless trusted (a file just checked),
+// it reads every page and checks the content against its digest
+// (digest.go) before anything writes to it, then creates missing buckets
+// and, for a file of an earlier release, stores its digest. Damage is an
+// error wrapping boltcheck.ErrDamaged, naming the file; nothing of the
+// file is changed then.
+func openStateDB(path string, noSync bool, logger *slog.Logger, trusted *stateInfo) (*bolt.DB, stateInfo, error) {
+	if st, err := os.Stat(path); err == nil && st.Size() == 0 {
+		// bbolt would silently make a new, empty state of it.
+		return nil, stateInfo{}, fmt.Errorf("%s: %w: the file is empty", path, boltcheck.ErrDamaged)
+	}
+	db, err := boltcheck.Open(path, &bolt.Options{NoSync: noSync})
 	if err != nil {
-		return nil, fmt.Errorf("open state db %s: %w", path, err)
+		return nil, stateInfo{}, stateFileError(path, err)
+	}
+	var info stateInfo
+	if trusted != nil {
+		info = *trusted
+		info.migrate = false
+	} else if info, err = checkStateFile(db); err != nil {
+		db.Close()
+		return nil, stateInfo{}, stateFileError(path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketDeployments, bucketReports, bucketEnrollments} {
@@ -184,13 +215,35 @@ func openStateDB(path string, noSync bool) (*bolt.DB, error) {
 		}
 		return nil
 	})
+	if err == nil && info.migrate {
+		err = storeDigest(db, info)
+		if err == nil && info.applied > 0 {
+			logger.Info("the state file had no content digest (written by an earlier release): computed and stored it",
+				"file", path, "applied_index", info.applied)
+		}
+	}
 	if err != nil {
 		db.Close()
-		return nil, fmt.Errorf("init state db %s: %w", path, err)
+		return nil, stateInfo{}, fmt.Errorf("init state db %s: %w", path, err)
 	}
-	return db, nil
+	return db, info, nil
 }
 
+// stateFileError keeps a damage report as it is (it names the file) and
+// says which file any other error is about.
+func stateFileError(path string, err error) error {
+	if isDamage(err) {
+		return err
+	}
+	return fmt.Errorf("open state db %s: %w", path, err)
+}
+
+// isDamage tells errors about damaged stored state.
+func isDamage(err error) bool {
+	return errors.Is(err, ErrCorrupt) || errors.Is(err, boltcheck.ErrDamaged)
+}
+
+// readAppliedIndex reads meta/appliedIndex of an open state file.
 func readAppliedIndex(db *bolt.DB) (uint64, error) {
 	var idx uint64
 	err := db.View(func(tx *bolt.Tx) error {
@@ -311,41 +364,81 @@ func (f *fsm) Apply(l *raft.Log) interface{} {
 }
 
 // ApplyBatch applies committed entries in one bbolt transaction, together
-// with the new applied index. Entries at or below the stored applied index
-// were applied before a restart and are skipped, so replay is idempotent.
+// with the new applied index and content digest. Entries at or below the
+// stored applied index were applied before a restart and are skipped, so
+// replay is idempotent.
 //
-// An entry whose command type this build does not know (a newer release
-// wrote it) halts the state machine: the entries before it are committed,
-// it and everything after it are not, and the store shuts down (halt).
-// Skipping it instead would leave this node's state different from its
-// peers' for good.
+// The state machine stops for good (stop) rather than go on:
+//   - at an entry that fails its checksum, a stored value that does not
+//     decode, or a transaction that cannot commit: the batch is not
+//     applied, nor anything after it. Going on would apply a command
+//     nobody proposed, or let this node diverge from its peers.
+//   - at an entry whose command type this build does not know (a newer
+//     release wrote it): the entries before it are committed, it and
+//     everything after it are not. Skipping it instead would leave this
+//     node's state different from its peers' for good.
 func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 	results := make([]interface{}, len(logs))
 	if len(logs) == 0 {
 		return results
 	}
-	if h := f.halted.Load(); h != nil {
-		return haltedResults(results, logs, 0, h)
+	if err := f.stoppedErr(); err != nil {
+		return haltedResults(results, logs, 0, err)
 	}
-	var changes []Change
-	var halt *UnknownCommandError
-	applied := logs[len(logs)-1].Index
+	for _, l := range logs {
+		if err := verifyEntry(l); err != nil {
+			raftPath := filepath.Join(filepath.Dir(f.path), "raft.db")
+			f.stop(corrupt(filepath.Dir(f.path), raftPath, fmt.Errorf("%s: %w", raftPath, err)))
+			return haltedResults(results, logs, 0, f.stoppedErr())
+		}
+	}
+	changes, applied, unknown, err := f.applyBatch(logs, results)
+	if err != nil {
+		f.stop(corrupt(filepath.Dir(f.path), f.path, err))
+		return haltedResults(results, logs, 0, f.stoppedErr())
+	}
+	if unknown == nil || applied > f.AppliedIndex() {
+		f.setApplied(applied)
+	}
+	if f.observer != nil && len(changes) > 0 {
+		f.observer.Applied(changes)
+	}
+	if unknown != nil {
+		f.stop(unknown)
+	}
+	return results
+}
+
+// applyBatch runs the batch's transaction and returns the changes, the
+// index it applied up to, and the unknown command it stopped at (its
+// results and those after it are set). A panic of the writer (our own
+// stored bytes not decoding) rolls the transaction back and is returned.
+func (f *fsm) applyBatch(logs []*raft.Log, results []interface{}) (changes []Change, applied uint64, unknown *UnknownCommandError, err error) {
+	first, last := logs[0].Index, logs[len(logs)-1].Index
+	applied = last
 	f.mu.RLock()
-	err := f.db.Update(func(tx *bolt.Tx) error {
+	defer f.mu.RUnlock()
+	defer func() {
+		if r := recover(); r != nil {
+			changes, unknown = nil, nil
+			err = fmt.Errorf("apply raft entries %d..%d to %s: %w: %v", first, last, f.path, ErrCorrupt, r)
+		}
+	}()
+	err = f.db.Update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		var stored uint64
 		if v := meta.Get(keyAppliedIndex); len(v) == 8 {
 			stored = binary.BigEndian.Uint64(v)
 		}
-		w := &writer{tx: tx}
+		w := &writer{tx: tx, sum: storedSum(tx)}
 		for i, l := range logs {
 			if l.Index <= stored || l.Type != raft.LogCommand {
 				continue
 			}
 			cmd, err := Decode(l.Data)
 			if errors.Is(err, ErrUnknownCommand) {
-				halt = &UnknownCommandError{Index: l.Index, Type: CommandType(l.Data[0]), Version: f.version}
-				haltedResults(results, logs, i, halt)
+				unknown = &UnknownCommandError{Index: l.Index, Type: CommandType(l.Data[0]), Version: f.version}
+				haltedResults(results, logs, i, unknown)
 				applied = l.Index - 1
 				break
 			}
@@ -365,38 +458,25 @@ func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 		if applied > stored {
 			var b [8]byte
 			binary.BigEndian.PutUint64(b[:], applied)
-			return meta.Put(keyAppliedIndex, b[:])
+			w.put(bucketMeta, keyAppliedIndex, b[:])
+			return meta.Put(keyContentDigest, encodeDigest(applied, w.sum))
 		}
 		return nil
 	})
-	f.mu.RUnlock()
 	if err != nil {
-		// The disk under the state machine failed: continuing would let this
-		// node diverge from its peers.
-		panic(fmt.Sprintf("apply raft entries %d..%d to %s: %v", logs[0].Index, logs[len(logs)-1].Index, f.path, err))
+		// The disk under the state machine failed.
+		return nil, 0, nil, fmt.Errorf("apply raft entries %d..%d to %s: %w", first, last, f.path, err)
 	}
-	if halt == nil || applied > f.AppliedIndex() {
-		f.setApplied(applied)
-	}
-	if f.observer != nil && len(changes) > 0 {
-		f.observer.Applied(changes)
-	}
-	if halt != nil && f.halted.CompareAndSwap(nil, halt) {
-		f.logger.Error("stopped applying the raft log: "+halt.Error(), "index", halt.Index, "command_type", int(halt.Type))
-		if f.onHalt != nil {
-			f.onHalt(halt)
-		}
-	}
-	return results
+	return changes, applied, unknown, nil
 }
 
-// haltedResults answers the entries from logs[from] on, which a halted
-// state machine did not apply. The entries are committed, so nodes that
-// know their command do apply them: for whoever proposed one, the outcome
+// haltedResults answers the entries from logs[from] on, which a stopped
+// state machine did not apply. The entries are committed, so nodes whose
+// state machines run do apply them: for whoever proposed one, the outcome
 // is unknown.
-func haltedResults(results []interface{}, logs []*raft.Log, from int, h *UnknownCommandError) []interface{} {
+func haltedResults(results []interface{}, logs []*raft.Log, from int, cause error) []interface{} {
 	for i := from; i < len(logs); i++ {
-		results[i] = &Result{Index: logs[i].Index, Err: fmt.Errorf("entry %d not applied on this node: %w: %w", logs[i].Index, h, ErrUnknownOutcome)}
+		results[i] = &Result{Index: logs[i].Index, Err: fmt.Errorf("entry %d not applied on this node: %w: %w: %w", logs[i].Index, ErrStopped, cause, ErrUnknownOutcome)}
 	}
 	return results
 }
@@ -417,12 +497,44 @@ func (e *UnknownCommandError) Error() string {
 
 func (e *UnknownCommandError) Unwrap() error { return ErrUnknownCommand }
 
+// stop stops the state machine for good: nothing more is applied, no
+// snapshot is taken or installed, and the observer and the store are told
+// (once). err says why and what to do: a CorruptError naming the damaged
+// file, or an UnknownCommandError.
+func (f *fsm) stop(err error) {
+	if !f.stopped.CompareAndSwap(nil, &err) {
+		return
+	}
+	var unknown *UnknownCommandError
+	if errors.As(err, &unknown) {
+		f.logger.Error("stopped applying the raft log: "+err.Error(), "index", unknown.Index, "command_type", int(unknown.Type))
+	} else {
+		f.logger.Error("the state machine stopped: this node applies no more entries and serves no devices: "+err.Error(), "file", f.path)
+	}
+	if f.observer != nil {
+		f.observer.Halted(err)
+	}
+	if f.onHalt != nil {
+		f.onHalt(err)
+	}
+}
+
+// stoppedErr is the error that stopped the state machine, nil while it runs.
+func (f *fsm) stoppedErr() error {
+	if p := f.stopped.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
 // Snapshot captures the state in a read transaction; Persist streams it.
+// A stopped state machine takes none: its state is behind the index raft
+// would label it with.
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
-	if h := f.halted.Load(); h != nil {
+	if err := f.stoppedErr(); err != nil {
 		// Raft would label the snapshot with an index past what the file
 		// holds; a restart from it would skip the unapplied entries.
-		return nil, fmt.Errorf("snapshot: the state machine is halted: %w", h)
+		return nil, fmt.Errorf("snapshot: %w: %w", ErrStopped, err)
 	}
 	f.mu.RLock()
 	defer f.mu.RUnlock()
@@ -446,29 +558,27 @@ func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 func (s *snapshot) Release() { _ = s.tx.Rollback() }
 
 // Restore replaces the state with a snapshot: the stream is written to a
-// temporary file, fsynced, and renamed over the state file, so a crash
-// leaves either the old state or the new one, never a mix.
+// temporary file, fsynced, checked whole (every page, the content digest)
+// and renamed over the state file, so a crash leaves either the old state
+// or the new one, never a mix. A snapshot that fails the check is refused
+// and the old state stays. Once the new file is in place, failing to open
+// it or to rebuild the derived state from it stops the state machine.
 func (f *fsm) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
-	if h := f.halted.Load(); h != nil {
-		return fmt.Errorf("restore snapshot: the state machine is halted: %w", h)
+	if err := f.stoppedErr(); err != nil {
+		return fmt.Errorf("restore snapshot: %w: %w", ErrStopped, err)
 	}
 	tmp := f.path + ".restore"
 	if err := writeFileSync(tmp, rc); err != nil {
 		return fmt.Errorf("restore snapshot: %w", err)
 	}
-	// Check the file opens before swapping it in.
-	check, err := openStateDB(tmp, false)
+	// Check the file before swapping it in.
+	check, info, err := openStateDB(tmp, false, f.logger, nil)
 	if err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("restore snapshot: %w", err)
 	}
-	idx, err := readAppliedIndex(check)
 	check.Close()
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("restore snapshot: %w", err)
-	}
 
 	f.mu.Lock()
 	if err := f.db.Close(); err != nil {
@@ -476,26 +586,39 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		return fmt.Errorf("restore snapshot: close state db: %w", err)
 	}
 	if err := os.Rename(tmp, f.path); err != nil {
+		// The old file is still in place: reopen it.
+		err = fmt.Errorf("restore snapshot: swap state file: %w", err)
+		if db, _, reopenErr := openStateDB(f.path, f.noSync, f.logger, nil); reopenErr == nil {
+			f.db = db
+			f.mu.Unlock()
+			return err
+		}
 		f.mu.Unlock()
-		return fmt.Errorf("restore snapshot: swap state file: %w", err)
+		f.stop(corrupt(filepath.Dir(f.path), f.path, err))
+		return err
 	}
 	syncDir(filepath.Dir(f.path))
-	db, err := openStateDB(f.path, f.noSync)
+	db, _, err := openStateDB(f.path, f.noSync, f.logger, &info)
 	if err != nil {
 		f.mu.Unlock()
-		panic(fmt.Sprintf("reopen state db after restore: %v", err))
+		err = fmt.Errorf("reopen state db after restore: %w", err)
+		f.stop(corrupt(filepath.Dir(f.path), f.path, err))
+		return err
 	}
 	f.db = db
 	f.mu.Unlock()
 
-	f.setApplied(idx)
+	f.setApplied(info.applied)
 	if f.observer != nil {
 		f.mu.RLock()
-		_ = f.db.View(func(tx *bolt.Tx) error {
-			f.observer.Restored(&Reader{tx: tx})
-			return nil
-		})
+		err := f.db.View(func(tx *bolt.Tx) error { return f.observer.Restored(&Reader{tx: tx}) })
 		f.mu.RUnlock()
+		if err != nil {
+			// The state file is the new one, the derived state is not.
+			err = fmt.Errorf("load the restored state from %s: %w", f.path, err)
+			f.stop(corrupt(filepath.Dir(f.path), f.path, err))
+			return err
+		}
 	}
 	return nil
 }
@@ -553,10 +676,48 @@ func (f *fsm) close() error {
 	return nil
 }
 
-// writer applies decoded commands inside one write transaction.
+// writer applies decoded commands inside one write transaction. Every
+// write goes through put or del, which keep the content digest (sum) up
+// to date (digest.go): a write past them is caught as damage at the next
+// open.
 type writer struct {
 	tx      *bolt.Tx
+	sum     uint64
 	changes []Change
+}
+
+// put stores value under key in bucket and updates the digest.
+func (w *writer) put(bucket, key, value []byte) {
+	b := w.tx.Bucket(bucket)
+	if old := b.Get(key); old != nil {
+		w.sum -= entryHash(bucket, key, old)
+	}
+	if err := b.Put(key, value); err != nil {
+		panic(fmt.Sprintf("store %s %q: %v", bucket, key, err))
+	}
+	w.sum += entryHash(bucket, key, value)
+}
+
+// del removes key from bucket (if there) and updates the digest.
+func (w *writer) del(bucket, key []byte) {
+	b := w.tx.Bucket(bucket)
+	old := b.Get(key)
+	if old == nil {
+		return
+	}
+	if err := b.Delete(key); err != nil {
+		panic(fmt.Sprintf("delete %s %q: %v", bucket, key, err))
+	}
+	w.sum -= entryHash(bucket, key, old)
+}
+
+// putJSON stores v as JSON under id in bucket.
+func (w *writer) putJSON(bucket []byte, id string, v any) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		panic(fmt.Sprintf("encode %q: %v", id, err))
+	}
+	w.put(bucket, []byte(id), data)
 }
 
 func etagFor(index uint64) string { return strconv.FormatUint(index, 10) }
@@ -624,16 +785,6 @@ func getJSON[T any](b *bolt.Bucket, id string) (*T, error) {
 	return &out, nil
 }
 
-func putJSON(b *bolt.Bucket, id string, v any) {
-	data, err := json.Marshal(v)
-	if err != nil {
-		panic(fmt.Sprintf("encode %q: %v", id, err))
-	}
-	if err := b.Put([]byte(id), data); err != nil {
-		panic(fmt.Sprintf("store %q: %v", id, err))
-	}
-}
-
 func mustGet[T any](b *bolt.Bucket, id string) *T {
 	v, err := getJSON[T](b, id)
 	if err != nil {
@@ -671,7 +822,7 @@ func (w *writer) putDevice(index uint64, c *PutDevice) *Result {
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
-	putJSON(b, d.ID, d)
+	w.putJSON(bucketDevices, d.ID, d)
 	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: &d,
 		CredentialsChanged: old != nil && old.Status != d.Status})
 	return &Result{Index: index, Created: created, Device: &d}
@@ -707,7 +858,7 @@ func (w *writer) patchDevice(index uint64, c *PatchDevice) *Result {
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
-	putJSON(b, d.ID, d)
+	w.putJSON(bucketDevices, d.ID, d)
 	w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: d, CredentialsChanged: credentials})
 	return &Result{Index: index, Device: d}
 }
@@ -741,12 +892,8 @@ func (w *writer) deleteDevice(index uint64, c *DeleteDevice) *Result {
 	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
 		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.ID, err)}
 	}
-	if err := b.Delete([]byte(c.ID)); err != nil {
-		panic(err)
-	}
-	if err := w.tx.Bucket(bucketReports).Delete([]byte(c.ID)); err != nil {
-		panic(err)
-	}
+	w.del(bucketDevices, []byte(c.ID))
+	w.del(bucketReports, []byte(c.ID))
 	w.changes = append(w.changes, Change{Index: index, Kind: DeviceDeleted, ID: c.ID})
 	return &Result{Index: index, Device: d}
 }
@@ -773,7 +920,7 @@ func (w *writer) putDeployment(index uint64, c *PutDeployment) *Result {
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
-	putJSON(b, id, d)
+	w.putJSON(bucketDeployments, id, d)
 	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: id, Deployment: &d, Time: c.Time, Actor: c.Actor, Created: old == nil})
 	return &Result{Index: index, Created: old == nil, Deployment: &d}
 }
@@ -828,7 +975,7 @@ func (w *writer) patchDeployment(index uint64, c *PatchDeployment) *Result {
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
-	putJSON(b, d.ID, d)
+	w.putJSON(bucketDeployments, d.ID, d)
 	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: d.ID, Deployment: d, Time: c.Time, Actor: c.Actor})
 	return &Result{Index: index, Deployment: d}
 }
@@ -842,9 +989,7 @@ func (w *writer) deleteDeployment(index uint64, c *DeleteDeployment) *Result {
 	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
 		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", c.ID, err)}
 	}
-	if err := b.Delete([]byte(c.ID)); err != nil {
-		panic(err)
-	}
+	w.del(bucketDeployments, []byte(c.ID))
 	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentDeleted, ID: c.ID, Time: c.Time, Actor: c.Actor})
 	return &Result{Index: index, Deployment: d}
 }
@@ -860,7 +1005,7 @@ func (w *writer) putReports(index uint64, c *PutReports) *Result {
 		if old := mustGet[StoredReport](reports, r.DeviceID); old != nil && !r.Session.IsZero() && r.Session.Before(old.Session) {
 			continue // from a session older than the stored report's: stale
 		}
-		putJSON(reports, r.DeviceID, StoredReport{Document: r.Document, ReceivedTimeUTC: r.Time, Node: r.Node, Session: r.Session, Index: index})
+		w.putJSON(bucketReports, r.DeviceID, StoredReport{Document: r.Document, ReceivedTimeUTC: r.Time, Node: r.Node, Session: r.Session, Index: index})
 		w.changes = append(w.changes, Change{Index: index, Kind: ReportPut, ID: r.DeviceID})
 		stored++
 	}
@@ -887,7 +1032,7 @@ func (w *writer) putEnrollment(index uint64, c *PutEnrollment) *Result {
 	}
 	e.LastUpdatedTimeUTC = c.Time
 	e.Etag = etagFor(index)
-	putJSON(b, e.Name, e)
+	w.putJSON(bucketEnrollments, e.Name, e)
 	return &Result{Index: index, Created: old == nil, Enrollment: &e}
 }
 
@@ -900,9 +1045,7 @@ func (w *writer) deleteEnrollment(index uint64, c *DeleteEnrollment) *Result {
 	if err := checkPrecondition(c.Precondition, true, e.Etag); err != nil {
 		return &Result{Index: index, Err: fmt.Errorf("enrollment %q: %w", c.Name, err)}
 	}
-	if err := b.Delete([]byte(c.Name)); err != nil {
-		panic(err)
-	}
+	w.del(bucketEnrollments, []byte(c.Name))
 	return &Result{Index: index, Enrollment: e}
 }
 
@@ -921,7 +1064,7 @@ func (w *writer) rotateEnrollment(index uint64, c *RotateEnrollment) *Result {
 	e.DerivationKey = c.DerivationKey
 	e.LastUpdatedTimeUTC = c.Time
 	e.Etag = etagFor(index)
-	putJSON(b, e.Name, e)
+	w.putJSON(bucketEnrollments, e.Name, e)
 	res := &Result{Index: index, Enrollment: e}
 	if c.RevokeDevices {
 		res.Revoked = w.revokeDevices(index, c.Name, c.EnrollmentDevices, c.Time)
@@ -941,9 +1084,7 @@ func (w *writer) revokeEnrollmentDevices(index uint64, c *RevokeEnrollmentDevice
 	res := &Result{Index: index, Enrollment: e}
 	res.Revoked = w.revokeDevices(index, c.Name, c.EnrollmentDevices, c.Time)
 	if c.DeleteEnrollment {
-		if err := b.Delete([]byte(c.Name)); err != nil {
-			panic(err)
-		}
+		w.del(bucketEnrollments, []byte(c.Name))
 	}
 	return res
 }
@@ -985,7 +1126,7 @@ func (w *writer) revokeDevices(index uint64, enrollment string, which Enrollment
 		d.Authentication.KeyHashes = nil
 		d.LastUpdatedTimeUTC = at
 		d.Etag = etagFor(index)
-		putJSON(b, d.ID, d)
+		w.putJSON(bucketDevices, d.ID, d)
 		w.changes = append(w.changes, Change{Index: index, Kind: DevicePut, ID: d.ID, Device: d, CredentialsChanged: true})
 		revoked = append(revoked, d.ID)
 	}
@@ -997,9 +1138,7 @@ func (w *writer) setSecret(index uint64, key []byte, kind ChangeKind, what, toke
 	if len(token) < 32 {
 		return &Result{Index: index, Err: fmt.Errorf("%s: at least 32 characters: %w", what, fleet.ErrInvalid)}
 	}
-	if err := w.tx.Bucket(bucketMeta).Put(key, []byte(token)); err != nil {
-		panic(err)
-	}
+	w.put(bucketMeta, key, []byte(token))
 	w.changes = append(w.changes, Change{Index: index, Kind: kind, Secret: token})
 	return &Result{Index: index}
 }

@@ -111,7 +111,7 @@ func (p *proposer) run() {
 		for i, prop := range group {
 			// A deadline that passed while queued still gets a moment:
 			// the caller is already waiting on the answer.
-			futures[i] = p.raft.Apply(prop.data, max(time.Until(prop.deadline), time.Millisecond))
+			futures[i] = p.raft.ApplyLog(commandLog(prop.data), max(time.Until(prop.deadline), time.Millisecond))
 		}
 		// The futures are awaited on their own goroutine so that a
 		// shutdown that leaves one unresolved cannot hold run (and the

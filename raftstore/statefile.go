@@ -67,8 +67,9 @@ func readBootID() (string, error) {
 // noSync true when commits may skip fsync: the boot id is known and the open
 // marker now names it. A state file left open by an earlier boot is moved
 // to path+".unclean" first, so that the store starts without one and raft
-// rebuilds it.
-func claimStateFile(path string, bootID func() (string, error), logger *slog.Logger) (noSync bool, err error) {
+// rebuilds it; machineDown then says so (the raft log may hold a write
+// torn the same way, which was never acknowledged).
+func claimStateFile(path string, bootID func() (string, error), logger *slog.Logger) (noSync, machineDown bool, err error) {
 	marker := path + openMarkerSuffix
 	current, idErr := bootID()
 	left, err := os.ReadFile(marker)
@@ -76,15 +77,16 @@ func claimStateFile(path string, bootID func() (string, error), logger *slog.Log
 	case errors.Is(err, fs.ErrNotExist):
 		// Closed cleanly, or never opened.
 	case err != nil:
-		return false, fmt.Errorf("read %s: %w", marker, err)
+		return false, false, fmt.Errorf("read %s: %w", marker, err)
 	case idErr == nil && string(bytes.TrimSpace(left)) == current:
 		// The process stopped without closing the file, but the machine
 		// kept running: the kernel wrote or still holds every page.
 		logger.Info("state file was not closed by the last run, which stopped in this boot: keeping it",
 			"file", path)
 	default:
+		machineDown = true
 		if err := setAsideUnclean(path); err != nil {
-			return false, err
+			return false, false, err
 		}
 		logger.Warn("the machine went down while the state file was open unsynced: it was set aside and will be rebuilt from the latest snapshot and the raft log",
 			"file", path, "set_aside_as", path+uncleanSuffix, "opened_in_boot", string(bytes.TrimSpace(left)), "boot", current)
@@ -93,15 +95,28 @@ func claimStateFile(path string, bootID func() (string, error), logger *slog.Log
 		// Without a boot id a machine crash cannot be told from a process
 		// crash: sync every commit, and leave no marker to misread.
 		if err := removeSynced(marker); err != nil {
-			return false, err
+			return false, false, err
 		}
 		logger.Info("no boot id: the state file is fsynced on every commit", "reason", idErr.Error())
-		return false, nil
+		return false, machineDown, nil
 	}
 	if err := fsutil.WriteFileAtomic(marker, []byte(current+"\n"), 0o600); err != nil {
-		return false, fmt.Errorf("write %s: %w", marker, err)
+		return false, false, fmt.Errorf("write %s: %w", marker, err)
 	}
-	return true, nil
+	return true, machineDown, nil
+}
+
+// MachineWentDown reports whether the machine went down while a node had
+// the raft directory dir open (its state file's open marker names another
+// boot), without claiming anything: files the node writes without fsync
+// (its history) may then be torn, which is no sign of damage.
+func MachineWentDown(dir string) bool {
+	left, err := os.ReadFile(filepath.Join(dir, "state.db"+openMarkerSuffix))
+	if err != nil {
+		return false
+	}
+	current, err := readBootID()
+	return err != nil || string(bytes.TrimSpace(left)) != current
 }
 
 // setAsideUnclean moves path (if present) to path+".unclean", replacing an

@@ -39,12 +39,15 @@ func TestClaimStateFile(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			noSync, err := claimStateFile(path, tc.bootID, testLogger(t))
+			noSync, machineDown, err := claimStateFile(path, tc.bootID, testLogger(t))
 			if err != nil {
 				t.Fatal(err)
 			}
 			if noSync != tc.wantNoSync {
 				t.Errorf("noSync = %v, want %v", noSync, tc.wantNoSync)
+			}
+			if machineDown != tc.wantAside {
+				t.Errorf("machineDown = %v, want %v (the file is set aside exactly when the machine went down)", machineDown, tc.wantAside)
 			}
 			_, err = os.Stat(path + uncleanSuffix)
 			if aside := err == nil; aside != tc.wantAside {

@@ -149,13 +149,16 @@ type Store struct {
 	// entry of its own term commit; until then its commit index may lag
 	// what the previous leader acknowledged (see leaderReady).
 	readyTerm atomic.Uint64
+	// replayTarget is the last entry in the log at open that the state
+	// machine receives: once applied, the node has replayed its log.
+	replayTarget uint64
 
 	// peers caches what the other members can apply and how the leader's
 	// heartbeats to them fare (capabilities.go).
 	peers *peerTracker
 	// halted is closed when the state machine halts (fsm.go); haltErr says why.
 	halted   chan struct{}
-	haltErr  atomic.Pointer[UnknownCommandError]
+	haltErr  atomic.Pointer[error]
 	observer *raft.Observer
 	// opened is closed when Open has finished; closing when Close begins.
 	opened, closing chan struct{}
@@ -205,28 +208,38 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	if cfg.syncState {
 		bootID = func() (string, error) { return "", errors.New("syncState set") }
 	}
-	f, err := openFSM(filepath.Join(cfg.Dir, "state.db"), cfg.Observer, logger, bootID)
+	statePath := filepath.Join(cfg.Dir, "state.db")
+	f, err := openFSM(statePath, cfg.Observer, logger, bootID)
 	if err != nil {
+		if isDamage(err) {
+			return nil, corrupt(cfg.Dir, statePath, err)
+		}
 		return nil, err
 	}
 	s.fsm = f
 	f.version = cfg.Version
 	f.onHalt = s.halt
+	// Everything raft will read, read first: damage found once raft runs
+	// panics inside its goroutines (preflight.go).
+	files, err := checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown)
+	if err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	s.logStore = files.logStore
+	s.replayTarget = files.log.lastApplied
 	// Derived state (the evaluator's assignments) starts from what is on
-	// disk, before raft applies anything new.
+	// disk, before raft applies anything new. A read that fails leaves it
+	// incomplete: the node must not start on it.
 	if cfg.Observer != nil {
-		if err := f.view(func(r *Reader) error { cfg.Observer.Restored(r); return nil }); err != nil {
-			f.close()
-			return nil, fmt.Errorf("load state for observer: %w", err)
+		if err := f.view(cfg.Observer.Restored); err != nil {
+			s.closeFiles()
+			if !isDamage(err) {
+				err = fmt.Errorf("%s: %w: loading it failed: %w", statePath, ErrCorrupt, err)
+			}
+			return nil, corrupt(cfg.Dir, statePath, err)
 		}
 	}
-
-	ls, err := raftboltdb.NewBoltStore(filepath.Join(cfg.Dir, "raft.db"))
-	if err != nil {
-		f.close()
-		return nil, fmt.Errorf("open raft log %s: %w", filepath.Join(cfg.Dir, "raft.db"), err)
-	}
-	s.logStore = ls
 
 	hlog := newHCLogger(cfg.Logger.With("component", "raft"))
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 2, hlog)
@@ -253,9 +266,10 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	// open, statefile.go), so raft need not re-install the last snapshot on
 	// start and replay from there, unless the state file is behind that
 	// snapshot (for example it was lost or set aside).
-	if metas, err := snaps.List(); err == nil && len(metas) > 0 {
-		rc.NoSnapshotRestoreOnStart = f.AppliedIndex() >= metas[0].Index
+	if files.newest != nil {
+		rc.NoSnapshotRestoreOnStart = f.AppliedIndex() >= files.newest.Index
 	}
+	ls := s.logStore
 
 	hasState, err := raft.HasExistingState(ls, ls, snaps)
 	if err != nil {
@@ -273,7 +287,16 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 		logger.Info("bootstrapped a new cluster", "node", cfg.NodeID, "raft_addr", transport.LocalAddr())
 	}
 
-	r, err := raft.NewRaft(rc, f, ls, ls, snaps, transport)
+	r, err := raft.NewRaft(rc, f, checkedLogStore{ls}, ls, snaps, transport)
+	if stopped := f.stoppedErr(); stopped != nil {
+		// Installing the snapshot at start failed after the swap.
+		if err == nil {
+			r.Shutdown().Error()
+		}
+		s.closeFiles()
+		close(s.closing)
+		return nil, corrupt(cfg.Dir, statePath, stopped)
+	}
 	if err != nil {
 		s.closeFiles()
 		return nil, fmt.Errorf("start raft: %w", err)
@@ -413,6 +436,13 @@ func (s *Store) Snapshot() error {
 	return nil
 }
 
+// Replayed reports whether the state machine has applied every entry of
+// the log this node had when it opened (the replay after a restart, or the
+// rebuild after a snapshot install at start). Entries of that log that the
+// cluster never committed may be replaced instead; a node waits for its
+// leader then (node readiness confirms with a read index).
+func (s *Store) Replayed() bool { return s.fsm.AppliedIndex() >= s.replayTarget }
+
 // Close shuts raft down and closes every file. It is idempotent.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
@@ -433,29 +463,35 @@ func (s *Store) Close() error {
 }
 
 // halt is the state machine's call (on raft's apply goroutine) when it
-// meets a command this build cannot apply. The store shuts raft down at
-// once, in the background (raft's shutdown waits for the apply goroutine):
-// a replica that cannot apply its log must not vote, lead or serve reads.
-func (s *Store) halt(err *UnknownCommandError) {
-	if s.haltErr.CompareAndSwap(nil, err) {
+// stops: it met a command this build cannot apply, or damaged state. The
+// store shuts raft down at once, in the background (raft's shutdown waits
+// for the apply goroutine): a replica that cannot apply its log must not
+// vote, lead or serve reads.
+func (s *Store) halt(err error) {
+	if s.haltErr.CompareAndSwap(nil, &err) {
 		close(s.halted)
 		go func() {
-			<-s.opened // a halt while raft replays inside Open
-			s.Close()
+			select {
+			case <-s.opened: // a halt while raft replays inside Open
+				s.Close()
+			case <-s.closing: // Open failed and cleaned up
+			}
 		}()
 	}
 }
 
-// Halted is closed when the store stopped because its log holds a command
-// this build cannot apply (a newer release wrote it); HaltError then says
-// which entry. The store closes itself: the node must stop and be
-// upgraded. Until then the state file stays at the entry before.
+// Halted is closed when the store stopped because its state machine did:
+// its log holds a command this build cannot apply (a newer release wrote
+// it; HaltError is an *UnknownCommandError: upgrade the node), or it found
+// damaged state (a *CorruptError naming the file and the recovery). The
+// store closes itself: the node must stop. Until then the state file stays
+// at the entry before.
 func (s *Store) Halted() <-chan struct{} { return s.halted }
 
 // HaltError is why the store halted, nil while it has not.
 func (s *Store) HaltError() error {
 	if e := s.haltErr.Load(); e != nil {
-		return e
+		return *e
 	}
 	return nil
 }

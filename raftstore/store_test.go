@@ -196,6 +196,7 @@ type recorder struct {
 	mu       sync.Mutex
 	changes  []Change
 	restored int
+	halted   error
 }
 
 func (r *recorder) Applied(c []Change) {
@@ -203,7 +204,8 @@ func (r *recorder) Applied(c []Change) {
 	r.changes = append(r.changes, c...)
 	r.mu.Unlock()
 }
-func (r *recorder) Restored(*Reader) { r.mu.Lock(); r.restored++; r.mu.Unlock() }
+func (r *recorder) Restored(*Reader) error { r.mu.Lock(); r.restored++; r.mu.Unlock(); return nil }
+func (r *recorder) Halted(err error)       { r.mu.Lock(); r.halted = err; r.mu.Unlock() }
 
 // TestStore_ThreeNodes runs three stores in one process on loopback: writes
 // on the leader reach every replica, the followers refuse writes, and every
