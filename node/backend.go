@@ -27,6 +27,9 @@ func (b *backend) node() *Node { return (*Node)(b) }
 
 // apply proposes a command; leadership problems become api.ErrUnavailable.
 func (b *backend) apply(ctx context.Context, cmd raftstore.Command) (*raftstore.Result, error) {
+	if err := b.node().stoppedErr(); err != nil {
+		return nil, fmt.Errorf("%w: this node stopped serving: %v", api.ErrUnavailable, err)
+	}
 	start := time.Now()
 	res, err := b.store.Apply(ctx, cmd)
 	if err == nil {
@@ -56,7 +59,14 @@ func (b *backend) unavailable(err error) error {
 // view reads the local replica; a consistent read first confirms this node
 // leads and has applied everything committed. No lock may be held while
 // waiting for that: the apply path itself takes engineMu.
+//
+// A plain read is refused (503) while the node replays its log or after it
+// stopped (readiness.go); a consistent read that passes its barrier is
+// current, and marks the node replayed.
 func (b *backend) view(ctx context.Context, consistent bool, fn func(r *raftstore.Reader) error) error {
+	if err := b.node().stoppedErr(); err != nil {
+		return b.node().servingReads()
+	}
 	if consistent {
 		if err := b.node().readBarrier(ctx); err != nil {
 			if errors.Is(err, raftstore.ErrNotLeader) {
@@ -64,6 +74,9 @@ func (b *backend) view(ctx context.Context, consistent bool, fn func(r *raftstor
 			}
 			return err
 		}
+		b.replayed.Store(true)
+	} else if err := b.node().servingReads(); err != nil {
+		return err
 	}
 	return b.store.View(fn)
 }
@@ -482,13 +495,16 @@ func (b *backend) History(ctx context.Context, deployment bool, id string, limit
 	if limit <= 0 {
 		limit = api.DefaultPageSize
 	}
+	if err := b.node().servingReads(); err != nil {
+		return api.HistoryPage{}, err
+	}
 	items, err := b.history.events(deployment, id, limit)
 	if err != nil {
 		return api.HistoryPage{}, fmt.Errorf("read history of %s: %w", id, err)
 	}
 	if len(items) == 0 {
 		// Say "not found" only for what never existed here.
-		err := b.store.View(func(r *raftstore.Reader) error {
+		err := b.view(ctx, false, func(r *raftstore.Reader) error {
 			if deployment {
 				_, err := r.Deployment(id)
 				return err
@@ -508,9 +524,4 @@ func (b *backend) Health() api.Health {
 	return api.Health{Status: "ok", NodeID: b.cfg.NodeID, Raft: b.store.State(), Leader: leader, Version: b.cfg.Version}
 }
 
-func (b *backend) Ready(ctx context.Context) error {
-	if addr, _ := b.store.Leader(); addr == "" {
-		return errors.New("no raft leader")
-	}
-	return nil
-}
+func (b *backend) Ready(ctx context.Context) error { return b.node().readyErr() }

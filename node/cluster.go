@@ -43,9 +43,12 @@ func (n *Node) credentials(ctx context.Context) (*pki.Bundle, string, error) {
 		if err != nil {
 			return nil, "", err
 		}
+		if err := n.checkCredentials(b, tok); err != nil {
+			return nil, "", err
+		}
 		return b, tok, nil
 	case !errors.Is(err, fs.ErrNotExist):
-		return nil, "", fmt.Errorf("load cluster credentials: %w", err)
+		return nil, "", fmt.Errorf("load cluster credentials: %w; %s", err, n.credentialsHint())
 	}
 	if n.cfg.Join != "" {
 		return n.joinCredentials(ctx, dir)
@@ -78,6 +81,32 @@ func (n *Node) credentials(ctx context.Context) (*pki.Bundle, string, error) {
 	n.logger.Info("created the cluster CA and this node's certificate", "dir", dir,
 		"join_token_file", filepath.Join(n.cfg.DataDir, JoinTokenFile))
 	return b, tok, nil
+}
+
+// checkCredentials catches what parsing the files cannot: a CA
+// certificate changed where its key is not (its own signature), and a CA
+// or join token that no longer agree (the token pins the CA's SHA-256).
+// The node certificate's signature and key are checked by pki.
+func (n *Node) checkCredentials(b *pki.Bundle, joinToken string) error {
+	caPath := filepath.Join(n.cfg.DataDir, TLSDir, "ca.crt")
+	tokenPath := filepath.Join(n.cfg.DataDir, JoinTokenFile)
+	if err := b.CA.Cert.CheckSignatureFrom(b.CA.Cert); err != nil {
+		return fmt.Errorf("%s: the CA certificate is damaged (its own signature does not verify: %v); %s", caPath, err, n.credentialsHint())
+	}
+	pin, _, err := pki.ParseJoinToken(joinToken)
+	if err != nil {
+		return fmt.Errorf("%s: the join token is damaged: %w; %s", tokenPath, err, n.credentialsHint())
+	}
+	if pin != b.CA.Fingerprint() {
+		return fmt.Errorf("%s and %s do not agree (the token pins another CA): one of them is damaged; %s", tokenPath, caPath, n.credentialsHint())
+	}
+	return nil
+}
+
+// credentialsHint says how to recover damaged credential files.
+func (n *Node) credentialsHint() string {
+	return fmt.Sprintf("this node will not start on them. To recover: restore a backup (appliance restore), or, on a cluster, copy ca.crt and join-token from another node, or remove %s and %s and rejoin (appliance serve --join)",
+		filepath.Join(n.cfg.DataDir, TLSDir), filepath.Join(n.cfg.DataDir, "raft"))
 }
 
 func (n *Node) restoredCredentials(dir string, certPEM []byte) (*pki.Bundle, string, error) {

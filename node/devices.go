@@ -123,6 +123,11 @@ func (d *devices) AuthenticateDevice(ctx context.Context, deviceID, key string) 
 func (d *devices) Desired(deviceID string) ([]byte, error) {
 	n := (*Node)(d)
 	n.engineMu.RLock()
+	if err := n.stoppedErr(); err != nil {
+		// The evaluator may be half rebuilt: send nothing.
+		n.engineMu.RUnlock()
+		return nil, fmt.Errorf("desired document of %s: this node stopped serving: %w", deviceID, err)
+	}
 	applied := n.engine.Applied(deviceID)
 	version := n.versions.of(deviceID)
 	n.engineMu.RUnlock()
@@ -195,7 +200,7 @@ func (v *versions) reset(base uint64) {
 // outside the engine lock, and never blocks on a device: PublishDesired
 // queues, and answers ErrNotConnected for devices connected elsewhere.
 func (n *Node) push(changes []evaluator.Change) {
-	if n.broker == nil {
+	if n.broker == nil || n.stoppedErr() != nil {
 		return
 	}
 	// Every device moved by one entry gets the same document (same

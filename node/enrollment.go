@@ -131,7 +131,7 @@ func orEmpty(s []string) []string {
 
 func (b *backend) Enrollment(ctx context.Context, name string) (fleet.Enrollment, error) {
 	var e fleet.Enrollment
-	err := b.store.View(func(r *raftstore.Reader) error {
+	err := b.view(ctx, false, func(r *raftstore.Reader) error {
 		var err error
 		e, err = r.Enrollment(name)
 		return err
@@ -141,7 +141,7 @@ func (b *backend) Enrollment(ctx context.Context, name string) (fleet.Enrollment
 
 func (b *backend) Enrollments(ctx context.Context) ([]fleet.Enrollment, error) {
 	out := []fleet.Enrollment{}
-	err := b.store.View(func(r *raftstore.Reader) error {
+	err := b.view(ctx, false, func(r *raftstore.Reader) error {
 		return r.Enrollments(func(e fleet.Enrollment) bool {
 			out = append(out, e.Public())
 			return true
@@ -157,7 +157,7 @@ func (b *backend) RegenerateDeviceKey(ctx context.Context, id, which string) (fl
 		return fleet.Device{}, fleet.Invalid("key", "must be primary or secondary; got %q", which)
 	}
 	var cur fleet.Device
-	if err := b.store.View(func(r *raftstore.Reader) error {
+	if err := b.view(ctx, false, func(r *raftstore.Reader) error {
 		var err error
 		cur, err = r.Device(id)
 		return err

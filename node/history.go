@@ -6,8 +6,12 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"hash/crc32"
+	"io/fs"
 	"log/slog"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -18,6 +22,7 @@ import (
 
 	"appliance/api"
 	"appliance/evaluator"
+	"appliance/internal/boltcheck"
 )
 
 // Defaults of the history's retention.
@@ -88,11 +93,36 @@ func (q queued) events() int {
 	return len(q.moves)
 }
 
-func openHistory(path string, retention time.Duration, perKey int, logger *slog.Logger) (*history, error) {
+// openHistory opens the history file. Every page is read once under a
+// guard first (a damaged page would make bbolt panic, or fault, while it
+// rebuilds the free list, on a goroutine of its own). A damaged file is
+// refused, naming it; but when the machine went down while the node ran
+// (torn is then expected of a file written without fsync) it is set
+// aside as history.db.damaged and a new history starts.
+func openHistory(path string, machineDown bool, retention time.Duration, perKey int, logger *slog.Logger) (*history, error) {
+	damaged := func(err error) error {
+		return fmt.Errorf("%w; this node will not start on it. To recover: move it aside (mv %s %s.damaged): the history is a record of changes, the fleet state is not in it", err, path, path)
+	}
+	if err := checkHistoryFile(path); err != nil {
+		if !errors.Is(err, boltcheck.ErrDamaged) {
+			return nil, fmt.Errorf("open history %s: %w", path, err)
+		}
+		if !machineDown {
+			return nil, damaged(err)
+		}
+		if err := os.Rename(path, path+".damaged"); err != nil {
+			return nil, fmt.Errorf("set aside the damaged history %s: %w", path, err)
+		}
+		logger.Warn("the machine went down while the node ran and left the history torn: it was set aside and a new one started",
+			"file", path, "set_aside_as", path+".damaged", "err", err)
+	}
 	// No fsync, and no freelist written at each commit (bbolt rebuilds it
 	// when it opens the file): the history is a record, not state.
-	db, err := bolt.Open(path, 0o600, &bolt.Options{NoSync: true, NoFreelistSync: true, Timeout: 5 * time.Second})
+	db, err := boltcheck.Open(path, &bolt.Options{NoSync: true, NoFreelistSync: true, Timeout: 5 * time.Second})
 	if err != nil {
+		if errors.Is(err, boltcheck.ErrDamaged) {
+			return nil, damaged(err)
+		}
 		return nil, fmt.Errorf("open history %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
@@ -114,6 +144,29 @@ func openHistory(path string, retention time.Duration, perKey int, logger *slog.
 		perKey = DefaultHistoryPerKey
 	}
 	return &history{db: db, logger: logger, retention: retention, perKey: perKey, kick: make(chan struct{}, 1)}, nil
+}
+
+// checkHistoryFile reads a history file that exists (boltcheck): damage
+// wraps boltcheck.ErrDamaged. bbolt falls back without a word to the older
+// meta page when the newer is damaged, which would serve the history as it
+// was a write earlier: that is damage too.
+func checkHistoryFile(path string) error {
+	st, err := os.Stat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if st.Size() == 0 {
+		return fmt.Errorf("%s: %w: the file is empty", path, boltcheck.ErrDamaged)
+	}
+	if lost, err := boltcheck.NewestMetaDamaged(path); err != nil {
+		return err
+	} else if lost {
+		return fmt.Errorf("%s: %w: its newest meta page is damaged", path, boltcheck.ErrDamaged)
+	}
+	return boltcheck.Verify(path, nil)
 }
 
 // add queues events; it never blocks the apply path.
@@ -250,7 +303,7 @@ func (h *history) writeRecords(recs []historyRecord) error {
 			if r.deployment {
 				b = tx.Bucket(bucketDeploymentHistory)
 			}
-			data, err := json.Marshal(r.ev)
+			data, err := encodeEvent(r.ev)
 			if err != nil {
 				return err
 			}
@@ -352,11 +405,44 @@ func eventTime(v []byte) (time.Time, bool) {
 			}
 		}
 	}
-	var ev api.HistoryEvent
-	if json.Unmarshal(v, &ev) != nil {
+	ev, err := decodeEvent(v)
+	if err != nil {
 		return time.Time{}, false
 	}
 	return ev.Time, true
+}
+
+// Each stored event is its JSON followed by the CRC-32C of that JSON (4
+// bytes, big-endian): bbolt does not checksum values, and a history that
+// changed on disk must read as damaged, not as other events. An event
+// written by an earlier release has no checksum (it ends with its JSON's
+// closing brace) and reads as before.
+var historyCRC = crc32.MakeTable(crc32.Castagnoli)
+
+func encodeEvent(ev api.HistoryEvent) ([]byte, error) {
+	data, err := json.Marshal(ev)
+	if err != nil {
+		return nil, err
+	}
+	return binary.BigEndian.AppendUint32(data, crc32.Checksum(data, historyCRC)), nil
+}
+
+// errEventDamaged: a stored event does not match its checksum.
+var errEventDamaged = errors.New("a stored history event does not match its checksum")
+
+func decodeEvent(v []byte) (api.HistoryEvent, error) {
+	var ev api.HistoryEvent
+	data := v
+	if n := len(v); n > 4 && v[n-1] != '}' {
+		data = v[:n-4]
+		if crc32.Checksum(data, historyCRC) != binary.BigEndian.Uint32(v[n-4:]) {
+			return ev, errEventDamaged
+		}
+	}
+	if err := json.Unmarshal(data, &ev); err != nil {
+		return ev, fmt.Errorf("%w: %v", errEventDamaged, err)
+	}
+	return ev, nil
 }
 
 func hasPrefix(k, p []byte) bool { return len(k) >= len(p) && string(k[:len(p)]) == string(p) }
@@ -390,9 +476,9 @@ func (h *history) events(deployment bool, subject string, limit int) ([]api.Hist
 			k, v = c.Prev()
 		}
 		for ; k != nil && hasPrefix(k, prefix) && len(out) < limit; k, v = c.Prev() {
-			var ev api.HistoryEvent
-			if err := json.Unmarshal(v, &ev); err != nil {
-				return err
+			ev, err := decodeEvent(v)
+			if err != nil {
+				return fmt.Errorf("%s: %w (key %q): the history file is damaged; stop the node and move it aside (the history is a record, the fleet state is not in it)", h.db.Path(), err, k)
 			}
 			out = append(out, ev)
 		}
@@ -432,9 +518,9 @@ func (h *history) recentDeploymentEvents(limit int) ([]api.RecentEvent, error) {
 				kk, v = c.Prev()
 			}
 			for n := 0; kk != nil && hasPrefix(kk, prefix) && n < limit; n++ {
-				var ev api.HistoryEvent
-				if err := json.Unmarshal(v, &ev); err != nil {
-					return fmt.Errorf("history of %s: %w", subject, err)
+				ev, err := decodeEvent(v)
+				if err != nil {
+					return fmt.Errorf("%s: history of %s: %w (key %q): the history file is damaged; stop the node and move it aside (the history is a record, the fleet state is not in it)", h.db.Path(), subject, err, kk)
 				}
 				out = append(out, api.RecentEvent{Subject: string(subject), HistoryEvent: ev})
 				kk, v = c.Prev()

@@ -150,6 +150,14 @@ type Node struct {
 	// that need a device's record and its assignment to agree.
 	engineMu sync.RWMutex
 
+	// Readiness (readiness.go): stopped holds why the node stopped serving
+	// (damaged state); replayed latches once the log is replayed;
+	// admitting says the broker admits devices, changed under admitMu.
+	stopped   atomic.Pointer[error]
+	replayed  atomic.Bool
+	admitting atomic.Bool
+	admitMu   sync.Mutex
+
 	stopOnce sync.Once
 	// failed is closed when the node must stop (Failed); failErr says why.
 	failed  chan struct{}
@@ -236,7 +244,8 @@ func (n *Node) Start(ctx context.Context) error {
 	case !n.cfg.PlainMQTT:
 		tlsConf = n.publicTLS()
 	}
-	hist, err := openHistory(filepath.Join(n.cfg.DataDir, "history.db"), n.cfg.HistoryRetention, n.cfg.HistoryPerKey, n.logger.With("component", "history"))
+	hist, err := openHistory(filepath.Join(n.cfg.DataDir, "history.db"), raftstore.MachineWentDown(filepath.Join(n.cfg.DataDir, "raft")),
+		n.cfg.HistoryRetention, n.cfg.HistoryPerKey, n.logger.With("component", "history"))
 	if err != nil {
 		return err
 	}
@@ -252,6 +261,8 @@ func (n *Node) Start(ctx context.Context) error {
 		return err
 	}
 	n.broker = b
+	// No device until the node is ready (watchLeader admits them).
+	b.Refuse()
 
 	mux, err := cluster.ListenWith(n.cfg.RaftAddr, n.cfg.RaftAdvertise, bundle, n.cfg.Limits.cluster(), n.cfg.Logger)
 	if err != nil {

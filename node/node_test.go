@@ -52,8 +52,26 @@ func startNode(t *testing.T, dir string) *Node {
 	return startNodeWith(t, dir, nil)
 }
 
-// startNodeWith is startNode with changes to the configuration.
+// startNodeWith is startNode with changes to the configuration. It returns
+// once the node is ready (/readyz: log replayed, a leader, devices admitted).
 func startNodeWith(t *testing.T, dir string, configure func(*Config)) *Node {
+	t.Helper()
+	n := newTestNodeWith(t, dir, configure)
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Stop() })
+	waitReady(t, n)
+	return n
+}
+
+// newTestNode configures, but does not start, the node startNode starts.
+func newTestNode(t *testing.T, dir string) *Node {
+	t.Helper()
+	return newTestNodeWith(t, dir, nil)
+}
+
+func newTestNodeWith(t *testing.T, dir string, configure func(*Config)) *Node {
 	t.Helper()
 	cfg := Config{
 		DataDir: dir, NodeID: "n1", HTTPAddr: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", MQTTAddr: "127.0.0.1:0",
@@ -70,16 +88,14 @@ func startNodeWith(t *testing.T, dir string, configure func(*Config)) *Node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := n.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { n.Stop() })
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := n.store.WaitLeader(ctx); err != nil {
-		t.Fatal(err)
-	}
 	return n
+}
+
+// waitReady waits until the node answers /readyz with 200: log replayed,
+// a leader known, devices admitted.
+func waitReady(t *testing.T, n *Node) {
+	t.Helper()
+	waitFor(t, "node "+n.ID()+" to be ready", func() bool { return n.readyErr() == nil })
 }
 
 // waitTimeout bounds every wait for something that should happen: long

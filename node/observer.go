@@ -102,7 +102,12 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	n.history.add(events...)
 }
 
-func (o *observer) Restored(r *raftstore.Reader) {
+// Restored rebuilds the derived state from the whole state: at open, and
+// after a snapshot install. Any read that fails leaves the evaluator
+// incomplete, so the error is returned (the store then refuses to open,
+// or stops) and, before the engine lock is released, the node is marked
+// stopped: no device is sent a document computed from part of the state.
+func (o *observer) Restored(r *raftstore.Reader) error {
 	n := (*Node)(o)
 	// Rotations this node learns from a snapshot or its own state.
 	if t := r.AdminToken(); t != "" {
@@ -121,17 +126,26 @@ func (o *observer) Restored(r *raftstore.Reader) {
 	n.versions.reset(r.AppliedIndex())
 	// Devices first, so that each deployment then finds its devices
 	// through the engine's indexes rather than device by device.
-	_ = r.Devices("", func(d fleet.Device) bool {
+	err := r.Devices("", func(d fleet.Device) bool {
 		n.engine.PutDevice(d.ID, d.Tags)
 		return true
 	})
-	_ = r.Deployments("", func(d fleet.Deployment) bool {
-		if _, err := n.engine.PutDeployment(engineDeployment(&d)); err != nil {
-			n.logger.Error("stored target condition does not compile; the deployment targets no device",
-				"deployment", d.ID, "err", err)
-		}
-		return true
-	})
+	if err == nil {
+		err = r.Deployments("", func(d fleet.Deployment) bool {
+			if _, err := n.engine.PutDeployment(engineDeployment(&d)); err != nil {
+				n.logger.Error("stored target condition does not compile; the deployment targets no device",
+					"deployment", d.ID, "err", err)
+			}
+			return true
+		})
+	}
+	if err != nil {
+		err = fmt.Errorf("rebuild assignments: %w", err)
+		n.markStopped(err)
+		n.engineMu.Unlock()
+		n.refuseDevices()
+		return err
+	}
 	var resend []evaluator.Change
 	if n.broker != nil {
 		// A snapshot replaced the state under connected devices: send each
@@ -142,6 +156,16 @@ func (o *observer) Restored(r *raftstore.Reader) {
 	}
 	n.engineMu.Unlock()
 	n.push(resend)
+	return nil
+}
+
+// Halted: the state machine stopped (damaged state, or a snapshot that
+// could not be installed). The store has logged why and leaves raft; the
+// node stops serving devices and reads at once.
+func (o *observer) Halted(err error) {
+	n := (*Node)(o)
+	n.markStopped(err)
+	n.refuseDevices()
 }
 
 func orNone(s string) string {

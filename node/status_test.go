@@ -200,7 +200,7 @@ func TestHistory(t *testing.T) {
 	// the retention, across separate writes and across a restart (the
 	// writer counts a subject's events from the file the first time).
 	path := t.TempDir() + "/h.db"
-	h, err := openHistory(path, time.Hour, 3, n.logger)
+	h, err := openHistory(path, false, time.Hour, 3, n.logger)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,7 +236,7 @@ func TestHistory(t *testing.T) {
 	if err := h.close(); err != nil {
 		t.Fatal(err)
 	}
-	h, err = openHistory(path, time.Hour, 3, n.logger)
+	h, err = openHistory(path, false, time.Hour, 3, n.logger)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -255,7 +255,7 @@ func TestHistory(t *testing.T) {
 // subject is next written, however few it has (the cap per subject is far
 // away here), and a deployment's events the same way as a device's.
 func TestHistory_AgeRetention(t *testing.T) {
-	h, err := openHistory(filepath.Join(t.TempDir(), "h.db"), time.Hour, 100, slog.New(slog.NewTextHandler(newTestWriter(t), nil)))
+	h, err := openHistory(filepath.Join(t.TempDir(), "h.db"), false, time.Hour, 100, slog.New(slog.NewTextHandler(newTestWriter(t), nil)))
 	if err != nil {
 		t.Fatal(err)
 	}

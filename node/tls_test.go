@@ -35,6 +35,7 @@ func TestTLSByDefault(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Stop() })
+	waitReady(t, n)
 	if !strings.HasPrefix(n.URL(), "https://") || !strings.HasPrefix(n.MQTTURL(), "mqtts://") {
 		t.Fatalf("default URLs %s and %s are not TLS", n.URL(), n.MQTTURL())
 	}
