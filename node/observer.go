@@ -159,9 +159,10 @@ func (o *observer) Restored(r *raftstore.Reader) error {
 	return nil
 }
 
-// Halted: the state machine stopped (damaged state, or a snapshot that
-// could not be installed). The store has logged why and leaves raft; the
-// node stops serving devices and reads at once.
+// Halted: the state machine stopped (damaged state, a snapshot that could
+// not be installed, or a command this build cannot apply). The store has
+// logged why and closes itself; the node stops serving devices and reads
+// at once.
 func (o *observer) Halted(err error) {
 	n := (*Node)(o)
 	n.markStopped(err)

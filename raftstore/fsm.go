@@ -686,9 +686,13 @@ type writer struct {
 	changes []Change
 }
 
-// put stores value under key in bucket and updates the digest.
+// put stores value under key in bucket (made the first time) and updates
+// the digest.
 func (w *writer) put(bucket, key, value []byte) {
 	b := w.tx.Bucket(bucket)
+	if b == nil {
+		b = w.bucket(bucket)
+	}
 	if old := b.Get(key); old != nil {
 		w.sum -= entryHash(bucket, key, old)
 	}
@@ -701,6 +705,9 @@ func (w *writer) put(bucket, key, value []byte) {
 // del removes key from bucket (if there) and updates the digest.
 func (w *writer) del(bucket, key []byte) {
 	b := w.tx.Bucket(bucket)
+	if b == nil {
+		return
+	}
 	old := b.Get(key)
 	if old == nil {
 		return

@@ -86,7 +86,7 @@ func (w *writer) bindNode(index uint64, c *BindNode) *Result {
 			return &Result{Index: index, Err: fmt.Errorf("bind node %s: bound to another certificate: %w", c.NodeID, fleet.ErrExists)}
 		}
 	}
-	putJSON(b, c.NodeID, NodeCert{Fingerprint: c.Fingerprint, Serial: c.Serial, Time: c.Time})
+	w.putJSON(bucketNodeCerts, c.NodeID, NodeCert{Fingerprint: c.Fingerprint, Serial: c.Serial, Time: c.Time})
 	w.changes = append(w.changes, Change{Index: index, Kind: NodeCertsChanged, ID: c.NodeID})
 	return &Result{Index: index}
 }
@@ -95,13 +95,9 @@ func (w *writer) revokeNode(index uint64, c *RevokeNode) *Result {
 	if c.NodeID == "" {
 		return &Result{Index: index, Err: fmt.Errorf("revoke node: a node id is required: %w", fleet.ErrInvalid)}
 	}
-	if b := w.tx.Bucket(bucketNodeCerts); b != nil {
-		if err := b.Delete([]byte(c.NodeID)); err != nil {
-			panic(err)
-		}
-	}
+	w.del(bucketNodeCerts, []byte(c.NodeID))
 	if c.Fingerprint != "" {
-		putJSON(w.bucket(bucketRevokedCerts), c.Fingerprint, RevokedCert{NodeID: c.NodeID, Serial: c.Serial, Time: c.Time})
+		w.putJSON(bucketRevokedCerts, c.Fingerprint, RevokedCert{NodeID: c.NodeID, Serial: c.Serial, Time: c.Time})
 	}
 	w.changes = append(w.changes, Change{Index: index, Kind: NodeCertsChanged, ID: c.NodeID})
 	return &Result{Index: index}
