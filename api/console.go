@@ -47,22 +47,22 @@ type DryRunMove struct {
 // Device health, in a device view and the overview: the category of the
 // device under the deployment applied to it (the categories of a
 // deployment's status), or HealthNone when no deployment applies.
-const HealthNone = "none"
+const HealthNone = fleet.HealthNone
 
 // HealthStates lists the device health values in display order.
-var HealthStates = []string{CategoryHealthy, CategorySoaking, CategoryUnhealthy, CategoryUnknown, HealthNone}
+var HealthStates = fleet.HealthStates
 
 // Deployment states in the overview. Each deployment is in exactly one.
 const (
-	StateHealthy    = "healthy"    // applies to devices, and all of them are healthy
-	StateConverging = "converging" // some applied devices have not reported it, or are soaking; none unhealthy
-	StateFailing    = "failing"    // at least one applied device is unhealthy
-	StateSuperseded = "superseded" // targets devices, but deployments that precede it apply to all of them
-	StateIdle       = "idle"       // targets no device
+	StateHealthy    = fleet.StateHealthy
+	StateConverging = fleet.StateConverging
+	StateFailing    = fleet.StateFailing
+	StateSuperseded = fleet.StateSuperseded
+	StateIdle       = fleet.StateIdle
 )
 
 // DeploymentStates lists them in display order.
-var DeploymentStates = []string{StateFailing, StateConverging, StateHealthy, StateSuperseded, StateIdle}
+var DeploymentStates = fleet.DeploymentStates
 
 // Overview is the fleet at a glance, as the node that answers sees it.
 // Every device is counted once in each breakdown: by connection, and by
@@ -109,10 +109,7 @@ type DeploymentSummary struct {
 
 // RecentEvent is a deployment's history event with the deployment it is
 // about.
-type RecentEvent struct {
-	Subject string `json:"subject"`
-	HistoryEvent
-}
+type RecentEvent = fleet.RecentEvent
 
 // Condition kinds of ConditionRequest.
 const (

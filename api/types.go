@@ -40,10 +40,10 @@ type ConfigurationStatus struct {
 	Status string `json:"status"` // Targeted or Applied
 }
 
-// Configuration statuses.
+// Configuration statuses (fleet's words).
 const (
-	StatusTargeted = "Targeted"
-	StatusApplied  = "Applied"
+	StatusTargeted = fleet.StatusTargeted
+	StatusApplied  = fleet.StatusApplied
 )
 
 // DeviceView is a device as an operator reads it.
@@ -262,18 +262,18 @@ type RegenerateKeyRequest struct {
 	Key string `json:"key"`
 }
 
-// Status categories of a deployment's devices.
+// Status categories of a deployment's devices (fleet's words; see there).
 const (
-	CategoryTargeted  = "targeted"  // the condition matches
-	CategoryApplied   = "applied"   // targeted, and no higher-priority deployment wins
-	CategoryHealthy   = "healthy"   // applied, code 200, every module that should run has run for the soak time
-	CategoryUnhealthy = "unhealthy" // applied, and the agent failed or a module that should run does not
-	CategorySoaking   = "soaking"   // applied, code 200, modules running but not yet for the soak time
-	CategoryUnknown   = "unknown"   // applied, but no report for this deployment yet
+	CategoryTargeted  = fleet.CategoryTargeted
+	CategoryApplied   = fleet.CategoryApplied
+	CategoryHealthy   = fleet.CategoryHealthy
+	CategoryUnhealthy = fleet.CategoryUnhealthy
+	CategorySoaking   = fleet.CategorySoaking
+	CategoryUnknown   = fleet.CategoryUnknown
 )
 
 // Categories lists them in display order.
-var Categories = []string{CategoryTargeted, CategoryApplied, CategoryHealthy, CategoryUnhealthy, CategorySoaking, CategoryUnknown}
+var Categories = fleet.Categories
 
 // StatusQuery selects what GET /deployments/{id}/status returns.
 type StatusQuery struct {
@@ -308,31 +308,10 @@ type DeploymentStatus struct {
 }
 
 // StatusCounts counts a deployment's devices per category.
-type StatusCounts struct {
-	Targeted  int `json:"targeted"`
-	Applied   int `json:"applied"`
-	Healthy   int `json:"healthy"`
-	Unhealthy int `json:"unhealthy"`
-	Soaking   int `json:"soaking"`
-	Unknown   int `json:"unknown"`
-}
+type StatusCounts = fleet.StatusCounts
 
 // HistoryEvent is one entry of a deployment's or a device's history.
-type HistoryEvent struct {
-	Time  time.Time `json:"time"`
-	Index uint64    `json:"index"` // the raft entry that caused it
-	// Actor is who asked: "admin" for the operator API, "enrollment:<name>"
-	// for a device that enrolled; empty for derived events.
-	Actor string `json:"actor,omitempty"`
-	// Kind: created, updated, deleted (deployments); assigned (devices).
-	Kind string `json:"kind"`
-	// What changed, in words an operator reads.
-	What string `json:"what"`
-	// Deployment is, for a device's assignment, the deployment it now
-	// applies ("" for none) and From the one before.
-	Deployment string `json:"deployment,omitempty"`
-	From       string `json:"from,omitempty"`
-}
+type HistoryEvent = fleet.HistoryEvent
 
 // HistoryPage is the body of GET /deployments/{id}/history and
 // /devices/{id}/history: newest first.

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"appliance/api"
+	"appliance/assign"
 	"appliance/evaluator"
 	"appliance/fleet"
 	"appliance/raftstore"
@@ -58,7 +59,7 @@ func (b *backend) unavailable(err error) error {
 
 // view reads the local replica; a consistent read first confirms this node
 // leads and has applied everything committed. No lock may be held while
-// waiting for that: the apply path itself takes engineMu.
+// waiting for that: the apply path itself takes the assignments' lock.
 //
 // A plain read is refused (503) while the node replays its log or after it
 // stopped (readiness.go); a consistent read that passes its barrier is
@@ -147,9 +148,10 @@ func (b *backend) DeleteDevice(ctx context.Context, id string, opts api.WriteOpt
 }
 
 // deviceView joins a device's record with its assignments, its connection
-// to this node, and its last report. The caller holds engineMu for reading,
-// inside the read transaction, so the record and its assignment agree.
-func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device, peers map[string]peerSession) api.DeviceView {
+// to this node, and its last report. The caller reads the assignments
+// through a (inside the read transaction), so the record and its
+// assignment agree.
+func (b *backend) deviceView(r *raftstore.Reader, a assign.View, d fleet.Device, peers map[string]peerSession) api.DeviceView {
 	v := api.DeviceView{Device: d.Public(), Configurations: map[string]api.ConfigurationStatus{}, ConnectionState: api.Disconnected}
 	if c, ok := b.broker.Connection(d.ID); ok {
 		v.ConnectionState, v.ConnectedNode = api.Connected, b.cfg.NodeID
@@ -160,7 +162,7 @@ func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device, peers map[stri
 		last := s.LastActivity
 		v.LastActivityTime = &last
 	}
-	v.DesiredVersion = b.versions.of(d.ID)
+	v.DesiredVersion = a.Version(d.ID)
 	var doc *fleet.ReportedDocument
 	if rep, err := r.Report(d.ID); err == nil {
 		v.Reported = &api.ReportedState{Document: rep.Document, ReceivedTimeUTC: rep.ReceivedTimeUTC}
@@ -169,9 +171,9 @@ func (b *backend) deviceView(r *raftstore.Reader, d fleet.Device, peers map[stri
 			doc = &parsed
 		}
 	}
-	applied := b.engine.Applied(d.ID)
-	v.Health = healthOf(doc, applied, time.Now().UTC())
-	for _, dep := range b.engine.Targeting(d.ID) {
+	applied := a.Applied(d.ID)
+	v.Health = assign.HealthOf(doc, applied, time.Now().UTC())
+	for _, dep := range a.Targeting(d.ID) {
 		st := api.StatusTargeted
 		if dep == applied {
 			st = api.StatusApplied
@@ -189,10 +191,10 @@ func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.D
 		if err != nil {
 			return err
 		}
-		b.engineMu.RLock()
-		defer b.engineMu.RUnlock()
-		v = b.deviceView(r, d, peers)
-		v.Precedence = precedence(r, b.engine.Targeting(id))
+		b.assign.Read(func(a assign.View) {
+			v = b.deviceView(r, a, d, peers)
+			v.Precedence = precedence(r, a.Targeting(id))
+		})
 		return nil
 	})
 	return v, err
@@ -210,9 +212,7 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 		if err != nil {
 			return page, conditionError("condition", err)
 		}
-		b.engineMu.RLock()
-		ids, err = b.engine.Match(cond)
-		b.engineMu.RUnlock()
+		b.assign.Read(func(a assign.View) { ids, err = a.Match(cond) })
 		if err != nil {
 			return page, conditionError("condition", err)
 		}
@@ -233,55 +233,60 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 		ids = ids[i:]
 	}
 	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
-	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) error {
-		b.engineMu.RLock()
-		defer b.engineMu.RUnlock()
-		if q.Condition != "" {
-			for _, id := range ids {
-				if len(page.Items) == limit {
-					page.Next = page.Items[len(page.Items)-1].ID
-					return nil
-				}
-				d, err := r.Device(id)
-				if errors.Is(err, fleet.ErrNotFound) {
-					continue
-				}
-				if err != nil {
-					return err
-				}
-				page.Items = append(page.Items, b.deviceView(r, d, peers))
-			}
-			return nil
-		}
-		add := func(d fleet.Device) bool {
-			if !strings.HasPrefix(d.ID, q.Prefix) {
-				return false // ids are in order: no later one has the prefix
-			}
-			if len(page.Items) == limit {
-				page.Next = page.Items[len(page.Items)-1].ID
-				return false
-			}
-			page.Items = append(page.Items, b.deviceView(r, d, peers))
-			return true
-		}
-		after := q.After
-		if q.Prefix > after {
-			// Start at the prefix; the walk starts after its argument, so
-			// a device whose id is the prefix itself is taken first.
-			after = q.Prefix
-			if d, err := r.Device(q.Prefix); err == nil {
-				add(d)
-			} else if !errors.Is(err, fleet.ErrNotFound) {
-				return err
-			}
-		}
-		if q.Prefix == "" {
-			total := b.engine.Stats().Devices
-			page.Total = &total
-		}
-		return r.Devices(after, add)
+	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) (err error) {
+		b.assign.Read(func(a assign.View) { err = b.devicePage(r, a, q, ids, peers, limit, &page) })
+		return err
 	})
 	return page, err
+}
+
+// devicePage fills one page of GET /devices: the devices of ids (a
+// condition's), else those of the replica after q.After with q.Prefix.
+func (b *backend) devicePage(r *raftstore.Reader, a assign.View, q api.DeviceQuery, ids []string, peers map[string]peerSession, limit int, page *api.DevicePage) error {
+	if q.Condition != "" {
+		for _, id := range ids {
+			if len(page.Items) == limit {
+				page.Next = page.Items[len(page.Items)-1].ID
+				return nil
+			}
+			d, err := r.Device(id)
+			if errors.Is(err, fleet.ErrNotFound) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			page.Items = append(page.Items, b.deviceView(r, a, d, peers))
+		}
+		return nil
+	}
+	add := func(d fleet.Device) bool {
+		if !strings.HasPrefix(d.ID, q.Prefix) {
+			return false // ids are in order: no later one has the prefix
+		}
+		if len(page.Items) == limit {
+			page.Next = page.Items[len(page.Items)-1].ID
+			return false
+		}
+		page.Items = append(page.Items, b.deviceView(r, a, d, peers))
+		return true
+	}
+	after := q.After
+	if q.Prefix > after {
+		// Start at the prefix; the walk starts after its argument, so
+		// a device whose id is the prefix itself is taken first.
+		after = q.Prefix
+		if d, err := r.Device(q.Prefix); err == nil {
+			add(d)
+		} else if !errors.Is(err, fleet.ErrNotFound) {
+			return err
+		}
+	}
+	if q.Prefix == "" {
+		total := a.Devices()
+		page.Total = &total
+	}
+	return r.Devices(after, add)
 }
 
 // conditionError names the field a bad condition came in.
@@ -325,25 +330,11 @@ func validateMetrics(q map[string]string) error {
 		if strings.TrimSpace(query) == "" {
 			return fleet.Invalid("metrics.queries."+name, "must not be empty")
 		}
-		if _, err := evaluator.CompileQuery(MetricCondition(query), "properties"); err != nil {
+		if _, err := evaluator.CompileQuery(assign.MetricCondition(query), "properties"); err != nil {
 			return conditionError("metrics.queries."+name, err)
 		}
 	}
 	return nil
-}
-
-// MetricCondition returns the condition of a custom metric query: the WHERE
-// clause of Azure's `SELECT deviceId FROM devices WHERE ...`, or the query
-// itself when it is a bare condition.
-func MetricCondition(query string) string {
-	q := strings.TrimSpace(query)
-	upper := strings.ToUpper(q)
-	if strings.HasPrefix(upper, "SELECT ") {
-		if i := strings.Index(upper, " WHERE "); i >= 0 {
-			return strings.TrimSpace(q[i+len(" WHERE "):])
-		}
-	}
-	return q
 }
 
 func (b *backend) PutDeployment(ctx context.Context, id string, req api.DeploymentRequest, opts api.WriteOptions) (api.DeploymentView, bool, error) {
@@ -426,9 +417,8 @@ func (b *backend) DeleteDeployment(ctx context.Context, id string, opts api.Writ
 }
 
 func (b *backend) deploymentView(d fleet.Deployment) api.DeploymentView {
-	b.engineMu.RLock()
-	targeted, applied := b.engine.Counts(d.ID)
-	b.engineMu.RUnlock()
+	var targeted, applied int
+	b.assign.Read(func(a assign.View) { targeted, applied = a.Counts(d.ID) })
 	return api.DeploymentView{
 		Deployment: d.Public(),
 		SystemMetrics: api.SystemMetrics{Results: map[string]int{
@@ -498,7 +488,7 @@ func (b *backend) History(ctx context.Context, deployment bool, id string, limit
 	if err := b.node().servingReads(); err != nil {
 		return api.HistoryPage{}, err
 	}
-	items, err := b.history.events(deployment, id, limit)
+	items, err := b.history.Events(deployment, id, limit)
 	if err != nil {
 		return api.HistoryPage{}, fmt.Errorf("read history of %s: %w", id, err)
 	}

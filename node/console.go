@@ -3,7 +3,6 @@ package node
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -12,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	"appliance/api"
+	"appliance/assign"
 	"appliance/evaluator"
 	"appliance/fleet"
 	"appliance/raftstore"
@@ -22,51 +22,13 @@ import (
 // recentEvents is how many deployment events the overview shows.
 const recentEvents = 20
 
-// reportOf reads and decodes a device's last report; nil when it has none
-// or it does not decode.
-func reportOf(r *raftstore.Reader, deviceID string) *fleet.ReportedDocument {
-	stored, err := r.Report(deviceID)
-	if err != nil {
-		return nil
-	}
-	var doc fleet.ReportedDocument
-	if json.Unmarshal(stored.Document, &doc) != nil {
-		return nil
-	}
-	return &doc
-}
-
-// healthOf is a device's category under its applied deployment (classify
-// with the default soak), or api.HealthNone.
-func healthOf(rep *fleet.ReportedDocument, applied string, now time.Time) string {
-	if applied == "" {
-		return api.HealthNone
-	}
-	return classify(rep, applied, now, DefaultSoak)
-}
-
-// deploymentState puts a deployment in one overview state from its counts.
-func deploymentState(c api.StatusCounts) string {
-	switch {
-	case c.Targeted == 0:
-		return api.StateIdle
-	case c.Applied == 0:
-		return api.StateSuperseded
-	case c.Unhealthy > 0:
-		return api.StateFailing
-	case c.Unknown > 0 || c.Soaking > 0:
-		return api.StateConverging
-	}
-	return api.StateHealthy
-}
-
 // Overview counts the fleet: every device once by connection and once by
 // health (a device has at most one applied deployment, so summing the
 // deployments' applied devices never counts a device twice), every
 // deployment once by state.
 func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 	o := api.Overview{
-		Node: b.cfg.NodeID, SoakSeconds: DefaultSoak.Seconds(),
+		Node: b.cfg.NodeID, SoakSeconds: fleet.DefaultSoak.Seconds(),
 		Devices:     api.OverviewDevices{Health: map[string]int{}},
 		Deployments: api.OverviewDeployments{States: map[string]int{}, Items: []api.DeploymentSummary{}},
 	}
@@ -84,7 +46,7 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 	for id := range peers {
 		connected[id] = true
 	}
-	// The assignments are taken under the engine lock, all at one applied
+	// The assignments are taken under assign's lock, all at one applied
 	// index; the reports are read after it is released, so that reading a
 	// large fleet's reports never holds up the apply path (the report of a
 	// device that changed meanwhile is classified as DeploymentStatus
@@ -95,18 +57,18 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 		applied  []string
 	}
 	var deps []assigned
-	b.engineMu.RLock()
-	o.Devices.Total = b.engine.Stats().Devices
-	for id := range connected {
-		if b.engine.HasDevice(id) { // a session outliving its device's deletion by a moment
-			o.Devices.Connected++
+	b.assign.Read(func(v assign.View) {
+		o.Devices.Total = v.Devices()
+		for id := range connected {
+			if v.HasDevice(id) { // a session outliving its device's deletion by a moment
+				o.Devices.Connected++
+			}
 		}
-	}
-	for _, id := range b.engine.DeploymentIDs() {
-		targeted, _ := b.engine.Counts(id)
-		deps = append(deps, assigned{id: id, targeted: targeted, applied: b.engine.AppliedDevices(id)})
-	}
-	b.engineMu.RUnlock()
+		for _, id := range v.DeploymentIDs() {
+			targeted, _ := v.Counts(id)
+			deps = append(deps, assigned{id: id, targeted: targeted, applied: v.AppliedDevices(id)})
+		}
+	})
 	o.Devices.Disconnected = o.Devices.Total - o.Devices.Connected
 
 	now := time.Now().UTC()
@@ -122,7 +84,7 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 			}
 			counts := api.StatusCounts{Targeted: a.targeted, Applied: len(a.applied)}
 			for _, dev := range a.applied {
-				switch classify(reportOf(r, dev), a.id, now, DefaultSoak) {
+				switch assign.Classify(assign.ReportOf(r, dev), a.id, now, fleet.DefaultSoak) {
 				case api.CategoryHealthy:
 					counts.Healthy++
 				case api.CategorySoaking:
@@ -138,7 +100,7 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 			o.Devices.Health[api.CategorySoaking] += counts.Soaking
 			o.Devices.Health[api.CategoryUnhealthy] += counts.Unhealthy
 			o.Devices.Health[api.CategoryUnknown] += counts.Unknown
-			state := deploymentState(counts)
+			state := assign.DeploymentState(counts)
 			o.Deployments.States[state]++
 			o.Deployments.Total++
 			if len(o.Deployments.Items) == api.MaxPageSize {
@@ -155,7 +117,7 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 		return api.Overview{}, err
 	}
 	o.Devices.Health[api.HealthNone] = o.Devices.Total - withDeployment
-	recent, err := b.history.recentDeploymentEvents(recentEvents)
+	recent, err := b.history.RecentDeploymentEvents(recentEvents)
 	if err != nil {
 		return api.Overview{}, fmt.Errorf("read recent history: %w", err)
 	}
@@ -188,9 +150,8 @@ func (b *backend) CheckCondition(ctx context.Context, req api.ConditionRequest) 
 	if err != nil {
 		return invalid(err, 0), nil
 	}
-	b.engineMu.RLock()
-	ids, err := b.engine.Match(cond)
-	b.engineMu.RUnlock()
+	var ids []string
+	b.assign.Read(func(v assign.View) { ids, err = v.Match(cond) })
 	if err != nil {
 		return invalid(err, 0), nil
 	}
@@ -206,7 +167,7 @@ func (b *backend) CheckCondition(ctx context.Context, req api.ConditionRequest) 
 // which the condition starts in the query, so that an error's column
 // points into the query as written.
 func metricConditionAt(query string) (string, int) {
-	cond := MetricCondition(query)
+	cond := assign.MetricCondition(query)
 	at := strings.LastIndex(query, cond)
 	if cond == "" || at < 0 {
 		return cond, 0
@@ -256,18 +217,20 @@ func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.De
 		}
 		d.Priority = *p.Priority
 	}
-	return b.dryRun(engineDeployment(&d))
+	return b.dryRun(assign.EngineDeployment(&d))
 }
 
 // dryRun computes what putting d would change: the devices it would
 // target and apply to, and every device whose applied deployment would
 // change (to d, or, for devices d holds now and would lose, to the next
-// deployment that targets them, or none). It reads the engine call by call
-// (each is consistent on its own) without engineMu, which would hold up
-// the apply path for as long as a large fleet takes to walk: a write
-// landing meanwhile can make a preview a device off, never the write.
+// deployment that targets them, or none). It reads the assignments call by
+// call (each is consistent on its own: assign.Assigner.Loose) without
+// assign's lock, which would hold up the apply path for as long as a large
+// fleet takes to walk: a write landing meanwhile can make a preview a
+// device off, never the write.
 func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
-	targeted, would, err := b.engine.DryRunDevices(d)
+	v := b.assign.Loose()
+	targeted, would, err := v.DryRunDevices(d)
 	if err != nil {
 		return api.DryRunResult{}, conditionError("targetCondition", err)
 	}
@@ -277,13 +240,13 @@ func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
 	}
 	moves := moveSet{}
 	for _, dev := range would {
-		if from := b.engine.Applied(dev); from != d.ID {
+		if from := v.Applied(dev); from != d.ID {
 			moves.add(from, d.ID, dev)
 		}
 	}
-	for _, dev := range b.engine.AppliedDevices(d.ID) {
+	for _, dev := range v.AppliedDevices(d.ID) {
 		if _, stays := slices.BinarySearch(would, dev); !stays {
-			moves.add(d.ID, b.nextDeployment(dev, d.ID), dev)
+			moves.add(d.ID, nextDeployment(v, dev, d.ID), dev)
 		}
 	}
 	res.Moves = moves.list()
@@ -295,11 +258,12 @@ func (b *backend) DryRunDeleteDeployment(ctx context.Context, id string) (api.Dr
 	if _, err := b.Deployment(ctx, id, false); err != nil {
 		return api.DryRunResult{}, err
 	}
-	targeted := b.engine.TargetedDevices(id) // without engineMu, as dryRun
+	v := b.assign.Loose() // without the lock, as dryRun
+	targeted := v.TargetedDevices(id)
 	res := api.DryRunResult{TargetedCount: len(targeted), TargetedDevices: sample(targeted), WouldApplyDevices: []string{}}
 	moves := moveSet{}
-	for _, dev := range b.engine.AppliedDevices(id) {
-		moves.add(id, b.nextDeployment(dev, id), dev)
+	for _, dev := range v.AppliedDevices(id) {
+		moves.add(id, nextDeployment(v, dev, id), dev)
 	}
 	res.Moves = moves.list()
 	return res, nil
@@ -307,8 +271,8 @@ func (b *backend) DryRunDeleteDeployment(ctx context.Context, id string) (api.Dr
 
 // nextDeployment is the deployment that would apply to a device without
 // the one named: the first other that targets it, by precedence.
-func (b *backend) nextDeployment(deviceID, without string) string {
-	for _, dep := range b.engine.Targeting(deviceID) {
+func nextDeployment(v assign.View, deviceID, without string) string {
+	for _, dep := range v.Targeting(deviceID) {
 		if dep != without {
 			return dep
 		}
@@ -350,7 +314,7 @@ func (m moveSet) list() []api.DryRunMove {
 
 // precedence explains, for one device, the order of the deployments that
 // target it (targeting, as the engine ranks them): the first applies.
-// The caller holds engineMu and r's transaction.
+// The caller holds r's transaction and reads targeting from one View.
 func precedence(r *raftstore.Reader, targeting []string) []api.PrecedenceEntry {
 	deps := make([]fleet.Deployment, 0, len(targeting))
 	for _, id := range targeting {

@@ -2,13 +2,10 @@ package node
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"sync"
 
 	"appliance/broker"
-	"appliance/evaluator"
 	"appliance/fleet"
 	"appliance/raftstore"
 )
@@ -121,112 +118,5 @@ func (d *devices) AuthenticateDevice(ctx context.Context, deviceID, key string) 
 
 // Desired returns the device's current desired document.
 func (d *devices) Desired(deviceID string) ([]byte, error) {
-	n := (*Node)(d)
-	n.engineMu.RLock()
-	if err := n.stoppedErr(); err != nil {
-		// The evaluator may be half rebuilt: send nothing.
-		n.engineMu.RUnlock()
-		return nil, fmt.Errorf("desired document of %s: this node stopped serving: %w", deviceID, err)
-	}
-	applied := n.engine.Applied(deviceID)
-	version := n.versions.of(deviceID)
-	n.engineMu.RUnlock()
-	return n.desiredDocument(deviceID, applied, version)
-}
-
-// desiredDocument reads the applied deployment's content (unredacted: it
-// goes only to this device) and wraps it with its version.
-func (n *Node) desiredDocument(deviceID, deploymentID string, version uint64) ([]byte, error) {
-	doc := fleet.DesiredDocument{SchemaVersion: fleet.DocumentSchema, Version: version, DeploymentID: deploymentID}
-	if deploymentID != "" {
-		err := n.store.View(func(r *raftstore.Reader) error {
-			dep, err := r.Deployment(deploymentID)
-			if err != nil {
-				return err
-			}
-			var c struct {
-				ModulesContent json.RawMessage `json:"modulesContent"`
-			}
-			if err := json.Unmarshal(dep.Content, &c); err != nil {
-				return fmt.Errorf("content of deployment %s: %w", deploymentID, err)
-			}
-			doc.ModulesContent = c.ModulesContent
-			return nil
-		})
-		if err != nil {
-			return nil, fmt.Errorf("desired document of %s: %w", deviceID, err)
-		}
-	}
-	return json.Marshal(doc)
-}
-
-// versions remembers, per device, the raft index at which its applied
-// deployment last changed. It is derived state like the assignments: after
-// a restart every device starts at the index the state was loaded at, which
-// is at least as high as any version sent before, so versions only grow.
-type versions struct {
-	mu    sync.Mutex
-	base  uint64
-	byDev map[string]uint64
-}
-
-func (v *versions) of(deviceID string) uint64 {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if x, ok := v.byDev[deviceID]; ok {
-		return x
-	}
-	return v.base
-}
-
-func (v *versions) set(deviceID string, index uint64) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.byDev == nil {
-		v.byDev = map[string]uint64{}
-	}
-	v.byDev[deviceID] = index
-}
-
-func (v *versions) reset(base uint64) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	v.base = base
-	v.byDev = map[string]uint64{}
-}
-
-// push sends new desired documents to the devices connected to this node
-// whose applied deployment changed. It runs after the engine is updated,
-// outside the engine lock, and never blocks on a device: PublishDesired
-// queues, and answers ErrNotConnected for devices connected elsewhere.
-func (n *Node) push(changes []evaluator.Change) {
-	if n.broker == nil || n.stoppedErr() != nil {
-		return
-	}
-	// Every device moved by one entry gets the same document (same
-	// deployment, same version): build each distinct one once, not once
-	// per device.
-	type docKey struct {
-		deployment string
-		version    uint64
-	}
-	built := map[docKey][]byte{}
-	for _, c := range changes {
-		key := docKey{c.To, n.versions.of(c.DeviceID)}
-		doc, ok := built[key]
-		if !ok {
-			var err error
-			doc, err = n.desiredDocument(c.DeviceID, key.deployment, key.version)
-			if err != nil {
-				n.logger.Warn("cannot build desired document", "device", c.DeviceID, "err", err)
-			}
-			built[key] = doc // nil after an error: the devices of this key are skipped
-		}
-		if doc == nil {
-			continue
-		}
-		if err := n.broker.PublishDesired(c.DeviceID, doc); err != nil && !errors.Is(err, broker.ErrNotConnected) {
-			n.logger.Warn("desired document not sent", "device", c.DeviceID, "err", err)
-		}
-	}
+	return d.assign.Desired(deviceID)
 }

@@ -1,5 +1,7 @@
 // Package node is the composition root of a controller: it opens the
-// replicated store, feeds the evaluator from the store's applied changes,
-// serves the operator API, validates every request before it reaches raft,
-// and owns ordered shutdown.
+// replicated store, hands the store's applied changes to the assignments
+// (package assign), the history, the tokens and the broker's sessions,
+// serves the operator API (validating every request before it reaches
+// raft), and owns lifecycle and ordered shutdown. Who runs what and how it
+// is going is decided in package assign, not here.
 package node

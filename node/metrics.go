@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"appliance/api"
+	"appliance/assign"
 )
 
 // metrics is the node's Prometheus registry: counters kept as things
@@ -136,9 +137,8 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(n.store.AppliedIndex()))
 	}
-	n.engineMu.RLock()
-	ids := n.engine.DeploymentIDs()
-	n.engineMu.RUnlock()
+	var ids []string
+	n.assign.Read(func(a assign.View) { ids = a.DeploymentIDs() })
 	for _, id := range ids {
 		// The same derivation as GET /deployments/{id}/status, one page
 		// of ids only: the counts are what a scrape needs.

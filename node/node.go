@@ -20,9 +20,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"appliance/api"
+	"appliance/assign"
 	"appliance/broker"
 	"appliance/cluster"
-	"appliance/evaluator"
+	"appliance/history"
 	"appliance/internal/fsutil"
 	"appliance/pki"
 	"appliance/raftstore"
@@ -94,6 +95,13 @@ type Config struct {
 	DeviceLimits broker.Limits
 }
 
+// Defaults of the history's retention (flags --history-retention and
+// --history-per-key).
+const (
+	DefaultHistoryRetention = history.DefaultRetention
+	DefaultHistoryPerKey    = history.DefaultPerKey
+)
+
 // Default listener addresses.
 const (
 	DefaultHTTPAddr = "127.0.0.1:7480"
@@ -118,7 +126,7 @@ type Node struct {
 	logger *slog.Logger
 
 	store  *raftstore.Store
-	engine *evaluator.Engine
+	assign *assign.Assigner       // who runs what, fed by observer
 	token  atomic.Pointer[string] // the admin token (adoptAdminToken replaces it)
 	apiSrv atomic.Pointer[api.Server]
 
@@ -132,8 +140,7 @@ type Node struct {
 
 	broker   *broker.Broker
 	metrics  *metrics
-	history  *history
-	versions versions
+	history  *history.History
 	reports  *reportBatcher
 	bgCancel context.CancelFunc
 	// stopCtx ends when the node stops: work that outlives Start (a
@@ -145,10 +152,6 @@ type Node struct {
 	httpLn  net.Listener
 	apiLn   *apiListener // httpLn capped per source (and TLS)
 	httpSrv *http.Server
-
-	// engineMu orders engine updates from the apply path against readers
-	// that need a device's record and its assignment to agree.
-	engineMu sync.RWMutex
 
 	// Readiness (readiness.go): stopped holds why the node stopped serving
 	// (damaged state); replayed latches once the log is replayed;
@@ -199,7 +202,13 @@ func New(cfg Config) (*Node, error) {
 		cfg.ShedDevicesAfter = DefaultShedDevicesAfter
 	}
 	cfg.Limits = cfg.Limits.withDefaults()
-	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), engine: evaluator.NewEngine(), failed: make(chan struct{})}
+	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), failed: make(chan struct{})}
+	n.assign = assign.New(assign.Config{
+		View:      func(fn func(r *raftstore.Reader) error) error { return n.store.View(fn) },
+		Publisher: (*publisher)(n),
+		Stopped:   n.stoppedErr,
+		Logger:    n.logger.With("component", "assign"),
+	})
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
 	n.metrics = newMetrics(n)
@@ -244,7 +253,7 @@ func (n *Node) Start(ctx context.Context) error {
 	case !n.cfg.PlainMQTT:
 		tlsConf = n.publicTLS()
 	}
-	hist, err := openHistory(filepath.Join(n.cfg.DataDir, "history.db"), raftstore.MachineWentDown(filepath.Join(n.cfg.DataDir, "raft")),
+	hist, err := history.Open(filepath.Join(n.cfg.DataDir, "history.db"), raftstore.MachineWentDown(filepath.Join(n.cfg.DataDir, "raft")),
 		n.cfg.HistoryRetention, n.cfg.HistoryPerKey, n.logger.With("component", "history"))
 	if err != nil {
 		return err
@@ -257,7 +266,7 @@ func (n *Node) Start(ctx context.Context) error {
 		Logger: n.cfg.Logger, Limits: n.cfg.DeviceLimits,
 	})
 	if err != nil {
-		n.history.close()
+		n.history.Close()
 		return err
 	}
 	n.broker = b
@@ -266,7 +275,7 @@ func (n *Node) Start(ctx context.Context) error {
 
 	mux, err := cluster.ListenWith(n.cfg.RaftAddr, n.cfg.RaftAdvertise, bundle, n.cfg.Limits.cluster(), n.cfg.Logger)
 	if err != nil {
-		n.history.close()
+		n.history.Close()
 		return err
 	}
 	n.mux = mux
@@ -289,7 +298,7 @@ func (n *Node) Start(ctx context.Context) error {
 	})
 	if err != nil {
 		n.mux.Close()
-		n.history.close()
+		n.history.Close()
 		return err
 	}
 	n.store = store
@@ -336,7 +345,7 @@ func (n *Node) Start(ctx context.Context) error {
 	}()
 	go func() {
 		defer n.bgDone.Done()
-		n.history.run(bgCtx)
+		n.history.Run(bgCtx)
 	}()
 
 	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: n.Token(), Logger: n.cfg.Logger.With("component", "api"),
@@ -566,8 +575,8 @@ func (n *Node) stopBackground() error {
 	}
 	if n.history != nil {
 		// Events of entries applied while raft shut down, then close.
-		n.history.flush()
-		if err := n.history.close(); err != nil {
+		n.history.Flush()
+		if err := n.history.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close history: %w", err))
 		}
 	}

@@ -2,74 +2,20 @@ package node
 
 import (
 	"context"
-	"encoding/json"
 	"sort"
 	"time"
 
 	"appliance/api"
-	"appliance/evaluator"
 	"appliance/fleet"
 	"appliance/raftstore"
 )
 
-// DefaultSoak is how long every module that should run must have been
-// running before a device counts as Healthy.
-const DefaultSoak = 30 * time.Second
-
-// classify puts a device to which deployment applies in one status
-// category, from its last report:
-//   - unknown: no report, or the report is about another deployment (the
-//     device has not caught up yet);
-//   - unhealthy: the agent could not apply it (code other than 200), or a
-//     module that should run is failed, dead, in backoff or unhealthy, or is
-//     missing from the report;
-//   - soaking: applied, every module that should run runs, but one started
-//     less than soak ago;
-//   - healthy: applied, and every module that should run has run for soak.
-func classify(rep *fleet.ReportedDocument, deployment string, now time.Time, soak time.Duration) string {
-	if rep == nil || rep.DeploymentID != deployment {
-		return api.CategoryUnknown
-	}
-	if rep.LastDesiredStatus.Code != fleet.StatusCodeOK {
-		return api.CategoryUnhealthy
-	}
-	category := api.CategoryHealthy
-	for _, m := range rep.Modules {
-		if m.Status == "stopped" {
-			continue
-		}
-		switch m.RuntimeStatus {
-		case fleet.RuntimeRunning:
-			if m.LastStartTimeUTC == nil || now.Sub(*m.LastStartTimeUTC) < soak {
-				category = api.CategorySoaking
-			}
-		case fleet.RuntimeFailed, fleet.RuntimeDead, fleet.RuntimeBackoff, fleet.RuntimeUnhealthy:
-			return api.CategoryUnhealthy
-		default:
-			category = api.CategorySoaking
-		}
-	}
-	return category
-}
-
-// compileMetrics compiles a deployment's custom metric queries; they were
-// checked when written, so one that no longer compiles is left out.
-func compileMetrics(queries map[string]string) map[string]*evaluator.Condition {
-	out := map[string]*evaluator.Condition{}
-	for name, q := range queries {
-		if c, err := evaluator.CompileQuery(MetricCondition(q), "properties"); err == nil {
-			out[name] = c
-		}
-	}
-	return out
-}
-
-// DeploymentStatus derives a deployment's status on this node from the
-// evaluator's assignments and the replicated reports.
+// DeploymentStatus derives a deployment's status on this node (package
+// assign's breakdown) and pages its device lists.
 func (b *backend) DeploymentStatus(ctx context.Context, id string, q api.StatusQuery) (api.DeploymentStatus, error) {
 	soak := q.Soak
 	if soak <= 0 {
-		soak = DefaultSoak
+		soak = fleet.DefaultSoak
 	}
 	limit := q.Limit
 	if limit <= 0 {
@@ -82,68 +28,13 @@ func (b *backend) DeploymentStatus(ctx context.Context, id string, q api.StatusQ
 		if err != nil {
 			return err
 		}
-		metrics := compileMetrics(dep.Metrics.Queries)
-		st.Metrics = map[string]int{}
-		for name := range metrics {
-			st.Metrics[name] = 0
-		}
-		b.engineMu.RLock()
-		targeted := b.engine.TargetedDevices(id)
-		applied := b.engine.AppliedDevices(id)
-		b.engineMu.RUnlock()
-		byCat := map[string][]string{api.CategoryTargeted: targeted, api.CategoryApplied: applied}
-		succeeded, failed := 0, 0
-		for _, dev := range applied {
-			var rep *fleet.ReportedDocument
-			var raw map[string]any
-			if stored, err := r.Report(dev); err == nil {
-				var doc fleet.ReportedDocument
-				if json.Unmarshal(stored.Document, &doc) == nil {
-					rep = &doc
-				}
-				if len(metrics) > 0 {
-					_ = json.Unmarshal(stored.Document, &raw)
-				}
-			}
-			if len(metrics) > 0 {
-				var tags map[string]any
-				if d, err := r.Device(dev); err == nil {
-					tags = d.Tags
-				}
-				doc := evaluator.DeviceDocument(dev, tags)
-				doc["properties"] = map[string]any{"reported": raw}
-				for name, cond := range metrics {
-					if cond.EvalDocument(doc) {
-						st.Metrics[name]++
-					}
-				}
-			}
-			if rep != nil && rep.DeploymentID == id {
-				if rep.LastDesiredStatus.Code == fleet.StatusCodeOK {
-					succeeded++
-				} else {
-					failed++
-				}
-			}
-			c := classify(rep, id, nowT, soak)
-			byCat[c] = append(byCat[c], dev)
-		}
-		st.SystemMetrics = map[string]int{
-			"targetedCount":           len(targeted),
-			"appliedCount":            len(applied),
-			"reportedSuccessfulCount": succeeded,
-			"reportedFailedCount":     failed,
-		}
-		st.Counts = api.StatusCounts{
-			Targeted: len(targeted), Applied: len(applied),
-			Healthy: len(byCat[api.CategoryHealthy]), Unhealthy: len(byCat[api.CategoryUnhealthy]),
-			Soaking: len(byCat[api.CategorySoaking]), Unknown: len(byCat[api.CategoryUnknown]),
-		}
+		bd := b.assign.Breakdown(r, dep, soak, nowT)
+		st.Metrics, st.SystemMetrics, st.Counts = bd.Metrics, bd.SystemMetrics, bd.Counts
 		for _, c := range api.Categories {
 			if q.Category != "" && c != q.Category {
 				continue
 			}
-			ids := byCat[c]
+			ids := bd.ByCategory[c]
 			i := sort.SearchStrings(ids, q.After)
 			if q.After != "" && i < len(ids) && ids[i] == q.After {
 				i++

@@ -4,9 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
-	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,42 +11,8 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"appliance/api"
-	"appliance/evaluator"
 	"appliance/fleet"
 )
-
-func TestClassify(t *testing.T) {
-	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
-	ago := func(d time.Duration) *time.Time { t := now.Add(-d); return &t }
-	running := func(since time.Duration) fleet.ModuleStatus {
-		return fleet.ModuleStatus{RuntimeStatus: fleet.RuntimeRunning, Status: "running", LastStartTimeUTC: ago(since)}
-	}
-	doc := func(dep string, code int, mods map[string]fleet.ModuleStatus) *fleet.ReportedDocument {
-		return &fleet.ReportedDocument{DeploymentID: dep, LastDesiredStatus: fleet.DesiredStatus{Code: code}, Modules: mods}
-	}
-	for _, tc := range []struct {
-		name string
-		rep  *fleet.ReportedDocument
-		want string
-	}{
-		{"no report", nil, api.CategoryUnknown},
-		{"report about the previous deployment", doc("old", 200, nil), api.CategoryUnknown},
-		{"agent could not apply", doc("d", 400, nil), api.CategoryUnhealthy},
-		{"no modules, applied", doc("d", 200, nil), api.CategoryHealthy},
-		{"running past the soak", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(time.Minute), "b": running(31 * time.Second)}), api.CategoryHealthy},
-		{"one still soaking", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(time.Minute), "b": running(5 * time.Second)}), api.CategorySoaking},
-		{"a failed module beats soaking", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(5 * time.Second), "b": {RuntimeStatus: fleet.RuntimeFailed, ExitCode: 3}}), api.CategoryUnhealthy},
-		{"backoff is unhealthy", doc("d", 200, map[string]fleet.ModuleStatus{"a": {RuntimeStatus: fleet.RuntimeBackoff}}), api.CategoryUnhealthy},
-		{"a module meant to be stopped does not count", doc("d", 200, map[string]fleet.ModuleStatus{"a": running(time.Hour), "b": {RuntimeStatus: fleet.RuntimeStopped, Status: "stopped"}}), api.CategoryHealthy},
-		{"status unknown yet", doc("d", 200, map[string]fleet.ModuleStatus{"a": {RuntimeStatus: fleet.RuntimeUnknown}}), api.CategorySoaking},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if got := classify(tc.rep, "d", now, 30*time.Second); got != tc.want {
-				t.Fatalf("got %s, want %s", got, tc.want)
-			}
-		})
-	}
-}
 
 // TestDeploymentStatus has real MQTT devices report different outcomes and
 // checks the categories and Azure's metrics the API derives from them.
@@ -194,96 +157,5 @@ func TestHistory(t *testing.T) {
 	}
 	if _, err := c.DeviceHistory(ctx, "nobody", 0); err == nil {
 		t.Fatal("history of an unknown device")
-	}
-
-	// Retention: at most HistoryPerKey events per subject, none older than
-	// the retention, across separate writes and across a restart (the
-	// writer counts a subject's events from the file the first time).
-	path := t.TempDir() + "/h.db"
-	h, err := openHistory(path, false, time.Hour, 3, n.logger)
-	if err != nil {
-		t.Fatal(err)
-	}
-	assign := func(h *history, index uint64, at time.Time) {
-		h.add(queued{ev: api.HistoryEvent{Time: at, Index: index}, cause: "test",
-			moves: []evaluator.Change{{DeviceID: "x", To: "d"}, {DeviceID: "y", To: "d"}}})
-	}
-	indexes := func(h *history, subject string) []uint64 {
-		evs, err := h.events(false, subject, 100)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []uint64
-		for _, ev := range evs {
-			out = append(out, ev.Index)
-		}
-		return out
-	}
-	for i := range 10 {
-		assign(h, uint64(i+1), time.Now())
-	}
-	assign(h, 0, time.Now().Add(-2*time.Hour))
-	h.flush()
-	if got := indexes(h, "x"); !slices.Equal(got, []uint64{10, 9, 8}) {
-		t.Fatalf("after retention: x has events %v", got)
-	}
-	assign(h, 11, time.Now())
-	assign(h, 12, time.Now())
-	h.flush()
-	if got := indexes(h, "y"); !slices.Equal(got, []uint64{12, 11, 10}) {
-		t.Fatalf("after a second write: y has events %v", got)
-	}
-	if err := h.close(); err != nil {
-		t.Fatal(err)
-	}
-	h, err = openHistory(path, false, time.Hour, 3, n.logger)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.close()
-	assign(h, 13, time.Now())
-	h.flush()
-	if got := indexes(h, "x"); !slices.Equal(got, []uint64{13, 12, 11}) {
-		t.Fatalf("after a restart: x has events %v", got)
-	}
-	if evs, _ := h.events(false, "x", 1); len(evs) != 1 || evs[0].What != "applied deployment none → d (test)" || evs[0].Kind != "assigned" || evs[0].Deployment != "d" {
-		t.Fatalf("assignment event %+v", evs)
-	}
-}
-
-// TestHistory_AgeRetention: events older than the retention go when their
-// subject is next written, however few it has (the cap per subject is far
-// away here), and a deployment's events the same way as a device's.
-func TestHistory_AgeRetention(t *testing.T) {
-	h, err := openHistory(filepath.Join(t.TempDir(), "h.db"), false, time.Hour, 100, slog.New(slog.NewTextHandler(newTestWriter(t), nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.close()
-	now := time.Now()
-	write := func(index uint64, at time.Time) {
-		h.add(queued{ev: api.HistoryEvent{Time: at, Index: index}, cause: "test", moves: []evaluator.Change{{DeviceID: "x", To: "d"}}},
-			queued{deployment: "dep", ev: api.HistoryEvent{Time: at, Index: index, Kind: "updated"}})
-		h.flush()
-	}
-	indexes := func(deployment bool, subject string) []uint64 {
-		evs, err := h.events(deployment, subject, 100)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []uint64
-		for _, ev := range evs {
-			out = append(out, ev.Index)
-		}
-		return out
-	}
-	write(1, now.Add(-3*time.Hour))
-	write(2, now.Add(-2*time.Hour))
-	write(3, now.Add(-30*time.Minute))
-	write(4, now)
-	for _, deployment := range []bool{false, true} {
-		if got := indexes(deployment, map[bool]string{false: "x", true: "dep"}[deployment]); !slices.Equal(got, []uint64{4, 3}) {
-			t.Errorf("deployment=%v: events %v after a write, want [4 3]: the ones older than an hour must go", deployment, got)
-		}
 	}
 }

@@ -1,4 +1,8 @@
-package node
+// Package history keeps, on each controller node, the record of every
+// deployment change and every device's assignment change: derived from the
+// raft log as it is applied, stored in the node's own history.db as
+// fleet.HistoryEvent, never an input to a decision.
+package history
 
 import (
 	"bytes"
@@ -20,15 +24,15 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
-	"appliance/api"
 	"appliance/evaluator"
+	"appliance/fleet"
 	"appliance/internal/boltcheck"
 )
 
 // Defaults of the history's retention.
 const (
-	DefaultHistoryRetention = 30 * 24 * time.Hour
-	DefaultHistoryPerKey    = 1000
+	DefaultRetention = 30 * 24 * time.Hour
+	DefaultPerKey    = 1000
 	// maxQueuedEvents bounds memory when a re-target of a huge fleet
 	// produces more assignment events than the writer keeps up with.
 	maxQueuedEvents = 1_000_000
@@ -45,7 +49,7 @@ var (
 	bucketDeviceHistory     = []byte("devices")
 )
 
-// history keeps, on each node, the events of every deployment (created,
+// History keeps, on each node, the events of every deployment (created,
 // updated, deleted: who, when, what) and every assignment change of every
 // device. Both are derived from the raft log, which every node applies in
 // the same order, so every node records the same events; the file is the
@@ -53,14 +57,14 @@ var (
 // without fsync: it is a record for people, never an input to a decision.
 // A node that installs a snapshot has no events for what the snapshot
 // covered.
-type history struct {
+type History struct {
 	db        *bolt.DB
 	logger    *slog.Logger
 	retention time.Duration
 	perKey    int
 
 	mu      sync.Mutex
-	queue   []queued
+	queue   []Item
 	queued  int // events in queue
 	kick    chan struct{}
 	dropped atomic.Uint64
@@ -74,32 +78,33 @@ type history struct {
 	counts  [2]map[string]int // [0] devices, [1] deployments
 }
 
-// queued is what the apply path hands the writer: one deployment's event,
+// Item is what the apply path hands the writer: one deployment's event,
 // or every assignment change one raft entry caused, kept as the evaluator
 // returned them. A change that re-targets the whole fleet thus costs the
 // apply path one item, not an event (and its text) per device; the writer
 // expands it.
-type queued struct {
-	deployment string           // a deployment's event: the deployment
-	ev         api.HistoryEvent // that event; for assignments their Time and Index
-	cause      string           // assignments: why the devices moved, in words
-	moves      []evaluator.Change
+type Item struct {
+	Deployment string             // a deployment's event: the deployment
+	Event      fleet.HistoryEvent // that event; for assignments their Time and Index
+	Cause      string             // assignments: why the devices moved, in words
+	Moves      []evaluator.Change
 }
 
-func (q queued) events() int {
-	if q.deployment != "" {
+func (q Item) events() int {
+	if q.Deployment != "" {
 		return 1
 	}
-	return len(q.moves)
+	return len(q.Moves)
 }
 
-// openHistory opens the history file. Every page is read once under a
+// Open opens (or creates) the history file; retention and perKey bound
+// what it keeps (zero: the defaults). Every page is read once under a
 // guard first (a damaged page would make bbolt panic, or fault, while it
 // rebuilds the free list, on a goroutine of its own). A damaged file is
 // refused, naming it; but when the machine went down while the node ran
 // (torn is then expected of a file written without fsync) it is set
 // aside as history.db.damaged and a new history starts.
-func openHistory(path string, machineDown bool, retention time.Duration, perKey int, logger *slog.Logger) (*history, error) {
+func Open(path string, machineDown bool, retention time.Duration, perKey int, logger *slog.Logger) (*History, error) {
 	damaged := func(err error) error {
 		return fmt.Errorf("%w; this node will not start on it. To recover: move it aside (mv %s %s.damaged): the history is a record of changes, the fleet state is not in it", err, path, path)
 	}
@@ -138,12 +143,12 @@ func openHistory(path string, machineDown bool, retention time.Duration, perKey 
 		return nil, fmt.Errorf("init history %s: %w", path, err)
 	}
 	if retention <= 0 {
-		retention = DefaultHistoryRetention
+		retention = DefaultRetention
 	}
 	if perKey <= 0 {
-		perKey = DefaultHistoryPerKey
+		perKey = DefaultPerKey
 	}
-	return &history{db: db, logger: logger, retention: retention, perKey: perKey, kick: make(chan struct{}, 1)}, nil
+	return &History{db: db, logger: logger, retention: retention, perKey: perKey, kick: make(chan struct{}, 1)}, nil
 }
 
 // checkHistoryFile reads a history file that exists (boltcheck): damage
@@ -169,8 +174,8 @@ func checkHistoryFile(path string) error {
 	return boltcheck.Verify(path, nil)
 }
 
-// add queues events; it never blocks the apply path.
-func (h *history) add(items ...queued) {
+// Add queues events; it never blocks the apply path.
+func (h *History) Add(items ...Item) {
 	if h == nil || len(items) == 0 {
 		return
 	}
@@ -179,10 +184,10 @@ func (h *history) add(items ...queued) {
 		room := max(maxQueuedEvents-h.queued, 0)
 		if n := q.events(); n > room {
 			h.dropped.Add(uint64(n - room))
-			if q.deployment != "" || room == 0 {
+			if q.Deployment != "" || room == 0 {
 				continue
 			}
-			q.moves = q.moves[:room]
+			q.Moves = q.Moves[:room]
 		}
 		h.queue = append(h.queue, q)
 		h.queued += q.events()
@@ -194,22 +199,22 @@ func (h *history) add(items ...queued) {
 	}
 }
 
-// run writes queued events, historyDelay after the first of each batch,
+// Run writes queued events, historyDelay after the first of each batch,
 // until ctx ends, then writes what is left.
-func (h *history) run(ctx context.Context) {
+func (h *History) Run(ctx context.Context) {
 	wait := time.NewTimer(historyDelay)
 	wait.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			h.flush()
+			h.Flush()
 			return
 		case <-h.kick:
 		}
 		wait.Reset(historyDelay)
 		select {
 		case <-ctx.Done():
-			h.flush()
+			h.Flush()
 			return
 		case <-wait.C:
 		}
@@ -217,8 +222,8 @@ func (h *history) run(ctx context.Context) {
 	}
 }
 
-// flush writes every queued event now.
-func (h *history) flush() { h.write(context.Background(), false) }
+// Flush writes every queued event now.
+func (h *History) Flush() { h.write(context.Background(), false) }
 
 // historyChunk events are written per transaction when pacing.
 const historyChunk = 1000
@@ -229,7 +234,7 @@ const historyChunk = 1000
 // fleet's worth of events takes at most about a third of a CPU and leaves
 // the rest to the node's foreground work (delivering desired documents,
 // the API); the events are a record for people and can wait.
-func (h *history) write(ctx context.Context, paced bool) {
+func (h *History) write(ctx context.Context, paced bool) {
 	h.writeMu.Lock()
 	defer h.writeMu.Unlock()
 	h.mu.Lock()
@@ -241,14 +246,14 @@ func (h *history) write(ctx context.Context, paced bool) {
 	}
 	recs := make([]historyRecord, 0, total)
 	for _, q := range batch {
-		if q.deployment != "" {
-			recs = append(recs, historyRecord{deployment: true, key: q.deployment, ev: q.ev, seq: uint32(len(recs))})
+		if q.Deployment != "" {
+			recs = append(recs, historyRecord{deployment: true, key: q.Deployment, ev: q.Event, seq: uint32(len(recs))})
 			continue
 		}
-		for _, m := range q.moves {
-			ev := q.ev
+		for _, m := range q.Moves {
+			ev := q.Event
 			ev.Kind, ev.Deployment, ev.From = "assigned", m.To, m.From
-			ev.What = "applied deployment " + orNone(m.From) + " → " + orNone(m.To) + " (" + q.cause + ")"
+			ev.What = "applied deployment " + orNone(m.From) + " → " + orNone(m.To) + " (" + q.Cause + ")"
 			recs = append(recs, historyRecord{key: m.DeviceID, ev: ev, seq: uint32(len(recs))})
 		}
 	}
@@ -287,13 +292,13 @@ func (h *history) write(ctx context.Context, paced bool) {
 type historyRecord struct {
 	deployment bool // else a device's event
 	key        string
-	ev         api.HistoryEvent
+	ev         fleet.HistoryEvent
 	seq        uint32 // position in the batch: orders a subject's events of one raft index
 }
 
 // writeRecords writes sorted records in one transaction and applies the
 // retention to each subject they touch.
-func (h *history) writeRecords(recs []historyRecord) error {
+func (h *History) writeRecords(recs []historyRecord) error {
 	cutoff := time.Now().Add(-h.retention)
 	counted := map[string]int{} // subjects' counts after this transaction, by bucket+key
 	err := h.db.Update(func(tx *bolt.Tx) error {
@@ -344,7 +349,7 @@ func countKey(deployment bool, key string) string {
 	return "d" + key
 }
 
-func (h *history) countsOf(deployment bool) map[string]int {
+func (h *History) countsOf(deployment bool) map[string]int {
 	i := 0
 	if deployment {
 		i = 1
@@ -359,7 +364,7 @@ func (h *history) countsOf(deployment bool) map[string]int {
 // after added new ones were put; it returns how many the subject keeps.
 // Only the oldest events are looked at (events are in index order): the
 // ones beyond perKey and the expired ones, then the first one kept.
-func (h *history) prune(b *bolt.Bucket, deployment bool, key string, added int, cutoff time.Time) (int, error) {
+func (h *History) prune(b *bolt.Bucket, deployment bool, key string, added int, cutoff time.Time) (int, error) {
 	prefix := append([]byte(key), 0)
 	c := b.Cursor()
 	n, ok := h.countsOf(deployment)[key]
@@ -393,7 +398,7 @@ func (h *history) prune(b *bolt.Bucket, deployment bool, key string, added int, 
 }
 
 // eventTime reads the time of a stored event. Events are written by
-// json.Marshal of api.HistoryEvent, whose first field is the time: read it
+// json.Marshal of fleet.HistoryEvent, whose first field is the time: read it
 // without decoding the rest (retention checks one event per subject per
 // batch, and a batch can have a subject per device of the fleet).
 func eventTime(v []byte) (time.Time, bool) {
@@ -419,7 +424,7 @@ func eventTime(v []byte) (time.Time, bool) {
 // closing brace) and reads as before.
 var historyCRC = crc32.MakeTable(crc32.Castagnoli)
 
-func encodeEvent(ev api.HistoryEvent) ([]byte, error) {
+func encodeEvent(ev fleet.HistoryEvent) ([]byte, error) {
 	data, err := json.Marshal(ev)
 	if err != nil {
 		return nil, err
@@ -430,8 +435,8 @@ func encodeEvent(ev api.HistoryEvent) ([]byte, error) {
 // errEventDamaged: a stored event does not match its checksum.
 var errEventDamaged = errors.New("a stored history event does not match its checksum")
 
-func decodeEvent(v []byte) (api.HistoryEvent, error) {
-	var ev api.HistoryEvent
+func decodeEvent(v []byte) (fleet.HistoryEvent, error) {
+	var ev fleet.HistoryEvent
 	data := v
 	if n := len(v); n > 4 && v[n-1] != '}' {
 		data = v[:n-4]
@@ -457,9 +462,10 @@ func historyKey(subject string, index uint64, seq uint32) []byte {
 	return binary.BigEndian.AppendUint32(k, seq)
 }
 
-// events returns a subject's events, newest first, at most limit.
-func (h *history) events(deployment bool, subject string, limit int) ([]api.HistoryEvent, error) {
-	out := []api.HistoryEvent{}
+// Events returns a subject's events (a deployment's, else a device's),
+// newest first, at most limit.
+func (h *History) Events(deployment bool, subject string, limit int) ([]fleet.HistoryEvent, error) {
+	out := []fleet.HistoryEvent{}
 	err := h.db.View(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketDeviceHistory)
 		if deployment {
@@ -487,18 +493,19 @@ func (h *history) events(deployment bool, subject string, limit int) ([]api.Hist
 	return out, err
 }
 
-func (h *history) close() error {
+// Close closes the file; call Flush first to keep what is queued.
+func (h *History) Close() error {
 	if h == nil {
 		return nil
 	}
 	return h.db.Close()
 }
 
-// recentDeploymentEvents returns the latest events of all deployments,
+// RecentDeploymentEvents returns the latest events of all deployments,
 // newest first (by raft index), at most limit. It reads at most limit
 // events of each deployment, from its newest.
-func (h *history) recentDeploymentEvents(limit int) ([]api.RecentEvent, error) {
-	out := []api.RecentEvent{}
+func (h *History) RecentDeploymentEvents(limit int) ([]fleet.RecentEvent, error) {
+	out := []fleet.RecentEvent{}
 	err := h.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketDeploymentHistory).Cursor()
 		for k, _ := c.First(); k != nil; {
@@ -522,16 +529,23 @@ func (h *history) recentDeploymentEvents(limit int) ([]api.RecentEvent, error) {
 				if err != nil {
 					return fmt.Errorf("%s: history of %s: %w (key %q): the history file is damaged; stop the node and move it aside (the history is a record, the fleet state is not in it)", h.db.Path(), subject, err, kk)
 				}
-				out = append(out, api.RecentEvent{Subject: string(subject), HistoryEvent: ev})
+				out = append(out, fleet.RecentEvent{Subject: string(subject), HistoryEvent: ev})
 				kk, v = c.Prev()
 			}
 			k, _ = c.Seek(next)
 		}
 		return nil
 	})
-	slices.SortStableFunc(out, func(a, b api.RecentEvent) int { return cmp.Compare(b.Index, a.Index) })
+	slices.SortStableFunc(out, func(a, b fleet.RecentEvent) int { return cmp.Compare(b.Index, a.Index) })
 	if len(out) > limit {
 		out = out[:limit]
 	}
 	return out, err
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
 }

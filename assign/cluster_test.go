@@ -1,4 +1,4 @@
-package node
+package assign
 
 import (
 	"context"
@@ -11,24 +11,36 @@ import (
 	"testing"
 	"time"
 
-	"appliance/evaluator"
 	"appliance/fleet"
+	"appliance/internal/testlog"
 	"appliance/raftstore"
 )
 
+// replica follows a store as a node's observer does.
+type replica struct{ a *Assigner }
+
+func (r replica) Applied(changes []raftstore.Change) {
+	moved, _ := r.a.Apply(changes)
+	r.a.Push(moved)
+}
+
+func (r replica) Restored(rd *raftstore.Reader) error { return r.a.Restore(rd) }
+
+func (r replica) Halted(err error) {}
+
 // TestCluster_IdenticalAssignments runs three raft replicas in one process,
-// each feeding its own evaluator exactly as a node does, drives random
+// each feeding its own Assigner exactly as a node does, drives random
 // device and deployment changes through the leader, and checks that every
 // replica reports the same assignments once the same entries have applied.
 func TestCluster_IdenticalAssignments(t *testing.T) {
-	logger := slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	var nodes [3]*Node
+	logger := testlog.New(t, slog.LevelWarn)
+	var nodes [3]*Assigner
 	var stores [3]*raftstore.Store
 	for i := range nodes {
-		nodes[i] = &Node{logger: logger, engine: evaluator.NewEngine()}
+		nodes[i] = New(Config{Logger: logger, View: func(fn func(r *raftstore.Reader) error) error { return stores[i].View(fn) }})
 		s, err := raftstore.Open(context.Background(), raftstore.Config{
 			Dir: t.TempDir(), NodeID: fmt.Sprintf("n%d", i+1), BindAddr: "127.0.0.1:0",
-			Bootstrap: i == 0, Observer: (*observer)(nodes[i]), Logger: logger,
+			Bootstrap: i == 0, Observer: replica{nodes[i]}, Logger: logger,
 			// Not a failover test: timeouts that two busy cores under the
 			// race detector do not trip (writes still follow a new leader).
 			HeartbeatTimeout: 500 * time.Millisecond, ElectionTimeout: 500 * time.Millisecond, LeaderLeaseTimeout: 500 * time.Millisecond,
@@ -37,7 +49,6 @@ func TestCluster_IdenticalAssignments(t *testing.T) {
 			t.Fatal(err)
 		}
 		stores[i] = s
-		nodes[i].store = s
 		t.Cleanup(func() { s.Close() })
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -124,19 +135,19 @@ func TestCluster_IdenticalAssignments(t *testing.T) {
 	}
 	// Each replica's assignments: every device's applied deployment and
 	// the deployments targeting it, and how many devices apply one.
-	assignments := func(n *Node) (string, int) {
-		n.engineMu.RLock()
-		defer n.engineMu.RUnlock()
+	assignments := func(a *Assigner) (string, int) {
 		var b strings.Builder
 		applying := 0
-		for d := range 40 {
-			id := fmt.Sprintf("d%02d", d)
-			applied := n.engine.Applied(id)
-			if applied != "" {
-				applying++
+		a.Read(func(v View) {
+			for d := range 40 {
+				id := fmt.Sprintf("d%02d", d)
+				applied := v.Applied(id)
+				if applied != "" {
+					applying++
+				}
+				fmt.Fprintf(&b, "%s applied=%q targeting=%v\n", id, applied, v.Targeting(id))
 			}
-			fmt.Fprintf(&b, "%s applied=%q targeting=%v\n", id, applied, n.engine.Targeting(id))
-		}
+		})
 		return b.String(), applying
 	}
 	first, applying := assignments(nodes[0])

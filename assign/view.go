@@ -1,0 +1,74 @@
+package assign
+
+import "appliance/evaluator"
+
+// View reads the assignments. One given by Read answers under the
+// Assigner's read lock: every answer is of the same applied index, and it
+// is valid only inside the function given to Read. One given by Loose
+// takes no lock: each answer is consistent on its own.
+type View struct {
+	a     *Assigner
+	loose bool
+}
+
+// Read calls fn with a consistent view of the assignments. fn must not
+// wait for raft (the apply path takes the lock for writing).
+func (a *Assigner) Read(fn func(v View)) {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	fn(View{a: a})
+}
+
+// Loose returns a View whose answers are each consistent on its own but
+// may be of different applied indexes: for long walks (previews of a
+// large fleet) that must not hold up the apply path.
+func (a *Assigner) Loose() View { return View{a: a, loose: true} }
+
+// Applied is the deployment applied to a device, "" for none.
+func (v View) Applied(deviceID string) string { return v.a.engine.Applied(deviceID) }
+
+// Version is the version of the device's desired document.
+func (v View) Version(deviceID string) uint64 {
+	if v.loose {
+		v.a.mu.RLock()
+		defer v.a.mu.RUnlock()
+	}
+	return v.a.versions.of(deviceID)
+}
+
+// Targeting lists the deployments whose condition matches the device, by
+// precedence (the first applies).
+func (v View) Targeting(deviceID string) []string { return v.a.engine.Targeting(deviceID) }
+
+// TargetedDevices are the devices a deployment's condition matches, sorted.
+func (v View) TargetedDevices(deploymentID string) []string {
+	return v.a.engine.TargetedDevices(deploymentID)
+}
+
+// AppliedDevices are the devices a deployment applies to, sorted.
+func (v View) AppliedDevices(deploymentID string) []string {
+	return v.a.engine.AppliedDevices(deploymentID)
+}
+
+// Counts are how many devices a deployment targets and applies to.
+func (v View) Counts(deploymentID string) (targeted, applied int) {
+	return v.a.engine.Counts(deploymentID)
+}
+
+// Match lists the devices a condition matches, sorted.
+func (v View) Match(c *evaluator.Condition) ([]string, error) { return v.a.engine.Match(c) }
+
+// DryRunDevices are the devices d would target and apply to if it were
+// put now.
+func (v View) DryRunDevices(d evaluator.Deployment) (targeted, wouldApply []string, err error) {
+	return v.a.engine.DryRunDevices(d)
+}
+
+// HasDevice tells whether the device exists.
+func (v View) HasDevice(deviceID string) bool { return v.a.engine.HasDevice(deviceID) }
+
+// Devices counts the devices.
+func (v View) Devices() int { return v.a.engine.Stats().Devices }
+
+// DeploymentIDs lists the deployments, sorted.
+func (v View) DeploymentIDs() []string { return v.a.engine.DeploymentIDs() }

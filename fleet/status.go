@@ -1,0 +1,85 @@
+package fleet
+
+import "time"
+
+// The words of a deployment's status, a device's health and the fleet's
+// overview: derived on the controller (package assign), shown by the API,
+// the CLI and the dashboard.
+
+// Status categories of a deployment's devices.
+const (
+	CategoryTargeted  = "targeted"  // the condition matches
+	CategoryApplied   = "applied"   // targeted, and no higher-priority deployment wins
+	CategoryHealthy   = "healthy"   // applied, code 200, every module that should run has run for the soak time
+	CategoryUnhealthy = "unhealthy" // applied, and the agent failed or a module that should run does not
+	CategorySoaking   = "soaking"   // applied, code 200, modules running but not yet for the soak time
+	CategoryUnknown   = "unknown"   // applied, but no report for this deployment yet
+)
+
+// Categories lists them in display order.
+var Categories = []string{CategoryTargeted, CategoryApplied, CategoryHealthy, CategoryUnhealthy, CategorySoaking, CategoryUnknown}
+
+// DefaultSoak is how long every module that should run must have been
+// running before a device counts as healthy.
+const DefaultSoak = 30 * time.Second
+
+// Device health, in a device view and the overview: the category of the
+// device under the deployment applied to it (the categories of a
+// deployment's status), or HealthNone when no deployment applies.
+const HealthNone = "none"
+
+// HealthStates lists the device health values in display order.
+var HealthStates = []string{CategoryHealthy, CategorySoaking, CategoryUnhealthy, CategoryUnknown, HealthNone}
+
+// Deployment states in the overview. Each deployment is in exactly one.
+const (
+	StateHealthy    = "healthy"    // applies to devices, and all of them are healthy
+	StateConverging = "converging" // some applied devices have not reported it, or are soaking; none unhealthy
+	StateFailing    = "failing"    // at least one applied device is unhealthy
+	StateSuperseded = "superseded" // targets devices, but deployments that precede it apply to all of them
+	StateIdle       = "idle"       // targets no device
+)
+
+// DeploymentStates lists them in display order.
+var DeploymentStates = []string{StateFailing, StateConverging, StateHealthy, StateSuperseded, StateIdle}
+
+// Configuration statuses: a deployment's relation to one device, as in an
+// Azure twin's "configurations" section.
+const (
+	StatusTargeted = "Targeted"
+	StatusApplied  = "Applied"
+)
+
+// StatusCounts counts a deployment's devices per category.
+type StatusCounts struct {
+	Targeted  int `json:"targeted"`
+	Applied   int `json:"applied"`
+	Healthy   int `json:"healthy"`
+	Unhealthy int `json:"unhealthy"`
+	Soaking   int `json:"soaking"`
+	Unknown   int `json:"unknown"`
+}
+
+// HistoryEvent is one entry of a deployment's or a device's history.
+type HistoryEvent struct {
+	Time  time.Time `json:"time"`
+	Index uint64    `json:"index"` // the raft entry that caused it
+	// Actor is who asked: "admin" for the operator API, "enrollment:<name>"
+	// for a device that enrolled; empty for derived events.
+	Actor string `json:"actor,omitempty"`
+	// Kind: created, updated, deleted (deployments); assigned (devices).
+	Kind string `json:"kind"`
+	// What changed, in words an operator reads.
+	What string `json:"what"`
+	// Deployment is, for a device's assignment, the deployment it now
+	// applies ("" for none) and From the one before.
+	Deployment string `json:"deployment,omitempty"`
+	From       string `json:"from,omitempty"`
+}
+
+// RecentEvent is a deployment's history event with the deployment it is
+// about.
+type RecentEvent struct {
+	Subject string `json:"subject"`
+	HistoryEvent
+}

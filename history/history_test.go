@@ -1,0 +1,106 @@
+package history
+
+import (
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"appliance/evaluator"
+	"appliance/fleet"
+	"appliance/internal/testlog"
+)
+
+// TestHistory_Retention: at most perKey events per subject, none older
+// than the retention, across separate writes and across a restart.
+func TestHistory_Retention(t *testing.T) {
+	// The writer counts a subject's events from the file the first time.
+	path := t.TempDir() + "/h.db"
+	h, err := Open(path, false, time.Hour, 3, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	assign := func(h *History, index uint64, at time.Time) {
+		h.Add(Item{Event: fleet.HistoryEvent{Time: at, Index: index}, Cause: "test",
+			Moves: []evaluator.Change{{DeviceID: "x", To: "d"}, {DeviceID: "y", To: "d"}}})
+	}
+	indexes := func(h *History, subject string) []uint64 {
+		evs, err := h.Events(false, subject, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []uint64
+		for _, ev := range evs {
+			out = append(out, ev.Index)
+		}
+		return out
+	}
+	for i := range 10 {
+		assign(h, uint64(i+1), time.Now())
+	}
+	assign(h, 0, time.Now().Add(-2*time.Hour))
+	h.Flush()
+	if got := indexes(h, "x"); !slices.Equal(got, []uint64{10, 9, 8}) {
+		t.Fatalf("after retention: x has events %v", got)
+	}
+	assign(h, 11, time.Now())
+	assign(h, 12, time.Now())
+	h.Flush()
+	if got := indexes(h, "y"); !slices.Equal(got, []uint64{12, 11, 10}) {
+		t.Fatalf("after a second write: y has events %v", got)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	h, err = Open(path, false, time.Hour, 3, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	assign(h, 13, time.Now())
+	h.Flush()
+	if got := indexes(h, "x"); !slices.Equal(got, []uint64{13, 12, 11}) {
+		t.Fatalf("after a restart: x has events %v", got)
+	}
+	if evs, _ := h.Events(false, "x", 1); len(evs) != 1 || evs[0].What != "applied deployment none → d (test)" || evs[0].Kind != "assigned" || evs[0].Deployment != "d" {
+		t.Fatalf("assignment event %+v", evs)
+	}
+}
+
+// TestHistory_AgeRetention: events older than the retention go when their
+// subject is next written, however few it has (the cap per subject is far
+// away here), and a deployment's events the same way as a device's.
+func TestHistory_AgeRetention(t *testing.T) {
+	h, err := Open(filepath.Join(t.TempDir(), "h.db"), false, time.Hour, 100, testlog.New(t, slog.LevelInfo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	now := time.Now()
+	write := func(index uint64, at time.Time) {
+		h.Add(Item{Event: fleet.HistoryEvent{Time: at, Index: index}, Cause: "test", Moves: []evaluator.Change{{DeviceID: "x", To: "d"}}},
+			Item{Deployment: "dep", Event: fleet.HistoryEvent{Time: at, Index: index, Kind: "updated"}})
+		h.Flush()
+	}
+	indexes := func(deployment bool, subject string) []uint64 {
+		evs, err := h.Events(deployment, subject, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []uint64
+		for _, ev := range evs {
+			out = append(out, ev.Index)
+		}
+		return out
+	}
+	write(1, now.Add(-3*time.Hour))
+	write(2, now.Add(-2*time.Hour))
+	write(3, now.Add(-30*time.Minute))
+	write(4, now)
+	for _, deployment := range []bool{false, true} {
+		if got := indexes(deployment, map[bool]string{false: "x", true: "dep"}[deployment]); !slices.Equal(got, []uint64{4, 3}) {
+			t.Errorf("deployment=%v: events %v after a write, want [4 3]: the ones older than an hour must go", deployment, got)
+		}
+	}
+}
