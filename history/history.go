@@ -421,7 +421,9 @@ func eventTime(v []byte) (time.Time, bool) {
 // bytes, big-endian): bbolt does not checksum values, and a history that
 // changed on disk must read as damaged, not as other events. An event
 // written by an earlier release has no checksum (it ends with its JSON's
-// closing brace) and reads as before.
+// closing brace) and reads as before. The checksum is tried first: one
+// checksum in 256 itself ends with the byte of a closing brace, so the
+// last byte alone cannot tell the two apart.
 var historyCRC = crc32.MakeTable(crc32.Castagnoli)
 
 func encodeEvent(ev fleet.HistoryEvent) ([]byte, error) {
@@ -438,11 +440,11 @@ var errEventDamaged = errors.New("a stored history event does not match its chec
 func decodeEvent(v []byte) (fleet.HistoryEvent, error) {
 	var ev fleet.HistoryEvent
 	data := v
-	if n := len(v); n > 4 && v[n-1] != '}' {
+	switch n := len(v); {
+	case n > 4 && crc32.Checksum(v[:n-4], historyCRC) == binary.BigEndian.Uint32(v[n-4:]):
 		data = v[:n-4]
-		if crc32.Checksum(data, historyCRC) != binary.BigEndian.Uint32(v[n-4:]) {
-			return ev, errEventDamaged
-		}
+	case n == 0 || v[n-1] != '}': // neither checksummed nor an earlier release's
+		return ev, errEventDamaged
 	}
 	if err := json.Unmarshal(data, &ev); err != nil {
 		return ev, fmt.Errorf("%w: %v", errEventDamaged, err)

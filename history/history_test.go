@@ -1,6 +1,8 @@
 package history
 
 import (
+	"encoding/json"
+	"errors"
 	"log/slog"
 	"path/filepath"
 	"slices"
@@ -102,5 +104,33 @@ func TestHistory_AgeRetention(t *testing.T) {
 		if got := indexes(deployment, map[bool]string{false: "x", true: "dep"}[deployment]); !slices.Equal(got, []uint64{4, 3}) {
 			t.Errorf("deployment=%v: events %v after a write, want [4 3]: the ones older than an hour must go", deployment, got)
 		}
+	}
+}
+
+// TestDecodeEvent_ChecksumEndingInABrace: an event whose checksum's last
+// byte is '}' (one in 256) reads back; an earlier release's plain JSON
+// reads too; a changed byte reads as damage.
+func TestDecodeEvent_ChecksumEndingInABrace(t *testing.T) {
+	var data []byte
+	for i := uint64(1); ; i++ {
+		var err error
+		if data, err = encodeEvent(fleet.HistoryEvent{Time: time.Unix(0, 0).UTC(), Index: i, Kind: "assigned", What: "x"}); err != nil {
+			t.Fatal(err)
+		}
+		if data[len(data)-1] == '}' {
+			break
+		}
+	}
+	if ev, err := decodeEvent(data); err != nil || ev.Kind != "assigned" {
+		t.Fatalf("an event whose checksum ends in '}': %+v, %v", ev, err)
+	}
+	plain, _ := json.Marshal(fleet.HistoryEvent{Index: 9, Kind: "created"})
+	if ev, err := decodeEvent(plain); err != nil || ev.Index != 9 {
+		t.Fatalf("an earlier release's event: %+v, %v", ev, err)
+	}
+	damaged := append([]byte{}, data...)
+	damaged[3] ^= 1
+	if _, err := decodeEvent(damaged); !errors.Is(err, errEventDamaged) {
+		t.Fatalf("a changed byte: %v, want errEventDamaged", err)
 	}
 }
