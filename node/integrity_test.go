@@ -70,3 +70,49 @@ func TestNode_RefusesDamagedStateFile(t *testing.T) {
 		t.Errorf("error is not one line: %q", msg)
 	}
 }
+
+// TestNode_StopsServingWhenStateMachineStops: when the store reports that
+// its state machine stopped (raftstore's Observer.Halted: a damaged entry
+// at apply, a snapshot installed whose derived state could not be rebuilt;
+// raftstore's TestStateMachine_StopsOnDamagedEntry and TestRestore_Checks
+// show the store making that call), the node serves nothing from then on:
+// its devices are disconnected and refused, /readyz answers 503 saying
+// why, and reads and writes answer 503.
+func TestNode_StopsServingWhenStateMachineStops(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	key := createDevice(t, c, "press-01", nil)
+	d, err := connectDevice(t, n.MQTTAddr(), "press-01", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.subscribeDesired(t)
+	d.nextDesired(t)
+
+	(*observer)(n).Halted(fmt.Errorf("%s: %w: a raft entry does not match its checksum", filepath.Join(n.cfg.DataDir, "raft", "raft.db"), raftstore.ErrCorrupt))
+
+	waitFor(t, "press-01 is disconnected", func() bool {
+		select {
+		case <-d.c.Done():
+			return true
+		default:
+			return false
+		}
+	})
+	if _, err := connectDevice(t, n.MQTTAddr(), "press-01", key); err == nil {
+		t.Fatal("a device connected to a stopped node")
+	}
+
+	code, body, _ := rawRequest(t, "GET", n.URL()+"/readyz", "", "")
+	if code != 503 || !strings.Contains(body, "raft.db") {
+		t.Fatalf("/readyz: %d %s", code, body)
+	}
+	code, body, _ = rawRequest(t, "GET", n.URL()+"/api/v1/devices", n.Token(), "")
+	if code != 503 || !strings.Contains(body, `"unavailable"`) {
+		t.Fatalf("GET /devices: %d %s", code, body)
+	}
+	code, body, _ = rawRequest(t, "PUT", n.URL()+"/api/v1/devices/press-02", n.Token(), `{"tags":{}}`)
+	if code != 503 {
+		t.Fatalf("PUT /devices/press-02: %d %s", code, body)
+	}
+}
