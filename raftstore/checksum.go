@@ -77,8 +77,27 @@ func verifyEntry(l *raft.Log) error {
 
 // checkedLogStore verifies every entry before it is stored: a follower
 // never keeps an entry that arrived damaged (raft then answers the leader
-// with a failure and the entry is sent again).
-type checkedLogStore struct{ raft.LogStore }
+// with a failure and the entry is sent again). It also verifies every
+// entry raft reads back (to send it to a follower, or to apply it): one
+// damaged on this node's disk since the checks at open is reported to
+// damaged, which stops the state machine, so that a leader whose log went
+// bad steps out rather than keep offering followers an entry they refuse.
+// The entry itself is still returned: raft panics on a read error while
+// applying, and the state machine refuses the entry anyway.
+type checkedLogStore struct {
+	raft.LogStore
+	damaged func(error)
+}
+
+func (s checkedLogStore) GetLog(index uint64, l *raft.Log) error {
+	if err := s.LogStore.GetLog(index, l); err != nil {
+		return err
+	}
+	if err := verifyEntry(l); err != nil && s.damaged != nil {
+		s.damaged(err)
+	}
+	return nil
+}
 
 func (s checkedLogStore) StoreLog(l *raft.Log) error { return s.StoreLogs([]*raft.Log{l}) }
 

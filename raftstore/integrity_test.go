@@ -254,7 +254,8 @@ func TestCheckedLogStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ls.Close()
-	store := checkedLogStore{ls}
+	var reported error
+	store := checkedLogStore{LogStore: ls, damaged: func(err error) { reported = err }}
 	data := []byte{byte(CmdDeleteDevice), '{', '}'}
 	good := commandLog(data)
 	good.Index, good.Term = 1, 1
@@ -271,6 +272,24 @@ func TestCheckedLogStore(t *testing.T) {
 	}
 	if last, _ := ls.LastIndex(); last != 2 {
 		t.Fatalf("last index %d after refusing entry 3", last)
+	}
+	// An entry damaged on disk after it was stored is reported when raft
+	// reads it back (and still returned: raft cannot take a read error).
+	if err := ls.StoreLog(&bad); err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range []uint64{1, 2} {
+		var l raft.Log
+		if err := store.GetLog(i, &l); err != nil || reported != nil {
+			t.Fatalf("entry %d: %v, reported %v", i, err, reported)
+		}
+	}
+	var l raft.Log
+	if err := store.GetLog(3, &l); err != nil || l.Index != 3 {
+		t.Fatalf("entry 3: %v %+v", err, l)
+	}
+	if !errors.Is(reported, ErrCorrupt) || !strings.Contains(reported.Error(), "raft entry 3") {
+		t.Fatalf("reading back a damaged entry reported %v", reported)
 	}
 }
 
@@ -390,3 +409,61 @@ func TestRestore_Checks(t *testing.T) {
 type nopCloser struct{ *bytes.Reader }
 
 func (nopCloser) Close() error { return nil }
+
+// TestCluster_LeaderWithDamagedLogStepsOut: a leader whose raft.db went bad
+// while it ran (a command it applied long ago changed on its disk) finds
+// out when it reads the entry back to send it to a follower that was
+// away. It stops (HaltError names raft.db) instead of offering the
+// follower an entry the follower refuses to store; the others elect a
+// leader with a good copy, and the follower catches up from it.
+func TestCluster_LeaderWithDamagedLogStepsOut(t *testing.T) {
+	stores := newTestCluster(t, 3, nil)
+	leader := leaderOf(t, stores)
+	var rest []*Store
+	for _, s := range stores {
+		if s != leader {
+			rest = append(rest, s)
+		}
+	}
+	away := rest[1]
+	cfg := away.cfg
+	cfg.BindAddr = away.RaftAddr() // back at the address the others know
+	if err := away.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		putDevice(t, leader, fmt.Sprintf("lagged-%02d", i), nil)
+	}
+	// The damage, in every copy of the command's page in the file.
+	raftPath := filepath.Join(leader.cfg.Dir, "raft.db")
+	raw, err := os.ReadFile(raftPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pattern := []byte(`"lagged-05"`)
+	for off := 0; ; {
+		i := bytes.Index(raw[off:], pattern)
+		if i < 0 {
+			break
+		}
+		boltchecktest.Flip(t, raftPath, int64(off+i+3), 0x01)
+		off += i + len(pattern)
+	}
+
+	back := openConfig(t, cfg)
+	select {
+	case <-leader.Halted():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the leader did not stop on its damaged entry")
+	}
+	if err := leader.HaltError(); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), raftPath) {
+		t.Fatalf("HaltError() = %v", err)
+	}
+	survivor := rest[0]
+	waitFor(t, "the follower catches up from the new leader", func() bool {
+		return back.AppliedIndex() >= survivor.AppliedIndex() && len(deviceIDs(t, back)) == 20
+	})
+	if a, b := rawState(t, survivor.fsm), rawState(t, back.fsm); a != b {
+		t.Fatalf("the replicas differ:\n%s\n%s", a, b)
+	}
+}

@@ -287,7 +287,11 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 		logger.Info("bootstrapped a new cluster", "node", cfg.NodeID, "raft_addr", transport.LocalAddr())
 	}
 
-	r, err := raft.NewRaft(rc, f, checkedLogStore{ls}, ls, snaps, transport)
+	raftPath := filepath.Join(cfg.Dir, "raft.db")
+	logs := checkedLogStore{LogStore: ls, damaged: func(err error) {
+		f.stop(corrupt(cfg.Dir, raftPath, fmt.Errorf("%s: %w", raftPath, err)))
+	}}
+	r, err := raft.NewRaft(rc, f, logs, ls, snaps, transport)
 	if stopped := f.stoppedErr(); stopped != nil {
 		// Installing the snapshot at start failed after the swap.
 		if err == nil {
