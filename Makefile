@@ -56,6 +56,8 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzCompile -fuzztime $${FUZZTIME:-30s} ./evaluator/
 	$(GO) test -run '^$$' -fuzz FuzzValidateContent -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-30s} ./routing/
+	$(GO) test -run '^$$' -fuzz FuzzParseTelemetryTopic -fuzztime $${FUZZTIME:-30s} ./hub/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeUpstreamBatch -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzExpandTemplate -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzPackets -fuzztime $${FUZZTIME:-30s} ./broker/
 	$(GO) test -run '^$$' -fuzz FuzzDesiredDocument -fuzztime $${FUZZTIME:-30s} ./agent/

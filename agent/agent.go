@@ -29,9 +29,11 @@ type Agent struct {
 	running atomic.Bool
 
 	// wake asks the Run loop for a pass (a desired document arrived, an
-	// instance changed); kick asks the reporter to publish.
-	wake chan struct{}
-	kick chan struct{}
+	// instance changed); kick asks the reporter to publish; hubKick asks
+	// the Run loop for a new report (the hub's state changed).
+	wake    chan struct{}
+	kick    chan struct{}
+	hubKick chan struct{}
 
 	mu         sync.Mutex
 	pending    *incoming          // the newest desired document not yet processed
@@ -51,6 +53,12 @@ type Agent struct {
 	rec  *reconciler
 	plan *plan
 	last lastRecord
+
+	// edge is the device hub and the identity service; nil when disabled.
+	edge *edge
+	// moduleTypes are the running plan's module types, for the workload
+	// API's peer check (any goroutine).
+	moduleTypes atomic.Pointer[map[string]string]
 }
 
 // incoming is a desired document waiting to be processed.
@@ -80,8 +88,9 @@ func New(cfg Config) (*Agent, error) {
 		log:    cfg.Logger,
 		urls:   urls,
 		tlsCfg: tlsCfg,
-		wake:   make(chan struct{}, 1),
-		kick:   make(chan struct{}, 1),
+		wake:    make(chan struct{}, 1),
+		kick:    make(chan struct{}, 1),
+		hubKick: make(chan struct{}, 1),
 	}, nil
 }
 
@@ -121,8 +130,25 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.rec = newReconciler(a.cfg, drv, st)
 	a.rec.progress = a.buildReport
 	a.rec.wake = a.poke
+	// The hub and the identity service outlive ctx a little: process
+	// modules still talk to them while they stop.
+	edgeCtx, stopEdge := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopEdge()
+	if !a.cfg.Hub.Disabled {
+		e, err := a.openEdge(ctx)
+		if err != nil {
+			return err
+		}
+		defer e.close()
+		a.edge = e
+	}
 	if err := a.restore(); err != nil {
 		return err
+	}
+	if a.edge != nil {
+		if err := a.edge.start(edgeCtx); err != nil {
+			return err
+		}
 	}
 	a.log.Info("agent starting", "device", a.cfg.DeviceID, "runtime", drv.Name(), "version", a.cfg.Version,
 		"desiredVersion", a.last.Version, "modules", len(a.rec.modules))
@@ -134,7 +160,26 @@ func (a *Agent) Run(ctx context.Context) error {
 	sess := newSession(a.cfg, a.urls, a.tlsCfg, a.offerDesired, func() {
 		a.forceReport.Store(true)
 		poke(a.kick)
+		if a.edge != nil {
+			a.edge.h.UpstreamAvailable()
+		}
 	})
+	if a.edge != nil {
+		a.edge.setSession(sess)
+		methods := make(chan struct{}, maxConcurrentMethods)
+		sess.onMethod = func(payload []byte) {
+			select {
+			case methods <- struct{}{}:
+			default:
+				a.log.Warn("direct method request dropped: too many in progress", "max", maxConcurrentMethods)
+				return
+			}
+			go func() {
+				defer func() { <-methods }()
+				a.edge.handleMethod(sessCtx, sess, payload)
+			}()
+		}
+	}
 	if err := sess.run(sessCtx); err != nil {
 		return err
 	}
@@ -155,6 +200,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		cancel()
 		a.buildReport()
 	}
+	stopEdge()
 	stopReporter()
 	reporterDone.Wait()
 	if sess.connected() {
@@ -207,6 +253,7 @@ func (a *Agent) restore() error {
 	if err == nil {
 		var p *plan
 		if p, err = buildPlan(doc); err == nil {
+			a.applyEdge(p)
 			a.plan = p
 			a.rec.setPlan(p, false)
 			return nil
@@ -270,9 +317,13 @@ func (a *Agent) loop(ctx context.Context) {
 			wait = max(time.Until(next), time.Millisecond)
 		}
 		timer.Reset(wait)
+	waiting:
 		select {
 		case <-ctx.Done():
 			return
+		case <-a.hubKick:
+			a.buildReport()
+			goto waiting
 		case <-a.wake:
 		case <-resync.C:
 		case <-timer.C:
@@ -326,9 +377,46 @@ func (a *Agent) apply(in *incoming) {
 	if err := a.st.saveDesired(in.payload, a.last); err != nil {
 		a.log.Error("update agent state: the new desired document will not survive a restart", "err", err)
 	}
+	a.applyEdge(p)
 	a.plan = p
 	a.rec.setPlan(p, true)
 	a.log.Info("desired document accepted", "version", p.version, "deployment", p.deploymentID, "modules", len(p.modules))
+}
+
+// maxConcurrentMethods bounds the direct method calls in progress.
+const maxConcurrentMethods = 64
+
+// applyEdge gives the hub and the identity service the plan, and each
+// module its IoT Edge environment. Run goroutine only.
+func (a *Agent) applyEdge(p *plan) {
+	types := make(map[string]string, len(p.modules))
+	for name, s := range p.modules {
+		types[name] = s.Type
+	}
+	a.moduleTypes.Store(&types)
+	if a.edge == nil {
+		return
+	}
+	if err := a.edge.apply(p); err != nil {
+		a.log.Error("device hub not configured for the new plan; modules may fail to authenticate", "err", err)
+	}
+}
+
+// hubChanged asks the Run loop for a new report (the hub calls it).
+func (a *Agent) hubChanged() { poke(a.hubKick) }
+
+// peerCheck lets only a process module's own processes use its workload
+// socket (a container's socket is mounted into that container alone).
+func (a *Agent) peerCheck(module string, pid int) error {
+	types := a.moduleTypes.Load()
+	if types == nil || (*types)[module] != fleet.ModuleTypeProcess {
+		return nil
+	}
+	pc, ok := a.drv.(interface{ checkPeer(string, int) error })
+	if !ok {
+		return nil
+	}
+	return pc.checkPeer(module, pid)
 }
 
 // buildReport renders the current state and hands it to the reporter if
@@ -351,17 +439,28 @@ func (a *Agent) buildReport() {
 		doc.LastDesiredStatus = fleet.DesiredStatus{Code: code, Description: desc}
 	}
 	doc.LastDesiredStatus.Description = truncate(doc.LastDesiredStatus.Description, maxStatusDescription)
+	var hubStatus *fleet.HubStatus
+	if a.edge != nil {
+		st := a.edge.h.Status()
+		hubStatus = &st
+		doc.Hub = hubStatus
+		doc.ModuleTwins = a.edge.h.ReportedTwins()
+	}
 	if a.plan != nil {
 		doc.DeploymentID = a.plan.deploymentID
 		if len(a.plan.systemModules) > 0 {
 			doc.SystemModules = map[string]fleet.ModuleStatus{}
 			for name, sm := range a.plan.systemModules {
-				doc.SystemModules[name] = fleet.ModuleStatus{
+				ms := fleet.ModuleStatus{
 					RuntimeStatus:     fleet.RuntimeRunning,
 					Status:            sm.Status,
 					StatusDescription: "built into the agent; not run as a module",
 					Settings:          fleet.ModuleSettings{Image: sm.Image},
 				}
+				if name == "edgeHub" {
+					ms.RuntimeStatus, ms.StatusDescription = hubRuntime(hubStatus)
+				}
+				doc.SystemModules[name] = ms
 			}
 		}
 	}
@@ -382,6 +481,28 @@ func (a *Agent) buildReport() {
 	a.reportBytes = b
 	a.report.Store(doc)
 	poke(a.kick)
+}
+
+// hubRuntime is edgeHub's runtime status and description in the report:
+// the hub's own state, or "stopped" when the agent runs none.
+func hubRuntime(st *fleet.HubStatus) (string, string) {
+	if st == nil {
+		return fleet.RuntimeStopped, "the device hub is disabled on this agent"
+	}
+	connected := 0
+	for _, c := range st.Clients {
+		if c.Status == "connected" {
+			connected++
+		}
+	}
+	desc := fmt.Sprintf("device hub built into the agent: %d routes, %d modules connected, %d messages queued", st.Routes, connected, st.Queued)
+	if st.Description != "" {
+		desc += "; " + st.Description
+	}
+	if st.Status != "running" {
+		return fleet.RuntimeFailed, desc
+	}
+	return fleet.RuntimeRunning, desc
 }
 
 // reporter publishes reports: on every change, at most one per

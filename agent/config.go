@@ -96,6 +96,10 @@ type Config struct {
 	// "unix:///var/run/docker.sock".
 	DockerHost string
 
+	// Hub configures the device hub (routes, store-and-forward, module
+	// twins, direct methods) and the modules' identity service.
+	Hub HubConfig
+
 	// Restart tunes restart policies and their backoff.
 	Restart RestartConfig
 	// ReportInterval is the least time between two reported documents;
@@ -121,6 +125,47 @@ type Config struct {
 
 	// runtime replaces the runtime driver (tests only).
 	runtime driver
+}
+
+// Defaults of HubConfig.
+const (
+	// DefaultHubAddr is where process modules reach the hub: port 8883 (the
+	// Azure SDKs' fixed port) on the loopback address.
+	DefaultHubAddr = "127.0.0.1:8883"
+	// DefaultHubHostname is the name containers reach the hub by (the agent
+	// adds it to each container's /etc/hosts) and the IoT hub host name
+	// modules are given (IOTEDGE_IOTHUBHOSTNAME).
+	DefaultHubHostname = "appliance-hub"
+	// HubDockerAuto: the hub listens for containers on the Docker bridge
+	// network's gateway address, port 8883.
+	HubDockerAuto = "auto"
+	// HubOff: the hub does not listen for containers (HubConfig.DockerAddr).
+	HubOff = "off"
+)
+
+// HubConfig configures the device hub.
+type HubConfig struct {
+	// Disabled runs no hub: modules get no IOTEDGE_* environment beyond
+	// their device and module ids.
+	Disabled bool
+	// Addr is the hub's address for process modules, host:port; the host
+	// is their IOTEDGE_GATEWAYHOSTNAME. Default DefaultHubAddr. Modules of
+	// the Azure SDKs connect to port 8883 only: several agents on one
+	// machine use distinct 127.0.0.x addresses.
+	Addr string
+	// DockerAddr is where the hub listens for containers, host:port:
+	// HubDockerAuto ("" too) asks Docker for its bridge network's gateway
+	// (containers reach the host there, on any network); HubOff listens
+	// for none. Only with the docker runtime.
+	DockerAddr string
+	// Hostname is what containers call the hub (IOTEDGE_GATEWAYHOSTNAME,
+	// mapped to DockerAddr's host in their /etc/hosts) and the IoT hub name
+	// every module is given. Default DefaultHubHostname.
+	Hostname string
+	// MaxStoreBytes caps the messages queued on disk for sinks that do not
+	// take them; beyond it the oldest are dropped and counted. Default
+	// hub.DefaultMaxStoreBytes (1 GiB).
+	MaxStoreBytes int64
 }
 
 // RestartConfig tunes restart policies. Defaults are edgeAgent's: a module
@@ -191,6 +236,15 @@ func (c Config) withDefaults() Config {
 	if c.KeepAlive == 0 {
 		c.KeepAlive = DefaultKeepAlive
 	}
+	if c.Hub.Addr == "" {
+		c.Hub.Addr = DefaultHubAddr
+	}
+	if c.Hub.DockerAddr == "" {
+		c.Hub.DockerAddr = HubDockerAuto
+	}
+	if c.Hub.Hostname == "" {
+		c.Hub.Hostname = DefaultHubHostname
+	}
 	return c
 }
 
@@ -232,6 +286,22 @@ func (c Config) validate() error {
 		return configErr("intervals and timeouts must be positive (ReconnectMax ≥ ReconnectMin)")
 	case c.KeepAlive < time.Second || c.KeepAlive > 65535*time.Second:
 		return configErr("KeepAlive %s is outside 1s..65535s", c.KeepAlive)
+	case c.Hub.MaxStoreBytes < 0:
+		return configErr("Hub.MaxStoreBytes %d is negative", c.Hub.MaxStoreBytes)
+	}
+	if c.Hub.Disabled {
+		return nil
+	}
+	if _, _, err := net.SplitHostPort(c.Hub.Addr); err != nil {
+		return configErr("Hub.Addr %q: %v (give host:port, e.g. 127.0.0.2:8883)", c.Hub.Addr, err)
+	}
+	if d := c.Hub.DockerAddr; d != HubDockerAuto && d != HubOff {
+		if _, _, err := net.SplitHostPort(d); err != nil {
+			return configErr("Hub.DockerAddr %q: %v (give host:port, %q or %q)", d, err, HubDockerAuto, HubOff)
+		}
+	}
+	if strings.ContainsAny(c.Hub.Hostname, "/: ") {
+		return configErr("Hub.Hostname %q is not a host name", c.Hub.Hostname)
 	}
 	return nil
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"appliance/fleet"
+	"appliance/workload"
 )
 
 // Labels on every container the agent creates. A container is the agent's
@@ -137,6 +138,16 @@ func (d *dockerDriver) Create(ctx context.Context, spec *moduleSpec, creds []reg
 		hc = &container.HostConfig{}
 	}
 	hc.RestartPolicy = container.RestartPolicy{Name: container.RestartPolicyDisabled}
+	if e := spec.Edge; e != nil {
+		// The module's own workload socket directory, as IoT Edge mounts it,
+		// and the hub's name.
+		if e.WorkloadDir != "" {
+			hc.Binds = append(hc.Binds, e.WorkloadDir+":"+workload.ContainerSocketDir)
+		}
+		if e.ExtraHost != "" {
+			hc.ExtraHosts = append(hc.ExtraHosts, e.ExtraHost)
+		}
+	}
 	opts := client.ContainerCreateOptions{Config: cfg, HostConfig: hc, NetworkingConfig: req.NetworkingConfig, Name: spec.Name}
 	res, err := d.cli.ContainerCreate(ctx, opts)
 	if cerrdefs.IsConflict(err) {
@@ -159,6 +170,23 @@ func (d *dockerDriver) Create(ctx context.Context, spec *moduleSpec, creds []reg
 		d.log.Warn("docker create warning", "module", spec.Name, "warning", w)
 	}
 	return res.ID, nil
+}
+
+// bridgeGateway is the address of the host on Docker's default bridge
+// network: containers on any network reach the host there.
+func (d *dockerDriver) bridgeGateway(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	res, err := d.cli.NetworkInspect(ctx, "bridge", client.NetworkInspectOptions{})
+	if err != nil {
+		return "", fmt.Errorf("inspect Docker's bridge network: %w", err)
+	}
+	for _, c := range res.Network.IPAM.Config {
+		if c.Gateway.Is4() {
+			return c.Gateway.String(), nil
+		}
+	}
+	return "", errors.New("Docker's bridge network has no IPv4 gateway")
 }
 
 // removeAndWait force-removes a container and waits until the engine has

@@ -412,6 +412,10 @@ func TestDockerRuntime_UnhealthyRestartsOnUnhealthy(t *testing.T) {
 func TestDockerRuntime_StateLost_AdoptsItsContainers(t *testing.T) {
 	cli, image := dockerForTest(t)
 	cfg := dockerConfig(t)
+	// Without a hub: with one, a lost data dir means new module identities
+	// (generation ids, keys, workload sockets), so containers are created
+	// again with the new ones rather than adopted.
+	cfg.Hub.Disabled = true
 	removeDeviceContainers(t, cli, cfg.DeviceID)
 	name := "keep-" + randHex(3)
 	d := desired(1, "dep", map[string]mod{name: dockerModule(image, nil)})

@@ -134,6 +134,9 @@ func testConfig(t testing.TB) Config {
 		ReconnectMin:   20 * time.Millisecond,
 		ReconnectMax:   200 * time.Millisecond,
 		ConnectTimeout: 2 * time.Second,
+		// A port of its own: tests run agents side by side (the hub's own
+		// tests use 8883 on addresses of their own).
+		Hub: HubConfig{Addr: "127.0.0.1:0", DockerAddr: HubOff},
 		Restart: RestartConfig{
 			CoolOff:      50 * time.Millisecond,
 			MaxCoolOff:   400 * time.Millisecond,

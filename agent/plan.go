@@ -14,8 +14,10 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"appliance/fleet"
+	"appliance/routing"
 )
 
 // Module restart policies and statuses of the manifest.
@@ -47,6 +49,12 @@ type plan struct {
 	systemModules map[string]systemModule
 	// credentials are the registry credentials of runtime.settings.
 	credentials []registryCredential
+	// The device hub's part: $edgeHub's routes and store-and-forward time
+	// to live, and each module's desired properties (modulesContent's
+	// {module: {"properties.desired": ...}}).
+	routes []*routing.Route
+	ttl    time.Duration
+	twins  map[string]json.RawMessage
 }
 
 // moduleSpec is one desired module.
@@ -66,6 +74,17 @@ type moduleSpec struct {
 	// Process modules.
 	Command    []string
 	WorkingDir string
+	// Edge is what the agent adds for the device hub (nil without one).
+	Edge *edgeSpec
+}
+
+// edgeSpec is a module's IoT Edge environment: the IOTEDGE_* variables, and
+// for a container its workload socket's directory (mounted at
+// /var/run/iotedge) and the hub's host name mapping.
+type edgeSpec struct {
+	Env         map[string]string
+	WorkloadDir string
+	ExtraHost   string // "name:ip", docker only
 }
 
 // systemModule is what the report echoes of a system module.
@@ -96,9 +115,10 @@ func (s *moduleSpec) hash() string {
 		Env                                 [][2]string
 		Command                             []string
 		WorkingDir                          string
+		Edge                                *edgeSpec `json:",omitempty"`
 	}
 	h := hashed{Type: s.Type, Version: s.Version, Image: s.Image, CreateOptions: s.CreateOptions,
-		Command: s.Command, WorkingDir: s.WorkingDir}
+		Command: s.Command, WorkingDir: s.WorkingDir, Edge: s.Edge}
 	for _, k := range sortedKeys(s.Env) {
 		h.Env = append(h.Env, [2]string{k, s.Env[k]})
 	}
@@ -234,7 +254,53 @@ func buildPlan(doc fleet.DesiredDocument) (*plan, error) {
 		spec.Deployment = doc.DeploymentID
 		p.modules[name] = spec
 	}
+	if err := p.hubPart(mc); err != nil {
+		return nil, err
+	}
 	return p, nil
+}
+
+// hubPart reads what the device hub needs: $edgeHub's routes (compiled;
+// the validator has compiled them already) and time to live, and the
+// modules' desired properties.
+func (p *plan) hubPart(mc map[string]json.RawMessage) error {
+	var hubTwin struct {
+		Desired struct {
+			Routes                       json.RawMessage `json:"routes"`
+			StoreAndForwardConfiguration struct {
+				TimeToLiveSecs *uint64 `json:"timeToLiveSecs"`
+			} `json:"storeAndForwardConfiguration"`
+		} `json:"properties.desired"`
+	}
+	if raw, ok := mc["$edgeHub"]; ok {
+		if err := json.Unmarshal(raw, &hubTwin); err != nil {
+			return invalid("modulesContent.$edgeHub", "%v", err)
+		}
+	}
+	routes, err := routing.ParseRoutes(hubTwin.Desired.Routes)
+	if err != nil {
+		return invalid("modulesContent.$edgeHub.properties.desired.routes", "%v", err)
+	}
+	p.routes = routes
+	if t := hubTwin.Desired.StoreAndForwardConfiguration.TimeToLiveSecs; t != nil {
+		p.ttl = time.Duration(*t) * time.Second
+	}
+	p.twins = map[string]json.RawMessage{}
+	for name, raw := range mc {
+		if strings.HasPrefix(name, "$") {
+			continue
+		}
+		var twin struct {
+			Desired json.RawMessage `json:"properties.desired"`
+		}
+		if err := json.Unmarshal(raw, &twin); err != nil {
+			return invalid("modulesContent."+name, "%v", err)
+		}
+		if len(twin.Desired) > 0 {
+			p.twins[name] = twin.Desired
+		}
+	}
+	return nil
 }
 
 // validationToDesired maps a fleet validation error to a desired error:
@@ -376,12 +442,25 @@ func joinCreateOptions(settings map[string]json.RawMessage, field string) (strin
 	return b.String(), nil
 }
 
-// envList renders the module's environment as NAME=value, sorted, with the
-// variables every module gets first.
+// envList renders the module's environment as NAME=value: the variables
+// every module gets first (IOTEDGE_DEVICEID, IOTEDGE_MODULEID and, with a
+// hub, the rest of IoT Edge's), then the manifest's, sorted. The manifest
+// cannot override an IOTEDGE_ variable the agent sets.
 func envList(deviceID string, s *moduleSpec) []string {
 	env := []string{"IOTEDGE_DEVICEID=" + deviceID, "IOTEDGE_MODULEID=" + s.Name}
+	ours := map[string]bool{"IOTEDGE_DEVICEID": true, "IOTEDGE_MODULEID": true}
+	if s.Edge != nil {
+		for _, k := range sortedKeys(s.Edge.Env) {
+			if !ours[k] {
+				env = append(env, k+"="+s.Edge.Env[k])
+				ours[k] = true
+			}
+		}
+	}
 	for _, k := range sortedKeys(s.Env) {
-		env = append(env, k+"="+s.Env[k])
+		if !ours[k] {
+			env = append(env, k+"="+s.Env[k])
+		}
 	}
 	return env
 }

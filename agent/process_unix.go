@@ -441,3 +441,29 @@ func (d *processDriver) cleanupLeftovers() {
 		_ = os.Remove(path)
 	}
 }
+
+// checkPeer tells whether pid belongs to the running process module
+// module: it must be in the module's process group (the module's own
+// process or one it started). The workload API asks, so that one process
+// module cannot have another's tokens signed.
+func (d *processDriver) checkPeer(module string, pid int) error {
+	d.mu.Lock()
+	pgid := 0
+	for _, p := range d.procs {
+		if p.name == module && p.running {
+			pgid = p.pid
+		}
+	}
+	d.mu.Unlock()
+	if pgid == 0 {
+		return fmt.Errorf("module %q is not running", module)
+	}
+	if pid <= 0 {
+		return errors.New("the calling process is unknown")
+	}
+	g, err := syscall.Getpgid(pid)
+	if err != nil || g != pgid {
+		return fmt.Errorf("process %d is not module %q's (its process group is %d)", pid, module, pgid)
+	}
+	return nil
+}

@@ -40,6 +40,9 @@ type session struct {
 
 	onDesired func([]byte) // must not block
 	onUp      func()       // must not block
+	// onMethod takes a direct method request; it must not block (nil:
+	// requests are not subscribed to).
+	onMethod func([]byte)
 
 	cm *autopaho.ConnectionManager
 
@@ -72,6 +75,7 @@ func newSession(cfg Config, urls []*url.URL, tlsCfg *tls.Config, onDesired func(
 // run starts connecting in the background; it returns at once.
 func (s *session) run(ctx context.Context) error {
 	desiredTopic := fleet.DesiredTopic(s.deviceID)
+	methodsTopic := fleet.MethodsTopic(s.deviceID)
 	cc := autopaho.ClientConfig{
 		ServerUrls:       s.urls,
 		TlsCfg:           s.tlsCfg,
@@ -95,6 +99,9 @@ func (s *session) run(ctx context.Context) error {
 			s.up.Store(true)
 			s.log.Info("connected to controller", "server", server, "failedAttempts", s.failures.Swap(0))
 			go s.subscribe(ctx, cm, desiredTopic)
+			if s.onMethod != nil {
+				go s.subscribe(ctx, cm, methodsTopic)
+			}
 			s.onUp()
 		},
 		OnConnectionDown: func() bool {
@@ -125,10 +132,14 @@ func (s *session) run(ctx context.Context) error {
 			ClientID: s.deviceID,
 			OnPublishReceived: []func(paho.PublishReceived) (bool, error){
 				func(pr paho.PublishReceived) (bool, error) {
-					if pr.Packet.Topic != desiredTopic {
+					switch {
+					case pr.Packet.Topic == desiredTopic:
+						s.onDesired(append([]byte(nil), pr.Packet.Payload...))
+					case pr.Packet.Topic == methodsTopic && s.onMethod != nil:
+						s.onMethod(append([]byte(nil), pr.Packet.Payload...))
+					default:
 						return false, nil
 					}
-					s.onDesired(append([]byte(nil), pr.Packet.Payload...))
 					return true, nil
 				},
 			},
@@ -210,7 +221,7 @@ func (s *session) subscribe(ctx context.Context, cm *autopaho.ConnectionManager,
 		return
 	}
 	if len(suback.Reasons) > 0 && suback.Reasons[0] >= 0x80 {
-		s.log.Error("controller refused the desired-topic subscription", "topic", topic, "reason", suback.Reasons[0])
+		s.log.Error("controller refused a subscription", "topic", topic, "reason", suback.Reasons[0])
 	}
 }
 
@@ -219,20 +230,28 @@ func (s *session) connected() bool { return s.up.Load() }
 
 // publish sends a reported document at QoS 1 and waits for its PUBACK.
 func (s *session) publish(parent context.Context, payload []byte) error {
+	return s.publishTo(parent, fleet.ReportedTopic(s.deviceID), payload)
+}
+
+// errControllerDown: no connection to a controller now.
+var errControllerDown = autopaho.ConnectionDownError
+
+// publishTo sends payload on topic at QoS 1 and waits for its PUBACK.
+func (s *session) publishTo(parent context.Context, topic string, payload []byte) error {
 	if s.cm == nil {
-		return autopaho.ConnectionDownError
+		return errControllerDown
 	}
 	ctx, cancel := context.WithTimeout(parent, s.cfg.ConnectTimeout)
 	defer cancel()
-	res, err := s.cm.Publish(ctx, &paho.Publish{QoS: 1, Topic: fleet.ReportedTopic(s.deviceID), Payload: payload})
+	res, err := s.cm.Publish(ctx, &paho.Publish{QoS: 1, Topic: topic, Payload: payload})
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) && parent.Err() == nil && s.connected() {
-			s.dropSilent(fmt.Sprintf("no acknowledgement of a report within %s", s.cfg.ConnectTimeout))
+			s.dropSilent(fmt.Sprintf("no acknowledgement within %s", s.cfg.ConnectTimeout))
 		}
 		return err
 	}
 	if res != nil && res.ReasonCode >= 0x80 {
-		return fmt.Errorf("controller refused the report: reason %#x", res.ReasonCode)
+		return fmt.Errorf("controller refused the message on %s: reason %#x", topic, res.ReasonCode)
 	}
 	return nil
 }

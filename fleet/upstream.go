@@ -85,7 +85,13 @@ func EncodeUpstreamBatch(dst []byte, b UpstreamBatch) []byte {
 // AppendUpstreamMessage appends one message's binary form, for a writer
 // that builds a batch as it goes: UpstreamBatchHeader, then each message.
 func AppendUpstreamMessage(dst []byte, m *UpstreamMessage) []byte {
-	dst = binary.AppendUvarint(dst, m.Seq)
+	return AppendUpstreamFields(binary.AppendUvarint(dst, m.Seq), m)
+}
+
+// AppendUpstreamFields appends a message's binary form without its Seq
+// (module to body): a hub stores messages this way, keyed by their Seq, and
+// builds a batch's message as uvarint(Seq) followed by the stored fields.
+func AppendUpstreamFields(dst []byte, m *UpstreamMessage) []byte {
 	dst = appendLenString(dst, m.Module)
 	dst = appendLenString(dst, m.Output)
 	dst = binary.AppendVarint(dst, m.EnqueuedTime.UnixMilli())
@@ -148,14 +154,9 @@ func DecodeUpstreamBatch(data []byte) (UpstreamBatch, error) {
 		b.Messages = make([]UpstreamMessage, 0, count)
 	}
 	for i := uint64(0); i < count && d.err == nil; i++ {
-		var m UpstreamMessage
-		m.Seq = d.uvarint("seq")
-		m.Module = d.str("module")
-		m.Output = d.str("output")
-		m.EnqueuedTime = time.UnixMilli(d.varint("enqueued time")).UTC()
-		m.Properties = d.props("properties")
-		m.SystemProperties = d.props("system properties")
-		m.Body = d.bytes("body")
+		seq := d.uvarint("seq")
+		m := d.fields()
+		m.Seq = seq
 		if d.err != nil {
 			d.err = fmt.Errorf("message %d: %w", i, d.err)
 			break
@@ -171,10 +172,36 @@ func DecodeUpstreamBatch(data []byte) (UpstreamBatch, error) {
 	return b, nil
 }
 
+// DecodeUpstreamFields parses what AppendUpstreamFields wrote, and nothing
+// more; Seq is left 0. Errors match ErrUpstreamBatch.
+func DecodeUpstreamFields(data []byte) (UpstreamMessage, error) {
+	d := decoder{buf: data}
+	m := d.fields()
+	if d.err == nil && d.off != len(data) {
+		d.fail("%d bytes after the message", len(data)-d.off)
+	}
+	if d.err != nil {
+		return UpstreamMessage{}, fmt.Errorf("%w: %v", ErrUpstreamBatch, d.err)
+	}
+	return m, nil
+}
+
 type decoder struct {
 	buf []byte
 	off int
 	err error
+}
+
+// fields reads a message after its Seq.
+func (d *decoder) fields() UpstreamMessage {
+	var m UpstreamMessage
+	m.Module = d.str("module")
+	m.Output = d.str("output")
+	m.EnqueuedTime = time.UnixMilli(d.varint("enqueued time")).UTC()
+	m.Properties = d.props("properties")
+	m.SystemProperties = d.props("system properties")
+	m.Body = d.bytes("body")
+	return m
 }
 
 func (d *decoder) fail(format string, args ...any) {

@@ -44,6 +44,16 @@ func TestUpstreamBatch_RoundTrip(t *testing.T) {
 	if !bytes.Equal(built, data) {
 		t.Fatal("UpstreamBatchHeader + AppendUpstreamMessage differ from EncodeUpstreamBatch")
 	}
+	// A stored message (fields without the seq) decodes alone.
+	m := want.Messages[0]
+	fields, err := DecodeUpstreamFields(AppendUpstreamFields(nil, &m))
+	m.Seq = 0
+	if err != nil || !reflect.DeepEqual(fields, m) {
+		t.Fatalf("DecodeUpstreamFields: %+v %v", fields, err)
+	}
+	if _, err := DecodeUpstreamFields(append(AppendUpstreamFields(nil, &m), 0)); !errors.Is(err, ErrUpstreamBatch) {
+		t.Errorf("trailing byte after the fields: %v", err)
+	}
 	empty, err := DecodeUpstreamBatch(EncodeUpstreamBatch(nil, UpstreamBatch{}))
 	if err != nil || len(empty.Messages) != 0 {
 		t.Fatalf("empty batch: %+v %v", empty, err)
