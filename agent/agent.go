@@ -84,10 +84,10 @@ func New(cfg Config) (*Agent, error) {
 	}
 	cfg.Logger = cfg.Logger.With("component", "agent")
 	return &Agent{
-		cfg:    cfg,
-		log:    cfg.Logger,
-		urls:   urls,
-		tlsCfg: tlsCfg,
+		cfg:     cfg,
+		log:     cfg.Logger,
+		urls:    urls,
+		tlsCfg:  tlsCfg,
 		wake:    make(chan struct{}, 1),
 		kick:    make(chan struct{}, 1),
 		hubKick: make(chan struct{}, 1),

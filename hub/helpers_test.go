@@ -207,7 +207,7 @@ func (th *testHub) connect(module string, edit ...func(*edgeclient.Config)) *edg
 	return m
 }
 
-func mqtt5(c *edgeclient.Config)  { c.Version = 5 }
+func mqtt5(c *edgeclient.Config)   { c.Version = 5 }
 func persist(c *edgeclient.Config) { c.CleanSession = false }
 func clean(c *edgeclient.Config)   { c.CleanSession = true }
 

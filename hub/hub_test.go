@@ -371,4 +371,3 @@ func TestHub_TruncatedSubscribeClosesOnlyThatConnection(t *testing.T) {
 		t.Fatalf("got %q", in.Body)
 	}
 }
-

@@ -60,7 +60,9 @@ var ErrClosed = errors.New("mqtt connection closed")
 // ConnackError is a refused CONNECT.
 type ConnackError struct{ Code byte }
 
-func (e *ConnackError) Error() string { return fmt.Sprintf("connection refused: CONNACK return code %#x", e.Code) }
+func (e *ConnackError) Error() string {
+	return fmt.Sprintf("connection refused: CONNACK return code %#x", e.Code)
+}
 
 // Client is one MQTT connection.
 type Client struct {
