@@ -21,10 +21,11 @@ import (
 
 // Agent is the device runtime. Build it with New and call Run once.
 type Agent struct {
-	cfg    Config
-	log    *slog.Logger
-	urls   []*url.URL
-	tlsCfg *tls.Config
+	cfg     Config
+	log     *slog.Logger
+	baseLog *slog.Logger // without component=agent, for the hub's and workload's own
+	urls    []*url.URL
+	tlsCfg  *tls.Config
 
 	running atomic.Bool
 

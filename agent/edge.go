@@ -61,14 +61,14 @@ func (a *Agent) openEdge(ctx context.Context) (*edge, error) {
 	}
 	ws, err := workload.Open(workload.Config{
 		Dir: filepath.Join(a.cfg.DataDir, "workload"), DeviceID: a.cfg.DeviceID, HubName: hc.Hostname,
-		ServerNames: names, Logger: a.cfg.Logger, PeerCheck: a.peerCheck,
+		ServerNames: names, Logger: a.baseLog, PeerCheck: a.peerCheck,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("module identities: %w", err)
 	}
 	h, err := hub.New(hub.Config{
 		DeviceID: a.cfg.DeviceID, Listen: listen, TLS: ws.TLSConfig(), Auth: ws, Dir: a.cfg.DataDir,
-		Upstream: e, OnChange: a.hubChanged, Logger: a.cfg.Logger,
+		Upstream: e, OnChange: a.hubChanged, Logger: a.baseLog,
 		Limits: hub.Limits{MaxStoreBytes: hc.MaxStoreBytes},
 	})
 	if err != nil {
