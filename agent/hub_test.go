@@ -3,49 +3,21 @@ package agent
 import (
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/listeners"
-	"github.com/mochi-mqtt/server/v2/packets"
-
 	"appliance/fleet"
+	"appliance/internal/pysdk"
+	"appliance/internal/testcontroller"
 )
-
-// sdkPath is the official Azure IoT Python device SDK, beside the
-// repository (see /work/shared/thirdparty/azure-iot-sdk-python/SOURCE.md).
-const sdkPath = "../../shared/thirdparty/azure-iot-sdk-python/azure-iot-device"
-
-// pythonSDK returns Debian's python3 and the SDK's directory once it has
-// checked that the SDK imports. Without them the test is skipped, except
-// under CI=true, where they must be there (.ci/run installs the packages).
-func pythonSDK(t testing.TB) (python, sdk string) {
-	t.Helper()
-	python = "/usr/bin/python3"
-	sdk, _ = filepath.Abs(sdkPath)
-	cmd := exec.Command(python, "-c", "from azure.iot.device import IoTHubModuleClient, Message, MethodResponse")
-	cmd.Env = []string{"PYTHONPATH=" + sdk}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		msg := fmt.Sprintf("the Azure IoT Python SDK does not import with %s and %s: %v\n%s", python, sdk, err, out)
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	return python, sdk
-}
 
 // pyModule is a process module running one of testdata/pymodules with the
 // SDK, and extra environment variables.
 func pyModule(t testing.TB, script string, env map[string]string) mod {
-	python, sdk := pythonSDK(t)
+	python, sdk := pysdk.Find(t)
 	path, _ := filepath.Abs(filepath.Join("testdata", "pymodules", script))
 	e := map[string]any{"PYTHONPATH": map[string]any{"value": sdk}}
 	for k, v := range env {
@@ -75,174 +47,6 @@ func edgeManifest(modules map[string]mod, routes map[string]any, twins map[strin
 	}
 	b, _ := json.Marshal(mc)
 	return b
-}
-
-// recordingController is a plain MQTT server (mochi, allowing everything)
-// in the controller's place for what the controller side does not consume
-// yet: it keeps the device's desired document (retained), and records
-// reports, upstream batches and method responses; it sends method
-// requests. The controller's own broker admits and counts these topics
-// (broker tests).
-type recordingController struct {
-	t        testing.TB
-	deviceID string
-	addr     string
-	srv      *mqtt.Server
-
-	mu        sync.Mutex
-	desired   []byte
-	reports   []fleet.ReportedDocument
-	upstream  []fleet.UpstreamMessage
-	batches   int
-	responses map[string]fleet.MethodResponse
-}
-
-type recordHook struct {
-	mqtt.HookBase
-	c *recordingController
-}
-
-func (h *recordHook) ID() string { return "record" }
-func (h *recordHook) Provides(b byte) bool {
-	return b == mqtt.OnPublish || b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck
-}
-func (h *recordHook) OnConnectAuthenticate(*mqtt.Client, packets.Packet) bool { return true }
-func (h *recordHook) OnACLCheck(*mqtt.Client, string, bool) bool              { return true }
-func (h *recordHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	c := h.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	switch pk.TopicName {
-	case fleet.ReportedTopic(c.deviceID):
-		var doc fleet.ReportedDocument
-		if err := json.Unmarshal(pk.Payload, &doc); err != nil {
-			c.t.Errorf("report does not decode: %v", err)
-		}
-		c.reports = append(c.reports, doc)
-	case fleet.UpstreamTopic(c.deviceID):
-		b, err := fleet.DecodeUpstreamBatch(pk.Payload)
-		if err != nil {
-			c.t.Errorf("upstream batch does not decode: %v", err)
-			return pk, packets.ErrPayloadFormatInvalid
-		}
-		for _, m := range b.Messages {
-			m.Body = append([]byte(nil), m.Body...)
-			c.upstream = append(c.upstream, m)
-		}
-		c.batches++
-	case fleet.MethodResponseTopic(c.deviceID):
-		var r fleet.MethodResponse
-		if err := json.Unmarshal(pk.Payload, &r); err != nil {
-			c.t.Errorf("method response does not decode: %v", err)
-		}
-		c.responses[r.ID] = r
-	}
-	return pk, nil
-}
-
-// freeAddr returns a 127.0.0.1 address with a port nothing listens on.
-func freeAddr(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-func startRecordingController(t testing.TB, addr, deviceID string) *recordingController {
-	c := &recordingController{t: t, deviceID: deviceID, addr: addr, responses: map[string]fleet.MethodResponse{}}
-	c.start()
-	t.Cleanup(c.stop)
-	return c
-}
-
-func (c *recordingController) start() {
-	srv := mqtt.New(&mqtt.Options{InlineClient: true, Logger: testLogger(c.t)})
-	_ = srv.AddHook(&recordHook{c: c}, nil)
-	if err := srv.AddListener(listeners.NewTCP(listeners.Config{ID: "tcp", Address: c.addr})); err != nil {
-		c.t.Fatal(err)
-	}
-	if err := srv.Serve(); err != nil {
-		c.t.Fatal(err)
-	}
-	c.mu.Lock()
-	c.srv = srv
-	desired := c.desired
-	c.mu.Unlock()
-	if desired != nil {
-		_ = srv.Publish(fleet.DesiredTopic(c.deviceID), desired, true, 1)
-	}
-}
-
-// stop takes the controller away (its clients are disconnected).
-func (c *recordingController) stop() {
-	c.mu.Lock()
-	srv := c.srv
-	c.srv = nil
-	c.mu.Unlock()
-	if srv != nil {
-		_ = srv.Close()
-	}
-}
-
-func (c *recordingController) url() string { return "mqtt://" + c.addr }
-
-func (c *recordingController) setDesired(doc fleet.DesiredDocument) {
-	b := mustJSON(doc)
-	c.mu.Lock()
-	c.desired = b
-	srv := c.srv
-	c.mu.Unlock()
-	if srv != nil {
-		if err := srv.Publish(fleet.DesiredTopic(c.deviceID), b, true, 1); err != nil {
-			c.t.Fatal(err)
-		}
-	}
-}
-
-func (c *recordingController) invoke(req fleet.MethodRequest) {
-	c.mu.Lock()
-	srv := c.srv
-	c.mu.Unlock()
-	if err := srv.Publish(fleet.MethodsTopic(c.deviceID), mustJSON(req), false, 1); err != nil {
-		c.t.Fatal(err)
-	}
-}
-
-func (c *recordingController) response(id string) (fleet.MethodResponse, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	r, ok := c.responses[id]
-	return r, ok
-}
-
-func (c *recordingController) upstreamMessages() []fleet.UpstreamMessage {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]fleet.UpstreamMessage(nil), c.upstream...)
-}
-
-// lastReport returns the newest report that satisfies cond, waiting for it.
-func (c *recordingController) waitReport(timeout time.Duration, what string, cond func(fleet.ReportedDocument) bool) fleet.ReportedDocument {
-	c.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		c.mu.Lock()
-		for i := len(c.reports) - 1; i >= 0; i-- {
-			if cond(c.reports[i]) {
-				doc := c.reports[i]
-				c.mu.Unlock()
-				return doc
-			}
-		}
-		n := len(c.reports)
-		c.mu.Unlock()
-		if time.Now().After(deadline) {
-			c.t.Fatalf("timed out waiting for a report with %s (%d reports)", what, n)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // moduleLines returns what a module printed (JSON lines), from the agent's
@@ -276,10 +80,10 @@ func linesWith(rec *recordingHandler, module, key string) []map[string]any {
 
 // hubAgentConfig is an agent whose hub listens where the SDK connects:
 // port 8883 on a loopback address of the test's own.
-func hubAgentConfig(t testing.TB, ctl *recordingController, gateway string, rec *recordingHandler) Config {
+func hubAgentConfig(t testing.TB, ctl *testcontroller.Controller, gateway string, rec *recordingHandler) Config {
 	cfg := testConfig(t)
-	cfg.Servers = []string{ctl.url()}
-	cfg.DeviceID = ctl.deviceID
+	cfg.Servers = []string{ctl.URL()}
+	cfg.DeviceID = ctl.DeviceID()
 	cfg.Hub = HubConfig{Addr: gateway + ":8883", DockerAddr: HubOff}
 	cfg.Logger = slogTee(testLogger(t), rec)
 	cfg.ResyncInterval = time.Second
@@ -294,9 +98,9 @@ func hubAgentConfig(t testing.TB, ctl *recordingController, gateway string, rec 
 // the controller in the report; a direct method reaches it and returns its
 // answer; $upstream messages reach the controller.
 func TestAgentHub_PythonSDKModules(t *testing.T) {
-	_, _ = pythonSDK(t)
+	_, _ = pysdk.Find(t)
 	rec := &recordingHandler{}
-	ctl := startRecordingController(t, freeAddr(t), "hub-sdk-01")
+	ctl := testcontroller.Start(t, "hub-sdk-01", testLogger(t))
 	cfg := hubAgentConfig(t, ctl, "127.0.0.151", rec)
 	routes := map[string]any{
 		"toB": map[string]any{"route": `FROM /messages/modules/a/outputs/out1 WHERE alert = 'true' INTO BrokeredEndpoint("/modules/b/inputs/in1")`, "priority": 0},
@@ -307,7 +111,7 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 		"b": pyModule(t, "receiver.py", nil).with("startupOrder", 1),
 	}
 	twins := map[string]any{"b": map[string]any{"interval": 5, "threshold": map[string]any{"hi": 30}}}
-	ctl.setDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, twins, 7200)})
+	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, twins, 7200)})
 	startAgent(t, cfg)
 
 	// (a) Only the matching messages reach B, in order, with their properties.
@@ -327,8 +131,8 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 		}
 	}
 	// $upstream: the messages whose JSON body has n >= 6, in order.
-	waitFor(t, 30*time.Second, "4 upstream messages", func() bool { return len(ctl.upstreamMessages()) >= 4 })
-	for i, m := range ctl.upstreamMessages() {
+	waitFor(t, 30*time.Second, "4 upstream messages", func() bool { return len(ctl.Upstream()) >= 4 })
+	for i, m := range ctl.Upstream() {
 		var body struct{ N int }
 		if err := json.Unmarshal(m.Body, &body); err != nil || body.N != 6+i || m.Module != "a" || m.Output != "out1" {
 			t.Fatalf("upstream message %d: %+v %s", i, m, m.Body)
@@ -346,17 +150,17 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 	}
 	pid := twinLines[0]["pid"]
 	// (c, device side) reported properties travel in the report.
-	ctl.waitReport(30*time.Second, "B's reported properties", func(d fleet.ReportedDocument) bool {
+	ctl.WaitReport(30*time.Second, "B's reported properties", func(d fleet.ReportedDocument) bool {
 		return strings.Contains(string(d.ModuleTwins["b"]), `"started":true`)
 	})
 	twins["b"] = map[string]any{"interval": 9, "threshold": map[string]any{"hi": 30}}
-	ctl.setDesired(fleet.DesiredDocument{Version: 2, DeploymentID: "d2", ModulesContent: edgeManifest(modules, routes, twins, 7200)})
+	ctl.SetDesired(fleet.DesiredDocument{Version: 2, DeploymentID: "d2", ModulesContent: edgeManifest(modules, routes, twins, 7200)})
 	waitFor(t, 30*time.Second, "B to get a patch", func() bool { return len(linesWith(rec, "b", "patch")) >= 1 })
 	patch := linesWith(rec, "b", "patch")[0]
 	if p := patch["patch"].(map[string]any); p["interval"] != 9.0 || p["$version"] != 2.0 || p["threshold"] != nil || patch["pid"] != pid {
 		t.Fatalf("patch %v (pid %v; B started as %v)", patch, patch["pid"], pid)
 	}
-	doc := ctl.waitReport(30*time.Second, "the patch reported", func(d fleet.ReportedDocument) bool {
+	doc := ctl.WaitReport(30*time.Second, "the patch reported", func(d fleet.ReportedDocument) bool {
 		return strings.Contains(string(d.ModuleTwins["b"]), `"lastPatchVersion":2`)
 	})
 	if doc.Hub == nil || doc.Hub.Routes != 2 || doc.Hub.Clients["a"].Status != "connected" || doc.Hub.Clients["b"].Status != "connected" {
@@ -367,15 +171,15 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 	}
 
 	// (h, device side) a direct method reaches B and returns its answer.
-	ctl.invoke(fleet.MethodRequest{ID: "m1", Module: "b", Method: "calibrate", Payload: json.RawMessage(`{"gain": 2}`)})
-	waitFor(t, 30*time.Second, "the method response", func() bool { _, ok := ctl.response("m1"); return ok })
-	r, _ := ctl.response("m1")
+	ctl.Invoke(fleet.MethodRequest{ID: "m1", Module: "b", Method: "calibrate", Payload: json.RawMessage(`{"gain": 2}`)})
+	waitFor(t, 30*time.Second, "the method response", func() bool { _, ok := ctl.Response("m1"); return ok })
+	r, _ := ctl.Response("m1")
 	if r.Status != 200 || !strings.Contains(string(r.Payload), `"method": "calibrate"`) && !strings.Contains(string(r.Payload), `"method":"calibrate"`) {
 		t.Fatalf("method response %+v %s", r, r.Payload)
 	}
-	ctl.invoke(fleet.MethodRequest{ID: "m2", Module: "nobody", Method: "x"})
-	waitFor(t, 30*time.Second, "the 404", func() bool { _, ok := ctl.response("m2"); return ok })
-	if r, _ := ctl.response("m2"); r.Status != 404 {
+	ctl.Invoke(fleet.MethodRequest{ID: "m2", Module: "nobody", Method: "x"})
+	waitFor(t, 30*time.Second, "the 404", func() bool { _, ok := ctl.Response("m2"); return ok })
+	if r, _ := ctl.Response("m2"); r.Status != 404 {
 		t.Fatalf("method to a module not in the deployment: %+v", r)
 	}
 }
@@ -387,31 +191,6 @@ func sentIDs(rec *recordingHandler, module string) []string {
 		out = append(out, l["sent"].(string))
 	}
 	return out
-}
-
-// upstreamIDs are the message ids the controller received, each once, in
-// the order of their sequence numbers (a batch the controller took but
-// whose acknowledgement was lost comes again: at least once).
-func upstreamIDs(t testing.TB, msgs []fleet.UpstreamMessage) []string {
-	seen := map[uint64]bool{}
-	var ids []string
-	var last uint64
-	for _, m := range msgs {
-		if seen[m.Seq] {
-			continue
-		}
-		seen[m.Seq] = true
-		if m.Seq < last {
-			t.Errorf("sequence %d after %d: out of order", m.Seq, last)
-		}
-		last = m.Seq
-		for _, p := range m.SystemProperties {
-			if p.Name == "messageId" {
-				ids = append(ids, p.Value)
-			}
-		}
-	}
-	return ids
 }
 
 // outage is how long the controller is away in the outage tests: 60 s, as
@@ -429,29 +208,29 @@ func TestAgentHub_UpstreamSurvivesControllerOutage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a controller outage of a minute")
 	}
-	_, _ = pythonSDK(t)
+	_, _ = pysdk.Find(t)
 	rec := &recordingHandler{}
-	ctl := startRecordingController(t, freeAddr(t), "hub-outage-01")
+	ctl := testcontroller.Start(t, "hub-outage-01", testLogger(t))
 	cfg := hubAgentConfig(t, ctl, "127.0.0.152", rec)
 	modules := map[string]mod{"a": pyModule(t, "sender.py", map[string]string{"SEND_COUNT": "100000", "SEND_INTERVAL": "0.1"})}
 	routes := map[string]any{"up": `FROM /messages/modules/a/* INTO $upstream`}
-	ctl.setDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, nil, 7200)})
+	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, nil, 7200)})
 	startAgent(t, cfg)
-	waitFor(t, 60*time.Second, "upstream messages", func() bool { return len(ctl.upstreamMessages()) >= 5 })
-	ctl.stop()
+	waitFor(t, 60*time.Second, "upstream messages", func() bool { return len(ctl.Upstream()) >= 5 })
+	ctl.Stop()
 	before := len(sentIDs(rec, "a"))
 	time.Sleep(outage())
 	during := len(sentIDs(rec, "a")) - before
 	if during < 10 {
 		t.Fatalf("the module sent only %d messages while the controller was away", during)
 	}
-	ctl.start()
+	ctl.Resume()
 	time.Sleep(time.Second)
 	sent := sentIDs(rec, "a")
 	waitFor(t, 60*time.Second, "every message sent to reach the controller", func() bool {
-		return len(upstreamIDs(t, ctl.upstreamMessages())) >= len(sent)
+		return len(testcontroller.MessageIDs(t, ctl.Upstream())) >= len(sent)
 	})
-	got := upstreamIDs(t, ctl.upstreamMessages())
+	got := testcontroller.MessageIDs(t, ctl.Upstream())
 	for i, id := range sent {
 		if got[i] != id {
 			t.Fatalf("message %d: controller got %s; the module sent %s", i, got[i], id)
@@ -466,25 +245,25 @@ func TestAgentHub_ExpiredWhileControllerAway(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a controller outage of 10 s")
 	}
-	_, _ = pythonSDK(t)
+	_, _ = pysdk.Find(t)
 	rec := &recordingHandler{}
-	ctl := startRecordingController(t, freeAddr(t), "hub-ttl-01")
+	ctl := testcontroller.Start(t, "hub-ttl-01", testLogger(t))
 	cfg := hubAgentConfig(t, ctl, "127.0.0.153", rec)
 	modules := map[string]mod{"a": pyModule(t, "sender.py", map[string]string{"SEND_COUNT": "100000", "SEND_INTERVAL": "0.25"})}
 	routes := map[string]any{"up": map[string]any{"route": `FROM /messages/modules/a/* INTO $upstream`, "timeToLiveSecs": 5}}
-	ctl.setDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, nil, 7200)})
+	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, nil, 7200)})
 	startAgent(t, cfg)
-	waitFor(t, 60*time.Second, "upstream messages", func() bool { return len(ctl.upstreamMessages()) >= 3 })
-	ctl.stop()
+	waitFor(t, 60*time.Second, "upstream messages", func() bool { return len(ctl.Upstream()) >= 3 })
+	ctl.Stop()
 	before := len(sentIDs(rec, "a"))
 	time.Sleep(10 * time.Second)
-	ctl.start()
-	doc := ctl.waitReport(60*time.Second, "expired messages counted", func(d fleet.ReportedDocument) bool {
+	ctl.Resume()
+	doc := ctl.WaitReport(60*time.Second, "expired messages counted", func(d fleet.ReportedDocument) bool {
 		return d.Hub != nil && d.Hub.Expired > 0
 	})
 	time.Sleep(2 * time.Second)
 	sent := sentIDs(rec, "a")
-	got := upstreamIDs(t, ctl.upstreamMessages())
+	got := testcontroller.MessageIDs(t, ctl.Upstream())
 	arrived := map[string]bool{}
 	for _, id := range got {
 		arrived[id] = true
@@ -499,7 +278,7 @@ func TestAgentHub_ExpiredWhileControllerAway(t *testing.T) {
 			lastMissing = i
 		}
 	}
-	doc = ctl.waitReport(30*time.Second, "the final count", func(d fleet.ReportedDocument) bool {
+	doc = ctl.WaitReport(30*time.Second, "the final count", func(d fleet.ReportedDocument) bool {
 		return d.Hub != nil && d.Hub.Expired == uint64(len(missing))
 	})
 	if len(missing) == 0 || lastMissing < before {

@@ -14,7 +14,7 @@ import (
 
 // agentEnv is the prefix of the agent's environment fallbacks, one per flag:
 // APPLIANCE_AGENT_SERVER, _DEVICE_ID, _DEVICE_KEY, _ENROLL_TOKEN, _RUNTIME,
-// _DATA_DIR, _CA_FILE.
+// _DATA_DIR, _CA_FILE, _HUB_ADDR, _HUB_DOCKER_ADDR, _HUB_HOSTNAME.
 const agentEnv = "APPLIANCE_AGENT_"
 
 func (a *app) agentCommand() *cobra.Command {
@@ -24,6 +24,9 @@ func (a *app) agentCommand() *cobra.Command {
 		logFormat, logLevel                       string
 		coolOff, keepAlive                        time.Duration
 		maxRestarts                               int
+		hubAddr, hubDockerAddr, hubHostname       string
+		hubStoreMax                               int64
+		noHub                                     bool
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -32,6 +35,14 @@ func (a *app) agentCommand() *cobra.Command {
 the next), runs the modules of the deployment that applies to the device, keeps
 them running by their restart policies, reports their status, and keeps running
 its last manifest while every controller is unreachable.
+
+The agent is also the device's IoT Edge runtime: a device hub (MQTT over TLS
+on port 8883 of --hub-addr, and of --hub-docker-addr for containers) applies
+the deployment's routes, keeps messages on disk until their sink takes them
+(store-and-forward), serves module twins and direct methods, and sends
+$upstream messages to the controller; each module gets the IOTEDGE_*
+environment and workload socket that modules built with the Azure IoT SDKs
+expect (IoTHubModuleClient.create_from_edge_environment()).
 
 A device authenticates with one of its keys (--device-key), or enrolls itself
 with an enrollment group's token (--enroll-token): it then makes a key of its
@@ -84,6 +95,13 @@ choose its own, or it could put itself in any deployment's audience.`,
 				Version:     a.version,
 				Restart:     agent.RestartConfig{CoolOff: coolOff, MaxRestarts: maxRestarts},
 				KeepAlive:   keepAlive,
+				Hub: agent.HubConfig{
+					Disabled:      noHub,
+					Addr:          env("HUB_ADDR", hubAddr),
+					DockerAddr:    env("HUB_DOCKER_ADDR", hubDockerAddr),
+					Hostname:      env("HUB_HOSTNAME", hubHostname),
+					MaxStoreBytes: hubStoreMax,
+				},
 			})
 			if err != nil {
 				return err
@@ -106,6 +124,11 @@ choose its own, or it could put itself in any deployment's audience.`,
 	f.DurationVar(&keepAlive, "keepalive", agent.DefaultKeepAlive, "MQTT keepalive: a controller that stops answering is left after about two of these")
 	f.DurationVar(&coolOff, "restart-cool-off", agent.DefaultCoolOff, "wait before the first restart of a failed module; doubles each time (edgeAgent's default)")
 	f.IntVar(&maxRestarts, "max-restarts", agent.DefaultMaxRestarts, "restarts before a failing module is left dead (until a new deployment)")
+	f.StringVar(&hubAddr, "hub-addr", agent.DefaultHubAddr, "device hub address for process modules, host:port (their IOTEDGE_GATEWAYHOSTNAME is the host; the Azure SDKs use port 8883, so agents sharing a machine take distinct 127.0.0.x) (env APPLIANCE_AGENT_HUB_ADDR)")
+	f.StringVar(&hubDockerAddr, "hub-docker-addr", agent.HubDockerAuto, "device hub address for containers: auto (Docker's bridge gateway, port 8883), off, or host:port (env APPLIANCE_AGENT_HUB_DOCKER_ADDR)")
+	f.StringVar(&hubHostname, "hub-hostname", agent.DefaultHubHostname, "the hub's name in containers' /etc/hosts, and the IoT hub name modules are given (env APPLIANCE_AGENT_HUB_HOSTNAME)")
+	f.Int64Var(&hubStoreMax, "hub-store-max", 1<<30, "bytes of messages the hub keeps on disk for sinks that do not take them; beyond, the oldest are dropped and counted")
+	f.BoolVar(&noHub, "no-hub", false, "run no device hub: modules get no IoT Edge environment, routes are not applied")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
