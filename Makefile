@@ -55,6 +55,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzCompile -fuzztime $${FUZZTIME:-30s} ./evaluator/
 	$(GO) test -run '^$$' -fuzz FuzzValidateContent -fuzztime $${FUZZTIME:-30s} ./fleet/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeUpstreamBatch -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-30s} ./routing/
 	$(GO) test -run '^$$' -fuzz FuzzParseTelemetryTopic -fuzztime $${FUZZTIME:-30s} ./hub/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeUpstreamBatch -fuzztime $${FUZZTIME:-30s} ./fleet/
@@ -64,6 +65,7 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzReadPacket -fuzztime $${FUZZTIME:-30s} ./sim/
 	$(GO) test -run '^$$' -fuzz FuzzParseJoinToken -fuzztime $${FUZZTIME:-30s} ./pki/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s} ./raftstore/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeBody -fuzztime $${FUZZTIME:-30s} ./api/
 
 # Tests assert what happened (order, content, counts), never how long it
 # took: on a loaded 2-core machine a correct build runs slow, and speed is
@@ -80,7 +82,9 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 # with "did not happen") is not an assertion on a duration and is allowed.
 DURATION_ASSERTION := if [^{]*(time\.Since\(|time\.Until\(|\.Sub\()[^{]*[<>]|if [^{]*[<>]=? *[0-9.]* *\*? *time\.(Nanosecond|Microsecond|Millisecond|Second|Minute|Hour)\b|if [^{]*[<>]=? *[A-Za-z_.]*(Timeout|Interval)\b|(took|elapsed|gap|latency|lag) *[<>]=? *[0-9.]* *\*? *time\.
 
-lint: ## gofmt, go vet, and no test that asserts a duration
+# Every fuzz target is run by `make fuzz` and has a committed seed corpus
+# (testdata/fuzz/<FuzzName> beside it); lint checks both.
+lint: ## gofmt, go vet, no test that asserts a duration, every fuzz target run and seeded
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
@@ -88,6 +92,11 @@ lint: ## gofmt, go vet, and no test that asserts a duration
 	@files=$$( (git ls-files '*_test.go' 2>/dev/null || find . -name '*_test.go') | grep -v -e 'bench_test\.go$$' -e '^\(\./\)\?loadtest/'); \
 	  if out=$$(grep -nE '$(DURATION_ASSERTION)' $$files); then \
 	    echo "tests must not assert durations (assert what happened; measure speed in a benchmark):"; echo "$$out"; exit 1; fi
+	@bad=; for f in $$(git ls-files -co --exclude-standard '*_test.go' 2>/dev/null || find . -name '*_test.go'); do \
+	  for fz in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$f); do \
+	    grep -q -- "-fuzz $$fz " Makefile || { echo "$$f: $$fz is not run by make fuzz"; bad=1; }; \
+	    [ -d "$$(dirname $$f)/testdata/fuzz/$$fz" ] || { echo "$$f: $$fz has no committed seed corpus in $$(dirname $$f)/testdata/fuzz/$$fz"; bad=1; }; \
+	  done; done; [ -z "$$bad" ]
 
 clean: ## remove build output and the `make cluster` data
 	rm -rf bin .cluster
