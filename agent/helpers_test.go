@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // moduleBin is the test workload (testdata/module), built by TestMain as
@@ -197,6 +198,7 @@ func (ra *runningAgent) send(t testing.TB, doc fleet.DesiredDocument) {
 // waitReport waits until the agent's report satisfies cond.
 func waitReport(t testing.TB, a *Agent, timeout time.Duration, what string, cond func(fleet.ReportedDocument) bool) fleet.ReportedDocument {
 	t.Helper()
+	timeout = testutil.Bound(timeout)
 	deadline := time.Now().Add(timeout)
 	var last fleet.ReportedDocument
 	for time.Now().Before(deadline) {
@@ -216,6 +218,7 @@ func waitReport(t testing.TB, a *Agent, timeout time.Duration, what string, cond
 // waitFor polls cond until it holds.
 func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
+	timeout = testutil.Bound(timeout)
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		if cond() {

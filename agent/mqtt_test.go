@@ -23,6 +23,7 @@ import (
 
 	"appliance/broker"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // The MQTT tests run the agent against the real broker package over TCP on
@@ -129,6 +130,7 @@ func (c *controller) setDesired(doc fleet.DesiredDocument) {
 // decode strictly as a fleet.ReportedDocument.
 func (c *controller) waitReport(timeout time.Duration, what string, cond func(fleet.ReportedDocument) bool) fleet.ReportedDocument {
 	c.t.Helper()
+	timeout = testutil.Bound(timeout)
 	deadline := time.After(timeout)
 	var last []byte
 	for {
@@ -469,7 +471,7 @@ func TestAgent_EnrollsWithItsOwnKey(t *testing.T) {
 		select {
 		case p := <-passwords[id]:
 			return p
-		case <-time.After(10 * time.Second):
+		case <-time.After(testutil.WaitTimeout):
 			t.Fatalf("%s did not connect", id)
 			return ""
 		}

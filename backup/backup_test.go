@@ -21,6 +21,7 @@ import (
 
 	"appliance/backup"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 	"appliance/pki"
 	"appliance/raftstore"
 )
@@ -53,11 +54,7 @@ func (w *testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func testContext(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
+func testContext(t testing.TB) context.Context { return testutil.Context(t) }
 
 func openStore(t testing.TB, cfg raftstore.Config) *raftstore.Store {
 	t.Helper()

@@ -13,6 +13,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 func TestBroker_Connect_RightKeyGetsDesiredOnSubscribe(t *testing.T) {
@@ -181,7 +182,7 @@ func TestBroker_Report_AcceptedAndMalformedDropped(t *testing.T) {
 		if r.deviceID != "press-01" || r.doc != good {
 			t.Fatalf("sink got %+v", r)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("sink not called")
 	}
 
@@ -279,7 +280,7 @@ func TestBroker_Desired_SourceErrorDisconnects(t *testing.T) {
 	}()
 	select {
 	case <-d.c.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("device not disconnected after the desired source failed")
 	}
 	if got := b.Stats().DesiredFailed; got != 1 {
@@ -301,7 +302,7 @@ func TestBroker_Disconnect_DropsClient(t *testing.T) {
 		if dc.ReasonCode != packets.ErrAdministrativeAction.Code {
 			t.Errorf("disconnect reason %#x; want administrative action", dc.ReasonCode)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("client not dropped")
 	}
 	<-d.c.Done()
@@ -375,7 +376,7 @@ func TestBroker_SessionTakeover_NewConnectionWins(t *testing.T) {
 		if dc.ReasonCode != packets.ErrSessionTakenOver.Code {
 			t.Errorf("disconnect reason %#x; want session taken over", dc.ReasonCode)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("first connection not taken over")
 	}
 	second.subscribe(t, fleet.DesiredTopic("press-01"))
@@ -411,7 +412,7 @@ func TestBroker_Limits_PacketTooLargeDisconnects(t *testing.T) {
 		Payload: []byte(`{"pad":"` + strings.Repeat("x", 4096) + `"}`)})
 	select {
 	case <-d.c.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("client sending an oversized packet not disconnected")
 	}
 	select {
@@ -431,7 +432,7 @@ func TestBroker_Close_DisconnectsClientsAndIsIdempotent(t *testing.T) {
 	}
 	select {
 	case <-d.c.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("client still connected after Close")
 	}
 	if err := drain(idle); err != nil {
@@ -464,7 +465,7 @@ func TestBroker_Start_ContextCancelCloses(t *testing.T) {
 	cancel()
 	select {
 	case <-d.c.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("client still connected after the context ended")
 	}
 }
@@ -618,7 +619,7 @@ func TestBroker_RefuseAndAdmit(t *testing.T) {
 		if dc.ReasonCode != packets.ErrUseAnotherServer.Code {
 			t.Fatalf("DISCONNECT reason %#x; want %#x (use another server)", dc.ReasonCode, packets.ErrUseAnotherServer.Code)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("press-01 was not disconnected")
 	}
 	for _, key := range []string{"key-press-02", "wrong"} {
@@ -662,7 +663,7 @@ func TestBroker_DisconnectStale_EndsOnlySessionsOfAReplacedKey(t *testing.T) {
 		if dc.ReasonCode != packets.ErrNotAuthorized.Code {
 			t.Errorf("disconnect reason %#x; want not authorized", dc.ReasonCode)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("session of the replaced key not dropped")
 	}
 	<-d.c.Done()
@@ -677,7 +678,7 @@ func TestBroker_DisconnectStale_EndsOnlySessionsOfAReplacedKey(t *testing.T) {
 		if r.deviceID != "press-02" {
 			t.Fatalf("report from %s; want press-02", r.deviceID)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("the other device's report was not taken")
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // Tests of how the broker runs connections (listener.go, session.go,
@@ -170,7 +171,7 @@ func TestBroker_PipelinedPacketsAreAllProcessed(t *testing.T) {
 			if r.doc != report {
 				t.Fatalf("report %q", r.doc)
 			}
-		case <-time.After(5 * time.Second):
+		case <-time.After(testutil.WaitTimeout):
 			t.Fatal("report not taken")
 		}
 	})
@@ -199,7 +200,7 @@ func TestBroker_Report_LargestAccepted(t *testing.T) {
 			if r.doc != largest {
 				t.Fatalf("sink got %d bytes; want the %d sent", len(r.doc), len(largest))
 			}
-		case <-time.After(5 * time.Second):
+		case <-time.After(testutil.WaitTimeout):
 			t.Fatal("64 KiB report not taken")
 		}
 		if _, err := d.publish(t, fleet.ReportedTopic("press-01"), pad(DefaultMaxReportSize+1)); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // The three fakes below stand in for the node: in production the node's
@@ -276,7 +277,7 @@ func (d *testDevice) expectMessage(t testing.TB) *paho.Publish {
 	select {
 	case m := <-d.msgs:
 		return m
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatalf("%s: no message within 5s", d.id)
 		return nil
 	}
@@ -299,16 +300,10 @@ func (d *testDevice) expectNoMessage(t testing.TB, wait time.Duration) {
 	}
 }
 
-// waitFor polls cond for up to 5 s.
+// waitFor polls cond until it holds (testutil.WaitFor).
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.WaitFor(t, what, cond)
 }
 
 // A minimal raw MQTT 5 client, for sending bytes no real client would.

@@ -13,6 +13,7 @@ import (
 
 	"appliance/cluster"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 	"appliance/pki"
 	"appliance/raftstore"
 )
@@ -223,22 +224,12 @@ func joinNode(t testing.TB, via *testNode, token, nodeID string) *testNode {
 	}
 }
 
-func testContext(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
+func testContext(t testing.TB) context.Context { return testutil.Context(t) }
 
-// waitFor polls cond until it holds, failing the test after 10 s.
+// waitFor polls cond until it holds (testutil.WaitFor).
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.WaitFor(t, what, cond)
 }
 
 // leaderOf waits until one of nodes leads and the others know it.

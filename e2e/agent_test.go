@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // agentProc is one `appliance agent` process.
@@ -159,6 +160,7 @@ func starts(out, name string) int {
 
 func eventually(t *testing.T, what string, timeout time.Duration, cond func() bool) {
 	t.Helper()
+	timeout = testutil.Bound(timeout)
 	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {

@@ -154,13 +154,7 @@ func TestConsole_Overview(t *testing.T) {
 
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within 10 s", what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitFor(t, what, cond)
 }
 
 func TestConsole_CheckCondition(t *testing.T) {

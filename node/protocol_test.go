@@ -15,6 +15,7 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 	"appliance/raftstore"
 )
 
@@ -75,7 +76,7 @@ func (d *mqttDevice) nextDesired(t *testing.T) fleet.DesiredDocument {
 			t.Fatalf("%s: desired document %s: %v", d.id, m.Payload, err)
 		}
 		return doc
-	case <-time.After(10 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatalf("%s: no desired document within 10s", d.id)
 		return fleet.DesiredDocument{}
 	}
@@ -397,7 +398,7 @@ func TestEnrollment_RotateAndDeleteRevokeTheToken(t *testing.T) {
 	}
 	select {
 	case <-a.c.Done():
-	case <-time.After(10 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("a revoked device's session stayed open")
 	}
 	if _, err := enroll(rot2.Token, "dev-a", ownA); err == nil {
@@ -434,7 +435,7 @@ func TestEnrollment_RotateAndDeleteRevokeTheToken(t *testing.T) {
 	}
 	select {
 	case <-d.c.Done():
-	case <-time.After(10 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("a device of a deleted, revoked enrollment stayed connected")
 	}
 	if _, err := connectDevice(t, n.MQTTAddr(), "dev-d", ownD); err == nil {
@@ -514,7 +515,7 @@ func TestRegenerateKeyEndsItsSessions(t *testing.T) {
 	}
 	select {
 	case <-dev.c.Done():
-	case <-time.After(10 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("the session of the replaced key is still open")
 	}
 	if _, err := connectDevice(t, n.MQTTAddr(), "press-01", primary); err == nil {

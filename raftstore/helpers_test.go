@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"appliance/internal/testutil"
 )
 
 // testConfig is a node on loopback with fast timeouts.
@@ -65,22 +67,12 @@ func newTestCluster(t testing.TB, n int, edit func(cfg *Config)) []*Store {
 	return stores
 }
 
-func testContext(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
+func testContext(t testing.TB) context.Context { return testutil.Context(t) }
 
-// waitFor polls cond for up to 10 s.
+// waitFor polls cond until it holds (testutil.WaitFor).
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.WaitFor(t, what, cond)
 }
 
 // leaderOf returns the store that leads, waiting for one.

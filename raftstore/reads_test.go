@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // TestStore_ReadIndex_FollowerSeesAcknowledgedWrite: right after the
@@ -104,7 +105,7 @@ func TestStore_WaitApplied(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("waiter not woken by the next write")
 	}
 
@@ -116,7 +117,7 @@ func TestStore_WaitApplied(t *testing.T) {
 		if !errors.Is(err, ErrClosed) {
 			t.Fatalf("err = %v, want ErrClosed", err)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatal("waiter not released by Close")
 	}
 	if _, err := s.Apply(context.Background(), PutDevice{Device: fleet.Device{ID: "late"}}); !errors.Is(err, ErrClosed) {

@@ -12,6 +12,7 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 	"appliance/node"
 	"appliance/sim"
 )
@@ -114,6 +115,7 @@ func runSim(t testing.TB, s *sim.Sim) context.CancelFunc {
 
 func waitFor(t testing.TB, timeout time.Duration, what string, ok func() bool) {
 	t.Helper()
+	timeout = testutil.Bound(timeout)
 	deadline := time.Now().Add(timeout)
 	for !ok() {
 		if time.Now().After(deadline) {
