@@ -24,6 +24,7 @@ import (
 	"appliance/api"
 	"appliance/broker"
 	"appliance/fleet"
+	"appliance/internal/testenv"
 )
 
 // The slowloris test: 2,000 idle or trickling sockets against each of the
@@ -73,6 +74,7 @@ func TestSlowloris_DevicesAndOperatorsStillServed(t *testing.T) {
 	if testing.Short() {
 		t.Skip("12,000 sockets: not in -short")
 	}
+	testenv.SkipUnderRace(t, "12,000 sockets")
 	needFiles(t, 2*3*slowlorisSockets+2000)
 	logger := slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	// Timeouts shorter than the defaults, so that the attack's sockets
@@ -271,6 +273,7 @@ func TestSlowloris_OneAddressMeetsTheCap(t *testing.T) {
 	if testing.Short() {
 		t.Skip("6,000 sockets: not in -short")
 	}
+	testenv.SkipUnderRace(t, "6,000 sockets")
 	needFiles(t, 3*slowlorisSockets+2000)
 	n := startTLSNode(t, Config{NodeID: "n1"})
 	ops := tlsClient(t, n)

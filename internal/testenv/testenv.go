@@ -57,3 +57,16 @@ func Dir(t testing.TB, path, hint string) {
 		Missing(t, "%s not found: %s", path, hint)
 	}
 }
+
+// SkipUnderRace skips a test that cannot run under the race detector: a
+// load test holding thousands of sockets (the detector allows 8,128 live
+// goroutines, and the server it slows is then starved by the load it is
+// meant to withstand). make unit runs such tests again without -race
+// (NORACE_TESTS in the Makefile): a test that calls this must be listed
+// there, or it runs nowhere.
+func SkipUnderRace(t testing.TB, why string) {
+	t.Helper()
+	if Race {
+		t.Skipf("not under the race detector (%s): make unit runs it in its pass without -race", why)
+	}
+}
