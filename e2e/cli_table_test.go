@@ -647,7 +647,10 @@ func cliRows() []cliRow {
 					t.Errorf("cluster %+v", c)
 				}
 			}},
-		{cmd: "cluster remove", args: []string{"n2"}, lines: []string{`removed n2 from the cluster.*`}},
+		// Removing a node revokes its certificate and rotates both tokens
+		// (the CLI on this machine reads the new admin token from the data
+		// directory).
+		{cmd: "cluster remove", args: []string{"n2"}, lines: []string{`removed:\s+n2`, `certificateRevoked:\s+yes .*`, `adminToken:\s+\S{43}`, `joinToken:\s+APL1[0-9a-f]{64}::\S+`}},
 		{cmd: "cluster remove", args: []string{"n2", "-o", "json"}, fail: true, errLine: []string{"n2"}},
 		{cmd: "cluster members", args: []string{"-o", "json"}, json: &api.ClusterView{},
 			check: func(t *testing.T, _ result, v any, _ map[string]string) {
