@@ -91,11 +91,11 @@ while IFS=: read -r file n; do
 done <"$work/routes.txt"
 
 # The node-certificate check, removed from each cluster RPC in turn.
-{ grep -n 's\.nodeOnly(' cluster/rpc.go || true; } | { grep -v 'func (s \*Server) nodeOnly' || true; } | cut -d: -f1 >"$work/rpcs.txt"
+{ grep -n 's\.nodeOnly\(For\)\?(' cluster/rpc.go || true; } | { grep -v ':func ' || true; } | cut -d: -f1 >"$work/rpcs.txt"
 while read -r n; do
-	route=$(sed -n "${n}p" cluster/rpc.go | { grep -o '"[^"]*"' || true; } | head -1)
+	route=$(sed -n "${n}p" cluster/rpc.go | { grep -o '"[^"]*"[^,]*' || true; } | head -1)
 	[ -n "$route" ] || route="HandleNode"
-	mutate "rpc:$route" cluster/rpc.go "my \$i=0; s{^(.*)\$}{ ++\$i == $n ? (\$1 =~ s/s\\.nodeOnly\\(/(/r) : \$1 }gme" \
+	mutate "rpc:$route" cluster/rpc.go "my \$i=0; s{^(.*)\$}{ ++\$i == $n ? (\$1 =~ s/s\\.nodeOnly(?:For\\(\\w+, |\\()/(/r) : \$1 }gme" \
 		./node/ 'TestCluster_EveryRPCNeedsANodeCertificate'
 done <"$work/rpcs.txt"
 
