@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -125,12 +126,17 @@ func TestNode_ServesDashboard(t *testing.T) {
 
 // TestCluster_EveryRPCNeedsANodeCertificate walks every cluster RPC the
 // node serves on its cluster port (the RPC server's own list) as a client
-// that trusts the cluster's CA but holds no node certificate: each answers
-// 401, and the join RPC, the one open to joiners, refuses a wrong secret.
+// that trusts the cluster's CA and knows the join secret (a joiner, or a
+// removed node) but holds no node certificate: each answers 401, and the
+// join RPC, the one open to joiners, refuses a wrong secret.
 func TestCluster_EveryRPCNeedsANodeCertificate(t *testing.T) {
 	n := startNode(t, t.TempDir())
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: pki.PinnedClientTLS(n.bundle.CA.Fingerprint())}}
 	defer hc.CloseIdleConnections()
+	_, joinSecret, err := pki.ParseJoinToken(n.JoinToken())
+	if err != nil {
+		t.Fatal(err)
+	}
 	patterns := n.rpc.Routes()
 	for _, want := range append([]string{"POST /cluster/v1/apply", "GET " + connectionsPath}, openRPCs...) {
 		if !slices.Contains(patterns, want) {
@@ -142,7 +148,11 @@ func TestCluster_EveryRPCNeedsANodeCertificate(t *testing.T) {
 		if got := n.rpc.Route(httptest.NewRequest(method, path, nil)); got != p {
 			t.Fatalf("%s %s is routed to %q, not to the RPC under test %q", method, path, got, p)
 		}
-		body := `{"nodeId":"intruder","hosts":["127.0.0.1"],"secret":"wrong","address":"127.0.0.1:1"}`
+		secret := joinSecret
+		if slices.Contains(openRPCs, p) {
+			secret = "wrong"
+		}
+		body := fmt.Sprintf(`{"nodeId":"intruder","hosts":["127.0.0.1"],"secret":%q,"address":"127.0.0.1:1"}`, secret)
 		req, err := http.NewRequest(method, "https://"+n.RaftAddr()+path, strings.NewReader(body))
 		if err != nil {
 			t.Fatal(err)
