@@ -39,19 +39,25 @@ func openConfig(t testing.TB, cfg Config) *Store {
 const clusterRaftTimeout = 500 * time.Millisecond
 
 // newTestCluster opens n stores in this process; n1 bootstraps, leads, and
-// adds the others as voters. edit, when set, adjusts each node's Config.
+// adds the others as voters. Each asks the others what they run straight
+// from their Info (the cluster package's info RPC, without the network),
+// so the upgrade gate lets through every command this build has. edit,
+// when set, adjusts each node's Config.
 func newTestCluster(t testing.TB, n int, edit func(cfg *Config)) []*Store {
 	t.Helper()
 	stores := make([]*Store, n)
+	peers := newPeerSet()
 	for i := range stores {
 		cfg := testConfig(t, t.TempDir(), fmt.Sprintf("n%d", i+1))
 		cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = clusterRaftTimeout, clusterRaftTimeout, clusterRaftTimeout
 		cfg.Bootstrap = i == 0
+		cfg.PeerInfo = peers.info
 		if edit != nil {
 			edit(&cfg)
 		}
 		stores[i] = openConfig(t, cfg)
 	}
+	peers.add(stores...)
 	ctx := testContext(t)
 	if err := stores[0].WaitLeader(ctx); err != nil {
 		t.Fatal(err)
@@ -129,6 +135,17 @@ func (p *peerSet) forward(ctx context.Context, addr, id string, entry []byte) (*
 		}
 	}
 	return wireRoundTrip(s.ApplyEncoded(ctx, entry))
+}
+
+// info answers Config.PeerInfo with the named store's Info.
+func (p *peerSet) info(ctx context.Context, id, addr string) (NodeInfo, error) {
+	p.mu.Lock()
+	s := p.byID[id]
+	p.mu.Unlock()
+	if s == nil {
+		return NodeInfo{}, fmt.Errorf("dial %s: unknown peer %s", addr, id)
+	}
+	return s.Info(), nil
 }
 
 // wireRoundTrip sends an ApplyEncoded answer through the wire encodings.
