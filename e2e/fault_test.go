@@ -902,6 +902,14 @@ func (h *faultHistory) add(op porcupine.Operation) {
 	h.ops = append(h.ops, op)
 }
 
+// created records a deployment a test made outside the clients (through
+// node via, acknowledged), so that the checks expect it.
+func (h *faultHistory) created(id, via string, priority int64, condition string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.deps[id] = depAttempt{via: via, priority: priority, condition: condition, outcome: outcomeAcked, acked: h.now()}
+}
+
 func (h *faultHistory) unexpectedf(format string, args ...any) {
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -307,3 +307,56 @@ func TestCommands(t *testing.T) {
 		t.Errorf("Decode of type 200: %v, want ErrUnknownCommand", err)
 	}
 }
+
+// TestStore_Apply_GatesNewCommands: Apply and ApplyEncoded refuse a command
+// outside LegacyCommands (enrollment rotation, 13) while one member runs
+// the previous release, before anything is proposed, on the leader and
+// on a follower (which checks before forwarding), and also a write
+// forwarded to the leader by a node that did not check; once that member
+// says it can apply it, the same write goes through.
+func TestStore_Apply_GatesNewCommands(t *testing.T) {
+	peers := &fakePeers{answers: map[string]func() (NodeInfo, error){}}
+	fwd := newPeerSet()
+	stores := newTestCluster(t, 3, func(cfg *Config) { cfg.PeerInfo = peers.info; cfg.Forward = fwd.forward })
+	fwd.add(stores...)
+	current := func() (NodeInfo, error) { return NodeInfo{Version: "v-this", Commands: Commands()}, nil }
+	for _, id := range []string{"n1", "n2", "n3"} {
+		peers.set(id, current)
+	}
+	peers.set("n3", legacyPeer)
+	leader, follower := stores[0], stores[1]
+	ctx := testContext(t)
+	if _, err := leader.Apply(ctx, PutEnrollment{Time: time.Now().UTC(), Enrollment: fleet.Enrollment{Name: "line-1", DerivationKey: "k1"}}); err != nil {
+		t.Fatalf("a legacy command with a legacy member: %v", err)
+	}
+	rotate := RotateEnrollment{Name: "line-1", DerivationKey: "k2", Time: time.Now().UTC()}
+	entry, err := Encode(rotate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := leader.AppliedIndex()
+	for name, try := range map[string]func() error{
+		"on the leader":            func() error { _, err := leader.Apply(ctx, rotate); return err },
+		"on a follower":            func() error { _, err := follower.Apply(ctx, rotate); return err },
+		"forwarded, on the leader": func() error { _, err := leader.ApplyEncoded(ctx, entry); return err },
+		"forwarded, over the wire": func() error { _, err := fwd.forward(ctx, leader.RaftAddr(), "n1", entry); return err },
+	} {
+		err := try()
+		if !errors.Is(err, ErrClusterBehind) || !strings.Contains(err.Error(), "n3 runs "+LegacyRelease) {
+			t.Errorf("%s: %v, want a refusal naming n3", name, err)
+		}
+	}
+	if leader.AppliedIndex() != before {
+		t.Fatalf("applied index moved %d -> %d: a refused command was proposed", before, leader.AppliedIndex())
+	}
+
+	peers.set("n3", current) // n3 upgraded
+	for _, s := range stores {
+		s.peers.mu.Lock()
+		clear(s.peers.infos) // the restart the leader would have seen
+		s.peers.mu.Unlock()
+	}
+	if _, err := follower.Apply(ctx, rotate); err != nil {
+		t.Fatalf("every member current: %v", err)
+	}
+}
