@@ -140,6 +140,7 @@ func (a *app) deviceShow() *cobra.Command {
 				{"connection", conn},
 				{"applied", appliedOf(d.Configurations)},
 				{"desired version", strconv.FormatUint(d.DesiredVersion, 10)},
+				{"enrollment", orDash(d.Enrollment)},
 				{"created", d.CreatedTimeUTC.Format("2006-01-02T15:04:05Z")},
 				{"updated", d.LastUpdatedTimeUTC.Format("2006-01-02T15:04:05Z")},
 				{"etag", d.Etag},

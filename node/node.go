@@ -137,6 +137,7 @@ type Node struct {
 	peers     *cluster.Client
 	rpc       *cluster.Server
 	peerConns peerConnections
+	memberIDs memberCache // for the checks of peers' certificates (nodecerts.go)
 
 	broker   *broker.Broker
 	metrics  *metrics

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"appliance/cluster"
@@ -56,21 +57,57 @@ func (a *peerAuthorizer) AuthorizePeer(p pki.CertID, use cluster.Use) error {
 	if verdict != nil || (use != cluster.UseRaft && use != cluster.UseRPC) {
 		return verdict
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	members, err := n.store.Members(ctx)
+	member, err := n.memberIDs.isMember(n.store, p.NodeID)
 	if err != nil {
 		return fmt.Errorf("read the cluster's members: %w", err)
 	}
-	if len(members) == 0 {
-		return nil
+	if !member {
+		return fmt.Errorf("node %s is not a member of the cluster", p.NodeID)
 	}
+	return nil
+}
+
+// memberCache keeps the ids of the latest raft configuration for the
+// checks of raft connections and node-only RPCs (every forwarded write
+// is one): reading raft's configuration is a round trip through raft's
+// main loop. A hit younger than memberCacheTTL is taken as it is; a miss
+// reads the configuration again, so a node added a moment ago is never
+// refused. (A node removed a moment ago may pass for the TTL; its
+// certificate is revoked in the same removal.)
+type memberCache struct {
+	mu  sync.Mutex
+	at  time.Time
+	ids map[string]bool
+}
+
+const memberCacheTTL = time.Second
+
+// forget drops what the cache holds: a node was just removed.
+func (c *memberCache) forget() {
+	c.mu.Lock()
+	c.ids = nil
+	c.mu.Unlock()
+}
+
+func (c *memberCache) isMember(store *raftstore.Store, id string) (bool, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ids[id] && time.Since(c.at) < memberCacheTTL {
+		return true, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	members, err := store.Members(ctx)
+	if err != nil {
+		return false, err
+	}
+	c.ids, c.at = make(map[string]bool, len(members)), time.Now()
 	for _, m := range members {
-		if m.ID == p.NodeID {
-			return nil
-		}
+		c.ids[m.ID] = true
 	}
-	return fmt.Errorf("node %s is not a member of the cluster", p.NodeID)
+	// A node with no configuration yet (waiting to be added) takes the
+	// leader's word.
+	return len(members) == 0 || c.ids[id], nil
 }
 
 func shortFingerprint(fp string) string {

@@ -47,7 +47,9 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	}
 	if certsChanged && n.mux != nil {
 		// A node's certificate was revoked (or bound): connections that
-		// presented one the cluster no longer accepts close now.
+		// presented one the cluster no longer accepts close now, judged by
+		// the members as they are now (a removal precedes its revocation).
+		n.memberIDs.forget()
 		n.mux.Recheck()
 	}
 	if n.broker != nil {
