@@ -29,15 +29,16 @@ type agentProc struct {
 
 func startAgent(t *testing.T, args ...string) *agentProc {
 	t.Helper()
-	return startAgentOf(t, binary, args...)
-}
-
-// startAgentOf is startAgent with the binary bin (another release).
-func startAgentOf(t *testing.T, bin string, args ...string) *agentProc {
-	t.Helper()
 	// The hub on a port of its own: tests run agents side by side (those
 	// that test the hub with the Azure SDK give --hub-addr 127.0.0.x:8883).
-	cmd := exec.Command(bin, append([]string{"agent", "--runtime", "process", "--restart-cool-off", "300ms", "--hub-addr", "127.0.0.1:0"}, args...)...)
+	return startAgentOf(t, binary, append([]string{"--hub-addr", "127.0.0.1:0"}, args...)...)
+}
+
+// startAgentOf is startAgent with the binary bin, which may be another
+// release: only the flags every release has are added to args.
+func startAgentOf(t *testing.T, bin string, args ...string) *agentProc {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"agent", "--runtime", "process", "--restart-cool-off", "300ms"}, args...)...)
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {

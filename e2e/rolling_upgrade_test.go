@@ -118,7 +118,7 @@ func TestCluster_RollingUpgrade(t *testing.T) {
 	}
 	agents := map[string][]string{
 		"agent-old": {old, "--enroll-token", enr.Token},
-		"agent-new": {binary, "--device-key", dev.Authentication.SymmetricKey.PrimaryKey},
+		"agent-new": {binary, "--hub-addr", "127.0.0.1:0", "--device-key", dev.Authentication.SymmetricKey.PrimaryKey},
 	}
 	for i, id := range []string{"agent-old", "agent-new"} {
 		var servers []string
