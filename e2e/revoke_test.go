@@ -202,8 +202,11 @@ func TestRevocation_EnrollmentTokens(t *testing.T) {
 	if ownA == ownB || ownA == derivedA {
 		t.Fatal("press-a's key is one press-b could know")
 	}
-	if _, err := connectDevice(t, srv, "press-a", fleet.EnrollmentKey(derivedA, ownA)); err != nil {
+	if d, err := connectDevice(t, srv, "press-a", fleet.EnrollmentKey(derivedA, ownA)); err != nil {
 		t.Fatalf("press-a's own key: %v", err)
+	} else {
+		d.c.Disconnect(&paho.Disconnect{})
+		<-d.gone
 	}
 
 	// Rotating: the old token enrolls nothing, the new one does.
@@ -232,8 +235,9 @@ func TestRevocation_EnrollmentTokens(t *testing.T) {
 	}
 	// A device enrolled with the old token keeps its own key.
 	agentA = startAgent(t, "--server", mqtt, "--ca-file", srv.caFile(), "--device-id", "press-a", "--enroll-token", token, "--data-dir", dataA)
-	eventually(t, "press-a reconnects after the rotation", 30*time.Second, func() bool {
-		return strings.Contains(cli(t, dir, "device", "show", "press-a", "-o", "json").stdout, `"connectionState": "Connected"`)
+	eventually(t, "press-a's agent reconnects after the rotation", 30*time.Second, func() bool {
+		return strings.Contains(agentA.logs.String(), "connected to controller") &&
+			strings.Contains(cli(t, dir, "device", "show", "press-a", "-o", "json").stdout, `"connectionState": "Connected"`)
 	})
 
 	// --revoke-devices: press-a's agent is cut off and stays out.
