@@ -160,13 +160,18 @@ func ParseContentFile(data []byte) (json.RawMessage, error) {
 		contentNode = c
 	}
 	key, _ := modulesContent(contentNode)
-	if key == "" {
-		return nil, Invalid(field+".modulesContent", `is required: the file must hold {"modulesContent": {...}}, {"content": {"modulesContent": {...}}} or a whole deployment configuration with "content"`)
-	}
 	for _, k := range contentNode.keys {
-		if err := checkContentKey(contentNode, k, field); err != nil {
+		check := checkContentKey
+		if key == "" {
+			// Only a misspelt modulesContent comes before "is required".
+			check = func(_ *jnode, k, field string) error { return contentKeySpelling(k, field) }
+		}
+		if err := check(contentNode, k, field); err != nil {
 			return nil, err
 		}
+	}
+	if key == "" {
+		return nil, Invalid(field+".modulesContent", `is required: the file must hold {"modulesContent": {...}}, {"content": {"modulesContent": {...}}} or a whole deployment configuration with "content"`)
 	}
 	var out bytes.Buffer
 	out.WriteString(`{"modulesContent":`)
@@ -200,7 +205,21 @@ func checkContentKey(content *jnode, k, field string) error {
 	case "content":
 		return Invalid(field+".content", "unknown key: pass the content object itself ({\"modulesContent\": ...}), or read a whole configuration with ParseContentFile")
 	}
+	if err := contentKeySpelling(k, field); err != nil {
+		return err
+	}
 	return Invalid(field+"."+k, "unknown key: deployment content holds modulesContent only")
+}
+
+// contentKeySpelling refuses a content key that differs from modulesContent
+// or moduleContent only by case.
+func contentKeySpelling(k, field string) error {
+	for _, name := range []string{"modulesContent", "moduleContent"} {
+		if k != name && strings.EqualFold(k, name) {
+			return spellingError(field+"."+k, k, name)
+		}
+	}
+	return nil
 }
 
 // validator walks a parsed content. Every method returns the first error.
@@ -224,6 +243,9 @@ func (v *validator) content(root *jnode, field string) error {
 	field += "." + key
 	if mc.kind != jObject {
 		return Invalid(field, "must be an object; got %s", describe(mc))
+	}
+	if err := checkModulesContentSpelling(mc, field); err != nil {
+		return err
 	}
 	var required []string
 	if !v.layered {
@@ -562,8 +584,13 @@ func registryCredential(name string, n *jnode, field string) error {
 
 func credentialField(k string, n *jnode, field string) error {
 	switch k {
-	case "username", "password":
+	case "username":
 		return isString(n, field)
+	case "password":
+		if n.kind != jString {
+			return Invalid(field, "must be a string; got %s", describeKind(n)) // the value is never echoed
+		}
+		return nil
 	case "address":
 		if err := isString(n, field); err != nil {
 			return err
@@ -966,13 +993,16 @@ func createOptions(settings *jnode, field string) error {
 		var ve *ValidationError
 		if errors.As(err, &ve) {
 			err = errors.New(ve.Msg)
+			if ve.Field != "" {
+				err = fmt.Errorf("%s: %s", ve.Field, ve.Msg) // the path inside the create options
+			}
 		}
 		return Invalid(f, "%s the Docker create options as a JSON object: %v", what, err)
 	}
 	if opts.kind != jObject {
 		return Invalid(f, "%s the Docker create options as a JSON object; got %s", what, describe(opts))
 	}
-	return nil
+	return checkDockerSpelling(opts, f)
 }
 
 func createOptionsHint(n *jnode) string {
@@ -1517,7 +1547,7 @@ func decodeNode(dec *json.Decoder, path *jpath) (*jnode, error) {
 					seen = map[string]bool{}
 				}
 				if seen[k] {
-					return nil, Invalid(child.String(), "duplicate key")
+					return nil, Invalid(child.String(), "duplicate key %q: JSON readers keep only one of its values, silently (Azure's tools refuse it too)", k)
 				}
 				seen[k] = true
 				v, err := decodeNode(dec, child)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -38,6 +39,41 @@ func TestIsSecretName(t *testing.T) {
 		{"DeviceConnectionString", true},
 		{"AWS_CREDENTIALS", true},
 		{"GF_SECURITY_ADMIN_PASSWORD", true},
+		// The names issue 13 added.
+		{"AUTH", true},
+		{"BASIC_AUTH", true},
+		{"mqttAuth", true},
+		{"OAuth", true},
+		{"AUTHORIZATION_HEADER", true},
+		{"CERT", true},
+		{"TLS_CERT_FILE", true},
+		{"clientCertificate", true},
+		{"COOKIE", true},
+		{"SessionCookieName", true},
+		{"DATABASE_URL", true},
+		{"databaseUrl", true},
+		{"DATABASE_URI", true},
+		{"GITHUB_PAT", true},
+		{"AdoPat", true},
+		{"PAT", true},
+		{"HMAC", true},
+		{"HmacSha256", true},
+		{"JWT", true},
+		{"JWT_ISSUER", true},
+		{"SAS", true},
+		{"BLOB_SAS_URL", true},
+		{"BlobSasUrl", true},
+		{"SESSION", true},
+		{"SESSION_ID", true},
+		{"PASSPHRASE", true},
+		{"keyPassphrase", true},
+		{"AUTHOR", false},
+		{"AUTHORS_FILE", false},
+		{"PATH", false},
+		{"PAT_COUNT", false},
+		{"SPATIAL_INDEX", false},
+		{"CONCERTO", false},
+		{"KANSAS_CITY", false},
 		{"MONKEY", false},
 		{"KEYBOARD_LAYOUT", false},
 		{"BYPASS_PROXY", false},
@@ -57,6 +93,58 @@ func TestIsSecretName(t *testing.T) {
 	}
 }
 
+func TestIsSecretValue(t *testing.T) {
+	tests := []struct {
+		value  string
+		secret bool
+	}{
+		{"HostName=hub.azure-devices.net;DeviceId=d1;SharedAccessKey=abc=", true},
+		{"HostName=hub;DeviceId=d1;ModuleId=m;sharedaccesskey=abc", true},
+		{"DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc;EndpointSuffix=core.windows.net", true},
+		{"Server=db;Database=x;User Id=sa;Password=hunter2;", true},
+		{"Driver={ODBC};Server=db;Uid=sa;Pwd=hunter2", true},
+		{"SharedAccessSignature sr=hub%2Fdevices%2Fd1&sig=abc&se=1700000000", true},
+		{"postgres://app:hunter2@db:5432/plant", true},
+		{"amqps://user:p%40ss@broker.local", true},
+		{"see mqtts://u:p@h and more", true},
+		{"https://registry.local:5000/v2/", false},
+		{"https://user@registry.local/", false},
+		{"http://[::1]:8080/path?a=b@c", false},
+		{"a@b:c", false},
+		{"info", false},
+		{"", false},
+		{"PasswordPolicy", false},
+	}
+	for _, tc := range tests {
+		if got := IsSecretValue(tc.value); got != tc.secret {
+			t.Errorf("IsSecretValue(%q) = %v; want %v", tc.value, got, tc.secret)
+		}
+	}
+}
+
+func TestRedactModuleTwinDesired(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{`{"threshold":30,"apiKey":"k","nested":{"Password":12,"list":[{"token":"t"},"x"],"conn":"Endpoint=sb://n/;SharedAccessKeyName=r;SharedAccessKey=k"},"credentials":{"user":"u","pass":"p","expires":null},"$version":4}`,
+			`{"threshold":30,"apiKey":"<redacted>","nested":{"Password":"<redacted>","list":[{"token":"<redacted>"},"x"],"conn":"<redacted>"},"credentials":{"user":"<redacted>","pass":"<redacted>","expires":null},"$version":4}`},
+		{`{"threshold": 30}`, ""},
+		{`{"a":`, `"<redacted>"`},
+		{`{"a":1,"a":2}`, `"<redacted>"`},
+	}
+	for _, tc := range tests {
+		got := RedactModuleTwinDesired(json.RawMessage(tc.in))
+		want := tc.want
+		if want == "" {
+			want = tc.in
+		}
+		if string(got) != want {
+			t.Errorf("RedactModuleTwinDesired(%s)\n got  %s\n want %s", tc.in, got, want)
+		}
+		if again := RedactModuleTwinDesired(got); !bytes.Equal(again, got) {
+			t.Errorf("redacting twice changes the result: %s", again)
+		}
+	}
+}
+
 func TestRedactContent(t *testing.T) {
 	tests := []struct {
 		name, in, want string // want "" means unchanged
@@ -65,8 +153,17 @@ func TestRedactContent(t *testing.T) {
 			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"username":"u","password":"p1","address":"r"},"b":{"password":""}}}}}}}}`,
 			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"username":"u","password":"<redacted>","address":"r"},"b":{"password":"<redacted>"}}}}}}}}`},
 		{"other credential members",
-			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"Username":"u","Password":"p1","address":"r","token":{"x":1}}}}}}}}}`,
-			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"Username":"u","Password":"<redacted>","address":"r","token":"<redacted>"}}}}}}}}`},
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"username":"u","password":"p1","address":"r","token":{"x":1}}}}}}}}}`,
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"username":"u","password":"<redacted>","address":"r","token":"<redacted>"}}}}}}}}`},
+		// Keys spelled with another case (refused by ValidateContent, but
+		// perhaps stored by an earlier version): the agent's decoder reads
+		// them as the schema's, so the content is hidden whole.
+		{"credential Password", `{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"Username":"u","Password":"p1"}}}}}}}}`, `"<redacted>"`},
+		{"RegistryCredentials", `{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"RegistryCredentials":{"a":{"password":"p1"}}}}}}}}`, `"<redacted>"`},
+		{"module Env", `{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"Env":{"API_KEY":{"value":"k"}}}}}}}}`, `"<redacted>"`},
+		{"Modules", `{"modulesContent":{"$edgeAgent":{"properties.desired":{"Modules":{"m":{"env":{"API_KEY":{"value":"k"}}}}}}}}`, `"<redacted>"`},
+		{"layered Modules", `{"modulesContent":{"$edgeAgent":{"properties.desired.Modules.m.env.API_KEY":{"value":"k"}}}}`, `"<redacted>"`},
+		{"whole configuration with Env", `{"id":"d","content":{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"ENV":{"A_KEY":{"value":"k"}}}}}}}}}`, `"<redacted>"`},
 		{"layered credential",
 			`{"modulesContent":{"$edgeAgent":{"properties.desired.runtime.settings.registryCredentials.acr":{"username":"u","password":"p1","address":"r"}}}}`,
 			`{"modulesContent":{"$edgeAgent":{"properties.desired.runtime.settings.registryCredentials.acr":{"username":"u","password":"<redacted>","address":"r"}}}}`},
@@ -112,8 +209,29 @@ func TestRedactContent(t *testing.T) {
 		{"HTML characters not escaped",
 			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"username":"<CR.Username>","password":"<CR.Password>","address":"a&b"}}}}}}}}`,
 			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"username":"<CR.Username>","password":"<redacted>","address":"a&b"}}}}}}}}`},
+		{"createOptions env of any case",
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"{\"env\":[\"A_TOKEN=t\"],\"ENV\":[\"DB_PASSWORD=p\"]}"}}}}}}}`,
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"{\"env\":[\"A_TOKEN=<redacted>\"],\"ENV\":[\"DB_PASSWORD=<redacted>\"]}"}}}}}}}`},
+		{"createOptions connection strings",
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"{\"Env\":[\"HUB=HostName=h;DeviceId=d;SharedAccessKey=k\",\"MODE=fast\"],\"Cmd\":[\"--db\",\"Server=s;User Id=u;Password=p;\"],\"Labels\":{\"storage\":\"DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k\"}}"}}}}}}}`,
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"{\"Env\":[\"HUB=<redacted>\",\"MODE=fast\"],\"Cmd\":[\"--db\",\"<redacted>\"],\"Labels\":{\"storage\":\"<redacted>\"}}"}}}}}}}`},
+		{"createOptions Env a string",
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"{\"Env\":\"API_KEY=k\"}"}}}}}}}`,
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"{\"Env\":\"API_KEY=<redacted>\"}"}}}}}}}`},
+		{"createOptions not JSON: chunks looked at one by one",
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"{Password=p","createOptions01":"x"}}}}}}}`,
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"settings":{"createOptions":"<redacted>","createOptions01":"x"}}}}}}}`},
+		{"env value connection string",
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"env":{"IOTHUB_CS":{"value":"HostName=h;DeviceId=d;SharedAccessKey=k"},"DB":{"value":"postgres://app:pw@db:5432/x"},"SITE":{"value":"https://example.com/a"}}}}}}}}`,
+			`{"modulesContent":{"$edgeAgent":{"properties.desired":{"modules":{"m":{"env":{"IOTHUB_CS":{"value":"<redacted>"},"DB":{"value":"<redacted>"},"SITE":{"value":"https://example.com/a"}}}}}}}}`},
+		{"module twins",
+			`{"modulesContent":{"m":{"properties.desired":{"password":"p","env":{"API_KEY":{"value":"k"}},"threshold":30,"db":{"connection":"Server=s;Password=p","SessionTimeout":5,"hosts":["a","b"]},"jwtSigning":{"alg":"HS256","keys":[1,null]}}},"$edgeHub":{"properties.desired":{"password":"p"}}}}`,
+			`{"modulesContent":{"m":{"properties.desired":{"password":"<redacted>","env":{"API_KEY":{"value":"<redacted>"}},"threshold":30,"db":{"connection":"<redacted>","SessionTimeout":"<redacted>","hosts":["a","b"]},"jwtSigning":{"alg":"<redacted>","keys":["<redacted>",null]}}},"$edgeHub":{"properties.desired":{"password":"p"}}}}`},
+		{"layered module twin",
+			`{"modulesContent":{"m":{"properties.desired.auth.user":"u","properties.desired.settings":{"apiKey":"k"},"properties.desired.x":"AccountKey=k"}}}`,
+			`{"modulesContent":{"m":{"properties.desired.auth.user":"<redacted>","properties.desired.settings":{"apiKey":"<redacted>"},"properties.desired.x":"<redacted>"}}}`},
 		{"nothing secret", "{\n  \"modulesContent\": {\"$edgeAgent\": {\"properties.desired\": {\"modules\": {\"m\": {\"env\": {\"PORT\": {\"value\": 1}}}}}}}\n}", ""},
-		{"other twins untouched", `{"modulesContent":{"m":{"properties.desired":{"password":"p","env":{"API_KEY":{"value":"k"}}}},"$edgeHub":{"properties.desired":{"password":"p"}}}}`, ""},
+		{"twin without secrets", `{"modulesContent":{"m":{"properties.desired":{"threshold":30,"Env":{"MODE":"x"}}},"$edgeHub":{"properties.desired":{"password":"p"}}}}`, ""},
 		{"not JSON", `{"modulesContent":{"$edgeAgent":{"properties.desired":{"runtime":{"settings":{"registryCredentials":{"a":{"password":"p1"`, `"<redacted>"`},
 		{"duplicate keys", `{"modulesContent":{},"modulesContent":{"$edgeAgent":{}}}`, `"<redacted>"`},
 	}
@@ -302,4 +420,57 @@ func TestDeploymentPublic_RedactsContent(t *testing.T) {
 	if p := d.Public(); bytes.Contains(p.Content, []byte("hunter2")) {
 		t.Errorf("Public shows the registry password")
 	}
+}
+
+// FuzzRedactModuleTwinDesired: whatever the properties, the result is JSON
+// that redacting again leaves as it is; for properties that are JSON, it
+// has the same shape, and no secret-named member nor connection string
+// keeps a value.
+func FuzzRedactModuleTwinDesired(f *testing.F) {
+	f.Add([]byte(`{"threshold":30,"apiKey":"k","nested":{"list":[{"token":"t"},"Password=p"]}}`))
+	f.Add([]byte(`{"a":1,"a":2}`))
+	f.Add([]byte(`[{"SESSION":{"x":[true,null,1.5e3]}}]`))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		out := RedactModuleTwinDesired(in)
+		if !json.Valid(out) {
+			t.Fatalf("not JSON: %q", out)
+		}
+		if again := RedactModuleTwinDesired(out); !bytes.Equal(again, out) {
+			t.Fatalf("redacting twice changes %s into %s", out, again)
+		}
+		root, err := parseJSON(in, "")
+		if err != nil {
+			if string(out) != `"<redacted>"` {
+				t.Fatalf("%q is not JSON, yet %s is shown", in, out)
+			}
+			return
+		}
+		red, err := parseJSON(out, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var same func(a, b *jnode, secret bool)
+		same = func(a, b *jnode, secret bool) {
+			switch {
+			case a.kind == jObject && b.kind == jObject && slices.Equal(a.keys, b.keys):
+				for i, k := range a.keys {
+					same(a.vals[i], b.vals[i], secret || IsSecretName(k))
+				}
+			case a.kind == jArray && b.kind == jArray && len(a.vals) == len(b.vals):
+				for i := range a.vals {
+					same(a.vals[i], b.vals[i], secret)
+				}
+			case a.kind == jNull && b.kind == jNull:
+			case (secret || a.kind == jString && IsSecretValue(a.s)) && a.kind != jObject && a.kind != jArray:
+				if b.kind != jString || b.s != Redacted {
+					t.Fatalf("secret %s shown as %s", describe(a), describe(b))
+				}
+			default:
+				if !bytes.Equal(a.encode(nil, false), b.encode(nil, false)) {
+					t.Fatalf("%s changed into %s", a.encode(nil, false), b.encode(nil, false))
+				}
+			}
+		}
+		same(root, red, false)
+	})
 }

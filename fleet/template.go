@@ -58,16 +58,16 @@ func (e *PlaceholderError) Is(target error) bool { return target == ErrInvalid }
 //
 // ExpandTemplate returns the expanded document, which is valid JSON and
 // otherwise byte for byte the template (a leading UTF-8 byte order mark is
-// dropped). Errors: invalid JSON (with line and column), or a
-// *PlaceholderError for the first placeholder that lookup does not
+// dropped). Errors: invalid JSON (with line and column), a duplicate key
+// (with its path), or a *PlaceholderError for the first placeholder that lookup does not
 // resolve. A nil lookup resolves nothing. Unlike iotedgedev, which runs
 // os.path.expandvars on the file text, an unknown name is an error instead
 // of being left in place, a bare $NAME must be upper case, and values are
 // escaped.
 func ExpandTemplate(data []byte, lookup func(name string) (string, bool)) ([]byte, error) {
 	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
-	if !json.Valid(data) {
-		return nil, syntaxError(data, "")
+	if _, err := parseJSON(data, ""); err != nil { // syntax errors and duplicate keys, with where
+		return nil, err
 	}
 	if lookup == nil {
 		lookup = func(string) (string, bool) { return "", false }
@@ -230,13 +230,15 @@ func braceNameLen(s []byte) int {
 // 'single quotes' it is taken as it is; in "double quotes" the escapes \\ \"
 // \' \n \r \t \a \b \f \v are decoded. An unquoted value ends at " #" (a
 // comment). Keys follow the ${NAME} placeholder rule, so
-// MODULES.SampleModule=... can supply an image. A later line overrides an
-// earlier one. Unlike python-dotenv, values are not expanded (a "${X}" in a
-// value stays as it is) and a quoted value cannot span lines. Errors name
-// the line.
+// MODULES.SampleModule=... can supply an image. A key set twice is an
+// error naming both lines (python-dotenv lets the later line win, silently,
+// so a forgotten line would change a deployment). Unlike python-dotenv,
+// values are not expanded (a "${X}" in a value stays as it is) and a quoted
+// value cannot span lines. Errors name the line.
 func ParseEnvFile(data []byte) (map[string]string, error) {
 	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
 	vars := map[string]string{}
+	lines := map[string]int{} // key → the line that set it
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 0, 64*1024), len(data)+1)
 	for n := 1; sc.Scan(); n++ {
@@ -255,11 +257,14 @@ func ParseEnvFile(data []byte) (map[string]string, error) {
 		if l := braceNameLen([]byte(key)); l == 0 || l != len(key) {
 			return nil, Invalid("", "line %d: %q is not a variable name (letters, digits, _ and ., not starting with a digit)", n, key)
 		}
+		if first, dup := lines[key]; dup {
+			return nil, Invalid("", "line %d: %s is already set on line %d; set each variable once", n, key, first)
+		}
 		v, err := envValueOf(strings.TrimSpace(value))
 		if err != nil {
 			return nil, Invalid("", "line %d: %s: %v", n, key, err)
 		}
-		vars[key] = v
+		vars[key], lines[key] = v, n
 	}
 	if err := sc.Err(); err != nil {
 		return nil, Invalid("", "%v", err)

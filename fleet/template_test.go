@@ -89,6 +89,7 @@ func TestExpandTemplate_Errors(t *testing.T) {
 		{"missing module image", `{"image": "${MODULES.filter}"}`, "${MODULES.filter}", 1, "", ""},
 		{"not JSON", "{\n  \"a\": \"${REG}\"\n  \"b\": 1\n}", "", 0, "", "invalid JSON at line 3, column 3"},
 		{"empty", "", "", 0, "", "invalid JSON"},
+		{"duplicate key", "{\"modulesContent\": {\"$edgeAgent\": {\"properties.desired\": {\"modules\": {\"${M}\": {}, \"${M}\": {}}}}}}", "", 0, "modulesContent.$edgeAgent.properties.desired.modules.${M}", `duplicate key "${M}"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -281,7 +282,7 @@ EDGEAGENT_SCHEMA_VERSION=1.1
 		{"single quotes literal", `A='a\nb"c'`, map[string]string{"A": `a\nb"c`}, ""},
 		{"equals in value", "URL=https://h/?a=b&c=d\n", map[string]string{"URL": "https://h/?a=b&c=d"}, ""},
 		{"dotted key", "MODULES.filter=myacr/filter:1\nMODULEDIR<./x>.debug=y\n", map[string]string{"MODULES.filter": "myacr/filter:1", "MODULEDIR<./x>.debug": "y"}, ""},
-		{"later wins", "A=1\nA=2\n", map[string]string{"A": "2"}, ""},
+		{"set twice", "A=1\n# again\nexport A=2\n", nil, "line 3: A is already set on line 1"},
 		{"CRLF and BOM", "\xef\xbb\xbfA=1\r\nB=\"2\"\r\n", map[string]string{"A": "1", "B": "2"}, ""},
 		{"placeholders stay", "A=${B}\n", map[string]string{"A": "${B}"}, ""},
 		{"empty", "", map[string]string{}, ""},
@@ -435,8 +436,8 @@ func FuzzExpandTemplate(f *testing.F) {
 			if errors.As(err, &pe) {
 				t.Fatalf("placeholder error with every name defined: %v", err)
 			}
-			if json.Valid(bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))) {
-				t.Fatalf("valid JSON refused: %v", err)
+			if _, perr := parseJSON(bytes.TrimPrefix(data, []byte("\xef\xbb\xbf")), ""); perr == nil {
+				t.Fatalf("valid JSON without duplicate keys refused: %v", err)
 			}
 			return
 		}
