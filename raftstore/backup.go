@@ -149,7 +149,7 @@ func backupIndex(path string) (uint64, error) {
 
 func writeRestoreSnapshot(dir, statePath string, index uint64, nodeID, advertiseAddr string) error {
 	quiet := newHCLogger(slog.New(slog.DiscardHandler))
-	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 2, quiet)
+	snaps, err := newPrivateSnapshots(dir, 2, quiet)
 	if err != nil {
 		return fmt.Errorf("restore: open snapshot store in %s: %w", dir, err)
 	}

@@ -242,7 +242,7 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	}
 
 	hlog := newHCLogger(cfg.Logger.With("component", "raft"))
-	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 2, hlog)
+	snaps, err := newPrivateSnapshots(cfg.Dir, 2, hlog)
 	if err != nil {
 		s.closeFiles()
 		return nil, fmt.Errorf("open snapshot store in %s: %w", cfg.Dir, err)
