@@ -75,7 +75,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	urls, err := parseServers(cfg.Servers)
+	urls, err := parseServers(cfg.Servers, cfg.CAFile != "" || cfg.TLSConfig != nil)
 	if err != nil {
 		return nil, err
 	}

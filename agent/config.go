@@ -60,10 +60,13 @@ var (
 // DeviceKey, Servers and DataDir are required.
 type Config struct {
 	// Servers are the controller nodes' MQTT endpoints, tried in order:
-	// "mqtt://host:port" (plain TCP, port 1883 if omitted) or
-	// "mqtts://host:port" (TLS, port 8883 if omitted); "tcp://", "tls://"
-	// and "ssl://" are accepted as aliases, and a bare "host:port" means
-	// mqtt://. After a connection drops the agent starts with the next one.
+	// "mqtts://host:port" (TLS, port 8883 if omitted) or "mqtt://host:port"
+	// (plain TCP, port 1883 if omitted: only on a network where the device
+	// key may travel in clear); "tls://", "ssl://" and "tcp://" are
+	// accepted as aliases. A bare "host:port" means mqtts:// when CAFile or
+	// TLSConfig is set and is refused otherwise: the agent never picks
+	// plaintext for a server whose scheme was left out. After a connection
+	// drops the agent starts with the next one.
 	Servers []string
 	// DeviceID is the MQTT username and client id.
 	DeviceID string
@@ -306,21 +309,39 @@ func (c Config) validate() error {
 	return nil
 }
 
+// ServerError is a Config.Servers entry the agent cannot use. It matches
+// ErrConfig.
+type ServerError struct {
+	Server string // as given
+	Reason string
+}
+
+func (e *ServerError) Error() string {
+	return fmt.Sprintf("%v: server %q: %s", ErrConfig, e.Server, e.Reason)
+}
+
+func (e *ServerError) Is(target error) bool { return target == ErrConfig }
+
 // parseServers turns Config.Servers into URLs with explicit ports and the
-// schemes autopaho knows ("mqtt" or "mqtts").
-func parseServers(servers []string) ([]*url.URL, error) {
+// schemes autopaho knows ("mqtt" or "mqtts"). tlsConfigured (a CA file or
+// a TLS configuration is given) makes a server without a scheme mqtts;
+// without it such a server is refused.
+func parseServers(servers []string, tlsConfigured bool) ([]*url.URL, error) {
 	var out []*url.URL
-	for _, s := range servers {
-		s = strings.TrimSpace(s)
+	for _, given := range servers {
+		s := strings.TrimSpace(given)
 		if s == "" {
 			continue
 		}
 		if !strings.Contains(s, "://") {
-			s = "mqtt://" + s
+			if !tlsConfigured {
+				return nil, &ServerError{given, "no scheme: write mqtts://" + s + " (TLS, verified with a CA file) or mqtt://" + s + " (plaintext: the device key would cross the network in clear)"}
+			}
+			s = "mqtts://" + s
 		}
 		u, err := url.Parse(s)
 		if err != nil {
-			return nil, configErr("server %q: %v", s, err)
+			return nil, &ServerError{given, err.Error()}
 		}
 		var port string
 		switch strings.ToLower(u.Scheme) {
@@ -329,13 +350,13 @@ func parseServers(servers []string) ([]*url.URL, error) {
 		case "mqtts", "tls", "ssl":
 			u.Scheme, port = "mqtts", "8883"
 		default:
-			return nil, configErr("server %q: scheme must be mqtt:// or mqtts://", s)
+			return nil, &ServerError{given, "scheme must be mqtts:// or mqtt://"}
 		}
 		if u.Hostname() == "" {
-			return nil, configErr("server %q: no host", s)
+			return nil, &ServerError{given, "no host"}
 		}
 		if u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
-			return nil, configErr("server %q: give only scheme://host:port", s)
+			return nil, &ServerError{given, "give only scheme://host:port"}
 		}
 		if u.Port() == "" {
 			u.Host = net.JoinHostPort(u.Hostname(), port)

@@ -31,7 +31,8 @@
 // Use:
 //
 //	a, err := agent.New(agent.Config{
-//		Servers:   []string{"mqtt://node1:1883", "mqtt://node2:1883"},
+//		Servers:   []string{"mqtts://node1:1883", "mqtts://node2:1883"},
+//		CAFile:    "/etc/appliance/ca.crt",
 //		DeviceID:  "press-17",
 //		DeviceKey: key,
 //		DataDir:   "/var/lib/appliance-agent",

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -204,20 +205,26 @@ func TestJitteredBackoff(t *testing.T) {
 func TestParseServers(t *testing.T) {
 	for _, tc := range []struct {
 		in   []string
+		tls  bool // a CA file or TLS configuration is given
 		want string
 		err  string
 	}{
-		{[]string{"mqtt://node1:1883", "mqtts://node2"}, "mqtt://node1:1883 mqtts://node2:8883", ""},
-		{[]string{"node1", " tcp://10.0.0.1 ", "tls://[::1]:9"}, "mqtt://node1:1883 mqtt://10.0.0.1:1883 mqtts://[::1]:9", ""},
-		{[]string{"http://node1"}, "", "scheme"},
-		{[]string{"mqtt://user:pw@node1"}, "", "only scheme://host:port"},
-		{[]string{"mqtt://"}, "", "no host"},
-		{[]string{" ", ""}, "", "at least one"},
+		{[]string{"mqtt://node1:1883", "mqtts://node2"}, false, "mqtt://node1:1883 mqtts://node2:8883", ""},
+		{[]string{" tcp://10.0.0.1 ", "tls://[::1]:9", "SSL://n"}, false, "mqtt://10.0.0.1:1883 mqtts://[::1]:9 mqtts://n:8883", ""},
+		// Without a scheme: TLS when a CA is given, else refused (before,
+		// plaintext MQTT, silently).
+		{[]string{"node1:1883", "node2"}, true, "mqtts://node1:1883 mqtts://node2:8883", ""},
+		{[]string{"mqtts://node1", "node2:1883"}, false, "", `server "node2:1883": no scheme: write mqtts://node2:1883 (TLS`},
+		{[]string{"node1"}, false, "", "or mqtt://node1 (plaintext"},
+		{[]string{"http://node1"}, false, "", "scheme must be mqtts:// or mqtt://"},
+		{[]string{"mqtt://user:pw@node1"}, false, "", "only scheme://host:port"},
+		{[]string{"mqtt://"}, false, "", "no host"},
+		{[]string{" ", ""}, false, "", "at least one"},
 	} {
-		urls, err := parseServers(tc.in)
+		urls, err := parseServers(tc.in, tc.tls)
 		if tc.err != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Errorf("parseServers(%q) error %v; want %q", tc.in, err, tc.err)
+			if err == nil || !strings.Contains(err.Error(), tc.err) || !errors.Is(err, ErrConfig) {
+				t.Errorf("parseServers(%q, %v) error %v; want %q", tc.in, tc.tls, err, tc.err)
 			}
 			continue
 		}

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -13,21 +14,23 @@ import (
 )
 
 // agentEnv is the prefix of the agent's environment fallbacks, one per flag:
-// APPLIANCE_AGENT_SERVER, _DEVICE_ID, _DEVICE_KEY, _ENROLL_TOKEN, _RUNTIME,
-// _DATA_DIR, _CA_FILE, _HUB_ADDR, _HUB_DOCKER_ADDR, _HUB_HOSTNAME.
+// APPLIANCE_AGENT_SERVER, _DEVICE_ID, _DEVICE_KEY (or _DEVICE_KEY_FILE),
+// _ENROLL_TOKEN (or _ENROLL_TOKEN_FILE), _RUNTIME, _DATA_DIR, _CA_FILE,
+// _HUB_ADDR, _HUB_DOCKER_ADDR, _HUB_HOSTNAME.
 const agentEnv = "APPLIANCE_AGENT_"
 
 func (a *app) agentCommand() *cobra.Command {
 	var (
-		servers, deviceID, deviceKey, enrollToken string
-		runtime, dataDir, caFile                  string
-		logFormat, logLevel                       string
-		coolOff, keepAlive                        time.Duration
-		maxRestarts                               int
-		hubAddr, hubDockerAddr, hubHostname       string
-		hubStoreMax                               int64
-		noHub                                     bool
+		servers, deviceID, runtime, dataDir, caFile string
+		logFormat, logLevel                         string
+		coolOff, keepAlive                          time.Duration
+		maxRestarts                                 int
+		hubAddr, hubDockerAddr, hubHostname         string
+		hubStoreMax                                 int64
+		noHub                                       bool
 	)
+	deviceKeyFlag := secretFlag{name: "device-key", env: agentEnv + "DEVICE_KEY"}
+	enrollTokenFlag := secretFlag{name: "enroll-token", env: agentEnv + "ENROLL_TOKEN"}
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the device agent: apply the desired modules and report their status",
@@ -44,13 +47,20 @@ $upstream messages to the controller; each module gets the IOTEDGE_*
 environment and workload socket that modules built with the Azure IoT SDKs
 expect (IoTHubModuleClient.create_from_edge_environment()).
 
-A device authenticates with one of its keys (--device-key), or enrolls itself
-with an enrollment group's token (--enroll-token): it then makes a key of its
-own (kept in its data directory), proves it holds the token with the key the
-token derives for its id, and is registered with its own key and the group's
-tags on first connect. The token alone opens no device, so the devices of a
-group cannot impersonate each other. Tags are the operator's: a device cannot
-choose its own, or it could put itself in any deployment's audience.`,
+A device authenticates with one of its keys (--device-key-file), or enrolls
+itself with an enrollment group's token (--enroll-token-file): it then makes a
+key of its own (kept in its data directory), proves it holds the token with
+the key the token derives for its id, and is registered with its own key and
+the group's tags on first connect. The token alone opens no device, so the
+devices of a group cannot impersonate each other. Tags are the operator's: a
+device cannot choose its own, or it could put itself in any deployment's
+audience. Give secrets in files (or the environment), not as flag values,
+which every user of the machine can read in the process list.
+
+Servers are mqtts://HOST:PORT (TLS, verified with --ca-file) or, on a network
+where the key may travel in clear, mqtt://HOST:PORT. A server without a scheme
+is taken as TLS when --ca-file is given and refused otherwise: the agent never
+falls back to plaintext.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			logger, err := newLogger(a.stderr, logFormat, logLevel)
@@ -59,9 +69,16 @@ choose its own, or it could put itself in any deployment's audience.`,
 			}
 			env := func(name, flag string) string { return envDefault(flag, a.getenv(agentEnv+name)) }
 			servers, deviceID = env("SERVER", servers), env("DEVICE_ID", deviceID)
-			deviceKey, enrollToken = env("DEVICE_KEY", deviceKey), env("ENROLL_TOKEN", enrollToken)
+			deviceKey, err := deviceKeyFlag.resolve(a.getenv)
+			if err != nil {
+				return err
+			}
+			enrollToken, err := enrollTokenFlag.resolve(a.getenv)
+			if err != nil {
+				return err
+			}
 			if servers == "" {
-				return fmt.Errorf("flag --server is required (mqtt://HOST:1883[,mqtt://HOST2:1883...]; env %sSERVER)", agentEnv)
+				return fmt.Errorf("flag --server is required (mqtts://HOST:1883[,mqtts://HOST2:1883...]; env %sSERVER)", agentEnv)
 			}
 			if deviceID == "" {
 				return fmt.Errorf("flag --device-id is required (env %sDEVICE_ID)", agentEnv)
@@ -71,9 +88,9 @@ choose its own, or it could put itself in any deployment's audience.`,
 			}
 			switch {
 			case deviceKey != "" && enrollToken != "":
-				return fmt.Errorf("give --device-key or --enroll-token, not both")
+				return fmt.Errorf("give a device key (--device-key-file) or an enrollment token (--enroll-token-file), not both")
 			case deviceKey == "" && enrollToken == "":
-				return fmt.Errorf("flag --device-key or --enroll-token is required (env %sDEVICE_KEY or %sENROLL_TOKEN)", agentEnv, agentEnv)
+				return fmt.Errorf("flag --device-key-file or --enroll-token-file is required (or --device-key, --enroll-token; env %sDEVICE_KEY[_FILE] or %sENROLL_TOKEN[_FILE])", agentEnv, agentEnv)
 			case enrollToken != "":
 				if _, err := fleet.DeriveDeviceKey(enrollToken, deviceID); err != nil {
 					return fmt.Errorf("flag --enroll-token: %w", err)
@@ -103,6 +120,10 @@ choose its own, or it could put itself in any deployment's audience.`,
 					MaxStoreBytes: hubStoreMax,
 				},
 			})
+			var serverErr *agent.ServerError
+			if errors.As(err, &serverErr) {
+				return fmt.Errorf("flag --server: %q: %s", serverErr.Server, serverErr.Reason)
+			}
 			if err != nil {
 				return err
 			}
@@ -114,10 +135,10 @@ choose its own, or it could put itself in any deployment's audience.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&servers, "server", "", "controllers' MQTT URLs, comma-separated: mqtt://HOST:1883 or mqtts://HOST:8883 (env APPLIANCE_AGENT_SERVER)")
+	f.StringVar(&servers, "server", "", "controllers' MQTT URLs, comma-separated: mqtts://HOST:1883 (TLS) or mqtt://HOST:1883 (plaintext); without a scheme, TLS if --ca-file is given, else refused (env APPLIANCE_AGENT_SERVER)")
 	f.StringVar(&deviceID, "device-id", "", "this device's id (env APPLIANCE_AGENT_DEVICE_ID)")
-	f.StringVar(&deviceKey, "device-key", "", "one of the device's keys (env APPLIANCE_AGENT_DEVICE_KEY)")
-	f.StringVar(&enrollToken, "enroll-token", "", "an enrollment group's token, to register this device (env APPLIANCE_AGENT_ENROLL_TOKEN)")
+	deviceKeyFlag.register(f, "device key (one of the device's two keys)", "")
+	enrollTokenFlag.register(f, "enrollment group's token, to register this device", "")
 	f.StringVar(&runtime, "runtime", "", "module runtime: docker (default) or process (env APPLIANCE_AGENT_RUNTIME)")
 	f.StringVar(&dataDir, "data-dir", "", "the agent's state directory (env APPLIANCE_AGENT_DATA_DIR; default <data dir>/agent)")
 	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_AGENT_CA_FILE)")

@@ -38,7 +38,7 @@ type app struct {
 	version        string
 
 	server  string
-	token   string
+	token   secretFlag
 	output  string
 	dataDir string
 	caFile  string
@@ -47,7 +47,7 @@ type app struct {
 // Execute runs the command line and returns the process exit code. Errors
 // are printed as one line on stderr.
 func Execute(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string, version string) int {
-	a := &app{stdout: stdout, stderr: stderr, getenv: getenv, version: version}
+	a := &app{stdout: stdout, stderr: stderr, getenv: getenv, version: version, token: secretFlag{name: "token", env: EnvToken}}
 	root := a.rootCommand()
 	root.SetArgs(args)
 	root.SetOut(stdout)
@@ -80,7 +80,7 @@ func (a *app) rootCommand() *cobra.Command {
 	root.CompletionOptions.DisableDefaultCmd = true
 	pf := root.PersistentFlags()
 	pf.StringVar(&a.server, "server", "", "controller API URL (env "+EnvServer+"; default: the local node's, else "+DefaultServer+")")
-	pf.StringVar(&a.token, "token", "", "admin token (env "+EnvToken+"; default: read from <data-dir>/admin-token)")
+	a.token.register(pf, "admin token", "; default: read from <data-dir>/admin-token")
 	pf.StringVarP(&a.output, "output", "o", "table", "output format: table or json")
 	pf.StringVar(&a.caFile, "api-ca-file", "", "PEM CA that verifies an https controller (env "+EnvCAFile+"; default: <data-dir>/tls/ca.crt when present)")
 	pf.StringVar(&a.dataDir, "data-dir", "", "node data directory (env "+EnvDataDir+"; default "+DefaultDataDir(os.Getenv)+")")
@@ -150,15 +150,15 @@ func (a *app) client() (*api.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	token := a.token
-	if token == "" {
-		token = a.getenv(EnvToken)
+	token, err := a.token.resolve(a.getenv)
+	if err != nil {
+		return nil, err
 	}
 	if token == "" {
 		path := filepath.Join(a.resolvedDataDir(), "admin-token")
 		b, err := os.ReadFile(path)
 		if err != nil {
-			return nil, fmt.Errorf("no admin token: pass --token, set %s, or run on the node (could not read %s: %v)", EnvToken, path, errors.Unwrap(err))
+			return nil, fmt.Errorf("no admin token: pass --token-file, set %s, or run on the node (could not read %s: %v)", EnvToken, path, errors.Unwrap(err))
 		}
 		token = strings.TrimSpace(string(b))
 	}

@@ -38,7 +38,7 @@ func (a *app) enrollmentCreate() *cobra.Command {
 				return a.printJSON(e)
 			}
 			a.keyValues([][]string{{"name", e.Name}, {"tags", compactJSON(e.Tags)}, {"token", e.Token}})
-			fmt.Fprintln(a.stderr, "keep the token now: it is not shown again. Devices use it with: appliance agent --enroll-token TOKEN --device-id ID ...")
+			fmt.Fprintln(a.stderr, "keep the token now: it is not shown again. Devices use it from a file only the agent can read: appliance agent --enroll-token-file FILE --device-id ID ...")
 			return nil
 		},
 	}

@@ -16,7 +16,7 @@ func (a *app) serveCommand() *cobra.Command {
 	var (
 		nodeID, httpAddr, raftAddr, raftAdvertise, mqttAddr string
 		mqttCert, mqttKey, logFormat, logLevel              string
-		join, joinToken                                     string
+		join                                                string
 		plainHTTP, plainMQTT                                bool
 		tlsSANs                                             []string
 		historyRetention                                    time.Duration
@@ -27,6 +27,7 @@ func (a *app) serveCommand() *cobra.Command {
 		deviceLimits                                        broker.Limits
 		mqttConnectTimeout                                  time.Duration
 	)
+	joinTokenFlag := secretFlag{name: "join-token", env: "APPLIANCE_JOIN_TOKEN"}
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run a controller node (bootstraps a single-node cluster in an empty data directory)",
@@ -52,6 +53,10 @@ func (a *app) serveCommand() *cobra.Command {
 			if deviceLimits.ReportRate == 0 {
 				deviceLimits.ReportRate = -1
 			}
+			joinToken, err := joinTokenFlag.resolve(a.getenv)
+			if err != nil {
+				return err
+			}
 			dataDir := a.resolvedDataDir()
 			n, err := node.New(node.Config{
 				DataDir:          dataDir,
@@ -67,7 +72,7 @@ func (a *app) serveCommand() *cobra.Command {
 				Version:          a.version,
 				Logger:           logger,
 				Join:             envDefault(join, a.getenv("APPLIANCE_JOIN")),
-				JoinToken:        envDefault(joinToken, a.getenv("APPLIANCE_JOIN_TOKEN")),
+				JoinToken:        joinToken,
 				TLSHosts:         tlsSANs,
 				PlainHTTP:        plainHTTP,
 				PlainMQTT:        plainMQTT,
@@ -87,7 +92,7 @@ func (a *app) serveCommand() *cobra.Command {
 			}
 			fmt.Fprintf(a.stderr, "appliance %s: node %s serving the API at %s and devices at %s\nadmin token: %s\ncluster CA (clients and devices verify the node with it): %s\n",
 				a.version, n.ID(), n.URL(), n.MQTTURL(), filepath.Join(dataDir, node.TokenFile), filepath.Join(dataDir, node.TLSDir, "ca.crt"))
-			fmt.Fprintf(a.stderr, "add a node to this cluster with: appliance serve --join https://%s --join-token \"$(cat %s)\"\n",
+			fmt.Fprintf(a.stderr, "add a node to this cluster with: appliance serve --join https://%s --join-token-file <a copy of %s>\n",
 				n.RaftAddr(), filepath.Join(dataDir, node.JoinTokenFile))
 			select {
 			case <-cmd.Context().Done():
@@ -114,7 +119,7 @@ func (a *app) serveCommand() *cobra.Command {
 	f.StringVar(&mqttCert, "mqtt-tls-cert", "", "PEM certificate the broker presents instead of the node's own (env APPLIANCE_MQTT_TLS_CERT)")
 	f.StringVar(&mqttKey, "mqtt-tls-key", "", "PEM key for --mqtt-tls-cert (env APPLIANCE_MQTT_TLS_KEY)")
 	f.StringVar(&join, "join", "", "join the cluster of this node's cluster port, https://HOST:RAFT-PORT (env APPLIANCE_JOIN)")
-	f.StringVar(&joinToken, "join-token", "", "the cluster's join token, from <data-dir>/join-token of a member (env APPLIANCE_JOIN_TOKEN)")
+	joinTokenFlag.register(f, "cluster's join token, from <data-dir>/join-token of a member", "")
 	f.StringArrayVar(&tlsSANs, "tls-san", nil, "extra host name or IP this node's certificate is valid for (repeatable)")
 	f.DurationVar(&heartbeat, "raft-heartbeat-timeout", 0, "raft heartbeat timeout (default 300ms, tuned for a LAN)")
 	f.DurationVar(&election, "raft-election-timeout", 0, "raft election timeout (default 300ms)")

@@ -16,19 +16,21 @@ import (
 )
 
 // simEnv is the prefix of the simulator's environment fallbacks, one per
-// flag: APPLIANCE_SIM_SERVER, _DEVICES, _ENROLL_TOKEN, _PREFIX,
-// _FAIL_SHARE, _CONNECT_RATE, _DURATION, _CA_FILE.
+// flag: APPLIANCE_SIM_SERVER, _DEVICES, _ENROLL_TOKEN (or
+// _ENROLL_TOKEN_FILE), _PREFIX, _FAIL_SHARE, _CONNECT_RATE, _DURATION,
+// _CA_FILE.
 const simEnv = "APPLIANCE_SIM_"
 
 func (a *app) simCommand() *cobra.Command {
 	var (
-		servers, enrollToken, prefix, caFile string
-		logFormat, logLevel                  string
-		tags                                 []string
-		devices                              int
-		failShare, connectRate               float64
-		duration, progressInterval           time.Duration
+		servers, prefix, caFile    string
+		logFormat, logLevel        string
+		tags                       []string
+		devices                    int
+		failShare, connectRate     float64
+		duration, progressInterval time.Duration
 	)
+	enrollTokenFlag := secretFlag{name: "enroll-token", env: simEnv + "ENROLL_TOKEN"}
 	cmd := &cobra.Command{
 		Use:   "sim",
 		Short: "Simulate a fleet: N devices in one process, each with its own MQTT session",
@@ -44,14 +46,14 @@ them (appliance enrollment create NAME --tag k=v) and pass its token here.
 Progress goes to stderr; a summary is printed at the end (-o json for JSON).
 Runs until interrupted or --duration elapses.`,
 		Example: `  appliance enrollment create sim-line --tag environment=prod
-  appliance sim --server mqtt://127.0.0.1:1883 --devices 5000 --enroll-token TOKEN --fail-share 0.1`,
+  appliance sim --server mqtt://127.0.0.1:1883 --devices 5000 --enroll-token-file TOKEN-FILE --fail-share 0.1`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(tags) > 0 {
 				return fmt.Errorf("flag --tag: a device cannot choose its tags (it could put itself in any deployment's audience); put them on the enrollment: appliance enrollment create NAME --tag %s, and pass its token with --enroll-token", tags[0])
 			}
 			f := cmd.Flags()
-			for _, name := range []string{"server", "devices", "enroll-token", "prefix", "fail-share", "connect-rate", "duration", "ca-file"} {
+			for _, name := range []string{"server", "devices", "prefix", "fail-share", "connect-rate", "duration", "ca-file"} {
 				env := simEnv + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
 				if v := a.getenv(env); v != "" && !f.Changed(name) {
 					if err := f.Set(name, v); err != nil {
@@ -65,8 +67,12 @@ Runs until interrupted or --duration elapses.`,
 			if devices <= 0 {
 				return fmt.Errorf("flag --devices is required: how many devices to simulate (env %sDEVICES)", simEnv)
 			}
+			enrollToken, err := enrollTokenFlag.resolve(a.getenv)
+			if err != nil {
+				return err
+			}
 			if enrollToken == "" {
-				return fmt.Errorf("flag --enroll-token is required: an enrollment's token, from appliance enrollment create (env %sENROLL_TOKEN)", simEnv)
+				return fmt.Errorf("flag --enroll-token-file is required: a file holding an enrollment's token, from appliance enrollment create (or --enroll-token; env %sENROLL_TOKEN[_FILE])", simEnv)
 			}
 			logger, err := newLogger(a.stderr, logFormat, logLevel)
 			if err != nil {
@@ -119,7 +125,7 @@ Runs until interrupted or --duration elapses.`,
 	f := cmd.Flags()
 	f.StringVar(&servers, "server", "", "controllers' MQTT URLs, comma-separated: mqtt://HOST:1883 or mqtts://HOST:8883 (env APPLIANCE_SIM_SERVER)")
 	f.IntVar(&devices, "devices", 0, "how many devices to simulate (env APPLIANCE_SIM_DEVICES)")
-	f.StringVar(&enrollToken, "enroll-token", "", "an enrollment's token; every device enrolls with it (env APPLIANCE_SIM_ENROLL_TOKEN)")
+	enrollTokenFlag.register(f, "enrollment's token every device enrolls with", "")
 	f.StringVar(&prefix, "prefix", "", "device id prefix: PREFIX-0001, ... (env APPLIANCE_SIM_PREFIX; default sim-<random>, so runs never collide)")
 	f.Float64Var(&failShare, "fail-share", 0, "fraction of devices (0-1) whose modules fail (env APPLIANCE_SIM_FAIL_SHARE)")
 	f.Float64Var(&connectRate, "connect-rate", sim.DefaultConnectRate, "new connections per second, reconnections included (env APPLIANCE_SIM_CONNECT_RATE)")

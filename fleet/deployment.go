@@ -27,7 +27,8 @@ type Metrics struct {
 }
 
 // Public returns a copy of d that is safe to return to a reader: secrets in
-// the content (registry passwords, secret-looking env values) are redacted.
+// the content (registry passwords, secret-looking env values and module
+// twin properties, connection strings) are redacted by RedactContent.
 func (d Deployment) Public() Deployment {
 	if len(d.Content) > 0 {
 		d.Content = RedactContent(d.Content)

@@ -60,9 +60,9 @@ start_node() { # id http raft mqtt [join args...]
 }
 
 start_node n1 "${P[0]}" "${P[1]}" "${P[2]}"
-token=$(cat "$DIR/n1/join-token")
-start_node n2 "${P[3]}" "${P[4]}" "${P[5]}" --join "https://127.0.0.1:${P[1]}" --join-token "$token"
-start_node n3 "${P[6]}" "${P[7]}" "${P[8]}" --join "https://127.0.0.1:${P[1]}" --join-token "$token"
+# Secrets go in files, never on a command line (ps shows those to everyone).
+start_node n2 "${P[3]}" "${P[4]}" "${P[5]}" --join "https://127.0.0.1:${P[1]}" --join-token-file "$DIR/n1/join-token"
+start_node n3 "${P[6]}" "${P[7]}" "${P[8]}" --join "https://127.0.0.1:${P[1]}" --join-token-file "$DIR/n1/join-token"
 
 export APPLIANCE_DATA_DIR="$DIR/n1"
 "$BIN" cluster members
@@ -70,12 +70,11 @@ export APPLIANCE_DATA_DIR="$DIR/n1"
 # A device group and a deployment for it; the simulated devices enroll
 # through any node and are spread over all three brokers.
 enroll=$("$BIN" enrollment show demo -o json >/dev/null 2>&1 && echo "" || "$BIN" enrollment create demo --tag site=demo -o json | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-if [ -n "$enroll" ]; then echo "$enroll" >"$DIR/enroll-token"; fi
-enroll=$(cat "$DIR/enroll-token")
+if [ -n "$enroll" ]; then (umask 077; echo "$enroll" >"$DIR/enroll-token"); fi
 "$BIN" deployment show demo-v1 >/dev/null 2>&1 || "$BIN" deployment create demo-v1 \
   --content examples/edge-deployment.json --target-condition "tags.site='demo'" --priority 1 >/dev/null
 "$BIN" sim --server "mqtts://127.0.0.1:${P[2]},mqtts://127.0.0.1:${P[5]},mqtts://127.0.0.1:${P[8]}" \
-  --ca-file "$DIR/n1/tls/ca.crt" --devices "$DEVICES" --enroll-token "$enroll" --prefix demo >"$DIR/sim.log" 2>&1 &
+  --ca-file "$DIR/n1/tls/ca.crt" --devices "$DEVICES" --enroll-token-file "$DIR/enroll-token" --prefix demo >"$DIR/sim.log" 2>&1 &
 pids+=($!)
 
 cat <<EOT
