@@ -113,14 +113,9 @@ func (d *dockerDriver) Create(ctx context.Context, spec *moduleSpec, creds []reg
 	if err := d.ensureImage(ctx, spec, creds); err != nil {
 		return "", err
 	}
-	var req container.CreateRequest
-	if strings.TrimSpace(spec.CreateOptions) != "" {
-		if err := json.Unmarshal([]byte(spec.CreateOptions), &req); err != nil {
-			return "", fmt.Errorf("settings.createOptions: %s", describeJSONError([]byte(spec.CreateOptions), err))
-		}
-	}
-	if req.Config == nil {
-		req.Config = &container.Config{}
+	req, err := decodeCreateOptions(spec.CreateOptions)
+	if err != nil {
+		return "", err
 	}
 	cfg := req.Config
 	cfg.Image = spec.Image
@@ -187,6 +182,24 @@ func (d *dockerDriver) bridgeGateway(ctx context.Context) (string, error) {
 		}
 	}
 	return "", errors.New("Docker's bridge network has no IPv4 gateway")
+}
+
+// decodeCreateOptions reads a module's createOptions (the chunks joined)
+// as Docker's create request, the way the engine would: encoding/json,
+// member names matched without regard to case (fleet.ValidateContent has
+// refused any top-level name spelled otherwise than Docker's). Config is
+// never nil.
+func decodeCreateOptions(opts string) (container.CreateRequest, error) {
+	var req container.CreateRequest
+	if strings.TrimSpace(opts) != "" {
+		if err := json.Unmarshal([]byte(opts), &req); err != nil {
+			return req, fmt.Errorf("settings.createOptions: %s", describeJSONError([]byte(opts), err))
+		}
+	}
+	if req.Config == nil {
+		req.Config = &container.Config{}
+	}
+	return req, nil
 }
 
 // removeAndWait force-removes a container and waits until the engine has

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"appliance/internal/secrettest"
 )
 
 // TestValidateContent_KeySpelling: a manifest key that differs from
@@ -151,5 +153,41 @@ func TestValidateContent_PasswordNeverEchoed(t *testing.T) {
 	assertField(t, err, "content.modulesContent.$edgeAgent.properties.desired.runtime.settings.registryCredentials.plant.password", "must be a string; got a number")
 	if strings.Contains(err.Error(), "918273645") {
 		t.Errorf("the error shows the password: %v", err)
+	}
+}
+
+// TestRedaction_EverySpelling: every secret name of the list (issue 13's
+// and the earlier ones) and every connection string, in module env, Docker
+// create options and module twins, is accepted and hidden by
+// RedactContent; every manifest key spelled with another case is refused,
+// naming its path, without showing the secret, and hidden whole.
+func TestRedaction_EverySpelling(t *testing.T) {
+	content := secrettest.Manifest([]string{"/bin/true"}, secrettest.Secrets())
+	if err := ValidateContent(content, false); err != nil {
+		t.Fatalf("manifest of secrets refused: %v", err)
+	}
+	red := RedactContent(content)
+	if strings.Contains(string(red), secrettest.Marker) {
+		t.Errorf("secrets shown: %s", red)
+	}
+	if err := ValidateContent(red, false); err != nil {
+		t.Errorf("redacted manifest refused: %v", err)
+	}
+	for _, shown := range []string{`"LOG_LEVEL":{"value":"debug"}`, `"AUTHOR":{"value":"plant-team"}`, `OPTS_MODE=fast`, `"threshold":30`, `"mode":"fast"`, `"username":"deployer"`} {
+		if !strings.Contains(string(red), shown) {
+			t.Errorf("%s not shown: %s", shown, red)
+		}
+	}
+	for _, r := range secrettest.Refusals([]string{"/bin/true"}) {
+		t.Run(r.Name, func(t *testing.T) {
+			err := ValidateContent(r.Content, false)
+			assertField(t, err, r.Field, "only by case")
+			if strings.Contains(err.Error(), secrettest.Marker) {
+				t.Errorf("the error shows the secret: %v", err)
+			}
+			if red := RedactContent(r.Content); strings.Contains(string(red), secrettest.Marker) {
+				t.Errorf("RedactContent shows the secret: %s", red)
+			}
+		})
 	}
 }
