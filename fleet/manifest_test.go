@@ -233,28 +233,26 @@ func mutate(t *testing.T, data []byte, edits ...edit) []byte {
 	return out
 }
 
+// Paths into testdata/process_module.json: for mutate ("/"-separated) and
+// as ValidateContent names them.
+const (
+	pa  = "modulesContent/$edgeAgent/properties.desired/"
+	ph  = "modulesContent/$edgeHub/properties.desired/"
+	fa  = "content.modulesContent.$edgeAgent.properties.desired."
+	fh  = "content.modulesContent.$edgeHub.properties.desired."
+	his = pa + "modules/historian/"
+	fhi = fa + "modules.historian."
+	col = pa + "modules/collector/"
+	fco = fa + "modules.collector."
+)
+
 func TestValidateContent_Rules(t *testing.T) {
 	base := readFile(t, "testdata/process_module.json")
 	if err := ValidateContent(base, false); err != nil {
 		t.Fatalf("base manifest: %v", err)
 	}
-	const (
-		pa  = "modulesContent/$edgeAgent/properties.desired/"
-		ph  = "modulesContent/$edgeHub/properties.desired/"
-		fa  = "content.modulesContent.$edgeAgent.properties.desired."
-		fh  = "content.modulesContent.$edgeHub.properties.desired."
-		his = pa + "modules/historian/"
-		fhi = fa + "modules.historian."
-		col = pa + "modules/collector/"
-		fco = fa + "modules.collector."
-	)
 	obj := map[string]any{}
-	tests := []struct {
-		name  string
-		edits []edit
-		field string // "" for accepted
-		msg   string
-	}{
+	tests := []ruleCase{
 		// Module fields.
 		{"restartPolicy not allowed", []edit{{his + "restartPolicy", "sometimes"}}, fhi + "restartPolicy", `must be one of never, on-failure, on-unhealthy, always; got "sometimes"`},
 		{"each restartPolicy", []edit{{his + "restartPolicy", "on-unhealthy"}, {col + "restartPolicy", "never"}}, "", ""},
@@ -393,7 +391,23 @@ func TestValidateContent_Rules(t *testing.T) {
 		{"layered key", []edit{{"modulesContent/$edgeHub/properties.desired.routes.r", "FROM /* INTO $upstream"}}, "content.modulesContent.$edgeHub.properties.desired.routes.r", `create the deployment with --layered (API: "layered": true)`},
 		{"layered key reported first", []edit{{pa + "schemaVersion", "9"}, {"modulesContent/zz/properties.desired.x", 1}}, "content.modulesContent.zz.properties.desired.x", "layered content"},
 	}
-	for _, tc := range tests {
+	runRuleCases(t, base, tests, nil)
+}
+
+// ruleCase is base content with edits, and the field ValidateContent must
+// name ("" when the edited content is accepted) with part of its message.
+type ruleCase struct {
+	name  string
+	edits []edit
+	field string
+	msg   string
+}
+
+// runRuleCases runs each case as a subtest; refused, when set, checks a
+// refused content and its error further.
+func runRuleCases(t *testing.T, base []byte, cases []ruleCase, refused func(t *testing.T, content []byte, err error)) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			content := mutate(t, base, tc.edits...)
 			err := ValidateContent(content, false)
@@ -404,6 +418,9 @@ func TestValidateContent_Rules(t *testing.T) {
 				return
 			}
 			assertField(t, err, tc.field, tc.msg)
+			if refused != nil {
+				refused(t, content, err)
+			}
 		})
 	}
 }

@@ -16,23 +16,10 @@ import (
 // shown in clear).
 func TestValidateContent_KeySpelling(t *testing.T) {
 	base := readFile(t, "testdata/process_module.json")
-	const (
-		pa  = "modulesContent/$edgeAgent/properties.desired/"
-		ph  = "modulesContent/$edgeHub/properties.desired/"
-		fa  = "content.modulesContent.$edgeAgent.properties.desired."
-		fh  = "content.modulesContent.$edgeHub.properties.desired."
-		his = pa + "modules/historian/"
-		fhi = fa + "modules.historian."
-	)
 	secretEnv := map[string]any{"API_KEY": map[string]any{"value": "s3cret"}}
 	module := map[string]any{"type": "docker", "status": "running", "restartPolicy": "always", "settings": map[string]any{"image": "i"}, "env": secretEnv}
 	differs := func(got, want string) string { return `"` + got + `" differs from "` + want + `" only by case` }
-	tests := []struct {
-		name  string
-		edits []edit
-		field string // "" for accepted
-		msg   string
-	}{
+	tests := []ruleCase{
 		{"module Env", []edit{{his + "Env", secretEnv}}, fhi + "Env", differs("Env", "env")},
 		{"module ENV", []edit{{his + "ENV", secretEnv}}, fhi + "ENV", differs("ENV", "env")},
 		{"module Settings", []edit{{his + "Settings", map[string]any{"image": "other"}}}, fhi + "Settings", differs("Settings", "settings")},
@@ -70,45 +57,34 @@ func TestValidateContent_KeySpelling(t *testing.T) {
 		{"createoptions is Azure's other spelling", []edit{{his + "settings/createOptions", del}, {his + "settings/createOptions01", del}, {his + "settings/createoptions", `{"Env":["A=1"],"Labels":{"env":"x"}}`}}, "", ""},
 		{"createOptions Env null", []edit{{his + "settings/createOptions", `{"Env":null}`}, {his + "settings/createOptions01", del}}, "", ""},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			content := mutate(t, base, tc.edits...)
-			err := ValidateContent(content, false)
-			if tc.field == "" {
-				if err != nil {
-					t.Fatalf("rejected: %v", err)
-				}
-				return
-			}
-			assertField(t, err, tc.field, tc.msg)
-			if strings.Contains(err.Error(), "s3cret") {
-				t.Errorf("the error shows the secret: %v", err)
-			}
-			// What is refused is never shown member by member either.
-			if red := RedactContent(content); strings.Contains(string(red), "s3cret") {
-				t.Errorf("RedactContent shows the secret: %s", red)
-			}
-		})
-	}
+	runRuleCases(t, base, tests, func(t *testing.T, content []byte, err error) {
+		if strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("the error shows the secret: %v", err)
+		}
+		// What is refused is never shown member by member either.
+		if red := RedactContent(content); strings.Contains(string(red), "s3cret") {
+			t.Errorf("RedactContent shows the secret: %s", red)
+		}
+	})
 }
 
 // TestValidateContent_LayeredKeySpelling checks each segment of layered
 // keys against the schema too.
 func TestValidateContent_LayeredKeySpelling(t *testing.T) {
-	const fa = "content.modulesContent.$edgeAgent."
+	const agent = "content.modulesContent.$edgeAgent."
 	tests := []struct {
 		name, content, field, msg string
 	}{
 		{"Modules segment", `{"modulesContent":{"$edgeAgent":{"properties.desired.Modules.m":{"env":{"API_KEY":{"value":"s3cret"}}}}}}`,
-			fa + "properties.desired.Modules.m", `"Modules" differs from "modules" only by case`},
+			agent + "properties.desired.Modules.m", `"Modules" differs from "modules" only by case`},
 		{"Env segment", `{"modulesContent":{"$edgeAgent":{"properties.desired.modules.m.Env":{"API_KEY":{"value":"s3cret"}}}}}`,
-			fa + "properties.desired.modules.m.Env", `"Env" differs from "env"`},
+			agent + "properties.desired.modules.m.Env", `"Env" differs from "env"`},
 		{"Env below a layered module", `{"modulesContent":{"$edgeAgent":{"properties.desired.modules.m":{"Env":{"API_KEY":{"value":"s3cret"}}}}}}`,
-			fa + "properties.desired.modules.m.Env", `"Env" differs from "env"`},
+			agent + "properties.desired.modules.m.Env", `"Env" differs from "env"`},
 		{"RegistryCredentials segment", `{"modulesContent":{"$edgeAgent":{"properties.desired.runtime.settings.RegistryCredentials.acr":{"password":"s3cret"}}}}`,
-			fa + "properties.desired.runtime.settings.RegistryCredentials.acr", `"RegistryCredentials" differs from "registryCredentials"`},
+			agent + "properties.desired.runtime.settings.RegistryCredentials.acr", `"RegistryCredentials" differs from "registryCredentials"`},
 		{"Properties segment", `{"modulesContent":{"$edgeAgent":{"Properties.desired.modules.m":{}}}}`,
-			fa + "Properties.desired.modules.m", `"Properties.desired" differs from "properties.desired"`},
+			agent + "Properties.desired.modules.m", `"Properties.desired" differs from "properties.desired"`},
 		{"hub Routes segment", `{"modulesContent":{"$edgeHub":{"properties.desired.Routes.r":"FROM /* INTO $upstream"}}}`,
 			"content.modulesContent.$edgeHub.properties.desired.Routes.r", `"Routes" differs from "routes"`},
 	}
