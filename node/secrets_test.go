@@ -147,7 +147,7 @@ func TestSecrets_HiddenOnEveryRead(t *testing.T) {
 		"/api/v1/deployments/secrets/status?limit=1000", "/api/v1/deployments/secrets/status?limit=1",
 		"/api/v1/devices", "/api/v1/devices?limit=100", "/api/v1/devices/press-01",
 		"/api/v1/deployments/secrets/history", "/api/v1/devices/press-01/history",
-		"/metrics",
+		"/api/v1/overview", "/metrics",
 	} {
 		noSecret("GET "+path, get(path))
 	}

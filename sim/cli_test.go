@@ -22,7 +22,7 @@ func TestCommand_UsageErrors(t *testing.T) {
 		{[]string{"sim", "--server", "mqtt://127.0.0.1:1", "--devices", "2", "--enroll-token", "a.b", "--tag", "environment=prod"}, "appliance enrollment create NAME --tag environment=prod"},
 		{[]string{"sim", "--devices", "2", "--enroll-token", "a.b"}, "--server is required"},
 		{[]string{"sim", "--server", "mqtt://127.0.0.1:1", "--enroll-token", "a.b"}, "--devices is required"},
-		{[]string{"sim", "--server", "mqtt://127.0.0.1:1", "--devices", "2"}, "--enroll-token is required"},
+		{[]string{"sim", "--server", "mqtt://127.0.0.1:1", "--devices", "2"}, "--enroll-token-file is required"},
 		{[]string{"sim", "--server", "mqtt://127.0.0.1:1", "--devices", "2", "--enroll-token", "a.b", "--fail-share", "2"}, "fail share"},
 	}
 	for _, tt := range tests {
