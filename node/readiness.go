@@ -19,7 +19,9 @@ import (
 //     from a snapshot). Until the state machine has applied the log it had
 //     at open (raftstore's Replayed), or a read index from the leader has
 //     confirmed it caught up, plain reads are refused (503) rather than
-//     served from a state that may be far behind, or empty.
+//     served from a state that may be far behind, or empty. A node that
+//     starts with nothing (new, or joining a cluster) always waits for
+//     the read index: its leader alone knows when it has caught up.
 //   - not stopped: a state machine that found damaged state stops for good
 //     (raftstore's Observer.Halted); so does a node whose derived state
 //     could not be rebuilt. It refuses devices and reads from then on.

@@ -467,3 +467,47 @@ func TestCluster_LeaderWithDamagedLogStepsOut(t *testing.T) {
 		t.Fatalf("the replicas differ:\n%s\n%s", a, b)
 	}
 }
+
+// TestStore_Replayed: a node that opens with state says it has replayed
+// once its state machine has applied the log it had; one that opens with
+// nothing (new, or joining) never says so by itself, whatever it applies:
+// only its leader can tell it has caught up (the node's readiness asks).
+func TestStore_Replayed(t *testing.T) {
+	dir := t.TempDir()
+	s := openTestStoreInBoot(t, dir, "n1", true, nil, "boot-1", 0)
+	for i := range 5 {
+		putDevice(t, s, fmt.Sprintf("d%d", i), nil)
+	}
+	if s.Replayed() {
+		t.Fatal("a new node says it replayed a log it never had")
+	}
+	want := rawState(t, s.fsm)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s = openTestStoreInBoot(t, dir, "n1", true, nil, "boot-1", 0)
+	if !s.Replayed() {
+		t.Fatal("a node whose state file holds its whole log does not say it replayed it")
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The state file lost: the log is replayed into a new one, and the
+	// node says so only once the state is whole.
+	if err := os.Remove(filepath.Join(dir, "state.db")); err != nil {
+		t.Fatal(err)
+	}
+	s = openTestStoreInBoot(t, dir, "n1", true, nil, "boot-1", 0)
+	defer s.Close()
+	waitFor(t, "the log is replayed", func() bool {
+		if !s.Replayed() {
+			return false
+		}
+		if got := rawState(t, s.fsm); got != want {
+			t.Fatalf("replayed, with a state that differs:\n%s\nwant\n%s", got, want)
+		}
+		return true
+	})
+}

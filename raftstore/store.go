@@ -151,7 +151,10 @@ type Store struct {
 	readyTerm atomic.Uint64
 	// replayTarget is the last entry in the log at open that the state
 	// machine receives: once applied, the node has replayed its log.
+	// resumed: the node opened with a state or a log of its own (a new
+	// node, or one that joins, has neither: see Replayed).
 	replayTarget uint64
+	resumed      bool
 
 	// peers caches what the other members can apply and how the leader's
 	// heartbeats to them fare (capabilities.go).
@@ -228,6 +231,7 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	}
 	s.logStore = files.logStore
 	s.replayTarget = files.log.lastApplied
+	s.resumed = f.AppliedIndex() > 0 || files.log.last > 0 || files.newest != nil
 	// Derived state (the evaluator's assignments) starts from what is on
 	// disk, before raft applies anything new. A read that fails leaves it
 	// incomplete: the node must not start on it.
@@ -442,10 +446,12 @@ func (s *Store) Snapshot() error {
 
 // Replayed reports whether the state machine has applied every entry of
 // the log this node had when it opened (the replay after a restart, or the
-// rebuild after a snapshot install at start). Entries of that log that the
-// cluster never committed may be replaced instead; a node waits for its
-// leader then (node readiness confirms with a read index).
-func (s *Store) Replayed() bool { return s.fsm.AppliedIndex() >= s.replayTarget }
+// rebuild after a snapshot install at start). It is false for a node that
+// opened with nothing (new, or joining a cluster): only its leader can say
+// when it has caught up. Entries of the log that the cluster never
+// committed may be replaced instead of applied; a node waits for its
+// leader then too (node readiness confirms with a read index).
+func (s *Store) Replayed() bool { return s.resumed && s.fsm.AppliedIndex() >= s.replayTarget }
 
 // Close shuts raft down and closes every file. It is idempotent.
 func (s *Store) Close() error {
