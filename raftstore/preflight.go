@@ -334,7 +334,10 @@ const (
 
 // readSnapshotMetas reads every snapshot's metadata, newest first as raft
 // orders them. raft skips a snapshot whose meta.json it cannot read; here
-// that is damage, since raft would then start from an older snapshot.
+// a meta.json that does not parse is damage (raft would start from an
+// older snapshot in silence). A directory without one is skipped as raft
+// skips it; checkAgreement then tells whether raft can start from what
+// remains.
 func readSnapshotMetas(dir string) ([]snapshotMeta, error) {
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -349,6 +352,12 @@ func readSnapshotMetas(dir string) ([]snapshotMeta, error) {
 			continue // raft ignores files and unfinished snapshots
 		}
 		m, err := readSnapshotMeta(filepath.Join(dir, e.Name()))
+		if errors.Is(err, fs.ErrNotExist) {
+			// Not a snapshot (raft skips it too): if it was the newest,
+			// the checks of the log against the snapshots that remain
+			// say whether raft can still start without it.
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -379,6 +388,9 @@ func compare(a, b uint64) int {
 func readSnapshotMeta(dir string) (snapshotMeta, error) {
 	path := filepath.Join(dir, snapshotMetaFile)
 	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return snapshotMeta{}, err
+	}
 	if err != nil {
 		return snapshotMeta{}, fmt.Errorf("%s: %w: %v", path, ErrCorrupt, err)
 	}
