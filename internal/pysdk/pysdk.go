@@ -5,11 +5,11 @@
 package pysdk
 
 import (
-	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"appliance/internal/testenv"
 )
 
 // Python is the interpreter the SDK runs on with Debian's packages.
@@ -20,18 +20,14 @@ const Relative = "../../shared/thirdparty/azure-iot-sdk-python/azure-iot-device"
 
 // Find returns the interpreter and the SDK's directory (for PYTHONPATH) once
 // it has checked that the SDK imports. Without them the test is skipped,
-// except under CI=true, where it fails: CI installs them.
+// except under CI, where it fails (testenv.Missing): CI installs them.
 func Find(t testing.TB) (python, sdk string) {
 	t.Helper()
 	sdk, _ = filepath.Abs(Relative)
 	cmd := exec.Command(Python, "-c", "from azure.iot.device import IoTHubModuleClient, Message, MethodResponse")
 	cmd.Env = []string{"PYTHONPATH=" + sdk}
 	if out, err := cmd.CombinedOutput(); err != nil {
-		msg := fmt.Sprintf("the Azure IoT Python SDK does not import with %s and %s: %v\n%s", Python, sdk, err, out)
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		testenv.Missing(t, "the Azure IoT Python SDK does not import with %s and %s: %v\n%s", Python, sdk, err, out)
 	}
 	return Python, sdk
 }
