@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"sync"
 	"testing"
 	"time"
@@ -56,7 +57,7 @@ func testLogger(t testing.TB) *slog.Logger {
 }
 
 // startNode runs a real single-node controller on loopback ports it picks
-// itself and waits for it to lead.
+// itself and waits until it is ready.
 func startNode(t testing.TB) (*node.Node, *api.Client) {
 	t.Helper()
 	n, err := node.New(node.Config{
@@ -75,9 +76,15 @@ func startNode(t testing.TB) (*node.Node, *api.Client) {
 	}
 	t.Cleanup(func() { n.Stop() })
 	c := &api.Client{BaseURL: n.URL(), Token: n.Token()}
-	waitFor(t, 10*time.Second, "a raft leader", func() bool {
-		h, err := c.Health(context.Background())
-		return err == nil && h.Leader != ""
+	// Ready: a leader known, the log replayed, devices admitted (a node
+	// answers "server unavailable" to devices before that).
+	waitFor(t, 10*time.Second, "the node ready", func() bool {
+		resp, err := http.Get(n.URL() + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
 	})
 	return n, c
 }

@@ -189,7 +189,7 @@ func TestSim_WrongTokenStops(t *testing.T) {
 func TestSim_DurationEnds(t *testing.T) {
 	n, c := startNode(t)
 	token := createEnrollment(t, c, "line-4")
-	s, err := sim.New(sim.Config{Servers: []string{"mqtt://" + n.MQTTAddr()}, Devices: 3, EnrollToken: token, Duration: 500 * time.Millisecond, Logger: testLogger(t)})
+	s, err := sim.New(sim.Config{Servers: []string{"mqtt://" + n.MQTTAddr()}, Devices: 3, EnrollToken: token, Duration: 3 * time.Second, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
