@@ -535,8 +535,12 @@ func (b *Broker) Disconnect(deviceID string) {
 // status, on every node, so a replaced key loses its sessions everywhere
 // at once. It returns how many connections it ended.
 func (b *Broker) DisconnectStale(deviceID string, stillValid func(keyID string) bool) int {
+	type keyed struct {
+		tc    *trackedConn
+		keyID string
+	}
+	var check []keyed
 	b.mu.Lock()
-	var stale []*trackedConn
 	for _, tc := range b.devices[deviceID] {
 		if tc.revoked.Load() {
 			continue
@@ -545,12 +549,16 @@ func (b *Broker) DisconnectStale(deviceID string, stillValid func(keyID string) 
 			tc.recheck = stillValid
 			continue
 		}
-		if !stillValid(tc.keyID) {
-			tc.revoked.Store(true)
-			stale = append(stale, tc)
-		}
+		check = append(check, keyed{tc, tc.keyID}) // set once, never changed
 	}
 	b.mu.Unlock()
+	// Asked outside the registry's lock: stillValid reads the node's state.
+	var stale []*trackedConn
+	for _, k := range check {
+		if !stillValid(k.keyID) && k.tc.revoked.CompareAndSwap(false, true) {
+			stale = append(stale, k.tc)
+		}
+	}
 	for _, tc := range stale {
 		b.dropConn(tc, packets.ErrNotAuthorized)
 	}
