@@ -108,8 +108,21 @@ func (g *guard) verifyPeer(cs tls.ConnectionState) error {
 		return nil
 	}
 	g.remember(p)
-	return g.authorize(p, UseHandshake)
+	if err := g.authorize(p, UseHandshake); err != nil {
+		return &refusedPeerError{peer: p, err: err}
+	}
+	return nil
 }
+
+// refusedPeerError is a handshake the Authorizer refused, so that the
+// listener can log it (other handshake failures are a stranger's noise).
+type refusedPeerError struct {
+	peer pki.CertID
+	err  error
+}
+
+func (e *refusedPeerError) Error() string { return "peer refused: " + e.err.Error() }
+func (e *refusedPeerError) Unwrap() error { return e.err }
 
 // SetAuthorizer makes a the judge of every later handshake, raft
 // connection and node-only RPC, and closes the open connections it

@@ -223,6 +223,10 @@ func (m *Mux) route(raw net.Conn) {
 	_ = raw.SetDeadline(time.Now().Add(m.limits.HandshakeTimeout))
 	tc := tls.Server(raw, m.server)
 	if err := tc.Handshake(); err != nil {
+		var refused *refusedPeerError
+		if errors.As(err, &refused) {
+			m.refused(refused.peer, raw.RemoteAddr(), refused.err)
+		}
 		m.logger.Debug("cluster TLS handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
 		raw.Close()
 		return

@@ -237,4 +237,3 @@ func membersShow(t *testing.T, s *server, version string, upgraded, behind []*fa
 	}
 	return strings.Join(diffs, "; ")
 }
-
