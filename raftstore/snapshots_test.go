@@ -11,37 +11,53 @@ import (
 
 // TestStore_SnapshotFilesArePrivate: snapshots hold the whole state
 // (secrets included), so their directories are 0700 and their files 0600
-// under the usual umask 022, whether the node took the snapshot, received
-// it from the leader, or an earlier version left it. Before, raft wrote
-// them 0755/0644.
+// under the usual umask 022, whether the node took the snapshot, an earlier
+// version left it, or the node received it from the leader. Before, raft
+// wrote them 0755/0644.
 func TestStore_SnapshotFilesArePrivate(t *testing.T) {
 	old := syscall.Umask(0o022) // the default most daemons run with
 	t.Cleanup(func() { syscall.Umask(old) })
 
-	// A snapshot an earlier version left, world-readable.
 	leaderDir := t.TempDir()
-	stale := filepath.Join(leaderDir, "snapshots", "1-2-3")
-	if err := os.MkdirAll(stale, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(stale, "state.bin"), []byte("old"), 0o644); err != nil {
-		t.Fatal(err)
-	}
 	stores := newTestCluster(t, 1, func(cfg *Config) { cfg.Dir, cfg.TrailingLogs = leaderDir, 1 })
 	leader := stores[0]
-	assertPrivate(t, leaderDir)
-
 	for i := range 10 {
 		putDevice(t, leader, fmt.Sprintf("dev-%02d", i), nil)
 	}
 	if err := leader.Snapshot(); err != nil {
 		t.Fatal(err)
 	}
-	putDevice(t, leader, "dev-10", nil)
 	assertPrivate(t, leaderDir)
 
+	// The snapshot as an earlier version left it, world-readable: opening
+	// the store restricts it.
+	err := filepath.WalkDir(filepath.Join(leaderDir, "snapshots"), func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		mode := fs.FileMode(0o644)
+		if d.IsDir() {
+			mode = 0o755
+		}
+		return os.Chmod(path, mode)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := leader.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t, leaderDir, "n1")
+	cfg.TrailingLogs = 1
+	leader = openConfig(t, cfg)
+	assertPrivate(t, leaderDir)
+	if err := leader.WaitLeader(testContext(t)); err != nil {
+		t.Fatal(err)
+	}
+	putDevice(t, leader, "dev-10", nil)
+
 	// A follower added after the log was compacted installs the snapshot.
-	cfg := testConfig(t, t.TempDir(), "n2")
+	cfg = testConfig(t, t.TempDir(), "n2")
 	follower := openConfig(t, cfg)
 	ctx := testContext(t)
 	if err := leader.AddVoter(ctx, follower.NodeID(), follower.RaftAddr()); err != nil {
