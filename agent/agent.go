@@ -195,9 +195,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Lock()
 	a.passCancel = nil
 	a.mu.Unlock()
-	if drv.Name() == RuntimeProcess {
+	if drv.Name() != RuntimeDocker {
 		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.cfg.StopTimeout+5*time.Second)
-		a.rec.stopAll(stopCtx)
+		a.rec.stopAll(stopCtx, func(h string) bool { return childHandle(drv, h) })
 		cancel()
 		a.buildReport()
 	}
@@ -205,7 +205,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	stopReporter()
 	reporterDone.Wait()
 	if sess.connected() {
-		if doc := a.report.Load(); doc != nil && drv.Name() == RuntimeProcess {
+		if doc := a.report.Load(); doc != nil && drv.Name() != RuntimeDocker {
 			b, _ := json.Marshal(doc)
 			pctx, cancel := context.WithTimeout(sessCtx, time.Second)
 			if err := sess.publish(pctx, b); err != nil {

@@ -24,6 +24,9 @@ const (
 	// RuntimeProcess runs modules of type "process" as child processes of
 	// the agent.
 	RuntimeProcess = "process"
+	// RuntimeDockerProcess runs both: docker modules as containers, process
+	// modules as children (a device with Docker that also runs programs).
+	RuntimeDockerProcess = "docker+process"
 )
 
 // Defaults for the zero fields of Config and RestartConfig. The restart
@@ -82,7 +85,8 @@ type Config struct {
 	// DataDir holds the agent's state (agent.db), the default working
 	// directories of process modules and their pid records. Created 0700.
 	DataDir string
-	// Runtime is RuntimeDocker (default) or RuntimeProcess.
+	// Runtime is RuntimeDocker (default), RuntimeProcess or
+	// RuntimeDockerProcess.
 	Runtime string
 	// CAFile is a PEM bundle that verifies mqtts servers; "" uses the
 	// system roots.
@@ -275,8 +279,8 @@ func (c Config) validate() error {
 	if len(c.Servers) == 0 {
 		return configErr("Servers: at least one server is required")
 	}
-	if c.Runtime != RuntimeDocker && c.Runtime != RuntimeProcess {
-		return configErr("Runtime %q: must be %q or %q", c.Runtime, RuntimeDocker, RuntimeProcess)
+	if c.Runtime != RuntimeDocker && c.Runtime != RuntimeProcess && c.Runtime != RuntimeDockerProcess {
+		return configErr("Runtime %q: must be %q, %q or %q", c.Runtime, RuntimeDocker, RuntimeProcess, RuntimeDockerProcess)
 	}
 	r := c.Restart
 	switch {

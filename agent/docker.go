@@ -177,11 +177,16 @@ func (d *dockerDriver) bridgeGateway(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("inspect Docker's bridge network: %w", err)
 	}
 	for _, c := range res.Network.IPAM.Config {
-		if c.Gateway.Is4() {
+		switch {
+		case c.Gateway.Is4():
 			return c.Gateway.String(), nil
+		case c.Subnet.Addr().Is4():
+			// Engines that do not list the gateway use the subnet's first
+			// address for it.
+			return c.Subnet.Masked().Addr().Next().String(), nil
 		}
 	}
-	return "", errors.New("Docker's bridge network has no IPv4 gateway")
+	return "", errors.New("Docker's bridge network has no IPv4 subnet")
 }
 
 // decodeCreateOptions reads a module's createOptions (the chunks joined)

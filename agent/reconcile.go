@@ -547,7 +547,9 @@ func (r *reconciler) planStatus() (int, string) {
 // stopAll stops every running instance, in reverse startup order (higher
 // orders first, equal orders together). The process runtime's modules do
 // not outlive the agent.
-func (r *reconciler) stopAll(ctx context.Context) {
+// stopAll stops, in reverse startup order, the modules whose instance
+// stop(handle) says to stop.
+func (r *reconciler) stopAll(ctx context.Context, stop func(handle string) bool) {
 	groups := r.groups()
 	slices.Reverse(groups)
 	var undesired []*module
@@ -560,7 +562,7 @@ func (r *reconciler) stopAll(ctx context.Context) {
 	for _, g := range groups {
 		var wg sync.WaitGroup
 		for _, m := range g {
-			if m.handle == "" {
+			if m.handle == "" || !stop(m.handle) {
 				continue
 			}
 			wg.Go(func() {

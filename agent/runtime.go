@@ -75,6 +75,102 @@ func newDriver(cfg Config, notify func()) (driver, error) {
 		return newProcessDriver(cfg, notify)
 	case RuntimeDocker:
 		return newDockerDriver(cfg, notify)
+	case RuntimeDockerProcess:
+		d, err := newDockerDriver(cfg, notify)
+		if err != nil {
+			return nil, err
+		}
+		p, err := newProcessDriver(cfg, notify)
+		if err != nil {
+			d.Close()
+			return nil, err
+		}
+		return &bothDriver{docker: d, process: p}, nil
 	}
 	return nil, configErr("Runtime %q unknown", cfg.Runtime)
+}
+
+// bothDriver runs docker modules as containers and process modules as the
+// agent's children (RuntimeDockerProcess). A handle belongs to the docker
+// driver if it is a container id (64 hex digits), else to the process
+// driver (whose handles are <module>.<run>.<n>).
+type bothDriver struct {
+	docker, process driver
+}
+
+func isContainerID(h string) bool {
+	if len(h) != 64 {
+		return false
+	}
+	for i := 0; i < len(h); i++ {
+		if c := h[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func (b *bothDriver) of(handle string) driver {
+	if isContainerID(handle) {
+		return b.docker
+	}
+	return b.process
+}
+
+func (b *bothDriver) Name() string { return RuntimeDockerProcess }
+
+func (b *bothDriver) Supports(t string) bool { return b.docker.Supports(t) || b.process.Supports(t) }
+
+func (b *bothDriver) Create(ctx context.Context, spec *moduleSpec, creds []registryCredential) (string, error) {
+	if b.process.Supports(spec.Type) {
+		return b.process.Create(ctx, spec, creds)
+	}
+	return b.docker.Create(ctx, spec, creds)
+}
+
+func (b *bothDriver) Start(ctx context.Context, h string) error { return b.of(h).Start(ctx, h) }
+func (b *bothDriver) Stop(ctx context.Context, h string, timeout time.Duration) error {
+	return b.of(h).Stop(ctx, h, timeout)
+}
+func (b *bothDriver) Remove(ctx context.Context, h string) error { return b.of(h).Remove(ctx, h) }
+func (b *bothDriver) Inspect(ctx context.Context, h string) (instanceState, error) {
+	return b.of(h).Inspect(ctx, h)
+}
+func (b *bothDriver) Owned(ctx context.Context) ([]ownedInstance, error) { return b.docker.Owned(ctx) }
+
+func (b *bothDriver) Close() error {
+	err := b.process.Close()
+	if e := b.docker.Close(); err == nil {
+		err = e
+	}
+	return err
+}
+
+// bridgeGateway and checkPeer are the docker and process drivers'.
+func (b *bothDriver) bridgeGateway(ctx context.Context) (string, error) {
+	if g, ok := b.docker.(interface {
+		bridgeGateway(context.Context) (string, error)
+	}); ok {
+		return g.bridgeGateway(ctx)
+	}
+	return "", errors.New("no Docker driver")
+}
+
+func (b *bothDriver) checkPeer(module string, pid int) error {
+	if c, ok := b.process.(interface{ checkPeer(string, int) error }); ok {
+		return c.checkPeer(module, pid)
+	}
+	return nil
+}
+
+// childHandle tells whether an instance is the agent's child process,
+// stopped when the agent stops (containers keep running).
+func childHandle(drv driver, h string) bool {
+	switch drv.Name() {
+	case RuntimeProcess:
+		return true
+	case RuntimeDockerProcess:
+		return !isContainerID(h)
+	}
+	return false
 }

@@ -139,7 +139,7 @@ falls back to plaintext.`,
 	f.StringVar(&deviceID, "device-id", "", "this device's id (env APPLIANCE_AGENT_DEVICE_ID)")
 	deviceKeyFlag.register(f, "device key (one of the device's two keys)", "")
 	enrollTokenFlag.register(f, "enrollment group's token, to register this device", "")
-	f.StringVar(&runtime, "runtime", "", "module runtime: docker (default) or process (env APPLIANCE_AGENT_RUNTIME)")
+	f.StringVar(&runtime, "runtime", "", "module runtime: docker (default), process, or docker+process (containers and child processes) (env APPLIANCE_AGENT_RUNTIME)")
 	f.StringVar(&dataDir, "data-dir", "", "the agent's state directory (env APPLIANCE_AGENT_DATA_DIR; default <data dir>/agent)")
 	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_AGENT_CA_FILE)")
 	f.DurationVar(&keepAlive, "keepalive", agent.DefaultKeepAlive, "MQTT keepalive: a controller that stops answering is left after about two of these")

@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -15,6 +14,7 @@ import (
 
 	"appliance/fleet"
 	"appliance/internal/edgeclient"
+	"appliance/internal/testlog"
 	"appliance/routing"
 	"appliance/workload"
 )
@@ -23,42 +23,6 @@ const (
 	testDevice = "press-01"
 	testHubID  = "appliance-hub"
 )
-
-// testLogger sends logs to t.Log until the test ends.
-func testLogger(t testing.TB) *slog.Logger {
-	h := &tlog{t: t, mu: &sync.Mutex{}, done: new(bool)}
-	t.Cleanup(func() { h.mu.Lock(); *h.done = true; h.mu.Unlock() })
-	return slog.New(h)
-}
-
-type tlog struct {
-	t     testing.TB
-	mu    *sync.Mutex
-	done  *bool
-	attrs []slog.Attr
-}
-
-func (h *tlog) Enabled(context.Context, slog.Level) bool { return true }
-func (h *tlog) Handle(_ context.Context, r slog.Record) error {
-	var b strings.Builder
-	fmt.Fprintf(&b, "%s %s %s", r.Time.Format("15:04:05.000"), r.Level, r.Message)
-	for _, a := range h.attrs {
-		fmt.Fprintf(&b, " %s", a)
-	}
-	r.Attrs(func(a slog.Attr) bool { fmt.Fprintf(&b, " %s", a); return true })
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !*h.done {
-		h.t.Log(b.String())
-	}
-	return nil
-}
-func (h *tlog) WithAttrs(as []slog.Attr) slog.Handler {
-	c := *h
-	c.attrs = append(append([]slog.Attr(nil), h.attrs...), as...)
-	return &c
-}
-func (h *tlog) WithGroup(string) slog.Handler { return h }
 
 // recordingUpstream stands in for the agent's controller session, which
 // cannot exist in this package's tests (the agent's tests use the real
@@ -127,7 +91,7 @@ func startHub(t testing.TB, dir string, opts ...hubOption) *testHub {
 	up := &recordingUpstream{}
 	cfg := Config{
 		DeviceID: testDevice, Listen: []string{"127.0.0.1:0"}, TLS: ws.TLSConfig(), Auth: ws, Dir: dir,
-		Upstream: up, Logger: testLogger(t), SweepInterval: 100 * time.Millisecond,
+		Upstream: up, Logger: testlog.New(t, slog.LevelDebug), SweepInterval: 100 * time.Millisecond,
 	}
 	for _, o := range opts {
 		o(&cfg)

@@ -27,7 +27,7 @@ func Find(t testing.TB) (python, sdk string) {
 	cmd := exec.Command(Python, "-c", "from azure.iot.device import IoTHubModuleClient, Message, MethodResponse")
 	cmd.Env = []string{"PYTHONPATH=" + sdk}
 	if out, err := cmd.CombinedOutput(); err != nil {
-		testenv.Missing(t, "the Azure IoT Python SDK does not import with %s and %s: %v\n%s", Python, sdk, err, out)
+		testenv.Missing(t, "the Azure IoT Python SDK does not import with %s and %s (apt-get install python3-paho-mqtt python3-requests python3-requests-unixsocket python3-janus python3-socks python3-deprecation python3-typing-extensions): %v\n%s", Python, sdk, err, out)
 	}
 	return Python, sdk
 }
