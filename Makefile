@@ -56,6 +56,8 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 	$(GO) test -run '^$$' -bench BenchmarkDeviceUpdate -benchtime 20000x ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkMemoryPerDevice -benchtime 1x ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkFanout -benchtime 3s -count 3 ./broker/
+	$(GO) test -run '^$$' -bench BenchmarkModuleToModule -benchtime 2x -count 3 ./hub/
+	$(GO) test -run '^$$' -bench BenchmarkHubDrain -benchtime 1x -count 3 ./agent/
 	APPLIANCE_SIM_CONVERGE_DEVICES=5000 $(GO) test -count=1 -v -run 'TestSim_Converge$$' ./sim/
 	APPLIANCE_CONSOLE_BENCH_DEVICES=100000 $(GO) test -count=1 -tags e2e -run 'TestConsoleBenchmark$$' -v -timeout 40m ./e2e/
 	APPLIANCE_FAILOVER_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestFailoverBenchmark$$' -v -timeout 60m ./e2e/

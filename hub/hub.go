@@ -164,7 +164,8 @@ type Hub struct {
 	store *store
 	mem   memory
 
-	conf atomic.Pointer[config]
+	conf       atomic.Pointer[config]
+	queueCache sync.Map // queueKey → *queue
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -326,8 +327,25 @@ func (h *Hub) changed() {
 	}
 }
 
-// queueFor returns (creating) the queue of a sink at a priority.
+// queueKey identifies a queue without formatting its name.
+type queueKey struct {
+	sink routing.Sink
+	prio uint32
+}
+
+// queueFor returns (creating) the queue of a sink at a priority. Queues
+// are never removed, so a found one is cached for every later message.
 func (h *Hub) queueFor(sink routing.Sink, prio uint32) *queue {
+	k := queueKey{sink, prio}
+	if q, ok := h.queueCache.Load(k); ok {
+		return q.(*queue)
+	}
+	q := h.queueForSlow(sink, prio)
+	h.queueCache.Store(k, q)
+	return q
+}
+
+func (h *Hub) queueForSlow(sink routing.Sink, prio uint32) *queue {
 	name := queueName(sink, prio)
 	h.mu.Lock()
 	defer h.mu.Unlock()
