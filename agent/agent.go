@@ -83,9 +83,11 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	base := cfg.Logger
 	cfg.Logger = cfg.Logger.With("component", "agent")
 	return &Agent{
 		cfg:     cfg,
+		baseLog: base,
 		log:     cfg.Logger,
 		urls:    urls,
 		tlsCfg:  tlsCfg,

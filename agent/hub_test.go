@@ -291,3 +291,49 @@ func TestAgentHub_ExpiredWhileControllerAway(t *testing.T) {
 	}
 	t.Logf("%d messages sent, %d expired during the outage (%+v)", len(sent), len(missing), doc.Hub)
 }
+
+// A module built with the SDK whose message tries to pose as another
+// module ($.cmid/$.cdid in its properties) has that message refused; its
+// proper messages, and another module's, are delivered as usual.
+func TestAgentHub_SpoofedPropertiesRefused(t *testing.T) {
+	_, _ = pysdk.Find(t)
+	rec := &recordingHandler{}
+	ctl := testcontroller.Start(t, "hub-spoof-01", testLogger(t))
+	cfg := hubAgentConfig(t, ctl, "127.0.0.154", rec)
+	route := func(m string) string {
+		return fmt.Sprintf(`FROM /messages/modules/%s/outputs/out1 WHERE alert = 'true' INTO BrokeredEndpoint("/modules/b/inputs/in1")`, m)
+	}
+	modules := map[string]mod{
+		"b":     pyModule(t, "receiver.py", nil).with("startupOrder", 1),
+		"evil":  pyModule(t, "spoofer.py", nil).with("startupOrder", 2),
+		"plain": pyModule(t, "sender.py", map[string]string{"SEND_COUNT": "20", "SEND_INTERVAL": "0.2"}).with("startupOrder", 3),
+	}
+	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules,
+		map[string]any{"evil": route("evil"), "plain": route("plain")}, nil, 7200)})
+	startAgent(t, cfg)
+	waitFor(t, 90*time.Second, "plain's 10 alerts at B", func() bool {
+		n := 0
+		for _, l := range linesWith(rec, "b", "input") {
+			if l["props"].(map[string]any)["$.cmid"] == "plain" {
+				n++
+			}
+		}
+		return n == 10
+	})
+	waitFor(t, 30*time.Second, "the hub to refuse the spoofed message", func() bool {
+		return rec.has("module publish refused", "module", "evil")
+	})
+	var honest int
+	for _, l := range linesWith(rec, "b", "input") {
+		props := l["props"].(map[string]any)
+		if l["body"] == "spoofed" || props["$.cmid"] == "someone-else" || props["$.cdid"] == "another-device" {
+			t.Fatalf("B received the spoofed message: %v", l)
+		}
+		if l["body"] == "honest" && props["$.cmid"] == "evil" {
+			honest++
+		}
+	}
+	if honest != 1 {
+		t.Errorf("evil's honest message reached B %d times", honest)
+	}
+}

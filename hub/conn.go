@@ -292,7 +292,14 @@ func (c *conn) handle(pk packets.Packet) bool {
 // connected; an MQTT 3.1.1 module, which has no way to hear why, is
 // disconnected, as IoT Hub does.
 func (c *conn) refusePublish(pk packets.Packet, code packets.Code, why string) bool {
-	c.h.log.Info("module publish refused", "module", c.moduleName(), "topic", truncate(pk.TopicName, 200), "reason", why)
+	// At most one line per module every 10 s: a module whose SDK sends a
+	// refused message again after every reconnect must not flood the log.
+	if now, m := time.Now().UnixNano(), c.mod; now-m.refusedLogAt.Load() >= int64(10*time.Second) {
+		m.refusedLogAt.Store(now)
+		c.h.log.Info("module publish refused", "module", m.name, "topic", truncate(pk.TopicName, 200), "reason", why, "unlogged", m.refusedUnlogged.Swap(0))
+	} else {
+		m.refusedUnlogged.Add(1)
+	}
 	if c.version < 5 {
 		c.close(code)
 		return false

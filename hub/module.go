@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -45,6 +46,9 @@ type module struct {
 	methods          map[string]chan methodAnswer // by $rid
 	methodWaiters    []chan struct{}              // InvokeMethods waiting for a connection
 	gone             bool                         // left the deployment
+
+	// refusedLogAt and refusedUnlogged rate-limit the "publish refused" log.
+	refusedLogAt, refusedUnlogged atomic.Int64
 }
 
 func newModule(h *Hub, name string) *module {
