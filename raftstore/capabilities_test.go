@@ -16,6 +16,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // unknownEntry is a log entry of a command type no build knows yet: what
@@ -53,7 +54,7 @@ func waitHalted(t *testing.T, s *Store) *UnknownCommandError {
 	t.Helper()
 	select {
 	case <-s.Halted():
-	case <-time.After(10 * time.Second):
+	case <-time.After(testutil.WaitTimeout):
 		t.Fatalf("%s did not halt on the unknown command (applied index %d)", s.NodeID(), s.AppliedIndex())
 	}
 	var h *UnknownCommandError
@@ -63,24 +64,45 @@ func waitHalted(t *testing.T, s *Store) *UnknownCommandError {
 	return h
 }
 
-// TestStore_UnknownCommandHaltsEveryReplica is the follower's side of a
-// rolling upgrade: an entry whose command this build does not know stops
-// every replica at the entry before it (the state file too), rather than
-// skipping it as the previous release did, which left the node's state
-// different from its peers' for good. A write after it is not applied
-// either, the store shuts itself down (no vote, no leadership), and the
-// error says what to do.
-func TestStore_UnknownCommandHaltsEveryReplica(t *testing.T) {
-	stores := newTestCluster(t, 3, nil)
-	leader := stores[0]
+// newerRelease decodes entries as a build of a newer release would: it
+// knows command type 200 (unknownEntry). What such a build does with it is
+// not this package's business; here it is a command with no handler, which
+// the state machine answers as a rejection and goes on.
+func newerRelease(entry []byte) (Command, error) {
+	if len(entry) > 0 && entry[0] == unknownEntry[0] {
+		return newerCommandEntry{}, nil
+	}
+	return Decode(entry)
+}
+
+type newerCommandEntry struct{}
+
+func (newerCommandEntry) Type() CommandType { return CommandType(unknownEntry[0]) }
+
+// TestStore_UnknownCommandHaltsEveryFollower is the follower's side of a
+// rolling upgrade: the leader runs a newer release and proposes a command
+// this build does not know (the gate keeps it from doing so while a member
+// cannot apply it; a member downgraded after the gate asked meets it
+// anyway). Every replica of this build stops at the entry before it (the
+// state file too), rather than skipping it as the previous release did,
+// which left the node's state different from its peers' for good. A write
+// after it is not applied there either, the store shuts itself down (no
+// vote, no leadership), and the error says what to do. The leader goes on,
+// so every follower learns the entry is committed (a leader that halts
+// too may leave a follower that never learns it: DESIGN.md, Upgrades).
+func TestStore_UnknownCommandHaltsEveryFollower(t *testing.T) {
+	stores := newTestCluster(t, 3, func(cfg *Config) {
+		if cfg.NodeID == "n1" {
+			cfg.decode = newerRelease
+		}
+	})
+	leader, followers := stores[0], stores[1:]
 	putDevice(t, leader, "before", nil)
 	idx := proposeRaw(t, leader, unknownEntry)
-	// The leader's own replica halts too, so this write cannot be
-	// applied anywhere this build runs.
 	after, _ := Encode(PutDevice{Device: fleet.Device{ID: "after"}})
 	leader.raft.Apply(after, time.Second)
 
-	for _, s := range stores {
+	for _, s := range followers {
 		h := waitHalted(t, s)
 		if h.Index != idx || h.Type != 200 {
 			t.Errorf("%s halted at entry %d type %d, want %d type 200", s.NodeID(), h.Index, h.Type, idx)
@@ -98,7 +120,15 @@ func TestStore_UnknownCommandHaltsEveryReplica(t *testing.T) {
 			t.Errorf("%s: a write after the halt: %v, want ErrClosed", s.NodeID(), err)
 		}
 	}
-	for _, s := range stores {
+	select {
+	case <-leader.Halted():
+		t.Errorf("the leader, which knows the command, halted: %v", leader.HaltError())
+	default:
+		if got := leader.AppliedIndex(); got < idx {
+			t.Errorf("the leader applied up to %d, want at least %d", got, idx)
+		}
+	}
+	for _, s := range followers {
 		s.Close()
 		if got := storedAppliedIndex(t, s.cfg.Dir); got != idx-1 {
 			t.Errorf("%s: state.db holds applied index %d, want %d", s.NodeID(), got, idx-1)

@@ -144,6 +144,9 @@ type fsm struct {
 
 	// version is this build's, for the halt's message.
 	version string
+	// decode reads an entry's command: Decode, or a test's stand-in for
+	// a newer release's (Config.decode).
+	decode func(entry []byte) (Command, error)
 }
 
 var _ raft.BatchingFSM = (*fsm)(nil)
@@ -172,7 +175,7 @@ func openFSM(path string, observer Observer, logger *slog.Logger, bootID func() 
 		unlock()
 		return nil, err
 	}
-	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock, machineDown: machineDown}
+	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock, machineDown: machineDown, decode: Decode}
 	f.appliedCond = sync.NewCond(&f.appliedMu)
 	db, info, err := openStateDB(path, noSync, logger, nil)
 	if err != nil {
@@ -435,7 +438,7 @@ func (f *fsm) applyBatch(logs []*raft.Log, results []interface{}) (changes []Cha
 			if l.Index <= stored || l.Type != raft.LogCommand {
 				continue
 			}
-			cmd, err := Decode(l.Data)
+			cmd, err := f.decode(l.Data)
 			if errors.Is(err, ErrUnknownCommand) {
 				unknown = &UnknownCommandError{Index: l.Index, Type: CommandType(l.Data[0]), Version: f.version}
 				haltedResults(results, logs, i, unknown)

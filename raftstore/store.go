@@ -117,6 +117,10 @@ type Config struct {
 	// bootID replaces readBootID in tests, which simulate a machine
 	// restart by changing it.
 	bootID func() (string, error)
+	// decode replaces Decode in tests that stand a newer release's node
+	// (one that knows a command type this build does not) beside nodes of
+	// this build, in one process.
+	decode func(entry []byte) (Command, error)
 	// The write path as it was, for BenchmarkPacedWrites' baselines:
 	// syncState fsyncs state.db on every commit, proposeEach calls
 	// raft.Apply per command instead of through the proposer.
@@ -222,6 +226,9 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	s.fsm = f
 	f.version = cfg.Version
 	f.onHalt = s.halt
+	if cfg.decode != nil {
+		f.decode = cfg.decode
+	}
 	// Everything raft will read, read first: damage found once raft runs
 	// panics inside its goroutines (preflight.go).
 	files, err := checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown)
