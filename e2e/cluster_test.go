@@ -35,6 +35,20 @@ func (n *clusterNode) restart(t *testing.T) {
 	n.server = launchServer(t, n.dataDir, n.args...)
 }
 
+// apiStatus is the HTTP status of a device list on the node's API with
+// token: 200 for a token it takes, 401 for one it refuses, 0 when the
+// request failed.
+func (n *clusterNode) apiStatus(token string) int {
+	req, _ := http.NewRequest(http.MethodGet, n.url+"/api/v1/devices", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := n.httpClient().Do(req)
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
 // startCluster starts n nodes as processes of the built binary, each on
 // its own raft port, the first bootstrapping and the others joining it
 // with its join token.
@@ -333,21 +347,11 @@ func TestCluster_RotateTokens(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &reply); err != nil || len(reply.AdminToken) < 32 || reply.AdminToken == old {
 		t.Fatalf("rotate-admin-token printed %q (%v)", r.stdout, err)
 	}
-	status := func(n *clusterNode, token string) int {
-		req, _ := http.NewRequest(http.MethodGet, n.url+"/api/v1/devices", nil)
-		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := n.httpClient().Do(req)
-		if err != nil {
-			return 0
-		}
-		resp.Body.Close()
-		return resp.StatusCode
-	}
 	for _, n := range nodes {
 		eventually(t, n.id+" takes the new token and refuses the old one", 10*time.Second, func() bool {
 			b, _ := os.ReadFile(filepath.Join(n.dataDir, "admin-token"))
 			return strings.TrimSpace(string(b)) == reply.AdminToken &&
-				status(n, reply.AdminToken) == http.StatusOK && status(n, old) == http.StatusUnauthorized
+				n.apiStatus(reply.AdminToken) == http.StatusOK && n.apiStatus(old) == http.StatusUnauthorized
 		})
 	}
 	// The CLI on another node's machine reads the new token from its file.
@@ -357,7 +361,7 @@ func TestCluster_RotateTokens(t *testing.T) {
 	nodes[2].restart(t)
 	nodes[2].waitReady()
 	eventually(t, nodes[2].id+", restarted, takes the new token and refuses the old one", 10*time.Second, func() bool {
-		return status(nodes[2], reply.AdminToken) == http.StatusOK && status(nodes[2], old) == http.StatusUnauthorized
+		return nodes[2].apiStatus(reply.AdminToken) == http.StatusOK && nodes[2].apiStatus(old) == http.StatusUnauthorized
 	})
 
 	oldJoin := joinToken(t, nodes[0].dataDir)

@@ -351,19 +351,9 @@ func TestRevocation_RemovedNodeIsCutOff(t *testing.T) {
 	if rem.Fingerprint != bundle3.NodeCertID().Fingerprint {
 		t.Fatalf("revoked certificate %s, n3's is %s", rem.Fingerprint, bundle3.NodeCertID().Fingerprint)
 	}
-	apiStatus := func(n *clusterNode, token string) int {
-		req, _ := http.NewRequest(http.MethodGet, n.url+"/api/v1/devices", nil)
-		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := n.httpClient().Do(req)
-		if err != nil {
-			return 0
-		}
-		resp.Body.Close()
-		return resp.StatusCode
-	}
 	for _, n := range []*clusterNode{n1, n2} {
 		eventually(t, n.id+" takes the new tokens and refuses n3's admin token", 10*time.Second, func() bool {
-			return apiStatus(n, rem.AdminToken) == http.StatusOK && apiStatus(n, oldAdmin) == http.StatusUnauthorized &&
+			return n.apiStatus(rem.AdminToken) == http.StatusOK && n.apiStatus(oldAdmin) == http.StatusUnauthorized &&
 				joinToken(t, n.dataDir) == rem.JoinToken
 		})
 	}
