@@ -138,6 +138,7 @@ type Node struct {
 	rpc       *cluster.Server
 	peerConns peerConnections
 	memberIDs memberCache // for the checks of peers' certificates (nodecerts.go)
+	vouches   vouchCache
 
 	broker   *broker.Broker
 	metrics  *metrics
@@ -309,6 +310,7 @@ func (n *Node) Start(ctx context.Context) error {
 	go n.watchHalt()
 	n.rpc = cluster.NewServer((*clusterStore)(n), n.clusterSecrets, n.cfg.Logger)
 	n.rpc.HandleNode("GET "+connectionsPath, n.serveConnections)
+	n.rpc.HandleNode("GET "+nodeCertPath+"{id}", n.serveNodeCert)
 	go func() {
 		if err := n.rpc.Serve(n.mux); err != nil {
 			n.logger.Error("cluster RPC server stopped", "err", err)

@@ -67,3 +67,39 @@ func TestPeerAuthorizer(t *testing.T) {
 		}
 	}
 }
+
+// TestPeerAuthorizer_MembersVouch: a replica that does not know a node
+// yet (it lags: the node joined while it was down) asks the members it
+// knows which certificate their replicas bind to that node; a member that
+// binds the certificate vouches for it, and nobody vouches for one the
+// cluster never bound.
+func TestPeerAuthorizer_MembersVouch(t *testing.T) {
+	n1 := startNode(t, t.TempDir())
+	n2 := startNodeWith(t, t.TempDir(), func(c *Config) {
+		c.NodeID, c.Join, c.JoinToken = "n2", "https://"+n1.RaftAddr(), n1.JoinToken()
+	})
+	issue := func(id string) pki.CertID {
+		b, err := pki.NewBundle(n1.bundle.CA, id, nil, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b.NodeCertID()
+	}
+	joined, stranger := issue("n9"), issue("n8")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n1.store.BindNode(ctx, joined.NodeID, joined.Fingerprint, joined.Serial, true); err != nil {
+		t.Fatal(err)
+	}
+	known := map[string]string{"n1": n1.RaftAddr(), "n2": n2.RaftAddr()}
+	if !n2.vouched(joined, known) {
+		t.Fatal("n1 did not vouch for a certificate the cluster binds")
+	}
+	if n2.vouched(stranger, known) {
+		t.Fatal("a member vouched for a certificate the cluster never bound")
+	}
+	n2.vouches.forget()
+	if n2.vouched(issue("n9"), known) {
+		t.Fatal("a member vouched for another certificate of a bound node")
+	}
+}

@@ -50,6 +50,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		// presented one the cluster no longer accepts close now, judged by
 		// the members as they are now (a removal precedes its revocation).
 		n.memberIDs.forget()
+		n.vouches.forget()
 		n.mux.Recheck()
 	}
 	if n.broker != nil {
