@@ -101,7 +101,7 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 	_, _ = pysdk.Find(t)
 	rec := &recordingHandler{}
 	ctl := testcontroller.Start(t, "hub-sdk-01", testLogger(t))
-	cfg := hubAgentConfig(t, ctl, "127.0.0.151", rec)
+	cfg := hubAgentConfig(t, ctl, testcontroller.FreeGateway(t), rec)
 	routes := map[string]any{
 		"toB": map[string]any{"route": `FROM /messages/modules/a/outputs/out1 WHERE alert = 'true' INTO BrokeredEndpoint("/modules/b/inputs/in1")`, "priority": 0},
 		"up":  `FROM /messages/modules/a/outputs/* WHERE $body.n >= 6 INTO $upstream`,
@@ -211,7 +211,7 @@ func TestAgentHub_UpstreamSurvivesControllerOutage(t *testing.T) {
 	_, _ = pysdk.Find(t)
 	rec := &recordingHandler{}
 	ctl := testcontroller.Start(t, "hub-outage-01", testLogger(t))
-	cfg := hubAgentConfig(t, ctl, "127.0.0.152", rec)
+	cfg := hubAgentConfig(t, ctl, testcontroller.FreeGateway(t), rec)
 	modules := map[string]mod{"a": pyModule(t, "sender.py", map[string]string{"SEND_COUNT": "100000", "SEND_INTERVAL": "0.1"})}
 	routes := map[string]any{"up": `FROM /messages/modules/a/* INTO $upstream`}
 	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, nil, 7200)})
@@ -248,7 +248,7 @@ func TestAgentHub_ExpiredWhileControllerAway(t *testing.T) {
 	_, _ = pysdk.Find(t)
 	rec := &recordingHandler{}
 	ctl := testcontroller.Start(t, "hub-ttl-01", testLogger(t))
-	cfg := hubAgentConfig(t, ctl, "127.0.0.153", rec)
+	cfg := hubAgentConfig(t, ctl, testcontroller.FreeGateway(t), rec)
 	modules := map[string]mod{"a": pyModule(t, "sender.py", map[string]string{"SEND_COUNT": "100000", "SEND_INTERVAL": "0.25"})}
 	routes := map[string]any{"up": map[string]any{"route": `FROM /messages/modules/a/* INTO $upstream`, "timeToLiveSecs": 5}}
 	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(modules, routes, nil, 7200)})
@@ -299,7 +299,7 @@ func TestAgentHub_SpoofedPropertiesRefused(t *testing.T) {
 	_, _ = pysdk.Find(t)
 	rec := &recordingHandler{}
 	ctl := testcontroller.Start(t, "hub-spoof-01", testLogger(t))
-	cfg := hubAgentConfig(t, ctl, "127.0.0.154", rec)
+	cfg := hubAgentConfig(t, ctl, testcontroller.FreeGateway(t), rec)
 	route := func(m string) string {
 		return fmt.Sprintf(`FROM /messages/modules/%s/outputs/out1 WHERE alert = 'true' INTO BrokeredEndpoint("/modules/b/inputs/in1")`, m)
 	}

@@ -138,7 +138,7 @@ func TestHub_DockerModuleTalksToProcessModule(t *testing.T) {
 	}
 	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: hubManifest(modules, routes)})
 	ag := startAgent(t, "--server", ctl.URL(), "--device-id", device, "--device-key", "k", "--data-dir", t.TempDir(),
-		"--runtime", "docker+process", "--hub-addr", "127.0.0.162:8883", "--hub-docker-addr", "auto", "--log-format", "json")
+		"--runtime", "docker+process", "--hub-addr", testcontroller.FreeGateway(t)+":8883", "--hub-docker-addr", "auto", "--log-format", "json")
 
 	// The process module's output says what it received: the container's
 	// messages on in1, and its own messages echoed by the container.

@@ -77,7 +77,7 @@ func TestHub_AgentKilledWithQueuedMessages(t *testing.T) {
 	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: hubManifest(modules, routes)})
 	dataDir := t.TempDir()
 	args := []string{"--server", ctl.URL(), "--device-id", "hub-kill-01", "--device-key", "k", "--data-dir", dataDir,
-		"--hub-addr", "127.0.0.161:8883", "--log-format", "json"}
+		"--hub-addr", testcontroller.FreeGateway(t) + ":8883", "--log-format", "json"}
 	// The controller is away from the start of the sending: everything
 	// waits on the device.
 	ag := startAgent(t, args...)

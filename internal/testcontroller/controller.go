@@ -9,7 +9,9 @@
 package testcontroller
 
 import (
+	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net"
 	"sync"
@@ -228,4 +230,24 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		c.responses[r.ID] = r
 	}
 	return pk, nil
+}
+
+// FreeGateway returns a loopback address (any of 127.0.0.0/8 is loopback
+// on Linux) whose port 8883, the Azure SDKs' fixed port, nothing listens
+// on now: a random one, so that test runs side by side on one machine (the
+// same test of two checkouts included) do not take each other's hub port.
+func FreeGateway(t testing.TB) string {
+	t.Helper()
+	for range 100 {
+		var b [3]byte
+		_, _ = rand.Read(b[:])
+		host := fmt.Sprintf("127.%d.%d.%d", 1+int(b[0])%250, b[1], 1+int(b[2])%250)
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, "8883"))
+		if err == nil {
+			ln.Close()
+			return host
+		}
+	}
+	t.Fatal("no loopback address with port 8883 free")
+	return ""
 }
