@@ -231,7 +231,8 @@ func (c *conn) connect() bool {
 	if !ok {
 		return refuse(packets.ErrNotAuthorized, fmt.Sprintf("module %q is not in the running deployment", module))
 	}
-	if err := c.h.cfg.Auth.Authenticate(device, module, string(pk.Connect.Password)); err != nil {
+	expires, err := c.h.cfg.Auth.Authenticate(device, module, string(pk.Connect.Password))
+	if err != nil {
 		return refuse(packets.ErrNotAuthorized, err.Error())
 	}
 	c.keepalive = time.Duration(pk.Connect.Keepalive) * time.Second
@@ -253,6 +254,17 @@ func (c *conn) connect() bool {
 	c.h.mu.Unlock()
 	resumed := m.attach(c, pk.Connect.Clean, persistent)
 	c.wg.Go(c.writer)
+	if !expires.IsZero() {
+		// The token's end is the session's, as in IoT Hub.
+		t := time.AfterFunc(time.Until(expires), func() {
+			c.h.log.Info("module token expired; closing its connection", "module", module)
+			c.close(packets.ErrNotAuthorized)
+		})
+		c.wg.Go(func() {
+			<-c.closing
+			t.Stop()
+		})
+	}
 	c.writeConnackOK(resumed, serverKeepalive)
 	c.h.log.Info("module connected", "module", module, "remote", c.remote, "mqtt", map[byte]string{4: "3.1.1", 5: "5"}[c.version], "sessionPresent", resumed)
 	return true
@@ -793,6 +805,8 @@ func (c *conn) close(reason error) {
 			})
 		}
 		close(c.closing)
+		// A writer blocked on a module that stopped reading gives up soon.
+		_ = c.nc.SetWriteDeadline(time.Now().Add(250 * time.Millisecond))
 		if c.mod == nil {
 			_ = c.nc.Close() // no writer yet
 		}

@@ -18,9 +18,11 @@ import (
 )
 
 // Authenticator admits a module: password is the MQTT password of client
-// device/module (a SAS token). workload.Service implements it.
+// device/module (a SAS token), valid until the time returned: the hub
+// ends the connection then, as IoT Hub does (the SDKs reconnect with a
+// fresh token before). workload.Service implements it.
 type Authenticator interface {
-	Authenticate(device, module, password string) error
+	Authenticate(device, module, password string) (time.Time, error)
 }
 
 // Upstream carries $upstream batches to the controller.

@@ -371,3 +371,21 @@ func TestHub_TruncatedSubscribeClosesOnlyThatConnection(t *testing.T) {
 		t.Fatalf("got %q", in.Body)
 	}
 }
+
+// A session lasts as long as the token that opened it, as in IoT Hub (the
+// SDKs reconnect with a fresh token before it ends).
+func TestHub_SessionEndsWithItsToken(t *testing.T) {
+	th := startHub(t, t.TempDir())
+	th.configure(nil, "a")
+	tok, _ := th.ws.Token("a", 2*time.Second)
+	a := th.connect("a", func(c *edgeclient.Config) { c.Password, c.Version = tok, 5 })
+	select {
+	case <-a.Done():
+	case <-time.After(15 * time.Second):
+		t.Fatal("still connected after the token expired")
+	}
+	if a.DisconnectReason() != packets.ErrNotAuthorized.Code {
+		t.Errorf("DISCONNECT reason %#x; want 0x87", a.DisconnectReason())
+	}
+	th.connect("a") // a fresh token opens a new session
+}

@@ -105,57 +105,63 @@ func resource(hub, device, module string) string {
 // and the signature HMAC-SHA256(key, <sr as sent> + "\n" + <se>). A key
 // name (skn) is refused: modules sign with their own key, not a policy's.
 func VerifySAS(token, hub, device, module string, key []byte, now time.Time) error {
+	_, err := verifySAS(token, hub, device, module, key, now)
+	return err
+}
+
+// verifySAS is VerifySAS, returning the token's expiry too.
+func verifySAS(token, hub, device, module string, key []byte, now time.Time) (time.Time, error) {
 	rest, ok := strings.CutPrefix(token, "SharedAccessSignature ")
 	if !ok {
-		return errMalformed
+		return time.Time{}, errMalformed
 	}
 	fields := map[string]string{}
 	for _, kv := range strings.Split(rest, "&") {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok || k == "" {
-			return errMalformed
+			return time.Time{}, errMalformed
 		}
 		if _, dup := fields[k]; dup {
-			return errMalformed
+			return time.Time{}, errMalformed
 		}
 		fields[k] = v
 	}
 	sr, sig, se := fields["sr"], fields["sig"], fields["se"]
 	if sr == "" || sig == "" || se == "" || len(fields) != 3 {
 		if _, skn := fields["skn"]; skn {
-			return fmt.Errorf("%w: a SAS token with a key name (skn) is a policy's; a module signs with its own key", ErrUnauthorized)
+			return time.Time{}, fmt.Errorf("%w: a SAS token with a key name (skn) is a policy's; a module signs with its own key", ErrUnauthorized)
 		}
-		return errMalformed
+		return time.Time{}, errMalformed
 	}
 	res, err := url.QueryUnescape(sr)
 	if err != nil {
-		return errMalformed
+		return time.Time{}, errMalformed
 	}
 	want := resource(hub, device, module)
 	gotHub, gotPath, _ := strings.Cut(res, "/")
 	wantHub, wantPath, _ := strings.Cut(want, "/")
 	if !strings.EqualFold(gotHub, wantHub) || gotPath != wantPath {
-		return fmt.Errorf("%w: the token is for %q, not %q", ErrUnauthorized, res, want)
+		return time.Time{}, fmt.Errorf("%w: the token is for %q, not %q", ErrUnauthorized, res, want)
 	}
 	expiry, err := strconv.ParseInt(se, 10, 64)
 	if err != nil {
-		return errMalformed
+		return time.Time{}, errMalformed
 	}
 	if !now.Before(time.Unix(expiry, 0)) {
-		return fmt.Errorf("%w: the token expired at %s", ErrUnauthorized, time.Unix(expiry, 0).UTC().Format(time.RFC3339))
+		return time.Time{}, fmt.Errorf("%w: the token expired at %s", ErrUnauthorized, time.Unix(expiry, 0).UTC().Format(time.RFC3339))
 	}
 	sigText, err := url.QueryUnescape(sig)
 	if err != nil {
-		return errMalformed
+		return time.Time{}, errMalformed
 	}
 	got, err := base64.StdEncoding.DecodeString(sigText)
 	if err != nil {
-		return errMalformed
+		return time.Time{}, errMalformed
 	}
 	if !hmac.Equal(got, sign(key, []byte(sr+"\n"+se))) {
-		return fmt.Errorf("%w: wrong signature", ErrUnauthorized)
+		return time.Time{}, fmt.Errorf("%w: wrong signature", ErrUnauthorized)
 	}
-	return nil
+	return time.Unix(expiry, 0), nil
 }
 
 // NewSAS builds a token as the SDKs do (the resource and the signature

@@ -257,16 +257,17 @@ func (s *Service) Modules() []string {
 
 // Authenticate checks a module's MQTT password: a SAS token for exactly
 // {HubName}/devices/{device}/modules/{module}, unexpired, signed with the
-// module's current key. Every refusal matches ErrUnauthorized.
-func (s *Service) Authenticate(device, module, password string) error {
+// module's current key. It returns when the token expires. Every refusal
+// matches ErrUnauthorized.
+func (s *Service) Authenticate(device, module, password string) (time.Time, error) {
 	if device != s.cfg.DeviceID {
-		return fmt.Errorf("%w: device %q is not this device (%q)", ErrUnauthorized, device, s.cfg.DeviceID)
+		return time.Time{}, fmt.Errorf("%w: device %q is not this device (%q)", ErrUnauthorized, device, s.cfg.DeviceID)
 	}
 	id, ok := s.Identity(module)
 	if !ok {
-		return fmt.Errorf("%w: no module %q in the running deployment", ErrUnauthorized, module)
+		return time.Time{}, fmt.Errorf("%w: no module %q in the running deployment", ErrUnauthorized, module)
 	}
-	return VerifySAS(password, s.cfg.HubName, device, module, id.Key, time.Now())
+	return verifySAS(password, s.cfg.HubName, device, module, id.Key, time.Now())
 }
 
 // Token signs a SAS token for a module valid for ttl, as a module would

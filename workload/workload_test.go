@@ -103,14 +103,14 @@ func TestWorkload_SignedTokenAuthenticates(t *testing.T) {
 		t.Fatalf("sign: %d %s", code, digest)
 	}
 	token := "SharedAccessSignature sr=" + sr + "&sig=" + queryEscape(digest) + "&se=" + se
-	if err := s.Authenticate("press-01", "sensor", token); err != nil {
+	if err := authErr(s, "press-01", "sensor", token); err != nil {
 		t.Fatalf("token signed through the socket refused: %v", err)
 	}
 	// That token opens nothing else.
-	if err := s.Authenticate("press-01", "filter", token); !errors.Is(err, ErrUnauthorized) {
+	if err := authErr(s, "press-01", "filter", token); !errors.Is(err, ErrUnauthorized) {
 		t.Errorf("sensor's token for filter: %v", err)
 	}
-	if err := s.Authenticate("press-02", "sensor", token); !errors.Is(err, ErrUnauthorized) {
+	if err := authErr(s, "press-02", "sensor", token); !errors.Is(err, ErrUnauthorized) {
 		t.Errorf("sensor's token on another device: %v", err)
 	}
 
@@ -179,7 +179,7 @@ func TestWorkload_IdentitiesPersistAndRenew(t *testing.T) {
 	if !bytes.Equal(s.TrustBundle(), caPEM) {
 		t.Fatal("device CA changed across a restart")
 	}
-	if err := s.Authenticate("press-01", "a", tok); err != nil {
+	if err := authErr(s, "press-01", "a", tok); err != nil {
 		t.Fatalf("token from before the restart: %v", err)
 	}
 	if changed, _ := s.Sync([]string{"b", "a"}); changed {
@@ -188,7 +188,7 @@ func TestWorkload_IdentitiesPersistAndRenew(t *testing.T) {
 	if _, err := s.Sync([]string{"b"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Authenticate("press-01", "a", tok); !errors.Is(err, ErrUnauthorized) {
+	if err := authErr(s, "press-01", "a", tok); !errors.Is(err, ErrUnauthorized) {
 		t.Errorf("a removed module still authenticates: %v", err)
 	}
 	if _, err := s.Sync([]string{"a", "b"}); err != nil {
@@ -197,7 +197,7 @@ func TestWorkload_IdentitiesPersistAndRenew(t *testing.T) {
 	if a, _ := s.Identity("a"); a.GenerationID == a1.GenerationID {
 		t.Error("a module that came back kept its generation id")
 	}
-	if err := s.Authenticate("press-01", "a", tok); !errors.Is(err, ErrUnauthorized) {
+	if err := authErr(s, "press-01", "a", tok); !errors.Is(err, ErrUnauthorized) {
 		t.Errorf("the old generation's token still authenticates: %v", err)
 	}
 	// New names give a new server certificate from the same CA.
@@ -274,4 +274,21 @@ func TestWorkload_TLSHandshake(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Close()
+}
+
+// authErr is Authenticate's error.
+func authErr(s *Service, device, module, token string) error {
+	_, err := s.Authenticate(device, module, token)
+	return err
+}
+
+// Authenticate says when the token expires: the hub ends the session then.
+func TestWorkload_AuthenticateReturnsExpiry(t *testing.T) {
+	s := openService(t, t.TempDir())
+	s.Sync([]string{"m"})
+	tok, _ := s.Token("m", time.Hour)
+	exp, err := s.Authenticate("press-01", "m", tok)
+	if err != nil || exp.Before(time.Now().Add(59*time.Minute)) || exp.After(time.Now().Add(time.Hour+time.Second)) {
+		t.Fatalf("expiry %s, %v", exp, err)
+	}
 }
