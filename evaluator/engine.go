@@ -17,6 +17,11 @@ type Deployment struct {
 	// CreatedUnixNano breaks priority ties: the most recently created wins.
 	// It must come from the raft command, never from a local clock.
 	CreatedUnixNano int64
+	// Gated: the deployment applies only to the devices admitted to it
+	// (Admit, SetAdmitted), while it targets every device its condition
+	// matches; a device it does not admit falls to the next deployment by
+	// precedence. A rollout gates its deployment until it completes.
+	Gated bool
 }
 
 // Change reports that the deployment applied to a device changed. From and
@@ -53,7 +58,13 @@ type dep struct {
 	targets bitmap   // slots the condition matches
 	rank    int      // position in Engine.ranked
 	mark    uint64   // candidate dedup (Engine.epoch)
+	// admitted are the slots a gated deployment may apply to (a subset of
+	// the live slots, not necessarily of targets); empty when not gated.
+	admitted bitmap
 }
+
+// admits tells whether the deployment may apply to slot, when it targets it.
+func (dp *dep) admits(slot uint32) bool { return !dp.Gated || dp.admitted.Contains(slot) }
 
 type slotChange struct{ slot, from, to uint32 }
 
@@ -172,7 +183,7 @@ func (e *Engine) PutDevice(id string, tags map[string]any) []Change {
 		case was && !now:
 			dp.targets.Remove(slot)
 		}
-		if now && (best == 0 || dp.rank < e.deps[best].rank) {
+		if now && dp.admits(slot) && (best == 0 || dp.rank < e.deps[best].rank) {
 			best = h
 		}
 	}
@@ -198,6 +209,11 @@ func (e *Engine) DeleteDevice(id string) []Change {
 	for _, h := range e.candidates(id, old, nil) {
 		if dp := e.deps[h]; e.d.match(dp.plan, id, old) {
 			dp.targets.Remove(slot)
+		}
+	}
+	for _, h := range e.ranked {
+		if dp := e.deps[h]; dp.Gated {
+			dp.admitted.Remove(slot) // the slot may hold another device next
 		}
 	}
 	for _, t := range old {
@@ -345,7 +361,7 @@ func (e *Engine) addDeployment(d Deployment, plan *pnode, b binder, targets dens
 	e.rerank()
 	chs := make([]slotChange, 0, targets.count())
 	targets.each(func(x uint32) {
-		if cur := e.applied[x]; cur == 0 || dp.rank < e.deps[cur].rank {
+		if cur := e.applied[x]; dp.admits(x) && (cur == 0 || dp.rank < e.deps[cur].rank) {
 			chs = append(chs, slotChange{x, cur, h})
 			e.applied[x] = h
 		}
@@ -357,7 +373,7 @@ func (e *Engine) updateDeployment(h uint32, d Deployment, plan *pnode, b binder,
 	dp := e.deps[h]
 	affected := e.emptySet()
 	affected.or(&dp.targets)
-	if dp.Priority != d.Priority || dp.CreatedUnixNano != d.CreatedUnixNano {
+	if dp.Priority != d.Priority || dp.CreatedUnixNano != d.CreatedUnixNano || dp.Gated != d.Gated {
 		affected.orD(targets) // every device it targets may see it win or lose
 	} else {
 		for i := range affected {
@@ -368,6 +384,9 @@ func (e *Engine) updateDeployment(h uint32, d Deployment, plan *pnode, b binder,
 	oldPins := dp.pins
 	dp.Deployment, dp.plan, dp.pins = d, plan, b
 	dp.targets = *targets.toBitmap()
+	if !d.Gated {
+		dp.admitted = bitmap{}
+	}
 	dp.anc = e.anchorsOf(plan)
 	e.register(h)
 	e.rerank()
@@ -512,6 +531,22 @@ func (e *Engine) resolve(s dense) []slotChange {
 		rem[i/chunkWords] += int32(bits.OnesCount64(w))
 	}
 	for _, h := range e.ranked {
+		if dp := e.deps[h]; dp.Gated {
+			// Only the admitted slots it targets: usually far fewer.
+			dp.admitted.Each(func(x uint32) bool {
+				if s.has(x) && dp.targets.Contains(x) {
+					s.clear(x)
+					rem[x>>chunkBits]--
+					n--
+					assign(x, h)
+				}
+				return n > 0
+			})
+			if n == 0 {
+				return chs
+			}
+			continue
+		}
 		t := &e.deps[h].targets
 		for _, x := range t.small {
 			if s.has(x) {
@@ -576,7 +611,7 @@ func (e *Engine) bestFor(slot uint32) uint32 {
 	var best uint32
 	for _, h := range e.candidates(e.ids[slot], e.leaves[slot], nil) {
 		dp := e.deps[h]
-		if dp.targets.Contains(slot) && (best == 0 || dp.rank < e.deps[best].rank) {
+		if dp.targets.Contains(slot) && dp.admits(slot) && (best == 0 || dp.rank < e.deps[best].rank) {
 			best = h
 		}
 	}
@@ -756,7 +791,16 @@ func (e *Engine) dryRunSets(d Deployment, cond *Condition) (targets, would dense
 		if precedes(&dp.Deployment, &d) > 0 {
 			break
 		}
-		if h != self {
+		switch {
+		case h == self:
+		case dp.Gated:
+			dp.admitted.Each(func(x uint32) bool {
+				if dp.targets.Contains(x) {
+					would.clear(x)
+				}
+				return true
+			})
+		default:
 			would.andNot(&dp.targets)
 		}
 	}
@@ -790,4 +834,98 @@ func (e *Engine) DeploymentIDs() []string {
 	}
 	sort.Strings(ids)
 	return ids
+}
+
+// Admit lets a gated deployment apply to more devices: each one it targets
+// then applies to the device unless a deployment that precedes it does.
+// Unknown devices are ignored (a device created later is not admitted);
+// so is a deployment that is unknown or not gated. It returns the devices
+// whose applied deployment changed, sorted.
+func (e *Engine) Admit(deploymentID string, deviceIDs []string) []Change {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	h, ok := e.depIDs[deploymentID]
+	if !ok || !e.deps[h].Gated {
+		return nil
+	}
+	dp := e.deps[h]
+	var chs []slotChange
+	for _, id := range deviceIDs {
+		slot, ok := e.byID[id]
+		if !ok || !dp.admitted.Add(slot) || !dp.targets.Contains(slot) {
+			continue
+		}
+		if cur := e.applied[slot]; cur == 0 || dp.rank < e.deps[cur].rank {
+			chs = append(chs, slotChange{slot, cur, h})
+			e.applied[slot] = h
+		}
+	}
+	return e.finish(chs)
+}
+
+// SetAdmitted replaces the devices a gated deployment may apply to (none,
+// to roll it back; all of them at once, when rebuilding), and returns the
+// devices whose applied deployment changed.
+func (e *Engine) SetAdmitted(deploymentID string, deviceIDs []string) []Change {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	h, ok := e.depIDs[deploymentID]
+	if !ok || !e.deps[h].Gated {
+		return nil
+	}
+	dp := e.deps[h]
+	affected := e.emptySet()
+	affected.or(&dp.admitted)
+	var next bitmap
+	for _, id := range deviceIDs {
+		if slot, ok := e.byID[id]; ok && next.Add(slot) {
+			affected.set(slot)
+		}
+	}
+	dp.admitted = next
+	affected.and(&dp.targets) // only a device it targets can change
+	return e.finish(e.resolve(affected))
+}
+
+// Admitted tells whether a gated deployment admits a device.
+func (e *Engine) Admitted(deploymentID, deviceID string) bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	h, ok := e.depIDs[deploymentID]
+	slot, known := e.byID[deviceID]
+	return ok && known && e.deps[h].admits(slot)
+}
+
+// WouldApply returns the devices a deployment targets that no deployment
+// preceding it applies to, sorted: those it applies to, and those it
+// would apply to if it admitted them.
+func (e *Engine) WouldApply(deploymentID string) []string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	h, ok := e.depIDs[deploymentID]
+	if !ok {
+		return nil
+	}
+	dp := e.deps[h]
+	s := e.emptySet()
+	dp.targets.Each(func(x uint32) bool {
+		if cur := e.applied[x]; cur == 0 || cur == h || e.deps[cur].rank > dp.rank {
+			s.set(x)
+		}
+		return true
+	})
+	return e.sortedIDs(s)
+}
+
+// Precedes tells whether deployment a ranks before deployment b (a
+// deployment ranks before none; none before nothing).
+func (e *Engine) Precedes(a, b string) bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	ha, okA := e.depIDs[a]
+	if !okA {
+		return false
+	}
+	hb, okB := e.depIDs[b]
+	return !okB || e.deps[ha].rank < e.deps[hb].rank
 }

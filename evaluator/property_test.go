@@ -139,6 +139,13 @@ type model struct {
 	devices map[string]map[string]any
 	deps    map[string]Deployment
 	conds   map[string]*Condition
+	// admitted holds, per gated deployment, the devices it admits.
+	admitted map[string]map[string]bool
+}
+
+// admits: a deployment that is not gated admits every device.
+func (m *model) admits(depID, devID string) bool {
+	return !m.deps[depID].Gated || m.admitted[depID][devID]
 }
 
 func (m *model) matches(depID, devID string) bool {
@@ -164,8 +171,10 @@ func (m *model) targeting(devID string) []string {
 }
 
 func (m *model) applied(devID string) string {
-	if tg := m.targeting(devID); len(tg) > 0 {
-		return tg[0]
+	for _, dep := range m.targeting(devID) {
+		if m.admits(dep, devID) {
+			return dep
+		}
 	}
 	return ""
 }
@@ -209,14 +218,14 @@ func testEngines() map[string]*Engine {
 
 func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 	rapid.Check(t, func(t *rapid.T) {
-		m := &model{t: t, devices: map[string]map[string]any{}, deps: map[string]Deployment{}, conds: map[string]*Condition{}}
+		m := &model{t: t, devices: map[string]map[string]any{}, deps: map[string]Deployment{}, conds: map[string]*Condition{}, admitted: map[string]map[string]bool{}}
 		engines := testEngines()
 		names := slices.Sorted(maps.Keys(engines))
 		steps := rapid.IntRange(1, 40).Draw(t, "steps")
 		for range steps {
 			before := m.appliedAll()
 			var got map[string][]Change
-			switch rapid.IntRange(0, 9).Draw(t, "action") {
+			switch rapid.IntRange(0, 11).Draw(t, "action") {
 			case 0, 1, 2, 3:
 				id := rapid.SampledFrom(genDeviceIDs).Draw(t, "device")
 				tags := genTags(t)
@@ -225,6 +234,9 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 			case 4:
 				id := rapid.SampledFrom(genDeviceIDs).Draw(t, "device")
 				delete(m.devices, id)
+				for _, set := range m.admitted {
+					delete(set, id) // a device created again is not admitted
+				}
 				got = each(engines, func(e *Engine) []Change { return e.DeleteDevice(id) })
 			case 5, 6, 7, 8:
 				d := Deployment{
@@ -232,10 +244,14 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 					Condition:       genCondition(t),
 					Priority:        int64(rapid.IntRange(0, 2).Draw(t, "prio")),
 					CreatedUnixNano: int64(rapid.IntRange(0, 2).Draw(t, "created")),
+					Gated:           rapid.IntRange(0, 2).Draw(t, "gated") == 0,
 				}
 				c, err := Compile(d.Condition)
 				if err != nil {
 					t.Fatalf("generated condition %q does not compile: %v", d.Condition, err)
+				}
+				if old, ok := m.deps[d.ID]; !ok || !old.Gated || !d.Gated {
+					m.admitted[d.ID] = map[string]bool{}
 				}
 				m.deps[d.ID], m.conds[d.ID] = d, c
 				got = each(engines, func(e *Engine) []Change {
@@ -249,7 +265,30 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 				id := rapid.SampledFrom(genDepIDs).Draw(t, "dep")
 				delete(m.deps, id)
 				delete(m.conds, id)
+				delete(m.admitted, id)
 				got = each(engines, func(e *Engine) []Change { return e.DeleteDeployment(id) })
+			case 10, 11:
+				// Admit some devices to a deployment, or replace what it
+				// admits; nothing happens unless it exists and is gated.
+				id := rapid.SampledFrom(genDepIDs).Draw(t, "dep")
+				devs := rapid.SliceOfDistinct(rapid.SampledFrom(genDeviceIDs), func(s string) string { return s }).Draw(t, "admit")
+				replace := rapid.Bool().Draw(t, "replace")
+				if d, ok := m.deps[id]; ok && d.Gated {
+					if replace {
+						m.admitted[id] = map[string]bool{}
+					}
+					for _, dev := range devs {
+						if _, exists := m.devices[dev]; exists {
+							m.admitted[id][dev] = true
+						}
+					}
+				}
+				got = each(engines, func(e *Engine) []Change {
+					if replace {
+						return e.SetAdmitted(id, devs)
+					}
+					return e.Admit(id, devs)
+				})
 			}
 			if got != nil {
 				want := expectChanges(before, m.appliedAll())
@@ -286,7 +325,7 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 				wantMatch = append(wantMatch, dev)
 				beaten := false
 				for _, other := range m.targeting(dev) {
-					if od := m.deps[other]; other != dry.ID && precedes(&od, &dry) < 0 {
+					if od := m.deps[other]; other != dry.ID && precedes(&od, &dry) < 0 && m.admits(other, dev) {
 						beaten = true
 					}
 				}
@@ -352,6 +391,24 @@ func checkEngine(t *rapid.T, name string, e *Engine, m *model) {
 		}
 		if tg, ap := e.Counts(dep); tg != len(wantT) || ap != len(wantA) {
 			t.Fatalf("%s: Counts(%s) = %d, %d; want %d, %d", name, dep, tg, ap, len(wantT), len(wantA))
+		}
+		// WouldApply: targeted, and no admitting deployment precedes it.
+		var wantW []string
+		if d, ok := m.deps[dep]; ok {
+			for _, dev := range wantT {
+				beaten := false
+				for _, other := range m.targeting(dev) {
+					if od := m.deps[other]; other != dep && precedes(&od, &d) < 0 && m.admits(other, dev) {
+						beaten = true
+					}
+				}
+				if !beaten {
+					wantW = append(wantW, dev)
+				}
+			}
+		}
+		if got := e.WouldApply(dep); !slices.Equal(got, wantW) {
+			t.Fatalf("%s: WouldApply(%s) = %v, want %v", name, dep, got, wantW)
 		}
 	}
 	if s := e.Stats(); s.Devices != len(m.devices) || s.Deployments != len(m.deps) {
