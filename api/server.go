@@ -738,7 +738,7 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		code, word = http.StatusBadRequest, "bad_request"
 	case errors.Is(err, fleet.ErrNotFound):
 		code, word = http.StatusNotFound, "not_found"
-	case errors.Is(err, fleet.ErrExists):
+	case errors.Is(err, fleet.ErrExists), errors.Is(err, fleet.ErrConflict):
 		code, word = http.StatusConflict, "conflict"
 	case errors.Is(err, fleet.ErrPreconditionFailed):
 		code, word = http.StatusPreconditionFailed, "precondition_failed"

@@ -9,16 +9,19 @@ import (
 // that selects its devices, and its priority. It follows the Azure IoT Hub
 // configuration object so that Azure users can bring their files.
 type Deployment struct {
-	ID                 string            `json:"id"`
-	Labels             map[string]string `json:"labels,omitempty"`
-	Content            json.RawMessage   `json:"content"`
-	TargetCondition    string            `json:"targetCondition"`
-	Priority           int64             `json:"priority"`
-	Metrics            Metrics           `json:"metrics"`
-	Layered            bool              `json:"layered,omitempty"`
-	CreatedTimeUTC     time.Time         `json:"createdTimeUtc"`
-	LastUpdatedTimeUTC time.Time         `json:"lastUpdatedTimeUtc"`
-	Etag               string            `json:"etag"`
+	ID              string            `json:"id"`
+	Labels          map[string]string `json:"labels,omitempty"`
+	Content         json.RawMessage   `json:"content"`
+	TargetCondition string            `json:"targetCondition"`
+	Priority        int64             `json:"priority"`
+	Metrics         Metrics           `json:"metrics"`
+	Layered         bool              `json:"layered,omitempty"`
+	// Rollout, when set, makes the deployment reach its devices in waves
+	// (see RolloutPolicy); stored normalized.
+	Rollout            *RolloutPolicy `json:"rollout,omitempty"`
+	CreatedTimeUTC     time.Time      `json:"createdTimeUtc"`
+	LastUpdatedTimeUTC time.Time      `json:"lastUpdatedTimeUtc"`
+	Etag               string         `json:"etag"`
 }
 
 // Metrics holds a deployment's custom metric queries, name → condition.

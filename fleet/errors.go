@@ -18,6 +18,9 @@ var (
 	ErrInvalid = errors.New("invalid")
 	// ErrImmutable: the request tried to change something that cannot change.
 	ErrImmutable = errors.New("immutable")
+	// ErrConflict: the request does not fit the resource's current state
+	// (resuming a rollout that is not paused).
+	ErrConflict = errors.New("conflict")
 )
 
 // ValidationError names the field (a JSON path such as

@@ -204,7 +204,7 @@ func isLeaderAnswer(err error) bool {
 	if errors.As(err, &we) {
 		return true
 	}
-	for _, sentinel := range []error{fleet.ErrNotFound, fleet.ErrExists, fleet.ErrPreconditionFailed, fleet.ErrInvalid, fleet.ErrImmutable} {
+	for _, sentinel := range []error{fleet.ErrNotFound, fleet.ErrExists, fleet.ErrPreconditionFailed, fleet.ErrInvalid, fleet.ErrImmutable, fleet.ErrConflict} {
 		if errors.Is(err, sentinel) {
 			return true
 		}

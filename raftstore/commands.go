@@ -70,6 +70,14 @@ func (t CommandType) String() string {
 		return "rotate-enrollment"
 	case CmdRevokeEnrollmentDevices:
 		return "revoke-enrollment-devices"
+	case CmdPutDeploymentRollout:
+		return "put-deployment-rollout"
+	case CmdPatchDeploymentRollout:
+		return "patch-deployment-rollout"
+	case CmdAdmitRollout:
+		return "admit-rollout"
+	case CmdRolloutAction:
+		return "rollout-action"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -142,8 +150,11 @@ type PatchDeployment struct {
 	Labels          map[string]string `json:"labels,omitempty"`
 	ReplaceLabels   bool              `json:"replaceLabels,omitempty"`
 	MetricQueries   map[string]string `json:"metricQueries,omitempty"`
-	Time            time.Time         `json:"time"`
-	Actor           string            `json:"actor,omitempty"`
+	// Rollout, when set, replaces the rollout policy (normalized; its
+	// waves and canary cannot change).
+	Rollout *fleet.RolloutPolicy `json:"rollout,omitempty"`
+	Time    time.Time            `json:"time"`
+	Actor   string               `json:"actor,omitempty"`
 }
 
 // DeleteDeployment removes a deployment.
@@ -251,8 +262,6 @@ func (RevokeEnrollmentDevices) Type() CommandType { return CmdRevokeEnrollmentDe
 func (PutDevice) Type() CommandType        { return CmdPutDevice }
 func (PatchDevice) Type() CommandType      { return CmdPatchDevice }
 func (DeleteDevice) Type() CommandType     { return CmdDeleteDevice }
-func (PutDeployment) Type() CommandType    { return CmdPutDeployment }
-func (PatchDeployment) Type() CommandType  { return CmdPatchDeployment }
 func (DeleteDeployment) Type() CommandType { return CmdDeleteDeployment }
 func (PutReports) Type() CommandType       { return CmdPutReports }
 func (PutEnrollment) Type() CommandType    { return CmdPutEnrollment }
@@ -325,6 +334,14 @@ func newCommand(t CommandType) Command {
 		c = &RotateEnrollment{}
 	case CmdRevokeEnrollmentDevices:
 		c = &RevokeEnrollmentDevices{}
+	case CmdPutDeploymentRollout:
+		c = &PutDeployment{}
+	case CmdPatchDeploymentRollout:
+		c = &PatchDeployment{}
+	case CmdAdmitRollout:
+		c = &AdmitRollout{}
+	case CmdRolloutAction:
+		c = &RolloutAction{}
 	}
 	return c
 }

@@ -49,6 +49,8 @@ const (
 	AdminTokenSet    // Secret is the new admin token
 	JoinTokenSet     // Secret is the new join token
 	NodeCertsChanged // a node's certificate was bound or revoked (ID: the node)
+	RolloutAdmitted  // devices were admitted to a rollout (ID: the deployment; Admitted, Rollout)
+	RolloutChanged   // a rollout's state changed (ID: the deployment; Rollout, Action)
 )
 
 // Change is one effect of an applied command, published to the Observer in
@@ -69,6 +71,14 @@ type Change struct {
 	Device             *fleet.Device     // the new state, for DevicePut
 	Deployment         *fleet.Deployment // the new state, for DeploymentPut
 	Secret             string            // the new token, for AdminTokenSet and JoinTokenSet: never log it
+	// Rollout is the deployment's rollout after the command, for a
+	// DeploymentPut of a deployment that has one, RolloutAdmitted and
+	// RolloutChanged.
+	Rollout *fleet.Rollout
+	// Admitted are the devices a RolloutAdmitted admitted; Action is what
+	// a RolloutChanged did (fleet.RolloutStartWave ...).
+	Admitted []string
+	Action   string
 }
 
 // Observer follows the state machine. Its methods run on raft's apply
@@ -775,6 +785,10 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.rotateEnrollment(index, c)
 	case *RevokeEnrollmentDevices:
 		return w.revokeEnrollmentDevices(index, c)
+	case *AdmitRollout:
+		return w.admitRollout(index, c)
+	case *RolloutAction:
+		return w.rolloutAction(index, c)
 	case *BindNode:
 		return w.bindNode(index, c)
 	case *RevokeNode:
@@ -904,6 +918,7 @@ func (w *writer) deleteDevice(index uint64, c *DeleteDevice) *Result {
 	}
 	w.del(bucketDevices, []byte(c.ID))
 	w.del(bucketReports, []byte(c.ID))
+	w.forgetRolloutDevice(c.ID)
 	w.changes = append(w.changes, Change{Index: index, Kind: DeviceDeleted, ID: c.ID})
 	return &Result{Index: index, Device: d}
 }
@@ -924,6 +939,9 @@ func (w *writer) putDeployment(index uint64, c *PutDeployment) *Result {
 		if !jsonEqual(old.Content, d.Content) || old.Layered != d.Layered {
 			return &Result{Index: index, Err: fmt.Errorf("deployment %q: content: %w: a deployment's content cannot change after creation; create a new deployment (only targetCondition, priority, labels and metrics can be updated)", id, fleet.ErrImmutable)}
 		}
+		if err := checkRolloutPolicy(id, old.Rollout, d.Rollout); err != nil {
+			return &Result{Index: index, Err: err}
+		}
 		d.CreatedTimeUTC = old.CreatedTimeUTC
 	} else {
 		d.CreatedTimeUTC = c.Time
@@ -931,7 +949,11 @@ func (w *writer) putDeployment(index uint64, c *PutDeployment) *Result {
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
 	w.putJSON(bucketDeployments, id, d)
-	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: id, Deployment: &d, Time: c.Time, Actor: c.Actor, Created: old == nil})
+	ro := w.rollout(id)
+	if old == nil && d.Rollout != nil {
+		ro = w.startRollout(index, id, c.Time)
+	}
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: id, Deployment: &d, Time: c.Time, Actor: c.Actor, Created: old == nil, Rollout: ro})
 	return &Result{Index: index, Created: old == nil, Deployment: &d}
 }
 
@@ -953,6 +975,12 @@ func (w *writer) patchDeployment(index uint64, c *PatchDeployment) *Result {
 	}
 	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
 		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", c.ID, err)}
+	}
+	if c.Rollout != nil {
+		if err := checkRolloutPolicy(c.ID, d.Rollout, c.Rollout); err != nil {
+			return &Result{Index: index, Err: err}
+		}
+		d.Rollout = c.Rollout
 	}
 	if c.TargetCondition != nil {
 		d.TargetCondition = *c.TargetCondition
@@ -986,7 +1014,7 @@ func (w *writer) patchDeployment(index uint64, c *PatchDeployment) *Result {
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
 	w.putJSON(bucketDeployments, d.ID, d)
-	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: d.ID, Deployment: d, Time: c.Time, Actor: c.Actor})
+	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentPut, ID: d.ID, Deployment: d, Time: c.Time, Actor: c.Actor, Rollout: w.rollout(d.ID)})
 	return &Result{Index: index, Deployment: d}
 }
 
@@ -1000,6 +1028,7 @@ func (w *writer) deleteDeployment(index uint64, c *DeleteDeployment) *Result {
 		return &Result{Index: index, Err: fmt.Errorf("deployment %q: %w", c.ID, err)}
 	}
 	w.del(bucketDeployments, []byte(c.ID))
+	w.dropRollout(c.ID)
 	w.changes = append(w.changes, Change{Index: index, Kind: DeploymentDeleted, ID: c.ID, Time: c.Time, Actor: c.Actor})
 	return &Result{Index: index, Deployment: d}
 }

@@ -21,6 +21,7 @@ const (
 	codePreconditionFailed = "precondition_failed"
 	codeInvalid            = "invalid"
 	codeImmutable          = "immutable"
+	codeConflict           = "conflict"
 	codeDeadlineExceeded   = "deadline_exceeded"
 	codeCanceled           = "canceled"
 	codeClusterBehind      = "cluster_behind"
@@ -41,6 +42,7 @@ var codeSentinels = []struct {
 	{codeExists, fleet.ErrExists},
 	{codePreconditionFailed, fleet.ErrPreconditionFailed},
 	{codeImmutable, fleet.ErrImmutable},
+	{codeConflict, fleet.ErrConflict},
 	{codeInvalid, fleet.ErrInvalid},
 	{codeDeadlineExceeded, context.DeadlineExceeded},
 	{codeCanceled, context.Canceled},
