@@ -47,6 +47,8 @@ type fakeBackend struct {
 	checkCondition      func(ctx context.Context, req ConditionRequest) (ConditionCheck, error)
 	dryRunPatch         func(ctx context.Context, id string, patch DeploymentPatch) (DryRunResult, error)
 	dryRunDelete        func(ctx context.Context, id string) (DryRunResult, error)
+	rolloutStatus       func(ctx context.Context, id string, consistent bool) (fleet.RolloutStatus, error)
+	rolloutAction       func(ctx context.Context, id string, req RolloutActionRequest) (fleet.RolloutStatus, error)
 	health              func() Health
 	ready               func(ctx context.Context) error
 }
@@ -284,4 +286,18 @@ func (b *fakeBackend) Ready(ctx context.Context) error {
 		return nil
 	}
 	return b.ready(ctx)
+}
+
+func (b *fakeBackend) RolloutStatus(ctx context.Context, id string, consistent bool) (fleet.RolloutStatus, error) {
+	if err := b.record("RolloutStatus", b.rolloutStatus != nil); err != nil {
+		return fleet.RolloutStatus{}, err
+	}
+	return b.rolloutStatus(ctx, id, consistent)
+}
+
+func (b *fakeBackend) RolloutAction(ctx context.Context, id string, req RolloutActionRequest) (fleet.RolloutStatus, error) {
+	if err := b.record("RolloutAction", b.rolloutAction != nil); err != nil {
+		return fleet.RolloutStatus{}, err
+	}
+	return b.rolloutAction(ctx, id, req)
 }

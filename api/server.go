@@ -82,6 +82,7 @@ type Backend interface {
 	Ready(ctx context.Context) error
 
 	ConsoleBackend
+	RolloutBackend
 }
 
 // ServerConfig configures the HTTP handler.
@@ -210,6 +211,7 @@ func (s *Server) routes() {
 	s.mux.Handle("POST /api/v1/cluster/join-token", s.auth(s.rotateJoinToken))
 	s.mux.Handle("GET /api/v1/backup", s.auth(s.backup))
 	s.consoleRoutes()
+	s.rolloutRoutes()
 
 	// Anything else under /api/ is still behind the token: an unknown
 	// route must not tell an anonymous caller which routes exist.

@@ -132,6 +132,9 @@ type DeploymentRequest struct {
 	Priority        int64             `json:"priority"`
 	Metrics         fleet.Metrics     `json:"metrics"`
 	Layered         bool              `json:"layered,omitempty"`
+	// Rollout, when set, makes the deployment reach its devices in waves
+	// gated on their health (fleet.RolloutPolicy; defaults filled in).
+	Rollout *fleet.RolloutPolicy `json:"rollout,omitempty"`
 }
 
 // DeploymentPatch is the body of PATCH /deployments/{id}. Only these parts
@@ -141,6 +144,9 @@ type DeploymentPatch struct {
 	Priority        *int64            `json:"priority,omitempty"`
 	Labels          map[string]string `json:"labels,omitempty"`
 	Metrics         *fleet.Metrics    `json:"metrics,omitempty"`
+	// Rollout changes the fields of the rollout policy it sets (the soak,
+	// thresholds, timeout and action; never the waves or the canary).
+	Rollout *fleet.RolloutPolicy `json:"rollout,omitempty"`
 	// Content is accepted only to refuse it with a clear error.
 	Content json.RawMessage `json:"content,omitempty"`
 }
@@ -186,6 +192,10 @@ type DryRunResult struct {
 	// Moves groups the devices whose applied deployment would change, by
 	// where they come from and go to, largest group first.
 	Moves []DryRunMove `json:"moves"`
+	// Waves is, for a deployment with a rollout policy, how many of the
+	// devices it would apply to each wave would reach (the first wave
+	// alone moves at once).
+	Waves []fleet.WaveStatus `json:"waves,omitempty"`
 }
 
 // Health is the body of /healthz and /readyz.

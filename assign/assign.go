@@ -4,6 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +39,9 @@ type Config struct {
 	Stopped func() error
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// Now is the clock rollouts are judged by (soaks, wave timeouts);
+	// time.Now when nil.
+	Now func() time.Time
 }
 
 // Assigner keeps the assignments (which deployment applies to each
@@ -43,18 +49,34 @@ type Config struct {
 // goroutine; reads take the same lock shared, so that a reader that needs
 // a device's record and its assignment to agree (holding a read
 // transaction of the replica) sees both at one applied index.
+//
+// A deployment with an active rollout is gated in the evaluator: it
+// applies only to the devices its rollout admitted. A rolled-back rollout
+// pins each device it moved to what the device ran before (restore points,
+// pins.go) for as long as its deployment exists.
 type Assigner struct {
 	cfg    Config
 	logger *slog.Logger
 
-	// mu orders updates from the apply path against readers: the engine
-	// and the versions change together under it.
+	// mu orders updates from the apply path against readers: the engine,
+	// the versions, the rollouts and the pins change together under it.
 	mu       sync.RWMutex
 	engine   *evaluator.Engine
 	versions versions
+	rollouts map[string]*rolloutInfo
+	pins     pins
+	// applied is the index of the last change applied (or the state
+	// restored): what the answers under mu reflect, at least.
+	applied uint64
 	// failed is why Restore could not rebuild the assignments: they are
 	// partial, and nothing computed from them may reach a device.
 	failed error
+
+	// kick wakes the rollout loop (RunRollouts) when something it judges
+	// changed: a report, an admission, a rollout's state.
+	kick chan struct{}
+	// positions caches WavePosition per rollout and device.
+	positions positionCache
 }
 
 // New returns an empty Assigner; Restore fills it from the state.
@@ -62,7 +84,11 @@ func New(cfg Config) *Assigner {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Assigner{cfg: cfg, logger: cfg.Logger, engine: evaluator.NewEngine()}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Assigner{cfg: cfg, logger: cfg.Logger, engine: evaluator.NewEngine(), rollouts: map[string]*rolloutInfo{},
+		pins: newPins(), kick: make(chan struct{}, 1)}
 }
 
 // Apply updates the assignments from one committed batch of changes, in
@@ -72,8 +98,9 @@ func New(cfg Config) *Assigner {
 func (a *Assigner) Apply(changes []raftstore.Change) (moved []evaluator.Change, items []history.Item) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	wake := false
 	for _, c := range changes {
-		var out []evaluator.Change
+		a.applied = max(a.applied, c.Index)
 		at := c.Time
 		if at.IsZero() && c.Device != nil {
 			at = c.Device.LastUpdatedTimeUTC
@@ -81,41 +108,148 @@ func (a *Assigner) Apply(changes []raftstore.Change) (moved []evaluator.Change, 
 		if at.IsZero() {
 			at = time.Now().UTC()
 		}
-		if ev, ok := deploymentEvent(c, at); ok {
+		if ev, ok := a.deploymentEvent(c, at); ok {
 			items = append(items, history.Item{Deployment: c.ID, Event: ev})
 		}
-		switch c.Kind {
-		case raftstore.DevicePut:
-			out = a.engine.PutDevice(c.ID, c.Device.Tags)
-		case raftstore.DeviceDeleted:
-			out = a.engine.DeleteDevice(c.ID)
-		case raftstore.DeploymentPut:
-			var err error
-			out, err = a.engine.PutDeployment(engineDeployment(c.Deployment))
-			if err != nil {
-				// Validated before raft; only a condition this binary no
-				// longer accepts gets here. It then targets nothing.
-				a.logger.Error("stored target condition does not compile; the deployment targets no device",
-					"deployment", c.ID, "err", err)
-				out = a.engine.DeleteDeployment(c.ID)
-			}
-		case raftstore.DeploymentDeleted:
-			out = a.engine.DeleteDeployment(c.ID)
+		if c.Kind == raftstore.ReportPut {
+			wake = wake || a.anyRunning()
+			continue
 		}
+		out, cause := a.applyChange(c)
 		if len(out) == 0 {
 			continue
 		}
 		for _, m := range out {
 			a.versions.set(m.DeviceID, c.Index)
 		}
-		items = append(items, history.Item{Event: fleet.HistoryEvent{Time: at, Index: c.Index}, Cause: changeCause(c), Moves: out})
+		items = append(items, history.Item{Event: fleet.HistoryEvent{Time: at, Index: c.Index}, Cause: cause, Moves: out})
 		if moved == nil {
 			moved = out // usually the only change that moves devices
 		} else {
 			moved = append(moved, out...)
 		}
+		wake = wake || len(a.rollouts) > 0
+	}
+	if wake {
+		a.wake()
 	}
 	return moved, items
+}
+
+// applyChange applies one change to the engine, the rollouts and the
+// pins, and returns the devices whose effective deployment changed (what
+// their desired document says), with the cause in words.
+func (a *Assigner) applyChange(c raftstore.Change) ([]evaluator.Change, string) {
+	var out []evaluator.Change
+	repin := false // every pinned device may see its restore point win or lose
+	var pinned map[string]string
+	switch c.Kind {
+	case raftstore.DevicePut:
+		out = a.engine.PutDevice(c.ID, c.Device.Tags)
+	case raftstore.DeviceDeleted:
+		out = a.engine.DeleteDevice(c.ID)
+		for _, info := range a.rollouts {
+			delete(info.admitted, c.ID)
+		}
+		if cur, ok := a.pins.forget(c.ID); ok {
+			pinned = map[string]string{c.ID: cur}
+		}
+	case raftstore.DeploymentPut:
+		a.noteRollout(c.ID, c.Deployment, c.Rollout)
+		var err error
+		out, err = a.engine.PutDeployment(engineDeployment(c.Deployment, c.Rollout))
+		if err != nil {
+			// Validated before raft; only a condition this binary no
+			// longer accepts gets here. It then targets nothing.
+			a.logger.Error("stored target condition does not compile; the deployment targets no device",
+				"deployment", c.ID, "err", err)
+			out = a.engine.DeleteDeployment(c.ID)
+		}
+		repin = true
+	case raftstore.DeploymentDeleted:
+		out = a.engine.DeleteDeployment(c.ID)
+		if info := a.rollouts[c.ID]; info != nil && info.rollout.State == fleet.RolloutRolledBack {
+			pinned = a.pins.drop(c.ID, info.admitted)
+		}
+		delete(a.rollouts, c.ID)
+		a.positions.drop(c.ID)
+		repin = true
+	case raftstore.RolloutAdmitted:
+		info := a.rolloutOf(c.ID)
+		ids := make([]string, len(c.Admitted))
+		for i, ad := range c.Admitted {
+			info.admitted[ad.DeviceID] = ad.RolloutDevice
+			ids[i] = ad.DeviceID
+		}
+		if c.Rollout != nil {
+			info.rollout = *c.Rollout
+		}
+		out = a.engine.Admit(c.ID, ids)
+	case raftstore.RolloutChanged:
+		info := a.rolloutOf(c.ID)
+		was := info.rollout.State
+		info.rollout = *c.Rollout
+		switch {
+		case info.rollout.State == fleet.RolloutCompleted && was != fleet.RolloutCompleted:
+			out = a.engine.SetGated(c.ID, false)
+		case info.rollout.State == fleet.RolloutRolledBack && was != fleet.RolloutRolledBack:
+			// Each device it moved: what it runs now, before the gate
+			// closes on it.
+			pinned = make(map[string]string, len(info.admitted))
+			for id := range info.admitted {
+				pinned[id] = a.effectiveLocked(id).deployment
+			}
+			if was == fleet.RolloutCompleted {
+				out = a.engine.SetGated(c.ID, true)
+			} else {
+				out = a.engine.SetAdmitted(c.ID, nil)
+			}
+			a.pins.add(c.ID, info.admitted)
+			repin = true
+		}
+	}
+	return a.effectiveChanges(out, pinned, repin), a.changeCause(c)
+}
+
+// effectiveChanges turns the engine's changes into changes of what each
+// device's document says: a pinned device follows its restore point, not
+// the engine. before holds the devices whose effective deployment before
+// the change is known from elsewhere (they were just pinned or unpinned);
+// repin re-judges every pinned device.
+func (a *Assigner) effectiveChanges(out []evaluator.Change, before map[string]string, repin bool) []evaluator.Change {
+	if len(before) == 0 && !repin && len(a.pins.by) == 0 {
+		return out // no restore point anywhere: the engine's changes are the changes
+	}
+	from := map[string]string{}
+	for id, dep := range before {
+		from[id] = dep
+	}
+	for _, m := range out {
+		if _, ok := from[m.DeviceID]; !ok {
+			if eff, ok := a.pins.effective(m.DeviceID); ok {
+				from[m.DeviceID] = eff
+			} else {
+				from[m.DeviceID] = m.From
+			}
+		}
+	}
+	if repin {
+		for id := range a.pins.by {
+			if _, ok := from[id]; !ok {
+				from[id] = a.pins.current[id]
+			}
+		}
+	}
+	res := make([]evaluator.Change, 0, len(from))
+	for id, f := range from {
+		to := a.effectiveLocked(id)
+		a.pins.setCurrent(id, to.deployment)
+		if to.deployment != f {
+			res = append(res, evaluator.Change{DeviceID: id, From: f, To: to.deployment})
+		}
+	}
+	slices.SortFunc(res, func(x, y evaluator.Change) int { return strings.Compare(x.DeviceID, y.DeviceID) })
+	return res
 }
 
 // Restore rebuilds the assignments from the whole state (at open, and
@@ -128,21 +262,11 @@ func (a *Assigner) Restore(r *raftstore.Reader) error {
 	a.mu.Lock()
 	a.engine.Reset()
 	a.versions.reset(r.AppliedIndex())
-	// Devices first, so that each deployment then finds its devices
-	// through the engine's indexes rather than device by device.
-	err := r.Devices("", func(d fleet.Device) bool {
-		a.engine.PutDevice(d.ID, d.Tags)
-		return true
-	})
-	if err == nil {
-		err = r.Deployments("", func(d fleet.Deployment) bool {
-			if _, err := a.engine.PutDeployment(engineDeployment(&d)); err != nil {
-				a.logger.Error("stored target condition does not compile; the deployment targets no device",
-					"deployment", d.ID, "err", err)
-			}
-			return true
-		})
-	}
+	a.applied = r.AppliedIndex()
+	a.rollouts = map[string]*rolloutInfo{}
+	a.pins = newPins()
+	a.positions.reset()
+	err := a.restoreLocked(r)
 	if err != nil {
 		a.failed = fmt.Errorf("rebuild assignments: %w", err)
 		a.mu.Unlock()
@@ -151,11 +275,64 @@ func (a *Assigner) Restore(r *raftstore.Reader) error {
 	var resend []evaluator.Change
 	if a.cfg.Publisher != nil {
 		for _, id := range a.cfg.Publisher.Connected() {
-			resend = append(resend, evaluator.Change{DeviceID: id, To: a.engine.Applied(id)})
+			resend = append(resend, evaluator.Change{DeviceID: id, To: a.effectiveLocked(id).deployment})
 		}
 	}
 	a.mu.Unlock()
+	a.wake()
 	a.Push(resend)
+	return nil
+}
+
+func (a *Assigner) restoreLocked(r *raftstore.Reader) error {
+	// Devices first, so that each deployment then finds its devices
+	// through the engine's indexes rather than device by device.
+	err := r.Devices("", func(d fleet.Device) bool {
+		a.engine.PutDevice(d.ID, d.Tags)
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	err = r.Rollouts(func(ro fleet.Rollout) bool {
+		info := a.rolloutOf(ro.Deployment)
+		info.rollout = ro
+		err = r.RolloutDevices(ro.Deployment, func(id string, d fleet.RolloutDevice) bool {
+			info.admitted[id] = d
+			return true
+		})
+		return err == nil
+	})
+	if err != nil {
+		return err
+	}
+	err = r.Deployments("", func(d fleet.Deployment) bool {
+		var ro *fleet.Rollout
+		if info := a.rollouts[d.ID]; info != nil {
+			ro = &info.rollout
+		}
+		a.noteRollout(d.ID, &d, ro)
+		if _, err := a.engine.PutDeployment(engineDeployment(&d, ro)); err != nil {
+			a.logger.Error("stored target condition does not compile; the deployment targets no device",
+				"deployment", d.ID, "err", err)
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	for id, info := range a.rollouts {
+		switch info.rollout.State {
+		case fleet.RolloutCompleted:
+		case fleet.RolloutRolledBack:
+			a.pins.add(id, info.admitted)
+		default:
+			a.engine.SetAdmitted(id, slices.Collect(maps.Keys(info.admitted)))
+		}
+	}
+	for id := range a.pins.by {
+		a.pins.setCurrent(id, a.effectiveLocked(id).deployment)
+	}
 	return nil
 }
 
@@ -172,7 +349,7 @@ func (a *Assigner) stoppedLocked() error {
 }
 
 // changeCause says in words which change moved a device.
-func changeCause(c raftstore.Change) string {
+func (a *Assigner) changeCause(c raftstore.Change) string {
 	switch c.Kind {
 	case raftstore.DevicePut:
 		return "the device's tags changed"
@@ -182,12 +359,22 @@ func changeCause(c raftstore.Change) string {
 		return "deployment " + c.ID + " was written"
 	case raftstore.DeploymentDeleted:
 		return "deployment " + c.ID + " was deleted"
+	case raftstore.RolloutAdmitted:
+		return "the rollout of " + c.ID + " reached it"
+	case raftstore.RolloutChanged:
+		switch c.Action {
+		case fleet.RolloutComplete:
+			return "the rollout of " + c.ID + " completed"
+		case fleet.RolloutRollback:
+			return "the rollout of " + c.ID + " was rolled back: back to what it ran before"
+		}
+		return "the rollout of " + c.ID + ": " + c.Action
 	}
 	return "a change"
 }
 
 // deploymentEvent describes a change of a deployment for its history.
-func deploymentEvent(c raftstore.Change, at time.Time) (fleet.HistoryEvent, bool) {
+func (a *Assigner) deploymentEvent(c raftstore.Change, at time.Time) (fleet.HistoryEvent, bool) {
 	ev := fleet.HistoryEvent{Time: at, Index: c.Index, Actor: c.Actor}
 	switch c.Kind {
 	case raftstore.DeploymentPut:
@@ -198,22 +385,31 @@ func deploymentEvent(c raftstore.Change, at time.Time) (fleet.HistoryEvent, bool
 		}
 		labels, _ := json.Marshal(d.Labels)
 		ev.What = fmt.Sprintf("targetCondition %q, priority %d, labels %s", d.TargetCondition, d.Priority, labels)
+		if d.Rollout != nil {
+			ev.What += ", rollout " + describePolicy(*d.Rollout)
+		}
 	case raftstore.DeploymentDeleted:
 		ev.Kind, ev.What = "deleted", "deleted"
+	case raftstore.RolloutChanged:
+		ev.Kind, ev.What = "rollout", a.describeAction(c)
 	default:
 		return ev, false
 	}
 	return ev, true
 }
 
-// EngineDeployment is what the evaluator needs of a deployment.
-func EngineDeployment(d *fleet.Deployment) evaluator.Deployment { return engineDeployment(d) }
+// EngineDeployment is what the evaluator needs of a deployment, gated
+// while its rollout (ro, nil for none) is active.
+func EngineDeployment(d *fleet.Deployment, ro *fleet.Rollout) evaluator.Deployment {
+	return engineDeployment(d, ro)
+}
 
-func engineDeployment(d *fleet.Deployment) evaluator.Deployment {
+func engineDeployment(d *fleet.Deployment, ro *fleet.Rollout) evaluator.Deployment {
 	return evaluator.Deployment{
 		ID:              d.ID,
 		Condition:       d.TargetCondition,
 		Priority:        d.Priority,
 		CreatedUnixNano: d.CreatedTimeUTC.UnixNano(),
+		Gated:           ro.Active(),
 	}
 }

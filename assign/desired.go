@@ -17,26 +17,39 @@ func (a *Assigner) Desired(deviceID string) ([]byte, error) {
 		a.mu.RUnlock()
 		return nil, fmt.Errorf("desired document of %s: this node stopped serving: %w", deviceID, err)
 	}
-	applied := a.engine.Applied(deviceID)
+	to := a.effectiveLocked(deviceID)
 	version := a.versions.of(deviceID)
 	a.mu.RUnlock()
-	return a.desiredDocument(deviceID, applied, version)
+	return a.desiredDocument(deviceID, to, version)
 }
 
-// desiredDocument reads the applied deployment's content (unredacted: it
-// goes only to this device) and wraps it with its version.
-func (a *Assigner) desiredDocument(deviceID, deploymentID string, version uint64) ([]byte, error) {
+// desiredDocument reads the content of what the device runs (unredacted:
+// it goes only to this device) and wraps it with its version: the
+// deployment's own content, or for a device a rolled-back rollout returned
+// to its previous deployment, the content that rollout kept of it.
+func (a *Assigner) desiredDocument(deviceID string, to target, version uint64) ([]byte, error) {
+	deploymentID := to.deployment
 	doc := fleet.DesiredDocument{SchemaVersion: fleet.DocumentSchema, Version: version, DeploymentID: deploymentID}
 	if deploymentID != "" {
 		err := a.cfg.View(func(r *raftstore.Reader) error {
-			dep, err := r.Deployment(deploymentID)
-			if err != nil {
-				return err
+			var content json.RawMessage
+			if to.source != "" {
+				kept, ok := r.RolloutContent(to.source, deploymentID)
+				if !ok {
+					return fmt.Errorf("the rollout of %s kept no content of %s: %w", to.source, deploymentID, fleet.ErrNotFound)
+				}
+				content = kept
+			} else {
+				dep, err := r.Deployment(deploymentID)
+				if err != nil {
+					return err
+				}
+				content = dep.Content
 			}
 			var c struct {
 				ModulesContent json.RawMessage `json:"modulesContent"`
 			}
-			if err := json.Unmarshal(dep.Content, &c); err != nil {
+			if err := json.Unmarshal(content, &c); err != nil {
 				return fmt.Errorf("content of deployment %s: %w", deploymentID, err)
 			}
 			doc.ModulesContent = c.ModulesContent
@@ -60,8 +73,8 @@ func (a *Assigner) Push(changes []evaluator.Change) {
 	// deployment, same version): build each distinct one once, not once
 	// per device.
 	type docKey struct {
-		deployment string
-		version    uint64
+		to      target
+		version uint64
 	}
 	keys := make([]docKey, len(changes))
 	a.mu.RLock()
@@ -70,7 +83,7 @@ func (a *Assigner) Push(changes []evaluator.Change) {
 		return
 	}
 	for i, c := range changes {
-		keys[i] = docKey{c.To, a.versions.of(c.DeviceID)}
+		keys[i] = docKey{a.effectiveLocked(c.DeviceID), a.versions.of(c.DeviceID)}
 	}
 	a.mu.RUnlock()
 	built := map[docKey][]byte{}
@@ -79,7 +92,7 @@ func (a *Assigner) Push(changes []evaluator.Change) {
 		doc, ok := built[key]
 		if !ok {
 			var err error
-			doc, err = a.desiredDocument(c.DeviceID, key.deployment, key.version)
+			doc, err = a.desiredDocument(c.DeviceID, key.to, key.version)
 			if err != nil {
 				a.logger.Warn("cannot build desired document", "device", c.DeviceID, "err", err)
 			}

@@ -77,8 +77,12 @@ func ReportOf(r *raftstore.Reader, deviceID string) *fleet.ReportedDocument {
 	if err != nil {
 		return nil
 	}
+	return decodeReport(stored.Document)
+}
+
+func decodeReport(b []byte) *fleet.ReportedDocument {
 	var doc fleet.ReportedDocument
-	if json.Unmarshal(stored.Document, &doc) != nil {
+	if json.Unmarshal(b, &doc) != nil {
 		return nil
 	}
 	return &doc

@@ -24,8 +24,15 @@ func (a *Assigner) Read(fn func(v View)) {
 // large fleet) that must not hold up the apply path.
 func (a *Assigner) Loose() View { return View{a: a, loose: true} }
 
-// Applied is the deployment applied to a device, "" for none.
-func (v View) Applied(deviceID string) string { return v.a.engine.Applied(deviceID) }
+// Applied is the deployment a device runs, "" for none: the one the
+// evaluator applies, or the restore point a rolled-back rollout left.
+func (v View) Applied(deviceID string) string {
+	if v.loose {
+		v.a.mu.RLock()
+		defer v.a.mu.RUnlock()
+	}
+	return v.a.effectiveLocked(deviceID).deployment
+}
 
 // Version is the version of the device's desired document.
 func (v View) Version(deviceID string) uint64 {

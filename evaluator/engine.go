@@ -929,3 +929,22 @@ func (e *Engine) Precedes(a, b string) bool {
 	hb, okB := e.depIDs[b]
 	return !okB || e.deps[ha].rank < e.deps[hb].rank
 }
+
+// SetGated gates a deployment (it then applies only to the devices
+// admitted to it, none at first) or lifts its gate (it applies wherever it
+// precedes), and returns the devices whose applied deployment changed.
+func (e *Engine) SetGated(deploymentID string, gated bool) []Change {
+	e.mu.RLock()
+	h, ok := e.depIDs[deploymentID]
+	var d Deployment
+	if ok {
+		d = e.deps[h].Deployment
+	}
+	e.mu.RUnlock()
+	if !ok || d.Gated == gated {
+		return nil
+	}
+	d.Gated = gated
+	ch, _ := e.PutDeployment(d) // its condition compiled before
+	return ch
+}

@@ -312,6 +312,9 @@ func validateDeployment(id string, req api.DeploymentRequest) error {
 	if err := validateMetrics(req.Metrics.Queries); err != nil {
 		return err
 	}
+	if _, err := validateRollout(req.Rollout); err != nil {
+		return err
+	}
 	if len(req.Content) == 0 || string(req.Content) == "null" {
 		return fleet.Invalid("content", "is required: give the deployment manifest as {\"modulesContent\": {...}}")
 	}
@@ -345,13 +348,17 @@ func (b *backend) PutDeployment(ctx context.Context, id string, req api.Deployme
 	if err != nil {
 		return api.DeploymentView{}, false, fleet.Invalid("content", "%v", err)
 	}
+	rollout, err := validateRollout(req.Rollout)
+	if err != nil {
+		return api.DeploymentView{}, false, err
+	}
 	res, err := b.apply(ctx, raftstore.PutDeployment{
 		Precondition: precondition(opts),
 		Time:         now(),
 		Actor:        operatorActor,
 		Deployment: fleet.Deployment{
 			ID: id, Labels: req.Labels, Content: compact, TargetCondition: req.TargetCondition,
-			Priority: req.Priority, Metrics: req.Metrics, Layered: req.Layered,
+			Priority: req.Priority, Metrics: req.Metrics, Layered: req.Layered, Rollout: rollout,
 		},
 	})
 	if err != nil {
@@ -403,6 +410,17 @@ func (b *backend) PatchDeployment(ctx context.Context, id string, p api.Deployme
 			return api.DeploymentView{}, err
 		}
 		cmd.MetricQueries = p.Metrics.Queries
+	}
+	if p.Rollout != nil {
+		// Merged over the stored policy here; the state machine checks
+		// again that the waves did not change in between.
+		cur, err := b.Deployment(ctx, id, true)
+		if err != nil {
+			return api.DeploymentView{}, err
+		}
+		if cmd.Rollout, err = mergeRollout(cur.Rollout, p.Rollout); err != nil {
+			return api.DeploymentView{}, err
+		}
 	}
 	res, err := b.apply(ctx, cmd)
 	if err != nil {

@@ -191,7 +191,7 @@ func (b *backend) DryRunDeployment(ctx context.Context, id string, req api.Deplo
 	if err != nil {
 		return api.DryRunResult{}, err
 	}
-	return b.dryRun(evaluator.Deployment{ID: id, Condition: req.TargetCondition, Priority: req.Priority, CreatedUnixNano: created.UnixNano()})
+	return b.dryRun(evaluator.Deployment{ID: id, Condition: req.TargetCondition, Priority: req.Priority, CreatedUnixNano: created.UnixNano()}, req.Rollout)
 }
 
 // DryRunPatchDeployment reports what a PATCH would do: the deployment with
@@ -217,7 +217,7 @@ func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.De
 		}
 		d.Priority = *p.Priority
 	}
-	return b.dryRun(assign.EngineDeployment(&d))
+	return b.dryRun(assign.EngineDeployment(&d, nil), d.Rollout)
 }
 
 // dryRun computes what putting d would change: the devices it would
@@ -228,7 +228,7 @@ func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.De
 // assign's lock, which would hold up the apply path for as long as a large
 // fleet takes to walk: a write landing meanwhile can make a preview a
 // device off, never the write.
-func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
+func (b *backend) dryRun(d evaluator.Deployment, rollout *fleet.RolloutPolicy) (api.DryRunResult, error) {
 	v := b.assign.Loose()
 	targeted, would, err := v.DryRunDevices(d)
 	if err != nil {
@@ -250,6 +250,9 @@ func (b *backend) dryRun(d evaluator.Deployment) (api.DryRunResult, error) {
 		}
 	}
 	res.Moves = moves.list()
+	if res.Waves, err = b.plannedWaves(d.ID, rollout, would); err != nil {
+		return api.DryRunResult{}, err
+	}
 	return res, nil
 }
 

@@ -350,6 +350,11 @@ func (n *Node) Start(ctx context.Context) error {
 		defer n.bgDone.Done()
 		n.history.Run(bgCtx)
 	}()
+	n.bgDone.Add(1)
+	go func() {
+		defer n.bgDone.Done()
+		n.leadRollouts(bgCtx)
+	}()
 
 	srv, err := api.NewServer(api.ServerConfig{Backend: (*backend)(n), Token: n.Token(), Logger: n.cfg.Logger.With("component", "api"),
 		ObserveRequest: n.metrics.observeRequest})

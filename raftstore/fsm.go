@@ -77,7 +77,7 @@ type Change struct {
 	Rollout *fleet.Rollout
 	// Admitted are the devices a RolloutAdmitted admitted; Action is what
 	// a RolloutChanged did (fleet.RolloutStartWave ...).
-	Admitted []string
+	Admitted []RolloutAdmission
 	Action   string
 }
 

@@ -71,6 +71,12 @@ type AdmitDevice struct {
 
 func (AdmitRollout) Type() CommandType { return CmdAdmitRollout }
 
+// RolloutAdmission is a device an AdmitRollout admitted, as stored.
+type RolloutAdmission struct {
+	DeviceID string
+	fleet.RolloutDevice
+}
+
 // RolloutAction changes a rollout's state (fleet.RolloutStartWave ...).
 // The leader's decisions carry what they were decided on (IfState and
 // Waves, the number of waves started): a decision taken on an older state
@@ -227,7 +233,7 @@ func (w *writer) admitRollout(index uint64, c *AdmitRollout) *Result {
 	}
 	devices := w.tx.Bucket(bucketDevices)
 	deployments := w.tx.Bucket(bucketDeployments)
-	var admitted []string
+	var admitted []RolloutAdmission
 	for _, d := range c.Devices {
 		key := rolloutKey(c.Deployment, d.ID)
 		if d.Wave < 0 || d.Wave >= len(r.Waves) || d.Previous == c.Deployment {
@@ -253,8 +259,9 @@ func (w *writer) admitRollout(index uint64, c *AdmitRollout) *Result {
 				w.put(bucketRolloutContent, ckey, prev.Content)
 			}
 		}
-		w.putJSON(bucketRolloutDevices, string(key), fleet.RolloutDevice{Wave: d.Wave, Previous: d.Previous, Time: c.Time})
-		admitted = append(admitted, d.ID)
+		rd := fleet.RolloutDevice{Wave: d.Wave, Previous: d.Previous, Time: c.Time}
+		w.putJSON(bucketRolloutDevices, string(key), rd)
+		admitted = append(admitted, RolloutAdmission{DeviceID: d.ID, RolloutDevice: rd})
 	}
 	if len(admitted) > 0 {
 		r.AdmittedIndex = index
