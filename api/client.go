@@ -44,6 +44,9 @@ func (e *Error) Is(target error) bool {
 	case http.StatusNotFound:
 		return target == fleet.ErrNotFound
 	case http.StatusConflict:
+		if e.Code == codeStateConflict {
+			return target == fleet.ErrConflict
+		}
 		return target == fleet.ErrExists
 	case http.StatusPreconditionFailed:
 		return target == fleet.ErrPreconditionFailed

@@ -727,6 +727,11 @@ func (s *Server) history(deployment bool) http.HandlerFunc {
 	}
 }
 
+// codeStateConflict is the error code of a request that does not fit the
+// resource's current state (fleet.ErrConflict), as opposed to "conflict",
+// a create of something that exists.
+const codeStateConflict = "state_conflict"
+
 // fail maps an error to its status code and writes the JSON error body.
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var ve *fleet.ValidationError
@@ -740,8 +745,10 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		code, word = http.StatusBadRequest, "bad_request"
 	case errors.Is(err, fleet.ErrNotFound):
 		code, word = http.StatusNotFound, "not_found"
-	case errors.Is(err, fleet.ErrExists), errors.Is(err, fleet.ErrConflict):
+	case errors.Is(err, fleet.ErrExists):
 		code, word = http.StatusConflict, "conflict"
+	case errors.Is(err, fleet.ErrConflict):
+		code, word = http.StatusConflict, codeStateConflict
 	case errors.Is(err, fleet.ErrPreconditionFailed):
 		code, word = http.StatusPreconditionFailed, "precondition_failed"
 	case errors.Is(err, ErrUpgradeRequired):

@@ -13,7 +13,7 @@ type ErrorBody struct {
 }
 
 // ErrorDetail says what went wrong: a machine code (bad_request,
-// unauthorized, not_found, conflict, precondition_failed, unavailable,
+// unauthorized, not_found, conflict, state_conflict, precondition_failed, unavailable,
 // internal), a readable message, and the offending field when known.
 type ErrorDetail struct {
 	Code    string `json:"code"`

@@ -269,12 +269,16 @@ func (a *Assigner) judge(s rolloutSnapshot, reports reportSource, now time.Time)
 	// The devices reached: their health under this deployment.
 	var failedIDs []string
 	for dev, d := range s.admitted {
-		if !s.exposed[dev] || d.Wave < 0 || d.Wave >= len(tally) {
+		if d.Wave < 0 || d.Wave >= len(tally) {
 			continue
 		}
 		t := &tally[d.Wave]
-		t.size++
 		t.admitted++
+		st.Reached++
+		if !s.exposed[dev] {
+			continue
+		}
+		t.size++
 		st.Exposed++
 		switch Classify(reports(dev), s.id, now, plan.Soak) {
 		case fleet.CategoryHealthy:
@@ -350,7 +354,12 @@ func (a *Assigner) judge(s rolloutSnapshot, reports reportSource, now time.Time)
 			started := ro.Waves[w].StartedTimeUTC
 			ws.StartedTimeUTC, ws.PassedTimeUTC = &started, ro.Waves[w].PassedTimeUTC
 			ws.State = fleet.WaveRunning
-			if ws.PassedTimeUTC != nil {
+			switch {
+			case ro.State == fleet.RolloutRolledBack:
+				// Its devices run what they ran before: the wave held
+				// the devices it reached.
+				ws.State, ws.Size = fleet.WaveRolledBack, tally[w].admitted
+			case ws.PassedTimeUTC != nil:
 				ws.State = fleet.WavePassed
 			}
 		}

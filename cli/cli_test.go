@@ -56,6 +56,14 @@ func TestExecute_UsageErrorsAreOneLine(t *testing.T) {
 		{[]string{"no-such-command"}, "unknown command"},
 		{[]string{"device", "list", "--server", "http://127.0.0.1:1"}, "no admin token"},
 		{[]string{"serve", "--data-dir", env["HOME"] + "/d", "--shed-devices-after", "-1s"}, "flag --shed-devices-after: -1s is negative"},
+		// A rollout policy's mistakes name the flag, before any request.
+		{[]string{"deployment", "create", "x", "--content", "m.json", "--waves", "10%,5%"}, "flag --waves: waves must increase: 5% does not exceed the wave before (10%)"},
+		{[]string{"deployment", "create", "x", "--content", "m.json", "--waves", "50%,150%"}, "flag --waves: must be between 0% and 100%"},
+		{[]string{"deployment", "create", "x", "--content", "m.json", "--waves", "10%", "--wave-success", "120%"}, "flag --wave-success: must be between 0% and 100%"},
+		{[]string{"deployment", "create", "x", "--content", "m.json", "--max-failures", "-1%"}, "flag --max-failures: must be between 0% and 100%"},
+		{[]string{"deployment", "create", "x", "--content", "m.json", "--waves", "5%", "--on-failure", "retry"}, "flag --on-failure: must be pause or rollback"},
+		{[]string{"deployment", "update", "x", "--wave-timeout", "never"}, "flag --wave-timeout: must be a duration"},
+		{[]string{"deployment", "rollout", "pause"}, "takes 1 argument(s): ID"},
 	} {
 		var out, errb bytes.Buffer
 		code := Execute(context.Background(), tc.args, &out, &errb, func(k string) string { return env[k] }, "test")

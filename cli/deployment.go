@@ -17,7 +17,7 @@ import (
 func (a *app) deploymentCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "deployment", Short: "Manage automatic deployments"}
 	cmd.AddCommand(a.deploymentCreate(), a.deploymentShow(), a.deploymentList(), a.deploymentUpdate(), a.deploymentDelete(), a.deploymentStatus(),
-		a.historyCommand("deployment", (*api.Client).DeploymentHistory))
+		a.historyCommand("deployment", (*api.Client).DeploymentHistory), a.rolloutCommand())
 	return cmd
 }
 
@@ -82,6 +82,7 @@ func (a *app) deploymentCreate() *cobra.Command {
 		priority                        int64
 		labels, metrics                 []string
 		layered, dryRun                 bool
+		rollout                         rolloutFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "create ID",
@@ -99,13 +100,17 @@ func (a *app) deploymentCreate() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			policy, err := rollout.policy(cmd)
+			if err != nil {
+				return err
+			}
 			content, err := a.loadContent(contentFile, envFile)
 			if err != nil {
 				return err
 			}
 			req := api.DeploymentRequest{
 				Labels: lbls, Content: content, TargetCondition: condition, Priority: priority,
-				Metrics: fleet.Metrics{Queries: mets}, Layered: layered,
+				Metrics: fleet.Metrics{Queries: mets}, Layered: layered, Rollout: policy,
 			}
 			c, err := a.client()
 			if err != nil {
@@ -123,6 +128,10 @@ func (a *app) deploymentCreate() *cobra.Command {
 					{"would target", devices(r.TargetedCount)},
 					{"would apply to", devices(r.WouldApplyCount)},
 				})
+				if len(r.Waves) > 0 {
+					fmt.Fprintln(a.stdout)
+					a.printWaves(r.Waves, false)
+				}
 				return nil
 			}
 			if strings.TrimSpace(condition) == "" {
@@ -143,7 +152,8 @@ func (a *app) deploymentCreate() *cobra.Command {
 	f.StringArrayVar(&labels, "label", nil, "label key=value (repeatable)")
 	f.StringArrayVar(&metrics, "metric", nil, "custom metric name=query (repeatable)")
 	f.BoolVar(&layered, "layered", false, "the content is a layered deployment (properties.desired.<path> keys)")
-	f.BoolVar(&dryRun, "dry-run", false, "only report how many devices would be targeted and switch to it")
+	f.BoolVar(&dryRun, "dry-run", false, "only report how many devices would be targeted and switch to it (and each wave's size)")
+	rollout.add(f, true)
 	return cmd
 }
 
@@ -158,6 +168,7 @@ func (a *app) printDeployment(d api.DeploymentView) error {
 		{"labels", pairsString(d.Labels)},
 		{"metrics", pairsString(d.Metrics.Queries)},
 		{"layered", strconv.FormatBool(d.Layered)},
+		{"rollout", rolloutSummary(d.Rollout)},
 		{"targeted", strconv.Itoa(d.SystemMetrics.Results["targetedCount"])},
 		{"applied", strconv.Itoa(d.SystemMetrics.Results["appliedCount"])},
 		{"modules", strings.Join(moduleNames(d.Content), ", ")},
@@ -291,10 +302,11 @@ func (a *app) deploymentUpdate() *cobra.Command {
 		priority        int64
 		labels, metrics []string
 		content         string
+		rollout         rolloutFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "update ID",
-		Short: "Change a deployment's target condition, priority, labels or metrics",
+		Short: "Change a deployment's target condition, priority, labels, metrics or rollout thresholds",
 		Args:  exactArgs(1, "ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if content != "" {
@@ -319,8 +331,11 @@ func (a *app) deploymentUpdate() *cobra.Command {
 			if mets != nil {
 				p.Metrics = &fleet.Metrics{Queries: mets}
 			}
-			if p.TargetCondition == nil && p.Priority == nil && p.Labels == nil && p.Metrics == nil {
-				return fmt.Errorf("nothing to update: give --target-condition, --priority, --label or --metric")
+			if p.Rollout, err = rollout.policy(cmd); err != nil {
+				return err
+			}
+			if p.TargetCondition == nil && p.Priority == nil && p.Labels == nil && p.Metrics == nil && p.Rollout == nil {
+				return fmt.Errorf("nothing to update: give --target-condition, --priority, --label, --metric or a rollout flag")
 			}
 			c, err := a.client()
 			if err != nil {
@@ -341,6 +356,7 @@ func (a *app) deploymentUpdate() *cobra.Command {
 	f.StringVar(&etag, "etag", "", "only update if the deployment's etag is still this")
 	f.StringVar(&content, "content", "", "not allowed: content is immutable")
 	_ = f.MarkHidden("content")
+	rollout.add(f, false)
 	return cmd
 }
 

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"slices"
@@ -25,6 +26,7 @@ func (a *app) simCommand() *cobra.Command {
 	var (
 		servers, prefix, caFile    string
 		logFormat, logLevel        string
+		failImage, recordFile      string
 		tags                       []string
 		devices                    int
 		failShare, connectRate     float64
@@ -38,7 +40,10 @@ func (a *app) simCommand() *cobra.Command {
 device enrolls with the enrollment token (ids PREFIX-0001, PREFIX-0002, ...),
 receives its desired document, "runs" its modules with a fake runtime and
 reports them like the agent. --fail-share makes that fraction of the devices
-(chosen by index, so runs repeat) report their modules failed, code 500.
+(chosen by index, so runs repeat) report their modules failed, code 500;
+with --fail-image they fail only modules whose image contains that text, so
+a good and a bad release can run on the same fleet. --record-desired writes
+a JSON line for every desired document a device applies.
 
 Tags come from the enrollment, never from a device: create the enrollment with
 them (appliance enrollment create NAME --tag k=v) and pass its token here.
@@ -53,7 +58,7 @@ Runs until interrupted or --duration elapses.`,
 				return fmt.Errorf("flag --tag: a device cannot choose its tags (it could put itself in any deployment's audience); put them on the enrollment: appliance enrollment create NAME --tag %s, and pass its token with --enroll-token", tags[0])
 			}
 			f := cmd.Flags()
-			for _, name := range []string{"server", "devices", "prefix", "fail-share", "connect-rate", "duration", "ca-file"} {
+			for _, name := range []string{"server", "devices", "prefix", "fail-share", "fail-image", "connect-rate", "duration", "ca-file"} {
 				env := simEnv + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
 				if v := a.getenv(env); v != "" && !f.Changed(name) {
 					if err := f.Set(name, v); err != nil {
@@ -90,12 +95,23 @@ Runs until interrupted or --duration elapses.`,
 				}
 				tlsCfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 			}
+			var record io.Writer
+			if recordFile != "" {
+				f, err := os.OpenFile(recordFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+				if err != nil {
+					return fmt.Errorf("flag --record-desired: %w", err)
+				}
+				defer f.Close()
+				record = f
+			}
 			s, err := sim.New(sim.Config{
 				Servers:          strings.Split(servers, ","),
 				Devices:          devices,
 				EnrollToken:      enrollToken,
 				Prefix:           prefix,
 				FailShare:        failShare,
+				FailImage:        failImage,
+				Record:           record,
 				ConnectRate:      connectRate,
 				Duration:         duration,
 				TLS:              tlsCfg,
@@ -128,6 +144,8 @@ Runs until interrupted or --duration elapses.`,
 	enrollTokenFlag.register(f, "enrollment's token every device enrolls with", "")
 	f.StringVar(&prefix, "prefix", "", "device id prefix: PREFIX-0001, ... (env APPLIANCE_SIM_PREFIX; default sim-<random>, so runs never collide)")
 	f.Float64Var(&failShare, "fail-share", 0, "fraction of devices (0-1) whose modules fail (env APPLIANCE_SIM_FAIL_SHARE)")
+	f.StringVar(&failImage, "fail-image", "", "with --fail-share: fail only modules whose image contains this text, e.g. :v2 (env APPLIANCE_SIM_FAIL_IMAGE)")
+	f.StringVar(&recordFile, "record-desired", "", "append a JSON line per desired document a device applies to this file")
 	f.Float64Var(&connectRate, "connect-rate", sim.DefaultConnectRate, "new connections per second, reconnections included (env APPLIANCE_SIM_CONNECT_RATE)")
 	f.DurationVar(&duration, "duration", 0, "stop after this long, e.g. 10m (env APPLIANCE_SIM_DURATION; default: until interrupted)")
 	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_SIM_CA_FILE)")

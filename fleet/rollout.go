@@ -353,9 +353,11 @@ type RolloutStatus struct {
 	// Wave is the current wave, from 1; 0 before the first started.
 	Wave  int          `json:"wave"`
 	Waves []WaveStatus `json:"waves"`
-	// Exposed are the devices it moved that run the deployment now;
-	// Failed those of them that failed (unhealthy, document refused, or
-	// timed out), and FailureLimit how many may fail before it stops.
+	// Reached are the devices it admitted (sent the deployment) so far;
+	// Exposed those of them that run the deployment now; Failed those of
+	// them that failed (unhealthy, document refused, or timed out), and
+	// FailureLimit how many may fail before it stops.
+	Reached      int `json:"reached"`
 	Exposed      int `json:"exposed"`
 	Failed       int `json:"failed"`
 	FailureLimit int `json:"failureLimit"`
@@ -368,7 +370,8 @@ type RolloutStatus struct {
 type WaveStatus struct {
 	Number int    `json:"number"`
 	Target string `json:"target"` // "5%", "10", "canary"
-	// State: pending (not started), running, passed.
+	// State: pending (not started), running, passed, rolled-back (its
+	// devices returned to what they ran before).
 	State string `json:"state"`
 	// Size is how many devices the wave holds: those admitted, or for a
 	// wave not started the devices it would reach now.
@@ -387,4 +390,6 @@ const (
 	WavePending = "pending"
 	WaveRunning = "running"
 	WavePassed  = "passed"
+	// WaveRolledBack: a started wave of a rolled-back rollout.
+	WaveRolledBack = "rolled-back"
 )

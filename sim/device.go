@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	"appliance/fleet"
@@ -261,8 +262,9 @@ func (d *device) onDesired(c *conn, payload []byte) error {
 		return nil
 	}
 	d.seen, d.version = true, doc.Version
+	s.record(d.id, doc)
 	mods, perr := s.mods.get(doc.ModulesContent)
-	rep := buildReport(doc, mods, perr, d.fails, time.Now())
+	rep := buildReport(doc, mods, perr, d.failing(), time.Now())
 	b, err := json.Marshal(rep)
 	if err != nil {
 		return fmt.Errorf("render report: %w", err)
@@ -299,4 +301,11 @@ func (d *device) write(c *conn, b []byte) error {
 func (d *device) goodbye(c *conn) {
 	c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 	c.nc.Write(disconnectPacket)
+}
+
+// failing tells, per module image, whether the device fails it.
+func (d *device) failing() func(image string) bool {
+	return func(image string) bool {
+		return d.fails && (d.sim.cfg.FailImage == "" || strings.Contains(image, d.sim.cfg.FailImage))
+	}
 }

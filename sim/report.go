@@ -105,11 +105,12 @@ func (c *moduleCache) get(content json.RawMessage) ([]desiredModule, error) {
 }
 
 // buildReport is what the fake runtime reports after applying doc at now:
-// every module whose desired status is running runs (or, on a failing
-// device, has exited with FailExitCode and the status is 500); stopped
+// every module whose desired status is running runs (or, when fail says
+// the device fails its image, has exited with FailExitCode and the status
+// is 500); stopped
 // modules are stopped. A document whose content cannot be read is refused
 // with 400, as the real agent does.
-func buildReport(doc fleet.DesiredDocument, mods []desiredModule, parseErr error, fail bool, now time.Time) fleet.ReportedDocument {
+func buildReport(doc fleet.DesiredDocument, mods []desiredModule, parseErr error, fail func(image string) bool, now time.Time) fleet.ReportedDocument {
 	now = now.UTC().Round(time.Millisecond)
 	r := fleet.ReportedDocument{
 		SchemaVersion:      fleet.DocumentSchema,
@@ -139,7 +140,7 @@ func buildReport(doc fleet.DesiredDocument, mods []desiredModule, parseErr error
 		switch {
 		case m.status != fleet.RuntimeRunning:
 			st.RuntimeStatus = fleet.RuntimeStopped
-		case fail:
+		case fail != nil && fail(m.image):
 			st.RuntimeStatus = fleet.RuntimeFailed
 			st.ExitCode = FailExitCode
 			st.StatusDescription = fmt.Sprintf("exited with code %d (simulated failure)", FailExitCode)

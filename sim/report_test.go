@@ -85,7 +85,7 @@ func TestBuildReport(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			mods, err := parseModules(tt.doc.ModulesContent)
-			r := buildReport(tt.doc, mods, err, tt.fail, now)
+			r := buildReport(tt.doc, mods, err, func(string) bool { return tt.fail }, now)
 			if r.LastDesiredVersion != tt.doc.Version || r.LastDesiredStatus.Code != tt.wantCode || r.DeploymentID != tt.wantDep ||
 				!strings.Contains(r.LastDesiredStatus.Description, tt.wantDesc) || r.Version != AgentVersion || r.Runtime.Platform.OS == "" {
 				t.Fatalf("report %+v", r)
@@ -202,5 +202,29 @@ func TestBackoff_JitteredAndCapped(t *testing.T) {
 	}
 	if d := backoff(time.Second, 30*time.Second, 0); d != 0 {
 		t.Fatalf("attempt 0 waits %v", d)
+	}
+}
+
+// TestFailImage: with a FailImage, a failing device fails only modules
+// whose image contains it; a device that does not fail fails nothing.
+func TestFailImage(t *testing.T) {
+	s := &Sim{cfg: Config{FailImage: ":v2"}}
+	bad, good := &device{sim: s, fails: true}, &device{sim: s}
+	for _, tc := range []struct {
+		d     *device
+		image string
+		want  bool
+	}{
+		{bad, "registry/app:v2", true},
+		{bad, "registry/app:v1", false},
+		{good, "registry/app:v2", false},
+	} {
+		if got := tc.d.failing()(tc.image); got != tc.want {
+			t.Errorf("fails=%v image %s: failing %v, want %v", tc.d.fails, tc.image, got, tc.want)
+		}
+	}
+	s.cfg.FailImage = ""
+	if !bad.failing()("registry/app:v1") {
+		t.Error("without FailImage a failing device must fail every module")
 	}
 }

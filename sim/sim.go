@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -46,6 +47,15 @@ type Config struct {
 	// exactly floor(Devices·FailShare) of them, chosen by index and spread
 	// evenly (0.2: devices 5, 10, 15, ...), so a run is reproducible.
 	FailShare float64
+	// FailImage, when set, makes the failing devices (FailShare) fail only
+	// the modules whose image contains it, so that a good and a bad
+	// release can run on the same simulated fleet: they run every other
+	// module.
+	FailImage string
+	// Record, when set, gets a JSON line for every desired document a
+	// device applies ({"device", "version", "deployment", "time"}): what
+	// each device was sent, for checking a rollout afterwards.
+	Record io.Writer
 	// ConnectRate bounds new connections per second over all devices,
 	// reconnections included. Default 500.
 	ConnectRate float64
@@ -104,6 +114,9 @@ type Sim struct {
 	mods    moduleCache
 	running atomic.Bool
 	cancel  context.CancelCauseFunc
+
+	recordMu     sync.Mutex
+	recordFailed bool
 
 	connected, peak, enrolled, refusals        atomic.Int64
 	connects, connectFailures, disconnects     atomic.Int64
@@ -563,4 +576,29 @@ func backoff(lo, hi time.Duration, attempt int) time.Duration {
 	}
 	d = min(d, hi)
 	return d/2 + mrand.N(d/2+1)
+}
+
+// RecordedDocument is one line of Config.Record.
+type RecordedDocument struct {
+	Device     string    `json:"device"`
+	Version    uint64    `json:"version"`
+	Deployment string    `json:"deployment"`
+	Time       time.Time `json:"time"`
+}
+
+// record writes a line to Config.Record, if set.
+func (s *Sim) record(deviceID string, doc fleet.DesiredDocument) {
+	if s.cfg.Record == nil {
+		return
+	}
+	b, err := json.Marshal(RecordedDocument{Device: deviceID, Version: doc.Version, Deployment: doc.DeploymentID, Time: time.Now().UTC()})
+	if err != nil {
+		return
+	}
+	s.recordMu.Lock()
+	defer s.recordMu.Unlock()
+	if _, err := s.cfg.Record.Write(append(b, '\n')); err != nil && !s.recordFailed {
+		s.recordFailed = true
+		s.log.Warn("cannot record desired documents", "err", err)
+	}
 }
