@@ -140,7 +140,11 @@ func (e *ClusterBehindError) Unwrap() error { return ErrClusterBehind }
 // forwarded: a command outside LegacyCommands goes ahead only when every
 // other member of the configuration said it can apply it. A member that
 // does not answer counts as unable (fail closed): it may run an older
-// release. Every member replicates and applies the log, voter or not, so
+// release; unless the state already holds a command of this type
+// (committedType): the gate let that one through, so every member could
+// apply the type then, and a member that is down must not stop a feature
+// the cluster already uses (a leader failover mid-rollout, with the old
+// leader dead). Every member replicates and applies the log, voter or not, so
 // all of them are asked. The commands of LegacyCommands every release
 // applies, so they are never held up by a peer that is down.
 func (s *Store) checkCommand(ctx context.Context, t CommandType) error {
@@ -151,6 +155,11 @@ func (s *Store) checkCommand(ctx context.Context, t CommandType) error {
 	if err != nil {
 		return fmt.Errorf("check that every member can apply %s: %w", t, err)
 	}
+	committed := false
+	_ = s.fsm.view(func(r *Reader) error {
+		committed = r.committedType(t)
+		return nil
+	})
 	var (
 		mu     sync.Mutex
 		behind []string
@@ -168,6 +177,12 @@ func (s *Store) checkCommand(ctx context.Context, t CommandType) error {
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
+			case err != nil && committed:
+				// Silent, but the cluster already committed a command of
+				// this type: every member then could apply it, and none
+				// can unlearn it (a downgraded node halts at the entry,
+				// loudly). A member that is down must not stop the
+				// commands the cluster already runs on.
 			case err != nil:
 				behind = append(behind, fmt.Sprintf("%s did not say what it runs (%v)", id, err))
 			case !info.CanApply(t):
@@ -411,4 +426,33 @@ func commandRanges(ts []CommandType) string {
 		return "none"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// keyCommandTypes is meta's bitmap of the command types outside
+// LegacyCommands the state has applied (256 bits). Written only by the
+// commands it records, so a state file of an older release never has it.
+var keyCommandTypes = []byte("commandTypes")
+
+// noteCommandType records that the state applied a command of type t.
+func (w *writer) noteCommandType(t CommandType) {
+	if isLegacyCommand(t) {
+		return
+	}
+	var bits [32]byte
+	copy(bits[:], w.tx.Bucket(bucketMeta).Get(keyCommandTypes))
+	if bits[t/8]&(1<<(t%8)) != 0 {
+		return
+	}
+	bits[t/8] |= 1 << (t % 8)
+	w.put(bucketMeta, keyCommandTypes, bits[:])
+}
+
+// committedType tells whether the state applied a command of type t (one
+// outside LegacyCommands; those every release applies anyway).
+func (r *Reader) committedType(t CommandType) bool {
+	if isLegacyCommand(t) {
+		return true
+	}
+	v := r.tx.Bucket(bucketMeta).Get(keyCommandTypes)
+	return len(v) == 32 && v[t/8]&(1<<(t%8)) != 0
 }

@@ -390,3 +390,43 @@ func TestStore_Apply_GatesNewCommands(t *testing.T) {
 		t.Fatalf("every member current: %v", err)
 	}
 }
+
+// TestStore_CheckCommand_SilentMemberOfACommittedType: once the cluster
+// committed a command of a type (every member could apply it then), a
+// member that does not answer no longer holds that type back: a dead node
+// must not stop what the cluster already runs (a rollout whose leader
+// died). A type never committed still waits for every member, and a
+// member that answers without the type is still refused.
+func TestStore_CheckCommand_SilentMemberOfACommittedType(t *testing.T) {
+	peers := &fakePeers{answers: map[string]func() (NodeInfo, error){"n2": runs(CmdBindNode), "n3": runs(CmdBindNode)}}
+	stores := newTestCluster(t, 3, func(cfg *Config) { cfg.PeerInfo = peers.info })
+	leader := stores[0]
+	ctx := testContext(t)
+	forget := func() {
+		leader.peers.mu.Lock()
+		clear(leader.peers.infos)
+		leader.peers.mu.Unlock()
+	}
+	peers.set("n2", downPeer)
+	if err := leader.checkCommand(ctx, CmdBindNode); !errors.Is(err, ErrClusterBehind) {
+		t.Fatalf("before any bind-node committed, a silent member: %v, want the gate to hold", err)
+	}
+	peers.set("n2", runs(CmdBindNode))
+	forget()
+	if _, err := leader.Apply(ctx, BindNode{NodeID: "n9", Fingerprint: "ab"}); err != nil {
+		t.Fatal(err)
+	}
+	peers.set("n2", downPeer)
+	forget()
+	if err := leader.checkCommand(ctx, CmdBindNode); err != nil {
+		t.Fatalf("a silent member held back a committed type: %v", err)
+	}
+	if err := leader.checkCommand(ctx, CmdRotateEnrollment); !errors.Is(err, ErrClusterBehind) || !strings.Contains(err.Error(), "n2 did not say what it runs") {
+		t.Fatalf("a type never committed, a silent member: %v, want the gate to hold", err)
+	}
+	peers.set("n2", runs())
+	forget()
+	if err := leader.checkCommand(ctx, CmdBindNode); !errors.Is(err, ErrClusterBehind) || !strings.Contains(err.Error(), "n2 runs") {
+		t.Fatalf("a member that answers without the type: %v, want the gate to hold", err)
+	}
+}

@@ -464,6 +464,7 @@ func (f *fsm) applyBatch(logs []*raft.Log, results []interface{}) (changes []Cha
 				continue
 			}
 			res := w.apply(l.Index, cmd)
+			w.noteCommandType(cmd.Type())
 			results[i] = res
 			changes = append(changes, w.changes...)
 			w.changes = w.changes[:0]
