@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/chromedp"
+
 	"appliance/fleet"
 	"appliance/sim"
 )
@@ -395,4 +397,42 @@ func TestRollout_OperatorControls(t *testing.T) {
 	waitStatus(t, dir, "v1", "every simulated device reporting v1 again", func(s statusView) bool {
 		return s.Counts.Applied == 24 && s.Counts.Healthy == 23
 	})
+}
+
+// TestDashboard_Rollout: a deployment's page shows its rollout (state,
+// what the next step waits for, each wave) and steers it: Pause and
+// Resume take, and the page follows.
+func TestDashboard_Rollout(t *testing.T) {
+	ctx := browser(t)
+	dir := t.TempDir()
+	srv := startServer(t, dir)
+	startSim(t, srv.mqttURL(), enrollmentToken(t, dir, "line", "env=prod"), "d", 10, "--ca-file", srv.caFile())
+	cli(t, dir, "deployment", "create", "v1", "--content", releaseManifest(t, "example/app:v1"), "--target-condition", "tags.env='prod'", "--priority", "1").mustSucceed(t)
+	// A long soak: the first wave stays under way while the page is read.
+	cli(t, dir, "deployment", "create", "v2", "--content", releaseManifest(t, "example/app:v2"), "--target-condition", "tags.env='prod'", "--priority", "2",
+		"--waves", "20%,100%", "--wave-soak", "10m").mustSucceed(t)
+	waitRollout(t, dir, "v2", "wave 1 under way", time.Minute, func(s fleet.RolloutStatus) bool { return s.Wave == 1 && s.Reached == 2 })
+	run(t, ctx, "sign in and open v2",
+		chromedp.Navigate(dashboardURL(t, srv)+"/ui/#/deployments/v2"),
+		chromedp.WaitVisible(chromedp.ID("login-token")),
+		chromedp.SendKeys(chromedp.ID("login-token"), srv.token),
+		chromedp.Click(chromedp.ID("login-submit")),
+		chromedp.WaitVisible(chromedp.CSS(`#rollout[data-rollout-state="running"]`)),
+	)
+	waves := waitJS[string](t, ctx, "the waves table", `[...document.querySelectorAll("#rollout-waves tr[data-wave]")].map(r => r.dataset.wave + ":" + r.dataset.waveState + ":" + r.cells[3].textContent).join(" ")`)
+	if waves != "1:running:2 2:pending:8" {
+		t.Fatalf("waves on the page: %q", waves)
+	}
+	if next := waitJS[string](t, ctx, "the next step", `document.getElementById("rollout-next").textContent`); !strings.HasPrefix(next, "wave 1: ") {
+		t.Fatalf("next step on the page: %q", next)
+	}
+	screenshot(t, ctx, "dashboard-rollout.png")
+	run(t, ctx, "pause", chromedp.Click(chromedp.CSS(`[data-rollout-action="pause"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#rollout[data-rollout-state="paused"]`)))
+	if st := rolloutOf(t, dir, "v2"); st.State != fleet.RolloutPaused {
+		t.Fatalf("the page paused, the node says %s", st.State)
+	}
+	run(t, ctx, "resume", chromedp.Click(chromedp.CSS(`[data-rollout-action="resume"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#rollout[data-rollout-state="running"]`)))
+	pageIsUsable(t, ctx, "deployment v2 with its rollout")
 }

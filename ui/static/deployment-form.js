@@ -188,11 +188,11 @@ export function createDeploymentView(query) {
     labels.el,
     metrics.el,
     h("div", { class: "field checkbox" }, layered, h("label", { for: "dep-layered" }, "Layered deployment (its keys set paths inside properties.desired)")),
-    // Rollouts (issue #16) do not exist yet: the rollout policy (waves,
-    // halt conditions) goes here.
-    h("fieldset", { class: "field placeholder", disabled: true, "data-placeholder": "rollouts-issue-16" },
+    // A rollout policy is set from the CLI for now; the deployment's page
+    // shows and steers its rollout (rollout.js).
+    h("fieldset", { class: "field placeholder", disabled: true, "data-placeholder": "rollout-policy-form" },
       h("legend", {}, "Rollout policy"),
-      h("p", { class: "muted" }, "Not available yet: a deployment goes to every device it targets at once.")),
+      h("p", { class: "muted" }, "A deployment created here goes to every device it targets at once. To roll out in waves, create it with the CLI: appliance deployment create ID --content FILE --waves 5%,25%,100% --on-failure rollback; its page then shows the waves and pauses, resumes, promotes or rolls back.")),
     h("div", { class: "actions" }, previewButton, createButton),
     status);
   form.addEventListener("submit", async (ev) => {

@@ -8,6 +8,7 @@ import {
 } from "./lib.js";
 import { failText, live, notice, section, setView } from "./shell.js";
 import { dryRunPreview } from "./dryrun.js";
+import { fetchRollout, rolloutSection } from "./rollout.js";
 
 // ---- the list ---------------------------------------------------------------
 
@@ -82,12 +83,12 @@ export function deploymentView(id) {
     deletePanel, body);
   del.addEventListener("click", () => confirmDelete(id, path, () => etag, deletePanel));
   const actions = del.parentElement;
-  live(async () => {
+  const refresh = live(async () => {
     try {
-      const [dep, st, hist] = await Promise.all([
-        call(path), api(path + "/status?limit=1000"), api(path + "/history?limit=20"),
+      const [dep, st, hist, rollout] = await Promise.all([
+        call(path), api(path + "/status?limit=1000"), api(path + "/history?limit=20"), fetchRollout(id),
       ]);
-      return { dep: dep.body, etag: dep.etag, st, hist };
+      return { dep: dep.body, etag: dep.etag, st, hist, rollout };
     } catch (err) {
       if (notFound(err)) return null;
       throw err;
@@ -99,7 +100,7 @@ export function deploymentView(id) {
       return;
     }
     etag = r.etag;
-    fill(body, ...renderDeployment(r.dep, r.st, r.hist));
+    fill(body, ...renderDeployment(r.dep, r.st, r.hist, rolloutSection(id, r.rollout, refresh)));
   });
 }
 
@@ -115,7 +116,7 @@ export function modulesOf(content) {
   });
 }
 
-function renderDeployment(dep, st, hist) {
+function renderDeployment(dep, st, hist, rollout) {
   const id = dep.id;
   const sm = st.systemMetrics || {};
   const labels = Object.entries(dep.labels || {}).map(([k, v]) => h("span", { class: "chip" }, `${k}=${v}`));
@@ -146,10 +147,7 @@ function renderDeployment(dep, st, hist) {
         ["Metric", "Query", { text: "Devices", num: true }],
         metrics.map(([name, q]) => h("tr", {}, h("td", {}, name), h("td", {}, h("code", {}, q)),
           h("td", { class: "num" }, count("span", (st.metrics || {})[name], { "data-custom-metric": name })))), "")) : null,
-    // Rollouts (issue #16) do not exist yet: their waves, progress, halt
-    // reason and the pause/resume/rollback buttons go here.
-    section("Rollout", { id: "rollout", "data-placeholder": "rollouts-issue-16" },
-      h("p", { class: "muted" }, "This deployment went to every device it targets at once. Staged rollouts (waves, progress, halt reasons, pause, resume and rollback) are not available yet.")),
+    rollout,
     section("Devices by category", {},
       h("div", { class: "categories" }, CATEGORIES.map((c) => {
         const ids = (st.devices && st.devices[c]) || [];
