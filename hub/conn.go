@@ -17,6 +17,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
+	"appliance/internal/mqttwire"
 )
 
 // maxPacketSize is the largest packet a module may send: a message of
@@ -142,50 +143,13 @@ func (c *conn) endWith(err error) {
 	}
 }
 
-// readPacket reads and decodes one packet. The body is read into a buffer
-// of its own: mochi's decoded strings and payloads alias it.
+// readPacket reads and decodes one packet from the module. Only the
+// packets a client sends are taken (handle refuses the others).
 func (c *conn) readPacket() (packets.Packet, error) {
-	hb, err := c.br.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	var fh packets.FixedHeader
-	if err := fh.Decode(hb); err != nil {
-		return packets.Packet{}, err
-	}
-	n, _, err := packets.DecodeLength(c.br)
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	if n > maxPacketSize {
+	pk, err := mqttwire.ReadPacket(c.br, c.version, maxPacketSize)
+	if errors.Is(err, packets.ErrPacketTooLarge) {
 		c.h.stats.tooLarge.Add(1)
-		c.h.log.Info("module sent a packet over the limit; closing its connection", "module", c.moduleName(), "bytes", n, "limit", maxPacketSize)
-		return packets.Packet{}, packets.ErrPacketTooLarge
-	}
-	fh.Remaining = n
-	buf := make([]byte, n)
-	if _, err := io.ReadFull(c.br, buf); err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{FixedHeader: fh, ProtocolVersion: c.version}
-	switch fh.Type {
-	case packets.Connect:
-		err = pk.ConnectDecode(buf)
-	case packets.Publish:
-		err = pk.PublishDecode(buf)
-	case packets.Puback:
-		err = pk.PubackDecode(buf)
-	case packets.Subscribe:
-		err = pk.SubscribeDecode(buf)
-	case packets.Unsubscribe:
-		err = pk.UnsubscribeDecode(buf)
-	case packets.Pingreq:
-	case packets.Disconnect:
-		err = pk.DisconnectDecode(buf)
-	case packets.Pubrec, packets.Pubrel, packets.Pubcomp:
-		err = packets.ErrQosNotSupported
-	default:
-		err = packets.ErrProtocolViolation
+		c.h.log.Info("module sent a packet over the limit; closing its connection", "module", c.moduleName(), "limit", maxPacketSize)
 	}
 	return pk, err
 }

@@ -135,46 +135,15 @@ func (ca *CA) IssueNode(nodeID string, hosts []string, now time.Time) (certPEM, 
 	if err := ValidateNodeID(nodeID); err != nil {
 		return nil, nil, err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, fmt.Errorf("generate key for node %q: %w", nodeID, err)
-	}
-	serial, err := newSerial()
-	if err != nil {
-		return nil, nil, err
-	}
-	notAfter := now.Add(validity)
-	if notAfter.After(ca.Cert.NotAfter) {
-		notAfter = ca.Cert.NotAfter
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
+	return ca.issue(&x509.Certificate{
 		Subject: pkix.Name{
 			CommonName:         nodeID,
 			Organization:       []string{organization},
 			OrganizationalUnit: []string{nodeOU},
 		},
-		NotBefore:   now.Add(-clockSkew),
-		NotAfter:    notAfter,
-		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		URIs:        []*url.URL{nodeURI(nodeID)},
-	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else if h != "" {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
-	if err != nil {
-		return nil, nil, fmt.Errorf("create certificate for node %q: %w", nodeID, err)
-	}
-	if keyPEMBytes, err = keyPEM(key); err != nil {
-		return nil, nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEMBytes, nil
+	}, hosts, now)
 }
 
 // IssueServer issues a TLS server certificate and a new ECDSA P-256 key
@@ -185,26 +154,29 @@ func (ca *CA) IssueServer(commonName string, hosts []string, now time.Time) (cer
 	if ca.Key == nil {
 		return nil, nil, fmt.Errorf("issue server certificate %q: %w", commonName, ErrNoCAKey)
 	}
+	return ca.issue(&x509.Certificate{
+		Subject:     pkix.Name{CommonName: commonName, Organization: []string{organization}},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}, hosts, now)
+}
+
+// issue completes tmpl (serial, validity, key usage, hosts as IP or DNS
+// SANs), signs it with a new ECDSA P-256 key, and returns both as PEM.
+func (ca *CA) issue(tmpl *x509.Certificate, hosts []string, now time.Time) (certPEM, keyPEMBytes []byte, err error) {
+	name := tmpl.Subject.CommonName
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, nil, fmt.Errorf("generate key for %q: %w", commonName, err)
+		return nil, nil, fmt.Errorf("generate key for %q: %w", name, err)
 	}
-	serial, err := newSerial()
-	if err != nil {
+	if tmpl.SerialNumber, err = newSerial(); err != nil {
 		return nil, nil, err
 	}
-	notAfter := now.Add(validity)
-	if notAfter.After(ca.Cert.NotAfter) {
-		notAfter = ca.Cert.NotAfter
+	tmpl.NotBefore = now.Add(-clockSkew)
+	tmpl.NotAfter = now.Add(validity)
+	if tmpl.NotAfter.After(ca.Cert.NotAfter) {
+		tmpl.NotAfter = ca.Cert.NotAfter
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: commonName, Organization: []string{organization}},
-		NotBefore:    now.Add(-clockSkew),
-		NotAfter:     notAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
@@ -214,7 +186,7 @@ func (ca *CA) IssueServer(commonName string, hosts []string, now time.Time) (cer
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
 	if err != nil {
-		return nil, nil, fmt.Errorf("create certificate for %q: %w", commonName, err)
+		return nil, nil, fmt.Errorf("create certificate for %q: %w", name, err)
 	}
 	if keyPEMBytes, err = keyPEM(key); err != nil {
 		return nil, nil, err

@@ -16,7 +16,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/url"
 	"sort"
@@ -25,6 +24,8 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"appliance/internal/mqttwire"
 )
 
 // Config configures a Client.
@@ -191,39 +192,7 @@ func (c *Client) WriteRaw(b []byte) error {
 }
 
 func (c *Client) read() (packets.Packet, error) {
-	hb, err := c.br.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	var fh packets.FixedHeader
-	if err := fh.Decode(hb); err != nil {
-		return packets.Packet{}, err
-	}
-	n, _, err := packets.DecodeLength(c.br)
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	fh.Remaining = n
-	buf := make([]byte, n)
-	if _, err := io.ReadFull(c.br, buf); err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{FixedHeader: fh, ProtocolVersion: c.version}
-	switch fh.Type {
-	case packets.Connack:
-		err = pk.ConnackDecode(buf)
-	case packets.Publish:
-		err = pk.PublishDecode(buf)
-	case packets.Puback:
-		err = pk.PubackDecode(buf)
-	case packets.Suback:
-		err = pk.SubackDecode(buf)
-	case packets.Unsuback:
-		err = pk.UnsubackDecode(buf)
-	case packets.Disconnect:
-		err = pk.DisconnectDecode(buf)
-	}
-	return pk, err
+	return mqttwire.ReadPacket(c.br, c.version, 1<<28)
 }
 
 func (c *Client) readLoop() {
