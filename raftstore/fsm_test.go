@@ -13,19 +13,13 @@ import (
 	"github.com/hashicorp/raft"
 
 	"appliance/fleet"
+	"appliance/internal/testlog"
 )
 
-func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-}
-
-type testWriter struct{ t testing.TB }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(string(bytes.TrimRight(p, "\n")))
-	return len(p), nil
-}
+// testLogger logs to t.Log until the test ends: raft's transport
+// goroutines may still log a little after Close returns, and t.Log after
+// the end of a test panics.
+func testLogger(t testing.TB) *slog.Logger { return testlog.New(t, slog.LevelWarn) }
 
 func newTestFSM(t *testing.T) *fsm {
 	t.Helper()
