@@ -60,7 +60,7 @@ func connectDevice(t *testing.T, addr, id, key string) (*mqttDevice, error) {
 
 func (d *mqttDevice) subscribeDesired(t *testing.T) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.WaitTimeout)
 	defer cancel()
 	if _, err := d.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: fleet.DesiredTopic(d.id), QoS: 1}}}); err != nil {
 		t.Fatal(err)
@@ -77,7 +77,7 @@ func (d *mqttDevice) nextDesired(t *testing.T) fleet.DesiredDocument {
 		}
 		return doc
 	case <-time.After(testutil.WaitTimeout):
-		t.Fatalf("%s: no desired document within 10s", d.id)
+		t.Fatalf("%s: no desired document within %s", d.id, testutil.WaitTimeout)
 		return fleet.DesiredDocument{}
 	}
 }
