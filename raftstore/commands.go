@@ -78,6 +78,10 @@ func (t CommandType) String() string {
 		return "admit-rollout"
 	case CmdRolloutAction:
 		return "rollout-action"
+	case CmdPutConsumer:
+		return "put-consumer"
+	case CmdDeleteConsumer:
+		return "delete-consumer"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -342,6 +346,10 @@ func newCommand(t CommandType) Command {
 		c = &AdmitRollout{}
 	case CmdRolloutAction:
 		c = &RolloutAction{}
+	case CmdPutConsumer:
+		c = &PutConsumer{}
+	case CmdDeleteConsumer:
+		c = &DeleteConsumer{}
 	}
 	return c
 }

@@ -51,6 +51,7 @@ const (
 	NodeCertsChanged // a node's certificate was bound or revoked (ID: the node)
 	RolloutAdmitted  // devices were admitted to a rollout (ID: the deployment; Admitted, Rollout)
 	RolloutChanged   // a rollout's state changed (ID: the deployment; Rollout, Action)
+	ConsumerDeleted  // a consumer credential was deleted (ID: its name)
 )
 
 // Change is one effect of an applied command, published to the Observer in
@@ -114,6 +115,7 @@ type Result struct {
 	Device     *fleet.Device
 	Deployment *fleet.Deployment
 	Enrollment *fleet.Enrollment
+	Consumer   *fleet.Consumer
 	// Revoked lists the devices whose keys a revocation cleared.
 	Revoked []string
 	Err     error
@@ -794,6 +796,10 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.bindNode(index, c)
 	case *RevokeNode:
 		return w.revokeNode(index, c)
+	case *PutConsumer:
+		return w.putConsumer(index, c)
+	case *DeleteConsumer:
+		return w.deleteConsumer(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }

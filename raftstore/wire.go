@@ -123,6 +123,7 @@ type resultJSON struct {
 	Device     *fleet.Device     `json:"device,omitempty"`
 	Deployment *fleet.Deployment `json:"deployment,omitempty"`
 	Enrollment *fleet.Enrollment `json:"enrollment,omitempty"`
+	Consumer   *fleet.Consumer   `json:"consumer,omitempty"`
 	Revoked    []string          `json:"revoked,omitempty"`
 	Err        *errorJSON        `json:"err,omitempty"`
 }
@@ -148,7 +149,7 @@ func MarshalResult(r *Result) ([]byte, error) {
 	}
 	out := resultJSON{
 		Index: r.Index, Created: r.Created, Stored: r.Stored,
-		Device: r.Device, Deployment: r.Deployment, Enrollment: r.Enrollment, Revoked: r.Revoked,
+		Device: r.Device, Deployment: r.Deployment, Enrollment: r.Enrollment, Consumer: r.Consumer, Revoked: r.Revoked,
 	}
 	if r.Err != nil {
 		out.Err = &errorJSON{Code: ErrorCode(r.Err), Msg: r.Err.Error()}
@@ -173,7 +174,7 @@ func UnmarshalResult(b []byte) (*Result, error) {
 	}
 	r := &Result{
 		Index: in.Index, Created: in.Created, Stored: in.Stored,
-		Device: in.Device, Deployment: in.Deployment, Enrollment: in.Enrollment, Revoked: in.Revoked,
+		Device: in.Device, Deployment: in.Deployment, Enrollment: in.Enrollment, Consumer: in.Consumer, Revoked: in.Revoked,
 	}
 	if in.Err != nil {
 		code := in.Err.Code
