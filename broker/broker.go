@@ -238,6 +238,10 @@ type Config struct {
 	Desired DesiredSource
 	// Reports receives reported documents.
 	Reports ReportSink
+	// Upstream takes the device hubs' upstream batches and Methods their
+	// method responses (hub.go); nil: they are acknowledged and counted.
+	Upstream UpstreamSink
+	Methods  MethodSink
 	// Logger receives the broker's logs, tagged component=broker. nil:
 	// slog.Default(). mochi's own logs go to it too, filtered by
 	// mochiLogHandler: never its debug logs, which print whole packets,
@@ -265,11 +269,15 @@ type Stats struct {
 	ReportsAccepted uint64 // reported documents handed to the ReportSink
 	// UpstreamBatches and UpstreamMessages count the device hubs' batches
 	// received on fleet.UpstreamTopic and the messages they announce;
-	// MethodResponses the answers received on fleet.MethodResponseTopic.
-	// They are acknowledged and counted; nothing consumes them yet.
+	// UpstreamRefused the batches the UpstreamSink did not keep (the device
+	// sends them again); MethodResponses the answers received on
+	// fleet.MethodResponseTopic; MethodsSent the requests written to
+	// devices.
 	UpstreamBatches  uint64
 	UpstreamMessages uint64
+	UpstreamRefused  uint64
 	MethodResponses  uint64
+	MethodsSent      uint64
 	ReportsDropped   uint64 // reported documents malformed, too large, or refused by the sink
 	DesiredSent      uint64 // desired documents handed to mochi for delivery
 	DesiredFailed    uint64 // DesiredSource errors, and desired documents not sent because the client was backlogged
@@ -300,7 +308,8 @@ type counters struct {
 	authFailures, aclDenials                atomic.Uint64
 	reportsAccepted, reportsDropped         atomic.Uint64
 	upstreamBatches, upstreamMessages       atomic.Uint64
-	methodResponses                         atomic.Uint64
+	upstreamRefused                         atomic.Uint64
+	methodResponses, methodsSent            atomic.Uint64
 	desiredSent, desiredFailed, panicsSaved atomic.Uint64
 	refused                                 atomic.Uint64
 	noConnect, protocolErrors, busy         atomic.Uint64
@@ -312,7 +321,10 @@ type Broker struct {
 	auth    Authenticator
 	desired DesiredSource
 	reports ReportSink
-	log     *slog.Logger
+	// upstream and methods are optional (hub.go).
+	upstream UpstreamSink
+	methods  MethodSink
+	log      *slog.Logger
 
 	srv      *mqtt.Server
 	ln       *guardedListener
@@ -403,10 +415,13 @@ func New(cfg Config) (*Broker, error) {
 		desired: cfg.Desired,
 		reports: cfg.Reports,
 		log:     logger,
-		ctx:     ctx,
-		cancel:  cancel,
-		devices: make(map[string][]*trackedConn),
-		senders: newSenders(),
+
+		upstream: cfg.Upstream,
+		methods:  cfg.Methods,
+		ctx:      ctx,
+		cancel:   cancel,
+		devices:  make(map[string][]*trackedConn),
+		senders:  newSenders(),
 
 		idleWorkers: make(chan burstJob),
 	}
@@ -687,6 +702,8 @@ func (b *Broker) Stats() Stats {
 		UpstreamBatches:  b.stats.upstreamBatches.Load(),
 		UpstreamMessages: b.stats.upstreamMessages.Load(),
 		MethodResponses:  b.stats.methodResponses.Load(),
+		UpstreamRefused:  b.stats.upstreamRefused.Load(),
+		MethodsSent:      b.stats.methodsSent.Load(),
 		ReportsDropped:   b.stats.reportsDropped.Load(),
 		DesiredSent:      b.stats.desiredSent.Load(),
 		DesiredFailed:    b.stats.desiredFailed.Load(),

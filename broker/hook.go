@@ -76,12 +76,21 @@ func (h *deviceHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCode
 		return
 	}
 	tc := connOf(cl)
+	desired := false
 	for i, f := range pk.Filters {
-		if i < len(reasonCodes) && reasonCodes[i] < packets.ErrUnspecifiedError.Code && f.Filter == tc.desiredTopic {
-			tc.desiredQoS.Store(int32(reasonCodes[i])) // a success code is the granted QoS
-			h.b.sendCurrentDesired(cl)
-			return
+		if i >= len(reasonCodes) || reasonCodes[i] >= packets.ErrUnspecifiedError.Code {
+			continue
 		}
+		switch f.Filter {
+		case tc.desiredTopic:
+			tc.desiredQoS.Store(int32(reasonCodes[i])) // a success code is the granted QoS
+			desired = true
+		case fleet.MethodsTopic(cl.ID):
+			tc.methods.setQoS(int32(reasonCodes[i]))
+		}
+	}
+	if desired {
+		h.b.sendCurrentDesired(cl)
 	}
 }
 
@@ -93,8 +102,11 @@ func (h *deviceHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	for _, f := range pk.Filters {
-		if f.Filter == tc.desiredTopic {
+		switch f.Filter {
+		case tc.desiredTopic:
 			tc.desiredQoS.Store(notSubscribed)
+		case fleet.MethodsTopic(cl.ID):
+			tc.methods.setQoS(notSubscribed)
 		}
 	}
 }
@@ -145,13 +157,11 @@ func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	case ok && kind == fleet.TopicKindReported:
 		h.b.intakeReport(tc, cl.ID, pk.Payload)
 	case pk.TopicName == fleet.UpstreamTopic(cl.ID):
-		// The device hub's messages: counted, not consumed yet.
-		h.b.stats.upstreamBatches.Add(1)
-		if n, ok := fleet.UpstreamBatchCount(pk.Payload); ok {
-			h.b.stats.upstreamMessages.Add(uint64(n))
-		}
+		// The device hub's messages: acknowledged once the sink holds
+		// them (hub.go); a refusal is the PUBACK's reason code.
+		return pk, h.b.intakeUpstream(tc, cl, pk.Payload)
 	case pk.TopicName == fleet.MethodResponseTopic(cl.ID):
-		h.b.stats.methodResponses.Add(1)
+		h.b.intakeMethodResponse(tc, cl, pk.Payload)
 	}
 	return pk, packets.CodeSuccessIgnore
 }

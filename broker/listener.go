@@ -299,6 +299,9 @@ type trackedConn struct {
 	// notSubscribed: the hook's copy of what mochi's subscription map
 	// says, read for every document without mochi's lock and map lookup.
 	desiredQoS atomic.Int32
+	// methods holds the direct method requests waiting to be written
+	// and the QoS granted on the methods topic (hub.go).
+	methods methodQueue
 
 	// dropLog rate-limits the "report dropped" log line (one every ten
 	// seconds: the zero value); overQuota: cut off by its report quota.
@@ -338,6 +341,7 @@ const notSubscribed = -1
 func newTrackedConn(b *Broker, raw net.Conn, tlsConfig *tls.Config) *trackedConn {
 	tc := &trackedConn{Conn: raw, b: b, done: make(chan struct{}), ran: make(chan bool, 1)}
 	tc.desiredQoS.Store(notSubscribed)
+	tc.methods.qos = notSubscribed
 	if sc, ok := raw.(syscall.Conn); ok {
 		tc.raw, _ = sc.SyscallConn()
 	}

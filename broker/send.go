@@ -145,7 +145,7 @@ func (b *Broker) sendPending(tc *trackedConn) {
 // unlockConn releases procMu and queues a document that arrived meanwhile.
 func (b *Broker) unlockConn(tc *trackedConn) {
 	tc.procMu.Unlock()
-	if tc.pending.Load() != nil && b.ready(tc) {
+	if (tc.pending.Load() != nil || tc.methods.waiting()) && b.ready(tc) {
 		b.schedule(tc)
 	}
 }
@@ -153,6 +153,7 @@ func (b *Broker) unlockConn(tc *trackedConn) {
 // flushLocked writes the document in tc's mailbox, if any and if the device
 // can take one now. The caller holds tc.procMu.
 func (b *Broker) flushLocked(tc *trackedConn) {
+	defer b.flushMethodsLocked(tc)
 	if tc.pending.Load() == nil || !b.ready(tc) {
 		return // a device at its receive maximum gets it when it acknowledges
 	}
