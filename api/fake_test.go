@@ -51,6 +51,8 @@ type fakeBackend struct {
 	rolloutAction       func(ctx context.Context, id string, req RolloutActionRequest) (fleet.RolloutStatus, error)
 	health              func() Health
 	ready               func(ctx context.Context) error
+	// hub holds the device hub's routes' functions (hub_test.go).
+	hub hubFuncs
 }
 
 var _ Backend = (*fakeBackend)(nil)

@@ -83,6 +83,7 @@ type Backend interface {
 
 	ConsoleBackend
 	RolloutBackend
+	HubBackend
 }
 
 // ServerConfig configures the HTTP handler.
@@ -212,6 +213,7 @@ func (s *Server) routes() {
 	s.mux.Handle("GET /api/v1/backup", s.auth(s.backup))
 	s.consoleRoutes()
 	s.rolloutRoutes()
+	s.hubRoutes()
 
 	// Anything else under /api/ is still behind the token: an unknown
 	// route must not tell an anonymous caller which routes exist.
@@ -755,6 +757,10 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		code, word = http.StatusServiceUnavailable, "upgrade_required"
 	case errors.Is(err, ErrUnavailable):
 		code, word = http.StatusServiceUnavailable, "unavailable"
+	case errors.Is(err, ErrNotConnected):
+		code, word = http.StatusNotFound, "not_connected"
+	case errors.Is(err, ErrTimeout):
+		code, word = http.StatusGatewayTimeout, "timeout"
 	}
 	msg := err.Error()
 	if ve != nil {

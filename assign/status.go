@@ -104,11 +104,11 @@ func MetricCondition(query string) string {
 
 // compileMetrics compiles a deployment's custom metric queries; they were
 // checked when written, so one that no longer compiles is left out.
-func compileMetrics(queries map[string]string) map[string]*evaluator.Condition {
-	out := map[string]*evaluator.Condition{}
+func compileMetrics(queries map[string]string) map[string]*evaluator.Metric {
+	out := map[string]*evaluator.Metric{}
 	for name, q := range queries {
-		if c, err := evaluator.CompileQuery(MetricCondition(q), "properties"); err == nil {
-			out[name] = c
+		if m, err := evaluator.CompileMetric(q); err == nil {
+			out[name] = m
 		}
 	}
 	return out
@@ -157,10 +157,8 @@ func (a *Assigner) Breakdown(r *raftstore.Reader, dep fleet.Deployment, soak tim
 			if d, err := r.Device(dev); err == nil {
 				tags = d.Tags
 			}
-			doc := evaluator.DeviceDocument(dev, tags)
-			doc["properties"] = map[string]any{"reported": raw}
-			for name, cond := range metrics {
-				if cond.EvalDocument(doc) {
+			for name, m := range metrics {
+				if m.Matches(dev, tags, raw) {
 					out.Metrics[name]++
 				}
 			}

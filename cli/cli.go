@@ -86,7 +86,7 @@ func (a *app) rootCommand() *cobra.Command {
 	pf.StringVar(&a.dataDir, "data-dir", "", "node data directory (env "+EnvDataDir+"; default "+DefaultDataDir(os.Getenv)+")")
 
 	root.AddCommand(a.versionCommand(), a.serveCommand(), a.agentCommand(), a.deviceCommand(), a.deploymentCommand(), a.enrollmentCommand(), a.simCommand(),
-		a.clusterCommand(), a.backupCommand(), a.restoreCommand())
+		a.clusterCommand(), a.backupCommand(), a.restoreCommand(), a.consumerCommand(), a.eventsCommand(), a.moduleCommand())
 	return root
 }
 

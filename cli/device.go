@@ -193,6 +193,7 @@ func (a *app) deviceShow() *cobra.Command {
 				mods = append(mods, []string{n, m.RuntimeStatus, strconv.Itoa(m.ExitCode), strconv.Itoa(m.RestartCount), m.StatusDescription})
 			}
 			a.table(mods)
+			a.printHub(rep)
 			return nil
 		},
 	}

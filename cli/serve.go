@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -26,6 +28,8 @@ func (a *app) serveCommand() *cobra.Command {
 		listenerLimits                                      node.ListenerLimits
 		deviceLimits                                        broker.Limits
 		mqttConnectTimeout                                  time.Duration
+		events                                              node.EventsConfig
+		eventsRetentionBytes                                string
 	)
 	joinTokenFlag := secretFlag{name: "join-token", env: "APPLIANCE_JOIN_TOKEN"}
 	cmd := &cobra.Command{
@@ -57,6 +61,15 @@ func (a *app) serveCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if events.RetentionBytes, err = parseBytes(eventsRetentionBytes); err != nil {
+				return fmt.Errorf("flag --events-retention-bytes: %v", err)
+			}
+			if events.RetentionAge <= 0 {
+				return fmt.Errorf("flag --events-retention-age: %v is not a positive duration", events.RetentionAge)
+			}
+			if env := a.getenv("APPLIANCE_EVENTS_ADDR"); env != "" && !cmd.Flags().Changed("events-addr") {
+				events.Addr = env
+			}
 			dataDir := a.resolvedDataDir()
 			n, err := node.New(node.Config{
 				DataDir:          dataDir,
@@ -83,6 +96,7 @@ func (a *app) serveCommand() *cobra.Command {
 				ShedDevicesAfter:       shedAfter,
 				Limits:                 listenerLimits,
 				DeviceLimits:           deviceLimits,
+				Events:                 events,
 			})
 			if err != nil {
 				return err
@@ -149,6 +163,12 @@ func (a *app) serveCommand() *cobra.Command {
 		"report bytes a second a device may send, sustained (bursts up to 256 KiB or --device-report-max-bytes, the larger); more are throttled")
 	f.IntVar(&deviceLimits.ReportOverruns, "device-report-overruns", broker.DefaultReportOverruns,
 		"reports over quota (or too large, or malformed) a device may send in one session before it is disconnected")
+	f.StringVar(&events.Addr, "events-addr", node.DefaultEventsAddr,
+		"MQTT listener for consumers of the devices' upstream messages (appliance consumer create); \"\" for none (env APPLIANCE_EVENTS_ADDR)")
+	f.BoolVar(&events.Plain, "events-plain", false, "serve the consumers' listener without TLS (default: TLS like the device broker)")
+	f.StringVar(&eventsRetentionBytes, "events-retention-bytes", "1GiB",
+		"disk this node gives its log of upstream messages, which lets a consumer that reconnects resume; the oldest go first (e.g. 512MiB, 10GiB)")
+	f.DurationVar(&events.RetentionAge, "events-retention-age", 24*time.Hour, "upstream messages older than this leave the node's log")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
@@ -207,4 +227,31 @@ func newLogger(w interface{ Write([]byte) (int, error) }, format, level string) 
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
 	return nil, fmt.Errorf("flag --log-format must be text or json; got %q", format)
+}
+
+// parseBytes reads a size: a number of bytes, or one with a KiB, MiB,
+// GiB or TiB suffix (KB, MB, GB, TB mean the same powers of 1024).
+func parseBytes(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range []struct {
+		suffixes []string
+		mult     int64
+	}{{[]string{"TiB", "TB", "T"}, 1 << 40}, {[]string{"GiB", "GB", "G"}, 1 << 30}, {[]string{"MiB", "MB", "M"}, 1 << 20}, {[]string{"KiB", "KB", "K"}, 1 << 10}, {[]string{"B"}, 1}} {
+		found := false
+		for _, suf := range u.suffixes {
+			if rest, ok := strings.CutSuffix(t, suf); ok {
+				t, mult, found = strings.TrimSpace(rest), u.mult, true
+				break
+			}
+		}
+		if found {
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n <= 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("%q is not a positive size such as 1073741824, 512MiB or 10GiB", s)
+	}
+	return n * mult, nil
 }

@@ -150,6 +150,42 @@ func (c *Client) GetJSON(ctx context.Context, addr, path string, out any) error 
 	return nil
 }
 
+// PostJSON sends in as JSON to a node-only route of the peer at addr and
+// reads the answer into out. The call may take as long as ctx allows (the
+// cluster port bounds reading a request, not answering it).
+func (c *Client) PostJSON(ctx context.Context, addr, path string, in, out any) error {
+	body, err := json.Marshal(in)
+	if err != nil {
+		return fmt.Errorf("POST %s to %s: %w", path, addr, err)
+	}
+	resp, _, err := c.do(ctx, http.MethodPost, addr, path, body)
+	if err != nil {
+		return fmt.Errorf("POST %s to %s: %w", path, addr, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return decodeRPCError("POST "+path+" to "+addr, resp)
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxRPCBody)).Decode(out); err != nil {
+		return fmt.Errorf("POST %s to %s: %w", path, addr, err)
+	}
+	return nil
+}
+
+// Stream opens a node-only route of the peer at addr whose answer is a
+// stream (it ends with ctx); the caller reads and closes it.
+func (c *Client) Stream(ctx context.Context, addr, path string) (io.ReadCloser, error) {
+	resp, _, err := c.do(ctx, http.MethodGet, addr, path, nil)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s from %s: %w", path, addr, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		return nil, decodeRPCError("GET "+path+" from "+addr, resp)
+	}
+	return resp.Body, nil
+}
+
 // AddSelf asks the node at addr to make this node (named by its
 // certificate) a voter reachable at advertise. A node that is not a member
 // yet must give the cluster's current join token (its secret is sent). A

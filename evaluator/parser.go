@@ -19,7 +19,13 @@ const (
 const (
 	rootDeviceID = "deviceId"
 	rootTags     = "tags"
+	// rootModuleID names a module twin in a module-level metric query
+	// (FROM devices.modules): a string, like deviceId.
+	rootModuleID = "moduleId"
 )
+
+// isScalarRoot tells the roots that are strings, with nothing below them.
+func isScalarRoot(r string) bool { return r == rootDeviceID || r == rootModuleID }
 
 var keywords = map[string]bool{
 	"AND": true, "OR": true, "NOT": true, "IN": true, "NIN": true,
@@ -272,9 +278,9 @@ func (p *parser) parsePath() (path, error) {
 		pth.segs = append(pth.segs, s.text)
 	}
 	switch {
-	case pth.root == rootDeviceID && len(pth.segs) > 0:
-		return path{}, syntaxErr(t.col, "deviceId has no properties below it")
-	case pth.root != rootDeviceID && len(pth.segs) == 0:
+	case isScalarRoot(pth.root) && len(pth.segs) > 0:
+		return path{}, syntaxErr(t.col, "%s has no properties below it", pth.root)
+	case !isScalarRoot(pth.root) && len(pth.segs) == 0:
 		if pth.root == rootTags {
 			return path{}, syntaxErr(t.col, "name a tag below tags, e.g. tags.environment")
 		}
@@ -333,14 +339,14 @@ func (p *parser) parseComparison(pth path) (*node, error) {
 	default:
 		return nil, syntaxErr(t.col, "expected a comparison (=, !=, <>, <, <=, >, >=, IN or NIN) after %s, found %s", pth, t.describe())
 	}
-	if pth.root == rootDeviceID {
+	if isScalarRoot(pth.root) {
 		vals := n.vals
 		if n.op == nCmp {
 			vals = []value{n.val}
 		}
 		for _, v := range vals {
 			if v.kind != kString {
-				return nil, syntaxErr(t.col, "deviceId is a string: compare it with a quoted value, not %s", v)
+				return nil, syntaxErr(t.col, "%s is a string: compare it with a quoted value, not %s", pth.root, v)
 			}
 		}
 	}

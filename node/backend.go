@@ -321,10 +321,12 @@ func validateDeployment(id string, req api.DeploymentRequest) error {
 	return fleet.ValidateContent(req.Content, req.Layered)
 }
 
-// validateMetrics compiles each custom metric query: a condition over a
-// device's document (deviceId, tags, properties.reported...). Azure's form
-// `SELECT deviceId FROM devices WHERE <condition>` is accepted by taking its
-// WHERE clause.
+// validateMetrics compiles each custom metric query: Azure's
+// `SELECT deviceId FROM devices WHERE <condition>` (over deviceId, tags,
+// properties.reported...), its module-level form `... FROM devices.modules
+// WHERE ...` (over deviceId, moduleId and a module twin's
+// properties.reported), or a bare condition over a device
+// (evaluator.CompileMetric).
 func validateMetrics(q map[string]string) error {
 	for name, query := range q {
 		if name == "" {
@@ -333,7 +335,7 @@ func validateMetrics(q map[string]string) error {
 		if strings.TrimSpace(query) == "" {
 			return fleet.Invalid("metrics.queries."+name, "must not be empty")
 		}
-		if _, err := evaluator.CompileQuery(assign.MetricCondition(query), "properties"); err != nil {
+		if _, err := evaluator.CompileMetric(query); err != nil {
 			return conditionError("metrics.queries."+name, err)
 		}
 	}

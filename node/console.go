@@ -137,12 +137,12 @@ func (b *backend) CheckCondition(ctx context.Context, req api.ConditionRequest) 
 		return res
 	}
 	if req.Kind == api.ConditionMetric {
-		cond, offset := metricConditionAt(req.Condition)
+		cond, _ := metricConditionAt(req.Condition)
 		if strings.TrimSpace(cond) == "" {
 			return api.ConditionCheck{Message: "a metric query must not be empty"}, nil
 		}
-		if _, err := evaluator.CompileQuery(cond, "properties"); err != nil {
-			return invalid(err, offset), nil
+		if _, err := evaluator.CompileMetric(req.Condition); err != nil {
+			return invalid(err, 0), nil // its columns count from the start of the query
 		}
 		return api.ConditionCheck{Valid: true}, nil
 	}

@@ -41,6 +41,7 @@ func newMetrics(n *Node) *metrics {
 		m.applySeconds,
 		m.requestSeconds,
 		(*nodeCollector)(n),
+		&hubCollector{n: n},
 	)
 	return m
 }

@@ -25,6 +25,7 @@ import (
 	"appliance/cluster"
 	"appliance/history"
 	"appliance/internal/fsutil"
+	"appliance/northbound"
 	"appliance/pki"
 	"appliance/raftstore"
 	"appliance/ui"
@@ -93,6 +94,10 @@ type Config struct {
 	// source address, report sizes and the per-device report quotas
 	// (broker.Limits; zero fields are defaults).
 	DeviceLimits broker.Limits
+	// Events configures the northbound side of the device hub: the
+	// retention of the devices' upstream messages and the consumers'
+	// listener (hub.go).
+	Events EventsConfig
 }
 
 // Defaults of the history's retention (flags --history-retention and
@@ -140,11 +145,16 @@ type Node struct {
 	memberIDs memberCache // for the checks of peers' certificates (nodecerts.go)
 	vouches   vouchCache
 
-	broker   *broker.Broker
-	metrics  *metrics
-	history  *history.History
-	reports  *reportBatcher
-	bgCancel context.CancelFunc
+	broker  *broker.Broker
+	metrics *metrics
+	// northbound keeps the devices' upstream messages and serves them to
+	// consumers; methods are the direct method calls in flight (hub.go,
+	// methods.go).
+	northbound *northbound.Server
+	methods    methodCalls
+	history    *history.History
+	reports    *reportBatcher
+	bgCancel   context.CancelFunc
 	// stopCtx ends when the node stops: work that outlives Start (a
 	// restarted member's join) watches it.
 	stopCtx    context.Context
@@ -261,13 +271,19 @@ func (n *Node) Start(ctx context.Context) error {
 		return err
 	}
 	n.history = hist
+	if err := n.openNorthbound(tlsConf); err != nil {
+		n.history.Close()
+		return err
+	}
 
 	b, err := broker.New(broker.Config{
 		Addr: n.cfg.MQTTAddr, TLSConfig: tlsConf,
 		Auth: (*devices)(n), Desired: (*devices)(n), Reports: n.reports,
+		Upstream: (*upstreamSink)(n), Methods: (*methodSink)(n),
 		Logger: n.cfg.Logger, Limits: n.cfg.DeviceLimits,
 	})
 	if err != nil {
+		n.northbound.Close()
 		n.history.Close()
 		return err
 	}
@@ -277,6 +293,7 @@ func (n *Node) Start(ctx context.Context) error {
 
 	mux, err := cluster.ListenWith(n.cfg.RaftAddr, n.cfg.RaftAdvertise, bundle, n.cfg.Limits.cluster(), n.cfg.Logger)
 	if err != nil {
+		n.northbound.Close()
 		n.history.Close()
 		return err
 	}
@@ -300,6 +317,7 @@ func (n *Node) Start(ctx context.Context) error {
 	})
 	if err != nil {
 		n.mux.Close()
+		n.northbound.Close()
 		n.history.Close()
 		return err
 	}
@@ -311,6 +329,8 @@ func (n *Node) Start(ctx context.Context) error {
 	n.rpc = cluster.NewServer((*clusterStore)(n), n.clusterSecrets, n.cfg.Logger)
 	n.rpc.HandleNode("GET "+connectionsPath, n.serveConnections)
 	n.rpc.HandleNode("GET "+nodeCertPath+"{id}", n.serveNodeCert)
+	n.rpc.HandleNode("POST "+methodsPath, n.serveMethodCall)
+	n.rpc.HandleNode("GET "+eventsTailPath, n.serveEventsTail)
 	go func() {
 		if err := n.rpc.Serve(n.mux); err != nil {
 			n.logger.Error("cluster RPC server stopped", "err", err)
@@ -335,6 +355,7 @@ func (n *Node) Start(ctx context.Context) error {
 		n.stopBackground()
 		return fmt.Errorf("start the device broker on %s (flag --mqtt-addr): %w", n.cfg.MQTTAddr, err)
 	}
+	n.startNorthbound()
 	bgCtx, cancel := context.WithCancel(context.Background())
 	n.bgCancel = cancel
 	n.bgDone.Add(3)
@@ -550,10 +571,16 @@ func (n *Node) stopBackground() error {
 			errs = append(errs, fmt.Errorf("close broker: %w", err))
 		}
 	}
+	if n.northbound != nil {
+		// After the broker: no device is still sending.
+		if err := n.northbound.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close the northbound server: %w", err))
+		}
+	}
 	if n.bgCancel != nil {
 		n.bgCancel()
-		n.bgDone.Wait()
 	}
+	n.bgDone.Wait()
 	if n.store != nil && n.store.IsLeader() {
 		// Hand leadership over rather than make the others wait out an
 		// election timeout.

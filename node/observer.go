@@ -61,6 +61,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 	}
 	n.assign.Push(moved)
 	n.history.Add(events...)
+	n.consumersChanged(changes)
 }
 
 // Restored rebuilds the derived state from the whole state: at open, and

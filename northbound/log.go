@@ -203,9 +203,14 @@ func (l *Log) load() error {
 	}
 	if end < last.size {
 		// Frames never acknowledged (the machine stopped during their
-		// write): cut them off, so that appends continue after the last
-		// whole one.
-		l.log.Warn("retention log: cut a torn write off the last segment (it was never acknowledged)",
+		// write), or damage: cut them off, so that appends continue after
+		// the last whole frame. More than one write group's worth is not
+		// a torn write: say so louder.
+		level := slog.LevelWarn
+		if last.size-end > maxFrame {
+			level = slog.LevelError
+		}
+		l.log.Log(context.Background(), level, "retention log: cut the end of the last segment after its last whole frame (a write the machine did not finish, or damage); messages in it are lost to consumers that had not read them",
 			"file", last.path, "bytes", last.size-end, "reason", err)
 		if err := os.Truncate(last.path, end); err != nil {
 			return fmt.Errorf("retention log: cut the torn end of %s: %w", last.path, err)
@@ -256,7 +261,7 @@ func scanSegment(path string, limit, base uint64) (end int64, count uint64, inde
 			return end, count, index, fmt.Errorf("%w: frame header at byte %d of %s", errTorn, end, path)
 		}
 		n := binary.BigEndian.Uint32(hdr[:4])
-		if n > maxFrame {
+		if n == 0 || n > maxFrame { // no record is empty: zeros are a torn write
 			return end, count, index, fmt.Errorf("%w: frame length %d at byte %d of %s", errTorn, n, end, path)
 		}
 		payload = slices.Grow(payload[:0], int(n))[:n]
@@ -740,7 +745,7 @@ func (r *Reader) read() ([]byte, error) {
 			return nil, r.damaged(err)
 		}
 		n := binary.BigEndian.Uint32(r.hdr[:4])
-		if n > maxFrame {
+		if n == 0 || n > maxFrame {
 			return nil, r.damaged(fmt.Errorf("frame length %d", n))
 		}
 		r.data = slices.Grow(r.data[:0], int(n))[:n]

@@ -182,7 +182,7 @@ func Open(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := openState(filepath.Join(cfg.Dir, "sessions.db"))
+	st, err := openState(filepath.Join(cfg.Dir, "sessions.json"))
 	if err != nil {
 		rlog.Close()
 		return nil, err

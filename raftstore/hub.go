@@ -1,12 +1,15 @@
 package raftstore
 
 import (
+	"encoding/json"
 	"fmt"
 	"time"
 
 	"appliance/fleet"
 )
 
+// The device hub's state in the replica.
+//
 // Consumers: the credentials of the factory's applications that read the
 // devices' upstream messages from the nodes' northbound listener (package
 // northbound). Replicated so that any node admits them; only the key's
@@ -104,4 +107,20 @@ func (r *Reader) Consumer(name string) (fleet.Consumer, error) {
 		return fleet.Consumer{}, fmt.Errorf("consumer %q: %w", name, fleet.ErrNotFound)
 	}
 	return *c, nil
+}
+
+// Reports calls fn for each device's last reported document, in device id
+// order.
+func (r *Reader) Reports(fn func(deviceID string, rep StoredReport) bool) error {
+	c := r.tx.Bucket(bucketReports).Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		var rep StoredReport
+		if err := json.Unmarshal(v, &rep); err != nil {
+			return fmt.Errorf("decode stored report %q: %w", k, err)
+		}
+		if !fn(string(k), rep) {
+			return nil
+		}
+	}
+	return nil
 }
