@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -116,9 +117,12 @@ func (a *app) moduleInvoke() *cobra.Command {
 			if a.output == "json" {
 				return a.printJSON(res)
 			}
-			body := string(res.Payload)
-			if body == "" {
-				body = "(none)"
+			body := "(none)"
+			if len(res.Payload) > 0 {
+				var b bytes.Buffer
+				if json.Compact(&b, res.Payload) == nil {
+					body = b.String()
+				}
 			}
 			a.keyValues([][]string{{"status", strconv.Itoa(res.Status)}, {"payload", body}})
 			return nil
