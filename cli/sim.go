@@ -24,13 +24,13 @@ const simEnv = "APPLIANCE_SIM_"
 
 func (a *app) simCommand() *cobra.Command {
 	var (
-		servers, prefix, caFile    string
-		logFormat, logLevel        string
-		failImage, recordFile      string
-		tags                       []string
-		devices                    int
-		failShare, connectRate     float64
-		duration, progressInterval time.Duration
+		servers, prefix, caFile           string
+		logFormat, logLevel               string
+		failImage, recordFile             string
+		tags                              []string
+		devices                           int
+		failShare, connectRate, telemetry float64
+		duration, progressInterval        time.Duration
 	)
 	enrollTokenFlag := secretFlag{name: "enroll-token", env: simEnv + "ENROLL_TOKEN"}
 	cmd := &cobra.Command{
@@ -44,6 +44,10 @@ reports them like the agent. --fail-share makes that fraction of the devices
 with --fail-image they fail only modules whose image contains that text, so
 a good and a bad release can run on the same fleet. --record-desired writes
 a JSON line for every desired document a device applies.
+--telemetry-rate makes each device send that many upstream messages a second,
+as an agent's device hub sends what its routes put INTO $upstream (consumers
+read them from the nodes' northbound listener; appliance events tail shows
+them).
 
 Tags come from the enrollment, never from a device: create the enrollment with
 them (appliance enrollment create NAME --tag k=v) and pass its token here.
@@ -58,7 +62,7 @@ Runs until interrupted or --duration elapses.`,
 				return fmt.Errorf("flag --tag: a device cannot choose its tags (it could put itself in any deployment's audience); put them on the enrollment: appliance enrollment create NAME --tag %s, and pass its token with --enroll-token", tags[0])
 			}
 			f := cmd.Flags()
-			for _, name := range []string{"server", "devices", "prefix", "fail-share", "fail-image", "connect-rate", "duration", "ca-file"} {
+			for _, name := range []string{"server", "devices", "prefix", "fail-share", "fail-image", "connect-rate", "duration", "ca-file", "telemetry-rate"} {
 				env := simEnv + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
 				if v := a.getenv(env); v != "" && !f.Changed(name) {
 					if err := f.Set(name, v); err != nil {
@@ -118,6 +122,7 @@ Runs until interrupted or --duration elapses.`,
 				Progress:         a.stderr,
 				ProgressInterval: progressInterval,
 				Logger:           logger,
+				TelemetryRate:    telemetry,
 			})
 			if err != nil {
 				return err
@@ -147,6 +152,7 @@ Runs until interrupted or --duration elapses.`,
 	f.StringVar(&failImage, "fail-image", "", "with --fail-share: fail only modules whose image contains this text, e.g. :v2 (env APPLIANCE_SIM_FAIL_IMAGE)")
 	f.StringVar(&recordFile, "record-desired", "", "append a JSON line per desired document a device applies to this file")
 	f.Float64Var(&connectRate, "connect-rate", sim.DefaultConnectRate, "new connections per second, reconnections included (env APPLIANCE_SIM_CONNECT_RATE)")
+	f.Float64Var(&telemetry, "telemetry-rate", 0, "upstream messages a second each device sends, as a device hub does for $upstream (env APPLIANCE_SIM_TELEMETRY_RATE; 0: none)")
 	f.DurationVar(&duration, "duration", 0, "stop after this long, e.g. 10m (env APPLIANCE_SIM_DURATION; default: until interrupted)")
 	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_SIM_CA_FILE)")
 	f.DurationVar(&progressInterval, "progress-interval", sim.DefaultProgressInterval, "how often to print progress when something changed")
@@ -165,6 +171,9 @@ func (a *app) simSummary(st sim.Stats) {
 		{"desired received", fmt.Sprint(st.DesiredReceived)},
 		{"reports", fmt.Sprintf("%d sent, %d acknowledged", st.ReportsSent, st.ReportsAcked)},
 		{"failing devices", fmt.Sprint(st.FailingDevices)},
+	}
+	if st.TelemetrySent > 0 {
+		rows = append(rows, []string{"telemetry", fmt.Sprintf("%d messages made, %d acknowledged, in %d batches", st.TelemetrySent, st.TelemetryAcked, st.TelemetryBatches)})
 	}
 	for _, id := range slices.Sorted(maps.Keys(st.Deployments)) {
 		c := st.Deployments[id]

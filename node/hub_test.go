@@ -180,9 +180,9 @@ func TestHub_UpstreamReachesConsumers(t *testing.T) {
 	// /metrics counts them.
 	metrics := scrapeMetrics(t, n)
 	for name, want := range map[string]float64{
-		"appliance_events_messages_in_total":  2,
-		"appliance_events_messages_retained":  2,
-		"appliance_events_messages_out_total": 2,
+		"appliance_events_messages_in_total":                          2,
+		"appliance_events_messages_retained":                          2,
+		"appliance_events_messages_out_total":                         2,
 		`appliance_events_messages_dropped_total{reason="retention"}`: 0,
 	} {
 		if got := metricValue(t, metrics, name); got != want {
@@ -348,5 +348,89 @@ func TestHub_EventsTailIsClusterWide(t *testing.T) {
 	}
 	if ev.Node != "n2" || ev.DeviceID != "press-01" || ev.ModuleID != "plc" || ev.Body != "yes" || ev.Properties["line"] != "7" || ev.SystemProperties["messageId"] == "" {
 		t.Fatalf("tail got %+v", ev)
+	}
+}
+
+// twinManifest runs module "filter" with desired properties.
+const twinManifest = `{"modulesContent":{
+ "$edgeAgent":{"properties.desired":{"schemaVersion":"1.1","runtime":{"type":"docker","settings":{}},
+   "systemModules":{"edgeAgent":{"type":"docker","settings":{"image":"agent:1"}},"edgeHub":{"type":"docker","status":"running","restartPolicy":"always","settings":{"image":"hub:1"}}},
+   "modules":{"filter":{"type":"docker","status":"running","restartPolicy":"always","settings":{"image":"filter:1"}}}}},
+ "$edgeHub":{"properties.desired":{"schemaVersion":"1.1","routes":{"up":"FROM /messages/* INTO $upstream"}}},
+ "filter":{"properties.desired":{"threshold":30,"db":{"password":"hunter2"}}}}}`
+
+// TestHub_ModuleTwins: the reported properties a module patched reach the
+// controller in the device's report: GET .../modules/{m} shows them with
+// the desired properties of the applied deployment (as a read of that
+// deployment shows them: redacted), the module's runtime and its hub
+// connection; a module-level custom metric counts the device.
+func TestHub_ModuleTwins(t *testing.T) {
+	n := startHubNode(t)
+	c := clientFor(n)
+	ctx := context.Background()
+	key := createDevice(t, c, "press-01", nil)
+	createDevice(t, c, "press-02", nil)
+	metrics := fleet.Metrics{Queries: map[string]string{
+		"filterOk":   "SELECT deviceId FROM devices.modules WHERE moduleId = 'filter' AND properties.reported.state = 'ok'",
+		"hubExpired": "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeHub' AND properties.reported.expired > 0",
+		"applied":    "SELECT deviceId FROM devices WHERE properties.reported.lastDesiredStatus.code = 200",
+	}}
+	dep, err := c.PutDeployment(ctx, "twins", api.DeploymentRequest{Content: json.RawMessage(twinManifest), TargetCondition: "*", Metrics: metrics}, api.WriteOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.PutDeployment(ctx, "bad", api.DeploymentRequest{Content: json.RawMessage(twinManifest), TargetCondition: "*",
+		Metrics: fleet.Metrics{Queries: map[string]string{"m": "SELECT deviceId FROM devices WHERE moduleId = 'filter'"}}}, api.WriteOptions{}); !errors.Is(err, fleet.ErrInvalid) || !strings.Contains(err.Error(), "metrics.queries.m") {
+		t.Fatalf("moduleId in a device-level query: %v", err)
+	}
+	d, err := connectDevice(t, n.MQTTAddr(), "press-01", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.subscribeDesired(t)
+	doc := d.nextDesired(t)
+	since := time.Now().UTC().Add(-time.Hour).Truncate(time.Second)
+	report := fmt.Sprintf(`{"schemaVersion":"1.1","lastDesiredVersion":%d,"lastDesiredStatus":{"code":200},"deploymentId":"twins",
+		"runtime":{"platform":{"os":"linux","architecture":"amd64"}},
+		"modules":{"filter":{"runtimeStatus":"running","status":"running","exitCode":0,"restartCount":0,"settings":{"image":"filter:1"}}},
+		"hub":{"status":"running","routes":1,"clients":{"filter":{"status":"connected","lastConnectedTimeUtc":%q}},"queued":4,"queuedBytes":400,"expired":2,"dropped":0},
+		"moduleTwins":{"filter":{"$version":3,"state":"ok","temperature":21.5}}}`, doc.Version, since.Format(time.RFC3339))
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := d.c.Publish(pctx, &paho.Publish{Topic: fleet.ReportedTopic("press-01"), QoS: 1, Payload: []byte(report)}); err != nil {
+		t.Fatal(err)
+	}
+	var m api.ModuleView
+	waitFor(t, "the module's reported properties", func() bool {
+		m, err = c.Module(ctx, "press-01", "filter", false)
+		return err == nil && strings.Contains(string(m.Properties.Reported), `"state": "ok"`)
+	})
+	var wantDesired struct {
+		ModulesContent map[string]struct {
+			Desired json.RawMessage `json:"properties.desired"`
+		} `json:"modulesContent"`
+	}
+	if err := json.Unmarshal(dep.Content, &wantDesired); err != nil {
+		t.Fatal(err)
+	}
+	if m.Deployment != "twins" || m.Runtime == nil || m.Runtime.RuntimeStatus != "running" || m.ConnectionState != api.Connected ||
+		m.LastConnectedTimeUTC == nil || !m.LastConnectedTimeUTC.Equal(since) ||
+		!sameJSON(m.Properties.Desired, string(wantDesired.ModulesContent["filter"].Desired)) ||
+		!sameJSON(m.Properties.Reported, `{"$version":3,"state":"ok","temperature":21.5}`) {
+		t.Fatalf("module view %+v\ndesired %s reported %s", m, m.Properties.Desired, m.Properties.Reported)
+	}
+	if _, err := c.Module(ctx, "press-01", "nope", false); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("a module the device does not run: %v", err)
+	}
+	if m2, err := c.Module(ctx, "press-02", "filter", false); err != nil || m2.ConnectionState != api.Disconnected || string(m2.Properties.Reported) != "{}" {
+		t.Fatalf("a module of a device that never reported: %+v %v", m2, err)
+	}
+	var st api.DeploymentStatus
+	waitFor(t, "the metrics to count press-01", func() bool {
+		st, err = c.DeploymentStatus(ctx, "twins", api.StatusQuery{})
+		return err == nil && st.Metrics["applied"] == 1
+	})
+	if st.Metrics["filterOk"] != 1 || st.Metrics["hubExpired"] != 1 {
+		t.Fatalf("metrics %v", st.Metrics)
 	}
 }

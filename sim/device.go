@@ -41,6 +41,8 @@ type device struct {
 	counted     bool // Sim.byDeployment counts this device under countedDep
 	countedDep  string
 	countedCode int
+
+	tel telemetry // upstream messages (telemetry.go)
 }
 
 // subscribeID is the packet id of the one SUBSCRIBE of a connection;
@@ -170,9 +172,13 @@ func (d *device) serve(ctx context.Context, c *conn) error {
 	stop := context.AfterFunc(ctx, func() { c.nc.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
 	d.pendingID, d.sentOnConn = 0, false
+	if err := d.telemetryUp(c); err != nil {
+		return err
+	}
 	pinged := false
 	for {
-		c.nc.SetReadDeadline(time.Now().Add(s.cfg.KeepAlive / 2))
+		idle := time.Now().Add(s.cfg.KeepAlive / 2)
+		c.nc.SetReadDeadline(d.telemetryDeadline(idle))
 		if ctx.Err() != nil {
 			d.goodbye(c)
 			return nil
@@ -184,6 +190,13 @@ func (d *device) serve(ctx context.Context, c *conn) error {
 				return nil
 			}
 			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && time.Now().Before(idle) {
+				// A telemetry tick, not an idle connection.
+				if err := d.telemetryTick(c); err != nil {
+					return err
+				}
+				continue
+			}
 			if errors.As(err, &ne) && ne.Timeout() && !pinged {
 				pinged = true
 				if err := d.write(c, pingreqPacket); err != nil {
@@ -234,6 +247,9 @@ func (d *device) handle(c *conn, p packet) error {
 		id, err := packetID(p)
 		if err != nil {
 			return err
+		}
+		if d.telemetryAcked(c, id) {
+			return d.telemetryTick(c)
 		}
 		d.sim.reportsAcked.Add(1)
 		if id == d.pendingID {

@@ -87,6 +87,10 @@ type Config struct {
 	ProgressInterval time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// TelemetryRate, when above zero, makes each device send that many
+	// upstream messages a second, as a device hub sends what its routes
+	// put INTO $upstream (telemetry.go). 0: none.
+	TelemetryRate float64
 }
 
 // Defaults for the zero fields of Config.
@@ -121,6 +125,7 @@ type Sim struct {
 	connected, peak, enrolled, refusals        atomic.Int64
 	connects, connectFailures, disconnects     atomic.Int64
 	desiredReceived, reportsSent, reportsAcked atomic.Int64
+	telemetrySent, telemetryAcked, batchesSent atomic.Int64
 	started, stopped                           atomic.Int64 // UnixNano of Run's start and end
 	lastWarn                                   atomic.Int64 // UnixNano of the last connection warning
 
@@ -157,6 +162,8 @@ func New(cfg Config) (*Sim, error) {
 		return nil, fmt.Errorf("sim: the fail share must be between 0 and 1; got %v", cfg.FailShare)
 	case math.IsNaN(cfg.ConnectRate) || cfg.ConnectRate < 0:
 		return nil, fmt.Errorf("sim: the connect rate must be positive; got %v", cfg.ConnectRate)
+	case math.IsNaN(cfg.TelemetryRate) || cfg.TelemetryRate < 0 || cfg.TelemetryRate > MaxTelemetryRate:
+		return nil, fmt.Errorf("sim: the telemetry rate must be from 0 to %d messages a second per device; got %v", MaxTelemetryRate, cfg.TelemetryRate)
 	case cfg.ConnectConcurrency < 0, cfg.Duration < 0, cfg.KeepAlive < 0, cfg.ConnectTimeout < 0,
 		cfg.ReconnectMin < 0, cfg.ReconnectMax < 0, cfg.ProgressInterval < 0:
 		return nil, errors.New("sim: durations and counts must not be negative")
@@ -336,6 +343,12 @@ type Stats struct {
 	// the controller acknowledged.
 	ReportsSent  int64 `json:"reportsSent"`
 	ReportsAcked int64 `json:"reportsAcked"`
+	// TelemetrySent counts upstream messages made (each once, whatever
+	// the batches sent again), TelemetryAcked those in a batch the
+	// controller acknowledged, TelemetryBatches the batches published.
+	TelemetrySent    int64 `json:"telemetrySent,omitempty"`
+	TelemetryAcked   int64 `json:"telemetryAcked,omitempty"`
+	TelemetryBatches int64 `json:"telemetryBatches,omitempty"`
 	// FailingDevices acknowledged a report whose code is not 200.
 	FailingDevices int `json:"failingDevices"`
 	// Latest is the deployment of the newest desired document any device
@@ -373,6 +386,10 @@ func (s *Sim) Stats() Stats {
 		ReportsSent:     s.reportsSent.Load(),
 		ReportsAcked:    s.reportsAcked.Load(),
 		Deployments:     map[string]DeploymentStats{},
+
+		TelemetrySent:    s.telemetrySent.Load(),
+		TelemetryAcked:   s.telemetryAcked.Load(),
+		TelemetryBatches: s.batchesSent.Load(),
 	}
 	if t := s.started.Load(); t != 0 {
 		end := time.Now()
@@ -502,6 +519,9 @@ func (s *Sim) progressLoop(ctx context.Context) {
 func ProgressLine(st Stats) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "connected %d/%d, enrolled %d, reports %d", st.Connected, st.Devices, st.Enrolled, st.ReportsAcked)
+	if st.TelemetrySent > 0 {
+		fmt.Fprintf(&b, ", telemetry %d acknowledged of %d", st.TelemetryAcked, st.TelemetrySent)
+	}
 	if st.ConnectFailures > 0 {
 		fmt.Fprintf(&b, ", connect failures %d", st.ConnectFailures)
 	}
