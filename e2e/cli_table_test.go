@@ -610,6 +610,57 @@ func cliRows() []cliRow {
 				}
 			}},
 		{cmd: "sim", args: []string{"--server", "{mqtt}", "--devices", "3", "--enroll-token", "{token}", "--tag", "a=b"}, fail: true, errLine: []string{"--tag"}},
+
+		// the device hub's controller side: consumers, the events tail
+		// (simrow-0001 sends telemetry), module twins and direct methods
+		{cmd: "consumer create", args: []string{"mes"}, lines: []string{`name:\s+mes`, `key:\s+\S{44}`}},
+		{cmd: "consumer create", args: []string{"historian", "-o", "json"}, json: &fleet.Consumer{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				if c := v.(*fleet.Consumer); c.Name != "historian" || c.Key == "" || c.KeyHash != "" {
+					t.Errorf("consumer %+v", c)
+				}
+			}},
+		{cmd: "consumer create", args: []string{"mes"}, fail: true, errLine: []string{"already exists"}},
+		{cmd: "consumer create", args: []string{"Bad!"}, fail: true, errLine: []string{"name"}},
+		{cmd: "consumer show", args: []string{"mes"}, lines: []string{`name:\s+mes`}, notLines: []string{`key.*`}},
+		{cmd: "consumer show", args: []string{"mes", "-o", "json"}, json: &fleet.Consumer{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				if c := v.(*fleet.Consumer); c.Key != "" || c.KeyHash != "" {
+					t.Errorf("a read shows a secret: %+v", c)
+				}
+			}},
+		{cmd: "consumer show", args: []string{"nobody"}, fail: true, errLine: []string{"not found"}},
+		{cmd: "consumer list", lines: []string{`NAME\s+CREATED`, `historian\s+.*`, `mes\s+.*`}},
+		{cmd: "consumer list", args: []string{"-o", "json"}, json: &api.ConsumerPage{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				if p := v.(*api.ConsumerPage); len(p.Items) != 2 {
+					t.Errorf("%d consumers", len(p.Items))
+				}
+			}},
+		{cmd: "consumer delete", args: []string{"historian"}, lines: []string{`consumer historian deleted`}},
+		{cmd: "consumer delete", args: []string{"historian", "-o", "json"}, fail: true, errLine: []string{"not found"}},
+		{cmd: "events tail", args: []string{"--device", "simrow-0001", "--count", "2"}, run: tailWhileSimSends,
+			lines: []string{`RECEIVED\s+NODE\s+DEVICE\s+MODULE\s+OUTPUT\s+SEQ\s+BODY`, `\S+\s+n1\s+simrow-0001\s+sim\s+telemetry\s+\d+\s+\{"device":"simrow-0001",.*`}},
+		{cmd: "events tail", args: []string{"--module", "sim", "--count", "1", "-o", "json"}, run: tailWhileSimSends, json: &api.EventView{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				if ev := v.(*api.EventView); ev.DeviceID != "simrow-0001" || ev.ModuleID != "sim" || ev.SystemProperties["messageId"] == "" {
+					t.Errorf("event %+v", ev)
+				}
+			}},
+		{cmd: "events tail", args: []string{"--device", "a/b"}, fail: true, errLine: []string{"--device"}},
+		{cmd: "module show", args: []string{"press-09", "m"}, lines: []string{`device:\s+press-09`, `module:\s+m`, `deployment:\s+presses-v1`, `reported properties:\s+\{\}`}},
+		{cmd: "module show", args: []string{"press-09", "m", "-o", "json"}, json: &api.ModuleView{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				if m := v.(*api.ModuleView); m.DeviceID != "press-09" || m.ModuleID != "m" || m.Runtime == nil {
+					t.Errorf("module %+v", m)
+				}
+			}},
+		{cmd: "module show", args: []string{"press-09", "nope"}, fail: true, errLine: []string{"not found"}},
+		// press-09's agent was stopped: a call is 404 (the success is
+		// TestHub_DirectMethodFromTheCLI's, with a module that answers).
+		{cmd: "module invoke", args: []string{"press-09", "m", "reset", "--payload", `{"x":1}`}, fail: true, errLine: []string{"not connected", "status 404"}},
+		{cmd: "module invoke", args: []string{"press-09", "m", "reset", "--timeout", "1s"}, fail: true, errLine: []string{"--timeout"}},
+		{cmd: "module invoke", args: []string{"press-09", "m", "reset", "--payload", "not json"}, fail: true, errLine: []string{"--payload"}},
 		{cmd: "device list", args: []string{"--condition", "tags.location='westus'"},
 			lines: []string{`press-01\s+enabled\s+presses-v1\s+.*`, `press-09\s+enabled\s+presses-v1\s+.*`, `simrow-0001\s+enabled\s+presses-v1\s+.*`}},
 		{cmd: "enrollment rotate", args: []string{"line-1"}, lines: []string{`name:\s+line-1`, `token:\s+line-1\.\S+`}},
@@ -693,6 +744,29 @@ func cliRows() []cliRow {
 			}},
 		{cmd: "device list", args: []string{"--token", "{adminToken}", "--limit", "1"}, lines: []string{`DEVICE\s+STATUS\s+APPLIED\s+TAGS`}},
 		{cmd: "device list", args: []string{"--token", "wrong"}, fail: true, errLine: []string{"token"}},
+	}
+}
+
+// tailWhileSimSends runs `appliance events tail` (with --count) while
+// simrow-0001, a device the sim row enrolled, sends telemetry through
+// `appliance sim`, until the tail has what it counts.
+func tailWhileSimSends(t *testing.T, tc *cliTable, args []string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	done := make(chan result, 1)
+	go func() { done <- cliContext(ctx, t, tc.srv.dataDir, args...) }()
+	for {
+		cli(t, tc.srv.dataDir, "sim", "--server", tc.vars["mqtt"], "--ca-file", tc.vars["ca"], "--devices", "1", "--enroll-token", tc.vars["token"],
+			"--prefix", "simrow", "--telemetry-rate", "5", "--duration", "2s").mustSucceed(t)
+		select {
+		case r := <-done:
+			return r
+		default:
+		}
+		if ctx.Err() != nil {
+			t.Fatal("the tail got nothing while the device sent telemetry")
+		}
 	}
 }
 

@@ -132,6 +132,9 @@ func launchServerOf(t *testing.T, bin, dataDir string, extra ...string) *server 
 	args := append([]string{"serve", "--data-dir", dataDir, "--node-id", "n1",
 		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"}, extra...)
 	cmd := exec.Command(bin, args...)
+	// The consumers' listener on a free port too (serve's default is
+	// :1884); releases before it ignore the variable.
+	cmd.Env = append(os.Environ(), "APPLIANCE_EVENTS_ADDR=127.0.0.1:0")
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {

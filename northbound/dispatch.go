@@ -37,10 +37,13 @@ func (st *stream) run() {
 			st.wait(nil) // a member with room, or a change of members
 			continue
 		}
+		// The log's change signal is taken before looking: an append
+		// committed after the look closes it, none is missed.
+		more := s.rlog.changed()
 		m, qos, dup, ok := st.next(reader, seeker)
 		if !ok {
 			target.unreserve()
-			st.wait(s.rlog.changed())
+			st.wait(more)
 			continue
 		}
 		st.send(target, m, qos, dup)

@@ -235,3 +235,21 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// waitAcked waits until the server holds no unacknowledged message of the
+// session's own stream (paho acknowledges after its handler returns: a
+// test that disconnects at once may otherwise get the last one again).
+func waitAcked(t testing.TB, s *Server, consumer, clientID string) {
+	t.Helper()
+	waitFor(t, "the consumer's acknowledgements", func() bool {
+		s.mu.Lock()
+		st := s.streams[privateStreamID(sessionKey{consumer, clientID})]
+		s.mu.Unlock()
+		if st == nil {
+			return false
+		}
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		return len(st.inflight) == 0
+	})
+}

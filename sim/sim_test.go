@@ -346,7 +346,7 @@ func TestSim_Telemetry(t *testing.T) {
 	go func() {
 		defer close(tailed)
 		_ = c.TailEvents(ctx, api.EventFilter{Module: sim.TelemetryModule}, func(ev api.EventView) error {
-			if ev.SequenceNumber != last[ev.DeviceID]+1 {
+			if prev, ok := last[ev.DeviceID]; ok && ev.SequenceNumber != prev+1 {
 				inOrder = false
 			}
 			last[ev.DeviceID] = ev.SequenceNumber

@@ -12,7 +12,8 @@ import (
 // INTO $upstream: binary batches on fleet.UpstreamTopic, one batch in
 // flight at a time, the messages that fell due meanwhile in the next one,
 // a batch not acknowledged sent again (the same sequence numbers) on the
-// next connection. Sequence numbers count from 1 per device and run.
+// next connection. Sequence numbers count up from the device's start time
+// in microseconds.
 
 // MaxTelemetryRate bounds Config.TelemetryRate.
 const MaxTelemetryRate = 10_000
@@ -53,6 +54,10 @@ func (d *device) telemetryUp(c *conn) error {
 	}
 	if d.tel.next.IsZero() {
 		d.tel.next = time.Now().Add(d.period())
+		// Sequence numbers go on from the time, so that a simulator
+		// started again never repeats them (an agent keeps its own).
+		d.tel.made = uint64(time.Now().UnixMicro())
+		d.tel.sentUpTo = d.tel.made
 	}
 	if d.tel.inFlight != 0 {
 		d.tel.inFlight = 0
