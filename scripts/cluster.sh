@@ -49,7 +49,7 @@ trap 'cleanup term' TERM EXIT
 start_node() { # id http raft mqtt [join args...]
   local id=$1 http=$2 raft=$3 mqtt=$4; shift 4
   "$BIN" serve --data-dir "$DIR/$id" --node-id "$id" --http-addr "127.0.0.1:$http" \
-    --raft-addr "127.0.0.1:$raft" --mqtt-addr "127.0.0.1:$mqtt" "$@" >"$DIR/$id.log" 2>&1 &
+    --raft-addr "127.0.0.1:$raft" --mqtt-addr "127.0.0.1:$mqtt" --events-addr 127.0.0.1:0 "$@" >"$DIR/$id.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 300); do
     [ -s "$DIR/$id/http-url" ] && return 0
