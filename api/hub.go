@@ -293,7 +293,18 @@ func (s *Server) tailEvents(w http.ResponseWriter, r *http.Request) {
 			if err != nil && ctx.Err() == nil {
 				s.cfg.Logger.Warn("event tail ended", "err", err)
 			}
-			return
+			// What the backend produced before it ended still goes out.
+			for {
+				select {
+				case line := <-lines:
+					if _, err := w.Write(line); err != nil {
+						return
+					}
+				default:
+					_ = ctl.Flush()
+					return
+				}
+			}
 		case <-ctx.Done():
 			return
 		}
