@@ -192,7 +192,14 @@ func (a *Assigner) applyChange(c raftstore.Change) ([]evaluator.Change, string) 
 		switch {
 		case info.rollout.State == fleet.RolloutCompleted && was != fleet.RolloutCompleted:
 			out = a.engine.SetGated(c.ID, false)
+			// A completed rollout decides nothing more: its devices are
+			// read from the replica when asked (a status, a rollback),
+			// not kept in memory for as long as the deployment lives.
+			info.admitted = nil
 		case info.rollout.State == fleet.RolloutRolledBack && was != fleet.RolloutRolledBack:
+			if c.Admitted != nil {
+				info.admitted = admittedOf(c.Admitted)
+			}
 			// Each device it moved: what it runs now, before the gate
 			// closes on it.
 			pinned = make(map[string]string, len(info.admitted))
@@ -297,6 +304,10 @@ func (a *Assigner) restoreLocked(r *raftstore.Reader) error {
 	err = r.Rollouts(func(ro fleet.Rollout) bool {
 		info := a.rolloutOf(ro.Deployment)
 		info.rollout = ro
+		if ro.State == fleet.RolloutCompleted {
+			info.admitted = nil // as Apply drops them on completion
+			return true
+		}
 		err = r.RolloutDevices(ro.Deployment, func(id string, d fleet.RolloutDevice) bool {
 			info.admitted[id] = d
 			return true
@@ -396,6 +407,14 @@ func (a *Assigner) deploymentEvent(c raftstore.Change, at time.Time) (fleet.Hist
 		return ev, false
 	}
 	return ev, true
+}
+
+func admittedOf(list []raftstore.RolloutAdmission) map[string]fleet.RolloutDevice {
+	m := make(map[string]fleet.RolloutDevice, len(list))
+	for _, ad := range list {
+		m[ad.DeviceID] = ad.RolloutDevice
+	}
+	return m
 }
 
 // EngineDeployment is what the evaluator needs of a deployment, gated

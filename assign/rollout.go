@@ -524,6 +524,22 @@ func formatShare(v float64) string {
 // fleet.ErrNotFound when the deployment has no rollout.
 func (a *Assigner) RolloutStatus(r *raftstore.Reader, deploymentID string, now time.Time) (fleet.RolloutStatus, error) {
 	s, ok := a.snapshot(deploymentID)
+	if ok && s.rollout.State == fleet.RolloutCompleted {
+		// Not kept in memory once completed: read them.
+		if err := r.RolloutDevices(deploymentID, func(id string, d fleet.RolloutDevice) bool {
+			s.admitted[id] = d
+			return true
+		}); err != nil {
+			return fleet.RolloutStatus{}, err
+		}
+		a.mu.RLock()
+		for dev := range s.admitted {
+			if a.effectiveLocked(dev).deployment == deploymentID {
+				s.exposed[dev] = true
+			}
+		}
+		a.mu.RUnlock()
+	}
 	if !ok {
 		if _, err := r.Deployment(deploymentID); err != nil {
 			return fleet.RolloutStatus{}, err

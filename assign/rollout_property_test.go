@@ -66,8 +66,13 @@ func (rig *rolloutRig) advance(d time.Duration) {
 	rig.mu.Unlock()
 }
 
+// fataler is a *testing.T or a *rapid.T.
+type fataler interface {
+	Fatalf(format string, args ...any)
+}
+
 // apply commits cmd; a rule rejection is returned, anything else fails.
-func (rig *rolloutRig) apply(t *rapid.T, cmd raftstore.Command) error {
+func (rig *rolloutRig) apply(t fataler, cmd raftstore.Command) error {
 	res, err := rig.store.Apply(rig.ctx, cmd)
 	if err != nil && res == nil {
 		t.Fatalf("%T: %v", cmd, err)
@@ -83,14 +88,14 @@ func (rig *rolloutRig) step() {
 }
 
 // desired is the deployment and the modules a device's document names.
-func (rig *rolloutRig) desired(t *rapid.T, dev string) (string, string) {
+func (rig *rolloutRig) desired(t fataler, dev string) (string, string) {
 	b, err := rig.a.Desired(dev)
 	if err != nil {
 		t.Fatalf("desired document of %s: %v", dev, err)
 	}
 	var doc fleet.DesiredDocument
 	if err := json.Unmarshal(b, &doc); err != nil {
-		t.Fatal(err)
+		t.Fatalf("decode the desired document of %s: %v", dev, err)
 	}
 	return doc.DeploymentID, string(doc.ModulesContent)
 }
@@ -326,7 +331,11 @@ func (rig *rolloutRig) checkRollout(t *rapid.T, run int) {
 					t.Fatalf("completed, but %s runs %q", dv.id, got)
 				}
 			}
-			return
+			if !rapid.Bool().Draw(t, "rollbackAfterCompletion") {
+				return
+			}
+			// Rolled back after it completed (its devices no longer kept
+			// in memory): every one returns all the same.
 		}
 		beforeRollback = map[string]string{}
 		for _, dv := range devs {
@@ -349,5 +358,55 @@ func (rig *rolloutRig) checkRollout(t *rapid.T, run int) {
 		if want := beforeRollback[dv.id]; gotDep != want {
 			t.Fatalf("%s was never reached, but the rollback moved it from %q to %q", dv.id, want, gotDep)
 		}
+	}
+}
+
+// TestRollout_RollbackAfterCompletion: a rollout that completed (its
+// devices no longer kept in memory) and whose previous deployment was
+// deleted since, rolled back: every device returns to that deployment,
+// with its content, and survives a restore of the assignments.
+func TestRollout_RollbackAfterCompletion(t *testing.T) {
+	rig := newRolloutRig(t)
+	rt := t
+	{
+		old, oldMods := moduleContent("v1")
+		next, _ := moduleContent("v2")
+		for _, id := range []string{"a", "b", "c"} {
+			rig.apply(rt, raftstore.PutDevice{Time: rig.clock(), Device: fleet.Device{ID: id, Tags: map[string]any{"env": "prod"}}})
+		}
+		rig.apply(rt, raftstore.PutDeployment{Time: rig.clock(), Deployment: fleet.Deployment{ID: "old", Content: old, TargetCondition: "tags.env='prod'", Priority: 1}})
+		policy, _ := fleet.RolloutPolicy{Waves: []string{"100%"}, WaveSoak: "0s"}.Normalize()
+		rig.apply(rt, raftstore.PutDeployment{Time: rig.clock(), Deployment: fleet.Deployment{ID: "new", Content: next, TargetCondition: "tags.env='prod'", Priority: 2, Rollout: &policy}})
+		for range 6 {
+			var reps []raftstore.Report
+			for _, id := range []string{"a", "b", "c"} {
+				got, _ := rig.desired(rt, id)
+				reps = append(reps, raftstore.Report{DeviceID: id, Document: report(got, true, rig.clock()), Time: rig.clock()})
+			}
+			rig.apply(rt, raftstore.PutReports{Reports: reps})
+			rig.advance(time.Second)
+			rig.step()
+		}
+		var ro fleet.Rollout
+		_ = rig.store.View(func(r *raftstore.Reader) error { ro, _, _ = r.Rollout("new"); return nil })
+		if ro.State != fleet.RolloutCompleted {
+			rt.Fatalf("not completed: %+v", ro)
+		}
+		rig.apply(rt, raftstore.DeleteDeployment{ID: "old", Time: rig.clock()})
+		if err := rig.apply(rt, raftstore.RolloutAction{Deployment: "new", Action: fleet.RolloutRollback, Time: rig.clock(), Actor: "test"}); err != nil {
+			rt.Fatalf("%v", err)
+		}
+		check := func(when string) {
+			for _, id := range []string{"a", "b", "c"} {
+				if dep, mods := rig.desired(rt, id); dep != "old" || mods != oldMods {
+					rt.Fatalf("%s: %s runs %q (%s), want old with its content", when, id, dep, mods)
+				}
+			}
+		}
+		check("after the rollback")
+		if err := rig.store.View(func(r *raftstore.Reader) error { return rig.a.Restore(r) }); err != nil {
+			rt.Fatalf("%v", err)
+		}
+		check("after a restore")
 	}
 }

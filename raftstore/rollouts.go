@@ -358,8 +358,34 @@ func (w *writer) rolloutAction(index uint64, c *RolloutAction) *Result {
 	}
 	r.UpdatedTimeUTC, r.Index = c.Time, index
 	w.putJSON(bucketRollouts, c.Deployment, r)
-	w.changes = append(w.changes, Change{Index: index, Kind: RolloutChanged, ID: c.Deployment, Time: c.Time, Actor: c.Actor, Rollout: r, Action: c.Action})
+	ch := Change{Index: index, Kind: RolloutChanged, ID: c.Deployment, Time: c.Time, Actor: c.Actor, Rollout: r, Action: c.Action}
+	if c.Action == fleet.RolloutRollback {
+		// Every device it admitted, with what it ran before: the node
+		// pins them there (a completed rollout's are no longer in its
+		// memory).
+		ch.Admitted = w.rolloutAdmissions(c.Deployment)
+	}
+	w.changes = append(w.changes, ch)
 	return &Result{Index: index}
+}
+
+// rolloutAdmissions lists the devices a rollout admitted (never nil).
+func (w *writer) rolloutAdmissions(deployment string) []RolloutAdmission {
+	out := []RolloutAdmission{}
+	b := w.tx.Bucket(bucketRolloutDevices)
+	if b == nil {
+		return out
+	}
+	prefix := rolloutKey(deployment, "")
+	c := b.Cursor()
+	for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+		var d fleet.RolloutDevice
+		if err := json.Unmarshal(v, &d); err != nil {
+			panic(fmt.Sprintf("decode stored rollout device %q: %v", k, err)) // our own bytes: local corruption
+		}
+		out = append(out, RolloutAdmission{DeviceID: string(k[len(prefix):]), RolloutDevice: d})
+	}
+	return out
 }
 
 // Rollout returns a deployment's rollout; ok is false when it has none.
