@@ -107,21 +107,47 @@ func TestDigest_EveryCommandKeepsIt(t *testing.T) {
 // digest, in order, one per line.
 func rawState(t *testing.T, f *fsm) string {
 	t.Helper()
-	var out strings.Builder
+	var out string
 	err := f.view(func(r *Reader) error {
-		return r.tx.ForEach(func(name []byte, b *bolt.Bucket) error {
-			return b.ForEach(func(k, v []byte) error {
-				if !isDigestKey(name, k) {
-					fmt.Fprintf(&out, "%s/%s=%s\n", name, k, v)
-				}
-				return nil
-			})
-		})
+		var err error
+		out, err = rawTx(r.tx)
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return out.String()
+	return out
+}
+
+// rawFileState is rawState of the state file in dir of a closed store.
+func rawFileState(t *testing.T, dir string) string {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(dir, "state.db"), 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var out string
+	if err := db.View(func(tx *bolt.Tx) error {
+		out, err = rawTx(tx)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func rawTx(tx *bolt.Tx) (string, error) {
+	var out strings.Builder
+	err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+		return b.ForEach(func(k, v []byte) error {
+			if !isDigestKey(name, k) {
+				fmt.Fprintf(&out, "%s/%s=%s\n", name, k, v)
+			}
+			return nil
+		})
+	})
+	return out.String(), err
 }
 
 // TestDigest_EarlierReleaseFile: a state file of the previous release has
@@ -298,7 +324,8 @@ func TestCheckedLogStore(t *testing.T) {
 // told, no snapshot is taken, and the node leaves raft.
 func TestStateMachine_StopsOnDamagedEntry(t *testing.T) {
 	rec := &recorder{}
-	s := openTestStore(t, t.TempDir(), "n1", true, rec)
+	dir := t.TempDir()
+	s := openTestStore(t, dir, "n1", true, rec)
 	defer s.Close()
 	putDevice(t, s, "before", nil)
 	applied := s.AppliedIndex()
@@ -332,15 +359,19 @@ func TestStateMachine_StopsOnDamagedEntry(t *testing.T) {
 	if res, _ := s.fsm.ApplyBatch([]*raft.Log{&next})[0].(*Result); res == nil || !errors.Is(res.Err, ErrStopped) {
 		t.Fatalf("entry after the damaged one: %+v", res)
 	}
-	if got := rawState(t, s.fsm); got != before || s.AppliedIndex() != applied {
-		t.Fatalf("the state changed after the damaged entry (applied %d, was %d)", s.AppliedIndex(), applied)
-	}
 	if _, err := s.fsm.Snapshot(); !errors.Is(err, ErrStopped) {
 		t.Fatalf("snapshot of a stopped state machine: %v", err)
 	}
 	waitFor(t, "the node leaves raft", func() bool { return s.State() == raft.Shutdown.String() })
 	if _, err := s.Apply(testContext(t), PutDevice{Device: fleet.Device{ID: "later"}}); err == nil {
 		t.Fatal("a write succeeded on a stopped node")
+	}
+	// The halted store closes itself (in the background: its state file
+	// may already be closed); the file is as it was before the damaged
+	// entry.
+	s.Close()
+	if got, stored := rawFileState(t, dir), storedAppliedIndex(t, dir); got != before || s.AppliedIndex() != applied || stored != applied {
+		t.Fatalf("the state changed after the damaged entry (applied %d, stored %d, was %d)", s.AppliedIndex(), stored, applied)
 	}
 }
 
