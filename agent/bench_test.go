@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -90,19 +88,7 @@ func drainOnce(b *testing.B, n int, body []byte) float64 {
 	waitReport(b, a.Agent, 30*time.Second, "src running", running("src"))
 	ctl.b.Close() // the controller goes away
 
-	tok, err := a.edge.ws.Token("src", time.Hour)
-	if err != nil {
-		b.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(a.edge.ws.TrustBundle())
-	src, err := edgeclient.ConnectModule(context.Background(), edgeclient.Config{
-		Addr: a.edge.h.Addrs()[0], TLS: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
-		ClientID: cfg.DeviceID + "/src", Username: "appliance-hub/" + cfg.DeviceID + "/src/", Password: tok, CleanSession: true,
-	}, cfg.DeviceID, "src")
-	if err != nil {
-		b.Fatal(err)
-	}
+	src := connectAsModule(b, a.Agent, "src")
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Add(1)

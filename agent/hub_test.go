@@ -1,6 +1,9 @@
 package agent
 
 import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -10,6 +13,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/edgeclient"
 	"appliance/internal/pysdk"
 	"appliance/internal/testcontroller"
 )
@@ -336,4 +340,53 @@ func TestAgentHub_SpoofedPropertiesRefused(t *testing.T) {
 	if honest != 1 {
 		t.Errorf("evil's honest message reached B %d times", honest)
 	}
+}
+
+// With the controller's own broker (the real broker package), the agent's
+// upstream batches are acknowledged and counted, and its methods
+// subscription is granted: the device side works against the controller
+// as it is.
+func TestAgentHub_UpstreamToTheRealBroker(t *testing.T) {
+	cfg := mqttConfig(t)
+	rec := &recordingHandler{}
+	cfg.Logger = slogTee(cfg.Logger, rec)
+	ctl := startController(t, "127.0.0.1:0", cfg.DeviceID, cfg.DeviceKey)
+	cfg.Servers = []string{ctl.url()}
+	ctl.setDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: edgeManifest(
+		map[string]mod{"src": processModule(t.TempDir(), nil)},
+		map[string]any{"up": "FROM /messages/modules/src/* INTO $upstream"}, nil, 7200)})
+	a := startAgent(t, cfg)
+	waitReport(t, a.Agent, 30*time.Second, "src running", running("src"))
+	src := connectAsModule(t, a.Agent, "src")
+	for i := range 10 {
+		if err := src.SendOutput(context.Background(), "o", map[string]string{"i": fmt.Sprint(i)}, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 30*time.Second, "the broker to count 10 upstream messages", func() bool { return ctl.b.Stats().UpstreamMessages == 10 })
+	waitFor(t, 10*time.Second, "the hub's queue to empty", func() bool { return a.edge.h.Stats().Queued == 0 })
+	if rec.contains("controller refused a subscription") {
+		t.Error("the broker refused the methods subscription")
+	}
+}
+
+// connectAsModule connects to the agent's hub as one of its modules, with
+// a token from its identity service.
+func connectAsModule(t testing.TB, a *Agent, module string) *edgeclient.Module {
+	t.Helper()
+	tok, err := a.edge.ws.Token(module, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(a.edge.ws.TrustBundle())
+	m, err := edgeclient.ConnectModule(context.Background(), edgeclient.Config{
+		Addr: a.edge.h.Addrs()[0], TLS: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
+		ClientID: a.cfg.DeviceID + "/" + module, Username: a.cfg.Hub.Hostname + "/" + a.cfg.DeviceID + "/" + module + "/", Password: tok, CleanSession: true,
+	}, a.cfg.DeviceID, module)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
 }
