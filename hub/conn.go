@@ -230,6 +230,9 @@ func (c *conn) connect() bool {
 		})
 	}
 	c.writeConnackOK(resumed, serverKeepalive)
+	if resumed {
+		m.startDelivery(c) // after the CONNACK: nothing may precede it
+	}
 	c.h.log.Info("module connected", "module", module, "remote", c.remote, "mqtt", map[byte]string{4: "3.1.1", 5: "5"}[c.version], "sessionPresent", resumed)
 	return true
 }

@@ -96,7 +96,7 @@ func (m *module) client() (fleet.HubClient, bool) {
 
 // attach makes c the module's connection, ending the one before it
 // (session taken over), and returns whether a persistent session was
-// resumed.
+// resumed (the caller starts its delivery once the CONNACK is queued).
 func (m *module) attach(c *conn, clean, persistent bool) bool {
 	m.mu.Lock()
 	old := m.conn
@@ -125,9 +125,6 @@ func (m *module) attach(c *conn, clean, persistent bool) bool {
 	}
 	for _, w := range waiters {
 		close(w)
-	}
-	if resumed {
-		m.startDelivery(c)
 	}
 	m.h.changed()
 	return resumed
