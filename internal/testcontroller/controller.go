@@ -2,10 +2,10 @@
 // in tests of the agent's device hub: a plain MQTT server (mochi-mqtt,
 // admitting everyone) that keeps a device's desired document (retained),
 // records its reports, upstream batches and method responses, and sends it
-// method requests. It exists because the controller side of the hub
-// (consuming upstream batches, invoking methods) is not in the controller
-// yet; the controller's broker admits and counts these topics (its own
-// tests). Tests only.
+// method requests. The agent's tests of its hub use it to see each batch
+// as the agent sent it and to take the controller away and back at will,
+// in process; the controller's side of these topics has its own tests
+// (node, broker). Tests only.
 package testcontroller
 
 import (
