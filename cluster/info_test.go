@@ -43,6 +43,16 @@ func TestNodeInfo(t *testing.T) {
 	n2 := joinNode(t, n1, c.token, "n2")
 	leader, _ := leaderOf(t, n1, n2)
 	ctx := testContext(t)
+	// n2 knows the leader from its first heartbeat, before it has the log
+	// that holds the configuration: wait until it caught up, as a node's
+	// readiness does.
+	idx, err := leader.store.ReadIndex(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n2.store.WaitApplied(ctx, idx); err != nil {
+		t.Fatal(err)
+	}
 
 	info, err := n1.client.NodeInfo(ctx, n2.addr())
 	if err != nil {
