@@ -9,7 +9,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"runtime/debug"
 	"slices"
@@ -21,6 +20,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
+	"appliance/internal/mqttwire"
 	"appliance/internal/netlimit"
 )
 
@@ -119,50 +119,10 @@ func (c *conn) serve() {
 	}
 }
 
-// readPacket reads and decodes one packet; its strings and payload alias
-// a buffer of its own.
+// readPacket reads and decodes one packet (internal/mqttwire). A
+// consumer sends only small packets.
 func (c *conn) readPacket() (packets.Packet, error) {
-	hb, err := c.br.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	var fh packets.FixedHeader
-	if err := fh.Decode(hb); err != nil {
-		return packets.Packet{}, err
-	}
-	n, _, err := packets.DecodeLength(c.br)
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	if n > maxIncomingPacket {
-		return packets.Packet{}, packets.ErrPacketTooLarge
-	}
-	fh.Remaining = n
-	buf := make([]byte, n)
-	if _, err := io.ReadFull(c.br, buf); err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{FixedHeader: fh, ProtocolVersion: c.version}
-	switch fh.Type {
-	case packets.Connect:
-		err = pk.ConnectDecode(buf)
-	case packets.Publish:
-		err = pk.PublishDecode(buf)
-	case packets.Puback:
-		err = pk.PubackDecode(buf)
-	case packets.Subscribe:
-		err = pk.SubscribeDecode(buf)
-	case packets.Unsubscribe:
-		err = pk.UnsubscribeDecode(buf)
-	case packets.Pingreq:
-	case packets.Disconnect:
-		err = pk.DisconnectDecode(buf)
-	case packets.Pubrec, packets.Pubrel, packets.Pubcomp:
-		err = packets.ErrQosNotSupported
-	default:
-		err = packets.ErrProtocolViolation
-	}
-	return pk, err
+	return mqttwire.ReadPacket(c.br, c.version, maxIncomingPacket)
 }
 
 // connect reads the CONNECT and admits the consumer, or refuses it.
