@@ -58,8 +58,8 @@ func (a *app) moduleShow() *cobra.Command {
 				{"deployment", orDash(m.Deployment)},
 				{"runtime", runtime},
 				{"hub connection", m.ConnectionState},
-				{"desired properties", string(m.Properties.Desired)},
-				{"reported properties", string(m.Properties.Reported)},
+				{"desired properties", compactRaw(m.Properties.Desired)},
+				{"reported properties", compactRaw(m.Properties.Reported)},
 				{"last report", reported},
 			})
 			return nil
@@ -119,10 +119,7 @@ func (a *app) moduleInvoke() *cobra.Command {
 			}
 			body := "(none)"
 			if len(res.Payload) > 0 {
-				var b bytes.Buffer
-				if json.Compact(&b, res.Payload) == nil {
-					body = b.String()
-				}
+				body = compactRaw(res.Payload)
 			}
 			a.keyValues([][]string{{"status", strconv.Itoa(res.Status)}, {"payload", body}})
 			return nil
@@ -163,7 +160,17 @@ func (a *app) printHub(rep fleet.ReportedDocument) {
 	fmt.Fprintln(a.stdout)
 	rows := [][]string{{"MODULE", "REPORTED PROPERTIES"}}
 	for _, n := range names {
-		rows = append(rows, []string{n, oneLineBody(string(rep.ModuleTwins[n]), 200)})
+		rows = append(rows, []string{n, oneLineBody(compactRaw(rep.ModuleTwins[n]), 200)})
 	}
 	a.table(rows)
+}
+
+// compactRaw is a JSON value on one line, as written without spaces (the
+// API indents what it sends).
+func compactRaw(v json.RawMessage) string {
+	var b bytes.Buffer
+	if json.Compact(&b, v) != nil {
+		return string(v)
+	}
+	return b.String()
 }

@@ -17,6 +17,7 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/internal/testenv"
 )
 
 // The controller side of the device hub, with a stand-in for the device:
@@ -61,11 +62,9 @@ func upstreamMsg(seq uint64, module, body string) fleet.UpstreamMessage {
 // and returns its output and error.
 func mosquittoSub(t *testing.T, ctx context.Context, addr string, args ...string) (string, error) {
 	t.Helper()
-	if _, err := exec.LookPath("mosquitto_sub"); err != nil {
-		t.Skip("mosquitto_sub is not installed (Debian: mosquitto-clients)")
-	}
+	sub := testenv.LookPath(t, "mosquitto_sub", "apt-get install mosquitto-clients")
 	host, port, _ := net.SplitHostPort(addr)
-	cmd := exec.CommandContext(ctx, "mosquitto_sub", append([]string{"-h", host, "-p", port}, args...)...)
+	cmd := exec.CommandContext(ctx, sub, append([]string{"-h", host, "-p", port}, args...)...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	err := cmd.Run()
@@ -140,7 +139,7 @@ func TestHub_UpstreamReachesConsumers(t *testing.T) {
 	if err == nil {
 		t.Errorf("the consumer credential opened the device broker: %s", out)
 	}
-	pub := exec.CommandContext(short, "mosquitto_pub", "-h", "127.0.0.1", "-p", strings.Split(addr, ":")[1], "-u", "mes", "-P", con.Key,
+	pub := exec.CommandContext(short, testenv.LookPath(t, "mosquitto_pub", "apt-get install mosquitto-clients"), "-h", "127.0.0.1", "-p", strings.Split(addr, ":")[1], "-u", "mes", "-P", con.Key,
 		"-V", "mqttv5", "-q", "1", "-t", "appliance/events/press-01/plc", "-m", "forged")
 	pubOut, pubErr := pub.CombinedOutput()
 	if pubErr == nil && !strings.Contains(string(pubOut), "not authorized") && !strings.Contains(string(pubOut), "Not authorized") {

@@ -169,12 +169,17 @@ func (c *conn) connect() bool {
 	}
 	netlimit.Release(c.nc)
 	c.consumer = name
+	// MQTT 3.1.1: clean session 0 resumes a session and keeps it after
+	// the connection. MQTT 5: clean start 1 discards a kept session, and
+	// the session expiry interval alone says whether the new one outlives
+	// the connection (clean start 0 with no expiry resumes a session that
+	// then ends with this connection).
 	clean := pk.Connect.Clean
 	persistent := !clean
 	expiry := c.s.cfg.Retention.withDefaults().MaxAge
 	if c.version == 5 {
 		sei := pk.Properties.SessionExpiryInterval
-		persistent = !clean && sei > 0
+		persistent = sei > 0
 		if persistent && sei != 0xFFFFFFFF {
 			expiry = min(expiry, time.Duration(sei)*time.Second)
 		}
@@ -182,8 +187,6 @@ func (c *conn) connect() bool {
 		if rm := pk.Properties.ReceiveMaximum; rm > 0 {
 			c.window = min(c.window, int(rm))
 		}
-		// Clean start 0 without an expiry: the session may be resumed
-		// now, and ends with this connection.
 	}
 	c.clientID = pk.Connect.ClientIdentifier
 	assigned := ""

@@ -286,3 +286,30 @@ func TestServer_Ingest(t *testing.T) {
 		t.Fatalf("tail got %v", got)
 	}
 }
+
+// TestServer_MQTT5SessionSemantics: in MQTT 5 the session expiry interval
+// alone says whether a session outlives its connection: clean start 1
+// with an expiry starts a session that is kept; clean start 0 without
+// one resumes a session that then ends with the connection.
+func TestServer_MQTT5SessionSemantics(t *testing.T) {
+	s := startServer(t, "")
+	cs := mustDial(t, s.Addr(), dialOpts{clientID: "h", clean: true, expiry: 600})
+	cs.subscribe(t, "appliance/events/#")
+	_ = cs.c.Disconnect(&paho.Disconnect{})
+	waitFor(t, "the connection to end", func() bool { return s.Stats().Connections == 0 })
+	ingest(t, s, "d1", "m", 1)
+	cs2, ca, err := dialConsumer(t, s.Addr(), dialOpts{clientID: "h"}) // clean start 0, no expiry
+	if err != nil || !ca.SessionPresent {
+		t.Fatalf("a session started with clean start 1 and an expiry was not kept: %v %+v", err, ca)
+	}
+	if got := seqsOf(cs2.waitN(t, 1)); !slices.Equal(got, []uint64{1}) {
+		t.Fatalf("resumed session got %v", got)
+	}
+	waitAcked(t, s, "mes", "h")
+	_ = cs2.c.Disconnect(&paho.Disconnect{})
+	waitFor(t, "the session to end with its connection", func() bool { return s.Stats().Sessions == 0 })
+	_, ca, err = dialConsumer(t, s.Addr(), dialOpts{clientID: "h"})
+	if err != nil || ca.SessionPresent {
+		t.Fatalf("a session resumed without an expiry outlived its connection: %v %+v", err, ca)
+	}
+}
