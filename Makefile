@@ -62,6 +62,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 	APPLIANCE_CONSOLE_BENCH_DEVICES=100000 $(GO) test -count=1 -tags e2e -run 'TestConsoleBenchmark$$' -v -timeout 40m ./e2e/
 	APPLIANCE_FAILOVER_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestFailoverBenchmark$$' -v -timeout 60m ./e2e/
 	APPLIANCE_ROLLOUT_BENCH_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestRolloutBenchmark$$' -v -timeout 30m ./e2e/
+	APPLIANCE_INGEST_BENCH_DEVICES=1000 $(GO) test -count=1 -tags e2e -run 'TestIngestBenchmark$$' -v -timeout 30m ./e2e/
 	LOADTEST_DEVICES=19000 LOADTEST_LATENCY_SAMPLES=1000 $(GO) test -count=3 -tags loadtest -run 'TestLoad$$' -v -timeout 60m ./loadtest/
 
 fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
@@ -78,6 +79,8 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzParseJoinToken -fuzztime $${FUZZTIME:-30s} ./pki/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s} ./raftstore/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeBody -fuzztime $${FUZZTIME:-30s} ./api/
+	$(GO) test -run '^$$' -fuzz FuzzParseSubscription -fuzztime $${FUZZTIME:-30s} ./northbound/
+	$(GO) test -run '^$$' -fuzz FuzzRecordHeader -fuzztime $${FUZZTIME:-30s} ./northbound/
 
 # Tests assert what happened (order, content, counts), never how long it
 # took: on a loaded 2-core machine a correct build runs slow, and speed is

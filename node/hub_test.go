@@ -361,8 +361,8 @@ const twinManifest = `{"modulesContent":{
 // TestHub_ModuleTwins: the reported properties a module patched reach the
 // controller in the device's report: GET .../modules/{m} shows them with
 // the desired properties of the applied deployment (as a read of that
-// deployment shows them: redacted), the module's runtime and its hub
-// connection; a module-level custom metric counts the device.
+// deployment shows them: its secrets redacted), the module's runtime and
+// its hub connection; a module-level custom metric counts the device.
 func TestHub_ModuleTwins(t *testing.T) {
 	n := startHubNode(t)
 	c := clientFor(n)
@@ -417,6 +417,12 @@ func TestHub_ModuleTwins(t *testing.T) {
 		!sameJSON(m.Properties.Desired, string(wantDesired.ModulesContent["filter"].Desired)) ||
 		!sameJSON(m.Properties.Reported, `{"$version":3,"state":"ok","temperature":21.5}`) {
 		t.Fatalf("module view %+v\ndesired %s reported %s", m, m.Properties.Desired, m.Properties.Reported)
+	}
+	// The twin's secret (a member named like one) is redacted, as in
+	// every read of the deployment; the other properties are shown.
+	if strings.Contains(string(m.Properties.Desired), "hunter2") || !strings.Contains(string(m.Properties.Desired), fleet.Redacted) ||
+		!strings.Contains(string(m.Properties.Desired), `"threshold": 30`) {
+		t.Fatalf("desired properties as read: %s", m.Properties.Desired)
 	}
 	if _, err := c.Module(ctx, "press-01", "nope", false); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("a module the device does not run: %v", err)
