@@ -76,10 +76,19 @@ type dedupe struct {
 	devices map[string]*deviceSeqs
 }
 
+// deviceSeqs holds a device's last batch's sequence numbers as sorted
+// runs of consecutive numbers: a queue's messages mostly are, so a batch
+// of a thousand usually costs a few runs, not a thousand numbers. A batch
+// of more than maxSeqRuns runs is not remembered (its resending would be
+// stored twice: at-least-once), so a device costs at most a few KiB.
 type deviceSeqs struct {
 	mu   sync.Mutex
-	last []uint64 // sorted
+	last []seqRun
 }
+
+type seqRun struct{ from, to uint64 }
+
+const maxSeqRuns = 256
 
 func (d *dedupe) device(id string) *deviceSeqs {
 	d.mu.Lock()
@@ -96,16 +105,36 @@ func (d *dedupe) device(id string) *deviceSeqs {
 }
 
 func (ds *deviceSeqs) seen(seq uint64) bool {
-	_, found := slices.BinarySearch(ds.last, seq)
-	return found
+	i, _ := slices.BinarySearchFunc(ds.last, seq, func(r seqRun, s uint64) int {
+		switch {
+		case r.to < s:
+			return -1
+		case r.from > s:
+			return 1
+		}
+		return 0
+	})
+	return i < len(ds.last) && ds.last[i].from <= seq && seq <= ds.last[i].to
 }
 
 func (ds *deviceSeqs) remember(seqs []uint64) {
 	if len(seqs) == 0 {
 		return // a batch of duplicates only: the last one still stands
 	}
-	ds.last = append(ds.last[:0], seqs...)
-	slices.Sort(ds.last)
+	sorted := slices.Clone(seqs)
+	slices.Sort(sorted)
+	ds.last = ds.last[:0]
+	for _, s := range sorted {
+		if n := len(ds.last); n > 0 && ds.last[n-1].to+1 >= s {
+			ds.last[n-1].to = max(ds.last[n-1].to, s)
+			continue
+		}
+		if len(ds.last) == maxSeqRuns {
+			ds.last = nil
+			return
+		}
+		ds.last = append(ds.last, seqRun{s, s})
+	}
 }
 
 // forget drops what is kept for devices (deleted ones).

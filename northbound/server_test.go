@@ -313,3 +313,24 @@ func TestServer_MQTT5SessionSemantics(t *testing.T) {
 		t.Fatalf("a session resumed without an expiry outlived its connection: %v %+v", err, ca)
 	}
 }
+
+// TestDedupe_Runs: a device's last batch is remembered as runs of
+// consecutive sequence numbers: a number inside a run is seen, one
+// between runs or beyond them is not.
+func TestDedupe_Runs(t *testing.T) {
+	var ds deviceSeqs
+	ds.remember([]uint64{7, 3, 4, 5, 10, 11})
+	for seq, want := range map[uint64]bool{2: false, 3: true, 5: true, 6: false, 7: true, 8: false, 10: true, 11: true, 12: false} {
+		if ds.seen(seq) != want {
+			t.Errorf("seen(%d) = %v", seq, !want)
+		}
+	}
+	var many []uint64
+	for i := range uint64(2 * maxSeqRuns) {
+		many = append(many, 2*i)
+	}
+	ds.remember(many)
+	if ds.seen(0) || len(ds.last) != 0 {
+		t.Errorf("a batch of more than %d runs is remembered", maxSeqRuns)
+	}
+}
