@@ -12,6 +12,7 @@
 package boltcheck
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -19,6 +20,7 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"time"
 
@@ -108,32 +110,45 @@ func isFormatError(err error) bool {
 type Visit func(bucket, key, value []byte) error
 
 // Walk reads every page of db reachable from its root, within one read
-// transaction and under Guard, calling visit (when not nil) for each key.
-// Then, the pages all having been read safely, it runs bbolt's own
-// consistency check (free list against reachable pages, key order). It
-// also checks that the file holds every page its meta page counts: a file
-// cut short would otherwise fault on the first access past its end.
+// transaction and under Guard: every key of every bucket, nested ones
+// included, checking that each bucket's keys ascend, and calling
+// visit (when not nil) for each key of the top-level buckets. Then, the
+// pages all having been read safely, it runs bbolt's own consistency check
+// (free list against reachable pages, key order in branch pages too) when
+// the file stores a free list. It also checks that the file holds every
+// page its meta page counts: a file cut short would otherwise fault on the
+// first access past its end.
+//
+// A file without a stored free list (written with NoFreelistSync) gets
+// only the walk: bbolt's check would rebuild the list (DB.freepages) by
+// walking the tree on a goroutine of its own, which goes on reading the
+// file after the first problem it reports (freepages panics without
+// waiting for it); once the caller closed the file, that read faults
+// after Walk returned, out of reach of any guard, and the process dies
+// (seen in node's TestDataDirFaults on a damaged history.db). Opening such
+// a file for writing rebuilds the list too, inside Open's guard; bbolt
+// then leaves the file mapped, so the goroutine reads valid memory.
 func Walk(db *bolt.DB, visit Visit) error {
 	path := db.Path()
 	st, err := os.Stat(path)
 	if err != nil {
 		return fmt.Errorf("stat %s: %w", path, err)
 	}
+	metas, err := Metas(path)
+	if err != nil {
+		return err
+	}
+	storesFreeList := newest(metas).Freelist != noFreelist
 	return Guard(path, func() error {
 		return db.View(func(tx *bolt.Tx) error {
 			if st.Size() < tx.Size() {
 				return fmt.Errorf("%s: %w: the file is %d bytes, its meta page counts %d: it was cut short", path, ErrDamaged, st.Size(), tx.Size())
 			}
-			err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
-				return b.ForEach(func(k, v []byte) error {
-					if visit == nil {
-						return nil
-					}
-					return visit(name, k, v)
-				})
-			})
-			if err != nil {
+			if err := walkBuckets(tx, visit); err != nil {
 				return err
+			}
+			if !storesFreeList {
+				return nil
 			}
 			var problems []string
 			for e := range tx.Check() {
@@ -145,6 +160,52 @@ func Walk(db *bolt.DB, visit Visit) error {
 			return checkFreeList(tx)
 		})
 	})
+}
+
+// walkBuckets reads every key of every bucket of tx, nested buckets
+// included, and checks that the keys of each bucket ascend: bbolt
+// finds a key by binary search, so one out of order is a key it cannot
+// find (its check reports the same). visit sees the keys of the top-level
+// buckets, a nested bucket's with a nil value.
+func walkBuckets(tx *bolt.Tx, visit Visit) error {
+	w := bucketWalker{path: tx.DB().Path(), visit: visit}
+	return w.walk(nil, tx.Cursor(), tx.Bucket)
+}
+
+type bucketWalker struct {
+	path  string
+	visit Visit
+}
+
+// walk reads the keys under c, those of the bucket names (nil:
+// the root, whose keys are the top-level buckets); open opens a nested
+// bucket by its key.
+func (w *bucketWalker) walk(names [][]byte, c *bolt.Cursor, open func(key []byte) *bolt.Bucket) error {
+	var prev []byte
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if prev != nil && bytes.Compare(prev, k) >= 0 {
+			where := "the root bucket"
+			if len(names) > 0 {
+				where = "bucket " + string(bytes.Join(names, []byte("/")))
+			}
+			return fmt.Errorf("%s: %w: in %s, key %x follows key %x: its keys are out of order", w.path, ErrDamaged, where, k, prev)
+		}
+		prev = k
+		if len(names) == 1 && w.visit != nil {
+			if err := w.visit(names[0], k, v); err != nil {
+				return err
+			}
+		}
+		if v != nil {
+			continue
+		}
+		if b := open(k); b != nil {
+			if err := w.walk(append(slices.Clip(names), k), b.Cursor(), b.Bucket); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // checkFreeList catches what bbolt's check does not: a free list naming a
