@@ -73,7 +73,7 @@ func TestStore_BackupRestore(t *testing.T) {
 				t.Fatalf("RestoreDir index %d, backup %d", restored, idx)
 			}
 
-			cfg := testConfig(t, dir, "r1")
+			cfg := clusterConfig(t, dir, "r1") // r2 joins it below
 			cfg.Stream = stream
 			s := openConfig(t, cfg)
 			if err := s.WaitLeader(ctx); err != nil {
@@ -103,7 +103,7 @@ func TestStore_BackupRestore(t *testing.T) {
 
 			// A new node joins the restored cluster: it gets the restored
 			// snapshot from raft, then the log after it.
-			r2 := openConfig(t, testConfig(t, t.TempDir(), "r2"))
+			r2 := openConfig(t, clusterConfig(t, t.TempDir(), "r2"))
 			if err := s2.AddVoter(ctx, "r2", r2.RaftAddr()); err != nil {
 				t.Fatal(err)
 			}

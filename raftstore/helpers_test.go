@@ -38,6 +38,15 @@ func openConfig(t testing.TB, cfg Config) *Store {
 // ms with 100 ms timeouts).
 const clusterRaftTimeout = 500 * time.Millisecond
 
+// clusterConfig is testConfig for a store that is, or will be, one of
+// several: with clusterRaftTimeout. (A store alone keeps testConfig's
+// short timeouts: it cannot lose its leadership to a slow peer.)
+func clusterConfig(t testing.TB, dir, id string) Config {
+	cfg := testConfig(t, dir, id)
+	cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = clusterRaftTimeout, clusterRaftTimeout, clusterRaftTimeout
+	return cfg
+}
+
 // newTestCluster opens n stores in this process; n1 bootstraps, leads, and
 // adds the others as voters. Each asks the others what they run straight
 // from their Info (the cluster package's info RPC, without the network),
@@ -48,8 +57,7 @@ func newTestCluster(t testing.TB, n int, edit func(cfg *Config)) []*Store {
 	stores := make([]*Store, n)
 	peers := newPeerSet()
 	for i := range stores {
-		cfg := testConfig(t, t.TempDir(), fmt.Sprintf("n%d", i+1))
-		cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = clusterRaftTimeout, clusterRaftTimeout, clusterRaftTimeout
+		cfg := clusterConfig(t, t.TempDir(), fmt.Sprintf("n%d", i+1))
 		cfg.Bootstrap = i == 0
 		cfg.PeerInfo = peers.info
 		if edit != nil {

@@ -138,7 +138,7 @@ func TestStore_AddVoter_NewAddress(t *testing.T) {
 	leader, old := stores[0], stores[2]
 	oldAddr := old.RaftAddr()
 	old.Close()
-	n3 := openConfig(t, testConfig(t, old.cfg.Dir, "n3"))
+	n3 := openConfig(t, clusterConfig(t, old.cfg.Dir, "n3"))
 	if n3.RaftAddr() == oldAddr {
 		t.Skip("the OS gave the same port back")
 	}

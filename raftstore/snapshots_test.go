@@ -47,7 +47,8 @@ func TestStore_SnapshotFilesArePrivate(t *testing.T) {
 	if err := leader.Close(); err != nil {
 		t.Fatal(err)
 	}
-	cfg := testConfig(t, leaderDir, "n1")
+	// Cluster timeouts: a follower joins it below.
+	cfg := clusterConfig(t, leaderDir, "n1")
 	cfg.TrailingLogs = 1
 	leader = openConfig(t, cfg)
 	assertPrivate(t, leaderDir)
@@ -57,7 +58,7 @@ func TestStore_SnapshotFilesArePrivate(t *testing.T) {
 	putDevice(t, leader, "dev-10", nil)
 
 	// A follower added after the log was compacted installs the snapshot.
-	cfg = testConfig(t, t.TempDir(), "n2")
+	cfg = clusterConfig(t, t.TempDir(), "n2")
 	follower := openConfig(t, cfg)
 	ctx := testContext(t)
 	if err := leader.AddVoter(ctx, follower.NodeID(), follower.RaftAddr()); err != nil {

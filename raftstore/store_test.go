@@ -211,19 +211,9 @@ func (r *recorder) Halted(err error)       { r.mu.Lock(); r.halted = err; r.mu.U
 // on the leader reach every replica, the followers refuse writes, and every
 // observer sees the same changes in the same order.
 func TestStore_ThreeNodes(t *testing.T) {
-	var recs [3]*recorder
-	var stores [3]*Store
-	for i := range stores {
-		recs[i] = &recorder{}
-		stores[i] = openTestStore(t, t.TempDir(), fmt.Sprintf("n%d", i+1), i == 0, recs[i])
-		t.Cleanup(func() { stores[i].Close() })
-	}
+	recs := map[string]*recorder{"n1": {}, "n2": {}, "n3": {}}
+	stores := newTestCluster(t, 3, func(cfg *Config) { cfg.Observer = recs[cfg.NodeID] })
 	ctx := context.Background()
-	for _, s := range stores[1:] {
-		if err := stores[0].AddVoter(ctx, s.NodeID(), s.RaftAddr()); err != nil {
-			t.Fatal(err)
-		}
-	}
 	for i := range 10 {
 		putDevice(t, stores[0], fmt.Sprintf("d%d", i), map[string]any{"n": float64(i)})
 	}
@@ -237,21 +227,21 @@ func TestStore_ThreeNodes(t *testing.T) {
 		t.Fatalf("leader VerifyLeader: %v", err)
 	}
 	want := stores[0].AppliedIndex()
-	deadline := time.Now().Add(10 * time.Second)
 	for _, s := range stores {
-		for s.AppliedIndex() < want && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
+		waitFor(t, s.NodeID()+" applies the writes", func() bool { return s.AppliedIndex() >= want })
 		if got := deviceIDs(t, s); len(got) != 10 {
 			t.Fatalf("%s has devices %v", s.NodeID(), got)
 		}
 	}
-	for i := 1; i < 3; i++ {
-		recs[i].mu.Lock()
-		a, b := fmt.Sprint(changeKeys(recs[0].changes)), fmt.Sprint(changeKeys(recs[i].changes))
-		recs[i].mu.Unlock()
-		if a != b {
-			t.Fatalf("node %d saw changes %s, leader saw %s", i+1, b, a)
+	recs["n1"].mu.Lock()
+	leaderSaw := fmt.Sprint(changeKeys(recs["n1"].changes))
+	recs["n1"].mu.Unlock()
+	for _, id := range []string{"n2", "n3"} {
+		recs[id].mu.Lock()
+		saw := fmt.Sprint(changeKeys(recs[id].changes))
+		recs[id].mu.Unlock()
+		if saw != leaderSaw {
+			t.Fatalf("%s saw changes %s, leader saw %s", id, saw, leaderSaw)
 		}
 	}
 }
