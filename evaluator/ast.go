@@ -147,7 +147,39 @@ const (
 	nIn      // path IN vals
 	nNin     // path NIN vals
 	nDefined // IS_DEFINED(path)
+	// String and type functions of IoT Hub's query language.
+	nStartsWith // STARTSWITH(path, 'prefix'): val is the prefix
+	nEndsWith   // ENDSWITH(path, 'suffix'): val is the suffix
+	nIsType     // IS_STRING / IS_NUMBER / IS_BOOL / IS_NULL / IS_OBJECT (path): val.kind is the type
 )
+
+// funcs are the functions a condition may call, by upper-case name: what
+// node each builds and, for the type tests, the type.
+var funcs = map[string]struct {
+	op   nodeOp
+	kind kind
+}{
+	"IS_DEFINED": {op: nDefined},
+	"STARTSWITH": {op: nStartsWith},
+	"ENDSWITH":   {op: nEndsWith},
+	"IS_STRING":  {op: nIsType, kind: kString},
+	"IS_NUMBER":  {op: nIsType, kind: kNumber},
+	"IS_BOOL":    {op: nIsType, kind: kBool},
+	"IS_NULL":    {op: nIsType, kind: kNull},
+	"IS_OBJECT":  {op: nIsType, kind: kObject},
+}
+
+// funcNames lists them for messages.
+const funcNames = "IS_DEFINED, STARTSWITH, ENDSWITH, IS_STRING, IS_NUMBER, IS_BOOL, IS_NULL and IS_OBJECT"
+
+// isLeaf tells the nodes that read one path.
+func (op nodeOp) isLeaf() bool {
+	switch op {
+	case nCmp, nIn, nNin, nDefined, nStartsWith, nEndsWith, nIsType:
+		return true
+	}
+	return false
+}
 
 // node is the parsed condition, the single source the CEL translation, the
 // document evaluator and the engine's bound plans are all derived from.
@@ -168,6 +200,12 @@ type node struct {
 //   - path NIN [v...] is true iff path is defined and path IN [v...] is false.
 //   - IS_DEFINED(path) is true iff path exists in the document (with any
 //     value, null included).
+//   - STARTSWITH(path, 's') and ENDSWITH(path, 's') are true iff path holds
+//     a string that starts (ends) with s, compared byte for byte: case
+//     matters, as in IoT Hub.
+//   - IS_STRING, IS_NUMBER, IS_BOOL, IS_NULL, IS_OBJECT(path) are true iff
+//     path is defined and holds a value of that JSON type (an array is not
+//     an object).
 //   - AND, OR, NOT are two-valued.
 //
 // evalValue applies a comparison to the value found at a path (ok=false when
@@ -189,6 +227,12 @@ func (n *node) evalValue(v value, ok bool) bool {
 		return inValues(v, n.vals)
 	case nNin:
 		return !inValues(v, n.vals)
+	case nStartsWith:
+		return v.kind == kString && strings.HasPrefix(v.s, n.val.s)
+	case nEndsWith:
+		return v.kind == kString && strings.HasSuffix(v.s, n.val.s)
+	case nIsType:
+		return v.kind == n.val.kind
 	}
 	return false
 }

@@ -107,7 +107,8 @@ func onlyTags(n *node) bool {
 			}
 		}
 		return true
-	case nCmp, nIn, nNin, nDefined:
+	}
+	if n.op.isLeaf() {
 		return n.path.root == rootDeviceID || n.path.root == rootTags
 	}
 	return true
@@ -239,6 +240,23 @@ func writeCEL(b *strings.Builder, n *node) {
 			fmt.Fprintf(b, "type(%s) == %s && %s %s %s", v, celType(n.val.kind), v, celOp(n.cmp), celLiteral(n.val))
 		}
 		b.WriteByte(')')
+	case nStartsWith, nEndsWith:
+		v := accessor(n.path)
+		fn := "startsWith"
+		if n.op == nEndsWith {
+			fn = "endsWith"
+		}
+		b.WriteByte('(')
+		writeDefined(b, n.path)
+		fmt.Fprintf(b, " && type(%s) == string && %s.%s(%s))", v, v, fn, celLiteral(n.val))
+	case nIsType:
+		typ := celType(n.val.kind)
+		if n.val.kind == kObject {
+			typ = "map"
+		}
+		b.WriteByte('(')
+		writeDefined(b, n.path)
+		fmt.Fprintf(b, " && type(%s) == %s)", accessor(n.path), typ)
 	case nIn, nNin:
 		b.WriteByte('(')
 		writeDefined(b, n.path)
@@ -379,7 +397,8 @@ func (d *docView) eval(n *node) bool {
 		return false
 	case nNot:
 		return !d.eval(n.kids[0])
-	case nCmp, nIn, nNin, nDefined:
+	}
+	if n.op.isLeaf() {
 		v, ok := d.lookup(n.path)
 		return n.evalValue(v, ok)
 	}

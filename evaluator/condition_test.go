@@ -255,7 +255,7 @@ func TestCompile_Errors(t *testing.T) {
 		{"deviceId IN ['a', null]", 10, "deviceId is a string"},
 		{"tags.a = prod", 10, "quote strings with single quotes, e.g. 'prod'"},
 		{"tags.a = tags.b", 10, "comparing two properties is not supported"},
-		{"CONTAINS(tags.a, 'x')", 1, "unknown function CONTAINS: only IS_DEFINED is supported"},
+		{"CONTAINS(tags.a, 'x')", 1, "unknown function CONTAINS: the functions are IS_DEFINED, STARTSWITH"},
 		{"IS_DEFINED(tags.a", 18, "expected ')' to close IS_DEFINED("},
 		{"IS_DEFINED tags.a", 1, "found IS_DEFINED"},
 		{"* AND tags.a = 1", 3, "* (every device) must be the whole condition"},

@@ -22,4 +22,8 @@ package evaluator
 // a change to what an accepted condition matches, or to the precedence
 // order, must bump it; a node can then refuse to join, or the leader refuse
 // to use a new feature, while versions are mixed (see DESIGN.md).
-const SemanticsVersion = 1
+//
+// 2: the functions STARTSWITH, ENDSWITH, IS_STRING, IS_NUMBER, IS_BOOL,
+// IS_NULL and IS_OBJECT (additions: every condition of version 1 means
+// what it meant).
+const SemanticsVersion = 2

@@ -221,7 +221,8 @@ func (e *Engine) DeleteDevice(id string) []Change {
 	}
 	out := e.setApplied(slot, 0)
 	e.leaves[slot] = nil
-	e.ids[slot] = ""
+	// The slot keeps its id until the order's compaction frees it, so that
+	// the sorted order stays sorted for prefix searches (idsWithPrefix).
 	delete(e.byID, id)
 	e.live.clear(slot)
 	e.nlive--

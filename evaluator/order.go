@@ -41,6 +41,9 @@ func (e *Engine) compactOrder() {
 	merged = append(merged, pend[i:]...)
 	o.sorted = merged
 	o.pending = o.pending[:0]
+	for _, s := range o.limbo {
+		e.ids[s] = "" // kept while it stood in sorted (DeleteDevice)
+	}
 	e.free = append(e.free, o.limbo...)
 	o.limbo = o.limbo[:0]
 }
@@ -106,4 +109,23 @@ func (e *Engine) sortedIDs(d dense) []string {
 	out := make([]string, 0, n)
 	e.eachSorted(n, d.each, d.has, func(x uint32) { out = append(out, e.ids[x]) })
 	return out
+}
+
+// idsWithPrefix calls fn for every live slot whose device id starts with
+// prefix: a binary search of the sorted order (whose dead slots keep their
+// ids until compaction, so it stays sorted) and a scan of the slots not
+// merged into it yet. Readers may call it.
+func (e *Engine) idsWithPrefix(prefix string, fn func(uint32)) {
+	o := &e.order
+	i, _ := slices.BinarySearchFunc(o.sorted, prefix, func(s uint32, p string) int { return strings.Compare(e.ids[s], p) })
+	for ; i < len(o.sorted) && strings.HasPrefix(e.ids[o.sorted[i]], prefix); i++ {
+		if s := o.sorted[i]; e.live.has(s) {
+			fn(s)
+		}
+	}
+	for _, s := range o.pending {
+		if e.live.has(s) && strings.HasPrefix(e.ids[s], prefix) {
+			fn(s)
+		}
+	}
 }

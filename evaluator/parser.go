@@ -29,10 +29,16 @@ func isScalarRoot(r string) bool { return r == rootDeviceID || r == rootModuleID
 
 var keywords = map[string]bool{
 	"AND": true, "OR": true, "NOT": true, "IN": true, "NIN": true,
-	"IS_DEFINED": true, "TRUE": true, "FALSE": true, "NULL": true,
+	"TRUE": true, "FALSE": true, "NULL": true,
 }
 
-func isKeyword(s string) bool { return keywords[strings.ToUpper(s)] }
+// isKeyword tells the words a property path may not start with: the
+// operators, the literals and the function names, in any case.
+func isKeyword(s string) bool {
+	u := strings.ToUpper(s)
+	_, fn := funcs[u]
+	return keywords[u] || fn
+}
 
 type parser struct {
 	toks   []token
@@ -218,11 +224,11 @@ func (p *parser) parsePrimary() (*node, error) {
 		return n, nil
 	case tIdent:
 		if p.peekAt(1).kind == tLParen {
-			if strings.EqualFold(t.text, "IS_DEFINED") {
-				return p.parseIsDefined()
+			if _, ok := funcs[strings.ToUpper(t.text)]; ok {
+				return p.parseFunc()
 			}
 			if !isKeyword(t.text) {
-				return nil, syntaxErr(t.col, "unknown function %s: only IS_DEFINED is supported", t.text)
+				return nil, syntaxErr(t.col, "unknown function %s%s: the functions are %s", t.text, funcHint(t.text), funcNames)
 			}
 		}
 		if isKeyword(t.text) {
@@ -241,18 +247,67 @@ func (p *parser) parsePrimary() (*node, error) {
 	return nil, syntaxErr(t.col, "expected a condition such as tags.environment = 'prod' %s, found %s", p.after(), t.describe())
 }
 
-func (p *parser) parseIsDefined() (*node, error) {
+// parseFunc parses a function call: IS_DEFINED(path), a type test such
+// as IS_STRING(path), or STARTSWITH(path, 'prefix') / ENDSWITH(path,
+// 'suffix'). Names are keywords (any case); the string argument is a
+// literal, compared as written (case matters).
+func (p *parser) parseFunc() (*node, error) {
 	fn := p.next()
+	name := strings.ToUpper(fn.text)
+	f := funcs[name]
 	p.next() // (
+	example := name + "(tags.site)"
+	if f.op == nStartsWith || f.op == nEndsWith {
+		example = name + "(tags.site, 'plant-')"
+	}
+	if t := p.peek(); t.kind != tIdent || isKeyword(t.text) {
+		if t.kind == tRParen {
+			return nil, syntaxErr(t.col, "%s needs a property as its first argument, e.g. %s", name, example)
+		}
+		return nil, syntaxErr(t.col, "%s's first argument must be a property such as tags.site, not %s (e.g. %s)", name, t.describe(), example)
+	}
 	pth, err := p.parsePath()
 	if err != nil {
 		return nil, err
 	}
+	n := &node{op: f.op, path: pth, val: value{kind: f.kind}}
+	if f.op == nStartsWith || f.op == nEndsWith {
+		c := p.peek()
+		if c.kind != tComma {
+			return nil, syntaxErr(c.col, "%s needs two arguments, a property and a quoted string, e.g. %s; found %s", name, example, c.describe())
+		}
+		p.next()
+		v := p.peek()
+		if v.kind != tString {
+			what := v.describe()
+			if v.kind == tIdent && p.peekAt(1).kind == tDot {
+				what = "a property (comparing two properties is not supported)"
+			}
+			return nil, syntaxErr(v.col, "%s's second argument must be a quoted string such as 'plant-', not %s", name, what)
+		}
+		p.next()
+		n.val = value{kind: kString, s: v.str}
+	}
 	if c := p.peek(); c.kind != tRParen {
+		if c.kind == tComma {
+			return nil, syntaxErr(c.col, "%s takes %s; found a further argument", name, map[bool]string{true: "two arguments", false: "one property"}[f.op == nStartsWith || f.op == nEndsWith])
+		}
 		return nil, syntaxErr(c.col, "expected ')' to close %s(, found %s", fn.text, c.describe())
 	}
 	p.next()
-	return &node{op: nDefined, path: pth}, nil
+	return n, nil
+}
+
+// funcHint suggests the function a misspelt name may have meant (the
+// routing language spells them STARTS_WITH, ENDS_WITH).
+func funcHint(name string) string {
+	squeezed := strings.ReplaceAll(strings.ToUpper(name), "_", "")
+	for f := range funcs {
+		if strings.ReplaceAll(f, "_", "") == squeezed {
+			return "; did you mean " + f + "?"
+		}
+	}
+	return ""
 }
 
 func (p *parser) parsePath() (path, error) {

@@ -290,6 +290,17 @@ func (e *Engine) setEval(p *pnode) (dense, bool) {
 				}
 			}
 			return s, true
+		case p.src.op == nStartsWith:
+			// Indexed: a range of the id order.
+			s := e.emptySet()
+			e.idsWithPrefix(p.src.val.s, s.set)
+			return s, true
+		case p.src.op == nDefined || p.src.op == nIsType:
+			// Every device has an id, and it is a string.
+			if p.src.evalValue(value{kind: kString}, true) {
+				return slices.Clone(e.live), true
+			}
+			return e.emptySet(), true
 		}
 		return nil, false
 	case pNot:

@@ -23,6 +23,7 @@ var (
 	genStrLits   = []string{"'a'", "'b'", "'x''y'", "''", "'prod'", "'d1'", "'d3'"}
 	genNumLits   = []string{"1", "2", "2.0", "2.5", "-1", "0", "0x2", "3", "25e-1"}
 	genOtherLits = []string{"true", "FALSE", "True", "null", "NULL"}
+	genAffixes   = []string{"''", "'a'", "'d'", "'d1'", "'pr'", "'od'", "'P'", "'x'''", "'y'", "'1'"}
 	genDeviceIDs = []string{"d0", "d1", "d2", "d3", "d4", "d5"}
 	genDepIDs    = []string{"p0", "p1", "p2", "p3"}
 )
@@ -119,7 +120,12 @@ func genExpr(t *rapid.T, depth int) string {
 		}
 		return p + " " + word(t, rapid.SampledFrom([]string{"IN", "NIN"}).Draw(t, "in")) + sp(t) + "[" + strings.Join(lits, ","+sp(t)) + "]"
 	case 2:
-		return word(t, "IS_DEFINED") + "(" + rapid.SampledFrom(genPaths).Draw(t, "path") + ")"
+		fn := rapid.SampledFrom([]string{"IS_DEFINED", "IS_STRING", "IS_NUMBER", "IS_BOOL", "IS_NULL", "IS_OBJECT", "STARTSWITH", "ENDSWITH"}).Draw(t, "fn")
+		arg := rapid.SampledFrom(genPaths).Draw(t, "path")
+		if fn == "STARTSWITH" || fn == "ENDSWITH" {
+			arg += "," + sp(t) + rapid.SampledFrom(genAffixes).Draw(t, "affix")
+		}
+		return word(t, fn) + "(" + arg + ")"
 	case 3:
 		return word(t, "NOT") + " " + genExpr(t, depth+1)
 	case 4:
