@@ -22,14 +22,35 @@ type Deployment struct {
 	// matches; a device it does not admit falls to the next deployment by
 	// precedence. A rollout gates its deployment until it completes.
 	Gated bool
+	// Layered: a layered deployment, merged on top of the deployment that
+	// applies to a device (its base) rather than competing with it. It
+	// targets devices like any other and ranks by the same precedence
+	// (which orders the layers of a device), but it never applies as a
+	// base: a device targeted by layers only has no applied deployment.
+	Layered bool
 }
 
-// Change reports that the deployment applied to a device changed. From and
-// To are deployment ids, "" for none. A deleted device that had a
-// deployment applied reports To "".
+// Change reports that what applies to a device changed. From and To are
+// deployment ids, "" for none: the applied (base) deployment before and
+// after. A deleted device that had a deployment applied reports To "".
+//
+// A change of a device's layers has Layer set, the layered deployment
+// that started (LayerAdded) or stopped (LayerRemoved) targeting the device
+// or whose precedence changed (LayerMoved); From and To are then both the
+// device's applied deployment. A device's changes come base first, then
+// by layer id.
 type Change struct {
 	DeviceID, From, To string
+	Layer              string `json:",omitempty"`
+	LayerOp            string `json:",omitempty"`
 }
+
+// Layer operations of a Change.
+const (
+	LayerAdded   = "added"
+	LayerRemoved = "removed"
+	LayerMoved   = "moved"
+)
 
 // precedes orders deployments by precedence: higher priority first, then
 // the most recently created, then the smaller id, so that two deployments
@@ -173,6 +194,7 @@ func (e *Engine) PutDevice(id string, tags map[string]any) []Change {
 	// searching the (large, cache-cold) target set: it is touched only
 	// when membership changes.
 	var best uint32
+	var layers []Change
 	for _, h := range cands {
 		dp := e.deps[h]
 		was := ok && e.d.match(dp.plan, id, old)
@@ -183,6 +205,16 @@ func (e *Engine) PutDevice(id string, tags map[string]any) []Change {
 		case was && !now:
 			dp.targets.Remove(slot)
 		}
+		if dp.Layered {
+			if now != was {
+				op := LayerAdded
+				if was {
+					op = LayerRemoved
+				}
+				layers = append(layers, Change{DeviceID: id, Layer: dp.ID, LayerOp: op})
+			}
+			continue
+		}
 		if now && dp.admits(slot) && (best == 0 || dp.rank < e.deps[best].rank) {
 			best = h
 		}
@@ -191,6 +223,14 @@ func (e *Engine) PutDevice(id string, tags map[string]any) []Change {
 		e.d.releaseTerm(t)
 	}
 	out := e.setApplied(slot, best)
+	if len(layers) > 0 {
+		base := e.name(best)
+		slices.SortFunc(layers, func(a, b Change) int { return strings.Compare(a.Layer, b.Layer) })
+		for i := range layers {
+			layers[i].From, layers[i].To = base, base
+		}
+		out = append(out, layers...)
+	}
 	e.maybeCompact()
 	return out
 }
@@ -330,10 +370,19 @@ func (e *Engine) PutDeployment(d Deployment) ([]Change, error) {
 	if err != nil {
 		return nil, err
 	}
+	if d.Layered {
+		d.Gated = false // a layer is merged, never gated: it applies where a base does
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if h, ok := e.depIDs[d.ID]; ok && e.deps[h].Deployment == d {
 		return nil, nil // e.g. only the manifest changed: nothing to re-target
+	}
+	var out []Change
+	if h, ok := e.depIDs[d.ID]; ok && e.deps[h].Layered != d.Layered {
+		// A base becoming a layer or the reverse (not done by the
+		// store, whose content is immutable): leave, then come back.
+		out = e.deleteLocked(d.ID)
 	}
 	b := binder{d: &e.d, pin: true}
 	plan := b.bind(cond.root)
@@ -341,7 +390,50 @@ func (e *Engine) PutDeployment(d Deployment) ([]Change, error) {
 	if h, ok := e.depIDs[d.ID]; ok {
 		return e.updateDeployment(h, d, plan, b, targets), nil
 	}
-	return e.addDeployment(d, plan, b, targets), nil
+	if out == nil {
+		return e.addDeployment(d, plan, b, targets), nil
+	}
+	out = mergeChanges(out, e.addDeployment(d, plan, b, targets))
+	for i, c := range out {
+		if c.Layer != "" { // From and To are the base as it is now
+			base := e.name(e.applied[e.byID[c.DeviceID]])
+			out[i].From, out[i].To = base, base
+		}
+	}
+	return out, nil
+}
+
+// mergeChanges merges two Change lists, each sorted by device id, into
+// one sorted by device id, base change first, then layer.
+func mergeChanges(a, b []Change) []Change {
+	if len(a) == 0 {
+		return b
+	}
+	out := append(a, b...)
+	slices.SortStableFunc(out, compareChanges)
+	return out
+}
+
+func compareChanges(a, b Change) int {
+	if c := strings.Compare(a.DeviceID, b.DeviceID); c != 0 {
+		return c
+	}
+	return strings.Compare(a.Layer, b.Layer)
+}
+
+// layerChanges lists, sorted by device id, the devices of s with a change
+// of layer id (op), each with its applied deployment as From and To.
+func (e *Engine) layerChanges(s dense, id, op string) []Change {
+	n := s.count()
+	if n == 0 {
+		return nil
+	}
+	out := make([]Change, 0, n)
+	e.eachSorted(n, s.each, s.has, func(x uint32) {
+		base := e.name(e.applied[x])
+		out = append(out, Change{DeviceID: e.ids[x], From: base, To: base, Layer: id, LayerOp: op})
+	})
+	return out
 }
 
 func (e *Engine) addDeployment(d Deployment, plan *pnode, b binder, targets dense) []Change {
@@ -360,6 +452,9 @@ func (e *Engine) addDeployment(d Deployment, plan *pnode, b binder, targets dens
 	e.register(h)
 	e.ranked = append(e.ranked, h)
 	e.rerank()
+	if d.Layered {
+		return e.layerChanges(targets, d.ID, LayerAdded)
+	}
 	chs := make([]slotChange, 0, targets.count())
 	targets.each(func(x uint32) {
 		if cur := e.applied[x]; dp.admits(x) && (cur == 0 || dp.rank < e.deps[cur].rank) {
@@ -372,6 +467,9 @@ func (e *Engine) addDeployment(d Deployment, plan *pnode, b binder, targets dens
 
 func (e *Engine) updateDeployment(h uint32, d Deployment, plan *pnode, b binder, targets dense) []Change {
 	dp := e.deps[h]
+	if d.Layered {
+		return e.updateLayer(h, d, plan, b, targets)
+	}
 	affected := e.emptySet()
 	affected.or(&dp.targets)
 	if dp.Priority != d.Priority || dp.CreatedUnixNano != d.CreatedUnixNano || dp.Gated != d.Gated {
@@ -395,16 +493,63 @@ func (e *Engine) updateDeployment(h uint32, d Deployment, plan *pnode, b binder,
 	return e.finish(e.resolve(affected))
 }
 
+// updateLayer is updateDeployment for a layered deployment: the devices it
+// starts and stops targeting, and, when its precedence changed, those it
+// goes on targeting (their merge order changed).
+func (e *Engine) updateLayer(h uint32, d Deployment, plan *pnode, b binder, targets dense) []Change {
+	dp := e.deps[h]
+	added, removed, kept := e.emptySet(), e.emptySet(), e.emptySet()
+	added.orD(targets)
+	added.andNot(&dp.targets)
+	removed.or(&dp.targets)
+	removed.andNotD(targets)
+	moved := dp.Priority != d.Priority || dp.CreatedUnixNano != d.CreatedUnixNano
+	if moved {
+		kept.or(&dp.targets)
+		kept.andD(targets)
+	}
+	e.unregister(h)
+	oldPins := dp.pins
+	dp.Deployment, dp.plan, dp.pins = d, plan, b
+	dp.targets = *targets.toBitmap()
+	dp.anc = e.anchorsOf(plan)
+	e.register(h)
+	e.rerank()
+	e.releasePins(oldPins)
+	out := e.layerChanges(added, d.ID, LayerAdded)
+	out = mergeChanges(out, e.layerChanges(removed, d.ID, LayerRemoved))
+	return mergeChanges(out, e.layerChanges(kept, d.ID, LayerMoved))
+}
+
 // DeleteDeployment removes a deployment; the devices it applied to fall
-// back to their next deployment by precedence, or none.
+// back to their next deployment by precedence, or none. A layered one
+// leaves every device it targeted (LayerRemoved).
 func (e *Engine) DeleteDeployment(id string) []Change {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	return e.deleteLocked(id)
+}
+
+func (e *Engine) deleteLocked(id string) []Change {
 	h, ok := e.depIDs[id]
 	if !ok {
 		return nil
 	}
 	dp := e.deps[h]
+	if dp.Layered {
+		left := e.emptySet()
+		left.or(&dp.targets)
+		out := e.layerChanges(left, id, LayerRemoved)
+		e.unregister(h)
+		e.ranked = slices.DeleteFunc(e.ranked, func(x uint32) bool { return x == h })
+		e.rerank()
+		dp.targets = bitmap{}
+		e.releasePins(dp.pins)
+		e.deps[h] = nil
+		delete(e.depIDs, id)
+		e.depFree = append(e.depFree, h)
+		return out
+	}
 	affected := e.emptySet()
 	dp.targets.Each(func(x uint32) bool {
 		if e.applied[x] == h {
@@ -532,6 +677,9 @@ func (e *Engine) resolve(s dense) []slotChange {
 		rem[i/chunkWords] += int32(bits.OnesCount64(w))
 	}
 	for _, h := range e.ranked {
+		if e.deps[h].Layered {
+			continue // layers never apply as a base
+		}
 		if dp := e.deps[h]; dp.Gated {
 			// Only the admitted slots it targets: usually far fewer.
 			dp.admitted.Each(func(x uint32) bool {
@@ -612,7 +760,7 @@ func (e *Engine) bestFor(slot uint32) uint32 {
 	var best uint32
 	for _, h := range e.candidates(e.ids[slot], e.leaves[slot], nil) {
 		dp := e.deps[h]
-		if dp.targets.Contains(slot) && dp.admits(slot) && (best == 0 || dp.rank < e.deps[best].rank) {
+		if !dp.Layered && dp.targets.Contains(slot) && dp.admits(slot) && (best == 0 || dp.rank < e.deps[best].rank) {
 			best = h
 		}
 	}
@@ -701,7 +849,8 @@ func (e *Engine) TargetedDevices(deploymentID string) []string {
 }
 
 // AppliedDevices returns the ids of the devices a deployment applies to,
-// sorted.
+// sorted. A layered deployment applies to the devices it targets that
+// have a base (an applied deployment) to merge on.
 func (e *Engine) AppliedDevices(deploymentID string) []string {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
@@ -711,10 +860,60 @@ func (e *Engine) AppliedDevices(deploymentID string) []string {
 	}
 	s := e.emptySet()
 	e.deps[h].targets.Each(func(x uint32) bool {
-		if e.applied[x] == h {
+		if e.appliesTo(h, x) {
 			s.set(x)
 		}
 		return true
+	})
+	return e.sortedIDs(s)
+}
+
+// appliesTo tells whether deployment h, which targets slot x, applies to
+// it: as its base, or as a layer on a base.
+func (e *Engine) appliesTo(h, x uint32) bool {
+	if e.deps[h].Layered {
+		return e.applied[x] != 0
+	}
+	return e.applied[x] == h
+}
+
+// Layers returns the layered deployments that target a device, by
+// precedence (the first wins a conflict; merge them last to first). They
+// apply only if the device has an applied deployment (Applied).
+func (e *Engine) Layers(deviceID string) []string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	slot, ok := e.byID[deviceID]
+	if !ok {
+		return nil
+	}
+	var out []string
+	for _, h := range e.ranked {
+		if dp := e.deps[h]; dp.Layered && dp.targets.Contains(slot) {
+			out = append(out, dp.ID)
+		}
+	}
+	return out
+}
+
+// IsLayered tells whether a deployment the engine holds is layered.
+func (e *Engine) IsLayered(deploymentID string) bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	h, ok := e.depIDs[deploymentID]
+	return ok && e.deps[h].Layered
+}
+
+// UnassignedDevices returns the ids of the devices no deployment applies
+// to (layers may target them), sorted.
+func (e *Engine) UnassignedDevices() []string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	s := e.emptySet()
+	e.live.each(func(x uint32) {
+		if e.applied[x] == 0 {
+			s.set(x)
+		}
 	})
 	return e.sortedIDs(s)
 }
@@ -730,7 +929,7 @@ func (e *Engine) Counts(deploymentID string) (targeted, applied int) {
 	}
 	dp := e.deps[h]
 	dp.targets.Each(func(x uint32) bool {
-		if e.applied[x] == h {
+		if e.appliesTo(h, x) {
 			applied++
 		}
 		return true
@@ -780,11 +979,20 @@ func (e *Engine) DryRunDevices(d Deployment) (targeted, wouldApply []string, err
 // dryRunSets computes the sets DryRun counts: the devices cond (d's
 // condition) matches, and those of them no deployment that precedes d
 // targets (d itself, if it exists, does not count against its new
-// version). The caller holds the read lock.
+// version; layers never do). For a layered d, those it would apply to are
+// the devices it matches that have a base. The caller holds the read lock.
 func (e *Engine) dryRunSets(d Deployment, cond *Condition) (targets, would dense) {
 	b := binder{d: &e.d}
 	targets = e.targetSet(b.bind(cond.root))
 	would = e.emptySet()
+	if d.Layered {
+		targets.each(func(x uint32) {
+			if e.applied[x] != 0 {
+				would.set(x)
+			}
+		})
+		return targets, would
+	}
 	would.orD(targets)
 	self := e.depIDs[d.ID]
 	for _, h := range e.ranked {
@@ -793,7 +1001,7 @@ func (e *Engine) dryRunSets(d Deployment, cond *Condition) (targets, would dense
 			break
 		}
 		switch {
-		case h == self:
+		case h == self, dp.Layered:
 		case dp.Gated:
 			dp.admitted.Each(func(x uint32) bool {
 				if dp.targets.Contains(x) {
@@ -910,7 +1118,13 @@ func (e *Engine) WouldApply(deploymentID string) []string {
 	dp := e.deps[h]
 	s := e.emptySet()
 	dp.targets.Each(func(x uint32) bool {
-		if cur := e.applied[x]; cur == 0 || cur == h || e.deps[cur].rank > dp.rank {
+		cur := e.applied[x]
+		switch {
+		case dp.Layered:
+			if cur != 0 { // a layer applies where a base does
+				s.set(x)
+			}
+		case cur == 0 || cur == h || e.deps[cur].rank > dp.rank:
 			s.set(x)
 		}
 		return true

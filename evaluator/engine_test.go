@@ -51,18 +51,18 @@ func TestEngine_Changes(t *testing.T) {
 		e.PutDevice(fmt.Sprintf("dev%d", 4-i), map[string]any{"n": float64(4 - i)})
 	}
 	ch := mustPut(t, e, Deployment{ID: "low", Condition: "tags.n >= 1", Priority: 1})
-	want := []Change{{"dev1", "", "low"}, {"dev2", "", "low"}, {"dev3", "", "low"}, {"dev4", "", "low"}}
+	want := []Change{{DeviceID: "dev1", From: "", To: "low"}, {DeviceID: "dev2", From: "", To: "low"}, {DeviceID: "dev3", From: "", To: "low"}, {DeviceID: "dev4", From: "", To: "low"}}
 	if !slices.Equal(ch, want) {
 		t.Fatalf("create low = %v, want %v", ch, want)
 	}
 	ch = mustPut(t, e, Deployment{ID: "high", Condition: "tags.n IN [0, 2]", Priority: 5})
-	want = []Change{{"dev0", "", "high"}, {"dev2", "low", "high"}}
+	want = []Change{{DeviceID: "dev0", From: "", To: "high"}, {DeviceID: "dev2", From: "low", To: "high"}}
 	if !slices.Equal(ch, want) {
 		t.Fatalf("create high = %v, want %v", ch, want)
 	}
 	// Lowering its priority hands dev2 back; dev0 keeps it.
 	ch = mustPut(t, e, Deployment{ID: "high", Condition: "tags.n IN [0, 2]", Priority: 0})
-	if want := []Change{{"dev2", "high", "low"}}; !slices.Equal(ch, want) {
+	if want := []Change{{DeviceID: "dev2", From: "high", To: "low"}}; !slices.Equal(ch, want) {
 		t.Fatalf("lower priority = %v, want %v", ch, want)
 	}
 	// Putting it unchanged (e.g. a manifest update) changes nothing.
@@ -71,24 +71,24 @@ func TestEngine_Changes(t *testing.T) {
 	}
 	// Changing the condition only.
 	ch = mustPut(t, e, Deployment{ID: "low", Condition: "tags.n >= 3", Priority: 1})
-	if want := []Change{{"dev1", "low", ""}, {"dev2", "low", "high"}}; !slices.Equal(ch, want) {
+	if want := []Change{{DeviceID: "dev1", From: "low", To: ""}, {DeviceID: "dev2", From: "low", To: "high"}}; !slices.Equal(ch, want) {
 		t.Fatalf("narrow low = %v, want %v", ch, want)
 	}
 	// A device change.
-	if ch := e.PutDevice("dev3", map[string]any{"n": 0.0}); !slices.Equal(ch, []Change{{"dev3", "low", "high"}}) {
+	if ch := e.PutDevice("dev3", map[string]any{"n": 0.0}); !slices.Equal(ch, []Change{{DeviceID: "dev3", From: "low", To: "high"}}) {
 		t.Fatalf("PutDevice = %v", ch)
 	}
 	if ch := e.PutDevice("dev3", map[string]any{"n": 0.0}); ch != nil {
 		t.Fatalf("unchanged PutDevice = %v", ch)
 	}
-	if ch := e.DeleteDevice("dev3"); !slices.Equal(ch, []Change{{"dev3", "high", ""}}) {
+	if ch := e.DeleteDevice("dev3"); !slices.Equal(ch, []Change{{DeviceID: "dev3", From: "high", To: ""}}) {
 		t.Fatalf("DeleteDevice = %v", ch)
 	}
 	if ch := e.DeleteDevice("dev3"); ch != nil {
 		t.Fatalf("second DeleteDevice = %v", ch)
 	}
 	// Deleting a deployment falls back to the next one.
-	if ch := e.DeleteDeployment("high"); !slices.Equal(ch, []Change{{"dev0", "high", ""}, {"dev2", "high", ""}}) {
+	if ch := e.DeleteDeployment("high"); !slices.Equal(ch, []Change{{DeviceID: "dev0", From: "high", To: ""}, {DeviceID: "dev2", From: "high", To: ""}}) {
 		t.Fatalf("DeleteDeployment = %v", ch)
 	}
 	if ch := e.DeleteDeployment("high"); ch != nil {
@@ -495,4 +495,63 @@ func TestEngine_LargeSets(t *testing.T) {
 	checkAgainstEval(t, e, devs, deps)
 	del("tenth")
 	del("all")
+}
+
+// A layered deployment never displaces the base, whatever its priority; it
+// applies (merges) only on devices that have a base, and its targeting is
+// reported as layer changes.
+func TestEngine_Layers(t *testing.T) {
+	e := NewEngine()
+	e.PutDevice("a", map[string]any{"site": "x"})
+	e.PutDevice("b", map[string]any{"site": "y"})
+	mustPut(t, e, Deployment{ID: "base", Condition: "tags.site = 'x'", Priority: 10})
+	ch := mustPut(t, e, Deployment{ID: "l1", Condition: "*", Priority: 20, Layered: true})
+	want := []Change{
+		{DeviceID: "a", From: "base", To: "base", Layer: "l1", LayerOp: LayerAdded},
+		{DeviceID: "b", Layer: "l1", LayerOp: LayerAdded},
+	}
+	if !slices.Equal(ch, want) {
+		t.Fatalf("put l1 = %v, want %v", ch, want)
+	}
+	mustPut(t, e, Deployment{ID: "l0", Condition: "*", Priority: 1, Layered: true})
+	if e.Applied("a") != "base" || e.Applied("b") != "" {
+		t.Fatalf("applied a=%q b=%q: a layer displaced or became a base", e.Applied("a"), e.Applied("b"))
+	}
+	if got := e.Layers("a"); !slices.Equal(got, []string{"l1", "l0"}) {
+		t.Fatalf("Layers(a) = %v", got)
+	}
+	if got := e.AppliedDevices("l1"); !slices.Equal(got, []string{"a"}) {
+		t.Fatalf("AppliedDevices(l1) = %v: only a device with a base", got)
+	}
+	if tg, ap := e.Counts("l1"); tg != 2 || ap != 1 {
+		t.Fatalf("Counts(l1) = %d, %d", tg, ap)
+	}
+	if got := e.UnassignedDevices(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("UnassignedDevices = %v", got)
+	}
+	// b gets a base: its base changes (its layers come with the new document).
+	if ch := e.PutDevice("b", map[string]any{"site": "x"}); !slices.Equal(ch, []Change{{DeviceID: "b", To: "base"}}) {
+		t.Fatalf("PutDevice(b) = %v", ch)
+	}
+	// A layer's priority change reorders the layers of every device it targets.
+	ch = mustPut(t, e, Deployment{ID: "l0", Condition: "*", Priority: 30, Layered: true})
+	if len(ch) != 2 || ch[0].LayerOp != LayerMoved || ch[1].LayerOp != LayerMoved {
+		t.Fatalf("reorder l0 = %v", ch)
+	}
+	if got := e.Layers("a"); !slices.Equal(got, []string{"l0", "l1"}) {
+		t.Fatalf("Layers(a) after reorder = %v", got)
+	}
+	// Untargeting a device removes the layer from it alone.
+	ch = mustPut(t, e, Deployment{ID: "l1", Condition: "deviceId = 'a'", Priority: 20, Layered: true})
+	if !slices.Equal(ch, []Change{{DeviceID: "b", From: "base", To: "base", Layer: "l1", LayerOp: LayerRemoved}}) {
+		t.Fatalf("narrow l1 = %v", ch)
+	}
+	if ch := e.DeleteDeployment("l1"); !slices.Equal(ch, []Change{{DeviceID: "a", From: "base", To: "base", Layer: "l1", LayerOp: LayerRemoved}}) {
+		t.Fatalf("delete l1 = %v", ch)
+	}
+	// A dry run of a layer: it would apply where there is a base.
+	e.PutDevice("c", nil)
+	if tg, wa, err := e.DryRun(Deployment{ID: "l2", Condition: "*", Layered: true, Priority: 99}); err != nil || tg != 3 || wa != 2 {
+		t.Fatalf("DryRun(layer) = %d, %d, %v; want 3, 2", tg, wa, err)
+	}
 }

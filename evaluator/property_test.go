@@ -178,17 +178,67 @@ func (m *model) targeting(devID string) []string {
 
 func (m *model) applied(devID string) string {
 	for _, dep := range m.targeting(devID) {
-		if m.admits(dep, devID) {
+		if !m.deps[dep].Layered && m.admits(dep, devID) {
 			return dep
 		}
 	}
 	return ""
 }
 
+// layers are the layered deployments targeting a device, by precedence.
+func (m *model) layers(devID string) []string {
+	var out []string
+	for _, id := range m.targeting(devID) {
+		if m.deps[id].Layered {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// layersAll is, per device, its layers and each one's deployment.
+func (m *model) layersAll() map[string]map[string]Deployment {
+	out := map[string]map[string]Deployment{}
+	for id := range m.devices {
+		ls := map[string]Deployment{}
+		for _, l := range m.layers(id) {
+			ls[l] = m.deps[l]
+		}
+		out[id] = ls
+	}
+	return out
+}
+
 func (m *model) appliedAll() map[string]string {
 	out := map[string]string{}
 	for id := range m.devices {
 		out[id] = m.applied(id)
+	}
+	return out
+}
+
+// expectLayerChanges is what an engine must report about layers for a
+// step that moved the model from before to after: every layer that
+// started or stopped targeting a device that still exists, and for the
+// layer whose precedence changed, the devices it goes on targeting.
+func expectLayerChanges(before, after map[string]map[string]Deployment, base map[string]string, put string) []Change {
+	var out []Change
+	for dev, now := range after {
+		was := before[dev]
+		for id, d := range now {
+			w, ok := was[id]
+			switch {
+			case !ok:
+				out = append(out, Change{DeviceID: dev, From: base[dev], To: base[dev], Layer: id, LayerOp: LayerAdded})
+			case id == put && (w.Priority != d.Priority || w.CreatedUnixNano != d.CreatedUnixNano):
+				out = append(out, Change{DeviceID: dev, From: base[dev], To: base[dev], Layer: id, LayerOp: LayerMoved})
+			}
+		}
+		for id := range was {
+			if _, ok := now[id]; !ok {
+				out = append(out, Change{DeviceID: dev, From: base[dev], To: base[dev], Layer: id, LayerOp: LayerRemoved})
+			}
+		}
 	}
 	return out
 }
@@ -230,6 +280,8 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 		steps := rapid.IntRange(1, 40).Draw(t, "steps")
 		for range steps {
 			before := m.appliedAll()
+			beforeLayers := m.layersAll()
+			put := ""
 			var got map[string][]Change
 			switch rapid.IntRange(0, 11).Draw(t, "action") {
 			case 0, 1, 2, 3:
@@ -251,7 +303,12 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 					Priority:        int64(rapid.IntRange(0, 2).Draw(t, "prio")),
 					CreatedUnixNano: int64(rapid.IntRange(0, 2).Draw(t, "created")),
 					Gated:           rapid.IntRange(0, 2).Draw(t, "gated") == 0,
+					Layered:         rapid.IntRange(0, 2).Draw(t, "layered") == 0,
 				}
+				if d.Layered {
+					d.Gated = false // as the engine takes it: a layer is never gated
+				}
+				put = d.ID
 				c, err := Compile(d.Condition)
 				if err != nil {
 					t.Fatalf("generated condition %q does not compile: %v", d.Condition, err)
@@ -297,7 +354,10 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 				})
 			}
 			if got != nil {
-				want := expectChanges(before, m.appliedAll())
+				after := m.appliedAll()
+				afterLayers := m.layersAll()
+				want := append(expectChanges(before, after), expectLayerChanges(beforeLayers, afterLayers, after, put)...)
+				slices.SortStableFunc(want, compareChanges)
 				for _, n := range names {
 					if !slices.Equal(got[n], want) {
 						t.Fatalf("%s: changes %v, want %v", n, got[n], want)
@@ -314,7 +374,8 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 				t.Fatalf("generated condition %q does not compile: %v", q, err)
 			}
 			dry := Deployment{ID: rapid.SampledFrom(genDepIDs).Draw(t, "dep"), Condition: q,
-				Priority: int64(rapid.IntRange(0, 2).Draw(t, "prio")), CreatedUnixNano: int64(rapid.IntRange(0, 2).Draw(t, "created"))}
+				Priority: int64(rapid.IntRange(0, 2).Draw(t, "prio")), CreatedUnixNano: int64(rapid.IntRange(0, 2).Draw(t, "created")),
+				Layered: rapid.IntRange(0, 2).Draw(t, "layered") == 0}
 			var wantMatch []string
 			wantApply := 0
 			for _, dev := range slices.Sorted(maps.Keys(m.devices)) {
@@ -331,9 +392,12 @@ func TestEngine_Property_MatchesBruteForceCEL(t *testing.T) {
 				wantMatch = append(wantMatch, dev)
 				beaten := false
 				for _, other := range m.targeting(dev) {
-					if od := m.deps[other]; other != dry.ID && precedes(&od, &dry) < 0 && m.admits(other, dev) {
+					if od := m.deps[other]; other != dry.ID && !od.Layered && precedes(&od, &dry) < 0 && m.admits(other, dev) {
 						beaten = true
 					}
+				}
+				if dry.Layered {
+					beaten = m.applied(dev) == "" // a layer applies on a base
 				}
 				if !beaten {
 					wantApply++
@@ -376,6 +440,13 @@ func checkEngine(t *rapid.T, name string, e *Engine, m *model) {
 		if got := e.Targeting(dev); !slices.Equal(got, wantT) {
 			t.Fatalf("%s: Targeting(%s) = %v, want %v (tags %v)", name, dev, got, wantT, m.devices[dev])
 		}
+		var wantL []string
+		if exists {
+			wantL = m.layers(dev)
+		}
+		if got := e.Layers(dev); !slices.Equal(got, wantL) {
+			t.Fatalf("%s: Layers(%s) = %v, want %v", name, dev, got, wantL)
+		}
 	}
 	for _, dep := range genDepIDs {
 		var wantT, wantA []string
@@ -383,7 +454,7 @@ func checkEngine(t *rapid.T, name string, e *Engine, m *model) {
 			for _, dev := range slices.Sorted(maps.Keys(m.devices)) {
 				if m.matches(dep, dev) {
 					wantT = append(wantT, dev)
-					if m.applied(dev) == dep {
+					if a := m.applied(dev); a == dep || m.deps[dep].Layered && a != "" {
 						wantA = append(wantA, dev)
 					}
 				}
@@ -404,9 +475,12 @@ func checkEngine(t *rapid.T, name string, e *Engine, m *model) {
 			for _, dev := range wantT {
 				beaten := false
 				for _, other := range m.targeting(dev) {
-					if od := m.deps[other]; other != dep && precedes(&od, &d) < 0 && m.admits(other, dev) {
+					if od := m.deps[other]; other != dep && !od.Layered && precedes(&od, &d) < 0 && m.admits(other, dev) {
 						beaten = true
 					}
+				}
+				if d.Layered {
+					beaten = m.applied(dev) == "" // a layer applies where a base does
 				}
 				if !beaten {
 					wantW = append(wantW, dev)
