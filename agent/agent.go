@@ -369,14 +369,14 @@ func (a *Agent) apply(in *incoming) {
 		if errors.As(err, &de) {
 			code = de.code
 		}
-		a.last = lastRecord{Version: in.doc.Version, Seen: true, Code: code, Description: msg}
+		a.last = lastRecord{Version: in.doc.Version, Seen: true, Code: code, Description: msg, DeploymentID: in.doc.DeploymentID, Layers: in.doc.Layers}
 		if err := a.st.saveLast(a.last); err != nil {
 			a.log.Error("update agent state", "err", err)
 		}
 		a.log.Warn("desired document refused; modules left as they are", "version", in.doc.Version, "code", code, "err", msg)
 		return
 	}
-	a.last = lastRecord{Version: in.doc.Version, Seen: true}
+	a.last = lastRecord{Version: in.doc.Version, Seen: true, DeploymentID: in.doc.DeploymentID, Layers: in.doc.Layers}
 	if err := a.st.saveDesired(in.payload, a.last); err != nil {
 		a.log.Error("update agent state: the new desired document will not survive a restart", "err", err)
 	}
@@ -429,11 +429,13 @@ func (a *Agent) buildReport() {
 		return // nothing to say before the first desired document
 	}
 	doc := &fleet.ReportedDocument{
-		SchemaVersion:      fleet.DocumentSchema,
-		LastDesiredVersion: a.last.Version,
-		Version:            a.cfg.Version,
-		Runtime:            fleet.ReportedRuntime{Platform: fleet.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}},
-		Modules:            a.rec.moduleStatuses(),
+		SchemaVersion:           fleet.DocumentSchema,
+		LastDesiredVersion:      a.last.Version,
+		LastDesiredDeploymentID: a.last.DeploymentID,
+		LastDesiredLayers:       a.last.Layers,
+		Version:                 a.cfg.Version,
+		Runtime:                 fleet.ReportedRuntime{Platform: fleet.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}},
+		Modules:                 a.rec.moduleStatuses(),
 	}
 	if a.last.Code != 0 {
 		doc.LastDesiredStatus = fleet.DesiredStatus{Code: a.last.Code, Description: a.last.Description}
@@ -451,6 +453,7 @@ func (a *Agent) buildReport() {
 	}
 	if a.plan != nil {
 		doc.DeploymentID = a.plan.deploymentID
+		doc.Layers = a.plan.layers
 		if len(a.plan.systemModules) > 0 {
 			doc.SystemModules = map[string]fleet.ModuleStatus{}
 			for name, sm := range a.plan.systemModules {

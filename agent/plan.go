@@ -42,6 +42,10 @@ const (
 type plan struct {
 	version      uint64
 	deploymentID string
+	// layers are the layered deployments the controller merged into the
+	// document (echoed in the report, so that status knows which
+	// document the report is about).
+	layers []string
 	// modules are the desired modules by name; empty for an empty desired
 	// state (no deployment applies), which removes every module.
 	modules map[string]*moduleSpec
@@ -193,6 +197,7 @@ func buildPlan(doc fleet.DesiredDocument) (*plan, error) {
 		p.deploymentID = ""
 		return p, nil
 	}
+	p.layers = doc.Layers
 	wrapped := make([]byte, 0, len(content)+20)
 	wrapped = append(wrapped, `{"modulesContent":`...)
 	wrapped = append(wrapped, content...)

@@ -43,6 +43,11 @@ type lastRecord struct {
 	Seen        bool   `json:"seen"` // a document has been processed
 	Code        int    `json:"code"`
 	Description string `json:"description,omitempty"`
+	// DeploymentID and Layers name the document (reported as
+	// lastDesiredDeploymentId, lastDesiredLayers, so that a refusal is
+	// counted against the deployment refused).
+	DeploymentID string   `json:"deploymentId,omitempty"`
+	Layers       []string `json:"layers,omitempty"`
 }
 
 // moduleRecord is what the agent created for a module.

@@ -181,10 +181,11 @@ func (c *Client) PutDeployment(ctx context.Context, id string, req DeploymentReq
 	return d, err
 }
 
-// DryRunDeployment reports what creating the deployment would do.
-func (c *Client) DryRunDeployment(ctx context.Context, id string, req DeploymentRequest) (DryRunResult, error) {
+// DryRunDeployment reports what creating (or replacing) the deployment
+// would do (one page of the devices, as q says).
+func (c *Client) DryRunDeployment(ctx context.Context, id string, req DeploymentRequest, q DryRunQuery) (DryRunResult, error) {
 	var r DryRunResult
-	_, err := c.do(ctx, http.MethodPut, "/api/v1/deployments/"+esc(id), url.Values{"dryRun": {"true"}}, WriteOptions{}, req, &r)
+	_, err := c.do(ctx, http.MethodPut, "/api/v1/deployments/"+esc(id), q.values(), WriteOptions{}, req, &r)
 	return r, err
 }
 

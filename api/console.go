@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"net/url"
 
 	"appliance/fleet"
 )
@@ -25,10 +24,10 @@ type ConsoleBackend interface {
 	CheckCondition(ctx context.Context, req ConditionRequest) (ConditionCheck, error)
 	// DryRunPatchDeployment reports what a PATCH would change, changing
 	// nothing.
-	DryRunPatchDeployment(ctx context.Context, id string, patch DeploymentPatch) (DryRunResult, error)
+	DryRunPatchDeployment(ctx context.Context, id string, patch DeploymentPatch, q DryRunQuery) (DryRunResult, error)
 	// DryRunDeleteDeployment reports where the deployment's devices would
 	// go if it were deleted, changing nothing.
-	DryRunDeleteDeployment(ctx context.Context, id string) (DryRunResult, error)
+	DryRunDeleteDeployment(ctx context.Context, id string, q DryRunQuery) (DryRunResult, error)
 }
 
 // DryRunSample is how many device ids a dry run lists per group.
@@ -83,6 +82,10 @@ type OverviewDevices struct {
 	Total        int `json:"total"`
 	Connected    int `json:"connected"`
 	Disconnected int `json:"disconnected"`
+	// Offline counts the disconnected devices out of contact for longer
+	// than the node's --offline-after (beside Health: what their last
+	// reports said).
+	Offline int `json:"offline"`
 	// Health counts every device once, by HealthStates: the sum is Total.
 	Health map[string]int `json:"health"`
 }
@@ -105,6 +108,7 @@ type DeploymentSummary struct {
 	TargetCondition string       `json:"targetCondition"`
 	State           string       `json:"state"`
 	Counts          StatusCounts `json:"counts"`
+	Layered         bool         `json:"layered,omitempty"`
 }
 
 // RecentEvent is a deployment's history event with the deployment it is
@@ -160,6 +164,8 @@ type ManifestResult struct {
 // ManifestConfiguration is the non-content part of an IoT Hub
 // configuration object.
 type ManifestConfiguration struct {
+	// ID is the configuration's own id, when it has one.
+	ID              string            `json:"id,omitempty"`
 	TargetCondition *string           `json:"targetCondition,omitempty"`
 	Priority        *int64            `json:"priority,omitempty"`
 	Labels          map[string]string `json:"labels,omitempty"`
@@ -203,20 +209,30 @@ func ExpandManifest(req ManifestRequest) (ManifestResult, error) {
 	if names == nil {
 		res.Placeholders = []string{}
 	}
+	res.Configuration = ConfigurationOf(expanded)
+	return res, nil
+}
+
+// ConfigurationOf reads what a whole IoT Hub configuration object (as `az
+// iot edge deployment show` prints it) says besides its content: its
+// targetCondition, priority, labels and metrics; nil for a bare
+// modulesContent file or one that has none of them. A configuration
+// object whose other fields have unexpected types is still a good
+// manifest: they are then left out.
+func ConfigurationOf(file []byte) *ManifestConfiguration {
 	var cfg struct {
+		ID              string            `json:"id"`
 		Content         json.RawMessage   `json:"content"`
 		TargetCondition *string           `json:"targetCondition"`
 		Priority        *int64            `json:"priority"`
 		Labels          map[string]string `json:"labels"`
 		Metrics         *fleet.Metrics    `json:"metrics"`
 	}
-	// A configuration object whose other fields have unexpected types is
-	// still a good manifest: those fields are only a form's starting point.
-	if json.Unmarshal(expanded, &cfg) == nil && cfg.Content != nil &&
-		(cfg.TargetCondition != nil || cfg.Priority != nil || cfg.Labels != nil || cfg.Metrics != nil) {
-		res.Configuration = &ManifestConfiguration{TargetCondition: cfg.TargetCondition, Priority: cfg.Priority, Labels: cfg.Labels, Metrics: cfg.Metrics}
+	if json.Unmarshal(file, &cfg) != nil || cfg.Content == nil ||
+		(cfg.TargetCondition == nil && cfg.Priority == nil && cfg.Labels == nil && cfg.Metrics == nil) {
+		return nil
 	}
-	return res, nil
+	return &ManifestConfiguration{ID: cfg.ID, TargetCondition: cfg.TargetCondition, Priority: cfg.Priority, Labels: cfg.Labels, Metrics: cfg.Metrics}
 }
 
 // inField puts an error under a request field, keeping the field the
@@ -303,17 +319,18 @@ func (c *Client) ExpandManifest(ctx context.Context, req ManifestRequest) (Manif
 	return res, err
 }
 
-// DryRunPatchDeployment reports what PatchDeployment would change.
-func (c *Client) DryRunPatchDeployment(ctx context.Context, id string, p DeploymentPatch) (DryRunResult, error) {
+// DryRunPatchDeployment reports what PatchDeployment would change (one
+// page of the devices, as q says).
+func (c *Client) DryRunPatchDeployment(ctx context.Context, id string, p DeploymentPatch, q DryRunQuery) (DryRunResult, error) {
 	var r DryRunResult
-	_, err := c.do(ctx, http.MethodPatch, "/api/v1/deployments/"+esc(id), url.Values{"dryRun": {"true"}}, WriteOptions{}, p, &r)
+	_, err := c.do(ctx, http.MethodPatch, "/api/v1/deployments/"+esc(id), q.values(), WriteOptions{}, p, &r)
 	return r, err
 }
 
 // DryRunDeleteDeployment reports where a deployment's devices would go if
 // it were deleted.
-func (c *Client) DryRunDeleteDeployment(ctx context.Context, id string) (DryRunResult, error) {
+func (c *Client) DryRunDeleteDeployment(ctx context.Context, id string, q DryRunQuery) (DryRunResult, error) {
 	var r DryRunResult
-	_, err := c.do(ctx, http.MethodDelete, "/api/v1/deployments/"+esc(id), url.Values{"dryRun": {"true"}}, WriteOptions{}, nil, &r)
+	_, err := c.do(ctx, http.MethodDelete, "/api/v1/deployments/"+esc(id), q.values(), WriteOptions{}, nil, &r)
 	return r, err
 }

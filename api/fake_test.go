@@ -49,6 +49,7 @@ type fakeBackend struct {
 	dryRunDelete        func(ctx context.Context, id string) (DryRunResult, error)
 	rolloutStatus       func(ctx context.Context, id string, consistent bool) (fleet.RolloutStatus, error)
 	rolloutAction       func(ctx context.Context, id string, req RolloutActionRequest) (fleet.RolloutStatus, error)
+	resetDevice         func(ctx context.Context, id string, opts WriteOptions) (fleet.Device, error)
 	health              func() Health
 	ready               func(ctx context.Context) error
 	// hub holds the device hub's routes' functions (hub_test.go).
@@ -120,7 +121,7 @@ func (b *fakeBackend) PutDeployment(ctx context.Context, id string, req Deployme
 	return b.putDeployment(ctx, id, req, opts)
 }
 
-func (b *fakeBackend) DryRunDeployment(ctx context.Context, id string, req DeploymentRequest) (DryRunResult, error) {
+func (b *fakeBackend) DryRunDeployment(ctx context.Context, id string, req DeploymentRequest, _ DryRunQuery) (DryRunResult, error) {
 	if err := b.record("DryRunDeployment", b.dryRunDeployment != nil); err != nil {
 		return DryRunResult{}, err
 	}
@@ -174,6 +175,13 @@ func (b *fakeBackend) RegenerateDeviceKey(ctx context.Context, id, which string)
 		return fleet.Device{}, err
 	}
 	return b.regenerateDeviceKey(ctx, id, which)
+}
+
+func (b *fakeBackend) ResetDevice(ctx context.Context, id string, opts WriteOptions) (fleet.Device, error) {
+	if err := b.record("ResetDevice", b.resetDevice != nil); err != nil {
+		return fleet.Device{}, err
+	}
+	return b.resetDevice(ctx, id, opts)
 }
 
 func (b *fakeBackend) PutEnrollment(ctx context.Context, name string, req EnrollmentRequest, opts WriteOptions) (fleet.Enrollment, bool, error) {
@@ -260,14 +268,14 @@ func (b *fakeBackend) CheckCondition(ctx context.Context, req ConditionRequest) 
 	return b.checkCondition(ctx, req)
 }
 
-func (b *fakeBackend) DryRunPatchDeployment(ctx context.Context, id string, patch DeploymentPatch) (DryRunResult, error) {
+func (b *fakeBackend) DryRunPatchDeployment(ctx context.Context, id string, patch DeploymentPatch, _ DryRunQuery) (DryRunResult, error) {
 	if err := b.record("DryRunPatchDeployment", b.dryRunPatch != nil); err != nil {
 		return DryRunResult{}, err
 	}
 	return b.dryRunPatch(ctx, id, patch)
 }
 
-func (b *fakeBackend) DryRunDeleteDeployment(ctx context.Context, id string) (DryRunResult, error) {
+func (b *fakeBackend) DryRunDeleteDeployment(ctx context.Context, id string, _ DryRunQuery) (DryRunResult, error) {
 	if err := b.record("DryRunDeleteDeployment", b.dryRunDelete != nil); err != nil {
 		return DryRunResult{}, err
 	}

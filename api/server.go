@@ -38,7 +38,7 @@ type Backend interface {
 	Devices(ctx context.Context, q DeviceQuery) (DevicePage, error)
 
 	PutDeployment(ctx context.Context, id string, req DeploymentRequest, opts WriteOptions) (DeploymentView, bool, error)
-	DryRunDeployment(ctx context.Context, id string, req DeploymentRequest) (DryRunResult, error)
+	DryRunDeployment(ctx context.Context, id string, req DeploymentRequest, q DryRunQuery) (DryRunResult, error)
 	PatchDeployment(ctx context.Context, id string, patch DeploymentPatch, opts WriteOptions) (DeploymentView, error)
 	DeleteDeployment(ctx context.Context, id string, opts WriteOptions) error
 	Deployment(ctx context.Context, id string, consistent bool) (DeploymentView, error)
@@ -49,6 +49,10 @@ type Backend interface {
 	History(ctx context.Context, deployment bool, id string, limit int) (HistoryPage, error)
 
 	RegenerateDeviceKey(ctx context.Context, id, which string) (fleet.Device, error)
+	// ResetDevice has a device no deployment targets remove its modules
+	// (sent an empty document); a device a deployment applies to is a
+	// conflict.
+	ResetDevice(ctx context.Context, id string, opts WriteOptions) (fleet.Device, error)
 
 	PutEnrollment(ctx context.Context, name string, req EnrollmentRequest, opts WriteOptions) (fleet.Enrollment, bool, error)
 	// DeleteEnrollment deletes an enrollment; with revokeDevices it also
@@ -190,6 +194,7 @@ func (s *Server) routes() {
 	s.mux.Handle("GET /api/v1/devices/{id}", s.auth(s.getDevice))
 	s.mux.Handle("GET /api/v1/devices", s.auth(s.listDevices))
 	s.mux.Handle("POST /api/v1/devices/{id}/keys/regenerate", s.auth(s.regenerateKey))
+	s.mux.Handle("POST /api/v1/devices/{id}/reset", s.auth(s.resetDevice))
 
 	s.mux.Handle("PUT /api/v1/enrollments/{name}", s.auth(s.putEnrollment))
 	s.mux.Handle("GET /api/v1/enrollments/{name}", s.auth(s.getEnrollment))
@@ -426,7 +431,12 @@ func (s *Server) putDevice(w http.ResponseWriter, r *http.Request) {
 	if !s.decode(w, r, &req) {
 		return
 	}
-	dev, created, err := s.cfg.Backend.PutDevice(r.Context(), r.PathValue("id"), req, writeOpts(r))
+	opts, err := roundTrip(r, "deviceId", req.ID, req.Etag)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	dev, created, err := s.cfg.Backend.PutDevice(r.Context(), r.PathValue("id"), req, opts)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -508,12 +518,22 @@ func (s *Server) putDeployment(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := r.PathValue("id")
+	opts, err := roundTrip(r, "id", req.ID, req.Etag)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
 	if dryRun(r) {
-		res, err := s.cfg.Backend.DryRunDeployment(r.Context(), id, req)
+		q, err := dryRunQuery(r)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		res, err := s.cfg.Backend.DryRunDeployment(r.Context(), id, req, q)
 		s.reply(w, r, res, err)
 		return
 	}
-	dep, created, err := s.cfg.Backend.PutDeployment(r.Context(), id, req, writeOpts(r))
+	dep, created, err := s.cfg.Backend.PutDeployment(r.Context(), id, req, opts)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -532,7 +552,12 @@ func (s *Server) patchDeployment(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if dryRun(r) {
-		res, err := s.cfg.Backend.DryRunPatchDeployment(r.Context(), r.PathValue("id"), p)
+		q, err := dryRunQuery(r)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		res, err := s.cfg.Backend.DryRunPatchDeployment(r.Context(), r.PathValue("id"), p, q)
 		s.reply(w, r, res, err)
 		return
 	}
@@ -547,7 +572,12 @@ func (s *Server) patchDeployment(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) deleteDeployment(w http.ResponseWriter, r *http.Request) {
 	if dryRun(r) {
-		res, err := s.cfg.Backend.DryRunDeleteDeployment(r.Context(), r.PathValue("id"))
+		q, err := dryRunQuery(r)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		res, err := s.cfg.Backend.DryRunDeleteDeployment(r.Context(), r.PathValue("id"), q)
 		s.reply(w, r, res, err)
 		return
 	}

@@ -21,10 +21,40 @@ type ErrorDetail struct {
 	Field   string `json:"field,omitempty"`
 }
 
-// DeviceRequest is the body of PUT /devices/{id}.
+// DeviceRequest is the body of PUT /devices/{id}. It takes back the
+// object GET returned: deviceId (must equal the path), etag (acts as
+// If-Match) and the read-only fields, which are ignored (keys included:
+// a PUT never sets them).
 type DeviceRequest struct {
 	Tags   map[string]any `json:"tags,omitempty"`
 	Status string         `json:"status,omitempty"`
+
+	ID   string `json:"deviceId,omitempty"`
+	Etag string `json:"etag,omitempty"`
+	deviceReadOnly
+}
+
+// deviceReadOnly are DeviceView's fields a PUT ignores
+// (TestRoundTrip_FieldsInSync keeps the list whole).
+type deviceReadOnly struct {
+	CreatedTimeUTC     ReadOnly `json:"createdTimeUtc,omitempty"`
+	LastUpdatedTimeUTC ReadOnly `json:"lastUpdatedTimeUtc,omitempty"`
+	Authentication     ReadOnly `json:"authentication,omitempty"`
+	Enrollment         ReadOnly `json:"enrollment,omitempty"`
+	ResetIndex         ReadOnly `json:"resetIndex,omitempty"`
+	ResetTimeUTC       ReadOnly `json:"resetTimeUtc,omitempty"`
+	Configurations     ReadOnly `json:"configurations,omitempty"`
+	ConnectionState    ReadOnly `json:"connectionState,omitempty"`
+	ConnectedNode      ReadOnly `json:"connectedNode,omitempty"`
+	LastActivityTime   ReadOnly `json:"lastActivityTime,omitempty"`
+	DesiredVersion     ReadOnly `json:"desiredVersion,omitempty"`
+	Reported           ReadOnly `json:"reported,omitempty"`
+	Health             ReadOnly `json:"health,omitempty"`
+	Precedence         ReadOnly `json:"precedence,omitempty"`
+	Document           ReadOnly `json:"document,omitempty"`
+	Kept               ReadOnly `json:"kept,omitempty"`
+	Presence           ReadOnly `json:"presence,omitempty"`
+	LastContactTime    ReadOnly `json:"lastContactTime,omitempty"`
 }
 
 // DevicePatch is the body of PATCH /devices/{id}: Tags is a JSON merge
@@ -74,7 +104,29 @@ type DeviceView struct {
 	// that target the device in precedence order (the first applies), each
 	// with why it wins or loses.
 	Precedence []PrecedenceEntry `json:"precedence,omitempty"`
+	// Document says what the device's document is made of, in a single
+	// device's read: its base deployment, the layered deployments merged
+	// on it, and which deployment gave each module and route (absent when
+	// no deployment applies).
+	Document *fleet.Composition `json:"document,omitempty"`
+	// Kept is set when no deployment applies: what the device keeps
+	// running, and why ("no deployment targets this device; keeping X v12").
+	Kept *fleet.Kept `json:"kept,omitempty"`
+	// Presence is PresenceOnline (a session with some node),
+	// PresenceDisconnected, or PresenceOffline (nothing heard from it for
+	// longer than the node's --offline-after): shown beside Health, which
+	// is what its last report said. LastContactTime is when it was last
+	// heard from (a session's last bytes, its last report).
+	Presence        string     `json:"presence"`
+	LastContactTime *time.Time `json:"lastContactTime,omitempty"`
 }
+
+// Device presence.
+const (
+	PresenceOnline       = "online"
+	PresenceDisconnected = "disconnected"
+	PresenceOffline      = "offline"
+)
 
 // PrecedenceEntry is one deployment targeting a device, and why it applies
 // or not: the highest priority wins, a tie goes to the most recently
@@ -90,6 +142,9 @@ type PrecedenceEntry struct {
 	DecidedBy string `json:"decidedBy,omitempty"`
 	// Reason says it in words.
 	Reason string `json:"reason"`
+	// Layered marks a layered deployment: it is merged on the applied
+	// (base) deployment rather than competing with it.
+	Layered bool `json:"layered,omitempty"`
 }
 
 // ReportedState is a device's last reported document and when it arrived.
@@ -124,7 +179,10 @@ type DeviceQuery struct {
 	Consistent bool
 }
 
-// DeploymentRequest is the body of PUT /deployments/{id}.
+// DeploymentRequest is the body of PUT /deployments/{id}. It takes back
+// the object GET returned: id (must equal the path), etag (acts as
+// If-Match) and the read-only fields, which are ignored; the content a GET
+// shows (secrets redacted) stands for the stored content.
 type DeploymentRequest struct {
 	Labels          map[string]string `json:"labels,omitempty"`
 	Content         json.RawMessage   `json:"content"`
@@ -135,6 +193,19 @@ type DeploymentRequest struct {
 	// Rollout, when set, makes the deployment reach its devices in waves
 	// gated on their health (fleet.RolloutPolicy; defaults filled in).
 	Rollout *fleet.RolloutPolicy `json:"rollout,omitempty"`
+
+	ID   string `json:"id,omitempty"`
+	Etag string `json:"etag,omitempty"`
+	deploymentReadOnly
+}
+
+// deploymentReadOnly are DeploymentView's fields a PUT ignores
+// (TestRoundTrip_FieldsInSync keeps the list whole).
+type deploymentReadOnly struct {
+	CreatedTimeUTC     ReadOnly `json:"createdTimeUtc,omitempty"`
+	LastUpdatedTimeUTC ReadOnly `json:"lastUpdatedTimeUtc,omitempty"`
+	SystemMetrics      ReadOnly `json:"systemMetrics,omitempty"`
+	Warnings           ReadOnly `json:"warnings,omitempty"`
 }
 
 // DeploymentPatch is the body of PATCH /deployments/{id}. Only these parts
@@ -156,11 +227,17 @@ type DeploymentPatch struct {
 type DeploymentView struct {
 	fleet.Deployment
 	SystemMetrics SystemMetrics `json:"systemMetrics"`
+	// Warnings says what a layered deployment sets that its merge leaves
+	// out (system modules, schema versions: the base provides them).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
-// SystemMetrics are Azure's system metrics of a deployment.
+// SystemMetrics are Azure's system metrics of a deployment: the counts
+// the node derives at once, and Azure's queries for all four (run as
+// custom metrics, they count what GET /status counts).
 type SystemMetrics struct {
-	Results map[string]int `json:"results"`
+	Results map[string]int    `json:"results"`
+	Queries map[string]string `json:"queries,omitempty"`
 }
 
 // DeploymentPage is one page of GET /deployments.
@@ -196,6 +273,14 @@ type DryRunResult struct {
 	// devices it would apply to each wave would reach (the first wave
 	// alone moves at once).
 	Waves []fleet.WaveStatus `json:"waves,omitempty"`
+	// Changes counts the devices by what the write would do to them
+	// (fleet.PreviewCategories: start, switch, leave, keep, noBase).
+	Changes map[string]int `json:"changes"`
+	// Devices is one page of them, by id (only those of Category when
+	// the request named one); Next is the ?after= of the next page.
+	Category string         `json:"category,omitempty"`
+	Devices  []DryRunDevice `json:"devices"`
+	Next     string         `json:"next,omitempty"`
 }
 
 // Health is the body of /healthz and /readyz.
@@ -280,6 +365,8 @@ const (
 	CategoryUnhealthy = fleet.CategoryUnhealthy
 	CategorySoaking   = fleet.CategorySoaking
 	CategoryUnknown   = fleet.CategoryUnknown
+	CategoryOffline   = fleet.CategoryOffline
+	CategoryKept      = fleet.CategoryKept
 )
 
 // Categories lists them in display order.
@@ -315,6 +402,22 @@ type DeploymentStatus struct {
 	// value of the following page, for categories that have one.
 	Devices map[string][]string `json:"devices"`
 	Next    map[string]string   `json:"next,omitempty"`
+	// Reasons counts, per category, the devices by why they are in it
+	// when it is not obvious: targeted devices it does not apply to
+	// (another deployment applies; a layer with no base), unhealthy ones
+	// (the agent's refusal with its code and description, a failed
+	// module), unknown ones, kept ones.
+	Reasons map[string]map[string]int `json:"reasons,omitempty"`
+	// Layered marks a layered deployment's status: its devices are those
+	// it is merged on, and its own modules decide their health.
+	Layered bool `json:"layered,omitempty"`
+	// OfflineAfterSeconds is how long a device may be out of contact
+	// before it counts as offline.
+	OfflineAfterSeconds float64 `json:"offlineAfterSeconds"`
+	// SystemMetricQueries are Azure's queries for the four system
+	// metrics, in Azure's words; run as custom metrics they give the same
+	// counts.
+	SystemMetricQueries map[string]string `json:"systemMetricQueries,omitempty"`
 }
 
 // StatusCounts counts a deployment's devices per category.

@@ -1,6 +1,7 @@
 package assign
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -68,6 +69,13 @@ type Assigner struct {
 	// applied is the index of the last change applied (or the state
 	// restored): what the answers under mu reflect, at least.
 	applied uint64
+	// held are the devices this node saw lose their last deployment
+	// (since it restored its state) and that none applies to now: they
+	// keep what they run even before their report says what that is
+	// (keep.go).
+	held map[string]bool
+	// merges caches merged document contents (layers.go).
+	merges mergeCache
 	// failed is why Restore could not rebuild the assignments: they are
 	// partial, and nothing computed from them may reach a device.
 	failed error
@@ -88,7 +96,7 @@ func New(cfg Config) *Assigner {
 		cfg.Now = time.Now
 	}
 	return &Assigner{cfg: cfg, logger: cfg.Logger, engine: evaluator.NewEngine(), rollouts: map[string]*rolloutInfo{},
-		pins: newPins(), kick: make(chan struct{}, 1)}
+		pins: newPins(), kick: make(chan struct{}, 1), held: map[string]bool{}}
 }
 
 // Apply updates the assignments from one committed batch of changes, in
@@ -121,6 +129,13 @@ func (a *Assigner) Apply(changes []raftstore.Change) (moved []evaluator.Change, 
 		}
 		for _, m := range out {
 			a.versions.set(m.DeviceID, c.Index)
+			switch {
+			case m.Layer != "" || c.Kind == raftstore.DeviceDeleted:
+			case m.To != "":
+				delete(a.held, m.DeviceID)
+			case m.From != "":
+				a.held[m.DeviceID] = true
+			}
 		}
 		items = append(items, history.Item{Event: fleet.HistoryEvent{Time: at, Index: c.Index}, Cause: cause, Moves: out})
 		if moved == nil {
@@ -148,13 +163,24 @@ func (a *Assigner) applyChange(c raftstore.Change) ([]evaluator.Change, string) 
 		out = a.engine.PutDevice(c.ID, c.Device.Tags)
 	case raftstore.DeviceDeleted:
 		out = a.engine.DeleteDevice(c.ID)
+		delete(a.held, c.ID)
 		for _, info := range a.rollouts {
 			delete(info.admitted, c.ID)
 		}
 		if cur, ok := a.pins.forget(c.ID); ok {
 			pinned = map[string]string{c.ID: cur}
 		}
+	case raftstore.DeviceReset:
+		// A reset device no deployment applies to is sent the empty
+		// document, at this version; one a deployment applies to is not
+		// moved (the reset matters when it loses it).
+		delete(a.held, c.ID)
+		if a.effectiveLocked(c.ID).deployment == "" {
+			return []evaluator.Change{{DeviceID: c.ID}}, a.changeCause(c)
+		}
+		return nil, ""
 	case raftstore.DeploymentPut:
+		a.merges.clear()
 		a.noteRollout(c.ID, c.Deployment, c.Rollout)
 		var err error
 		out, err = a.engine.PutDeployment(engineDeployment(c.Deployment, c.Rollout))
@@ -167,6 +193,7 @@ func (a *Assigner) applyChange(c raftstore.Change) ([]evaluator.Change, string) 
 		}
 		repin = true
 	case raftstore.DeploymentDeleted:
+		a.merges.clear()
 		out = a.engine.DeleteDeployment(c.ID)
 		if info := a.rollouts[c.ID]; info != nil && info.rollout.State == fleet.RolloutRolledBack {
 			pinned = a.pins.drop(c.ID, info.admitted)
@@ -231,7 +258,12 @@ func (a *Assigner) effectiveChanges(out []evaluator.Change, before map[string]st
 	for id, dep := range before {
 		from[id] = dep
 	}
+	var layers []evaluator.Change // a layer's changes pass through: the base decides nothing about them
 	for _, m := range out {
+		if m.Layer != "" {
+			layers = append(layers, m)
+			continue
+		}
 		if _, ok := from[m.DeviceID]; !ok {
 			if eff, ok := a.pins.effective(m.DeviceID); ok {
 				from[m.DeviceID] = eff
@@ -255,7 +287,10 @@ func (a *Assigner) effectiveChanges(out []evaluator.Change, before map[string]st
 			res = append(res, evaluator.Change{DeviceID: id, From: f, To: to.deployment})
 		}
 	}
-	slices.SortFunc(res, func(x, y evaluator.Change) int { return strings.Compare(x.DeviceID, y.DeviceID) })
+	res = append(res, layers...)
+	slices.SortStableFunc(res, func(x, y evaluator.Change) int {
+		return cmp.Or(strings.Compare(x.DeviceID, y.DeviceID), strings.Compare(x.Layer, y.Layer))
+	})
 	return res
 }
 
@@ -273,6 +308,8 @@ func (a *Assigner) Restore(r *raftstore.Reader) error {
 	a.rollouts = map[string]*rolloutInfo{}
 	a.pins = newPins()
 	a.positions.reset()
+	a.held = map[string]bool{}
+	a.merges.clear()
 	err := a.restoreLocked(r)
 	if err != nil {
 		a.failed = fmt.Errorf("rebuild assignments: %w", err)
@@ -380,6 +417,12 @@ func (a *Assigner) changeCause(c raftstore.Change) string {
 			return "the rollout of " + c.ID + " was rolled back: back to what it ran before"
 		}
 		return "the rollout of " + c.ID + ": " + c.Action
+	case raftstore.DeviceReset:
+		who := ""
+		if c.Actor != "" {
+			who = " by " + c.Actor
+		}
+		return "the device was reset" + who + ": no deployment targets it, so it is sent an empty document"
 	}
 	return "a change"
 }
@@ -430,5 +473,6 @@ func engineDeployment(d *fleet.Deployment, ro *fleet.Rollout) evaluator.Deployme
 		Priority:        d.Priority,
 		CreatedUnixNano: d.CreatedTimeUTC.UnixNano(),
 		Gated:           ro.Active(),
+		Layered:         d.Layered,
 	}
 }

@@ -2,6 +2,7 @@ package assign
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"appliance/evaluator"
@@ -9,7 +10,10 @@ import (
 	"appliance/raftstore"
 )
 
-// Desired returns the device's current desired document.
+// Desired returns the device's current desired document: its base
+// deployment's content with its layers merged on it; for a device no
+// deployment applies to, an empty document, or nil when it is to keep
+// what it runs (keep.go: the caller sends nothing).
 func (a *Assigner) Desired(deviceID string) ([]byte, error) {
 	a.mu.RLock()
 	if err := a.stoppedLocked(); err != nil {
@@ -17,92 +21,108 @@ func (a *Assigner) Desired(deviceID string) ([]byte, error) {
 		a.mu.RUnlock()
 		return nil, fmt.Errorf("desired document of %s: this node stopped serving: %w", deviceID, err)
 	}
-	to := a.effectiveLocked(deviceID)
+	as := a.assignmentLocked(deviceID)
 	version := a.versions.of(deviceID)
+	held := a.held[deviceID]
 	a.mu.RUnlock()
-	return a.desiredDocument(deviceID, to, version)
+	return a.desiredDocument(deviceID, as, version, held)
 }
 
-// desiredDocument reads the content of what the device runs (unredacted:
-// it goes only to this device) and wraps it with its version: the
-// deployment's own content, or for a device a rolled-back rollout returned
-// to its previous deployment, the content that rollout kept of it.
-func (a *Assigner) desiredDocument(deviceID string, to target, version uint64) ([]byte, error) {
-	deploymentID := to.deployment
-	doc := fleet.DesiredDocument{SchemaVersion: fleet.DocumentSchema, Version: version, DeploymentID: deploymentID}
-	if deploymentID != "" {
-		err := a.cfg.View(func(r *raftstore.Reader) error {
-			var content json.RawMessage
-			if to.source != "" {
-				kept, ok := r.RolloutContent(to.source, deploymentID)
-				if !ok {
-					return fmt.Errorf("the rollout of %s kept no content of %s: %w", to.source, deploymentID, fleet.ErrNotFound)
-				}
-				content = kept
-			} else {
-				dep, err := r.Deployment(deploymentID)
-				if err != nil {
-					return err
-				}
-				content = dep.Content
-			}
-			var c struct {
-				ModulesContent json.RawMessage `json:"modulesContent"`
-			}
-			if err := json.Unmarshal(content, &c); err != nil {
-				return fmt.Errorf("content of deployment %s: %w", deploymentID, err)
-			}
-			doc.ModulesContent = c.ModulesContent
-			return nil
-		})
-		if err != nil {
-			return nil, fmt.Errorf("desired document of %s: %w", deviceID, err)
+// desiredDocument builds a device's document: the assignment's content
+// (unredacted: it goes only to this device) with its version; for a
+// device without a base, what untargetedPolicy says (nil: nothing to
+// send). A device that no longer exists gets nothing.
+func (a *Assigner) desiredDocument(deviceID string, as assignment, version uint64, held bool) ([]byte, error) {
+	doc := fleet.DesiredDocument{SchemaVersion: fleet.DocumentSchema, Version: version, DeploymentID: as.base, Layers: as.layers}
+	send := true
+	err := a.cfg.View(func(r *raftstore.Reader) error {
+		if as.base == "" && as.source != "" {
+			return nil // rolled back to nothing: the empty document
 		}
+		if as.base == "" {
+			dev, err := r.Device(deviceID)
+			if errors.Is(err, fleet.ErrNotFound) {
+				send = false
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			send = untargetedPolicy(dev, ReportOf(r, deviceID), held) == sendEmpty
+			return nil
+		}
+		m, err := a.content(r, as)
+		if err != nil {
+			return err
+		}
+		doc.ModulesContent = m.modulesContent
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("desired document of %s: %w", deviceID, err)
+	}
+	if !send {
+		return nil, nil
 	}
 	return json.Marshal(doc)
 }
 
 // Push sends new desired documents to the devices connected to this node
-// whose applied deployment changed. Call it after Apply returned, outside
-// any lock: it never blocks on a device (the Publisher queues).
+// whose assignment changed (base or layers). Call it after Apply
+// returned, outside any lock: it never blocks on a device (the Publisher
+// queues).
 func (a *Assigner) Push(changes []evaluator.Change) {
 	if a.cfg.Publisher == nil || len(changes) == 0 {
 		return
 	}
 	// Every device moved by one entry gets the same document (same
-	// deployment, same version): build each distinct one once, not once
-	// per device.
+	// assignment, same version): build each distinct one once, not once
+	// per device. A device with several changes (its base and a layer) is
+	// sent its document once.
 	type docKey struct {
-		to      target
+		content string
 		version uint64
 	}
-	keys := make([]docKey, len(changes))
+	type send struct {
+		device string
+		as     assignment
+		key    docKey
+		held   bool
+	}
+	sends := make([]send, 0, len(changes))
 	a.mu.RLock()
 	if a.stoppedLocked() != nil {
 		a.mu.RUnlock()
 		return
 	}
-	for i, c := range changes {
-		keys[i] = docKey{a.effectiveLocked(c.DeviceID), a.versions.of(c.DeviceID)}
+	seen := make(map[string]bool, len(changes))
+	for _, c := range changes {
+		if seen[c.DeviceID] {
+			continue
+		}
+		seen[c.DeviceID] = true
+		as := a.assignmentLocked(c.DeviceID)
+		sends = append(sends, send{device: c.DeviceID, as: as, key: docKey{as.key(), a.versions.of(c.DeviceID)}, held: a.held[c.DeviceID]})
 	}
 	a.mu.RUnlock()
 	built := map[docKey][]byte{}
-	for i, c := range changes {
-		key := keys[i]
-		doc, ok := built[key]
-		if !ok {
+	for _, s := range sends {
+		doc, ok := built[s.key]
+		if !ok || s.as.base == "" {
 			var err error
-			doc, err = a.desiredDocument(c.DeviceID, key.to, key.version)
+			doc, err = a.desiredDocument(s.device, s.as, s.key.version, s.held)
 			if err != nil {
-				a.logger.Warn("cannot build desired document", "device", c.DeviceID, "err", err)
+				a.logger.Warn("cannot build desired document", "device", s.device, "err", err)
 			}
-			built[key] = doc // nil after an error: the devices of this key are skipped
+			if s.as.base != "" {
+				built[s.key] = doc // nil after an error: the devices of this key are skipped
+			}
 		}
 		if doc == nil {
-			continue
+			continue // an error, or a device that keeps what it runs
 		}
-		if err := a.cfg.Publisher.PublishDesired(c.DeviceID, doc); err != nil {
-			a.logger.Warn("desired document not sent", "device", c.DeviceID, "err", err)
+		if err := a.cfg.Publisher.PublishDesired(s.device, doc); err != nil {
+			a.logger.Warn("desired document not sent", "device", s.device, "err", err)
 		}
 	}
 }
@@ -130,6 +150,12 @@ func (v *versions) set(deviceID string, index uint64) {
 	}
 	v.byDev[deviceID] = index
 }
+
+// since is the index at which the device's assignment last changed, as
+// this node applied it; 0 when that was before the node last restored
+// its state (then only the base index is known). A report about a
+// document older than that is not about its current assignment.
+func (v *versions) since(deviceID string) uint64 { return v.byDev[deviceID] }
 
 func (v *versions) reset(base uint64) {
 	v.base = base

@@ -29,6 +29,9 @@ type rolloutRig struct {
 	mu    sync.Mutex
 	now   time.Time
 	ctx   context.Context
+	// given is each device's last document (deployment, modules): a
+	// device no deployment targets is sent none and keeps running it.
+	given map[string][2]string
 }
 
 func newRolloutRig(t testing.TB) *rolloutRig {
@@ -87,17 +90,36 @@ func (rig *rolloutRig) step() {
 	}, newReportCache())
 }
 
-// desired is the deployment and the modules a device's document names.
+// desired is the deployment and the modules a device runs: those its
+// document names, or, when it is sent none (no deployment targets it any
+// more), those of the last one it was given, which it keeps running.
 func (rig *rolloutRig) desired(t fataler, dev string) (string, string) {
+	dep, mods, _ := rig.desiredOrKept(t, dev)
+	return dep, mods
+}
+
+// desiredOrKept is desired, and whether the device keeps what it was
+// given because nothing targets it.
+func (rig *rolloutRig) desiredOrKept(t fataler, dev string) (string, string, bool) {
 	b, err := rig.a.Desired(dev)
 	if err != nil {
 		t.Fatalf("desired document of %s: %v", dev, err)
+	}
+	rig.mu.Lock()
+	defer rig.mu.Unlock()
+	if rig.given == nil {
+		rig.given = map[string][2]string{}
+	}
+	if b == nil {
+		last := rig.given[dev]
+		return last[0], last[1], true
 	}
 	var doc fleet.DesiredDocument
 	if err := json.Unmarshal(b, &doc); err != nil {
 		t.Fatalf("decode the desired document of %s: %v", dev, err)
 	}
-	return doc.DeploymentID, string(doc.ModulesContent)
+	rig.given[dev] = [2]string{doc.DeploymentID, string(doc.ModulesContent)}
+	return doc.DeploymentID, string(doc.ModulesContent), false
 }
 
 func moduleContent(image string) (json.RawMessage, string) {
@@ -293,8 +315,16 @@ func (rig *rolloutRig) checkRollout(t *rapid.T, run int) {
 			}
 		}
 		snapshotBefore := map[string]string{}
+		// previous is what a rollout records a device ran: the deployment
+		// that applies to it, "" for one that keeps a deployment deleted
+		// since (its content is gone: a rollback returns it to nothing).
+		previous := map[string]string{}
 		for _, dv := range devs {
-			snapshotBefore[dv.id], _ = rig.desired(t, dv.id)
+			var kept bool
+			snapshotBefore[dv.id], _, kept = rig.desiredOrKept(t, dv.id)
+			if !kept {
+				previous[dv.id] = snapshotBefore[dv.id]
+			}
 		}
 		if !rolledBack {
 			rig.step()
@@ -311,7 +341,7 @@ func (rig *rolloutRig) checkRollout(t *rapid.T, run int) {
 			got, _ := rig.desired(t, dv.id)
 			if got == next {
 				if _, ok := exposed[dv.id]; !ok {
-					exposed[dv.id] = snapshotBefore[dv.id]
+					exposed[dv.id] = previous[dv.id]
 				}
 				if !inWave(dv) {
 					t.Fatalf("%s runs %s outside the waves started", dv.id, next)

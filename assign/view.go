@@ -34,6 +34,47 @@ func (v View) Applied(deviceID string) string {
 	return v.a.effectiveLocked(deviceID).deployment
 }
 
+// Layers lists the layered deployments that target a device, by
+// precedence (the first wins a conflict). They apply only on a device
+// that has a base (Applied).
+func (v View) Layers(deviceID string) []string { return v.a.engine.Layers(deviceID) }
+
+// IsLayered tells whether a deployment is layered.
+func (v View) IsLayered(deploymentID string) bool { return v.a.engine.IsLayered(deploymentID) }
+
+// UnassignedDevices lists the devices no deployment applies to, sorted.
+func (v View) UnassignedDevices() []string { return v.a.engine.UnassignedDevices() }
+
+// Since is the index at which a device's assignment last changed on this
+// node (0: before it last restored its state).
+func (v View) Since(deviceID string) uint64 {
+	if v.loose {
+		v.a.mu.RLock()
+		defer v.a.mu.RUnlock()
+	}
+	return v.a.versions.since(deviceID)
+}
+
+// Subject is what a device's report is judged against: its base, its
+// layers in merge order and since when it has them (every module counts).
+func (v View) Subject(deviceID string) Subject {
+	if v.loose {
+		v.a.mu.RLock()
+		defer v.a.mu.RUnlock()
+	}
+	as := v.a.assignmentLocked(deviceID)
+	return Subject{Base: as.base, Layers: as.layers, Since: v.a.versions.since(deviceID)}
+}
+
+// assignment is a device's base and layers in merge order.
+func (v View) assignment(deviceID string) assignment {
+	if v.loose {
+		v.a.mu.RLock()
+		defer v.a.mu.RUnlock()
+	}
+	return v.a.assignmentLocked(deviceID)
+}
+
 // Version is the version of the device's desired document.
 func (v View) Version(deviceID string) uint64 {
 	if v.loose {

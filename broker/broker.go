@@ -43,10 +43,11 @@ type KeyIdentifier interface {
 
 // DesiredSource returns the current desired document (JSON) of a device. The
 // broker calls it when a device subscribes to its desired topic, on that
-// client's goroutine, so it should answer from local state. A device with no
-// applied deployment gets an explicit empty desired state: the source decides
-// those bytes. An error disconnects the device (it retries by reconnecting),
-// so that a device never sits connected without its desired state.
+// client's goroutine, so it should answer from local state. The source
+// decides the bytes for a device with no applied deployment: an explicit
+// empty desired state, or nil (nothing is sent: the device keeps what it
+// runs). An error disconnects the device (it retries by reconnecting), so
+// that a device never sits connected without its desired state.
 type DesiredSource interface {
 	Desired(deviceID string) ([]byte, error)
 }
@@ -345,6 +346,9 @@ type Broker struct {
 
 	mu      sync.RWMutex
 	devices map[string][]*trackedConn // device id → its connections (usually one; two during a takeover)
+	// lastSeen is, per device whose connection here ended, when it last
+	// sent anything on it (for LastSeen).
+	lastSeen map[string]time.Time
 
 	refusing atomic.Bool // Refuse: devices are turned away
 
@@ -681,6 +685,29 @@ func (b *Broker) Connection(deviceID string) (ConnInfo, bool) {
 	return ConnInfo{}, false
 }
 
+// LastSeen tells when a device that was connected to this node, and is
+// not now, last sent anything (since the node started).
+func (b *Broker) LastSeen(deviceID string) (time.Time, bool) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	t, ok := b.lastSeen[deviceID]
+	return t, ok
+}
+
+// Ended lists the devices whose connection here ended and that last sent
+// anything after since (and are not connected here now), with when.
+func (b *Broker) Ended(since time.Time) map[string]time.Time {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	out := map[string]time.Time{}
+	for id, t := range b.lastSeen {
+		if t.After(since) && len(b.devices[id]) == 0 {
+			out[id] = t.UTC()
+		}
+	}
+	return out
+}
+
 // Stats returns the counters.
 func (b *Broker) Stats() Stats {
 	n := 0
@@ -835,6 +862,14 @@ func (b *Broker) forget(tc *trackedConn) {
 	defer b.mu.Unlock()
 	if tc.deviceID == "" {
 		return
+	}
+	if n := tc.lastRead.Load(); tc.established.Load() && n > 0 {
+		if b.lastSeen == nil {
+			b.lastSeen = map[string]time.Time{}
+		}
+		if last := time.Unix(0, n); last.After(b.lastSeen[tc.deviceID]) {
+			b.lastSeen[tc.deviceID] = last
+		}
 	}
 	conns := slices.DeleteFunc(b.devices[tc.deviceID], func(c *trackedConn) bool { return c == tc })
 	if len(conns) == 0 {

@@ -131,6 +131,9 @@ func (b *Broker) sendCurrentDesired(cl *mqtt.Client) {
 		go b.dropConn(tc, packets.ErrServerBusy) // not on the burst: mochi writes SUBACK after this hook
 		return
 	}
+	if doc == nil {
+		return // nothing to send: the device keeps what it runs
+	}
 	if !b.ready(tc) {
 		// An MQTT 5 device at its receive maximum (it subscribed again
 		// with a document unacknowledged): the document waits for an

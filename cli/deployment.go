@@ -40,20 +40,20 @@ func parsePairs(flag string, pairs []string) (map[string]string, error) {
 // a plain {"modulesContent": ...} file, a whole configuration object, or an
 // iotedgedev template whose ${VAR} placeholders come from --env-file and
 // then the environment, and whose createOptions may be objects.
-func (a *app) loadContent(path, envFile string) (json.RawMessage, error) {
+func (a *app) loadContent(path, envFile string) (json.RawMessage, *api.ManifestConfiguration, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("flag --content: %w", err)
+		return nil, nil, fmt.Errorf("flag --content: %w", err)
 	}
 	vars := map[string]string{}
 	if envFile != "" {
 		envData, err := os.ReadFile(envFile)
 		if err != nil {
-			return nil, fmt.Errorf("flag --env-file: %w", err)
+			return nil, nil, fmt.Errorf("flag --env-file: %w", err)
 		}
 		vars, err = fleet.ParseEnvFile(envData)
 		if err != nil {
-			return nil, fmt.Errorf("env file %s: %w", envFile, err)
+			return nil, nil, fmt.Errorf("env file %s: %w", envFile, err)
 		}
 	}
 	expanded, err := fleet.ExpandTemplate(data, func(name string) (string, bool) {
@@ -63,17 +63,17 @@ func (a *app) loadContent(path, envFile string) (json.RawMessage, error) {
 		return os.LookupEnv(name)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
 	content, err := fleet.ParseContentFile(expanded)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
 	content, err = fleet.NormalizeCreateOptions(content)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
-	return content, nil
+	return content, api.ConfigurationOf(expanded), nil
 }
 
 func (a *app) deploymentCreate() *cobra.Command {
@@ -87,7 +87,15 @@ func (a *app) deploymentCreate() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "create ID",
 		Short: "Create a deployment from a manifest (Azure IoT Edge format)",
-		Args:  exactArgs(1, "ID"),
+		Long: `Creates a deployment from a manifest file: {"modulesContent": ...}, an
+iotedgedev template (with --env-file), or a whole IoT Hub configuration object
+as "az iot edge deployment show" prints it. A configuration object keeps its own
+targetCondition, priority, labels and metrics unless a flag gives them (a
+--label or --metric adds to or replaces the file's of that name); the command
+says on stderr which came from where. --dry-run changes nothing and shows which
+devices would start running it, switch to it (from which), leave, or keep what
+they run; -o json lists them all.`,
+		Args: exactArgs(1, "ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if contentFile == "" {
 				return fmt.Errorf("flag --content is required: the deployment manifest file")
@@ -104,7 +112,7 @@ func (a *app) deploymentCreate() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			content, err := a.loadContent(contentFile, envFile)
+			content, file, err := a.loadContent(contentFile, envFile)
 			if err != nil {
 				return err
 			}
@@ -112,49 +120,186 @@ func (a *app) deploymentCreate() *cobra.Command {
 				Labels: lbls, Content: content, TargetCondition: condition, Priority: priority,
 				Metrics: fleet.Metrics{Queries: mets}, Layered: layered, Rollout: policy,
 			}
+			// Which value came from where, said once the command did its
+			// work (a failure is one error line).
+			notes := mergeConfiguration(&req, file, cmd.Flags().Changed, args[0])
+			sayNotes := func() {
+				for _, note := range notes {
+					fmt.Fprintln(a.stderr, note)
+				}
+			}
 			c, err := a.client()
 			if err != nil {
 				return err
 			}
 			if dryRun {
-				r, err := c.DryRunDeployment(cmd.Context(), args[0], req)
-				if err != nil {
-					return err
-				}
-				if a.output == "json" {
-					return a.printJSON(r)
-				}
-				a.keyValues([][]string{
-					{"would target", devices(r.TargetedCount)},
-					{"would apply to", devices(r.WouldApplyCount)},
+				err := a.printDryRun(func(q api.DryRunQuery) (api.DryRunResult, error) {
+					return c.DryRunDeployment(cmd.Context(), args[0], req, q)
 				})
-				if len(r.Waves) > 0 {
-					fmt.Fprintln(a.stdout)
-					a.printWaves(r.Waves, false)
+				if err == nil {
+					sayNotes()
 				}
-				return nil
-			}
-			if strings.TrimSpace(condition) == "" {
-				fmt.Fprintln(a.stderr, "note: no --target-condition, so this deployment targets no device (use '*' for all)")
+				return err
 			}
 			d, err := c.PutDeployment(cmd.Context(), args[0], req, api.WriteOptions{IfNoneMatch: "*"})
 			if err != nil {
 				return err
 			}
+			sayNotes()
+			if strings.TrimSpace(req.TargetCondition) == "" {
+				fmt.Fprintln(a.stderr, "note: no --target-condition, so this deployment targets no device (use '*' for all)")
+			}
 			return a.printDeployment(d)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&contentFile, "content", "", "deployment manifest file (JSON; iotedgedev templates accepted)")
+	f.StringVar(&contentFile, "content", "", "deployment manifest file (JSON; iotedgedev templates and whole IoT Hub configuration objects accepted)")
 	f.StringVar(&envFile, "env-file", "", "file of KEY=value lines for the manifest's ${VAR} placeholders")
-	f.StringVar(&condition, "target-condition", "", "which devices, e.g. \"tags.environment='prod'\" ('*' for all)")
-	f.Int64Var(&priority, "priority", 0, "priority; the highest matching deployment applies")
-	f.StringArrayVar(&labels, "label", nil, "label key=value (repeatable)")
-	f.StringArrayVar(&metrics, "metric", nil, "custom metric name=query (repeatable)")
-	f.BoolVar(&layered, "layered", false, "the content is a layered deployment (properties.desired.<path> keys)")
-	f.BoolVar(&dryRun, "dry-run", false, "only report how many devices would be targeted and switch to it (and each wave's size)")
+	f.StringVar(&condition, "target-condition", "", "which devices, e.g. \"tags.environment='prod'\" ('*' for all; default the file's)")
+	f.Int64Var(&priority, "priority", 0, "priority; the highest matching deployment applies (default the file's, else 0)")
+	f.StringArrayVar(&labels, "label", nil, "label key=value (repeatable; added to the file's)")
+	f.StringArrayVar(&metrics, "metric", nil, "custom metric name=query (repeatable; added to the file's)")
+	f.BoolVar(&layered, "layered", false, "the content is a layered deployment (properties.desired.<path> keys), merged on each device's base deployment")
+	f.BoolVar(&dryRun, "dry-run", false, "change nothing: show which devices would start, switch to, leave or keep it (and each wave's size)")
 	rollout.add(f, true)
 	return cmd
+}
+
+// mergeConfiguration fills a create request with what a whole IoT Hub
+// configuration object said, where no flag gave it, and returns one line
+// per field saying where its value came from.
+func mergeConfiguration(req *api.DeploymentRequest, file *api.ManifestConfiguration, changed func(string) bool, id string) []string {
+	if file == nil {
+		return nil
+	}
+	var notes []string
+	from := func(field, src string) { notes = append(notes, fmt.Sprintf("%s: %s", field, src)) }
+	if file.ID != "" && file.ID != id {
+		notes = append(notes, fmt.Sprintf("note: the file's id is %q; the deployment is created as %q", file.ID, id))
+	}
+	switch {
+	case changed("target-condition"):
+		from("targetCondition", "from --target-condition")
+	case file.TargetCondition != nil:
+		req.TargetCondition = *file.TargetCondition
+		from("targetCondition", "from the file")
+	}
+	switch {
+	case changed("priority"):
+		from("priority", "from --priority")
+	case file.Priority != nil:
+		req.Priority = *file.Priority
+		from("priority", "from the file")
+	}
+	req.Labels, notes = mergePairs("labels", file.Labels, req.Labels, "--label", notes)
+	var fileMetrics map[string]string
+	if file.Metrics != nil {
+		fileMetrics = file.Metrics.Queries
+	}
+	req.Metrics.Queries, notes = mergePairs("metrics", fileMetrics, req.Metrics.Queries, "--metric", notes)
+	return notes
+}
+
+// mergePairs lays the flags' pairs over the file's and says which came
+// from where.
+func mergePairs(field string, file, flags map[string]string, flag string, notes []string) (map[string]string, []string) {
+	if len(file) == 0 {
+		if len(flags) > 0 {
+			notes = append(notes, fmt.Sprintf("%s: from %s", field, flag))
+		}
+		return flags, notes
+	}
+	out := map[string]string{}
+	var fromFile, fromFlag []string
+	for k, v := range file {
+		out[k] = v
+	}
+	for k, v := range flags {
+		out[k] = v
+		fromFlag = append(fromFlag, k)
+	}
+	for k := range file {
+		if _, ok := flags[k]; !ok {
+			fromFile = append(fromFile, k)
+		}
+	}
+	sort.Strings(fromFile)
+	sort.Strings(fromFlag)
+	note := fmt.Sprintf("%s: %s from the file", field, strings.Join(fromFile, ", "))
+	if len(fromFile) == 0 {
+		note = field + ":"
+	}
+	if len(fromFlag) > 0 {
+		note += fmt.Sprintf("; %s from %s", strings.Join(fromFlag, ", "), flag)
+	}
+	return out, append(notes, note)
+}
+
+// printDryRun shows a dry run: a summary table of what would happen to
+// how many devices, with a few of each, or with -o json the whole answer
+// and every device, fetched page by page.
+func (a *app) printDryRun(page func(api.DryRunQuery) (api.DryRunResult, error)) error {
+	first, err := page(api.DryRunQuery{Limit: api.MaxPageSize})
+	if err != nil {
+		return err
+	}
+	all := first.Devices
+	for next := first.Next; next != ""; {
+		p, err := page(api.DryRunQuery{After: next, Limit: api.MaxPageSize})
+		if err != nil {
+			return err
+		}
+		all = append(all, p.Devices...)
+		next = p.Next
+	}
+	if a.output == "json" {
+		first.Devices, first.Next = all, ""
+		return a.printJSON(first)
+	}
+	defer func() {
+		if len(first.Waves) > 0 {
+			fmt.Fprintln(a.stdout)
+			a.printWaves(first.Waves, false)
+		}
+	}()
+	a.keyValues([][]string{
+		{"would target", devices(first.TargetedCount)},
+		{"would apply to", devices(first.WouldApplyCount)},
+	})
+	fmt.Fprintln(a.stdout)
+	words := map[string]string{
+		fleet.PreviewStart:  "start running it",
+		fleet.PreviewSwitch: "switch to it from another deployment",
+		fleet.PreviewLeave:  "leave it for another deployment",
+		fleet.PreviewKeep:   "keep running it, nothing targeting them",
+		fleet.PreviewNoBase: "targeted, no base to merge on: unchanged",
+	}
+	rows := [][]string{{"WOULD", "DEVICES", "EXAMPLES"}}
+	for _, cat := range fleet.PreviewCategories {
+		var ex []string
+		for _, d := range all {
+			if d.Category != cat || len(ex) == 5 {
+				continue
+			}
+			switch {
+			case cat == fleet.PreviewSwitch:
+				ex = append(ex, d.ID+" (from "+d.From+")")
+			case cat == fleet.PreviewLeave && d.To != d.From:
+				ex = append(ex, d.ID+" (for "+d.To+")")
+			default:
+				ex = append(ex, d.ID)
+			}
+		}
+		n := first.Changes[cat]
+		e := strings.Join(ex, ", ")
+		if n > len(ex) {
+			e += ", ..."
+		}
+		rows = append(rows, []string{words[cat], strconv.Itoa(n), e})
+	}
+	a.table(rows)
+	fmt.Fprintln(a.stdout, "\nnothing was changed (dry run); -o json lists every device")
+	return nil
 }
 
 func (a *app) printDeployment(d api.DeploymentView) error {
@@ -176,6 +321,9 @@ func (a *app) printDeployment(d api.DeploymentView) error {
 		{"updated", d.LastUpdatedTimeUTC.Format("2006-01-02T15:04:05Z")},
 		{"etag", d.Etag},
 	})
+	for _, w := range d.Warnings {
+		fmt.Fprintln(a.stderr, "warning: "+w)
+	}
 	return nil
 }
 
@@ -303,6 +451,7 @@ func (a *app) deploymentUpdate() *cobra.Command {
 		labels, metrics []string
 		content         string
 		rollout         rolloutFlags
+		dryRun          bool
 	)
 	cmd := &cobra.Command{
 		Use:   "update ID",
@@ -341,6 +490,11 @@ func (a *app) deploymentUpdate() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if dryRun {
+				return a.printDryRun(func(q api.DryRunQuery) (api.DryRunResult, error) {
+					return c.DryRunPatchDeployment(cmd.Context(), args[0], p, q)
+				})
+			}
 			d, err := c.PatchDeployment(cmd.Context(), args[0], p, api.WriteOptions{IfMatch: etag})
 			if err != nil {
 				return err
@@ -354,6 +508,7 @@ func (a *app) deploymentUpdate() *cobra.Command {
 	f.StringArrayVar(&labels, "label", nil, "set a label key=value; key= removes it (repeatable)")
 	f.StringArrayVar(&metrics, "metric", nil, "set a metric name=query; name= removes it (repeatable)")
 	f.StringVar(&etag, "etag", "", "only update if the deployment's etag is still this")
+	f.BoolVar(&dryRun, "dry-run", false, "change nothing: show which devices would start, switch to, leave or keep it")
 	f.StringVar(&content, "content", "", "not allowed: content is immutable")
 	_ = f.MarkHidden("content")
 	rollout.add(f, false)
@@ -362,14 +517,20 @@ func (a *app) deploymentUpdate() *cobra.Command {
 
 func (a *app) deploymentDelete() *cobra.Command {
 	var etag string
+	var dryRun bool
 	cmd := &cobra.Command{
 		Use:   "delete ID",
-		Short: "Delete a deployment (its devices fall back to the next matching deployment)",
+		Short: "Delete a deployment (its devices fall back to the next matching deployment, or keep running it)",
 		Args:  exactArgs(1, "ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
 			if err != nil {
 				return err
+			}
+			if dryRun {
+				return a.printDryRun(func(q api.DryRunQuery) (api.DryRunResult, error) {
+					return c.DryRunDeleteDeployment(cmd.Context(), args[0], q)
+				})
 			}
 			if err := c.DeleteDeployment(cmd.Context(), args[0], api.WriteOptions{IfMatch: etag}); err != nil {
 				return err
@@ -382,6 +543,7 @@ func (a *app) deploymentDelete() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&etag, "etag", "", "only delete if the deployment's etag is still this")
+	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "change nothing: show where its devices would go")
 	return cmd
 }
 

@@ -15,7 +15,7 @@ import (
 
 func (a *app) deviceCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "device", Short: "Manage devices (identities and tags)"}
-	cmd.AddCommand(a.deviceCreate(), a.deviceShow(), a.deviceList(), a.deviceUpdate(), a.deviceDelete(), a.deviceKeys(),
+	cmd.AddCommand(a.deviceCreate(), a.deviceShow(), a.deviceList(), a.deviceUpdate(), a.deviceDelete(), a.deviceKeys(), a.deviceReset(),
 		a.historyCommand("device", (*api.Client).DeviceHistory))
 	return cmd
 }
@@ -133,12 +133,30 @@ func (a *app) deviceShow() *cobra.Command {
 			if d.LastActivityTime != nil {
 				conn += " (last activity " + d.LastActivityTime.Format("2006-01-02T15:04:05Z") + ")"
 			}
+			presence := orDash(d.Presence)
+			if d.LastContactTime != nil {
+				presence += " (last contact " + d.LastContactTime.Format("2006-01-02T15:04:05Z") + ")"
+			}
+			base, layers := "-", "-"
+			if d.Document != nil {
+				base = d.Document.Base
+				if len(d.Document.Layers) > 0 {
+					layers = strings.Join(d.Document.Layers, ", ") + " (merged in this order)"
+				}
+			}
+			if d.Kept != nil {
+				base = d.Kept.Note
+			}
 			a.keyValues([][]string{
 				{"deviceId", d.ID},
 				{"status", d.Status},
 				{"tags", compactJSON(d.Tags)},
 				{"connection", conn},
+				{"presence", presence},
+				{"health", orDash(d.Health)},
 				{"applied", appliedOf(d.Configurations)},
+				{"base", base},
+				{"layers", layers},
 				{"desired version", strconv.FormatUint(d.DesiredVersion, 10)},
 				{"enrollment", orDash(d.Enrollment)},
 				{"created", d.CreatedTimeUTC.Format("2006-01-02T15:04:05Z")},
@@ -146,29 +164,33 @@ func (a *app) deviceShow() *cobra.Command {
 				{"etag", d.Etag},
 			})
 			// Why one applies: the deployments that target the device, in
-			// precedence order (priority, then the newest).
-			var deps []api.DeploymentView
-			for id := range d.Configurations {
-				dep, err := c.Deployment(cmd.Context(), id, consistent)
-				if err == nil {
-					deps = append(deps, dep)
-				}
-			}
-			sort.Slice(deps, func(i, j int) bool {
-				if deps[i].Priority != deps[j].Priority {
-					return deps[i].Priority > deps[j].Priority
-				}
-				if !deps[i].CreatedTimeUTC.Equal(deps[j].CreatedTimeUTC) {
-					return deps[i].CreatedTimeUTC.After(deps[j].CreatedTimeUTC)
-				}
-				return deps[i].ID < deps[j].ID
-			})
+			// precedence order (priority, then the newest), bases first,
+			// then the layers merged on the base.
 			fmt.Fprintln(a.stdout)
-			rows := [][]string{{"DEPLOYMENT", "STATUS", "PRIORITY", "CREATED"}}
-			for _, dep := range deps {
-				rows = append(rows, []string{dep.ID, d.Configurations[dep.ID].Status, strconv.FormatInt(dep.Priority, 10), dep.CreatedTimeUTC.Format("2006-01-02T15:04:05.000Z")})
+			rows := [][]string{{"DEPLOYMENT", "STATUS", "PRIORITY", "CREATED", "KIND", "WHY"}}
+			for _, e := range d.Precedence {
+				kind := "base"
+				if e.Layered {
+					kind = "layer"
+				}
+				rows = append(rows, []string{e.Deployment, e.Status, strconv.FormatInt(e.Priority, 10), e.CreatedTimeUTC.Format("2006-01-02T15:04:05.000Z"), kind, e.Reason})
 			}
 			a.table(rows)
+			if d.Document != nil {
+				// Which deployment gave each module and route.
+				fmt.Fprintln(a.stdout)
+				parts := [][]string{{"MODULE / ROUTE", "FROM"}}
+				for _, name := range sortedKeys(d.Document.Modules) {
+					parts = append(parts, []string{"module " + name, strings.Join(d.Document.Modules[name], " < ")})
+				}
+				for _, name := range sortedKeys(d.Document.Routes) {
+					parts = append(parts, []string{"route " + name, d.Document.Routes[name]})
+				}
+				a.table(parts)
+				for _, ig := range d.Document.Ignored {
+					fmt.Fprintln(a.stdout, "left out of the merge: "+ig)
+				}
+			}
 			fmt.Fprintln(a.stdout)
 			if d.Reported == nil {
 				fmt.Fprintln(a.stdout, "no report yet")
@@ -199,6 +221,46 @@ func (a *app) deviceShow() *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&consistent, "consistent", false, "read through the leader (never stale)")
 	return cmd
+}
+
+func (a *app) deviceReset() *cobra.Command {
+	var etag string
+	cmd := &cobra.Command{
+		Use:   "reset ID",
+		Short: "Remove the modules of a device no deployment targets (it otherwise keeps what it last ran)",
+		Long: `A device that no deployment targets any more keeps running what it last ran,
+as in Azure. "device reset" sends it an empty document instead: it removes its
+modules. Refused for a device a deployment applies to. A deployment that targets
+the device later applies as usual.`,
+		Args: exactArgs(1, "ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			d, err := c.ResetDevice(cmd.Context(), args[0], api.WriteOptions{IfMatch: etag})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(d)
+			}
+			fmt.Fprintf(a.stdout, "reset device %s: it is sent an empty document and removes its modules\n", d.ID)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&etag, "etag", "", "only reset if the device's etag is still this")
+	return cmd
+}
+
+// sortedKeys lists a map's keys, sorted.
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }
 
 func orDash(s string) string {

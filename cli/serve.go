@@ -30,6 +30,8 @@ func (a *app) serveCommand() *cobra.Command {
 		mqttConnectTimeout                                  time.Duration
 		events                                              node.EventsConfig
 		eventsRetentionBytes                                string
+		offlineAfter                                        time.Duration
+		deploymentLimits                                    node.DeploymentLimits
 	)
 	joinTokenFlag := secretFlag{name: "join-token", env: "APPLIANCE_JOIN_TOKEN"}
 	cmd := &cobra.Command{
@@ -48,6 +50,9 @@ func (a *app) serveCommand() *cobra.Command {
 				shedAfter = -1 // the flag's 0 is "never"; the node's is "default"
 			}
 			if err := checkLimits(listenerLimits, deviceLimits, mqttConnectTimeout); err != nil {
+				return err
+			}
+			if err := checkDeploymentLimits(deploymentLimits, offlineAfter); err != nil {
 				return err
 			}
 			deviceLimits.ConnectTimeout = mqttConnectTimeout
@@ -97,6 +102,8 @@ func (a *app) serveCommand() *cobra.Command {
 				Limits:                 listenerLimits,
 				DeviceLimits:           deviceLimits,
 				Events:                 events,
+				OfflineAfter:           offlineAfter,
+				DeploymentLimits:       deploymentLimits,
 			})
 			if err != nil {
 				return err
@@ -141,6 +148,19 @@ func (a *app) serveCommand() *cobra.Command {
 	f.DurationVar(&shedAfter, "shed-devices-after", node.DefaultShedDevicesAfter,
 		"without a cluster leader for this long, disconnect devices and refuse them until a leader is back, so that they move to a node that has one (0: never)")
 	f.DurationVar(&historyRetention, "history-retention", node.DefaultHistoryRetention, "drop history events older than this")
+	f.DurationVar(&offlineAfter, "offline-after", node.DefaultOfflineAfter,
+		"a device not connected to any node, and not heard from for this long, shows as offline beside its health")
+	// Deployment limits (README, "Limits"): writes over them get a 400
+	// naming the limit and its flag.
+	f.IntVar(&deploymentLimits.MaxManifestBytes, "max-manifest-bytes", node.DefaultMaxManifestBytes,
+		"largest deployment content, and largest merged document of a device (base and layers), as compact JSON")
+	f.IntVar(&deploymentLimits.MaxModuleDesiredBytes, "max-module-desired-bytes", node.DefaultMaxModuleDesiredBytes,
+		"largest desired properties of one module twin in a deployment")
+	f.IntVar(&deploymentLimits.MaxModules, "max-modules", node.DefaultMaxModules, "most modules in a deployment, and in a device's merged document")
+	f.IntVar(&deploymentLimits.MaxDeploymentsPerDevice, "max-deployments-per-device", node.DefaultMaxDeploymentsPerDevice,
+		"most deployments (bases and layers) that may target one device")
+	f.IntVar(&deploymentLimits.MaxLayersPerDevice, "max-layers-per-device", node.DefaultMaxLayersPerDevice,
+		"most layered deployments that may target one device")
 	f.IntVar(&historyPerKey, "history-per-key", node.DefaultHistoryPerKey, "keep at most this many history events per deployment or device")
 	// Bounds on clients (docs/architecture.md, "Bounded listeners"). The
 	// caps count per source address (an IPv6 /64); 0 turns a cap off.
@@ -196,6 +216,28 @@ func checkLimits(l node.ListenerLimits, d broker.Limits, mqttConnect time.Durati
 		if f.neg {
 			return fmt.Errorf("flag %s: %v is negative", f.name, f.v)
 		}
+	}
+	return nil
+}
+
+// checkDeploymentLimits refuses limits that are not positive.
+func checkDeploymentLimits(l node.DeploymentLimits, offlineAfter time.Duration) error {
+	for _, f := range []struct {
+		name string
+		v    int
+	}{
+		{"--max-manifest-bytes", l.MaxManifestBytes},
+		{"--max-module-desired-bytes", l.MaxModuleDesiredBytes},
+		{"--max-modules", l.MaxModules},
+		{"--max-deployments-per-device", l.MaxDeploymentsPerDevice},
+		{"--max-layers-per-device", l.MaxLayersPerDevice},
+	} {
+		if f.v <= 0 {
+			return fmt.Errorf("flag %s: %d; give a positive number", f.name, f.v)
+		}
+	}
+	if offlineAfter <= 0 {
+		return fmt.Errorf("flag --offline-after: %v; give a positive duration", offlineAfter)
 	}
 	return nil
 }

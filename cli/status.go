@@ -79,6 +79,7 @@ func (a *app) printStatus(st api.DeploymentStatus) {
 		n := map[string]int{
 			api.CategoryTargeted: c.Targeted, api.CategoryApplied: c.Applied, api.CategoryHealthy: c.Healthy,
 			api.CategoryUnhealthy: c.Unhealthy, api.CategorySoaking: c.Soaking, api.CategoryUnknown: c.Unknown,
+			api.CategoryOffline: c.Offline, api.CategoryKept: c.Kept,
 		}[cat]
 		ids := st.Devices[cat]
 		ex := strings.Join(ids[:min(len(ids), 5)], ", ")
@@ -88,6 +89,16 @@ func (a *app) printStatus(st api.DeploymentStatus) {
 		rows = append(rows, []string{cat, strconv.Itoa(n), ex})
 	}
 	a.table(rows)
+	// Why devices are where they are, when it is not obvious.
+	for _, cat := range api.Categories {
+		reasons := st.Reasons[cat]
+		for _, why := range sortedKeys(reasons) {
+			fmt.Fprintf(a.stdout, "%s: %d %s: %s\n", cat, reasons[why], plural(reasons[why], "device", "devices"), why)
+		}
+	}
+	if st.Layered {
+		fmt.Fprintln(a.stdout, "layered: its devices are those it is merged on; its own modules decide their health")
+	}
 	fmt.Fprintf(a.stdout, "\nAzure metrics: targetedCount=%d appliedCount=%d reportedSuccessfulCount=%d reportedFailedCount=%d (soak %gs)\n",
 		st.SystemMetrics["targetedCount"], st.SystemMetrics["appliedCount"],
 		st.SystemMetrics["reportedSuccessfulCount"], st.SystemMetrics["reportedFailedCount"], st.SoakSeconds)
@@ -117,6 +128,20 @@ func progressLine(st api.DeploymentStatus, width int) string {
 		bar = strings.Repeat("#", h) + strings.Repeat("+", s) + strings.Repeat("!", u)
 		bar += strings.Repeat(".", max(0, width-len(bar)))
 	}
-	return fmt.Sprintf("%s [%s] %d/%d healthy, %d soaking, %d unhealthy, %d unknown (targeted %d)",
-		time.Now().Format("15:04:05"), bar, c.Healthy, c.Applied, c.Soaking, c.Unhealthy, c.Unknown, c.Targeted)
+	extra := ""
+	if c.Offline > 0 {
+		extra += fmt.Sprintf(", %d offline", c.Offline)
+	}
+	if c.Kept > 0 {
+		extra += fmt.Sprintf(", %d kept", c.Kept)
+	}
+	return fmt.Sprintf("%s [%s] %d/%d healthy, %d soaking, %d unhealthy, %d unknown (targeted %d%s)",
+		time.Now().Format("15:04:05"), bar, c.Healthy, c.Applied, c.Soaking, c.Unhealthy, c.Unknown, c.Targeted, extra)
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }

@@ -396,6 +396,8 @@ func cliRows() []cliRow {
 		// serve: the node under test runs `appliance serve`; here its
 		// refusals (a second node's flags are in TestCLI_HistoryFlags).
 		{cmd: "serve", args: []string{"--data-dir", "{tmp}/s", "--shed-devices-after", "-1s"}, fail: true, errLine: []string{"--shed-devices-after"}},
+		{cmd: "serve", args: []string{"--data-dir", "{tmp}/s", "--max-modules", "0"}, fail: true, errLine: []string{"--max-modules", "positive"}},
+		{cmd: "serve", args: []string{"--data-dir", "{tmp}/s", "--offline-after", "0s"}, fail: true, errLine: []string{"--offline-after"}},
 		{cmd: "serve", args: []string{"--data-dir", "{tmp}/s", "--log-level", "loud"}, fail: true, errLine: []string{"--log-level"}},
 
 		// device
@@ -412,7 +414,10 @@ func cliRows() []cliRow {
 		{cmd: "device create", args: []string{"bad/id"}, fail: true, errLine: []string{"deviceId"}},
 		{cmd: "device create", args: []string{"press-03", "--tag", "novalue"}, fail: true, errLine: []string{"--tag"}},
 		{cmd: "device show", args: []string{"press-01"},
-			lines: []string{`deviceId:\s+press-01`, `connection:\s+Disconnected`, `applied:\s+-`, `DEPLOYMENT\s+STATUS\s+PRIORITY\s+CREATED`, `no report yet`}},
+			lines: []string{`deviceId:\s+press-01`, `connection:\s+Disconnected`, `presence:\s+offline`, `applied:\s+-`, `base:\s+no deployment targets this device; it has not reported what it runs`,
+				`DEPLOYMENT\s+STATUS\s+PRIORITY\s+CREATED\s+KIND\s+WHY`, `no report yet`}},
+		// reset: for a device no deployment targets (this one, now).
+		{cmd: "device reset", args: []string{"press-01"}, lines: []string{`reset device press-01: it is sent an empty document and removes its modules`}},
 		{cmd: "device show", args: []string{"press-01", "--consistent", "-o", "json"}, json: &api.DeviceView{},
 			check: func(t *testing.T, _ result, v any, _ map[string]string) {
 				d := v.(*api.DeviceView)
@@ -458,11 +463,13 @@ func cliRows() []cliRow {
 
 		// deployment
 		{cmd: "deployment create", args: []string{"presses-v1", "--content", "{manifest}", "--target-condition", "tags.environment='prod'", "--dry-run"},
-			lines: []string{`would target:\s+1 device`, `would apply to:\s+1 device`}},
+			lines: []string{`would target:\s+1 device`, `would apply to:\s+1 device`, `WOULD\s+DEVICES\s+EXAMPLES`, `start running it\s+1\s+press-01`,
+				`switch to it from another deployment\s+0\s*`, `nothing was changed \(dry run\); -o json lists every device`}},
 		{cmd: "deployment create", args: []string{"presses-v1", "--content", "{manifest}", "--target-condition", "*", "--dry-run", "-o", "json"}, json: &api.DryRunResult{},
 			check: func(t *testing.T, _ result, v any, _ map[string]string) {
-				if r := v.(*api.DryRunResult); r.TargetedCount != 1007 || r.WouldApplyCount != 1007 {
-					t.Errorf("dry run %+v, want 1007 devices", r)
+				// Every device listed, the CLI paging through them.
+				if r := v.(*api.DryRunResult); r.TargetedCount != 1007 || r.WouldApplyCount != 1007 || len(r.Devices) != 1007 || r.Changes[fleet.PreviewStart] != 1007 || r.Next != "" {
+					t.Errorf("dry run: targeted %d, would apply %d, %d devices listed, changes %v", r.TargetedCount, r.WouldApplyCount, len(r.Devices), r.Changes)
 				}
 			}},
 		{cmd: "deployment list", args: []string{"-o", "json"}, json: &[]api.DeploymentView{},
@@ -510,11 +517,21 @@ func cliRows() []cliRow {
 				}
 			}},
 		{cmd: "deployment update", args: []string{"presses-v1", "--content", "{manifest}"}, fail: true, errLine: []string{"content"}},
+		{cmd: "deployment update", args: []string{"presses-v1", "--priority", "-1", "--dry-run"}, fail: true, errLine: []string{"priority"}},
+		{cmd: "deployment update", args: []string{"presses-v1", "--target-condition", "tags.nothing='x'", "--dry-run", "-o", "json"}, json: &api.DryRunResult{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				// press-01 would fall back to fallback; nothing changed.
+				r := v.(*api.DryRunResult)
+				if r.Changes[fleet.PreviewLeave] != 1 || len(r.Devices) != 1 || r.Devices[0].ID != "press-01" || r.Devices[0].To != "fallback" {
+					t.Errorf("dry-run update %+v", r)
+				}
+			}},
+		{cmd: "device reset", args: []string{"press-01"}, fail: true, errLine: []string{"deployment presses-v1 applies to it"}},
 		{cmd: "deployment update", args: []string{"presses-v1", "--etag", "1", "--priority", "6"}, fail: true, errLine: []string{"etag"}},
 		{cmd: "deployment status", args: []string{"presses-v1"},
 			lines: []string{`CATEGORY\s+DEVICES\s+EXAMPLES`, `targeted\s+1\s+press-01`, `applied\s+1\s+press-01`, `unknown\s+1\s+press-01`,
 				`Azure metrics: targetedCount=1 appliedCount=1 reportedSuccessfulCount=0 reportedFailedCount=0 \(soak 30s\)`,
-				`\d\d:\d\d:\d\d \[\.{30}\] 0/1 healthy, 0 soaking, 0 unhealthy, 1 unknown \(targeted 1\)`}},
+				`\d\d:\d\d:\d\d \[\.{30}\] 0/1 healthy, 0 soaking, 0 unhealthy, 1 unknown \(targeted 1, 1 offline\)`}},
 		{cmd: "deployment status", args: []string{"fallback", "--category", "applied", "--soak", "1m", "-o", "json"}, json: &api.DeploymentStatus{},
 			check: func(t *testing.T, _ result, v any, _ map[string]string) {
 				st := v.(*api.DeploymentStatus)
@@ -525,7 +542,7 @@ func cliRows() []cliRow {
 		{cmd: "deployment status", args: []string{"presses-v1", "--category", "happy"}, fail: true, errLine: []string{"category"}},
 		// --watch follows the rollout until Ctrl-C: a line per refresh.
 		{cmd: "deployment status", args: []string{"presses-v1", "--watch", "--interval", "100ms"}, run: interruptAfter(3),
-			lines: []string{`\d\d:\d\d:\d\d \[\.{30}\] 0/1 healthy, 0 soaking, 0 unhealthy, 1 unknown \(targeted 1\)`}},
+			lines: []string{`\d\d:\d\d:\d\d \[\.{30}\] 0/1 healthy, 0 soaking, 0 unhealthy, 1 unknown \(targeted 1, 1 offline\)`}},
 		{cmd: "deployment status", args: []string{"presses-v1", "--watch", "--interval", "100ms", "-o", "json"}, run: interruptAfter(2),
 			check: func(t *testing.T, r result, _ any, _ map[string]string) {
 				for _, st := range jsonLines[api.DeploymentStatus](t, r.stdout) {
@@ -546,7 +563,9 @@ func cliRows() []cliRow {
 			lines: []string{`TIME\s+INDEX\s+WHO\s+EVENT\s+WHAT`, `\S+\s+\d+\s+-\s+assigned\s+applied deployment none → presses-v1 .*`}},
 		{cmd: "device history", args: []string{"press-01", "-o", "json"}, json: &[]api.HistoryEvent{},
 			check: func(t *testing.T, _ result, v any, _ map[string]string) {
-				if evs := *v.(*[]api.HistoryEvent); len(evs) == 0 || evs[len(evs)-1].Deployment != "presses-v1" {
+				// Its assignment, and before it the reset (a row above).
+				evs := *v.(*[]api.HistoryEvent)
+				if len(evs) != 2 || evs[0].Deployment != "presses-v1" || evs[1].Kind != "reset" {
 					t.Errorf("device history %+v", evs)
 				}
 			}},
@@ -680,6 +699,7 @@ func cliRows() []cliRow {
 				}
 			}},
 		{cmd: "enrollment delete", args: []string{"line-1"}, fail: true, errLine: []string{"not found"}},
+		{cmd: "deployment delete", args: []string{"fallback", "--dry-run"}, lines: []string{`WOULD\s+DEVICES\s+EXAMPLES`, `keep running it, nothing targeting them\s+[1-9]\d*\s+bulk-\S+, .*`}},
 		{cmd: "deployment delete", args: []string{"fallback"}, lines: []string{`deleted deployment fallback`}},
 		{cmd: "deployment delete", args: []string{"presses-v1", "-o", "json"}, json: &deletedJSON{}},
 		{cmd: "deployment delete", args: []string{"presses-v1"}, fail: true, errLine: []string{"not found"}},

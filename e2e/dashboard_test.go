@@ -660,6 +660,7 @@ func overviewNumbers(o api.Overview) map[string]string {
 	m := map[string]string{
 		"devices.total": fmt.Sprint(o.Devices.Total), "devices.connected": fmt.Sprint(o.Devices.Connected),
 		"devices.disconnected": fmt.Sprint(o.Devices.Disconnected), "deployments.total": fmt.Sprint(o.Deployments.Total),
+		"devices.offline": fmt.Sprint(o.Devices.Offline),
 	}
 	for k, v := range o.Devices.Health {
 		m["devices.health."+k] = fmt.Sprint(v)

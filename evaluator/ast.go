@@ -151,6 +151,9 @@ const (
 	nStartsWith // STARTSWITH(path, 'prefix'): val is the prefix
 	nEndsWith   // ENDSWITH(path, 'suffix'): val is the suffix
 	nIsType     // IS_STRING / IS_NUMBER / IS_BOOL / IS_NULL / IS_OBJECT (path): val.kind is the type
+	// path cmp path2, in queries only (never a target condition): both
+	// defined, of one scalar type, and the comparison holds.
+	nCmpPaths
 )
 
 // funcs are the functions a condition may call, by upper-case name: what
@@ -175,7 +178,7 @@ const funcNames = "IS_DEFINED, STARTSWITH, ENDSWITH, IS_STRING, IS_NUMBER, IS_BO
 // isLeaf tells the nodes that read one path.
 func (op nodeOp) isLeaf() bool {
 	switch op {
-	case nCmp, nIn, nNin, nDefined, nStartsWith, nEndsWith, nIsType:
+	case nCmp, nIn, nNin, nDefined, nStartsWith, nEndsWith, nIsType, nCmpPaths:
 		return true
 	}
 	return false
@@ -184,12 +187,13 @@ func (op nodeOp) isLeaf() bool {
 // node is the parsed condition, the single source the CEL translation, the
 // document evaluator and the engine's bound plans are all derived from.
 type node struct {
-	op   nodeOp
-	kids []*node
-	path path
-	cmp  cmpOp
-	val  value
-	vals []value
+	op    nodeOp
+	kids  []*node
+	path  path
+	path2 path // nCmpPaths: the right-hand property
+	cmp   cmpOp
+	val   value
+	vals  []value
 }
 
 // Semantics, identical in every form (see DESIGN.md):
@@ -256,4 +260,17 @@ func canonicalBits(f float64) uint64 {
 		return 0x7ff8000000000001
 	}
 	return math.Float64bits(f)
+}
+
+// evalPaths applies a comparison of two properties: true iff both are
+// defined, hold values of one scalar type (number, string, bool, null),
+// and the comparison holds; ordering needs numbers or strings.
+func (n *node) evalPaths(a value, aok bool, b value, bok bool) bool {
+	if !aok || !bok || a.kind != b.kind || a.kind > kString {
+		return false
+	}
+	if n.cmp != opEq && n.cmp != opNe && a.kind != kNumber && a.kind != kString {
+		return false
+	}
+	return n.cmp.holds(a, b)
 }

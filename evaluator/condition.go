@@ -108,6 +108,9 @@ func onlyTags(n *node) bool {
 		}
 		return true
 	}
+	if n.op == nCmpPaths {
+		return false // queries only: the engine never evaluates it
+	}
 	if n.op.isLeaf() {
 		return n.path.root == rootDeviceID || n.path.root == rootTags
 	}
@@ -120,6 +123,29 @@ func (c *Condition) String() string { return c.src }
 // CEL returns the CEL expression the condition compiles to. It reads one
 // variable, doc, a map(string, dyn) with deviceId, tags and any other roots.
 func (c *Condition) CEL() string { return c.celSrc }
+
+// Semantics is the SemanticsVersion a condition needs: 2 when it calls a
+// function version 1 did not have (STARTSWITH ...), else 1. A cluster
+// accepts it only once every node evaluates it.
+func (c *Condition) Semantics() int {
+	if usesV2(c.root) {
+		return 2
+	}
+	return 1
+}
+
+func usesV2(n *node) bool {
+	switch n.op {
+	case nStartsWith, nEndsWith, nIsType:
+		return true
+	}
+	for _, k := range n.kids {
+		if usesV2(k) {
+			return true
+		}
+	}
+	return false
+}
 
 // MatchesNothing reports whether the condition was empty.
 func (c *Condition) MatchesNothing() bool { return c.root.op == nFalse }
@@ -257,6 +283,17 @@ func writeCEL(b *strings.Builder, n *node) {
 		b.WriteByte('(')
 		writeDefined(b, n.path)
 		fmt.Fprintf(b, " && type(%s) == %s)", accessor(n.path), typ)
+	case nCmpPaths:
+		va, vb := accessor(n.path), accessor(n.path2)
+		types := "[double, string, bool, null_type]"
+		if n.cmp != opEq && n.cmp != opNe {
+			types = "[double, string]"
+		}
+		b.WriteByte('(')
+		writeDefined(b, n.path)
+		b.WriteString(" && ")
+		writeDefined(b, n.path2)
+		fmt.Fprintf(b, " && type(%s) == type(%s) && type(%s) in %s && %s %s %s)", va, vb, va, types, va, celOp(n.cmp), vb)
 	case nIn, nNin:
 		b.WriteByte('(')
 		writeDefined(b, n.path)
@@ -397,6 +434,11 @@ func (d *docView) eval(n *node) bool {
 		return false
 	case nNot:
 		return !d.eval(n.kids[0])
+	}
+	if n.op == nCmpPaths {
+		a, aok := d.lookup(n.path)
+		b, bok := d.lookup(n.path2)
+		return n.evalPaths(a, aok, b, bok)
 	}
 	if n.op.isLeaf() {
 		v, ok := d.lookup(n.path)

@@ -31,6 +31,8 @@ type token struct {
 	text string  // source text (identifiers, operators, numbers)
 	str  string  // decoded value of a string literal
 	num  float64 // value of a number literal
+	// quoted: an identifier written [[name]] (any characters but "]]").
+	quoted bool
 }
 
 // describe names a token the way an error message should show it.
@@ -117,6 +119,23 @@ func lex(src string) ([]token, error) {
 			t = token{kind: tLParen, text: "("}
 		case r == ')':
 			t = token{kind: tRParen, text: ")"}
+		case r == '[' && two == "[[" && len(toks) > 0 && toks[len(toks)-1].kind == tDot:
+			// IoT Hub's quoting of a property name after a dot:
+			// configurations.[[my-deployment]].status. The name is
+			// anything up to "]]".
+			end := strings.Index(src[i+2:], "]]")
+			if end < 0 {
+				return nil, syntaxErr(start, "unterminated [[ : a quoted property name ends with ]]")
+			}
+			name := src[i+2 : i+2+end]
+			if name == "" {
+				return nil, syntaxErr(start, "empty property name in [[ ]]")
+			}
+			n := 2 + end + 2
+			toks = append(toks, token{kind: tIdent, col: start, text: name, quoted: true})
+			i += n
+			col += utf8.RuneCountInString(src[i-n : i])
+			continue
 		case r == '[':
 			t = token{kind: tLBrack, text: "["}
 		case r == ']':

@@ -29,9 +29,13 @@ type Metric struct {
 
 // Roots a metric's condition may name.
 var (
-	deviceMetricRoots = []string{"properties"}
-	moduleMetricRoots = []string{"properties", rootModuleID}
+	deviceMetricRoots = []string{"properties", rootConfigurations}
+	moduleMetricRoots = []string{"properties", rootModuleID, rootConfigurations}
 )
+
+// rootConfigurations is a twin's configurations section: deployment id →
+// {"status": "Targeted" | "Applied"}, read as configurations.[[id]].status.
+const rootConfigurations = "configurations"
 
 // CompileMetric compiles a metric query. Errors are *SyntaxError whose
 // column counts from the start of the query, and match
@@ -154,20 +158,52 @@ func metricWords(q string) []metricWord {
 // (nil: none), which holds its modules' reported properties
 // ("moduleTwins") and its hub's state ("hub").
 func (m *Metric) Matches(deviceID string, tags map[string]any, report map[string]any) bool {
+	return m.MatchesDevice(MetricDevice{ID: deviceID, Tags: tags, Report: report})
+}
+
+// MetricDevice is what a metric query sees of a device.
+type MetricDevice struct {
+	ID   string
+	Tags map[string]any
+	// Report is its reported document, decoded (DecodeReport); nil: none.
+	Report map[string]any
+	// Configurations is its twin's configurations section: deployment id
+	// → status (Targeted or Applied), for configurations.[[id]].status.
+	Configurations map[string]string
+	// DesiredVersion is $edgeAgent's properties.desired.$version: the
+	// version of the document it is assigned (0: none, left undefined).
+	DesiredVersion uint64
+}
+
+// MatchesDevice tells whether a device counts (see Matches): a
+// device-level query reads deviceId, tags, configurations and the
+// device's reported properties; a module-level one each module twin's
+// deviceId, moduleId, configurations, reported properties and, for
+// $edgeAgent, properties.desired.$version.
+func (m *Metric) MatchesDevice(d MetricDevice) bool {
+	if m.cond == nil && !m.modules {
+		return true
+	}
+	confs := map[string]any{}
+	for id, st := range d.Configurations {
+		confs[id] = map[string]any{"status": st}
+	}
 	if !m.modules {
-		if m.cond == nil {
-			return true
-		}
-		doc := DeviceDocument(deviceID, tags)
-		doc["properties"] = map[string]any{"reported": report}
+		doc := DeviceDocument(d.ID, d.Tags)
+		doc["properties"] = map[string]any{"reported": d.Report}
+		doc[rootConfigurations] = confs
 		return m.cond.EvalDocument(doc)
 	}
-	for name, reported := range moduleTwins(report) {
+	for name, reported := range moduleTwins(d.Report) {
 		if m.cond == nil {
 			return true
 		}
-		doc := map[string]any{rootDeviceID: deviceID, rootModuleID: name, rootTags: map[string]any{},
-			"properties": map[string]any{"reported": reported}}
+		props := map[string]any{"reported": reported}
+		if name == "$edgeAgent" && d.DesiredVersion > 0 {
+			props["desired"] = map[string]any{"$version": float64(d.DesiredVersion)}
+		}
+		doc := map[string]any{rootDeviceID: d.ID, rootModuleID: name, rootTags: map[string]any{},
+			"properties": props, rootConfigurations: confs}
 		if m.cond.EvalDocument(doc) {
 			return true
 		}

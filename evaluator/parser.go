@@ -369,6 +369,16 @@ func (p *parser) parseComparison(pth path) (*node, error) {
 	t := p.peek()
 	var n *node
 	switch {
+	case t.kind == tOp && !p.target && p.peekAt(1).kind == tIdent && !isKeyword(p.peekAt(1).text):
+		// A query may compare two properties, as Azure's system metrics
+		// do: properties.desired.$version = properties.reported.lastDesiredVersion.
+		p.next()
+		right, err := p.parsePath()
+		if err != nil {
+			return nil, err
+		}
+		n = &node{op: nCmpPaths, path: pth, cmp: cmpOf(t.text), path2: right}
+		return n, nil
 	case t.kind == tOp:
 		p.next()
 		v, err := p.parseValue("after '" + t.text + "'")

@@ -34,6 +34,13 @@ type Device struct {
 	// the device changes; revoking that group's devices
 	// (enrollment rotate/delete --revoke-devices) finds it by this.
 	Enrollment string `json:"enrollment,omitempty"`
+	// ResetIndex is the raft index of the device's last reset (`appliance
+	// device reset`), 0 if never: while no deployment targets it, a device
+	// keeps what it last ran, unless it was reset after it last took a
+	// document (then it is sent an empty one). Set only by the reset;
+	// ignored in a PUT. ResetTimeUTC is when.
+	ResetIndex   uint64     `json:"resetIndex,omitempty"`
+	ResetTimeUTC *time.Time `json:"resetTimeUtc,omitempty"`
 }
 
 // Authentication describes how a device proves who it is. Only symmetric

@@ -14,8 +14,10 @@ import (
 // work together. A new major would mean a change an older reader cannot
 // follow: an agent refuses a desired document of a major it does not know
 // (StatusCodeInvalidSchema). A document without schemaVersion is "1.0",
-// the first (releases up to commit db9fcc5 wrote none).
-const DocumentSchema = "1.1"
+// the first (releases up to commit db9fcc5 wrote none). 1.2 added the
+// desired document's layers and the report's layers,
+// lastDesiredDeploymentId and lastDesiredLayers.
+const DocumentSchema = "1.2"
 
 // DesiredDocument is what the controller sends a device on its desired
 // topic: the modules content of the deployment that applies to it.
@@ -30,6 +32,10 @@ type DesiredDocument struct {
 	// DeploymentID is the deployment that applies; "" means none applies and
 	// the device should run no modules (an explicit empty desired state).
 	DeploymentID string `json:"deploymentId"`
+	// Layers are the layered deployments merged on DeploymentID's content
+	// (lowest priority first); ModulesContent is then the merge
+	// (MergeLayers), a whole manifest like any other.
+	Layers []string `json:"layers,omitempty"`
 	// ModulesContent is the deployment's content.modulesContent, secrets
 	// (registry credentials) included: it goes only to this device.
 	ModulesContent json.RawMessage `json:"modulesContent,omitempty"`
@@ -60,16 +66,25 @@ const (
 // topic, modelled on edgeAgent's reported properties.
 type ReportedDocument struct {
 	// SchemaVersion is the document's schema (DocumentSchema when written).
-	SchemaVersion      string                  `json:"schemaVersion,omitempty"`
-	LastDesiredVersion uint64                  `json:"lastDesiredVersion"`
-	LastDesiredStatus  DesiredStatus           `json:"lastDesiredStatus"`
-	DeviceHealth       string                  `json:"deviceHealth,omitempty"` // healthy or unhealthy
-	Version            string                  `json:"version,omitempty"`      // the agent's build
-	Runtime            ReportedRuntime         `json:"runtime"`
-	SystemModules      map[string]ModuleStatus `json:"systemModules,omitempty"`
-	Modules            map[string]ModuleStatus `json:"modules"`
-	// DeploymentID is the deployment whose content the agent runs.
-	DeploymentID string `json:"deploymentId,omitempty"`
+	SchemaVersion      string        `json:"schemaVersion,omitempty"`
+	LastDesiredVersion uint64        `json:"lastDesiredVersion"`
+	LastDesiredStatus  DesiredStatus `json:"lastDesiredStatus"`
+	// LastDesiredDeploymentID and LastDesiredLayers name the document
+	// LastDesiredVersion and LastDesiredStatus are about, refused or not
+	// (DeploymentID and Layers name the one that runs, which after a
+	// refusal is the one before). Agents before schema 1.2 leave them out.
+	LastDesiredDeploymentID string                  `json:"lastDesiredDeploymentId,omitempty"`
+	LastDesiredLayers       []string                `json:"lastDesiredLayers,omitempty"`
+	DeviceHealth            string                  `json:"deviceHealth,omitempty"` // healthy or unhealthy
+	Version                 string                  `json:"version,omitempty"`      // the agent's build
+	Runtime                 ReportedRuntime         `json:"runtime"`
+	SystemModules           map[string]ModuleStatus `json:"systemModules,omitempty"`
+	Modules                 map[string]ModuleStatus `json:"modules"`
+	// DeploymentID is the deployment whose content the agent runs, and
+	// Layers the layered deployments merged on it (the desired document's,
+	// echoed): together they say which document the report is about.
+	DeploymentID string   `json:"deploymentId,omitempty"`
+	Layers       []string `json:"layers,omitempty"`
 	// Hub is the device hub's state ($edgeHub's reported properties);
 	// absent from agents without a hub.
 	Hub *HubStatus `json:"hub,omitempty"`

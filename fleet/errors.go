@@ -19,7 +19,8 @@ var (
 	// ErrImmutable: the request tried to change something that cannot change.
 	ErrImmutable = errors.New("immutable")
 	// ErrConflict: the request does not fit the resource's current state
-	// (resuming a rollout that is not paused).
+	// (resuming a rollout that is not paused, resetting a device a
+	// deployment applies to).
 	ErrConflict = errors.New("conflict")
 )
 

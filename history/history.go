@@ -254,6 +254,13 @@ func (h *History) write(ctx context.Context, paced bool) {
 			ev := q.Event
 			ev.Kind, ev.Deployment, ev.From = "assigned", m.To, m.From
 			ev.What = "applied deployment " + orNone(m.From) + " → " + orNone(m.To) + " (" + q.Cause + ")"
+			switch {
+			case m.Layer != "":
+				ev.Kind, ev.Layer = "layer "+m.LayerOp, m.Layer
+				ev.What = "layered deployment " + m.Layer + " " + layerWords[m.LayerOp] + " on " + orNone(m.To) + " (" + q.Cause + ")"
+			case m.From == "" && m.To == "":
+				ev.Kind, ev.What = "reset", q.Cause
+			}
 			recs = append(recs, historyRecord{key: m.DeviceID, ev: ev, seq: uint32(len(recs))})
 		}
 	}
@@ -543,6 +550,13 @@ func (h *History) RecentDeploymentEvents(limit int) ([]fleet.RecentEvent, error)
 		out = out[:limit]
 	}
 	return out, err
+}
+
+// layerWords say what a layer change did to a device's document.
+var layerWords = map[string]string{
+	evaluator.LayerAdded:   "merged",
+	evaluator.LayerRemoved: "taken out",
+	evaluator.LayerMoved:   "reordered",
 }
 
 func orNone(s string) string {

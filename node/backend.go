@@ -151,51 +151,69 @@ func (b *backend) DeleteDevice(ctx context.Context, id string, opts api.WriteOpt
 // to this node, and its last report. The caller reads the assignments
 // through a (inside the read transaction), so the record and its
 // assignment agree.
-func (b *backend) deviceView(r *raftstore.Reader, a assign.View, d fleet.Device, peers map[string]peerSession) api.DeviceView {
+func (b *backend) deviceView(r *raftstore.Reader, a assign.View, d fleet.Device, pv presenceView) api.DeviceView {
 	v := api.DeviceView{Device: d.Public(), Configurations: map[string]api.ConfigurationStatus{}, ConnectionState: api.Disconnected}
 	if c, ok := b.broker.Connection(d.ID); ok {
 		v.ConnectionState, v.ConnectedNode = api.Connected, b.cfg.NodeID
 		last := c.LastActivity.UTC()
 		v.LastActivityTime = &last
-	} else if s, ok := peers[d.ID]; ok {
+	} else if s, ok := pv.peers[d.ID]; ok {
 		v.ConnectionState, v.ConnectedNode = api.Connected, s.Node
 		last := s.LastActivity
 		v.LastActivityTime = &last
 	}
 	v.DesiredVersion = a.Version(d.ID)
 	var doc *fleet.ReportedDocument
+	var reported time.Time
 	if rep, err := r.Report(d.ID); err == nil {
 		v.Reported = &api.ReportedState{Document: rep.Document, ReceivedTimeUTC: rep.ReceivedTimeUTC}
+		reported = rep.ReceivedTimeUTC
 		var parsed fleet.ReportedDocument
 		if json.Unmarshal(rep.Document, &parsed) == nil {
 			doc = &parsed
 		}
 	}
-	applied := a.Applied(d.ID)
-	v.Health = assign.HealthOf(doc, applied, time.Now().UTC())
+	nowT := time.Now().UTC()
+	v.Presence, v.LastContactTime = pv.of(d.ID, reported, nowT)
+	subject := a.Subject(d.ID)
+	applied := subject.Base
+	v.Health = assign.HealthOf(doc, subject, nowT)
 	for _, dep := range a.Targeting(d.ID) {
 		st := api.StatusTargeted
-		if dep == applied {
+		if dep == applied || applied != "" && a.IsLayered(dep) {
 			st = api.StatusApplied
 		}
 		v.Configurations[dep] = api.ConfigurationStatus{Status: st}
+	}
+	if applied == "" {
+		k := assign.KeptOf(d, doc, a.Layers(d.ID))
+		v.Kept = &k
 	}
 	return v
 }
 
 func (b *backend) Device(ctx context.Context, id string, consistent bool) (api.DeviceView, error) {
 	var v api.DeviceView
-	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
+	pv := b.node().presence(ctx) // network: before any lock or transaction
 	err := b.view(ctx, consistent, func(r *raftstore.Reader) error {
 		d, err := r.Device(id)
 		if err != nil {
 			return err
 		}
+		var err2 error
 		b.assign.Read(func(a assign.View) {
-			v = b.deviceView(r, a, d, peers)
-			v.Precedence = precedence(r, a.Targeting(id))
+			v = b.deviceView(r, a, d, pv)
+			v.Precedence = precedence(r, a, a.Targeting(id))
+			comp, ok, err := b.assign.Composition(r, a, id)
+			if err != nil {
+				err2 = err
+				return
+			}
+			if ok {
+				v.Document = &comp
+			}
 		})
-		return nil
+		return err2
 	})
 	return v, err
 }
@@ -232,9 +250,9 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 		}
 		ids = ids[i:]
 	}
-	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
+	pv := b.node().presence(ctx) // network: before any lock or transaction
 	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) (err error) {
-		b.assign.Read(func(a assign.View) { err = b.devicePage(r, a, q, ids, peers, limit, &page) })
+		b.assign.Read(func(a assign.View) { err = b.devicePage(r, a, q, ids, pv, limit, &page) })
 		return err
 	})
 	return page, err
@@ -242,7 +260,7 @@ func (b *backend) Devices(ctx context.Context, q api.DeviceQuery) (api.DevicePag
 
 // devicePage fills one page of GET /devices: the devices of ids (a
 // condition's), else those of the replica after q.After with q.Prefix.
-func (b *backend) devicePage(r *raftstore.Reader, a assign.View, q api.DeviceQuery, ids []string, peers map[string]peerSession, limit int, page *api.DevicePage) error {
+func (b *backend) devicePage(r *raftstore.Reader, a assign.View, q api.DeviceQuery, ids []string, peers presenceView, limit int, page *api.DevicePage) error {
 	if q.Condition != "" {
 		for _, id := range ids {
 			if len(page.Items) == limit {
@@ -343,12 +361,25 @@ func validateMetrics(q map[string]string) error {
 }
 
 func (b *backend) PutDeployment(ctx context.Context, id string, req api.DeploymentRequest, opts api.WriteOptions) (api.DeploymentView, bool, error) {
+	req.Content = b.storedContent(id, req.Content)
 	if err := validateDeployment(id, req); err != nil {
 		return api.DeploymentView{}, false, err
 	}
 	compact, err := compactJSON(req.Content)
 	if err != nil {
 		return api.DeploymentView{}, false, fleet.Invalid("content", "%v", err)
+	}
+	if err := b.checkContentLimits(compact); err != nil {
+		return api.DeploymentView{}, false, err
+	}
+	if err := b.requireSemantics(ctx, req.Layered, req.TargetCondition); err != nil {
+		return api.DeploymentView{}, false, err
+	}
+	if err := b.checkDeviceLimits(b.engineDeploymentOf(id, req.TargetCondition, req.Priority, req.Layered), compact); err != nil {
+		return api.DeploymentView{}, false, err
+	}
+	if req.Rollout != nil && req.Layered {
+		return api.DeploymentView{}, false, fleet.Invalid("rollout", "a layered deployment is merged on each device's base at once; roll out the base instead")
 	}
 	rollout, err := validateRollout(req.Rollout)
 	if err != nil {
@@ -393,6 +424,24 @@ func (b *backend) PatchDeployment(ctx context.Context, id string, p api.Deployme
 	}
 	if err := fleet.ValidateLabels(p.Labels); err != nil {
 		return api.DeploymentView{}, err
+	}
+	if p.TargetCondition != nil || p.Priority != nil {
+		var stored fleet.Deployment
+		if err := b.view(ctx, false, func(r *raftstore.Reader) (err error) { stored, err = r.Deployment(id); return err }); err != nil {
+			return api.DeploymentView{}, err
+		}
+		if p.TargetCondition != nil {
+			if err := b.requireSemantics(ctx, false, *p.TargetCondition); err != nil {
+				return api.DeploymentView{}, err
+			}
+			stored.TargetCondition = *p.TargetCondition
+		}
+		if p.Priority != nil {
+			stored.Priority = *p.Priority
+		}
+		if err := b.checkDeviceLimits(assign.EngineDeployment(&stored, nil), nil); err != nil {
+			return api.DeploymentView{}, err
+		}
 	}
 	cmd := raftstore.PatchDeployment{
 		Precondition: precondition(opts), ID: id, Time: now(), Actor: operatorActor,
@@ -439,13 +488,30 @@ func (b *backend) DeleteDeployment(ctx context.Context, id string, opts api.Writ
 func (b *backend) deploymentView(d fleet.Deployment) api.DeploymentView {
 	var targeted, applied int
 	b.assign.Read(func(a assign.View) { targeted, applied = a.Counts(d.ID) })
-	return api.DeploymentView{
+	v := api.DeploymentView{
 		Deployment: d.Public(),
 		SystemMetrics: api.SystemMetrics{Results: map[string]int{
 			"targetedCount": targeted,
 			"appliedCount":  applied,
-		}},
+		}, Queries: assign.SystemMetricQueries(d)},
 	}
+	if d.Layered {
+		v.Warnings = fleet.LayeredEntries(d.Content)
+	}
+	return v
+}
+
+// engineDeploymentOf is what putting a deployment would give the engine:
+// a new one created now, an existing one in its place by creation time.
+func (b *backend) engineDeploymentOf(id, condition string, priority int64, layered bool) evaluator.Deployment {
+	d := evaluator.Deployment{ID: id, Condition: condition, Priority: priority, CreatedUnixNano: now().UnixNano(), Layered: layered}
+	_ = b.store.View(func(r *raftstore.Reader) error {
+		if old, err := r.Deployment(id); err == nil {
+			d.CreatedUnixNano, d.Layered = old.CreatedTimeUTC.UnixNano(), old.Layered
+		}
+		return nil
+	})
+	return d
 }
 
 func (b *backend) Deployment(ctx context.Context, id string, consistent bool) (api.DeploymentView, error) {

@@ -35,6 +35,10 @@ type peerSession struct {
 type connectionsReply struct {
 	Node     string                 `json:"node"`
 	Sessions map[string]peerSession `json:"sessions"`
+	// Ended are the devices whose session with it ended within its
+	// --offline-after, with when each last sent anything: for the other
+	// nodes' offline judgement (nodes before this field send none).
+	Ended map[string]time.Time `json:"ended,omitempty"`
 }
 
 // peerConnections caches the sessions held by the other nodes.
@@ -42,6 +46,7 @@ type peerConnections struct {
 	mu        sync.Mutex
 	fetchedAt time.Time
 	sessions  map[string]peerSession
+	ended     map[string]time.Time // sessions that ended on a peer lately
 	// refreshing is closed when the refresh in flight ends: readers that
 	// find the cache stale share it instead of each asking every peer.
 	refreshing chan struct{}
@@ -54,6 +59,7 @@ func (n *Node) serveConnections(w http.ResponseWriter, r *http.Request) {
 	for _, c := range n.broker.Connections() {
 		reply.Sessions[c.DeviceID] = peerSession{Node: n.cfg.NodeID, LastActivity: c.LastActivity.UTC()}
 	}
+	reply.Ended = n.broker.Ended(time.Now().Add(-n.cfg.OfflineAfter))
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(reply)
 }
@@ -105,10 +111,11 @@ func (n *Node) refreshPeerSessions(done chan struct{}) {
 	wasDown := pc.down
 	pc.mu.Unlock()
 	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		all  = map[string]peerSession{}
-		down = map[string]bool{}
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		all   = map[string]peerSession{}
+		ended = map[string]time.Time{}
+		down  = map[string]bool{}
 	)
 	for _, m := range members {
 		if m.ID == n.cfg.NodeID {
@@ -137,10 +144,15 @@ func (n *Node) refreshPeerSessions(done chan struct{}) {
 					all[id] = s
 				}
 			}
+			for id, t := range reply.Ended {
+				if t.After(ended[id]) {
+					ended[id] = t
+				}
+			}
 		}(m)
 	}
 	wg.Wait()
 	pc.mu.Lock()
-	pc.sessions, pc.fetchedAt, pc.down = all, time.Now(), down
+	pc.sessions, pc.ended, pc.fetchedAt, pc.down = all, ended, time.Now(), down
 	pc.mu.Unlock()
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sort"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -23,9 +24,10 @@ import (
 const recentEvents = 20
 
 // Overview counts the fleet: every device once by connection and once by
-// health (a device has at most one applied deployment, so summing the
-// deployments' applied devices never counts a device twice), every
-// deployment once by state.
+// health (a device has at most one applied base deployment, so summing the
+// base deployments' applied devices never counts a device twice; layers
+// are counted in their own states only), every deployment once by state,
+// and the devices out of contact (offline) beside.
 func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 	o := api.Overview{
 		Node: b.cfg.NodeID, SoakSeconds: fleet.DefaultSoak.Seconds(),
@@ -38,12 +40,12 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 	for _, s := range api.DeploymentStates {
 		o.Deployments.States[s] = 0
 	}
-	peers := b.node().peerSessions(ctx) // network: before any lock or transaction
+	pv := b.node().presence(ctx) // network: before any lock or transaction
 	connected := map[string]bool{}
 	for _, c := range b.broker.Connections() {
 		connected[c.DeviceID] = true
 	}
-	for id := range peers {
+	for id := range pv.peers {
 		connected[id] = true
 	}
 	// The assignments are taken under assign's lock, all at one applied
@@ -53,8 +55,10 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 	// does: unknown until it reports the deployment).
 	type assigned struct {
 		id       string
+		layered  bool
 		targeted int
 		applied  []string
+		subjects []assign.Subject
 	}
 	var deps []assigned
 	b.assign.Read(func(v assign.View) {
@@ -66,7 +70,12 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 		}
 		for _, id := range v.DeploymentIDs() {
 			targeted, _ := v.Counts(id)
-			deps = append(deps, assigned{id: id, targeted: targeted, applied: v.AppliedDevices(id)})
+			a := assigned{id: id, layered: v.IsLayered(id), targeted: targeted, applied: v.AppliedDevices(id)}
+			a.subjects = make([]assign.Subject, len(a.applied))
+			for i, dev := range a.applied {
+				a.subjects[i] = v.Subject(dev)
+			}
+			deps = append(deps, a)
 		}
 	})
 	o.Devices.Disconnected = o.Devices.Total - o.Devices.Connected
@@ -83,8 +92,11 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 				return err
 			}
 			counts := api.StatusCounts{Targeted: a.targeted, Applied: len(a.applied)}
-			for _, dev := range a.applied {
-				switch assign.Classify(assign.ReportOf(r, dev), a.id, now, fleet.DefaultSoak) {
+			for i, dev := range a.applied {
+				s := a.subjects[i]
+				s.Modules = b.assign.ModulesOf(r, s, a.id)
+				c, _ := assign.ClassifyDevice(assign.ReportOf(r, dev), s, now, fleet.DefaultSoak)
+				switch c {
 				case api.CategoryHealthy:
 					counts.Healthy++
 				case api.CategorySoaking:
@@ -95,11 +107,15 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 					counts.Unknown++
 				}
 			}
-			withDeployment += counts.Applied
-			o.Devices.Health[api.CategoryHealthy] += counts.Healthy
-			o.Devices.Health[api.CategorySoaking] += counts.Soaking
-			o.Devices.Health[api.CategoryUnhealthy] += counts.Unhealthy
-			o.Devices.Health[api.CategoryUnknown] += counts.Unknown
+			if !a.layered {
+				// A device has one base: its health is its base's (its
+				// layers' states are their own).
+				withDeployment += counts.Applied
+				o.Devices.Health[api.CategoryHealthy] += counts.Healthy
+				o.Devices.Health[api.CategorySoaking] += counts.Soaking
+				o.Devices.Health[api.CategoryUnhealthy] += counts.Unhealthy
+				o.Devices.Health[api.CategoryUnknown] += counts.Unknown
+			}
 			state := assign.DeploymentState(counts)
 			o.Deployments.States[state]++
 			o.Deployments.Total++
@@ -108,10 +124,24 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 				continue
 			}
 			o.Deployments.Items = append(o.Deployments.Items, api.DeploymentSummary{
-				ID: a.id, Priority: dep.Priority, TargetCondition: dep.TargetCondition, State: state, Counts: counts,
+				ID: a.id, Priority: dep.Priority, TargetCondition: dep.TargetCondition, State: state, Counts: counts, Layered: a.layered,
 			})
 		}
-		return nil
+		// Devices out of contact: the disconnected ones whose last
+		// session and last report are older than --offline-after.
+		return r.Devices("", func(d fleet.Device) bool {
+			if connected[d.ID] {
+				return true
+			}
+			var reported time.Time
+			if rep, err := r.Report(d.ID); err == nil {
+				reported = rep.ReceivedTimeUTC
+			}
+			if p, _ := pv.of(d.ID, reported, now); p == api.PresenceOffline {
+				o.Devices.Offline++
+			}
+			return true
+		})
 	})
 	if err != nil {
 		return api.Overview{}, err
@@ -177,26 +207,28 @@ func metricConditionAt(query string) (string, int) {
 
 // DryRunDeployment reports what creating (or re-putting) a deployment would
 // do, changing nothing.
-func (b *backend) DryRunDeployment(ctx context.Context, id string, req api.DeploymentRequest) (api.DryRunResult, error) {
+func (b *backend) DryRunDeployment(ctx context.Context, id string, req api.DeploymentRequest, q api.DryRunQuery) (api.DryRunResult, error) {
 	if err := validateDeployment(id, req); err != nil {
 		return api.DryRunResult{}, err
 	}
 	created := now()
+	layered := req.Layered
 	err := b.store.View(func(r *raftstore.Reader) error {
 		if d, err := r.Deployment(id); err == nil {
 			created = d.CreatedTimeUTC // a re-put keeps its place
+			layered = d.Layered        // and its content (a changed one is refused)
 		}
 		return nil
 	})
 	if err != nil {
 		return api.DryRunResult{}, err
 	}
-	return b.dryRun(evaluator.Deployment{ID: id, Condition: req.TargetCondition, Priority: req.Priority, CreatedUnixNano: created.UnixNano()}, req.Rollout)
+	return b.dryRun(evaluator.Deployment{ID: id, Condition: req.TargetCondition, Priority: req.Priority, CreatedUnixNano: created.UnixNano(), Layered: layered}, req.Rollout, q)
 }
 
 // DryRunPatchDeployment reports what a PATCH would do: the deployment with
 // the patch's condition and priority, in its place by creation time.
-func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.DeploymentPatch) (api.DryRunResult, error) {
+func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.DeploymentPatch, q api.DryRunQuery) (api.DryRunResult, error) {
 	if len(p.Content) > 0 {
 		return api.DryRunResult{}, errContentImmutable
 	}
@@ -217,20 +249,25 @@ func (b *backend) DryRunPatchDeployment(ctx context.Context, id string, p api.De
 		}
 		d.Priority = *p.Priority
 	}
-	return b.dryRun(assign.EngineDeployment(&d, nil), d.Rollout)
+	return b.dryRun(assign.EngineDeployment(&d, nil), d.Rollout, q)
 }
 
 // dryRun computes what putting d would change: the devices it would
-// target and apply to, and every device whose applied deployment would
-// change (to d, or, for devices d holds now and would lose, to the next
-// deployment that targets them, or none). It reads the assignments call by
-// call (each is consistent on its own: assign.Assigner.Loose) without
-// assign's lock, which would hold up the apply path for as long as a large
-// fleet takes to walk: a write landing meanwhile can make a preview a
-// device off, never the write.
-func (b *backend) dryRun(d evaluator.Deployment, rollout *fleet.RolloutPolicy) (api.DryRunResult, error) {
+// target and apply to, and every device whose document would change (to
+// d, or, for devices d holds now and would lose, to the next deployment
+// that targets them, or none: they keep running d), or, for a layer,
+// the documents it would join or leave. It reads the assignments call by
+// call (each is consistent on its own: assign.Assigner.PreviewPut)
+// without assign's lock, which would hold up the apply path for as long as
+// a large fleet takes to walk: a write landing meanwhile can make a
+// preview a device off, never the write.
+func (b *backend) dryRun(d evaluator.Deployment, rollout *fleet.RolloutPolicy, q api.DryRunQuery) (api.DryRunResult, error) {
 	v := b.assign.Loose()
 	targeted, would, err := v.DryRunDevices(d)
+	if err != nil {
+		return api.DryRunResult{}, conditionError("targetCondition", err)
+	}
+	preview, err := b.assign.PreviewPut(d)
 	if err != nil {
 		return api.DryRunResult{}, conditionError("targetCondition", err)
 	}
@@ -238,18 +275,7 @@ func (b *backend) dryRun(d evaluator.Deployment, rollout *fleet.RolloutPolicy) (
 		TargetedCount: len(targeted), WouldApplyCount: len(would),
 		TargetedDevices: sample(targeted), WouldApplyDevices: sample(would),
 	}
-	moves := moveSet{}
-	for _, dev := range would {
-		if from := v.Applied(dev); from != d.ID {
-			moves.add(from, d.ID, dev)
-		}
-	}
-	for _, dev := range v.AppliedDevices(d.ID) {
-		if _, stays := slices.BinarySearch(would, dev); !stays {
-			moves.add(d.ID, nextDeployment(v, dev, d.ID), dev)
-		}
-	}
-	res.Moves = moves.list()
+	previewPage(&res, preview, q)
 	if res.Waves, err = b.plannedWaves(d.ID, rollout, would); err != nil {
 		return api.DryRunResult{}, err
 	}
@@ -257,30 +283,50 @@ func (b *backend) dryRun(d evaluator.Deployment, rollout *fleet.RolloutPolicy) (
 }
 
 // DryRunDeleteDeployment reports where the deployment's devices would go.
-func (b *backend) DryRunDeleteDeployment(ctx context.Context, id string) (api.DryRunResult, error) {
+func (b *backend) DryRunDeleteDeployment(ctx context.Context, id string, q api.DryRunQuery) (api.DryRunResult, error) {
 	if _, err := b.Deployment(ctx, id, false); err != nil {
 		return api.DryRunResult{}, err
 	}
 	v := b.assign.Loose() // without the lock, as dryRun
 	targeted := v.TargetedDevices(id)
 	res := api.DryRunResult{TargetedCount: len(targeted), TargetedDevices: sample(targeted), WouldApplyDevices: []string{}}
-	moves := moveSet{}
-	for _, dev := range v.AppliedDevices(id) {
-		moves.add(id, nextDeployment(v, dev, id), dev)
-	}
-	res.Moves = moves.list()
+	previewPage(&res, b.assign.PreviewDelete(id), q)
 	return res, nil
 }
 
-// nextDeployment is the deployment that would apply to a device without
-// the one named: the first other that targets it, by precedence.
-func nextDeployment(v assign.View, deviceID, without string) string {
-	for _, dep := range v.Targeting(deviceID) {
-		if dep != without {
-			return dep
+// previewPage fills a dry run's answer from its preview: the moves (the
+// console's groups), the counts by category, and one page of the devices.
+func previewPage(res *api.DryRunResult, preview []fleet.PreviewDevice, q api.DryRunQuery) {
+	moves := moveSet{}
+	res.Changes = map[string]int{}
+	for _, c := range fleet.PreviewCategories {
+		res.Changes[c] = 0
+	}
+	for _, p := range preview {
+		res.Changes[p.Category]++
+		if p.From != p.To {
+			moves.add(p.From, p.To, p.ID)
 		}
 	}
-	return ""
+	res.Moves = moves.list()
+	limit := q.Limit
+	if limit <= 0 {
+		limit = api.DefaultPageSize
+	}
+	res.Category = q.Category
+	res.Devices = []api.DryRunDevice{}
+	i := sort.Search(len(preview), func(i int) bool { return preview[i].ID > q.After })
+	for ; i < len(preview); i++ {
+		p := preview[i]
+		if q.Category != "" && p.Category != q.Category {
+			continue
+		}
+		if len(res.Devices) == limit {
+			res.Next = res.Devices[limit-1].ID
+			break
+		}
+		res.Devices = append(res.Devices, p)
+	}
 }
 
 func sample(ids []string) []string {
@@ -316,31 +362,55 @@ func (m moveSet) list() []api.DryRunMove {
 }
 
 // precedence explains, for one device, the order of the deployments that
-// target it (targeting, as the engine ranks them): the first applies.
-// The caller holds r's transaction and reads targeting from one View.
-func precedence(r *raftstore.Reader, targeting []string) []api.PrecedenceEntry {
-	deps := make([]fleet.Deployment, 0, len(targeting))
+// target it (targeting, as the engine ranks them): the first that is not
+// layered applies; the layered ones are merged on it in priority order,
+// or, without a base, not applied. The caller holds r's transaction and
+// reads targeting from one View.
+func precedence(r *raftstore.Reader, a assign.View, targeting []string) []api.PrecedenceEntry {
+	var bases, layers []fleet.Deployment
 	for _, id := range targeting {
 		if d, err := r.Deployment(id); err == nil {
-			deps = append(deps, d)
+			if a.IsLayered(id) {
+				layers = append(layers, d)
+			} else {
+				bases = append(bases, d)
+			}
 		}
 	}
-	out := make([]api.PrecedenceEntry, len(deps))
-	for i, d := range deps {
+	out := make([]api.PrecedenceEntry, 0, len(bases)+len(layers))
+	for i, d := range bases {
 		e := api.PrecedenceEntry{Deployment: d.ID, Status: api.StatusTargeted, Priority: d.Priority, CreatedTimeUTC: d.CreatedTimeUTC}
 		switch {
-		case i == 0 && len(deps) == 1:
+		case i == 0 && len(bases) == 1:
 			e.Status = api.StatusApplied
 			e.Reason = "applies: the only deployment whose condition matches this device"
+			if len(layers) > 0 {
+				e.Reason = "applies: the only base deployment whose condition matches this device"
+			}
 		case i == 0:
 			e.Status = api.StatusApplied
-			e.DecidedBy = decidedBy(d, deps[1])
-			e.Reason = "applies: " + winsOver(d, deps[1], e.DecidedBy)
+			e.DecidedBy = decidedBy(d, bases[1])
+			e.Reason = "applies: " + winsOver(d, bases[1], e.DecidedBy)
 		default:
-			e.DecidedBy = decidedBy(deps[0], d)
-			e.Reason = fmt.Sprintf("loses to %s: %s", deps[0].ID, losesTo(d, deps[0], e.DecidedBy))
+			e.DecidedBy = decidedBy(bases[0], d)
+			e.Reason = fmt.Sprintf("loses to %s: %s", bases[0].ID, losesTo(d, bases[0], e.DecidedBy))
 		}
-		out[i] = e
+		out = append(out, e)
+	}
+	for i, d := range layers {
+		e := api.PrecedenceEntry{Deployment: d.ID, Status: api.StatusTargeted, Priority: d.Priority, CreatedTimeUTC: d.CreatedTimeUTC, Layered: true}
+		switch {
+		case len(bases) == 0:
+			e.Reason = "layered, not applied: no base deployment targets this device, and a layer only merges on a base"
+		case i == 0:
+			e.Status = api.StatusApplied
+			e.Reason = fmt.Sprintf("layered: merged on %s last, so it wins every name conflict", bases[0].ID)
+		default:
+			e.Status = api.StatusApplied
+			e.DecidedBy = decidedBy(layers[i-1], d)
+			e.Reason = fmt.Sprintf("layered: merged on %s before %s (%s), which wins a name conflict with it", bases[0].ID, layers[i-1].ID, losesTo(d, layers[i-1], e.DecidedBy))
+		}
+		out = append(out, e)
 	}
 	return out
 }

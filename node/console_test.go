@@ -82,7 +82,8 @@ func TestConsole_Overview(t *testing.T) {
 	report(t, n, "p2", keys["p2"], `{"deploymentId":"prod","lastDesiredStatus":{"code":500},"modules":{}}`)
 	report(t, n, "p3", keys["p3"], runningReport("canary", old))
 
-	want := api.OverviewDevices{Total: 5, Connected: 3, Disconnected: 2, Health: map[string]int{
+	// The two devices that never connected are offline (never heard from).
+	want := api.OverviewDevices{Total: 5, Connected: 3, Disconnected: 2, Offline: 2, Health: map[string]int{
 		api.CategoryHealthy: 2, api.CategorySoaking: 0, api.CategoryUnhealthy: 1, api.CategoryUnknown: 0, api.HealthNone: 2,
 	}}
 	var o api.Overview
@@ -243,7 +244,7 @@ func TestConsole_ExpandManifest(t *testing.T) {
 		t.Errorf("configuration %+v", res.Configuration)
 	}
 	// What it returns is accepted as it is.
-	if _, err := c.DryRunDeployment(ctx, "from-template", api.DeploymentRequest{Content: res.Content, TargetCondition: "*"}); err != nil {
+	if _, err := c.DryRunDeployment(ctx, "from-template", api.DeploymentRequest{Content: res.Content, TargetCondition: "*"}, api.DryRunQuery{}); err != nil {
 		t.Errorf("expanded content refused: %v", err)
 	}
 
@@ -294,7 +295,7 @@ func TestConsole_DryRuns(t *testing.T) {
 
 	// A new deployment over everything at priority 3: it takes p1, p2 from
 	// prod and t1 from none; p3 stays with canary.
-	r, err := c.DryRunDeployment(ctx, "all", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "*", Priority: 3})
+	r, err := c.DryRunDeployment(ctx, "all", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "*", Priority: 3}, api.DryRunQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,7 +305,7 @@ func TestConsole_DryRuns(t *testing.T) {
 	}
 	// Updating canary to priority 0: p3 goes back to prod.
 	zero := int64(0)
-	r, err = c.DryRunPatchDeployment(ctx, "canary", api.DeploymentPatch{Priority: &zero})
+	r, err = c.DryRunPatchDeployment(ctx, "canary", api.DeploymentPatch{Priority: &zero}, api.DryRunQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +315,7 @@ func TestConsole_DryRuns(t *testing.T) {
 	// Updating prod's condition to test devices only: p1, p2 lose it (to
 	// none), t1 gains it.
 	cond := "tags.environment='test'"
-	r, err = c.DryRunPatchDeployment(ctx, "prod", api.DeploymentPatch{TargetCondition: &cond})
+	r, err = c.DryRunPatchDeployment(ctx, "prod", api.DeploymentPatch{TargetCondition: &cond}, api.DryRunQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -322,7 +323,7 @@ func TestConsole_DryRuns(t *testing.T) {
 		t.Errorf("new condition: %+v, moves %v", r, moves(r))
 	}
 	// Deleting canary: p3 goes to prod.
-	r, err = c.DryRunDeleteDeployment(ctx, "canary")
+	r, err = c.DryRunDeleteDeployment(ctx, "canary", api.DryRunQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -340,15 +341,18 @@ func TestConsole_DryRuns(t *testing.T) {
 	bad := "tags.x ="
 	for name, err := range map[string]error{
 		"bad condition": func() error {
-			_, err := c.DryRunPatchDeployment(ctx, "prod", api.DeploymentPatch{TargetCondition: &bad})
+			_, err := c.DryRunPatchDeployment(ctx, "prod", api.DeploymentPatch{TargetCondition: &bad}, api.DryRunQuery{})
 			return err
 		}(),
 		"content": func() error {
-			_, err := c.DryRunPatchDeployment(ctx, "prod", api.DeploymentPatch{Content: json.RawMessage(manifest)})
+			_, err := c.DryRunPatchDeployment(ctx, "prod", api.DeploymentPatch{Content: json.RawMessage(manifest)}, api.DryRunQuery{})
 			return err
 		}(),
-		"missing patch": func() error { _, err := c.DryRunPatchDeployment(ctx, "nope", api.DeploymentPatch{}); return err }(),
-		"missing del":   func() error { _, err := c.DryRunDeleteDeployment(ctx, "nope"); return err }(),
+		"missing patch": func() error {
+			_, err := c.DryRunPatchDeployment(ctx, "nope", api.DeploymentPatch{}, api.DryRunQuery{})
+			return err
+		}(),
+		"missing del": func() error { _, err := c.DryRunDeleteDeployment(ctx, "nope", api.DryRunQuery{}); return err }(),
 	} {
 		wantErr := fleet.ErrInvalid
 		if strings.HasPrefix(name, "missing") {

@@ -80,11 +80,13 @@ var (
 	descQuotaCut    = prometheus.NewDesc("appliance_mqtt_quota_disconnects_total", "Devices disconnected because they went on sending reports over their quota.", nil, nil)
 	descRaftState   = prometheus.NewDesc("appliance_raft_state", "1 for this node's raft state.", []string{"state"}, nil)
 	descApplied     = prometheus.NewDesc("appliance_raft_applied_index", "Index of the last raft entry applied to the state machine.", nil, nil)
-	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by status category (targeted, applied, healthy, unhealthy, soaking, unknown; soak 30 s).", []string{"deployment", "category"}, nil)
+	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by status category (targeted, applied, healthy, unhealthy, soaking, unknown; offline and kept beside them; soak 30 s).", []string{"deployment", "category"}, nil)
+	descCustom      = prometheus.NewDesc("appliance_deployment_metric_devices", "Devices a deployment's custom metric query counts (only reports about the document each device is assigned now).", []string{"deployment", "metric"}, nil)
+	descSystem      = prometheus.NewDesc("appliance_deployment_system_metric", "Azure's system metrics of a deployment: targetedCount, appliedCount, reportedSuccessfulCount, reportedFailedCount.", []string{"deployment", "metric"}, nil)
 )
 
 func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRefusing, descRefused, descConnRefused, descConnOpen, descNoSession, descThrottled, descQuotaCut, descRaftState, descApplied, descDeployments} {
+	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRefusing, descRefused, descConnRefused, descConnOpen, descNoSession, descThrottled, descQuotaCut, descRaftState, descApplied, descDeployments, descCustom, descSystem} {
 		ch <- d
 	}
 }
@@ -151,8 +153,15 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 			api.CategoryTargeted: st.Counts.Targeted, api.CategoryApplied: st.Counts.Applied,
 			api.CategoryHealthy: st.Counts.Healthy, api.CategoryUnhealthy: st.Counts.Unhealthy,
 			api.CategorySoaking: st.Counts.Soaking, api.CategoryUnknown: st.Counts.Unknown,
+			api.CategoryOffline: st.Counts.Offline, api.CategoryKept: st.Counts.Kept,
 		} {
 			ch <- prometheus.MustNewConstMetric(descDeployments, prometheus.GaugeValue, float64(v), id, cat)
+		}
+		for name, v := range st.Metrics {
+			ch <- prometheus.MustNewConstMetric(descCustom, prometheus.GaugeValue, float64(v), id, name)
+		}
+		for name, v := range st.SystemMetrics {
+			ch <- prometheus.MustNewConstMetric(descSystem, prometheus.GaugeValue, float64(v), id, name)
 		}
 	}
 }

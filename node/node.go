@@ -89,6 +89,12 @@ type Config struct {
 	// Limits bound the API's and the cluster port's connections (timeouts,
 	// caps per source address); zero fields are defaults.
 	Limits ListenerLimits
+	// OfflineAfter is how long a device may be out of contact before it
+	// counts as offline (DefaultOfflineAfter when zero).
+	OfflineAfter time.Duration
+	// DeploymentLimits bound manifests and how many deployments and
+	// layers reach one device (zero fields are defaults).
+	DeploymentLimits DeploymentLimits
 	// DeviceLimits bound what devices can make the broker hold and commit:
 	// the CONNECT timeout, the cap on unauthenticated connections per
 	// source address, report sizes and the per-device report quotas
@@ -213,6 +219,10 @@ func New(cfg Config) (*Node, error) {
 	if cfg.ShedDevicesAfter == 0 {
 		cfg.ShedDevicesAfter = DefaultShedDevicesAfter
 	}
+	if cfg.OfflineAfter <= 0 {
+		cfg.OfflineAfter = DefaultOfflineAfter
+	}
+	cfg.DeploymentLimits = cfg.DeploymentLimits.withDefaults()
 	cfg.Limits = cfg.Limits.withDefaults()
 	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), failed: make(chan struct{})}
 	n.assign = assign.New(assign.Config{

@@ -466,7 +466,7 @@ func TestAPI_Assignments(t *testing.T) {
 	if _, err := c.Devices(ctx, api.DeviceQuery{Condition: "tags.environment = \"prod\""}); err == nil || !strings.Contains(err.Error(), "single quote") {
 		t.Fatalf("double-quoted condition: %v", err)
 	}
-	dr, err := c.DryRunDeployment(ctx, "prod-c", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 11})
+	dr, err := c.DryRunDeployment(ctx, "prod-c", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 11}, api.DryRunQuery{})
 	if err != nil || dr.TargetedCount != 2 || dr.WouldApplyCount != 2 {
 		t.Fatalf("dry run %+v %v", dr, err)
 	}

@@ -36,7 +36,7 @@ func TestAPI_RolloutBadInput(t *testing.T) {
 			for _, dry := range []bool{false, true} {
 				var err error
 				if dry {
-					_, err = c.DryRunDeployment(ctx, "bad", req)
+					_, err = c.DryRunDeployment(ctx, "bad", req, api.DryRunQuery{})
 				} else {
 					_, err = c.PutDeployment(ctx, "bad", req, api.WriteOptions{})
 				}
@@ -71,7 +71,7 @@ func TestAPI_RolloutPolicy(t *testing.T) {
 	putDeployment(t, c, "plain", "*", 0)
 	req := api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 1,
 		Rollout: &fleet.RolloutPolicy{Canary: "tags.ring='canary'", Waves: []string{"10%", "50%"}}}
-	dry, err := c.DryRunDeployment(ctx, "waves", req)
+	dry, err := c.DryRunDeployment(ctx, "waves", req, api.DryRunQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"appliance/api"
+	"appliance/assign"
 	"appliance/fleet"
 	"appliance/raftstore"
 )
@@ -21,15 +22,19 @@ func (b *backend) DeploymentStatus(ctx context.Context, id string, q api.StatusQ
 	if limit <= 0 {
 		limit = api.DefaultPageSize
 	}
-	st := api.DeploymentStatus{ID: id, SoakSeconds: soak.Seconds(), Devices: map[string][]string{}, Next: map[string]string{}}
+	st := api.DeploymentStatus{ID: id, SoakSeconds: soak.Seconds(), OfflineAfterSeconds: b.cfg.OfflineAfter.Seconds(),
+		Devices: map[string][]string{}, Next: map[string]string{}}
 	nowT := time.Now().UTC()
+	pv := b.node().presence(ctx) // network: before any lock or transaction
 	err := b.view(ctx, q.Consistent, func(r *raftstore.Reader) error {
 		dep, err := r.Deployment(id)
 		if err != nil {
 			return err
 		}
-		bd := b.assign.Breakdown(r, dep, soak, nowT)
-		st.Metrics, st.SystemMetrics, st.Counts = bd.Metrics, bd.SystemMetrics, bd.Counts
+		bd := b.assign.Breakdown(r, dep, assign.StatusOptions{Soak: soak, Now: nowT, Presence: pv.contact, OfflineAfter: b.cfg.OfflineAfter})
+		st.Metrics, st.SystemMetrics, st.Counts, st.Reasons = bd.Metrics, bd.SystemMetrics, bd.Counts, bd.Reasons
+		st.Layered = dep.Layered
+		st.SystemMetricQueries = assign.SystemMetricQueries(dep)
 		for _, c := range api.Categories {
 			if q.Category != "" && c != q.Category {
 				continue

@@ -57,7 +57,8 @@ func TestDeploymentStatus(t *testing.T) {
 	// A prod device in the canary ring: targeted by prod, applied elsewhere.
 	createDevice(t, c, "canary-1", map[string]any{"environment": "prod", "ring": "canary"})
 
-	want := api.StatusCounts{Targeted: 6, Applied: 5, Healthy: 1, Soaking: 1, Unhealthy: 2, Unknown: 1}
+	// The silent device never connected: offline beside its health.
+	want := api.StatusCounts{Targeted: 6, Applied: 5, Healthy: 1, Soaking: 1, Unhealthy: 2, Unknown: 1, Offline: 1}
 	var st api.DeploymentStatus
 	waitFor(t, fmt.Sprintf("counts %+v", want), func() bool {
 		var err error

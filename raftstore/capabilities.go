@@ -136,6 +136,14 @@ func (e *ClusterBehindError) Error() string {
 
 func (e *ClusterBehindError) Unwrap() error { return ErrClusterBehind }
 
+// CheckCommand reports whether every member of the cluster can apply
+// commands of type t (nil), or which cannot (an error wrapping
+// ErrClusterBehind): for a feature that changes what existing commands
+// mean, gated on the command type its release introduced.
+func (s *Store) CheckCommand(ctx context.Context, t CommandType) error {
+	return s.checkCommand(ctx, t)
+}
+
 // checkCommand is the upgrade gate, run before a command is proposed or
 // forwarded: a command outside LegacyCommands goes ahead only when every
 // other member of the configuration said it can apply it. A member that

@@ -36,6 +36,7 @@ const (
 	CmdRotateEnrollment        CommandType = 13 // give an enrollment a new token (the old one stops enrolling)
 	CmdRevokeEnrollmentDevices CommandType = 14 // clear the keys of the devices an enrollment registered
 	CmdBindNode                CommandType = 25 // record the certificate the cluster knows for a node
+	CmdResetDevice             CommandType = 26 // a device no deployment targets runs nothing from then on
 )
 
 func (t CommandType) String() string {
@@ -82,6 +83,8 @@ func (t CommandType) String() string {
 		return "put-consumer"
 	case CmdDeleteConsumer:
 		return "delete-consumer"
+	case CmdResetDevice:
+		return "reset-device"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -133,6 +136,20 @@ type DeleteDevice struct {
 	Precondition
 	ID string `json:"id"`
 }
+
+// ResetDevice marks a device reset: while no deployment targets it, it is
+// sent an empty desired document (its modules are removed) instead of
+// keeping what it last ran. The mark is the entry's index
+// (fleet.Device.ResetIndex); a deployment that targets the device later
+// applies as usual.
+type ResetDevice struct {
+	Precondition
+	ID    string    `json:"id"`
+	Time  time.Time `json:"time"`
+	Actor string    `json:"actor,omitempty"`
+}
+
+func (ResetDevice) Type() CommandType { return CmdResetDevice }
 
 // PutDeployment creates a deployment. Replacing an existing one is refused
 // unless its content is byte-for-byte the same (content is immutable).
@@ -350,6 +367,8 @@ func newCommand(t CommandType) Command {
 		c = &PutConsumer{}
 	case CmdDeleteConsumer:
 		c = &DeleteConsumer{}
+	case CmdResetDevice:
+		c = &ResetDevice{}
 	}
 	return c
 }

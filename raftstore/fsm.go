@@ -52,6 +52,7 @@ const (
 	RolloutAdmitted  // devices were admitted to a rollout (ID: the deployment; Admitted, Rollout)
 	RolloutChanged   // a rollout's state changed (ID: the deployment; Rollout, Action)
 	ConsumerDeleted  // a consumer credential was deleted (ID: its name)
+	DeviceReset      // a device was reset (Device: the new state, its ResetIndex the entry's index)
 )
 
 // Change is one effect of an applied command, published to the Observer in
@@ -800,6 +801,8 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.putConsumer(index, c)
 	case *DeleteConsumer:
 		return w.deleteConsumer(index, c)
+	case *ResetDevice:
+		return w.resetDevice(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }
@@ -846,10 +849,12 @@ func (w *writer) putDevice(index uint64, c *PutDevice) *Result {
 	created := old == nil
 	if created {
 		d.CreatedTimeUTC = c.Time
+		d.ResetIndex, d.ResetTimeUTC = 0, nil
 	} else {
 		d.CreatedTimeUTC = old.CreatedTimeUTC
 		d.Authentication = old.Authentication
 		d.Enrollment = old.Enrollment
+		d.ResetIndex, d.ResetTimeUTC = old.ResetIndex, old.ResetTimeUTC
 	}
 	d.LastUpdatedTimeUTC = c.Time
 	d.Etag = etagFor(index)
@@ -912,6 +917,25 @@ func MergePatch(obj map[string]any, patch map[string]any) {
 			obj[k] = v
 		}
 	}
+}
+
+// resetDevice marks a device reset at this entry (see ResetDevice).
+func (w *writer) resetDevice(index uint64, c *ResetDevice) *Result {
+	b := w.tx.Bucket(bucketDevices)
+	d := mustGet[fleet.Device](b, c.ID)
+	if d == nil {
+		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.ID, fleet.ErrNotFound)}
+	}
+	if err := checkPrecondition(c.Precondition, true, d.Etag); err != nil {
+		return &Result{Index: index, Err: fmt.Errorf("device %q: %w", c.ID, err)}
+	}
+	at := c.Time
+	d.ResetIndex, d.ResetTimeUTC = index, &at
+	d.LastUpdatedTimeUTC = c.Time
+	d.Etag = etagFor(index)
+	w.putJSON(bucketDevices, d.ID, d)
+	w.changes = append(w.changes, Change{Index: index, Kind: DeviceReset, ID: d.ID, Device: d, Time: c.Time, Actor: c.Actor})
+	return &Result{Index: index, Device: d}
 }
 
 func (w *writer) deleteDevice(index uint64, c *DeleteDevice) *Result {

@@ -121,6 +121,10 @@ func buildReport(doc fleet.DesiredDocument, mods []desiredModule, parseErr error
 		Runtime:            fleet.ReportedRuntime{Platform: fleet.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}},
 		Modules:            map[string]fleet.ModuleStatus{},
 		DeploymentID:       doc.DeploymentID,
+		Layers:             doc.Layers,
+		// What the status is about, refused or not (the agent's fields).
+		LastDesiredDeploymentID: doc.DeploymentID,
+		LastDesiredLayers:       doc.Layers,
 	}
 	if parseErr != nil {
 		r.LastDesiredStatus = fleet.DesiredStatus{Code: fleet.StatusCodeInvalid, Description: parseErr.Error()}

@@ -74,17 +74,17 @@ function connectionCell(d) {
   return h("td", { class: "nowrap " + (on ? "state-connected" : "state-disconnected"),
     "data-device": d.deviceId, "data-field": "connectionState", "data-state": d.connectionState || "Disconnected" },
   h("span", { class: "dot " + (on ? "seg-connected" : "seg-disconnected"), "aria-hidden": "true" }),
-  on ? "Online" : "Offline",
+  on ? "Online" : d.presence === "offline" ? "Offline" : "Disconnected",
   on && d.connectedNode ? h("span", { class: "muted" }, " on " + d.connectedNode) : null);
 }
 
 // lastSeen: an online device's last activity; an offline one's last
-// report (the node keeps no disconnection time).
+// contact (its last session's last bytes, or its last report).
 function lastSeenCell(d) {
   if (d.connectionState === "Connected") {
     return h("td", { class: "nowrap", "data-field": "lastSeen" }, "active " + ago(d.lastActivityTime));
   }
-  const t = d.reported && d.reported.receivedTimeUtc;
+  const t = d.lastContactTime || (d.reported && d.reported.receivedTimeUtc);
   return h("td", { class: "nowrap", "data-field": "lastSeen", title: t ? when(t) : "" },
     t ? "last report " + ago(t) : h("span", { class: "muted" }, "never reported"));
 }

@@ -14,7 +14,7 @@ const TOKEN_KEY = "appliance.adminToken";
 // is a device no deployment applies to.
 export const HEALTH = ["healthy", "soaking", "unhealthy", "unknown"];
 export const DEVICE_HEALTH = [...HEALTH, "none"];
-export const CATEGORIES = ["targeted", "applied", "healthy", "soaking", "unhealthy", "unknown"];
+export const CATEGORIES = ["targeted", "applied", "healthy", "soaking", "unhealthy", "unknown", "offline", "kept"];
 export const STATES = ["failing", "converging", "healthy", "superseded", "idle"];
 
 // Unauthorized is thrown by api() on a 401: the token is gone or wrong.
