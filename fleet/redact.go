@@ -63,9 +63,10 @@ func RedactContent(content json.RawMessage) json.RawMessage {
 			return append(json.RawMessage(nil), redactedWhole...)
 		}
 	}
+	r := &redactor{done: map[*jnode]bool{}}
 	changed := false
 	for _, c := range contents {
-		changed = redactContent(c) || changed
+		changed = r.content(c) || changed
 	}
 	if !changed {
 		return append(json.RawMessage(nil), content...)
@@ -90,25 +91,55 @@ func RedactModuleTwinDesired(desired json.RawMessage) json.RawMessage {
 	if err != nil {
 		return append(json.RawMessage(nil), redactedWhole...)
 	}
-	if !redactValues(root, true, false, nil) {
+	r := &redactor{done: map[*jnode]bool{}}
+	if !r.values(root, true, false) {
 		return append(json.RawMessage(nil), desired...)
 	}
 	return root.encode(nil, false)
 }
 
-func redactContent(content *jnode) bool {
+// redactor hides secrets in a parsed document, and with collect, keeps
+// each value it hides (SecretValues).
+type redactor struct {
+	// done are nodes not to look at again: create options redacted as a
+	// whole (parsed, re-encoded) are not looked at string by string.
+	done    map[*jnode]bool
+	collect bool
+	found   []string
+}
+
+// hide records a hidden scalar (strings and numbers; booleans say
+// nothing), and the secret parts of a connection string or URL.
+func (r *redactor) hide(n *jnode) {
+	if !r.collect {
+		return
+	}
+	switch n.kind {
+	case jString:
+		r.found = append(r.found, n.s)
+		r.found = append(r.found, secretParts(n.s)...)
+	case jNumber:
+		r.found = append(r.found, n.s)
+	case jArray, jObject:
+		for _, v := range n.vals {
+			r.hide(v)
+		}
+	}
+}
+
+func (r *redactor) content(content *jnode) bool {
 	changed := false
-	// Create options redacted as a whole (parsed, re-encoded) are not
-	// looked at again string by string.
-	done := map[*jnode]bool{}
 	_ = walkAgentDesired(content, "", func(obj *jnode, _ string, segs [][]string) error {
 		for i, s := range segs {
 			if isSecretPath(s, obj.vals[i]) {
+				if obj.vals[i].kind != jString || obj.vals[i].s != Redacted {
+					r.hide(obj.vals[i])
+				}
 				obj.vals[i] = &jnode{kind: jString, s: Redacted}
 				changed = true
 			}
 		}
-		if redactCreateOptions(obj, segs, done) {
+		if r.createOptions(obj, segs) {
 			changed = true
 		}
 		return nil
@@ -121,7 +152,7 @@ func redactContent(content *jnode) bool {
 		entry := mc.vals[i]
 		if strings.HasPrefix(name, "$") || entry.kind != jObject {
 			// System twins: connection strings only.
-			changed = redactValues(entry, false, false, done) || changed
+			changed = r.values(entry, false, false) || changed
 			continue
 		}
 		// A module twin: its desired properties, whole or by layered path.
@@ -131,18 +162,18 @@ func redactContent(content *jnode) bool {
 			for _, s := range segs {
 				secret = secret || IsSecretName(s)
 			}
-			changed = redactValues(entry.vals[j], ok, secret, done) || changed
+			changed = r.values(entry.vals[j], ok, secret) || changed
 		}
 	}
 	return changed
 }
 
-// redactValues redacts below n: every string that IsSecretValue; with
-// names, below every member whose name IsSecretName, every scalar; with
-// secret (n is below such a member), every scalar of n. Nodes in done are
+// values redacts below n: every string that IsSecretValue; with names,
+// below every member whose name IsSecretName, every scalar; with secret
+// (n is below such a member), every scalar of n. Nodes in done are
 // skipped.
-func redactValues(n *jnode, names, secret bool, done map[*jnode]bool) bool {
-	if done[n] {
+func (r *redactor) values(n *jnode, names, secret bool) bool {
+	if r.done[n] {
 		return false
 	}
 	switch n.kind {
@@ -151,19 +182,20 @@ func redactValues(n *jnode, names, secret bool, done map[*jnode]bool) bool {
 			return false
 		}
 		if secret || n.kind == jString && IsSecretValue(n.s) {
+			r.hide(n)
 			*n = jnode{kind: jString, s: Redacted}
 			return true
 		}
 	case jArray:
 		changed := false
 		for _, v := range n.vals {
-			changed = redactValues(v, names, secret, done) || changed
+			changed = r.values(v, names, secret) || changed
 		}
 		return changed
 	case jObject:
 		changed := false
 		for i, k := range n.keys {
-			changed = redactValues(n.vals[i], names, secret || names && IsSecretName(k), done) || changed
+			changed = r.values(n.vals[i], names, secret || names && IsSecretName(k)) || changed
 		}
 		return changed
 	}
@@ -188,9 +220,9 @@ func isSecretPath(s []string, v *jnode) bool {
 	return false
 }
 
-// redactCreateOptions redacts the secrets of the createOptions chunk groups
+// createOptions redacts the secrets of the createOptions chunk groups
 // among obj's members, and records the chunks it parsed in done.
-func redactCreateOptions(obj *jnode, segs [][]string, done map[*jnode]bool) bool {
+func (r *redactor) createOptions(obj *jnode, segs [][]string) bool {
 	changed := false
 	replace := map[int][]string{}
 	drop := map[int]bool{}
@@ -198,8 +230,8 @@ func redactCreateOptions(obj *jnode, segs [][]string, done map[*jnode]bool) bool
 	for _, g := range createOptionsGroups(obj, segs) {
 		first := g.members[0]
 		if v := obj.vals[first]; v.kind == jObject {
-			changed = redactDockerOptions(v) || changed
-			done[v] = true
+			changed = r.dockerOptions(v) || changed
+			r.done[v] = true
 			continue
 		}
 		// Chunks join in index order; those with a malformed suffix, which
@@ -224,7 +256,7 @@ func redactCreateOptions(obj *jnode, segs [][]string, done map[*jnode]bool) bool
 			continue // not JSON: each chunk is looked at as a string
 		}
 		parsed = append(parsed, g.prefix)
-		if !redactDockerOptions(opts) {
+		if !r.dockerOptions(opts) {
 			continue
 		}
 		replace[byIndex[0]] = chunkString(string(opts.encode(nil, false)))
@@ -241,18 +273,18 @@ func redactCreateOptions(obj *jnode, segs [][]string, done map[*jnode]bool) bool
 	for i, k := range obj.keys {
 		for _, p := range parsed {
 			if rest, ok := strings.CutPrefix(k, p); ok && isCreateOptionsKey(rest) {
-				done[obj.vals[i]] = true
+				r.done[obj.vals[i]] = true
 			}
 		}
 	}
 	return changed
 }
 
-// redactDockerOptions hides the secrets of Docker create options: in "Env"
+// dockerOptions hides the secrets of Docker create options: in "Env"
 // (whatever its case: Docker reads "env" as "Env"), "NAME=value" becomes
 // "NAME=<redacted>" when NAME IsSecretName or value IsSecretValue; any
 // other string that IsSecretValue becomes "<redacted>".
-func redactDockerOptions(opts *jnode) bool {
+func (r *redactor) dockerOptions(opts *jnode) bool {
 	if opts.kind != jObject {
 		return false
 	}
@@ -260,7 +292,7 @@ func redactDockerOptions(opts *jnode) bool {
 	for i, k := range opts.keys {
 		v := opts.vals[i]
 		if !strings.EqualFold(k, "Env") {
-			changed = redactValues(v, false, false, nil) || changed
+			changed = r.values(v, false, false) || changed
 			continue
 		}
 		entries := v.vals
@@ -269,11 +301,12 @@ func redactDockerOptions(opts *jnode) bool {
 		}
 		for _, e := range entries {
 			if e.kind != jString {
-				changed = redactValues(e, false, false, nil) || changed
+				changed = r.values(e, false, false) || changed
 				continue
 			}
 			name, value, _ := strings.Cut(e.s, "=")
 			if (IsSecretName(name) || IsSecretValue(value)) && value != Redacted {
+				r.hide(&jnode{kind: jString, s: value})
 				e.s = name + "=" + Redacted
 				changed = true
 			}
