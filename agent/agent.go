@@ -17,6 +17,7 @@ import (
 	"unicode/utf8"
 
 	"appliance/fleet"
+	"appliance/linelog"
 )
 
 // Agent is the device runtime. Build it with New and call Run once.
@@ -54,12 +55,23 @@ type Agent struct {
 	rec  *reconciler
 	plan *plan
 	last lastRecord
+	// desiredRaw is the running plan's desired document as received.
+	desiredRaw []byte
 
 	// edge is the device hub and the identity service; nil when disabled.
 	edge *edge
 	// moduleTypes are the running plan's module types, for the workload
 	// API's peer check (any goroutine).
 	moduleTypes atomic.Pointer[map[string]string]
+
+	// Remote troubleshooting (methods.go): the agent's log file; what the
+	// direct methods read of the Run goroutine's state, published by it;
+	// restarts asked for, carried out by the Run goroutine.
+	agentLog   *agentLog
+	troubled   atomic.Pointer[troubleView]
+	restarts   chan restartRequest
+	bundles    bundleCache
+	secretsSet atomic.Pointer[[]string]
 }
 
 // incoming is a desired document waiting to be processed.
@@ -83,17 +95,22 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	base := cfg.Logger
-	cfg.Logger = cfg.Logger.With("component", "agent")
+	// Everything the agent, its hub and its identity service log also goes
+	// to the agent's log file, once Run opens it.
+	al := &agentLog{}
+	base := slog.New(logFileTee{base: cfg.Logger.Handler(), file: slog.NewTextHandler(al, &slog.HandlerOptions{Level: slog.LevelDebug})})
+	cfg.Logger = base.With("component", "agent")
 	return &Agent{
-		cfg:     cfg,
-		baseLog: base,
-		log:     cfg.Logger,
-		urls:    urls,
-		tlsCfg:  tlsCfg,
-		wake:    make(chan struct{}, 1),
-		kick:    make(chan struct{}, 1),
-		hubKick: make(chan struct{}, 1),
+		cfg:      cfg,
+		baseLog:  base,
+		log:      cfg.Logger,
+		urls:     urls,
+		tlsCfg:   tlsCfg,
+		wake:     make(chan struct{}, 1),
+		kick:     make(chan struct{}, 1),
+		hubKick:  make(chan struct{}, 1),
+		agentLog: al,
+		restarts: make(chan restartRequest),
 	}, nil
 }
 
@@ -113,6 +130,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer st.Close()
 	a.st = st
+	logFile, err := linelog.Open(a.cfg.agentLogPath(), a.cfg.Logs)
+	if err != nil {
+		return fmt.Errorf("the agent's log file: %w", err)
+	}
+	a.agentLog.w.Store(logFile)
+	defer func() {
+		a.agentLog.w.Store(nil)
+		logFile.Close()
+	}()
 	if a.cfg.EnrollToken != "" {
 		own, err := st.ownKey()
 		if err != nil {
@@ -169,19 +195,21 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	if a.edge != nil {
 		a.edge.setSession(sess)
-		methods := make(chan struct{}, maxConcurrentMethods)
-		sess.onMethod = func(payload []byte) {
-			select {
-			case methods <- struct{}{}:
-			default:
-				a.log.Warn("direct method request dropped: too many in progress", "max", maxConcurrentMethods)
-				return
-			}
-			go func() {
-				defer func() { <-methods }()
-				a.edge.handleMethod(sessCtx, sess, payload)
-			}()
+	}
+	// Direct methods: the agent's own ($edgeAgent), and, through the hub,
+	// its modules'.
+	methods := make(chan struct{}, maxConcurrentMethods)
+	sess.onMethod = func(payload []byte) {
+		select {
+		case methods <- struct{}{}:
+		default:
+			a.log.Warn("direct method request dropped: too many in progress", "max", maxConcurrentMethods)
+			return
 		}
+		go func() {
+			defer func() { <-methods }()
+			a.handleMethod(sessCtx, sess, payload)
+		}()
 	}
 	if err := sess.run(sessCtx); err != nil {
 		return err
@@ -258,6 +286,7 @@ func (a *Agent) restore() error {
 		if p, err = buildPlan(doc); err == nil {
 			a.applyEdge(p)
 			a.plan = p
+			a.desiredRaw = payload
 			a.rec.setPlan(p, false)
 			return nil
 		}
@@ -327,6 +356,11 @@ func (a *Agent) loop(ctx context.Context) {
 		case <-a.hubKick:
 			a.buildReport()
 			goto waiting
+		case rq := <-a.restarts:
+			// An operator's RestartModule, between passes.
+			rq.done <- a.rec.restartNow(ctx, rq.module)
+			a.buildReport()
+			goto waiting
 		case <-a.wake:
 		case <-resync.C:
 		case <-timer.C:
@@ -382,6 +416,7 @@ func (a *Agent) apply(in *incoming) {
 	}
 	a.applyEdge(p)
 	a.plan = p
+	a.desiredRaw = in.payload
 	a.rec.setPlan(p, true)
 	a.log.Info("desired document accepted", "version", p.version, "deployment", p.deploymentID, "modules", len(p.modules))
 }
@@ -397,6 +432,7 @@ func (a *Agent) applyEdge(p *plan) {
 		types[name] = s.Type
 	}
 	a.moduleTypes.Store(&types)
+	a.setSecrets(p)
 	if a.edge == nil {
 		return
 	}
@@ -482,10 +518,12 @@ func (a *Agent) buildReport() {
 		return
 	}
 	if bytes.Equal(b, a.reportBytes) {
+		a.publishTroubleView()
 		return
 	}
 	a.reportBytes = b
 	a.report.Store(doc)
+	a.publishTroubleView()
 	poke(a.kick)
 }
 

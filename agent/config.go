@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/linelog"
 )
 
 // Runtimes an agent can drive (Config.Runtime).
@@ -94,8 +95,11 @@ type Config struct {
 	// TLSConfig, when set, is used for mqtts servers as it is (CAFile is
 	// then ignored). For tests and embedding.
 	TLSConfig *tls.Config
-	// Logger receives the agent's logs, tagged component=agent; module
-	// output is logged with module=<name>. nil: slog.Default().
+	// Logger receives the agent's logs, tagged component=agent. The agent
+	// also keeps them in <DataDir>/logs/edgeAgent.log (Logs), for the
+	// GetModuleLogs direct method and the support bundle. Module output
+	// never goes to it: a process module's stdout and stderr are kept in
+	// <DataDir>/logs/modules/<name>.log. nil: slog.Default().
 	Logger *slog.Logger
 	// Version is the agent's build, reported as "version".
 	Version string
@@ -109,6 +113,12 @@ type Config struct {
 
 	// Restart tunes restart policies and their backoff.
 	Restart RestartConfig
+	// Logs bounds the log files the agent keeps on the device: its own,
+	// and each process module's output. Default: rotated at 10 MiB, 3
+	// files kept (linelog.DefaultMaxFileBytes, DefaultMaxFiles), so at
+	// most about 30 MiB per log. A docker module's output is the Docker
+	// Engine's (its log driver's limits apply).
+	Logs linelog.Config
 	// ReportInterval is the least time between two reported documents;
 	// changes within it are coalesced into one. Default 200 ms.
 	ReportInterval time.Duration
@@ -295,6 +305,10 @@ func (c Config) validate() error {
 		return configErr("KeepAlive %s is outside 1s..65535s", c.KeepAlive)
 	case c.Hub.MaxStoreBytes < 0:
 		return configErr("Hub.MaxStoreBytes %d is negative", c.Hub.MaxStoreBytes)
+	case c.Logs.MaxFileBytes < 0 || c.Logs.MaxFiles < 0:
+		return configErr("Logs: MaxFileBytes and MaxFiles must not be negative")
+	case c.Logs.MaxFileBytes > 0 && c.Logs.MaxFileBytes < minLogFileBytes:
+		return configErr("Logs.MaxFileBytes %d is below %d", c.Logs.MaxFileBytes, minLogFileBytes)
 	}
 	if c.Hub.Disabled {
 		return nil
@@ -397,3 +411,17 @@ func (c Config) tlsConfig() (*tls.Config, error) {
 
 // dbPath is the state file in the data dir.
 func (c Config) dbPath() string { return filepath.Join(c.DataDir, "agent.db") }
+
+// minLogFileBytes is the smallest Logs.MaxFileBytes: a file must hold a
+// few records of the longest kind.
+const minLogFileBytes = 64 << 10
+
+// agentLogPath is the agent's own log; moduleLogPath a process module's
+// output.
+func (c Config) agentLogPath() string {
+	return filepath.Join(c.DataDir, "logs", fleet.AgentLogModule+".log")
+}
+
+func (c Config) moduleLogPath(module string) string {
+	return filepath.Join(c.DataDir, "logs", "modules", module+".log")
+}

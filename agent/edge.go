@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -151,22 +150,4 @@ func (e *edge) setSession(s *session) {
 	e.mu.Lock()
 	e.session = s
 	e.mu.Unlock()
-}
-
-// handleMethod serves one direct method request from the controller and
-// publishes the answer.
-func (e *edge) handleMethod(ctx context.Context, s *session, payload []byte) {
-	var req fleet.MethodRequest
-	if err := json.Unmarshal(payload, &req); err != nil || req.ID == "" {
-		e.a.log.Warn("direct method request dropped: not a method request with an id", "err", err)
-		return
-	}
-	resp := e.h.InvokeMethod(ctx, req)
-	b, err := json.Marshal(resp)
-	if err != nil {
-		return
-	}
-	if err := s.publishTo(ctx, fleet.MethodResponseTopic(e.a.cfg.DeviceID), b); err != nil {
-		e.a.log.Warn("direct method response not sent", "id", req.ID, "module", req.Module, "err", err)
-	}
 }

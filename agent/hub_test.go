@@ -16,6 +16,7 @@ import (
 	"appliance/internal/edgeclient"
 	"appliance/internal/pysdk"
 	"appliance/internal/testcontroller"
+	"appliance/linelog"
 )
 
 // pyModule is a process module running one of testdata/pymodules with the
@@ -53,18 +54,20 @@ func edgeManifest(modules map[string]mod, routes map[string]any, twins map[strin
 	return b
 }
 
-// moduleLines returns what a module printed (JSON lines), from the agent's
-// log of module output.
-func moduleLines(rec *recordingHandler, module string) []map[string]any {
-	rec.mu.Lock()
-	defer rec.mu.Unlock()
+// moduleLines returns what a module printed on stdout (JSON lines), from
+// the output log the agent keeps for it in its data directory.
+func moduleLines(dir, module string) []map[string]any {
+	res, err := linelog.Read(filepath.Join(dir, "logs", "modules", module+".log"), linelog.Filter{})
+	if err != nil {
+		panic(err)
+	}
 	var out []map[string]any
-	for _, r := range rec.records {
-		if r["msg"] != "module output" || r["module"] != module || r["stream"] != "stdout" {
+	for _, e := range res.Entries {
+		if e.Stream != "stdout" {
 			continue
 		}
 		var m map[string]any
-		if json.Unmarshal([]byte(r["line"]), &m) == nil {
+		if json.Unmarshal([]byte(e.Text), &m) == nil {
 			out = append(out, m)
 		}
 	}
@@ -72,9 +75,9 @@ func moduleLines(rec *recordingHandler, module string) []map[string]any {
 }
 
 // linesWith returns a module's lines that have key.
-func linesWith(rec *recordingHandler, module, key string) []map[string]any {
+func linesWith(dir, module, key string) []map[string]any {
 	var out []map[string]any
-	for _, l := range moduleLines(rec, module) {
+	for _, l := range moduleLines(dir, module) {
 		if _, ok := l[key]; ok {
 			out = append(out, l)
 		}
@@ -119,10 +122,10 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 	startAgent(t, cfg)
 
 	// (a) Only the matching messages reach B, in order, with their properties.
-	waitFor(t, 60*time.Second, "B to receive 5 messages", func() bool { return len(linesWith(rec, "b", "input")) >= 5 })
-	got := linesWith(rec, "b", "input")
+	waitFor(t, 60*time.Second, "B to receive 5 messages", func() bool { return len(linesWith(cfg.DataDir, "b", "input")) >= 5 })
+	got := linesWith(cfg.DataDir, "b", "input")
 	time.Sleep(500 * time.Millisecond)
-	if got = linesWith(rec, "b", "input"); len(got) != 5 {
+	if got = linesWith(cfg.DataDir, "b", "input"); len(got) != 5 {
 		t.Fatalf("B received %d messages; want the 5 with alert=true: %v", len(got), got)
 	}
 	for i, l := range got {
@@ -144,7 +147,7 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 	}
 
 	// (b) Desired properties at start; a patch without a restart.
-	twinLines := linesWith(rec, "b", "twin")
+	twinLines := linesWith(cfg.DataDir, "b", "twin")
 	if len(twinLines) != 1 {
 		t.Fatalf("B's twin lines: %v", twinLines)
 	}
@@ -159,8 +162,8 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 	})
 	twins["b"] = map[string]any{"interval": 9, "threshold": map[string]any{"hi": 30}}
 	ctl.SetDesired(fleet.DesiredDocument{Version: 2, DeploymentID: "d2", ModulesContent: edgeManifest(modules, routes, twins, 7200)})
-	waitFor(t, 30*time.Second, "B to get a patch", func() bool { return len(linesWith(rec, "b", "patch")) >= 1 })
-	patch := linesWith(rec, "b", "patch")[0]
+	waitFor(t, 30*time.Second, "B to get a patch", func() bool { return len(linesWith(cfg.DataDir, "b", "patch")) >= 1 })
+	patch := linesWith(cfg.DataDir, "b", "patch")[0]
 	if p := patch["patch"].(map[string]any); p["interval"] != 9.0 || p["$version"] != 2.0 || p["threshold"] != nil || patch["pid"] != pid {
 		t.Fatalf("patch %v (pid %v; B started as %v)", patch, patch["pid"], pid)
 	}
@@ -189,9 +192,9 @@ func TestAgentHub_PythonSDKModules(t *testing.T) {
 }
 
 // sentIDs are the message ids a sender module printed as sent.
-func sentIDs(rec *recordingHandler, module string) []string {
+func sentIDs(dir, module string) []string {
 	var out []string
-	for _, l := range linesWith(rec, module, "sent") {
+	for _, l := range linesWith(dir, module, "sent") {
 		out = append(out, l["sent"].(string))
 	}
 	return out
@@ -222,15 +225,15 @@ func TestAgentHub_UpstreamSurvivesControllerOutage(t *testing.T) {
 	startAgent(t, cfg)
 	waitFor(t, 60*time.Second, "upstream messages", func() bool { return len(ctl.Upstream()) >= 5 })
 	ctl.Stop()
-	before := len(sentIDs(rec, "a"))
+	before := len(sentIDs(cfg.DataDir, "a"))
 	time.Sleep(outage())
-	during := len(sentIDs(rec, "a")) - before
+	during := len(sentIDs(cfg.DataDir, "a")) - before
 	if during < 10 {
 		t.Fatalf("the module sent only %d messages while the controller was away", during)
 	}
 	ctl.Resume()
 	time.Sleep(time.Second)
-	sent := sentIDs(rec, "a")
+	sent := sentIDs(cfg.DataDir, "a")
 	waitFor(t, 60*time.Second, "every message sent to reach the controller", func() bool {
 		return len(testcontroller.MessageIDs(t, ctl.Upstream())) >= len(sent)
 	})
@@ -259,14 +262,14 @@ func TestAgentHub_ExpiredWhileControllerAway(t *testing.T) {
 	startAgent(t, cfg)
 	waitFor(t, 60*time.Second, "upstream messages", func() bool { return len(ctl.Upstream()) >= 3 })
 	ctl.Stop()
-	before := len(sentIDs(rec, "a"))
+	before := len(sentIDs(cfg.DataDir, "a"))
 	time.Sleep(10 * time.Second)
 	ctl.Resume()
 	doc := ctl.WaitReport(60*time.Second, "expired messages counted", func(d fleet.ReportedDocument) bool {
 		return d.Hub != nil && d.Hub.Expired > 0
 	})
 	time.Sleep(2 * time.Second)
-	sent := sentIDs(rec, "a")
+	sent := sentIDs(cfg.DataDir, "a")
 	got := testcontroller.MessageIDs(t, ctl.Upstream())
 	arrived := map[string]bool{}
 	for _, id := range got {
@@ -317,7 +320,7 @@ func TestAgentHub_SpoofedPropertiesRefused(t *testing.T) {
 	startAgent(t, cfg)
 	waitFor(t, 90*time.Second, "plain's 10 alerts at B", func() bool {
 		n := 0
-		for _, l := range linesWith(rec, "b", "input") {
+		for _, l := range linesWith(cfg.DataDir, "b", "input") {
 			if l["props"].(map[string]any)["$.cmid"] == "plain" {
 				n++
 			}
@@ -328,7 +331,7 @@ func TestAgentHub_SpoofedPropertiesRefused(t *testing.T) {
 		return rec.has("module publish refused", "module", "evil")
 	})
 	var honest int
-	for _, l := range linesWith(rec, "b", "input") {
+	for _, l := range linesWith(cfg.DataDir, "b", "input") {
 		props := l["props"].(map[string]any)
 		if l["body"] == "spoofed" || props["$.cmid"] == "someone-else" || props["$.cdid"] == "another-device" {
 			t.Fatalf("B received the spoofed message: %v", l)

@@ -59,6 +59,10 @@ type plan struct {
 	routes []*routing.Route
 	ttl    time.Duration
 	twins  map[string]json.RawMessage
+	// secrets are the values a read of the deployment hides
+	// (fleet.SecretValues), longest first: what the troubleshooting
+	// methods redact in module logs and support bundles.
+	secrets []string
 }
 
 // moduleSpec is one desired module.
@@ -205,6 +209,7 @@ func buildPlan(doc fleet.DesiredDocument) (*plan, error) {
 	if err := fleet.ValidateContent(wrapped, false); err != nil {
 		return nil, validationToDesired(err)
 	}
+	p.secrets = fleet.SecretValues(wrapped)
 	var mc map[string]json.RawMessage
 	if err := json.Unmarshal(content, &mc); err != nil {
 		return nil, &desiredError{code: fleet.StatusCodeInvalid, msg: "modulesContent: " + describeJSONError(content, err)}

@@ -4,6 +4,7 @@ package agent
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -15,12 +16,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"appliance/fleet"
+	"appliance/linelog"
 )
 
 // processDriver runs process modules as children of the agent. Each
@@ -35,6 +36,7 @@ import (
 // start is touched.
 type processDriver struct {
 	log      *slog.Logger
+	cfg      Config
 	deviceID string
 	dataDir  string
 	runDir   string
@@ -50,6 +52,9 @@ type processDriver struct {
 	pipes  map[*os.File]bool // output pipes being read
 	closed bool
 	wg     sync.WaitGroup // wait and output goroutines
+	// outputs keep each module's stdout and stderr, by module name, across
+	// its instances (a restart appends to the same log).
+	outputs map[string]*linelog.Writer
 }
 
 type spawnRequest struct {
@@ -94,6 +99,7 @@ func newProcessDriver(cfg Config, notify func()) (driver, error) {
 	_, _ = rand.Read(id[:])
 	d := &processDriver{
 		log:      cfg.Logger,
+		cfg:      cfg,
 		deviceID: cfg.DeviceID,
 		dataDir:  cfg.DataDir,
 		runDir:   runDir,
@@ -102,6 +108,7 @@ func newProcessDriver(cfg Config, notify func()) (driver, error) {
 		spawn:    make(chan spawnRequest),
 		procs:    map[string]*procInstance{},
 		pipes:    map[*os.File]bool{},
+		outputs:  map[string]*linelog.Writer{},
 	}
 	d.cleanupLeftovers()
 	go d.spawner(d.spawn)
@@ -207,6 +214,14 @@ func (d *processDriver) startProcess(p *procInstance) error {
 	// *os.File outputs: Wait returns when the process exits, even if a
 	// grandchild still holds the pipes.
 	cmd.Stdout, cmd.Stderr = outW, errW
+	output, err := d.output(p.name)
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		errR.Close()
+		errW.Close()
+		return err
+	}
 
 	res := make(chan error, 1)
 	d.spawnMu.RLock()
@@ -245,8 +260,8 @@ func (d *processDriver) startProcess(p *procInstance) error {
 	d.pipes[outR], d.pipes[errR] = true, true
 	d.mu.Unlock()
 	d.wg.Add(3)
-	go d.logLines(p.name, "stdout", outR)
-	go d.logLines(p.name, "stderr", errR)
+	go d.keepLines(output, "stdout", outR)
+	go d.keepLines(output, "stderr", errR)
 	go func() {
 		defer d.wg.Done()
 		_ = cmd.Wait()
@@ -278,10 +293,28 @@ func exitCode(ps *os.ProcessState) int {
 	return ps.ExitCode()
 }
 
-// maxLogLine caps one logged line; longer lines are logged in pieces.
-const maxLogLine = 4096
+// maxOutputLine caps one kept line; longer lines are kept in pieces.
+const maxOutputLine = 4096
 
-func (d *processDriver) logLines(module, stream string, r *os.File) {
+// output is the log of a module's stdout and stderr, opened on its first
+// start.
+func (d *processDriver) output(module string) (*linelog.Writer, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if w := d.outputs[module]; w != nil {
+		return w, nil
+	}
+	w, err := linelog.Open(d.cfg.moduleLogPath(module), d.cfg.Logs)
+	if err != nil {
+		return nil, fmt.Errorf("module output log: %w", err)
+	}
+	d.outputs[module] = w
+	return w, nil
+}
+
+// keepLines copies what a module writes on one stream into its log, line
+// by line: never into the agent's own log.
+func (d *processDriver) keepLines(output *linelog.Writer, stream string, r *os.File) {
 	defer d.wg.Done()
 	defer func() {
 		d.mu.Lock()
@@ -289,11 +322,15 @@ func (d *processDriver) logLines(module, stream string, r *os.File) {
 		d.mu.Unlock()
 		r.Close()
 	}()
-	br := bufio.NewReaderSize(r, maxLogLine)
+	br := bufio.NewReaderSize(r, maxOutputLine)
+	failed := false
 	for {
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {
-			d.log.Info("module output", "module", module, "stream", stream, "line", strings.TrimRight(string(line), "\r\n"))
+			if werr := output.WriteLine(stream, bytes.TrimRight(line, "\r\n")); werr != nil && !failed && !errors.Is(werr, linelog.ErrClosed) {
+				failed = true // once per stream and start: a full disk would otherwise log every line
+				d.log.Warn("module output not kept", "file", output.Path(), "err", werr)
+			}
 		}
 		if err == bufio.ErrBufferFull {
 			continue
@@ -301,6 +338,25 @@ func (d *processDriver) logLines(module, stream string, r *os.File) {
 		if err != nil {
 			return
 		}
+	}
+}
+
+// moduleLogs reads a module's kept output (any instance, running or not).
+func (d *processDriver) moduleLogs(_ context.Context, module, _ string, f linelog.Filter) (linelog.Result, error) {
+	return linelog.Read(d.cfg.moduleLogPath(module), f)
+}
+
+// forgetModule deletes the output of a module no longer in the plan.
+func (d *processDriver) forgetModule(module string) {
+	d.mu.Lock()
+	w := d.outputs[module]
+	delete(d.outputs, module)
+	d.mu.Unlock()
+	if w != nil {
+		w.Close()
+	}
+	if err := linelog.Remove(d.cfg.moduleLogPath(module)); err != nil {
+		d.log.Warn("remove a removed module's output log", "module", module, "err", err)
 	}
 }
 
@@ -400,6 +456,11 @@ func (d *processDriver) Close() error {
 		d.mu.Unlock()
 		<-done
 	}
+	d.mu.Lock()
+	for _, w := range d.outputs {
+		w.Close()
+	}
+	d.mu.Unlock()
 	return nil
 }
 

@@ -140,6 +140,9 @@ func (r *reconciler) pass(ctx context.Context) {
 		}
 		r.log.Info("module removed", "module", m.name)
 		delete(r.modules, m.name)
+		if f, ok := r.drv.(moduleForgetter); ok {
+			f.forgetModule(m.name)
+		}
 	}
 	for _, group := range r.groups() {
 		if ctx.Err() != nil {
@@ -475,6 +478,64 @@ func (r *reconciler) start(ctx context.Context, m *module, restart bool) {
 	} else {
 		r.log.Info("module started", "module", m.name)
 	}
+}
+
+// Errors of restartNow.
+var (
+	errModuleUnknown  = errors.New("not in the running deployment")
+	errModuleStopped  = errors.New("desired stopped (status \"stopped\" in the deployment): nothing to restart")
+	errModuleNotReady = errors.New("has no instance yet (it is being created, or its creation failed: see its status)")
+)
+
+// restartNow stops a module's instance (gracefully) and starts it again,
+// at an operator's request (the RestartModule direct method): a new
+// process or a new start of its container. It is not a failure: the
+// restart count and backoff are left as they are (a module the agent gave
+// up on, dead, gets another chance). Run goroutine only, between passes.
+func (r *reconciler) restartNow(ctx context.Context, name string) error {
+	m := r.modules[name]
+	switch {
+	case m == nil || m.spec == nil:
+		return errModuleUnknown
+	case m.spec.Status == statusStopped:
+		return errModuleStopped
+	case m.handle == "" || m.unsupported:
+		return errModuleNotReady
+	}
+	if m.st.Running {
+		// The exit this causes is the agent's doing, not the module's.
+		m.stoppedByAgent = true
+		sctx, cancel := r.stopContext(ctx)
+		err := r.drv.Stop(sctx, m.handle, r.stopTO)
+		cancel()
+		if err != nil && !errors.Is(err, errGone) {
+			return fmt.Errorf("stop: %w", err)
+		}
+		m.st.Running = false
+	}
+	m.dead, m.nextAction = false, time.Time{}
+	now := r.now()
+	cctx, cancel := context.WithTimeout(ctx, r.opTO)
+	err := r.drv.Start(cctx, m.handle)
+	cancel()
+	if errors.Is(err, errGone) {
+		r.forget(m)
+		m.runtimeStatus = fleet.RuntimeUnknown
+		r.wake()
+		return errors.New("its instance was gone; the agent creates a new one")
+	}
+	if err != nil {
+		m.lastExit = now
+		r.fail(ctx, m, "start", err)
+		return fmt.Errorf("start: %w", err)
+	}
+	m.st.Running = true
+	m.started, m.stoppedByAgent = true, false
+	m.runtimeStatus = fleet.RuntimeRunning
+	m.description, m.opErr = "", ""
+	m.lastStart, m.lastRestart = now, now
+	r.log.Info("module restarted by a RestartModule direct method", "module", m.name)
+	return nil
 }
 
 // fail records a failed operation. An operation cut short by a newer
