@@ -84,7 +84,8 @@ type HistoryEvent struct {
 	// for a device that enrolled; empty for derived events.
 	Actor string `json:"actor,omitempty"`
 	// Kind: created, updated, deleted (deployments); assigned, "layer
-	// added", "layer removed", "layer moved", reset (devices).
+	// added", "layer removed", "layer moved", reset, and module-restarted
+	// (an operator's RestartModule) (devices).
 	Kind string `json:"kind"`
 	// What changed, in words an operator reads.
 	What string `json:"what"`
@@ -96,6 +97,11 @@ type HistoryEvent struct {
 	// deployment merged, taken out or reordered.
 	Layer string `json:"layer,omitempty"`
 }
+
+// HistoryModuleRestarted is the Kind of a device's event recorded when an
+// operator restarted one of its modules (the RestartModule direct method,
+// answered 200).
+const HistoryModuleRestarted = "module-restarted"
 
 // RecentEvent is a deployment's history event with the deployment it is
 // about.

@@ -85,17 +85,25 @@ type History struct {
 // expands it.
 type Item struct {
 	Deployment string             // a deployment's event: the deployment
+	Device     string             // a device's own event (not an assignment): the device
 	Event      fleet.HistoryEvent // that event; for assignments their Time and Index
 	Cause      string             // assignments: why the devices moved, in words
 	Moves      []evaluator.Change
 }
 
 func (q Item) events() int {
-	if q.Deployment != "" {
+	if q.Deployment != "" || q.Device != "" {
 		return 1
 	}
 	return len(q.Moves)
 }
+
+// deviceEventSeq orders a device's own events (not derived from the log:
+// an operator's action relayed to the device, recorded at the index the
+// node had applied then) after the assignments of the same index, and
+// apart from each other, by their time: the same event recorded by
+// several nodes has the same key on each.
+func deviceEventSeq(t time.Time) uint32 { return 1<<31 | uint32(t.UnixMilli()&(1<<31-1)) }
 
 // Open opens (or creates) the history file; retention and perKey bound
 // what it keeps (zero: the defaults). Every page is read once under a
@@ -184,7 +192,7 @@ func (h *History) Add(items ...Item) {
 		room := max(maxQueuedEvents-h.queued, 0)
 		if n := q.events(); n > room {
 			h.dropped.Add(uint64(n - room))
-			if q.Deployment != "" || room == 0 {
+			if q.Deployment != "" || q.Device != "" || room == 0 {
 				continue
 			}
 			q.Moves = q.Moves[:room]
@@ -250,6 +258,10 @@ func (h *History) write(ctx context.Context, paced bool) {
 			recs = append(recs, historyRecord{deployment: true, key: q.Deployment, ev: q.Event, seq: uint32(len(recs))})
 			continue
 		}
+		if q.Device != "" {
+			recs = append(recs, historyRecord{key: q.Device, ev: q.Event, seq: deviceEventSeq(q.Event.Time)})
+			continue
+		}
 		for _, m := range q.Moves {
 			ev := q.Event
 			ev.Kind, ev.Deployment, ev.From = "assigned", m.To, m.From
@@ -274,7 +286,10 @@ func (h *History) write(ctx context.Context, paced bool) {
 		if c := strings.Compare(a.key, b.key); c != 0 {
 			return c
 		}
-		return cmp.Compare(a.ev.Index, b.ev.Index)
+		if c := cmp.Compare(a.ev.Index, b.ev.Index); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.seq, b.seq)
 	})
 	for len(recs) > 0 {
 		n := len(recs)

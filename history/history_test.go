@@ -134,3 +134,38 @@ func TestDecodeEvent_ChecksumEndingInABrace(t *testing.T) {
 		t.Fatalf("a changed byte: %v, want errEventDamaged", err)
 	}
 }
+
+// TestHistory_DeviceEvents: a device's own events (not derived from the
+// log) recorded at the index the node had applied sit after that index's
+// assignment, in time order; two at the same index are both kept, in
+// separate writes too; the same event recorded twice (as every node
+// records it) is one.
+func TestHistory_DeviceEvents(t *testing.T) {
+	h, err := Open(filepath.Join(t.TempDir(), "h.db"), false, time.Hour, 100, testlog.New(t, slog.LevelInfo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	t0 := time.Now().UTC()
+	restart := func(at time.Time, what string) Item {
+		return Item{Device: "x", Event: fleet.HistoryEvent{Time: at, Index: 5, Kind: fleet.HistoryModuleRestarted, What: what}}
+	}
+	h.Add(Item{Event: fleet.HistoryEvent{Time: t0, Index: 5}, Cause: "test", Moves: []evaluator.Change{{DeviceID: "x", To: "d"}}})
+	h.Add(restart(t0.Add(time.Second), "first"))
+	h.Flush()
+	h.Add(restart(t0.Add(2*time.Second), "second"), restart(t0.Add(time.Second), "first"))
+	h.Add(Item{Event: fleet.HistoryEvent{Time: t0.Add(3 * time.Second), Index: 6}, Cause: "test", Moves: []evaluator.Change{{DeviceID: "x", From: "d"}}})
+	h.Flush()
+	evs, err := h.Events(false, "x", 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, e := range evs {
+		got = append(got, e.Kind+":"+e.What)
+	}
+	want := []string{"assigned:applied deployment d → none (test)", "module-restarted:second", "module-restarted:first", "assigned:applied deployment none → d (test)"}
+	if !slices.Equal(got, want) {
+		t.Errorf("events, newest first:\n got %q\nwant %q", got, want)
+	}
+}

@@ -312,6 +312,59 @@ func TestHub_DirectMethods(t *testing.T) {
 	}
 }
 
+// TestHub_ModuleRestartInEveryHistory: a RestartModule the agent answers
+// 200, called through one node for a device on the other, is in the
+// device's history on both; one it refuses is in neither.
+func TestHub_ModuleRestartInEveryHistory(t *testing.T) {
+	n1 := startHubNode(t)
+	n2 := startHubNode(t, func(c *Config) { c.NodeID, c.Join, c.JoinToken = "n2", "https://"+n1.RaftAddr(), n1.JoinToken() })
+	c1, c2 := clientFor(n1), clientFor(n2)
+	ctx := context.Background()
+	key := createDevice(t, c1, "press-01", nil)
+	waitFor(t, "n2 to hold the device", func() bool {
+		_, err := c2.Device(ctx, "press-01", false)
+		return err == nil
+	})
+	methodDevice(t, n2, "press-01", key, func(req fleet.MethodRequest) fleet.MethodResponse {
+		var r fleet.RestartModuleRequest
+		_ = json.Unmarshal(req.Payload, &r)
+		if req.Module == fleet.EdgeAgentModule && req.Method == fleet.MethodRestartModule && r.ID == "filter" {
+			return fleet.MethodResponse{Status: 200}
+		}
+		return fleet.MethodResponse{Status: 404, Payload: json.RawMessage(`{"message":"Module ` + r.ID + ` not found in the current environment"}`)}
+	})
+	waitFor(t, "n1 to see the session on n2", func() bool {
+		d, err := c1.Device(ctx, "press-01", false)
+		return err == nil && d.ConnectedNode == "n2"
+	})
+	for _, m := range []string{"ghost", "filter"} {
+		res, err := c1.InvokeMethod(ctx, "press-01", fleet.EdgeAgentModule, fleet.MethodRestartModule, api.MethodRequest{Payload: json.RawMessage(`{"schemaVersion":"1.0","id":"` + m + `"}`)})
+		if err != nil {
+			t.Fatalf("restart %s: %v", m, err)
+		}
+		t.Logf("restart %s: %d %s", m, res.Status, res.Payload)
+	}
+	for _, c := range []*api.Client{c1, c2} {
+		var hist api.HistoryPage
+		waitFor(t, "the restart in "+c.BaseURL+"'s history", func() bool {
+			hist, _ = c.DeviceHistory(ctx, "press-01", 0)
+			return len(hist.Items) > 0 && hist.Items[0].Kind == fleet.HistoryModuleRestarted
+		})
+		restarts := 0
+		for _, e := range hist.Items {
+			if e.Kind == fleet.HistoryModuleRestarted {
+				restarts++
+				if e.Actor != "admin" || !strings.Contains(e.What, "module filter restarted") || e.Index == 0 {
+					t.Errorf("%s: %+v", c.BaseURL, e)
+				}
+			}
+		}
+		if restarts != 1 {
+			t.Errorf("%s: history %+v, want one restart", c.BaseURL, hist.Items)
+		}
+	}
+}
+
 // TestHub_EventsTailIsClusterWide: the tail on one node streams what the
 // other node's devices send, with the node that received it.
 func TestHub_EventsTailIsClusterWide(t *testing.T) {

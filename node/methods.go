@@ -8,12 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
 	"appliance/api"
 	"appliance/broker"
 	"appliance/fleet"
+	"appliance/history"
 	"appliance/raftstore"
 )
 
@@ -76,6 +78,17 @@ func (b *backend) InvokeMethod(ctx context.Context, deviceID, moduleID, method s
 	}); err != nil {
 		return api.MethodResult{}, err
 	}
+	res, err := b.invokeAnywhere(ctx, deviceID, moduleID, method, req)
+	if err == nil && res.Status == http.StatusOK && moduleID == fleet.EdgeAgentModule && strings.EqualFold(method, fleet.MethodRestartModule) {
+		n.recordModuleRestart(deviceID, req.Payload)
+	}
+	return res, err
+}
+
+// invokeAnywhere calls the method here if the device's session is here,
+// else on the node that holds it.
+func (b *backend) invokeAnywhere(ctx context.Context, deviceID, moduleID, method string, req api.MethodRequest) (api.MethodResult, error) {
+	n := b.node()
 	if _, ok := n.broker.Connection(deviceID); ok {
 		return n.invokeLocal(ctx, deviceID, moduleID, method, req)
 	}
@@ -200,7 +213,7 @@ func (n *Node) invokeLocal(ctx context.Context, deviceID, moduleID, method strin
 	case errors.Is(err, broker.ErrNotConnected):
 		return api.MethodResult{}, fmt.Errorf("%w: device %s is not connected to any node of the cluster (it left node %s just now)", api.ErrNotConnected, deviceID, n.cfg.NodeID)
 	case errors.Is(err, broker.ErrMethodsNotSubscribed):
-		return api.MethodResult{}, fmt.Errorf("%w: device %s is connected but takes no direct methods: its agent runs no device hub (an older agent, or started with --no-hub)", api.ErrNotConnected, deviceID)
+		return api.MethodResult{}, fmt.Errorf("%w: device %s is connected but takes no direct methods (its agent is of a release without them, or has not subscribed yet)", api.ErrNotConnected, deviceID)
 	case err != nil:
 		return api.MethodResult{}, fmt.Errorf("%w: direct method for device %s not sent: %v", api.ErrUnavailable, deviceID, err)
 	}
@@ -242,4 +255,63 @@ func newCallID() string {
 	var b [12]byte
 	_, _ = rand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// Restarts in the device's history. A module restarted through its agent
+// (RestartModule answered 200) is an event for the device's history, but
+// not one of the raft log's, from which every other event is derived: the
+// node that relayed the call records it (at the index it has applied, so
+// it sits among the device's other events in order) and passes it to the
+// other members (historyPath), so that every node's history shows it. A
+// member down at that moment does not get it; nothing goes through raft.
+
+const historyPath = "/cluster/v1/history"
+
+// deviceEvent is a device's event passed to a peer.
+type deviceEvent struct {
+	Device string             `json:"device"`
+	Event  fleet.HistoryEvent `json:"event"`
+}
+
+// recordModuleRestart records a successful RestartModule in the device's
+// history here and on the other members.
+func (n *Node) recordModuleRestart(deviceID string, payload json.RawMessage) {
+	var req fleet.RestartModuleRequest
+	_ = json.Unmarshal(payload, &req)
+	ev := fleet.HistoryEvent{Time: time.Now().UTC(), Index: n.store.AppliedIndex(), Actor: operatorActor,
+		Kind: fleet.HistoryModuleRestarted, What: "module " + req.ID + " restarted by the operator (RestartModule)"}
+	n.history.Add(history.Item{Device: deviceID, Event: ev})
+	go n.shareDeviceEvent(deviceEvent{Device: deviceID, Event: ev})
+}
+
+// shareDeviceEvent hands a device's event to every other member, each
+// tried once.
+func (n *Node) shareDeviceEvent(e deviceEvent) {
+	ctx, cancel := context.WithTimeout(n.stopCtx, 10*time.Second)
+	defer cancel()
+	members, err := n.store.Members(ctx)
+	if err != nil {
+		n.logger.Warn("a device's history event was not passed to the other nodes", "device", e.Device, "err", err)
+		return
+	}
+	for _, m := range members {
+		if m.ID == n.cfg.NodeID {
+			continue
+		}
+		if err := n.peers.PostJSON(ctx, m.Address, historyPath, e, &struct{}{}); err != nil {
+			n.logger.Warn("a device's history event was not passed to a node; its history lacks it", "device", e.Device, "node", m.ID, "err", err)
+		}
+	}
+}
+
+// serveDeviceEvent takes a device's event from a peer.
+func (n *Node) serveDeviceEvent(w http.ResponseWriter, r *http.Request) {
+	var e deviceEvent
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&e); err != nil || fleet.ValidateDeviceID(e.Device) != nil || e.Event.Kind == "" {
+		http.Error(w, `{"code":"bad_request","error":"malformed device event"}`, http.StatusBadRequest)
+		return
+	}
+	n.history.Add(history.Item{Device: e.Device, Event: e.Event})
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write([]byte("{}"))
 }

@@ -340,6 +340,7 @@ func (n *Node) Start(ctx context.Context) error {
 	n.rpc.HandleNode("GET "+connectionsPath, n.serveConnections)
 	n.rpc.HandleNode("GET "+nodeCertPath+"{id}", n.serveNodeCert)
 	n.rpc.HandleNode("POST "+methodsPath, n.serveMethodCall)
+	n.rpc.HandleNode("POST "+historyPath, n.serveDeviceEvent)
 	n.rpc.HandleNode("GET "+eventsTailPath, n.serveEventsTail)
 	go func() {
 		if err := n.rpc.Serve(n.mux); err != nil {
