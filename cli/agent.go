@@ -11,6 +11,7 @@ import (
 
 	"appliance/agent"
 	"appliance/fleet"
+	"appliance/linelog"
 )
 
 // agentEnv is the prefix of the agent's environment fallbacks, one per flag:
@@ -26,7 +27,8 @@ func (a *app) agentCommand() *cobra.Command {
 		coolOff, keepAlive                          time.Duration
 		maxRestarts                                 int
 		hubAddr, hubDockerAddr, hubHostname         string
-		hubStoreMax                                 int64
+		hubStoreMax, logFileMaxBytes                int64
+		logFiles                                    int
 		noHub                                       bool
 	)
 	deviceKeyFlag := secretFlag{name: "device-key", env: agentEnv + "DEVICE_KEY"}
@@ -46,6 +48,11 @@ the deployment's routes, keeps messages on disk until their sink takes them
 $upstream messages to the controller; each module gets the IOTEDGE_*
 environment and workload socket that modules built with the Azure IoT SDKs
 expect (IoTHubModuleClient.create_from_edge_environment()).
+
+The agent keeps each process module's stdout and stderr, and its own log, in
+bounded, rotated files under <data-dir>/logs (--log-file-max-bytes, --log-files),
+which operators read remotely: appliance device logs, restart-module, ping and
+support-bundle call the agent's own direct methods over this connection.
 
 A device authenticates with one of its keys (--device-key-file), or enrolls
 itself with an enrollment group's token (--enroll-token-file): it then makes a
@@ -112,6 +119,7 @@ falls back to plaintext.`,
 				Version:     a.version,
 				Restart:     agent.RestartConfig{CoolOff: coolOff, MaxRestarts: maxRestarts},
 				KeepAlive:   keepAlive,
+				Logs:        linelog.Config{MaxFileBytes: logFileMaxBytes, MaxFiles: logFiles},
 				Hub: agent.HubConfig{
 					Disabled:      noHub,
 					Addr:          env("HUB_ADDR", hubAddr),
@@ -150,6 +158,8 @@ falls back to plaintext.`,
 	f.StringVar(&hubHostname, "hub-hostname", agent.DefaultHubHostname, "the hub's name in containers' /etc/hosts, and the IoT hub name modules are given (env APPLIANCE_AGENT_HUB_HOSTNAME)")
 	f.Int64Var(&hubStoreMax, "hub-store-max", 1<<30, "bytes of messages the hub keeps on disk for sinks that do not take them; beyond, the oldest are dropped and counted")
 	f.BoolVar(&noHub, "no-hub", false, "run no device hub: modules get no IoT Edge environment, routes are not applied")
+	f.Int64Var(&logFileMaxBytes, "log-file-max-bytes", linelog.DefaultMaxFileBytes, "the log files the agent keeps in <data-dir>/logs (its own, and each process module's stdout and stderr) are rotated at this size")
+	f.IntVar(&logFiles, "log-files", linelog.DefaultMaxFiles, "files kept per log, the current one included (so at most about log-files × log-file-max-bytes per log)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd

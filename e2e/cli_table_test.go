@@ -64,6 +64,7 @@ type cliRow struct {
 
 // cliTable is the node the rows run against and what they recorded.
 type cliTable struct {
+	t    *testing.T // the whole table's: what a row starts for later rows ends with it
 	srv  *server
 	vars map[string]string
 }
@@ -75,7 +76,7 @@ type cliTable struct {
 func TestCLI_Table(t *testing.T) {
 	dir := t.TempDir()
 	srv := startServer(t, dir)
-	tc := &cliTable{srv: srv, vars: map[string]string{
+	tc := &cliTable{t: t, srv: srv, vars: map[string]string{
 		"manifest": writeManifest(t),
 		"tmp":      t.TempDir(),
 		"mqtt":     srv.mqttURL(),
@@ -680,6 +681,42 @@ func cliRows() []cliRow {
 		{cmd: "module invoke", args: []string{"press-09", "m", "reset", "--payload", `{"x":1}`}, fail: true, errLine: []string{"not connected", "status 404"}},
 		{cmd: "module invoke", args: []string{"press-09", "m", "reset", "--timeout", "1s"}, fail: true, errLine: []string{"--timeout"}},
 		{cmd: "module invoke", args: []string{"press-09", "m", "reset", "--payload", "not json"}, fail: true, errLine: []string{"--payload"}},
+
+		// remote troubleshooting through the agent: press-09 is offline
+		// first (404 at once), then its agent runs again (e2e
+		// TestRemoteTroubleshooting has the whole story)
+		{cmd: "device ping", args: []string{"press-09"}, fail: true, errLine: []string{"device press-09 is not connected", "status 404"}},
+		{cmd: "device logs", args: []string{"press-09", "m"}, fail: true, errLine: []string{"not connected", "status 404"}},
+		{cmd: "device logs", args: []string{"press-09", "m", "--since", "yesterday"}, fail: true, errLine: []string{"--since", "not a time"}},
+		{cmd: "device restart-module", args: []string{"press-09", "m"}, fail: true, errLine: []string{"not connected", "status 404"}},
+		{cmd: "device support-bundle", args: []string{"press-09"}, fail: true, errLine: []string{"--out"}},
+		{cmd: "device support-bundle", args: []string{"press-09", "--out", "{tmp}/offline.zip"}, fail: true, errLine: []string{"not connected", "status 404"}},
+		{cmd: "device ping", args: []string{"press-09"}, run: withLiveAgent("press-09"), lines: []string{`device press-09 answered in \S+`}},
+		{cmd: "device ping", args: []string{"press-09", "-o", "json"}, json: &struct {
+			Device      string `json:"device"`
+			Answered    bool   `json:"answered"`
+			RoundTripMs int64  `json:"roundTripMs"`
+		}{}},
+		{cmd: "device logs", args: []string{"press-09", "m"}, retry: true, lines: []string{`module m started, pid \d+`, `module m writes to stderr too`}},
+		{cmd: "device logs", args: []string{"press-09", "edgeAgent", "--timestamps", "--since", "1h"},
+			lines: []string{`\d{4}-\d\d-\d\dT\S+Z agent .*msg="agent starting".*`}, notLines: []string{`.*module m started.*`}},
+		{cmd: "device logs", args: []string{"press-09", "m", "--tail", "1", "-o", "json"},
+			check: func(t *testing.T, r result, _ any, _ map[string]string) {
+				var l fleet.ModuleLogMessage
+				if err := json.Unmarshal([]byte(r.stdout), &l); err != nil || l.ID != "m" || l.Device != "press-09" || l.Timestamp.IsZero() || l.Stream == "" {
+					t.Errorf("logs -o json: %v %s", err, r.stdout)
+				}
+			}},
+		{cmd: "device restart-module", args: []string{"press-09", "m"}, lines: []string{`module m of device press-09 restarted`}},
+		{cmd: "device restart-module", args: []string{"press-09", "ghost", "-o", "json"}, fail: true, errLine: []string{"Module ghost not found", "status 404"}},
+		{cmd: "device history", args: []string{"press-09"}, retry: true, lines: []string{`\S+\s+\d+\s+admin\s+module-restarted\s+module m restarted by the operator \(RestartModule\)`}},
+		{cmd: "device support-bundle", args: []string{"press-09", "--out", "{tmp}/bundle.zip"}, lines: []string{`wrote \S+/bundle.zip: \d+ bytes, sha256 [0-9a-f]{64}`}},
+		{cmd: "device support-bundle", args: []string{"press-09", "--out", "{tmp}/bundle2.zip", "--since", "1h", "-o", "json"}, json: &struct {
+			Device string `json:"device"`
+			File   string `json:"file"`
+			Bytes  int64  `json:"bytes"`
+			SHA256 string `json:"sha256"`
+		}{}},
 		{cmd: "device list", args: []string{"--condition", "tags.location='westus'"},
 			lines: []string{`press-01\s+enabled\s+presses-v1\s+.*`, `press-09\s+enabled\s+presses-v1\s+.*`, `simrow-0001\s+enabled\s+presses-v1\s+.*`}},
 		{cmd: "enrollment rotate", args: []string{"line-1"}, lines: []string{`name:\s+line-1`, `token:\s+line-1\.\S+`}},
@@ -703,6 +740,35 @@ func cliRows() []cliRow {
 		{cmd: "deployment delete", args: []string{"fallback"}, lines: []string{`deleted deployment fallback`}},
 		{cmd: "deployment delete", args: []string{"presses-v1", "-o", "json"}, json: &deletedJSON{}},
 		{cmd: "deployment delete", args: []string{"presses-v1"}, fail: true, errLine: []string{"not found"}},
+
+		// a rollout in waves, steered: two devices that never connect
+		// keep wave 1 soaking while it is paused, resumed, promoted,
+		// aborted and rolled back
+		{cmd: "device create", args: []string{"ring-01", "--tag", "ring=canary"}, lines: []string{`deviceId:\s+ring-01`}},
+		{cmd: "device create", args: []string{"ring-02", "--tag", "ring=canary"}, lines: []string{`deviceId:\s+ring-02`}},
+		{cmd: "deployment create", args: []string{"staged", "--content", "{manifest}", "--target-condition", "tags.ring='canary'", "--priority", "5",
+			"--waves", "50%,100%", "--wave-soak", "10m"}, lines: []string{`id:\s+staged`}},
+		{cmd: "deployment rollout status", args: []string{"staged"}, retry: true,
+			lines: []string{`deployment:\s+staged`, `state:\s+running`, `wave:\s+1 of 2`, `WAVE\s+TARGET\s+STATE\s+SIZE\s+HEALTHY\s+FAILED\s+PENDING\s+STARTED`, `1\s+50%\s+running\s+1\s+0\s+0\s+1\s+\S+`}},
+		{cmd: "deployment rollout pause", args: []string{"staged", "--reason", "checking the line"}, lines: []string{`state:\s+paused`}},
+		{cmd: "deployment rollout pause", args: []string{"staged"}, fail: true, errLine: []string{"paused"}},
+		{cmd: "deployment rollout resume", args: []string{"staged", "-o", "json"}, json: &fleet.RolloutStatus{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				if st := v.(*fleet.RolloutStatus); st.State != fleet.RolloutRunning || st.Deployment != "staged" {
+					t.Errorf("resumed: %+v", st)
+				}
+			}},
+		{cmd: "deployment rollout promote", args: []string{"staged"}, lines: []string{`state:\s+running`, `reason:\s+promote by admin`}},
+		{cmd: "deployment rollout abort", args: []string{"staged"}, lines: []string{`state:\s+halted \(aborted\)`}},
+		{cmd: "deployment rollout rollback", args: []string{"staged"}, lines: []string{`state:\s+rolled-back( \(aborted\))?`, `reason:\s+rollback by admin`}},
+		{cmd: "deployment rollout status", args: []string{"staged", "--consistent", "-o", "json"}, json: &fleet.RolloutStatus{},
+			check: func(t *testing.T, _ result, v any, _ map[string]string) {
+				if st := v.(*fleet.RolloutStatus); st.State != fleet.RolloutRolledBack {
+					t.Errorf("after the rollback: %+v", st)
+				}
+			}},
+		{cmd: "deployment rollout status", args: []string{"presses-v1"}, fail: true, errLine: []string{"not found"}},
+		{cmd: "deployment delete", args: []string{"staged"}, lines: []string{`deleted deployment staged`}},
 
 		// cluster: a second node joins with the join token, and is removed
 		{cmd: "cluster join-token", lines: []string{`APL1[0-9a-f]{64}::\S+`}},
@@ -829,6 +895,41 @@ func runAgentUntilReported(deviceID string) func(t *testing.T, tc *cliTable, arg
 			t.Logf("agent stderr:\n%s", errb.String())
 		}
 		return result{code: code, stdout: out.String(), stderr: errb.String()}
+	}
+}
+
+// withLiveAgent starts deviceID's agent again (the table's first agent,
+// enrolled then stopped: same data directory), runs the row once it is
+// connected, and leaves it running until the test ends.
+func withLiveAgent(deviceID string) func(t *testing.T, tc *cliTable, args []string) result {
+	return func(t *testing.T, tc *cliTable, args []string) result {
+		t.Helper()
+		cmd := exec.Command(binary, "agent", "--server", tc.vars["mqtt"], "--ca-file", tc.vars["ca"], "--device-id", deviceID,
+			"--enroll-token", tc.vars["token"], "--runtime", "process", "--data-dir", tc.vars["tmp"]+"/agent")
+		var errb syncBuffer
+		cmd.Stderr = &errb
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		tc.t.Cleanup(func() {
+			cmd.Process.Signal(syscall.SIGINT)
+			select {
+			case <-done:
+			case <-time.After(time.Minute):
+				cmd.Process.Kill()
+			}
+		})
+		eventually(t, deviceID+"'s agent connected again and answering", time.Minute, func() bool {
+			select {
+			case <-done:
+				t.Fatalf("the agent exited:\n%s", errb.String())
+			default:
+			}
+			return cli(t, tc.srv.dataDir, "device", "ping", deviceID).code == 0
+		})
+		return cli(t, tc.srv.dataDir, args...)
 	}
 }
 
