@@ -137,14 +137,15 @@ func TestHub_DockerModuleTalksToProcessModule(t *testing.T) {
 		"procEchoes": fmt.Sprintf("FROM /messages/modules/%s/outputs/echo INTO %s", proc, to(ctr, "echoes")),
 	}
 	ctl.SetDesired(fleet.DesiredDocument{Version: 1, DeploymentID: "d1", ModulesContent: hubManifest(modules, routes)})
-	ag := startAgent(t, "--server", ctl.URL(), "--device-id", device, "--device-key", "k", "--data-dir", t.TempDir(),
+	agentDir := t.TempDir()
+	startAgent(t, "--server", ctl.URL(), "--device-id", device, "--device-key", "k", "--data-dir", agentDir,
 		"--runtime", "docker+process", "--hub-addr", testcontroller.FreeGateway(t)+":8883", "--hub-docker-addr", "auto", "--log-format", "json")
 
 	// The process module's output says what it received: the container's
 	// messages on in1, and its own messages echoed by the container.
 	eventually(t, "the process module to hear from the container", 120*time.Second, func() bool {
 		got := map[string]bool{}
-		for _, l := range moduleOutput(ag.logs.String(), proc, "input") {
+		for _, l := range moduleOutput(agentDir, proc, "input") {
 			props, _ := l["props"].(map[string]any)
 			switch {
 			case l["input"] == "in1" && props["$.cmid"] == ctr:

@@ -3,18 +3,17 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	"appliance/fleet"
 	"appliance/internal/pysdk"
 	"appliance/internal/testcontroller"
+	"appliance/linelog"
 )
 
 // hubManifest is a deployment of modules (name → module) with routes.
@@ -43,21 +42,21 @@ func pyProcessModule(t *testing.T, script string, env map[string]string) map[str
 		"settings": map[string]any{"command": []string{python, "-u", path}}}
 }
 
-// moduleOutput parses an agent's JSON log for what a module printed
-// (JSON lines) that has key.
-func moduleOutput(logs, module, key string) []map[string]any {
+// moduleOutput reads what a module printed on stdout (JSON lines) that
+// has key, from the output log the agent keeps for it in its data
+// directory (never the agent's own log).
+func moduleOutput(dataDir, module, key string) []map[string]any {
+	res, err := linelog.Read(filepath.Join(dataDir, "logs", "modules", module+".log"), linelog.Filter{})
+	if err != nil {
+		panic(err)
+	}
 	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(logs))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var rec struct {
-			Msg, Module, Stream, Line string
-		}
-		if json.Unmarshal(sc.Bytes(), &rec) != nil || rec.Msg != "module output" || rec.Module != module || rec.Stream != "stdout" {
+	for _, e := range res.Entries {
+		if e.Stream != "stdout" {
 			continue
 		}
 		var m map[string]any
-		if json.Unmarshal([]byte(rec.Line), &m) == nil {
+		if json.Unmarshal([]byte(e.Text), &m) == nil {
 			if _, ok := m[key]; ok {
 				out = append(out, m)
 			}
@@ -84,9 +83,9 @@ func TestHub_AgentKilledWithQueuedMessages(t *testing.T) {
 	ctl.WaitReport(60*time.Second, "the agent running the deployment", func(d fleet.ReportedDocument) bool { return d.LastDesiredVersion == 1 })
 	ctl.Stop()
 	eventually(t, "the module to send 200 messages", 120*time.Second, func() bool {
-		return len(moduleOutput(ag.logs.String(), "a", "done")) == 1
+		return len(moduleOutput(dataDir, "a", "done")) == 1
 	})
-	sent := moduleOutput(ag.logs.String(), "a", "sent")
+	sent := moduleOutput(dataDir, "a", "sent")
 	ag.kill()
 	if len(sent) != 200 {
 		t.Fatalf("the module printed %d sends", len(sent))
