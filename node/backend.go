@@ -100,6 +100,9 @@ func (b *backend) PutDevice(ctx context.Context, id string, req api.DeviceReques
 	if err := fleet.ValidateDeviceStatus(req.Status); err != nil {
 		return fleet.Device{}, false, err
 	}
+	if err := b.checkDeviceTagLimits(id, req.Tags); err != nil {
+		return fleet.Device{}, false, err
+	}
 	primary, err := fleet.NewKey()
 	if err != nil {
 		return fleet.Device{}, false, err
@@ -134,6 +137,23 @@ func (b *backend) PatchDevice(ctx context.Context, id string, p api.DevicePatch,
 	}
 	if err := fleet.ValidateDeviceStatus(p.Status); err != nil {
 		return fleet.Device{}, err
+	}
+	if len(p.Tags) > 0 {
+		var tags map[string]any
+		if err := b.view(ctx, false, func(r *raftstore.Reader) error {
+			d, err := r.Device(id)
+			tags = d.Tags
+			return err
+		}); err != nil {
+			return fleet.Device{}, err
+		}
+		if tags == nil {
+			tags = map[string]any{}
+		}
+		raftstore.MergePatch(tags, p.Tags)
+		if err := b.checkDeviceTagLimits(id, tags); err != nil {
+			return fleet.Device{}, err
+		}
 	}
 	res, err := b.apply(ctx, raftstore.PatchDevice{Precondition: precondition(opts), ID: id, Tags: p.Tags, Status: p.Status, Time: now()})
 	if err != nil {
@@ -365,6 +385,9 @@ func (b *backend) PutDeployment(ctx context.Context, id string, req api.Deployme
 	if err := validateDeployment(id, req); err != nil {
 		return api.DeploymentView{}, false, err
 	}
+	if req.Rollout != nil && req.Layered {
+		return api.DeploymentView{}, false, fleet.Invalid("rollout", "a layered deployment is merged on each device's base at once; roll out the base instead")
+	}
 	compact, err := compactJSON(req.Content)
 	if err != nil {
 		return api.DeploymentView{}, false, fleet.Invalid("content", "%v", err)
@@ -377,9 +400,6 @@ func (b *backend) PutDeployment(ctx context.Context, id string, req api.Deployme
 	}
 	if err := b.checkDeviceLimits(b.engineDeploymentOf(id, req.TargetCondition, req.Priority, req.Layered), compact); err != nil {
 		return api.DeploymentView{}, false, err
-	}
-	if req.Rollout != nil && req.Layered {
-		return api.DeploymentView{}, false, fleet.Invalid("rollout", "a layered deployment is merged on each device's base at once; roll out the base instead")
 	}
 	rollout, err := validateRollout(req.Rollout)
 	if err != nil {

@@ -219,6 +219,48 @@ func (b *backend) checkDeviceLimits(d evaluator.Deployment, content json.RawMess
 	})
 }
 
+// checkDeviceTagLimits refuses tags that would have a device targeted by
+// more deployments or layers than allowed. Only when the cluster holds
+// more deployments than a limit can a device reach it: then each
+// deployment's condition is evaluated on the new tags.
+func (b *backend) checkDeviceTagLimits(id string, tags map[string]any) error {
+	lim := b.cfg.DeploymentLimits
+	v := b.assign.Loose()
+	ids := v.DeploymentIDs()
+	layered := 0
+	for _, dep := range ids {
+		if v.IsLayered(dep) {
+			layered++
+		}
+	}
+	if len(ids) <= lim.MaxDeploymentsPerDevice && layered <= lim.MaxLayersPerDevice {
+		return nil
+	}
+	n, nl := 0, 0
+	err := b.store.View(func(r *raftstore.Reader) error {
+		return r.Deployments("", func(d fleet.Deployment) bool {
+			c, err := evaluator.Compile(d.TargetCondition)
+			if err == nil && c.Eval(id, tags) {
+				n++
+				if d.Layered {
+					nl++
+				}
+			}
+			return true
+		})
+	})
+	if err != nil {
+		return err
+	}
+	if n > lim.MaxDeploymentsPerDevice {
+		return fleet.Invalid("tags", "would have device %s targeted by %d deployments; at most %d are allowed (serve --max-deployments-per-device)", id, n, lim.MaxDeploymentsPerDevice)
+	}
+	if nl > lim.MaxLayersPerDevice {
+		return fleet.Invalid("tags", "would have device %s targeted by %d layered deployments; at most %d are allowed (serve --max-layers-per-device)", id, nl, lim.MaxLayersPerDevice)
+	}
+	return nil
+}
+
 // sortLayers puts layers in merge order: the lowest precedence first
 // (priority, then the oldest, then the larger id), d as it would be.
 func sortLayers(ls []fleet.LayerContent, r *raftstore.Reader, d evaluator.Deployment) {

@@ -241,9 +241,16 @@ func TestLayers_WritesAndLimits(t *testing.T) {
 	putDeployment(t, c, "b2", "*", 0)
 	_, err = c.PutDeployment(ctx, "b3", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "*"}, api.WriteOptions{})
 	expectField(err, "targetCondition", "device d1 would be targeted by 4 deployments; at most 3 are allowed (serve --max-deployments-per-device)")
+	// A device's tags that would bring it over a limit are refused too.
+	putLayer(t, c, "l5", layerEnv, "tags.x = 3", 6) // no device has x=3: within the limit
+	createDevice(t, c, "d2", map[string]any{"x": 2})
+	if _, err := c.PatchDevice(ctx, "d2", api.DevicePatch{Tags: map[string]any{"x": 3}}, api.WriteOptions{}); err == nil ||
+		!strings.Contains(err.Error(), "would have device d2 targeted by 4 deployments; at most 3 are allowed (serve --max-deployments-per-device)") {
+		t.Fatalf("a tag change over the layers' limit: %v", err)
+	}
 	// Nothing of the refused writes was stored.
 	page, err := c.Deployments(ctx, api.DeploymentQuery{})
-	if err != nil || len(page.Items) != 3 {
+	if err != nil || len(page.Items) != 4 {
 		t.Fatalf("deployments %v %v", deploymentIDs(page.Items), err)
 	}
 	// A layer may not be rolled out in waves.
