@@ -183,7 +183,7 @@ func must[T any](v T, err error) T {
 }
 
 // The corpus's layered deployments are accepted as layered content and
-// merge on a base: their modules, routes and module twins come in, what a
+// merge on a base (ours, and the corpus's top-layer deployments): their modules, routes and module twins come in, what a
 // layer may not set (the iotedgedev template's system modules and schema
 // versions) stays the base's.
 func TestMergeLayers_CorpusLayered(t *testing.T) {
@@ -225,6 +225,25 @@ func TestMergeLayers_CorpusLayered(t *testing.T) {
 	}
 	if len(comp.Ignored) == 0 || !strings.Contains(strings.Join(comp.Ignored, "\n"), "tmpl: $edgeAgent.properties.desired.systemModules") {
 		t.Fatalf("Ignored = %q", comp.Ignored)
+	}
+	// The corpus's top-layer deployments are bases: the layers merge on
+	// them too, into documents an agent accepts.
+	for _, name := range []string{
+		"Azure_azure-iot-cli-extension__azext_iot__tests__iothub__devices__device_configs__deployments__deploymentTopLayer.json",
+		"Azure_iotedge__e2e_deployment_files__nestededge_topLayerBaseDeployment_mqtt.json",
+	} {
+		base, err := ParseContentFile(readFile(t, filepath.Join(corpusDir, name)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ValidateContent(base, false); err != nil {
+			t.Fatalf("%s refused as a base: %v", name, err)
+		}
+		_, comp := mergeOn(t, string(base), []LayerContent{{ID: "cli", Content: cli}, {ID: "tmpl", Content: tmpl}})
+		if !slices.Equal(comp.Modules["mymodule0"], []string{"cli"}) || !slices.Equal(comp.Modules["sample_module"], []string{"tmpl"}) ||
+			!slices.Equal(comp.Modules["IoTEdgeAPIProxy"], []string{"base"}) || comp.Routes["route0"] != "cli" || comp.Routes["route"] != "tmpl" {
+			t.Fatalf("%s with the layers: %+v", name, comp)
+		}
 	}
 	if _, err := os.Stat(corpusDir); err != nil {
 		t.Fatal(err)
