@@ -71,10 +71,11 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzDecodeUpstreamBatch -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-30s} ./routing/
 	$(GO) test -run '^$$' -fuzz FuzzParseTelemetryTopic -fuzztime $${FUZZTIME:-30s} ./hub/
-	$(GO) test -run '^$$' -fuzz FuzzDecodeUpstreamBatch -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzExpandTemplate -fuzztime $${FUZZTIME:-30s} ./fleet/
+	$(GO) test -run '^$$' -fuzz FuzzRedactModuleTwinDesired -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzPackets -fuzztime $${FUZZTIME:-30s} ./broker/
 	$(GO) test -run '^$$' -fuzz FuzzDesiredDocument -fuzztime $${FUZZTIME:-30s} ./agent/
+	$(GO) test -run '^$$' -fuzz FuzzAgentRunsWhatReadsShow -fuzztime $${FUZZTIME:-30s} ./agent/
 	$(GO) test -run '^$$' -fuzz FuzzReadPacket -fuzztime $${FUZZTIME:-30s} ./sim/
 	$(GO) test -run '^$$' -fuzz FuzzParseJoinToken -fuzztime $${FUZZTIME:-30s} ./pki/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s} ./raftstore/
