@@ -124,7 +124,7 @@ func (s *Store) apply(ctx context.Context, typ CommandType, data []byte) (*Resul
 // uncertain (ErrUnknownOutcome). A rule rejection returns the Result and
 // its Err.
 func (s *Store) applyLocal(ctx context.Context, data []byte) (*Result, error) {
-	if s.raft.State() == raft.Shutdown {
+	if s.raftState() == raft.Shutdown {
 		return nil, ErrClosed
 	}
 	var f raft.ApplyFuture
@@ -222,7 +222,7 @@ func (s *Store) waitLeaderKnown(ctx context.Context) (addr, id string, err error
 		if a != "" {
 			return string(a), string(i), nil
 		}
-		if s.raft.State() == raft.Shutdown {
+		if s.raftState() == raft.Shutdown {
 			return "", "", ErrClosed
 		}
 		select {

@@ -408,7 +408,7 @@ func (s *Store) RaftAddr() string { return string(s.transport.LocalAddr()) }
 func (s *Store) NodeID() string { return s.cfg.NodeID }
 
 // IsLeader reports whether this node currently leads.
-func (s *Store) IsLeader() bool { return s.raft.State() == raft.Leader }
+func (s *Store) IsLeader() bool { return s.raftState() == raft.Leader }
 
 // Leader returns the leader's raft address and id, empty when unknown.
 func (s *Store) Leader() (addr, id string) {
@@ -417,7 +417,22 @@ func (s *Store) Leader() (addr, id string) {
 }
 
 // State is the raft state as a word: Leader, Follower, Candidate, Shutdown.
-func (s *Store) State() string { return s.raft.State().String() }
+func (s *Store) State() string { return s.raftState().String() }
+
+// raftState is raft's state, and Shutdown once Close began. Raft's own can
+// turn back to Follower after its Shutdown: an AppendEntries being handled
+// at that moment sets Follower without looking (hashicorp/raft 1.7.3,
+// appendEntries), and the state then stays so for good. A store that
+// halted and closed itself went on saying Follower (seen in
+// TestStore_UnknownCommandHaltsEveryFollower under load).
+func (s *Store) raftState() raft.RaftState {
+	select {
+	case <-s.closing:
+		return raft.Shutdown
+	default:
+		return s.raft.State()
+	}
+}
 
 // AppliedIndex is the index of the last entry in the local state machine.
 func (s *Store) AppliedIndex() uint64 { return s.fsm.AppliedIndex() }
