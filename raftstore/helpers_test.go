@@ -78,6 +78,19 @@ func newTestCluster(t testing.TB, n int, edit func(cfg *Config)) []*Store {
 	for _, s := range stores[1:] {
 		waitFor(t, s.NodeID()+" knows the leader", func() bool { _, id := s.Leader(); return id == "n1" })
 	}
+	// Every member holds the whole configuration before the test starts:
+	// n1 commits a new member with the votes of any majority, and a
+	// follower that has not heard of a later member yet refuses it its vote
+	// (hashicorp/raft refuses candidates outside its configuration), so if
+	// n1 stopped then, no leader could be elected. Seen under load in
+	// TestStore_Failover_DefaultTimeouts: n2 still had {n1, n2}, n3 the
+	// newest entries.
+	for _, s := range stores {
+		waitFor(t, s.NodeID()+" knows every member", func() bool {
+			ms, err := s.Members(ctx)
+			return err == nil && len(ms) == n
+		})
+	}
 	return stores
 }
 
