@@ -371,9 +371,10 @@ func pageIsUsable(t *testing.T, ctx context.Context, page string) {
 	}
 }
 
-// TestDashboard_OperatorConsole is issue 18's acceptance 1 for the parts
-// that exist, in headless Chromium against a real node with `appliance
-// sim` devices: sign in; create a deployment from a pasted manifest with a
+// TestDashboard_OperatorConsole is issue 18's acceptance 1 (pausing and
+// rolling back a rollout is TestDashboard_Rollout's; a device's
+// troubleshooting panel TestDashboard_Troubleshooting's), in headless
+// Chromium against a real node with `appliance sim` devices: sign in; create a deployment from a pasted manifest with a
 // condition checked as it is typed, see the dry run's counts and devices
 // before anything is saved, save; watch it converge; open a device from
 // the deployment page and see its modules and why its deployment applies;

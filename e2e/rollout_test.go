@@ -402,8 +402,10 @@ func TestRollout_OperatorControls(t *testing.T) {
 }
 
 // TestDashboard_Rollout: a deployment's page shows its rollout (state,
-// what the next step waits for, each wave) and steers it: Pause and
-// Resume take, and the page follows.
+// what the next step waits for, each wave) and steers it: Pause, Resume
+// and Roll back take, the page follows, and a rollback returns the
+// devices reached to what they ran (issue 18, acceptance 1: "pause and
+// roll back a rollout").
 func TestDashboard_Rollout(t *testing.T) {
 	ctx := browser(t)
 	dir := t.TempDir()
@@ -437,4 +439,18 @@ func TestDashboard_Rollout(t *testing.T) {
 	run(t, ctx, "resume", chromedp.Click(chromedp.CSS(`[data-rollout-action="resume"]`)),
 		chromedp.WaitVisible(chromedp.CSS(`#rollout[data-rollout-state="running"]`)))
 	pageIsUsable(t, ctx, "deployment v2 with its rollout")
+
+	// Roll back (the confirmation accepted): the page follows, and the two
+	// devices wave 1 reached run v1 again.
+	run(t, ctx, "roll back", chromedp.Evaluate[chromedp.Void](`window.confirm = () => true`),
+		chromedp.Click(chromedp.CSS(`[data-rollout-action="rollback"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#rollout[data-rollout-state="rolled-back"]`)))
+	if st := rolloutOf(t, dir, "v2"); st.State != fleet.RolloutRolledBack {
+		t.Fatalf("the page rolled back, the node says %s", st.State)
+	}
+	waitStatus(t, dir, "v1", "every device running v1 again", func(s statusView) bool { return s.Counts.Applied == 10 })
+	if actions := waitJS[int](t, ctx, "the buttons left", `document.querySelectorAll("[data-rollout-action]").length + 1`); actions != 1 {
+		t.Errorf("a rolled-back rollout still offers %d actions", actions-1)
+	}
+	screenshot(t, ctx, "dashboard-rollout-rolled-back.png")
 }

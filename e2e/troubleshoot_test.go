@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/chromedp"
+
 	"appliance/api"
 	"appliance/fleet"
 	"appliance/internal/secrettest"
@@ -291,4 +293,102 @@ func (f *follower) stop(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("device logs --follow did not exit after Ctrl-C")
 	}
+}
+
+// TestDashboard_Troubleshooting: the same actions from a device's page, in
+// headless Chromium, against a real agent running a real process module:
+// ping the agent, read the module's last lines and follow new ones (each
+// once, in order), restart it (and see the restart in the page's
+// history), download a support bundle; then, the agent gone, the ping's
+// error says the device is not connected. Driven by the keyboard where a
+// person would (Enter on a focused button).
+func TestDashboard_Troubleshooting(t *testing.T) {
+	ctx := browser(t)
+	dir := t.TempDir()
+	srv := startServer(t, dir)
+	ag := startAgent(t, "--server", srv.mqttURL(), "--ca-file", srv.caFile(), "--device-id", "press-08",
+		"--enroll-token", enrollmentToken(t, dir, "line-8", "line=8"), "--data-dir", t.TempDir())
+	manifest := filepath.Join(t.TempDir(), "manifest.json")
+	content := edgeManifest(map[string]any{"ticker": map[string]any{"type": "process", "status": "running", "restartPolicy": "always",
+		"settings": map[string]any{"command": []string{"/bin/sh", "-c", tickerScript}}}})
+	if err := os.WriteFile(manifest, content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cli(t, dir, "deployment", "create", "line-8", "--content", manifest, "--target-condition", "tags.line=8").mustSucceed(t)
+	eventually(t, "ticker's tenth line", time.Minute, func() bool {
+		r := cli(t, dir, "device", "logs", "press-08", "ticker", "--tail", "1")
+		return r.code == 0 && tickOf(strings.TrimSpace(r.stdout)) >= 10
+	})
+
+	run(t, ctx, "sign in and open press-08",
+		chromedp.EmulateViewport(1280, 900),
+		chromedp.Navigate(dashboardURL(t, srv)+"/ui/#/devices/press-08"),
+		chromedp.WaitVisible(chromedp.ID("login-token")),
+		chromedp.SendKeys(chromedp.ID("login-token"), srv.token),
+		chromedp.Click(chromedp.ID("login-submit")),
+		chromedp.WaitVisible(chromedp.ID("device-troubleshooting")))
+	waitJS[bool](t, ctx, "ticker in the module list", `!!document.querySelector('#ts-module option[value="ticker"]')`)
+
+	run(t, ctx, "ping by keyboard", chromedp.Focus(chromedp.ID("ts-ping")), chromedp.KeyEvent("\r"))
+	if got := waitJS[string](t, ctx, "the ping's answer", `document.getElementById("ts-ping-result").dataset.result`); got != "answered" {
+		t.Fatalf("ping: %s", got)
+	}
+
+	actions := []chromedp.Action[chromedp.Void]{chromedp.Evaluate[chromedp.Void](`(s => { s.value = "ticker"; s.dispatchEvent(new Event("change", {bubbles: true})); })(document.getElementById("ts-module"))`)}
+	actions = append(actions, typeInto("#ts-tail", "5")...)
+	actions = append(actions, chromedp.Focus(chromedp.ID("ts-show")), chromedp.KeyEvent("\r"))
+	run(t, ctx, "show ticker's last 5 lines", actions...)
+	shown := waitJS[[]string](t, ctx, "five lines of ticker", `(() => { const o = document.getElementById("ts-log-output");
+		return o.dataset.module === "ticker" && o.dataset.lines === "5" ? [...o.querySelectorAll(".log-line")].map(l => l.textContent.trim()) : null; })()`)
+	for i, l := range shown {
+		if tickOf(l) < 0 || (i > 0 && tickOf(l) != tickOf(shown[i-1])+1) {
+			t.Fatalf("the last 5 lines: %q", shown)
+		}
+	}
+	run(t, ctx, "follow", chromedp.Click(chromedp.ID("ts-follow")))
+	followed := waitJS[[]string](t, ctx, "ten more lines followed", `(() => { const o = document.getElementById("ts-log-output");
+		return Number(o.dataset.lines) >= 15 ? [...o.querySelectorAll(".log-line")].map(l => l.textContent.trim()) : null; })()`)
+	run(t, ctx, "stop following", chromedp.Click(chromedp.ID("ts-follow")))
+	for i := 1; i < len(followed); i++ {
+		if tickOf(followed[i]) != tickOf(followed[i-1])+1 {
+			t.Fatalf("following printed %q: not each line once, in order", followed)
+		}
+	}
+	screenshot(t, ctx, "device-troubleshooting-logs.png")
+	pageIsUsable(t, ctx, "device page with its troubleshooting panel")
+
+	// Restart (the confirmation accepted), then see it in the history.
+	run(t, ctx, "restart ticker", chromedp.Evaluate[chromedp.Void](`window.confirm = () => true`), chromedp.Click(chromedp.ID("ts-restart")))
+	if got := waitJS[string](t, ctx, "the restart's result", `document.getElementById("ts-restart-result").dataset.result`); got != "restarted" {
+		t.Fatalf("restart: %s (%s)", got, waitJS[string](t, ctx, "its text", `document.getElementById("ts-restart-result").textContent`))
+	}
+	waitJS[bool](t, ctx, "the restart in the page's history", `!!document.querySelector('#device-history tr[data-kind="module-restarted"]')`)
+	hist, err := srv.client().DeviceHistory(context.Background(), "press-08", 10)
+	if err != nil || len(hist.Items) == 0 || hist.Items[0].Kind != "module-restarted" || !strings.Contains(hist.Items[0].What, "module ticker restarted") {
+		t.Errorf("the API's history after the page's restart: %+v %v", hist.Items, err)
+	}
+
+	run(t, ctx, "support bundle", chromedp.Click(chromedp.ID("ts-bundle")))
+	if got := waitJS[string](t, ctx, "the bundle downloaded", `document.getElementById("ts-bundle-status").dataset.result`); got != "downloaded" {
+		t.Fatalf("bundle: %s (%s)", got, waitJS[string](t, ctx, "its text", `document.getElementById("ts-bundle-status").textContent`))
+	}
+	link := waitJS[map[string]string](t, ctx, "the bundle's link", `(() => { const a = document.getElementById("ts-bundle-link"); return {bytes: a.dataset.bytes, sha256: a.dataset.sha256, name: a.download}; })()`)
+	if n, _ := strconv.Atoi(link["bytes"]); n < 100 || len(link["sha256"]) != 64 || !strings.HasSuffix(link["name"], ".zip") {
+		t.Errorf("bundle link: %v", link)
+	}
+	screenshot(t, ctx, "device-troubleshooting-actions.png")
+
+	// The agent gone: the page says why the ping fails.
+	ag.cmd.Process.Signal(syscall.SIGINT)
+	<-ag.exited
+	eventually(t, "press-08 disconnected", time.Minute, func() bool {
+		d, err := srv.client().Device(context.Background(), "press-08", false)
+		return err == nil && d.ConnectionState == api.Disconnected
+	})
+	run(t, ctx, "ping again", chromedp.Click(chromedp.ID("ts-ping")))
+	failed := waitJS[string](t, ctx, "the ping's failure", `(() => { const r = document.getElementById("ts-ping-result"); return r.dataset.result === "failed" ? r.textContent : null; })()`)
+	if !strings.Contains(failed, "is not connected") {
+		t.Errorf("the ping's error on the page: %q", failed)
+	}
+	screenshot(t, ctx, "device-troubleshooting-offline.png")
 }

@@ -116,6 +116,7 @@ func TestStatic_Contrast(t *testing.T) {
 		{"--chip-unhealthy-fg", "--chip-unhealthy-bg"}, {"--chip-unknown-fg", "--chip-unknown-bg"},
 		{"--chip-superseded-fg", "--chip-superseded-bg"}, {"--chip-healthy-fg", "--card"}, {"--chip-unhealthy-fg", "--card"},
 		{"--muted", "#eef1f7"}, {"--accent", "#eef1f7"}, {"--fg", "#eef1f7"}, {"--fg", "#f7f8fa"},
+		{"--chip-unhealthy-fg", "#f7f8fa"}, // stderr lines in a module's output
 	}
 	for _, p := range pairs {
 		fg, bg := colour(t, vars, p[0]), colour(t, vars, p[1])

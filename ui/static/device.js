@@ -6,12 +6,14 @@ import {
   ago, api, call, deploymentLink, enc, h, healthChip, jsonPretty, notFound, table, tagChips, tagValue, when, fill,
 } from "./lib.js";
 import { failText, live, notice, section, setView } from "./shell.js";
+import { troubleshootPanel } from "./troubleshoot.js";
 
 export function deviceView(id) {
   const path = "/api/v1/devices/" + enc(id);
   const header = h("div", { id: "device-header" });
   const tagsBox = h("div", { id: "device-tags" });
   const body = h("div", {});
+  const historyBox = h("div", {});
   let last = null; // the latest {dev, etag}
   let editing = false;
 
@@ -34,10 +36,13 @@ export function deviceView(id) {
       edit));
   };
 
+  // Built once: it keeps the lines shown and a follow going while the
+  // rest of the page refreshes.
+  const trouble = troubleshootPanel(id, () => refresh());
   setView(id,
     h("nav", { class: "crumbs", "aria-label": "Breadcrumb" }, h("a", { href: "#/devices" }, "Devices"), " / "),
     h("h1", { class: "mono", id: "device-id" }, id),
-    header, tagsBox, body);
+    header, tagsBox, body, trouble.panel, historyBox);
   const refresh = live(async () => {
     try {
       const [dev, hist] = await Promise.all([call(path), api(path + "/history?limit=50")]);
@@ -51,13 +56,20 @@ export function deviceView(id) {
       fill(header, h("p", { class: "error", id: "device-missing" }, `There is no device ${id}: it was deleted, or never existed.`));
       fill(tagsBox);
       fill(body);
+      fill(historyBox);
+      trouble.stop();
+      trouble.panel.hidden = true;
       return;
     }
+    trouble.panel.hidden = false;
     const before = last && appliedOf(last.dev);
     last = { dev: r.dev, etag: r.etag };
     fill(header, renderHeader(r.dev));
     renderTags();
-    fill(body, ...renderBody(r.dev, r.hist));
+    fill(body, ...renderBody(r.dev));
+    fill(historyBox, renderHistory(r.hist));
+    const rep = parseReport(r.dev);
+    trouble.modulesChanged(Object.keys((rep && rep.modules) || {}));
     const after = appliedOf(r.dev);
     if (before !== null && before !== undefined && before !== after) {
       notice(`Re-targeted: ${id} now applies ${after || "no deployment"} (was ${before || "none"}).`);
@@ -122,7 +134,7 @@ function moduleRows(mods, system) {
       h("td", { class: "what" }, m.statusDescription || "")));
 }
 
-function renderBody(dev, hist) {
+function renderBody(dev) {
   const rep = parseReport(dev);
   const prec = dev.precedence || [];
   const precRows = prec.map((p, i) => h("tr", { "data-precedence": p.deployment, "data-status": p.status },
@@ -155,17 +167,16 @@ function renderBody(dev, hist) {
       ) : h("p", { class: "muted" }, "No report yet."),
       dev.reported ? h("details", {}, h("summary", {}, "Reported properties (the whole document)"),
         h("pre", { class: "content", id: "reported-json" }, jsonPretty(dev.reported.document))) : null),
-    // Remote troubleshooting (module logs, restart a module, ping, support
-    // bundle) arrives with the agent's device hub work: it goes here.
-    section("Troubleshooting", { id: "device-troubleshooting", "data-placeholder": "remote-troubleshooting" },
-      h("p", { class: "muted" }, "Module logs, restarting a module, ping and the support bundle are not available from here yet.")),
-    section("Assignment history", { id: "device-history" },
-      table({}, { text: "Assignment changes of this device, newest first", quiet: true },
-        ["When", "Change", "By", "What"],
-        (hist.items || []).map((e) => h("tr", { "data-kind": e.kind, "data-to": e.deployment || "" },
-          h("td", { class: "nowrap" }, when(e.time)), h("td", {}, e.kind), h("td", {}, e.actor || "–"), h("td", { class: "what" }, e.what))),
-        "No history on this node.")),
   ];
+}
+
+function renderHistory(hist) {
+  return section("History", { id: "device-history" },
+    table({}, { text: "Assignment changes and operators' actions on this device, newest first", quiet: true },
+      ["When", "Change", "By", "What"],
+      (hist.items || []).map((e) => h("tr", { "data-kind": e.kind, "data-to": e.deployment || "" },
+        h("td", { class: "nowrap" }, when(e.time)), h("td", {}, e.kind), h("td", {}, e.actor || "–"), h("td", { class: "what" }, e.what))),
+      "No history on this node."));
 }
 
 // ---- tag editor -------------------------------------------------------------
