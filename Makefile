@@ -10,10 +10,10 @@ ARGS     ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build run cluster test unit e2e bench lint fuzz clean
+.PHONY: help build run cluster test deps unit e2e bench lint fuzz clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
 
 build: ## build bin/appliance (static, version stamped)
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/appliance
@@ -24,7 +24,14 @@ run: build ## build and start a single-node controller (data in ~/.local/share/a
 cluster: build ## three local nodes and simulated devices, to watch failover (data in ./.cluster)
 	./scripts/cluster.sh
 
-test: lint unit e2e ## every test: unit, cluster and end-to-end with real processes
+test: deps lint unit e2e ## every test: unit, cluster and end-to-end with real processes (installs what they need first: make deps)
+
+# What the tests need beyond Go: mosquitto-clients, chromium, gcc and the
+# Azure IoT Python SDK's Debian packages, listed and installed (apt-get, as
+# root or through sudo) by scripts/test-deps.sh, which .ci/run runs too.
+# APPLIANCE_SKIP_DEPS=1 skips it.
+deps: ## install what the tests need on a Debian machine (mosquitto-clients, chromium, gcc, python3 packages); say what is missing elsewhere
+	@./scripts/test-deps.sh
 
 # The unit and in-process cluster tests run under the race detector, every
 # package of the module: on this 2-core machine the phase took 81 s with
@@ -76,6 +83,9 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzPackets -fuzztime $${FUZZTIME:-30s} ./broker/
 	$(GO) test -run '^$$' -fuzz FuzzDesiredDocument -fuzztime $${FUZZTIME:-30s} ./agent/
 	$(GO) test -run '^$$' -fuzz FuzzAgentRunsWhatReadsShow -fuzztime $${FUZZTIME:-30s} ./agent/
+	$(GO) test -run '^$$' -fuzz FuzzRedactText -fuzztime $${FUZZTIME:-30s} ./fleet/
+	$(GO) test -run '^$$' -fuzz FuzzParseLogTime -fuzztime $${FUZZTIME:-30s} ./fleet/
+	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime $${FUZZTIME:-30s} ./linelog/
 	$(GO) test -run '^$$' -fuzz FuzzReadPacket -fuzztime $${FUZZTIME:-30s} ./sim/
 	$(GO) test -run '^$$' -fuzz FuzzParseJoinToken -fuzztime $${FUZZTIME:-30s} ./pki/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s} ./raftstore/
@@ -100,7 +110,7 @@ DURATION_ASSERTION := if [^{]*(time\.Since\(|time\.Until\(|\.Sub\()[^{]*[<>]|if 
 
 # Every fuzz target is run by `make fuzz` and has a committed seed corpus
 # (testdata/fuzz/<FuzzName> beside it); lint checks both.
-lint: ## gofmt, go vet, no test that asserts a duration, every fuzz target run and seeded, every test run
+lint: ## gofmt, go vet, no test that asserts a duration, every fuzz target run and seeded, every test run, every target in make help
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
@@ -113,6 +123,8 @@ lint: ## gofmt, go vet, no test that asserts a duration, every fuzz target run a
 	    grep -q -- "-fuzz $$fz " Makefile || { echo "$$f: $$fz is not run by make fuzz"; bad=1; }; \
 	    [ -d "$$(dirname $$f)/testdata/fuzz/$$fz" ] || { echo "$$f: $$fz has no committed seed corpus in $$(dirname $$f)/testdata/fuzz/$$fz"; bad=1; }; \
 	  done; done; [ -z "$$bad" ]
+	@for t in $$(sed -n 's/^\.PHONY: *//p' Makefile); do \
+	  $(MAKE) -s help | grep -q "^  make $$t " || { echo "make help does not list the target $$t (give it a ## comment)"; exit 1; }; done
 	@bad=; for f in $$(git ls-files -co --exclude-standard '*_test.go' 2>/dev/null || find . -name '*_test.go'); do \
 	  for t in $$(awk '/^func Test/ {name=$$2; sub(/\(.*/, "", name)} /testenv\.SkipUnderRace\(/ {print name}' $$f); do \
 	    echo "$$t" | grep -qE '$(NORACE_TESTS)' && echo " $(NORACE_PKGS) " | grep -q " ./$$(dirname $$f)/ " || \

@@ -3,6 +3,7 @@ package fleet
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -238,8 +239,8 @@ func parseLongDuration(s string) (time.Duration, bool) {
 			k++
 		}
 		unit, ok := longUnits[string(rs[j:k])]
-		if !ok {
-			return 0, false
+		if !ok || time.Duration(n) > (math.MaxInt64-total)/unit {
+			return 0, false // unknown, or beyond what a duration holds
 		}
 		total += time.Duration(n) * unit
 		parts++

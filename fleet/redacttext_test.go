@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"appliance/internal/secrettest"
 )
@@ -141,4 +142,38 @@ func TestLogLevelOf(t *testing.T) {
 			t.Errorf("LogLevelOf(%q) = %d, want %d", in, got, want)
 		}
 	}
+}
+
+// FuzzRedactText: whatever the text, every known secret (of the length
+// looked for) is gone from what RedactText returns, and valid UTF-8 stays
+// valid.
+func FuzzRedactText(f *testing.F) {
+	f.Add("env DB_PASSWORD=hunter2 and HostName=h;SharedAccessKey=abc== at postgres://u:pw@db/x", "hunter2")
+	f.Add(`{"apiKey": "k3y-value", "token": 'x'}`, "k3y-value")
+	f.Add("SharedAccessSignature sr=a&sig=b&se=1", "sig=b")
+	f.Add("", "")
+	f.Fuzz(func(t *testing.T, text, secret string) {
+		out := RedactText(text, []string{secret})
+		if len(secret) >= MinSecretLength && !strings.Contains(Redacted, secret) && strings.Contains(out, secret) {
+			t.Fatalf("RedactText(%q, %q) = %q: the secret is still there", text, secret, out)
+		}
+		if utf8.ValidString(text) && utf8.ValidString(secret) && !utf8.ValidString(out) {
+			t.Fatalf("RedactText(%q) = %q: not UTF-8", text, out)
+		}
+	})
+}
+
+// FuzzParseLogTime: any input is a time or an error, never a panic; a
+// time it reads is not before the Unix epoch unless written so.
+func FuzzParseLogTime(f *testing.F) {
+	for _, s := range []string{"10m", "1h30m", "2 days 3 hours", "2026-12-06T11:00:00.5Z", "1765018800.123456789", "", "yesterday"} {
+		f.Add(s)
+	}
+	now := time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)
+	f.Fuzz(func(t *testing.T, s string) {
+		got, err := ParseLogTime(s, now)
+		if err == nil && strings.TrimSpace(s) != "" && got.IsZero() {
+			t.Fatalf("ParseLogTime(%q) = zero time, no error", s)
+		}
+	})
 }

@@ -272,3 +272,35 @@ func TestConcurrentStreams(t *testing.T) {
 		t.Errorf("records per stream: %v", next)
 	}
 }
+
+// FuzzRead: whatever a log file holds (damaged, torn, not a log at all),
+// Read returns records, never panics, and keeps to the filter's counts.
+func FuzzRead(f *testing.F) {
+	f.Add([]byte("2026-12-06T08:00:00.001000000Z stdout line one\n2026-12-06T08:00:00.002000000Z stderr two\n"), 1, 0, int64(0))
+	f.Add([]byte("garbage\n\n2026-12-06T08:00:00.001000000Z x\n2026-12-06T08:00:00.00"), 0, 5, int64(1765008000))
+	f.Add([]byte(""), 3, 3, int64(-1))
+	f.Fuzz(func(t *testing.T, content []byte, tail, maxBytes int, sinceUnix int64) {
+		path := filepath.Join(t.TempDir(), "m.log")
+		if err := os.WriteFile(path, content, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		flt := Filter{Tail: max(tail%100, 0), MaxBytes: max(maxBytes%10000, 0)}
+		if sinceUnix > 0 {
+			flt.Since = time.Unix(sinceUnix%4e9, 0)
+		}
+		r, err := Read(path, flt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total := 0
+		for _, e := range r.Entries {
+			total += len(e.Text)
+			if strings.ContainsRune(e.Text, '\n') || (!flt.Since.IsZero() && e.Time.Before(flt.Since)) {
+				t.Fatalf("entry %+v with filter %+v", e, flt)
+			}
+		}
+		if flt.Tail > 0 && len(r.Entries) > flt.Tail || flt.MaxBytes > 0 && total > flt.MaxBytes {
+			t.Fatalf("%d entries, %d bytes, for %+v", len(r.Entries), total, flt)
+		}
+	})
+}

@@ -137,10 +137,10 @@ func (n *Node) restoredCredentials(dir string, certPEM []byte) (*pki.Bundle, str
 // answers or ctx ends; a wrong token is final.
 func (n *Node) joinCredentials(ctx context.Context, dir string) (*pki.Bundle, string, error) {
 	if n.cfg.JoinToken == "" {
-		return nil, "", errors.New("flag --join-token is required with --join (the first node wrote it to <data-dir>/join-token)")
+		return nil, "", errors.New("flag --join-token-file is required with --join: a copy of the first node's <data-dir>/join-token, mode 0600 (or --join-token, env APPLIANCE_JOIN_TOKEN or APPLIANCE_JOIN_TOKEN_FILE)")
 	}
 	if _, _, err := pki.ParseJoinToken(n.cfg.JoinToken); err != nil {
-		return nil, "", fmt.Errorf("flag --join-token: %w", err)
+		return nil, "", fmt.Errorf("the join token (flag --join-token-file or --join-token, env APPLIANCE_JOIN_TOKEN or APPLIANCE_JOIN_TOKEN_FILE): %w", err)
 	}
 	var resp *cluster.JoinResponse
 	for attempt := 0; ; attempt++ {

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,5 +102,25 @@ func TestPeerAuthorizer_MembersVouch(t *testing.T) {
 	n2.vouches.forget()
 	if n2.vouched(issue("n9"), known) {
 		t.Fatal("a member vouched for another certificate of a bound node")
+	}
+}
+
+// TestJoin_TokenErrorsNameEveryWayToGiveIt: a joiner without a join token,
+// or with a malformed one, is refused at start with one line that names
+// the file flag operators are told to use, and the others.
+func TestJoin_TokenErrorsNameEveryWayToGiveIt(t *testing.T) {
+	for _, tc := range []struct{ token, want string }{
+		{"", "flag --join-token-file is required with --join"},
+		{"not-a-token", "the join token (flag --join-token-file or --join-token, env APPLIANCE_JOIN_TOKEN or APPLIANCE_JOIN_TOKEN_FILE)"},
+	} {
+		n := newTestNodeWith(t, t.TempDir(), func(c *Config) { c.NodeID, c.Join, c.JoinToken = "n2", "https://127.0.0.1:1", tc.token })
+		err := n.Start(context.Background())
+		if err == nil {
+			n.Stop()
+			t.Fatalf("token %q: the node started", tc.token)
+		}
+		if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "--join-token") {
+			t.Errorf("token %q: %v, want it to say %q", tc.token, err, tc.want)
+		}
 	}
 }
