@@ -25,6 +25,9 @@ type agentProc struct {
 	cmd    *exec.Cmd
 	logs   *syncBuffer
 	exited chan struct{}
+	// dataDir is the agent's --data-dir where the test chose it (the
+	// modules' output is kept below it, in logs/modules/), else "".
+	dataDir string
 }
 
 func startAgent(t *testing.T, args ...string) *agentProc {

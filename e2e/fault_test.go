@@ -210,8 +210,15 @@ type faultCluster struct {
 // more serve flags for every node.
 func startFaultCluster(t *testing.T, extra ...string) *faultCluster {
 	t.Helper()
-	return startFaultClusterOf(t, binary, extra...)
+	return startFaultClusterOf(t, binary, append(append([]string(nil), faultWorkloadFlags...), extra...)...)
 }
+
+// faultWorkloadFlags are serve flags of this build that the workload
+// needs: every deployment it creates targets every register device, a few
+// a second, and the default limit of deployments per device (50) would
+// refuse them after seconds. The limit itself is tested in node/
+// (TestLayers_WritesAndLimits, TestLimits_LoweredLimitKeepsDevicesEditable).
+var faultWorkloadFlags = []string{"--max-deployments-per-device", "100000"}
 
 // startFaultClusterOf is startFaultCluster with every node running the
 // binary bin (another release; restart keeps it, upgrade replaces it).

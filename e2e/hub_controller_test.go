@@ -91,8 +91,10 @@ func (h *hubNode) startHubAgent(t *testing.T, id, key string) *agentProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dataDir) })
-	return startAgent(t, "--server", "mqtts://"+h.mqtt, "--ca-file", h.srv.caFile(), "--device-id", id, "--device-key", key,
+	ag := startAgent(t, "--server", "mqtts://"+h.mqtt, "--ca-file", h.srv.caFile(), "--device-id", id, "--device-key", key,
 		"--data-dir", dataDir, "--hub-addr", testcontroller.FreeGateway(t)+":8883", "--log-format", "json")
+	ag.dataDir = dataDir
+	return ag
 }
 
 // deploy creates a deployment for every device from modules, routes and
@@ -118,10 +120,11 @@ func (h *hubNode) deploy(t *testing.T, id string, modules, routes map[string]any
 	cli(t, h.dir, args...).mustSucceed(t)
 }
 
-// sentIDs is what a sender.py module printed it sent, in order.
-func sentIDs(logs, module string) []string {
+// sentIDs is what a sender.py module printed it sent, in order, read from
+// the module's output log below the agent's data directory.
+func sentIDs(dataDir, module string) []string {
 	var ids []string
-	for _, l := range moduleOutput(logs, module, "sent") {
+	for _, l := range moduleOutput(dataDir, module, "sent") {
 		ids = append(ids, l["sent"].(string))
 	}
 	return ids
@@ -176,7 +179,7 @@ func TestHubController_UpstreamTwinsMethods(t *testing.T) {
 	case <-time.After(3 * time.Minute):
 		t.Fatalf("mosquitto_sub got %q in 3 minutes", subOut.String())
 	}
-	sent := sentIDs(ag.logs.String(), "a")
+	sent := sentIDs(ag.dataDir, "a")
 	lines := strings.Split(strings.TrimSpace(subOut.String()), "\n")
 	if len(lines) != 20 || len(sent) < 20 {
 		t.Fatalf("mosquitto_sub printed %d lines, the module sent %d:\n%s", len(lines), len(sent), subOut.String())
@@ -273,9 +276,9 @@ func controllerOutage(t *testing.T, output string, ttl bool, outage time.Duratio
 	h.srv.stop()
 	stopped := time.Now()
 	con.disconnected(t)
-	sentBefore := len(sentIDs(ag.logs.String(), "a"))
+	sentBefore := len(sentIDs(ag.dataDir, "a"))
 	time.Sleep(outage)
-	sentDuring := len(sentIDs(ag.logs.String(), "a")) - sentBefore
+	sentDuring := len(sentIDs(ag.dataDir, "a")) - sentBefore
 	t.Logf("the controller was away %s; module a sent %d messages meanwhile", time.Since(stopped).Round(time.Second), sentDuring)
 	if sentDuring < int(outage.Seconds()/interval)/2 {
 		t.Fatalf("module a sent only %d messages while the controller was away", sentDuring)
@@ -283,8 +286,8 @@ func controllerOutage(t *testing.T, output string, ttl bool, outage time.Duratio
 	h.start(t)
 	con.reconnect(t)
 
-	eventually(t, "module a to finish", 3*time.Minute, func() bool { return len(moduleOutput(ag.logs.String(), "a", "done")) == 1 })
-	sent := sentIDs(ag.logs.String(), "a")
+	eventually(t, "module a to finish", 3*time.Minute, func() bool { return len(moduleOutput(ag.dataDir, "a", "done")) == 1 })
+	sent := sentIDs(ag.dataDir, "a")
 	if len(sent) != count {
 		t.Fatalf("module a sent %d", len(sent))
 	}

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -46,6 +47,11 @@ func pyProcessModule(t *testing.T, script string, env map[string]string) map[str
 // has key, from the output log the agent keeps for it in its data
 // directory (never the agent's own log).
 func moduleOutput(dataDir, module, key string) []map[string]any {
+	if !filepath.IsAbs(dataDir) {
+		// A log's text or "" passed by mistake reads as an empty, missing
+		// file: every count would be 0.
+		panic(fmt.Sprintf("moduleOutput: %q is not an agent's data directory", dataDir))
+	}
 	res, err := linelog.Read(filepath.Join(dataDir, "logs", "modules", module+".log"), linelog.Filter{})
 	if err != nil {
 		panic(err)

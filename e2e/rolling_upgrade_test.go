@@ -148,6 +148,7 @@ func TestCluster_RollingUpgrade(t *testing.T) {
 		h.fault("stopping %s (SIGTERM)", n.id)
 		n.srv.stop()
 		n.bin = binary
+		n.args = append(n.args, faultWorkloadFlags...)
 		c.restart(t, n.id)
 		processes = append(processes, n.srv)
 		h.fault("%s runs the current build", n.id)

@@ -236,14 +236,35 @@ func (b *backend) checkDeviceTagLimits(id string, tags map[string]any) error {
 	if len(ids) <= lim.MaxDeploymentsPerDevice && layered <= lim.MaxLayersPerDevice {
 		return nil
 	}
+	// The counts with the new tags and, for a device that exists, with its
+	// current ones: a device already over a limit (the limit was lowered,
+	// or the deployments were written by a release without limits) may
+	// still have its tags edited, as long as the edit does not add to it.
 	n, nl := 0, 0
+	was, wasLayered := 0, 0
 	err := b.store.View(func(r *raftstore.Reader) error {
+		var current map[string]any
+		exists := false
+		if dev, err := r.Device(id); err == nil {
+			current, exists = dev.Tags, true
+		} else if !errors.Is(err, fleet.ErrNotFound) {
+			return err
+		}
 		return r.Deployments("", func(d fleet.Deployment) bool {
 			c, err := evaluator.Compile(d.TargetCondition)
-			if err == nil && c.Eval(id, tags) {
+			if err != nil {
+				return true
+			}
+			if c.Eval(id, tags) {
 				n++
 				if d.Layered {
 					nl++
+				}
+			}
+			if exists && c.Eval(id, current) {
+				was++
+				if d.Layered {
+					wasLayered++
 				}
 			}
 			return true
@@ -252,10 +273,10 @@ func (b *backend) checkDeviceTagLimits(id string, tags map[string]any) error {
 	if err != nil {
 		return err
 	}
-	if n > lim.MaxDeploymentsPerDevice {
+	if n > lim.MaxDeploymentsPerDevice && n > was {
 		return fleet.Invalid("tags", "would have device %s targeted by %d deployments; at most %d are allowed (serve --max-deployments-per-device)", id, n, lim.MaxDeploymentsPerDevice)
 	}
-	if nl > lim.MaxLayersPerDevice {
+	if nl > lim.MaxLayersPerDevice && nl > wasLayered {
 		return fleet.Invalid("tags", "would have device %s targeted by %d layered deployments; at most %d are allowed (serve --max-layers-per-device)", id, nl, lim.MaxLayersPerDevice)
 	}
 	return nil

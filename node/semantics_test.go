@@ -268,6 +268,40 @@ func TestLayers_WritesAndLimits(t *testing.T) {
 	}
 }
 
+// TestLimits_LoweredLimitKeepsDevicesEditable: a device already targeted
+// by more deployments than the limit allows (the operator lowered it, or an
+// older release without limits wrote them) keeps its tags editable; only a
+// change that adds deployments to it is refused.
+func TestLimits_LoweredLimitKeepsDevicesEditable(t *testing.T) {
+	dir := t.TempDir()
+	n := startNodeWith(t, dir, func(c *Config) { c.DeploymentLimits = DeploymentLimits{MaxDeploymentsPerDevice: 3} })
+	c := clientFor(n)
+	ctx := context.Background()
+	createDevice(t, c, "d1", map[string]any{"line": 1})
+	putDeployment(t, c, "all", "*", 1)
+	putDeployment(t, c, "line1", "tags.line = 1", 2)
+	putDeployment(t, c, "line1b", "tags.line = 1", 3)
+	putDeployment(t, c, "blue", "tags.color = 'blue'", 4)
+	n.Stop()
+
+	n = startNodeWith(t, dir, func(c *Config) { c.DeploymentLimits = DeploymentLimits{MaxDeploymentsPerDevice: 2} })
+	c = clientFor(n)
+	// 3 deployments target d1, one more than allowed now: an edit that
+	// keeps it at 3 is accepted.
+	if _, err := c.PatchDevice(ctx, "d1", api.DevicePatch{Tags: map[string]any{"shift": "night"}}, api.WriteOptions{}); err != nil {
+		t.Fatalf("a tag edit on a device already over a lowered limit: %v", err)
+	}
+	// One that brings it to 4 is refused, naming the limit.
+	_, err := c.PatchDevice(ctx, "d1", api.DevicePatch{Tags: map[string]any{"color": "blue"}}, api.WriteOptions{})
+	if err == nil || !strings.Contains(err.Error(), "would have device d1 targeted by 4 deployments; at most 2 are allowed (serve --max-deployments-per-device)") {
+		t.Fatalf("a tag edit adding a deployment over the limit: %v", err)
+	}
+	d, err := c.Device(ctx, "d1", true)
+	if err != nil || d.Tags["shift"] != "night" || d.Tags["color"] != nil {
+		t.Fatalf("d1's tags %v (%v), want the accepted edit only", d.Tags, err)
+	}
+}
+
 // TestUntargeted_KeepsWhatItRuns: a device no deployment targets any more
 // is sent nothing (it keeps its last document), device show and status say
 // so; a reset sends it the empty document; a reset of a targeted device is
