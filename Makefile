@@ -40,12 +40,15 @@ deps: ## install what the tests need on a Debian machine (mosquitto-clients, chr
 # hold thousands of sockets: under the detector (8,128 live goroutines at
 # most, code 5-10x slower) the node they attack cannot keep up, so they skip
 # themselves there (testenv.SkipUnderRace) and run in a second pass without
-# it, on the packages in NORACE_PKGS. The end-to-end tests run the static
+# it, on the packages in NORACE_PKGS; and TestStore_AddVoter_NewAddress,
+# which moves a voter to a new address and so provokes a data race inside
+# hashicorp/raft v1.7.3 itself (hashicorp/raft#681, fixed upstream by #682,
+# not released; our code is not in it). The end-to-end tests run the static
 # binary `make build` makes (no cgo, so no -race); the processes they start
 # are the same code the unit tests race. -race needs cgo: a C compiler
 # (Debian's gcc; .ci/run installs it).
-NORACE_TESTS := ^TestSlowloris_
-NORACE_PKGS  := ./node/
+NORACE_TESTS := ^(TestSlowloris_|TestStore_AddVoter_NewAddress$$)
+NORACE_PKGS  := ./node/ ./raftstore/
 
 unit: ## unit and in-process cluster tests, with the race detector
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...

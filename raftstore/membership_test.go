@@ -1,6 +1,7 @@
 package raftstore
 
 import (
+	"appliance/internal/testenv"
 	"context"
 	"errors"
 	"fmt"
@@ -134,6 +135,12 @@ func TestStore_LeadershipTransfer(t *testing.T) {
 // TestStore_AddVoter_NewAddress: a node that comes back on another address
 // is moved there by AddVoter with its id.
 func TestStore_AddVoter_NewAddress(t *testing.T) {
+	// hashicorp/raft v1.7.3 logs a follower's s.peer without its lock when
+	// a pipelined AppendEntries fails (replication.go:521) while
+	// startStopReplication moves that peer to its new address: a race in
+	// the library, which this test provokes on purpose (hashicorp/raft#681,
+	// fixed by #682, not released).
+	testenv.SkipUnderRace(t, "hashicorp/raft#681: a race in raft's own replication log line")
 	stores := newTestCluster(t, 3, nil)
 	leader, old := stores[0], stores[2]
 	oldAddr := old.RaftAddr()
