@@ -95,6 +95,7 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzDecodeBody -fuzztime $${FUZZTIME:-30s} ./api/
 	$(GO) test -run '^$$' -fuzz FuzzParseSubscription -fuzztime $${FUZZTIME:-30s} ./northbound/
 	$(GO) test -run '^$$' -fuzz FuzzRecordHeader -fuzztime $${FUZZTIME:-30s} ./northbound/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-30s} ./identityfile/
 
 # Tests assert what happened (order, content, counts), never how long it
 # took: on a loaded 2-core machine a correct build runs slow, and speed is

@@ -85,6 +85,10 @@ func (t CommandType) String() string {
 		return "delete-consumer"
 	case CmdResetDevice:
 		return "reset-device"
+	case CmdImportDevices:
+		return "import-devices"
+	case CmdFinishImport:
+		return "finish-import"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -369,6 +373,10 @@ func newCommand(t CommandType) Command {
 		c = &DeleteConsumer{}
 	case CmdResetDevice:
 		c = &ResetDevice{}
+	case CmdImportDevices:
+		c = &ImportDevices{}
+	case CmdFinishImport:
+		c = &FinishImport{}
 	}
 	return c
 }

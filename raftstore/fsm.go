@@ -70,9 +70,12 @@ type Change struct {
 	// keys or changed its status: sessions opened with what it had before
 	// must be checked again.
 	CredentialsChanged bool
-	Device             *fleet.Device     // the new state, for DevicePut
-	Deployment         *fleet.Deployment // the new state, for DeploymentPut
-	Secret             string            // the new token, for AdminTokenSet and JoinTokenSet: never log it
+	// Imported tells a DevicePut or DeviceDeleted made by a bulk import
+	// (ImportDevices, FinishImport): one entry holds thousands of them.
+	Imported   bool
+	Device     *fleet.Device     // the new state, for DevicePut
+	Deployment *fleet.Deployment // the new state, for DeploymentPut
+	Secret     string            // the new token, for AdminTokenSet and JoinTokenSet: never log it
 	// Rollout is the deployment's rollout after the command, for a
 	// DeploymentPut of a deployment that has one, RolloutAdmitted and
 	// RolloutChanged.
@@ -119,7 +122,9 @@ type Result struct {
 	Consumer   *fleet.Consumer
 	// Revoked lists the devices whose keys a revocation cleared.
 	Revoked []string
-	Err     error
+	// Import is what an ImportDevices or FinishImport did.
+	Import *ImportResult
+	Err    error
 }
 
 // fsm is the replicated state machine: a bbolt file holding devices and
@@ -803,6 +808,10 @@ func (w *writer) apply(index uint64, cmd Command) *Result {
 		return w.deleteConsumer(index, c)
 	case *ResetDevice:
 		return w.resetDevice(index, c)
+	case *ImportDevices:
+		return w.importDevices(index, c)
+	case *FinishImport:
+		return w.finishImport(index, c)
 	}
 	return &Result{Index: index, Err: fmt.Errorf("entry %d: no handler for %s", index, cmd.Type())}
 }

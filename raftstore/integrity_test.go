@@ -86,6 +86,12 @@ func TestDigest_EveryCommandKeepsIt(t *testing.T) {
 		DeleteDevice{ID: "d1"}, // and its report
 		DeleteDeployment{ID: "dep"},
 		DeleteDeployment{ID: "dep"}, // rejected: gone
+		ImportDevices{Mode: ImportUpsert, Time: t0, Devices: []ImportedDevice{{Line: 1, ID: "i1", Keys: &fleet.KeyHashes{Primary: "p", Secondary: "s"}}, {Line: 2, ID: "d2", Tags: map[string]any{"a": 1.0}}}},
+		ImportDevices{Mode: ImportCreate, Stage: "st", Time: t0, Devices: []ImportedDevice{{Line: 1, ID: "i2"}}},
+		FinishImport{Stage: "st", Commit: true, Time: t0},
+		ImportDevices{Mode: ImportDelete, Stage: "st2", Time: t0, Devices: []ImportedDevice{{Line: 1, ID: "i2"}}},
+		FinishImport{Stage: "st2", Time: t0}, // dropped
+		ImportDevices{Mode: ImportDelete, Time: t0, Devices: []ImportedDevice{{Line: 1, ID: "i1"}, {Line: 2, ID: "nobody"}}},
 	} {
 		if _, err := s.Apply(ctx, c); err != nil && !errors.Is(err, fleet.ErrExists) && !errors.Is(err, fleet.ErrNotFound) && !errors.Is(err, fleet.ErrInvalid) {
 			t.Fatalf("%T: %v", c, err)

@@ -125,6 +125,7 @@ type resultJSON struct {
 	Enrollment *fleet.Enrollment `json:"enrollment,omitempty"`
 	Consumer   *fleet.Consumer   `json:"consumer,omitempty"`
 	Revoked    []string          `json:"revoked,omitempty"`
+	Import     *ImportResult     `json:"import,omitempty"`
 	Err        *errorJSON        `json:"err,omitempty"`
 }
 
@@ -149,7 +150,7 @@ func MarshalResult(r *Result) ([]byte, error) {
 	}
 	out := resultJSON{
 		Index: r.Index, Created: r.Created, Stored: r.Stored,
-		Device: r.Device, Deployment: r.Deployment, Enrollment: r.Enrollment, Consumer: r.Consumer, Revoked: r.Revoked,
+		Device: r.Device, Deployment: r.Deployment, Enrollment: r.Enrollment, Consumer: r.Consumer, Revoked: r.Revoked, Import: r.Import,
 	}
 	if r.Err != nil {
 		out.Err = &errorJSON{Code: ErrorCode(r.Err), Msg: r.Err.Error()}
@@ -174,7 +175,7 @@ func UnmarshalResult(b []byte) (*Result, error) {
 	}
 	r := &Result{
 		Index: in.Index, Created: in.Created, Stored: in.Stored,
-		Device: in.Device, Deployment: in.Deployment, Enrollment: in.Enrollment, Consumer: in.Consumer, Revoked: in.Revoked,
+		Device: in.Device, Deployment: in.Deployment, Enrollment: in.Enrollment, Consumer: in.Consumer, Revoked: in.Revoked, Import: in.Import,
 	}
 	if in.Err != nil {
 		code := in.Err.Code
