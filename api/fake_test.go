@@ -50,6 +50,8 @@ type fakeBackend struct {
 	rolloutStatus       func(ctx context.Context, id string, consistent bool) (fleet.RolloutStatus, error)
 	rolloutAction       func(ctx context.Context, id string, req RolloutActionRequest) (fleet.RolloutStatus, error)
 	resetDevice         func(ctx context.Context, id string, opts WriteOptions) (fleet.Device, error)
+	importDevices       func(ctx context.Context, body io.Reader, opts ImportOptions) (ImportSummary, error)
+	exportDevices       func(ctx context.Context, fn func(fleet.Device) error) error
 	health              func() Health
 	ready               func(ctx context.Context) error
 	// hub holds the device hub's routes' functions (hub_test.go).
@@ -310,4 +312,18 @@ func (b *fakeBackend) RolloutAction(ctx context.Context, id string, req RolloutA
 		return fleet.RolloutStatus{}, err
 	}
 	return b.rolloutAction(ctx, id, req)
+}
+
+func (b *fakeBackend) ImportDevices(ctx context.Context, body io.Reader, opts ImportOptions) (ImportSummary, error) {
+	if err := b.record("ImportDevices", b.importDevices != nil); err != nil {
+		return ImportSummary{}, err
+	}
+	return b.importDevices(ctx, body, opts)
+}
+
+func (b *fakeBackend) ExportDevices(ctx context.Context, fn func(fleet.Device) error) error {
+	if err := b.record("ExportDevices", b.exportDevices != nil); err != nil {
+		return err
+	}
+	return b.exportDevices(ctx, fn)
 }

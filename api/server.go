@@ -88,6 +88,7 @@ type Backend interface {
 	ConsoleBackend
 	RolloutBackend
 	HubBackend
+	ImportBackend
 }
 
 // ServerConfig configures the HTTP handler.
@@ -219,6 +220,7 @@ func (s *Server) routes() {
 	s.consoleRoutes()
 	s.rolloutRoutes()
 	s.hubRoutes()
+	s.importRoutes()
 
 	// Anything else under /api/ is still behind the token: an unknown
 	// route must not tell an anonymous caller which routes exist.
@@ -766,12 +768,18 @@ const codeStateConflict = "state_conflict"
 
 // fail maps an error to its status code and writes the JSON error body.
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	code, word, field, msg := s.classify(r, err)
+	writeError(w, code, word, msg, field)
+}
+
+// classify maps an error to its status code, its code word, the field it
+// names and its message (logging what is the server's own failure).
+func (s *Server) classify(r *http.Request, err error) (code int, word, field, msg string) {
 	var ve *fleet.ValidationError
-	field := ""
 	if errors.As(err, &ve) {
 		field = ve.Field
 	}
-	code, word := http.StatusInternalServerError, "internal"
+	code, word = http.StatusInternalServerError, "internal"
 	switch {
 	case errors.Is(err, fleet.ErrInvalid), errors.Is(err, fleet.ErrImmutable):
 		code, word = http.StatusBadRequest, "bad_request"
@@ -792,14 +800,14 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, ErrTimeout):
 		code, word = http.StatusGatewayTimeout, "timeout"
 	}
-	msg := err.Error()
-	if ve != nil {
+	msg = err.Error()
+	if ve != nil && !errors.As(err, new(*ImportRefusedError)) {
 		msg = ve.Error()
 	}
 	if code == http.StatusInternalServerError {
 		s.cfg.Logger.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 	}
-	writeError(w, code, word, msg, field)
+	return code, word, field, msg
 }
 
 func writeError(w http.ResponseWriter, code int, word, msg, field string) {

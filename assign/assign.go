@@ -137,7 +137,14 @@ func (a *Assigner) Apply(changes []raftstore.Change) (moved []evaluator.Change, 
 				a.held[m.DeviceID] = true
 			}
 		}
-		items = append(items, history.Item{Event: fleet.HistoryEvent{Time: at, Index: c.Index}, Cause: cause, Moves: out})
+		if last := len(items) - 1; c.Imported && last >= 0 && items[last].Event.Index == c.Index && items[last].Cause == cause {
+			// A bulk import's devices of one entry: one history item,
+			// as for a change that moves many devices at once. Clip
+			// first: the item's moves may share moved's array.
+			items[last].Moves = append(slices.Clip(items[last].Moves), out...)
+		} else {
+			items = append(items, history.Item{Event: fleet.HistoryEvent{Time: at, Index: c.Index}, Cause: cause, Moves: out})
+		}
 		if moved == nil {
 			moved = out // usually the only change that moves devices
 		} else {
@@ -400,8 +407,14 @@ func (a *Assigner) stoppedLocked() error {
 func (a *Assigner) changeCause(c raftstore.Change) string {
 	switch c.Kind {
 	case raftstore.DevicePut:
+		if c.Imported {
+			return "the device was imported"
+		}
 		return "the device's tags changed"
 	case raftstore.DeviceDeleted:
+		if c.Imported {
+			return "the device was deleted by an import"
+		}
 		return "the device was deleted"
 	case raftstore.DeploymentPut:
 		return "deployment " + c.ID + " was written"

@@ -89,15 +89,27 @@ func (a *Assigner) Push(changes []evaluator.Change) {
 		key    docKey
 		held   bool
 	}
-	sends := make([]send, 0, len(changes))
+	// Many devices moved at once (a bulk import, a deployment over a
+	// large fleet): most are not connected here, and looking up each one's
+	// document, let alone reading the state for it, is wasted work on the
+	// apply path. Keep only those connected to this node.
+	var connected map[string]bool
+	if len(changes) > pushFilterAbove {
+		ids := a.cfg.Publisher.Connected()
+		connected = make(map[string]bool, len(ids))
+		for _, id := range ids {
+			connected[id] = true
+		}
+	}
+	sends := make([]send, 0, min(len(changes), 1024))
 	a.mu.RLock()
 	if a.stoppedLocked() != nil {
 		a.mu.RUnlock()
 		return
 	}
-	seen := make(map[string]bool, len(changes))
+	seen := make(map[string]bool, min(len(changes), 1024))
 	for _, c := range changes {
-		if seen[c.DeviceID] {
+		if seen[c.DeviceID] || connected != nil && !connected[c.DeviceID] {
 			continue
 		}
 		seen[c.DeviceID] = true
@@ -126,6 +138,10 @@ func (a *Assigner) Push(changes []evaluator.Change) {
 		}
 	}
 }
+
+// pushFilterAbove: a Push of more changes than this first asks which
+// devices are connected here.
+const pushFilterAbove = 256
 
 // versions remembers, per device, the raft index at which its applied
 // deployment last changed. It is derived state like the assignments: after

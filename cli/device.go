@@ -17,7 +17,8 @@ func (a *app) deviceCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "device", Short: "Manage devices (identities and tags) and troubleshoot them through their agents"}
 	cmd.AddCommand(a.deviceCreate(), a.deviceShow(), a.deviceList(), a.deviceUpdate(), a.deviceDelete(), a.deviceKeys(), a.deviceReset(),
 		a.historyCommand("device", (*api.Client).DeviceHistory),
-		a.deviceLogs(), a.deviceRestartModule(), a.devicePing(), a.deviceSupportBundle())
+		a.deviceLogs(), a.deviceRestartModule(), a.devicePing(), a.deviceSupportBundle(),
+		a.deviceImport(), a.deviceExport())
 	return cmd
 }
 

@@ -224,18 +224,10 @@ func (b *backend) checkDeviceLimits(d evaluator.Deployment, content json.RawMess
 // more deployments than a limit can a device reach it: then each
 // deployment's condition is evaluated on the new tags.
 func (b *backend) checkDeviceTagLimits(id string, tags map[string]any) error {
-	lim := b.cfg.DeploymentLimits
-	v := b.assign.Loose()
-	ids := v.DeploymentIDs()
-	layered := 0
-	for _, dep := range ids {
-		if v.IsLayered(dep) {
-			layered++
-		}
-	}
-	if len(ids) <= lim.MaxDeploymentsPerDevice && layered <= lim.MaxLayersPerDevice {
+	if !b.tagLimitsReachable() {
 		return nil
 	}
+	lim := b.cfg.DeploymentLimits
 	// The counts with the new tags and, for a device that exists, with its
 	// current ones: a device already over a limit (the limit was lowered,
 	// or the deployments were written by a release without limits) may
@@ -280,6 +272,22 @@ func (b *backend) checkDeviceTagLimits(id string, tags map[string]any) error {
 		return fleet.Invalid("tags", "would have device %s targeted by %d layered deployments; at most %d are allowed (serve --max-layers-per-device)", id, nl, lim.MaxLayersPerDevice)
 	}
 	return nil
+}
+
+// tagLimitsReachable tells whether the cluster holds more deployments (or
+// layered ones) than a device may be targeted by: only then can a device's
+// tags take it over a limit.
+func (b *backend) tagLimitsReachable() bool {
+	lim := b.cfg.DeploymentLimits
+	v := b.assign.Loose()
+	ids := v.DeploymentIDs()
+	layered := 0
+	for _, dep := range ids {
+		if v.IsLayered(dep) {
+			layered++
+		}
+	}
+	return len(ids) > lim.MaxDeploymentsPerDevice || layered > lim.MaxLayersPerDevice
 }
 
 // sortLayers puts layers in merge order: the lowest precedence first

@@ -351,3 +351,25 @@ func (r *Reader) ImportStages() ([]string, error) {
 	})
 	return out, err
 }
+
+// HasDevice tells whether a device exists, without decoding it.
+func (r *Reader) HasDevice(id string) bool {
+	return r.tx.Bucket(bucketDevices).Get([]byte(id)) != nil
+}
+
+// SameIdentity tells whether importing d would leave the stored device as
+// it is (status, tags, and keys when d gives them): what an upsert counts
+// as unchanged.
+func SameIdentity(old fleet.Device, d ImportedDevice) bool {
+	nw := fleet.Device{Status: d.Status, Tags: d.Tags, Authentication: fleet.Authentication{KeyHashes: d.Keys}}
+	if nw.Status == "" {
+		nw.Status = fleet.DeviceEnabled
+	}
+	if nw.Tags == nil {
+		nw.Tags = map[string]any{}
+	}
+	if d.Keys == nil {
+		nw.Authentication.KeyHashes = old.Authentication.KeyHashes
+	}
+	return sameIdentity(old, nw)
+}

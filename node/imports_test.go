@@ -1,0 +1,199 @@
+package node
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+
+	"appliance/api"
+	"appliance/fleet"
+	"appliance/identityfile"
+)
+
+// importKey is the key an import file gives a device: derived from its id
+// and which, so the test knows it without keeping it.
+func importKey(id, which string) string {
+	sum := sha256.Sum256([]byte(which + "/" + id))
+	return base64.StdEncoding.EncodeToString(sum[:])
+}
+
+// importLine is an Azure export line for a device with its keys.
+func importLine(id, env string) string {
+	return fmt.Sprintf(`{"id":%q,"eTag":"MA==","status":"enabled","authentication":{"symmetricKey":{"primaryKey":%q,"secondaryKey":%q},"x509Thumbprint":{"primaryThumbprint":null,"secondaryThumbprint":null},"type":"sas"},"twinETag":"AAAAAAAAAAE=","tags":{"environment":%q},"properties":{"desired":{},"reported":{}},"capabilities":{"iotEdge":true}}`,
+		id, importKey(id, "p"), importKey(id, "s"), env)
+}
+
+// importFile builds a file of n devices, lines 1..n, with the bad lines
+// given (line number -> the line) put in place of the good ones.
+func importFile(n int, prefix, env string, bad map[int]string) []byte {
+	var b bytes.Buffer
+	for i := 1; i <= n; i++ {
+		if line, ok := bad[i]; ok {
+			b.WriteString(line + "\n")
+			continue
+		}
+		b.WriteString(importLine(fmt.Sprintf("%s-%05d", prefix, i), env) + "\n")
+	}
+	return b.Bytes()
+}
+
+func errorLines(sum api.ImportSummary) []int {
+	var out []int
+	for _, e := range sum.Errors {
+		out = append(out, e.Line)
+	}
+	return out
+}
+
+// TestImport_DevicesKeepTheirKeys imports an Azure export file through the
+// API of a real node (raft, bbolt, broker): the bad lines are named by
+// number and the rest is imported in batches; an imported device connects
+// over MQTT with the key the file gave it and receives the deployment
+// that targets it; a device connected while a bulk upsert moves it gets
+// its new document; the same file again with upsert changes nothing (the
+// etags stay); an export holds every device without keys and reads back.
+func TestImport_DevicesKeepTheirKeys(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'", Priority: 5}, api.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	key := createDevice(t, c, "dev-04999", map[string]any{"environment": "test"})
+	connected, err := connectDevice(t, n.MQTTAddr(), "dev-04999", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	connected.subscribeDesired(t)
+	if doc := connected.nextDesired(t); doc.DeploymentID != "" {
+		t.Fatalf("dev-04999 before the import: %+v", doc)
+	}
+
+	bad := map[int]string{
+		10:   `{"id":"dev-bad-json",`,
+		2500: `{"id":"has space","status":"enabled"}`,
+		3000: `{"id":"dev-one-key","authentication":{"symmetricKey":{"primaryKey":"` + importKey("x", "p") + `"}}}`,
+		4000: importLine("dev-00001", "prod"), // given twice
+		4500: `{"id":"dev-long","tags":{"t":"` + strings.Repeat("x", api.MaxImportLineBytes) + `"}}`,
+	}
+	file := importFile(5000, "dev", "prod", bad)
+	sum, err := c.ImportDevices(ctx, bytes.NewReader(file), api.ImportOptions{Mode: "create"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// dev-04999 exists: its line fails too.
+	if want := []int{10, 2500, 3000, 4000, 4500, 4999}; !slices.Equal(errorLines(sum), want) || sum.Created != 4994 || sum.Failed != 6 || sum.Lines != 5000 {
+		t.Fatalf("summary %+v, failed lines %v, want %v", sum, errorLines(sum), want)
+	}
+	if e := sum.Errors[3]; !strings.Contains(e.Message, "also on line 1") || e.DeviceID != "dev-00001" {
+		t.Fatalf("the duplicate's error: %+v", e)
+	}
+
+	// An imported device connects with its original key and gets prod.
+	dev, err := connectDevice(t, n.MQTTAddr(), "dev-02001", importKey("dev-02001", "p"))
+	if err != nil {
+		t.Fatalf("dev-02001 with the key of the file: %v", err)
+	}
+	dev.subscribeDesired(t)
+	if doc := dev.nextDesired(t); doc.DeploymentID != "prod" {
+		t.Fatalf("dev-02001 got %+v, want prod", doc)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "dev-02001", importKey("dev-02002", "p")); err == nil {
+		t.Fatal("dev-02001 was accepted with another device's key")
+	}
+	before, err := c.Device(ctx, "dev-00042", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Upsert of the same file: nothing changes, but dev-04999 (which the
+	// file gives env prod and keys) is replaced, and being connected, it is
+	// pushed its new document; its old key stops working.
+	sum, err = c.ImportDevices(ctx, bytes.NewReader(file), api.ImportOptions{Mode: "upsert"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Unchanged != 4994 || sum.Updated != 1 || sum.Created != 0 || sum.Failed != 5 {
+		t.Fatalf("upsert: %+v", sum)
+	}
+	if after, _ := c.Device(ctx, "dev-00042", false); after.Etag != before.Etag {
+		t.Fatalf("an idempotent upsert moved dev-00042's etag %s -> %s", before.Etag, after.Etag)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "dev-04999", importKey("dev-04999", "s")); err != nil {
+		t.Fatalf("dev-04999 with the file's secondary key after the upsert: %v", err)
+	}
+
+	// The export: every device, no keys, readable by the import.
+	var out bytes.Buffer
+	lines, err := c.ExportDevices(ctx, &out)
+	if err != nil || lines != 4995 {
+		t.Fatalf("export: %d lines, %v", lines, err)
+	}
+	if strings.Contains(out.String(), importKey("dev-00042", "p")) || strings.Contains(out.String(), fleet.HashKey(importKey("dev-00042", "p"))) {
+		t.Fatal("the export holds a key or a key's hash")
+	}
+	sc := bufio.NewScanner(&out)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		id, err := identityfile.Parse(sc.Bytes())
+		if err != nil || id.HasKeys() || id.Tags["environment"] != "prod" {
+			t.Fatalf("export line %s: %+v, %v", sc.Text(), id, err)
+		}
+	}
+}
+
+// TestImport_AtomicAndDryRun: with atomic, one bad line refuses the whole
+// file (400 naming the line) and no device of it is stored, and a create
+// of devices that exist is refused whole the same way; a dry run says
+// what would happen and changes nothing; a delete by file removes what it
+// names.
+func TestImport_AtomicAndDryRun(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	exists := func(id string) bool {
+		_, err := c.Device(ctx, id, false)
+		return err == nil
+	}
+
+	file := importFile(3000, "atom", "prod", map[int]string{2999: `{"id":"atom-x","status":"paused"}`})
+	sum, err := c.ImportDevices(ctx, bytes.NewReader(file), api.ImportOptions{Mode: "create", Atomic: true})
+	var refused *api.ImportRefusedError
+	var apiErr *api.Error
+	if !errors.As(err, &refused) || !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || apiErr.Field != "line 2999" ||
+		!strings.Contains(apiErr.Message, "status") || sum.Failed != 1 {
+		t.Fatalf("atomic with a bad line: %+v, %v", sum, err)
+	}
+	if exists("atom-00001") || exists("atom-02500") {
+		t.Fatal("a refused atomic import stored devices")
+	}
+
+	good := importFile(3000, "atom", "prod", nil)
+	sum, err = c.ImportDevices(ctx, bytes.NewReader(good), api.ImportOptions{Mode: "create", DryRun: true})
+	if err != nil || sum.Created != 3000 || !sum.DryRun || exists("atom-00001") {
+		t.Fatalf("dry run: %+v, %v", sum, err)
+	}
+	sum, err = c.ImportDevices(ctx, bytes.NewReader(good), api.ImportOptions{Mode: "create", Atomic: true})
+	if err != nil || sum.Created != 3000 || !exists("atom-03000") {
+		t.Fatalf("atomic: %+v, %v", sum, err)
+	}
+	more := append(importFile(10, "new", "prod", nil), good[:len(importLine("atom-00001", "prod"))+1]...)
+	sum, err = c.ImportDevices(ctx, bytes.NewReader(more), api.ImportOptions{Mode: "create", Atomic: true})
+	if !errors.As(err, &apiErr) || apiErr.Field != "line 11" || exists("new-00001") {
+		t.Fatalf("atomic create of an existing device: %+v, %v", sum, err)
+	}
+
+	sum, err = c.ImportDevices(ctx, bytes.NewReader(good[:len(good)/2]), api.ImportOptions{Mode: "delete"})
+	if err != nil || sum.Deleted != 1500 || exists("atom-00001") || !exists("atom-03000") {
+		t.Fatalf("delete: %+v, %v", sum, err)
+	}
+}
