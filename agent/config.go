@@ -43,6 +43,8 @@ const (
 	DefaultReconnectMin   = time.Second
 	DefaultReconnectMax   = time.Minute
 	DefaultConnectTimeout = 10 * time.Second
+	DefaultReturnMin      = time.Minute
+	DefaultReturnMax      = 10 * time.Minute
 	// DefaultKeepAlive: a controller cut off by the network is noticed
 	// within about two keepalives (no ping answer), then the next is tried.
 	DefaultKeepAlive         = 15 * time.Second
@@ -63,14 +65,21 @@ var (
 // Config configures an Agent. Zero fields take the defaults above; DeviceID,
 // DeviceKey, Servers and DataDir are required.
 type Config struct {
-	// Servers are the controller nodes' MQTT endpoints, tried in order:
+	// Servers are the controller nodes' MQTT endpoints:
 	// "mqtts://host:port" (TLS, port 8883 if omitted) or "mqtt://host:port"
 	// (plain TCP, port 1883 if omitted: only on a network where the device
 	// key may travel in clear); "tls://", "ssl://" and "tcp://" are
 	// accepted as aliases. A bare "host:port" means mqtts:// when CAFile or
 	// TLSConfig is set and is refused otherwise: the agent never picks
-	// plaintext for a server whose scheme was left out. After a connection
-	// drops the agent starts with the next one.
+	// plaintext for a server whose scheme was left out.
+	//
+	// The agent tries them in an order of its own, the same on every
+	// start and whatever the order of the list (internal/spread: a stable
+	// hash of the device id and each host:port), so that devices given
+	// the same list spread evenly over the nodes: it connects to the first
+	// (its preferred server), moves to the next one after a connection
+	// fails or drops, and returns to its preferred server once that
+	// admits it again (ReturnMin, ReturnMax).
 	Servers []string
 	// DeviceID is the MQTT username and client id.
 	DeviceID string
@@ -137,6 +146,16 @@ type Config struct {
 	// ConnectTimeout bounds one connection attempt (TCP, TLS, CONNECT).
 	// Default 10 s.
 	ConnectTimeout time.Duration
+	// ReturnMin and ReturnMax bound the jittered exponential backoff
+	// between checks of the preferred server while the agent is connected
+	// to another one: the n-th check in a row that finds it away waits a
+	// random time between half and all of ReturnMin·2^(n-1), capped at
+	// ReturnMax. A check is a connection of its own (TLS, CONNECT,
+	// DISCONNECT); only once the preferred server admits the device does
+	// the agent leave the server it is on. Defaults 1 min and 10 min: a
+	// node back after a short outage gets its devices back within about a
+	// minute, spread over that minute, never all at once.
+	ReturnMin, ReturnMax time.Duration
 	// KeepAlive is the MQTT keepalive. Default 15 s.
 	KeepAlive time.Duration
 
@@ -253,6 +272,12 @@ func (c Config) withDefaults() Config {
 	if c.KeepAlive == 0 {
 		c.KeepAlive = DefaultKeepAlive
 	}
+	if c.ReturnMin == 0 {
+		c.ReturnMin = DefaultReturnMin
+	}
+	if c.ReturnMax == 0 {
+		c.ReturnMax = max(DefaultReturnMax, c.ReturnMin)
+	}
 	if c.Hub.Addr == "" {
 		c.Hub.Addr = DefaultHubAddr
 	}
@@ -299,8 +324,9 @@ func (c Config) validate() error {
 	case r.MaxRestarts < 0:
 		return configErr("Restart.MaxRestarts %d is negative", r.MaxRestarts)
 	case c.ReportInterval < 0, c.ResyncInterval <= 0, c.StopTimeout < 0, c.OperationTimeout <= 0,
-		c.ReconnectMin < 0, c.ReconnectMax < c.ReconnectMin, c.ConnectTimeout <= 0:
-		return configErr("intervals and timeouts must be positive (ReconnectMax ≥ ReconnectMin)")
+		c.ReconnectMin < 0, c.ReconnectMax < c.ReconnectMin, c.ConnectTimeout <= 0,
+		c.ReturnMin < 0, c.ReturnMax < c.ReturnMin:
+		return configErr("intervals and timeouts must be positive (ReconnectMax ≥ ReconnectMin, ReturnMax ≥ ReturnMin)")
 	case c.KeepAlive < time.Second || c.KeepAlive > 65535*time.Second:
 		return configErr("KeepAlive %s is outside 1s..65535s", c.KeepAlive)
 	case c.Hub.MaxStoreBytes < 0:

@@ -12,17 +12,20 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"appliance/broker"
 	"appliance/fleet"
+	"appliance/internal/spread"
 	"appliance/internal/testutil"
 )
 
@@ -83,7 +86,10 @@ func startControllerOn(t testing.TB, addr string, tlsCfg *tls.Config, deviceID, 
 			if c.auth != nil {
 				return c.auth(id, k)
 			}
-			if id != c.deviceID || k != c.key {
+			c.mu.Lock()
+			want := c.deviceID
+			c.mu.Unlock()
+			if id != want || k != c.key {
 				return errors.New("unknown device or wrong key")
 			}
 			return nil
@@ -120,8 +126,9 @@ func (c *controller) setDesired(doc fleet.DesiredDocument) {
 	b := mustJSON(doc)
 	c.mu.Lock()
 	c.desired = b
+	id := c.deviceID
 	c.mu.Unlock()
-	if err := c.b.PublishDesired(c.deviceID, b); err != nil && !errors.Is(err, broker.ErrNotConnected) {
+	if err := c.b.PublishDesired(id, b); err != nil && !errors.Is(err, broker.ErrNotConnected) {
 		c.t.Errorf("PublishDesired: %v", err)
 	}
 }
@@ -244,8 +251,10 @@ func TestAgent_MQTT_FailsOverToNextServer(t *testing.T) {
 	for _, c := range []*controller{first, second} {
 		c.setDesired(desired(2, "dep", map[string]mod{}))
 	}
-	// A dead server first: the agent connects to the next one.
+	// A dead server first in the device's order: the agent connects to
+	// the next one.
 	cfg.Servers = []string{deadServer(t), first.url(), second.url()}
+	inOrder(t, &cfg, first, second)
 	startAgent(t, cfg)
 	first.waitReport(waitLong, "a report on the first live server", func(d fleet.ReportedDocument) bool {
 		return d.LastDesiredVersion == 2
@@ -380,68 +389,73 @@ func TestAgent_MQTT_LeavesASilentServer(t *testing.T) {
 	for _, c := range []*controller{first, second} {
 		c.setDesired(desired(3, "dep", map[string]mod{}))
 	}
-	px := newSilencingProxy(t, first.b.Addr())
-	cfg.Servers = []string{"mqtt://" + px.addr(), second.url()}
+	px := testutil.StartProxy(t, first.b.Addr())
+	cfg.Servers = []string{"mqtt://" + px.Addr, second.url()}
+	inOrder(t, &cfg, first, second)
 	startAgent(t, cfg)
 	first.waitReport(waitLong, "a report through the proxy", func(d fleet.ReportedDocument) bool { return d.LastDesiredVersion == 3 })
-	px.silence()
+	px.Silence()
 	doc := second.waitReport(waitLong, "a report on the second server after the first went silent", func(fleet.ReportedDocument) bool { return true })
 	if doc.LastDesiredVersion != 3 {
 		t.Errorf("report after moving: %+v", doc)
 	}
 }
 
-// silencingProxy forwards TCP until silence(), then swallows everything in
-// both directions and keeps the connections open.
-type silencingProxy struct {
-	ln     net.Listener
-	target string
-	silent atomic.Bool
-}
-
-func newSilencingProxy(t *testing.T, target string) *silencingProxy {
+// inOrder gives cfg a device id whose order of cfg.Servers (the spread
+// rule) is the order of the list, and makes it the controllers' device.
+func inOrder(t *testing.T, cfg *Config, ctls ...*controller) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	urls, err := parseServers(cfg.Servers, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &silencingProxy{ln: ln, target: target}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			t.Cleanup(func() { c.Close(); u.Close() })
-			go p.pipe(u, c)
-			go p.pipe(c, u)
+	hosts := make([]string, len(urls))
+	for i, u := range urls {
+		hosts[i] = u.Host
+	}
+	for i := 0; ; i++ {
+		id := fmt.Sprintf("%s-%d", cfg.DeviceID, i)
+		if slices.IsSorted(spread.Order(id, hosts)) { // a permutation: sorted is the list's order
+			cfg.DeviceID = id
+			break
 		}
-	}()
-	return p
+	}
+	for _, c := range ctls {
+		c.mu.Lock()
+		c.deviceID = cfg.DeviceID
+		c.mu.Unlock()
+	}
 }
 
-func (p *silencingProxy) addr() string { return p.ln.Addr().String() }
-func (p *silencingProxy) silence()     { p.silent.Store(true) }
-
-func (p *silencingProxy) pipe(dst, src net.Conn) {
-	buf := make([]byte, 4096)
-	for {
-		n, err := src.Read(buf)
-		if err != nil {
-			return
-		}
-		if p.silent.Load() {
-			continue
-		}
-		if _, err := dst.Write(buf[:n]); err != nil {
-			return
-		}
+// TestAgent_MQTT_ReturnsToPreferredServer: an agent whose preferred
+// server is down connects to the next one; once the preferred server is
+// back it moves to it (checking it first with a connection of its own),
+// and reports there.
+func TestAgent_MQTT_ReturnsToPreferredServer(t *testing.T) {
+	cfg := mqttConfig(t)
+	cfg.ReturnMin, cfg.ReturnMax = 50*time.Millisecond, 200*time.Millisecond
+	preferred := deadServer(t)
+	other := startController(t, "127.0.0.1:0", cfg.DeviceID, cfg.DeviceKey)
+	// The device's order: the preferred (dead) server first.
+	cfg.Servers = []string{preferred, other.url()}
+	inOrder(t, &cfg, other)
+	cfg.Servers = []string{other.url(), preferred} // the list's order does not matter
+	other.setDesired(desired(4, "dep", map[string]mod{}))
+	startAgent(t, cfg)
+	other.waitReport(waitLong, "a report on the other server while the preferred one is down", func(d fleet.ReportedDocument) bool {
+		return d.LastDesiredVersion == 4
+	})
+	back := startController(t, strings.TrimPrefix(preferred, "mqtt://"), cfg.DeviceID, cfg.DeviceKey)
+	back.setDesired(desired(4, "dep", map[string]mod{}))
+	back.waitReport(waitLong, "a report on the preferred server once it is back", func(d fleet.ReportedDocument) bool {
+		return d.LastDesiredVersion == 4
+	})
+	waitFor(t, waitLong, "the agent gone from the other server", func() bool {
+		_, ok := other.b.Connection(cfg.DeviceID)
+		return !ok
+	})
+	if _, ok := back.b.Connection(cfg.DeviceID); !ok {
+		t.Fatal("the agent is not connected to its preferred server")
 	}
 }
 

@@ -188,20 +188,6 @@ func TestRestartConfig_CoolOff(t *testing.T) {
 	}
 }
 
-func TestJitteredBackoff(t *testing.T) {
-	b := jitteredBackoff(time.Second, 8*time.Second)
-	if b(0) != 0 {
-		t.Errorf("first round waits %s", b(0))
-	}
-	for attempt, cap := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 3: 4 * time.Second, 4: 8 * time.Second, 10: 8 * time.Second} {
-		for range 50 {
-			if d := b(attempt); d < cap/2 || d > cap {
-				t.Fatalf("attempt %d: %s outside [%s, %s]", attempt, d, cap/2, cap)
-			}
-		}
-	}
-}
-
 func TestParseServers(t *testing.T) {
 	for _, tc := range []struct {
 		in   []string

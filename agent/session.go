@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/url"
 	"sync"
@@ -18,6 +17,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"appliance/fleet"
+	"appliance/internal/spread"
 )
 
 // session is the agent's MQTT connection to the controller: MQTT 5 through
@@ -26,10 +26,17 @@ import (
 // keeps no session and sends the current desired document on subscribe)
 // and publishes reported documents at QoS 1.
 //
-// Failover: autopaho tries every server in a round, then backs off (here:
-// jittered and exponential) before the next round. AttemptConnection
-// rotates the list so that after a connection drops, the next round starts
-// with the server after the one that was lost.
+// Failover: the servers are in the device's own order (internal/spread:
+// its preferred server first). autopaho tries every server in a round,
+// then backs off (jittered and exponential) before the next round.
+// AttemptConnection rotates the list so that after a connection drops, the
+// next round starts with the server after the one that was lost.
+//
+// Return: while connected to another server than its preferred one, the
+// session checks now and then (Config.ReturnMin, ReturnMax) whether the
+// preferred one admits the device again, with a connection of its own
+// (TLS, CONNECT, CONNACK, DISCONNECT); when it does, it drops the current
+// connection and the next round starts with the preferred server.
 type session struct {
 	log      *slog.Logger
 	urls     []*url.URL
@@ -46,22 +53,34 @@ type session struct {
 
 	cm *autopaho.ConnectionManager
 
-	mu      sync.Mutex
-	start   int      // the server a round of attempts starts with
-	dialed  int      // the server last dialled
-	current int      // the server connected to, -1 when none
-	conn    net.Conn // the connection last dialled, to drop a silent one
-	up      atomic.Bool
+	mu    sync.Mutex
+	start int // the server a round of attempts starts with
+	// returning: the connection is dropped to move back to urls[0]; the
+	// next round starts there.
+	returning bool
+	dialed    int      // the server last dialled
+	current   int      // the server connected to, -1 when none
+	conn      net.Conn // the connection last dialled, to drop a silent one
+	up        atomic.Bool
 	// failures counts failed attempts since the last connection: the first
 	// of an outage is a warning, the rest debug, so that a device offline
 	// for days does not fill its log.
 	failures atomic.Int64
 }
 
+// newSession puts urls in the device's order (spread.Order).
 func newSession(cfg Config, urls []*url.URL, tlsCfg *tls.Config, onDesired func([]byte), onUp func()) *session {
+	hosts := make([]string, len(urls))
+	for i, u := range urls {
+		hosts[i] = u.Host
+	}
+	ordered := make([]*url.URL, 0, len(urls))
+	for _, i := range spread.Order(cfg.DeviceID, hosts) {
+		ordered = append(ordered, urls[i])
+	}
 	return &session{
 		log:       cfg.Logger,
-		urls:      urls,
+		urls:      ordered,
 		tlsCfg:    tlsCfg,
 		deviceID:  cfg.DeviceID,
 		key:       cfg.DeviceKey,
@@ -77,13 +96,15 @@ func (s *session) run(ctx context.Context) error {
 	desiredTopic := fleet.DesiredTopic(s.deviceID)
 	methodsTopic := fleet.MethodsTopic(s.deviceID)
 	cc := autopaho.ClientConfig{
-		ServerUrls:       s.urls,
-		TlsCfg:           s.tlsCfg,
-		KeepAlive:        uint16(s.cfg.KeepAlive / time.Second),
-		ConnectTimeout:   s.cfg.ConnectTimeout,
-		ReconnectBackoff: jitteredBackoff(s.cfg.ReconnectMin, s.cfg.ReconnectMax),
-		ConnectUsername:  s.deviceID,
-		ConnectPassword:  []byte(s.key),
+		ServerUrls:     s.urls,
+		TlsCfg:         s.tlsCfg,
+		KeepAlive:      uint16(s.cfg.KeepAlive / time.Second),
+		ConnectTimeout: s.cfg.ConnectTimeout,
+		ReconnectBackoff: func(attempt int) time.Duration {
+			return spread.Backoff(s.cfg.ReconnectMin, s.cfg.ReconnectMax, attempt)
+		},
+		ConnectUsername: s.deviceID,
+		ConnectPassword: []byte(s.key),
 		// The broker keeps no session: start clean every time and
 		// subscribe again.
 		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
@@ -107,13 +128,16 @@ func (s *session) run(ctx context.Context) error {
 		OnConnectionDown: func() bool {
 			s.up.Store(false)
 			s.mu.Lock()
-			lost := s.current
-			if lost >= 0 {
+			lost, returning := s.current, s.returning
+			switch {
+			case returning:
+				s.start, s.returning = 0, false
+			case lost >= 0:
 				s.start = (lost + 1) % len(s.urls)
 			}
 			s.current = -1
 			s.mu.Unlock()
-			if ctx.Err() == nil && lost >= 0 {
+			if ctx.Err() == nil && lost >= 0 && !returning {
 				s.log.Warn("connection to controller lost; reconnecting", "server", s.urls[lost].Host)
 			}
 			return true
@@ -150,6 +174,75 @@ func (s *session) run(ctx context.Context) error {
 		return fmt.Errorf("mqtt session: %w", err)
 	}
 	s.cm = cm
+	if len(s.urls) > 1 {
+		go s.returnLoop(ctx)
+	}
+	return nil
+}
+
+// returnLoop moves the session back to its preferred server (urls[0])
+// once that admits the device again. Checks wait a jittered, doubling
+// time (ReturnMin, doubling up to ReturnMax) while the preferred server
+// stays away, so that a fleet that fell over at one moment returns spread
+// out, not all at once.
+func (s *session) returnLoop(ctx context.Context) {
+	checks := 0
+	for {
+		t := time.NewTimer(spread.Backoff(s.cfg.ReturnMin, s.cfg.ReturnMax, checks+1))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		away := s.current > 0
+		s.mu.Unlock()
+		if !away {
+			checks = 0
+			continue
+		}
+		if err := s.check(ctx, s.urls[0]); err != nil {
+			checks++
+			s.log.Debug("preferred controller not back yet", "server", s.urls[0].Host, "err", err, "checks", checks)
+			continue
+		}
+		checks = 0
+		s.mu.Lock()
+		cur, c := s.current, s.conn
+		if cur > 0 && c != nil {
+			s.returning = true
+		}
+		s.mu.Unlock()
+		if cur > 0 && c != nil {
+			s.log.Info("preferred controller admits the device again; moving back to it", "server", s.urls[0].Host, "from", s.urls[cur].Host)
+			c.Close()
+		}
+	}
+}
+
+// check connects to u as the session does and disconnects at once: nil
+// when the server admitted the device.
+func (s *session) check(ctx context.Context, u *url.URL) error {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	conn, err := s.dialURL(ctx, u)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	c := paho.NewClient(paho.ClientConfig{ClientID: s.deviceID, Conn: conn})
+	ack, err := c.Connect(ctx, &paho.Connect{
+		ClientID: s.deviceID, CleanStart: true, KeepAlive: uint16(s.cfg.KeepAlive / time.Second),
+		UsernameFlag: true, Username: s.deviceID, PasswordFlag: true, Password: []byte(s.key),
+	})
+	if err != nil {
+		return fmt.Errorf("connect %s: %w", u.Host, err)
+	}
+	if ack.ReasonCode >= 0x80 {
+		return fmt.Errorf("connect %s: refused, reason %#x", u.Host, ack.ReasonCode)
+	}
+	_ = c.Disconnect(&paho.Disconnect{ReasonCode: 0})
 	return nil
 }
 
@@ -168,24 +261,35 @@ func (s *session) dial(ctx context.Context, _ autopaho.ClientConfig, u *url.URL)
 	target := s.urls[idx]
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
 	defer cancel()
-	if target.Scheme == "mqtts" {
-		cfg := s.tlsCfg.Clone()
-		if cfg.ServerName == "" {
-			cfg.ServerName = target.Hostname()
-		}
-		conn, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", target.Host)
-		if err != nil {
-			return nil, fmt.Errorf("dial %s: %w", target.Host, err)
-		}
-		s.setConn(conn)
-		return packets.NewThreadSafeConn(conn), nil
-	}
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", target.Host)
+	conn, err := s.dialURL(ctx, target)
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", target.Host, err)
+		return nil, err
 	}
 	s.setConn(conn)
+	if target.Scheme == "mqtts" {
+		return packets.NewThreadSafeConn(conn), nil
+	}
+	return conn, nil
+}
+
+// dialURL opens a TCP connection to u, with TLS for mqtts.
+func (s *session) dialURL(ctx context.Context, u *url.URL) (net.Conn, error) {
+	if u.Scheme == "mqtts" {
+		cfg := s.tlsCfg.Clone()
+		if cfg.ServerName == "" {
+			cfg.ServerName = u.Hostname()
+		}
+		conn, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", u.Host)
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", u.Host, err)
+		}
+		return conn, nil
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", u.Host)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", u.Host, err)
+	}
 	return conn, nil
 }
 
@@ -262,24 +366,4 @@ func (s *session) close(ctx context.Context) {
 		return
 	}
 	_ = s.cm.Disconnect(ctx)
-}
-
-// jitteredBackoff waits nothing before the first round of attempts, then a
-// random time between half and all of min·2^(n-1), capped at max, so that
-// a fleet reconnecting after a controller restart spreads out.
-func jitteredBackoff(lo, hi time.Duration) func(int) time.Duration {
-	return func(attempt int) time.Duration {
-		if attempt <= 0 {
-			return 0
-		}
-		d := lo
-		for i := 1; i < attempt && d < hi; i++ {
-			d *= 2
-		}
-		d = min(d, hi)
-		if d <= 0 {
-			return 0
-		}
-		return d/2 + rand.N(d/2+1)
-	}
 }

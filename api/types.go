@@ -460,6 +460,13 @@ type ClusterMember struct {
 	// DocumentSchema is the schema of the desired and reported documents
 	// it writes.
 	DocumentSchema string `json:"documentSchema,omitempty"`
+	// ConnectedDevices is how many devices hold a session with it (its
+	// appliance_devices_connected); absent when it is down or runs a
+	// release that does not say. Devices that list every node spread over
+	// them (see the agent's --server): a member far from its share has
+	// lost devices to the others while it was away and is getting them
+	// back.
+	ConnectedDevices *int `json:"connectedDevices,omitempty"`
 	// Error is why it is down.
 	Error string `json:"error,omitempty"`
 }

@@ -24,7 +24,7 @@ func (a *app) agentCommand() *cobra.Command {
 	var (
 		servers, deviceID, runtime, dataDir, caFile string
 		logFormat, logLevel                         string
-		coolOff, keepAlive                          time.Duration
+		coolOff, keepAlive, returnMin, returnMax    time.Duration
 		maxRestarts                                 int
 		hubAddr, hubDockerAddr, hubHostname         string
 		hubStoreMax, logFileMaxBytes                int64
@@ -67,7 +67,16 @@ which every user of the machine can read in the process list.
 Servers are mqtts://HOST:PORT (TLS, verified with --ca-file) or, on a network
 where the key may travel in clear, mqtt://HOST:PORT. A server without a scheme
 is taken as TLS when --ca-file is given and refused otherwise: the agent never
-falls back to plaintext.`,
+falls back to plaintext.
+
+List every node of the cluster in --server, on every device: each device
+prefers one node, chosen by a stable hash of its id and the nodes' host:port
+(so a fleet spreads evenly whatever the order of the list), falls over to the
+others in an order also drawn from its id (a failed node's devices spread
+over the rest), and returns to its preferred node once that admits it again,
+checking after a random wait (--return-check-min, doubling up to
+--return-check-max) so that a returning node is not met by every device at
+once.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			logger, err := newLogger(a.stderr, logFormat, logLevel)
@@ -119,6 +128,8 @@ falls back to plaintext.`,
 				Version:     a.version,
 				Restart:     agent.RestartConfig{CoolOff: coolOff, MaxRestarts: maxRestarts},
 				KeepAlive:   keepAlive,
+				ReturnMin:   returnMin,
+				ReturnMax:   returnMax,
 				Logs:        linelog.Config{MaxFileBytes: logFileMaxBytes, MaxFiles: logFiles},
 				Hub: agent.HubConfig{
 					Disabled:      noHub,
@@ -151,6 +162,8 @@ falls back to plaintext.`,
 	f.StringVar(&dataDir, "data-dir", "", "the agent's state directory (env APPLIANCE_AGENT_DATA_DIR; default <data dir>/agent)")
 	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_AGENT_CA_FILE)")
 	f.DurationVar(&keepAlive, "keepalive", agent.DefaultKeepAlive, "MQTT keepalive: a controller that stops answering is left after about two of these")
+	f.DurationVar(&returnMin, "return-check-min", agent.DefaultReturnMin, "connected to another server than its preferred one, the agent checks that one after a random wait of half to all of this, doubling while it stays away")
+	f.DurationVar(&returnMax, "return-check-max", agent.DefaultReturnMax, "the longest wait between two checks of the preferred server")
 	f.DurationVar(&coolOff, "restart-cool-off", agent.DefaultCoolOff, "wait before the first restart of a failed module; doubles each time (edgeAgent's default)")
 	f.IntVar(&maxRestarts, "max-restarts", agent.DefaultMaxRestarts, "restarts before a failing module is left dead (until a new deployment)")
 	f.StringVar(&hubAddr, "hub-addr", agent.DefaultHubAddr, "device hub address for process modules, host:port (their IOTEDGE_GATEWAYHOSTNAME is the host; the Azure SDKs use port 8883, so agents sharing a machine take distinct 127.0.0.x) (env APPLIANCE_AGENT_HUB_ADDR)")

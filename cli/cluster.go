@@ -24,7 +24,7 @@ func (a *app) clusterCommand() *cobra.Command {
 func (a *app) clusterMembers() *cobra.Command {
 	return &cobra.Command{
 		Use:   "members",
-		Short: "List the cluster's members and its leader, as the node asked sees them",
+		Short: "List the cluster's members and its leader, as the node asked sees them, with the devices connected to each",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
@@ -38,7 +38,7 @@ func (a *app) clusterMembers() *cobra.Command {
 			if a.output == "json" {
 				return a.printJSON(v)
 			}
-			rows := [][]string{{"ID", "ADDRESS", "ROLE", "VOTER", "STATUS", "LAST CONTACT", "VERSION"}}
+			rows := [][]string{{"ID", "ADDRESS", "ROLE", "VOTER", "STATUS", "LAST CONTACT", "DEVICES", "VERSION"}}
 			versions := map[string]bool{}
 			for _, m := range v.Members {
 				id := m.ID
@@ -59,7 +59,11 @@ func (a *app) clusterMembers() *cobra.Command {
 				if m.Version != "" {
 					versions[version] = true
 				}
-				rows = append(rows, []string{id, m.Address, memberRole(m), voter, orDash(m.Status), lastContact(m.LastContactSeconds), version})
+				devices := "-"
+				if m.ConnectedDevices != nil {
+					devices = fmt.Sprint(*m.ConnectedDevices)
+				}
+				rows = append(rows, []string{id, m.Address, memberRole(m), voter, orDash(m.Status), lastContact(m.LastContactSeconds), devices, version})
 			}
 			a.table(rows)
 			if v.Leader == "" {

@@ -31,6 +31,7 @@ func (a *app) simCommand() *cobra.Command {
 		devices                           int
 		failShare, connectRate, telemetry float64
 		duration, progressInterval        time.Duration
+		returnMin, returnMax              time.Duration
 	)
 	enrollTokenFlag := secretFlag{name: "enroll-token", env: simEnv + "ENROLL_TOKEN"}
 	cmd := &cobra.Command{
@@ -48,6 +49,11 @@ a JSON line for every desired document a device applies.
 as an agent's device hub sends what its routes put INTO $upstream (consumers
 read them from the nodes' northbound listener; appliance events tail shows
 them).
+
+With several --server, devices spread over them as agents do: each prefers
+the server a stable hash of its id picks, falls over to the others, and
+returns to its preferred one once that admits it again (--return-check-min,
+--return-check-max).
 
 Tags come from the enrollment, never from a device: create the enrollment with
 them (appliance enrollment create NAME --tag k=v) and pass its token here.
@@ -123,6 +129,8 @@ Runs until interrupted or --duration elapses.`,
 				ProgressInterval: progressInterval,
 				Logger:           logger,
 				TelemetryRate:    telemetry,
+				ReturnMin:        returnMin,
+				ReturnMax:        returnMax,
 			})
 			if err != nil {
 				return err
@@ -155,6 +163,8 @@ Runs until interrupted or --duration elapses.`,
 	f.Float64Var(&telemetry, "telemetry-rate", 0, "upstream messages a second each device sends, as a device hub does for $upstream (env APPLIANCE_SIM_TELEMETRY_RATE; 0: none)")
 	f.DurationVar(&duration, "duration", 0, "stop after this long, e.g. 10m (env APPLIANCE_SIM_DURATION; default: until interrupted)")
 	f.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify mqtts:// controllers (env APPLIANCE_SIM_CA_FILE)")
+	f.DurationVar(&returnMin, "return-check-min", sim.DefaultReturnMin, "a device connected to another server than its preferred one checks that one after a random wait of half to all of this, doubling while it stays away (the agent's rule)")
+	f.DurationVar(&returnMax, "return-check-max", sim.DefaultReturnMax, "the longest wait between two checks of a device's preferred server")
 	f.DurationVar(&progressInterval, "progress-interval", sim.DefaultProgressInterval, "how often to print progress when something changed")
 	f.StringArrayVar(&tags, "tag", nil, "not accepted: tags come from the enrollment (appliance enrollment create NAME --tag k=v)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
@@ -171,6 +181,14 @@ func (a *app) simSummary(st sim.Stats) {
 		{"desired received", fmt.Sprint(st.DesiredReceived)},
 		{"reports", fmt.Sprintf("%d sent, %d acknowledged", st.ReportsSent, st.ReportsAcked)},
 		{"failing devices", fmt.Sprint(st.FailingDevices)},
+	}
+	if len(st.ByServer) > 1 || st.Returns > 0 {
+		var on []string
+		for _, h := range slices.Sorted(maps.Keys(st.ByServer)) {
+			on = append(on, fmt.Sprintf("%s %d", h, st.ByServer[h]))
+		}
+		rows = append(rows, []string{"connected to", strings.Join(on, ", ")},
+			[]string{"returned to their preferred server", fmt.Sprintf("%d (%d checks found it away)", st.Returns, st.ReturnChecks)})
 	}
 	if st.TelemetrySent > 0 {
 		rows = append(rows, []string{"telemetry", fmt.Sprintf("%d messages made, %d acknowledged, in %d batches", st.TelemetrySent, st.TelemetryAcked, st.TelemetryBatches)})

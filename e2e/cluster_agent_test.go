@@ -33,7 +33,8 @@ func TestCluster_AgentFailsOver(t *testing.T) {
 			survivors = append(survivors, n)
 		}
 	}
-	// The agent knows every node and tries them in order: the victim first.
+	// The agent knows every node and prefers the victim (a device id the
+	// spread rule puts there).
 	servers := []string{victim.mqttURL()}
 	for _, n := range survivors {
 		servers = append(servers, n.mqttURL())
@@ -42,21 +43,22 @@ func TestCluster_AgentFailsOver(t *testing.T) {
 	var enr struct{ Token string }
 	json.Unmarshal([]byte(r.stdout), &enr)
 	out := t.TempDir()
+	dev := devicePreferring(t, servers, 0, "press")
 	startAgent(t, "--server", strings.Join(servers, ","), "--ca-file", victim.caFile(),
-		"--device-id", "press-01", "--enroll-token", enr.Token, "--data-dir", t.TempDir())
+		"--device-id", dev, "--enroll-token", enr.Token, "--data-dir", t.TempDir())
 
 	v1 := processManifest(t, out, map[string]map[string]any{"alpha": module("running", "always", nil)})
 	cli(t, victim.dataDir, "deployment", "create", "v1", "--content", v1, "--target-condition", "tags.environment='prod'", "--priority", "1").mustSucceed(t)
 	eventually(t, "v1 applied and reported", 30*time.Second, func() bool {
-		doc, _ := reported(t, survivors[0].dataDir, "press-01")
+		doc, _ := reported(t, survivors[0].dataDir, dev)
 		return doc.DeploymentID == "v1" && doc.LastDesiredStatus.Code == 200
 	})
 	// It is the victim's broker that holds the device's session, and every
 	// node says so (a node asks its peers at most once a second).
 	for _, n := range nodes {
-		eventually(t, "press-01 read on "+n.id+" as connected to "+victim.id, 10*time.Second, func() bool {
-			dev := deviceView(t, n.server, "press-01")
-			return dev.ConnectionState == api.Connected && dev.ConnectedNode == victim.id
+		eventually(t, dev+" read on "+n.id+" as connected to "+victim.id, 10*time.Second, func() bool {
+			v := deviceView(t, n.server, dev)
+			return v.ConnectionState == api.Connected && v.ConnectedNode == victim.id
 		})
 	}
 
@@ -74,11 +76,11 @@ func TestCluster_AgentFailsOver(t *testing.T) {
 		}
 		return r.code == 0 || cli(t, survivors[1].dataDir, "deployment", "show", "v2").code == 0
 	})
-	waitAgentRuns(t, survivors[0].dataDir, "press-01", "v2", out, "beta")
+	waitAgentRuns(t, survivors[0].dataDir, dev, "v2", out, "beta")
 	// Both survivors agree where the device is now.
 	var connectedTo string
-	eventually(t, "both survivors see press-01 connected to the same survivor", 10*time.Second, func() bool {
-		a, b := deviceView(t, survivors[0].server, "press-01"), deviceView(t, survivors[1].server, "press-01")
+	eventually(t, "both survivors see "+dev+" connected to the same survivor", 10*time.Second, func() bool {
+		a, b := deviceView(t, survivors[0].server, dev), deviceView(t, survivors[1].server, dev)
 		connectedTo = a.ConnectedNode
 		return a.ConnectionState == api.Connected && b.ConnectionState == api.Connected &&
 			a.ConnectedNode == b.ConnectedNode && a.ConnectedNode != victim.id

@@ -34,7 +34,8 @@ func TestCluster_CutOffNodeShedsDevices(t *testing.T) {
 			majority = append(majority, n)
 		}
 	}
-	// The agent tries the follower first, then the others.
+	// The agent prefers the follower (a device id the spread rule puts
+	// there), then the others.
 	servers := []string{cut.srv.mqttURL()}
 	for _, n := range majority {
 		servers = append(servers, n.srv.mqttURL())
@@ -45,17 +46,18 @@ func TestCluster_CutOffNodeShedsDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := t.TempDir()
+	dev := devicePreferring(t, servers, 0, "press")
 	startAgent(t, "--server", strings.Join(servers, ","), "--ca-file", cut.srv.caFile(),
-		"--device-id", "press-01", "--enroll-token", enr.Token, "--data-dir", t.TempDir())
+		"--device-id", dev, "--enroll-token", enr.Token, "--data-dir", t.TempDir())
 	v1 := processManifest(t, out, map[string]map[string]any{"alpha": module("running", "always", nil)})
 	cli(t, majority[0].dataDir, "deployment", "create", "v1", "--content", v1, "--target-condition", "tags.environment='prod'", "--priority", "1").mustSucceed(t)
 	eventually(t, "v1 applied and reported", 30*time.Second, func() bool {
-		doc, _ := reported(t, majority[0].dataDir, "press-01")
+		doc, _ := reported(t, majority[0].dataDir, dev)
 		return doc.DeploymentID == "v1" && doc.LastDesiredStatus.Code == 200
 	})
 	// (A node asks its peers for their sessions at most once a second.)
-	eventually(t, "press-01 connected to "+cut.id+" (the agent's first server)", 10*time.Second, func() bool {
-		return deviceView(t, majority[0].srv, "press-01").ConnectedNode == cut.id
+	eventually(t, dev+" connected to "+cut.id+" (the agent's preferred server)", 10*time.Second, func() bool {
+		return deviceView(t, majority[0].srv, dev).ConnectedNode == cut.id
 	})
 	if refusing(t, cut.srv) {
 		t.Fatalf("%s refuses devices while it has a leader", cut.id)
@@ -65,9 +67,9 @@ func TestCluster_CutOffNodeShedsDevices(t *testing.T) {
 	others := c.net.isolate(cut.id)
 	cutAt := time.Now()
 	t.Logf("cut %s off from %s; the agent is connected to it", cut.id, strings.Join(others, " and "))
-	eventually(t, "press-01 connected to a node of the majority", 30*time.Second, func() bool {
-		dev := deviceView(t, majority[0].srv, "press-01")
-		return dev.ConnectionState == api.Connected && dev.ConnectedNode != cut.id && dev.ConnectedNode != ""
+	eventually(t, dev+" connected to a node of the majority", 30*time.Second, func() bool {
+		v := deviceView(t, majority[0].srv, dev)
+		return v.ConnectionState == api.Connected && v.ConnectedNode != cut.id && v.ConnectedNode != ""
 	})
 	t.Logf("the agent moved to the majority %v after the cut", time.Since(cutAt).Round(100*time.Millisecond))
 	// It moved because the cut-off node turned it away (its broker stayed
@@ -82,7 +84,7 @@ func TestCluster_CutOffNodeShedsDevices(t *testing.T) {
 
 	v2 := processManifest(t, out, map[string]map[string]any{"beta": module("running", "always", nil)})
 	cli(t, majority[1].dataDir, "deployment", "create", "v2", "--content", v2, "--target-condition", "tags.environment='prod'", "--priority", "2").mustSucceed(t)
-	waitAgentRuns(t, majority[0].dataDir, "press-01", "v2", out, "beta")
+	waitAgentRuns(t, majority[0].dataDir, dev, "v2", out, "beta")
 
 	c.net.healAll()
 	eventually(t, cut.id+" admits devices again once it has a leader", 30*time.Second, func() bool {

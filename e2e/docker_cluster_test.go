@@ -105,9 +105,9 @@ func TestDockerCluster(t *testing.T) {
 	c.checkVoters(t)
 	t.Logf("three controllers up in %s, leader %s", time.Since(began).Round(time.Millisecond), leader)
 
-	// Agents enroll with a token; the first two list the leader first, so
-	// that it is the leader they are connected to when it is cut off; the
-	// third starts on a follower.
+	// Agents enroll with a token; the first two prefer the leader (device
+	// ids the spread rule puts there), so that it is the leader they are
+	// connected to when it is cut off; the third prefers a follower.
 	enr, err := c.fc.client(0).PutEnrollment(ctx, "docker-line", api.EnrollmentRequest{Tags: map[string]any{"line": "docker"}}, api.WriteOptions{IfNoneMatch: "*"})
 	if err != nil || enr.Token == "" {
 		t.Fatalf("create the enrollment: %+v, %v", enr, err)
@@ -120,9 +120,12 @@ func TestDockerCluster(t *testing.T) {
 		if i == dockerAgents-1 {
 			first = (li + 1) % len(order)
 		}
-		servers := append(slices.Clone(order[first:]), order[:first]...)
-		dev := fmt.Sprintf("dev-%d", i+1)
-		c.startAgent(ctx, t, dev, servers, enr.Token)
+		hosts := make([]string, len(order))
+		for j, name := range order {
+			hosts[j] = name + ":" + dockerMQTTPort
+		}
+		dev := firstPreferring(hosts, first, fmt.Sprintf("dev%d", i+1))
+		c.startAgent(ctx, t, dev, order, enr.Token)
 		agents = append(agents, dev)
 	}
 	const condition = "tags.line='docker'"
@@ -695,7 +698,8 @@ func (c *dockerCluster) mustRun(ctx context.Context, t *testing.T, name string) 
 }
 
 // startAgent starts `appliance agent` as the container dev, enrolling with
-// token and trying the controllers in the order given.
+// token and knowing the controllers given (it tries them in its own order:
+// the spread rule).
 func (c *dockerCluster) startAgent(ctx context.Context, t *testing.T, dev string, servers []string, token string) {
 	t.Helper()
 	var urls []string

@@ -98,9 +98,9 @@ func TestCluster_RollingUpgrade(t *testing.T) {
 	c.waitLeader(t, "")
 	h, stop := c.startLoad(t)
 
-	// An agent of each release, each starting on another node's broker
-	// and knowing every node, running a deployment made on the old
-	// cluster.
+	// An agent of each release, each knowing every node (the old one
+	// starts on the first it is given, the new one on its preferred node:
+	// the spread rule), running a deployment made on the old cluster.
 	r := cli(t, c.nodes[0].dataDir, "enrollment", "create", "line-1", "--tag", "environment=prod", "-o", "json").mustSucceed(t)
 	var enr struct{ Token string }
 	if err := json.Unmarshal([]byte(r.stdout), &enr); err != nil {

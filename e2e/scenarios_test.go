@@ -5,9 +5,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"os/exec"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -46,22 +44,7 @@ func waitStatus(t *testing.T, dir, id, what string, ok func(statusView) bool) st
 // startSim runs `appliance sim` as a process until the test ends.
 func startSim(t *testing.T, mqttURL, token, prefix string, devices int, extra ...string) {
 	t.Helper()
-	args := append([]string{"sim", "--server", mqttURL, "--devices", fmt.Sprint(devices), "--enroll-token", token, "--prefix", prefix}, extra...)
-	cmd := exec.Command(binary, args...)
-	logs := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGKILL)
-		<-done
-		if t.Failed() {
-			t.Logf("sim %s log:\n%s", prefix, logs.String())
-		}
-	})
+	startSimProc(t, mqttURL, token, prefix, devices, extra...)
 }
 
 func enrollmentToken(t *testing.T, dir, name string, tags ...string) string {

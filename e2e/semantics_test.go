@@ -298,7 +298,8 @@ func TestStatus_SimFleet(t *testing.T) {
 	}
 }
 
-// startSimProc is startSim, returning what kills the simulator.
+// startSimProc starts `appliance sim` and returns what kills it (the
+// test's end does too, and shows its log if the test failed).
 func startSimProc(t *testing.T, mqttURL, token, prefix string, devices int, extra ...string) (kill func()) {
 	t.Helper()
 	args := append([]string{"sim", "--server", mqttURL, "--devices", fmt.Sprint(devices), "--enroll-token", token, "--prefix", prefix}, extra...)
@@ -318,7 +319,12 @@ func startSimProc(t *testing.T, mqttURL, token, prefix string, devices int, extr
 			<-done
 		}
 	}
-	t.Cleanup(kill)
+	t.Cleanup(func() {
+		kill()
+		if t.Failed() {
+			t.Logf("sim %s log:\n%s", prefix, logs.String())
+		}
+	})
 	return kill
 }
 

@@ -70,6 +70,7 @@ func clusterMember(st raftstore.MemberStatus, leader string, self raftstore.Node
 		m.LastContactSeconds = seconds(info.LastContactMs)
 	}
 	m.State, m.Version, m.Commit, m.Legacy, m.DocumentSchema = info.State, info.Version, info.Commit, info.Legacy, info.DocumentSchema
+	m.ConnectedDevices = info.ConnectedDevices
 	for _, c := range info.Commands {
 		m.Commands = append(m.Commands, int(c))
 	}

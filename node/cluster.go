@@ -324,6 +324,10 @@ func (n *Node) info() raftstore.NodeInfo {
 	info := n.store.Info()
 	info.Commit = buildCommit()
 	info.DocumentSchema = fleet.DocumentSchema
+	if n.broker != nil {
+		c := n.broker.Stats().Connections
+		info.ConnectedDevices = &c
+	}
 	return info
 }
 

@@ -67,6 +67,9 @@ type NodeInfo struct {
 	LastContactMs int64 `json:"lastContactMs"`
 	// Peers is, on the leader, how its heartbeats to each follower fare.
 	Peers map[string]PeerContact `json:"peers,omitempty"`
+	// ConnectedDevices is how many devices held a session with it when
+	// it answered, set by the node (nil: a release before it said so).
+	ConnectedDevices *int `json:"connectedDevices,omitempty"`
 }
 
 // CanApply reports whether the node can apply commands of type t.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/spread"
 )
 
 // device is one simulated device. Everything below the first block is
@@ -23,9 +24,10 @@ type device struct {
 	key   string
 	fails bool
 
-	server   int  // the URL tried next
-	enrolled bool // a controller accepted the device at least once
-	seen     bool // a desired document was applied
+	order    []int // the servers' indexes in the order this device tries them (spread.Order)
+	pos      int   // the position in order of the server tried next, or connected to
+	enrolled bool  // a controller accepted the device at least once
+	seen     bool  // a desired document was applied
 	version  uint64
 
 	report     []byte // the current reported document; nil before the first
@@ -61,39 +63,52 @@ func (d *device) run(ctx context.Context) {
 	s := d.sim
 	attempt := 0
 	for {
-		if sleep(ctx, backoff(s.cfg.ReconnectMin, s.cfg.ReconnectMax, attempt)) != nil {
+		if sleep(ctx, spread.Backoff(s.cfg.ReconnectMin, s.cfg.ReconnectMax, attempt)) != nil {
 			return
 		}
 		if s.pace.wait(ctx) != nil {
 			return
 		}
-		c, err := d.connect(ctx)
+		c, err := d.connect(ctx, d.order[d.pos])
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
 			s.connectFailed(d, err)
-			d.server = (d.server + 1) % len(s.urls)
+			d.pos = (d.pos + 1) % len(d.order)
 			attempt++
 			continue
 		}
-		err = d.serve(ctx, c)
-		c.nc.Close()
+		err = d.serveAll(ctx, c)
 		if ctx.Err() != nil {
 			return
 		}
 		s.disconnects.Add(1)
 		s.log.Debug("connection lost; reconnecting", "device", d.id, "err", err)
-		d.server = (d.server + 1) % len(s.urls)
+		d.pos = (d.pos + 1) % len(d.order)
 		// A dropped connection waits a little before the next attempt, so
 		// that a controller restart is not met by the whole fleet at once.
 		attempt = 1
 	}
 }
 
+// serveAll serves c and, when the device returns to its preferred server,
+// the connection that replaced it, until one is lost or ctx ends.
+func (d *device) serveAll(ctx context.Context, c *conn) error {
+	for {
+		next, err := d.serve(ctx, c)
+		c.nc.Close()
+		if next == nil {
+			return err
+		}
+		c, d.pos = next, 0
+		d.sim.returns.Add(1)
+	}
+}
+
 // connect dials, sends CONNECT, waits for the CONNACK and sends the
 // SUBSCRIBE to the desired topic.
-func (d *device) connect(ctx context.Context) (*conn, error) {
+func (d *device) connect(ctx context.Context, server int) (*conn, error) {
 	s := d.sim
 	select {
 	case s.sem <- struct{}{}:
@@ -101,7 +116,7 @@ func (d *device) connect(ctx context.Context) (*conn, error) {
 		return nil, ctx.Err()
 	}
 	defer func() { <-s.sem }()
-	u := s.urls[d.server]
+	u := s.urls[server]
 	dctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
 	defer cancel()
 	var nc net.Conn
@@ -158,11 +173,14 @@ func (d *device) handshake(ctx context.Context, c *conn) error {
 
 // serve reads packets until the connection fails or ctx ends (then it
 // sends DISCONNECT). It pings after KeepAlive/2 without traffic and gives
-// up after another KeepAlive/2 without an answer.
-func (d *device) serve(ctx context.Context, c *conn) error {
+// up after another KeepAlive/2 without an answer. Connected to another
+// server than its preferred one, it checks that one now and then
+// (returnCheck); when a connection to it is up, it leaves c and returns
+// that connection.
+func (d *device) serve(ctx context.Context, c *conn) (*conn, error) {
 	s := d.sim
-	s.connectionUp()
-	defer s.connected.Add(-1)
+	s.connectionUp(d.order[d.pos])
+	defer s.connectionDown(d.order[d.pos])
 	if !d.enrolled {
 		d.enrolled = true
 		s.enrolled.Add(1)
@@ -173,49 +191,108 @@ func (d *device) serve(ctx context.Context, c *conn) error {
 	defer stop()
 	d.pendingID, d.sentOnConn = 0, false
 	if err := d.telemetryUp(c); err != nil {
-		return err
+		return nil, err
+	}
+	var ret returnCheck
+	if d.pos != 0 {
+		ret.schedule(s, time.Now())
 	}
 	pinged := false
 	for {
 		idle := time.Now().Add(s.cfg.KeepAlive / 2)
-		c.nc.SetReadDeadline(d.telemetryDeadline(idle))
+		c.nc.SetReadDeadline(ret.before(d.telemetryDeadline(idle)))
 		if ctx.Err() != nil {
 			d.goodbye(c)
-			return nil
+			return nil, nil
 		}
 		first, err := c.br.ReadByte()
 		if err != nil {
 			if ctx.Err() != nil {
 				d.goodbye(c)
-				return nil
+				return nil, nil
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() && time.Now().Before(idle) {
+			timeout := errors.As(err, &ne) && ne.Timeout()
+			now := time.Now()
+			if timeout && ret.due(now) {
+				if next := d.checkPreferred(ctx, &ret, now); next != nil {
+					d.goodbye(c)
+					return next, nil
+				}
+				continue
+			}
+			if timeout && now.Before(idle) {
 				// A telemetry tick, not an idle connection.
 				if err := d.telemetryTick(c); err != nil {
-					return err
+					return nil, err
 				}
 				continue
 			}
-			if errors.As(err, &ne) && ne.Timeout() && !pinged {
+			if timeout && !pinged {
 				pinged = true
 				if err := d.write(c, pingreqPacket); err != nil {
-					return err
+					return nil, err
 				}
 				continue
 			}
-			return fmt.Errorf("read: %w", err)
+			return nil, fmt.Errorf("read: %w", err)
 		}
 		pinged = false
 		c.nc.SetReadDeadline(time.Now().Add(s.cfg.ConnectTimeout))
 		p, err := readPacket(c.br, first)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if err := d.handle(c, p); err != nil {
-			return err
+			return nil, err
 		}
 	}
+}
+
+// returnCheck schedules a device's checks of its preferred server while
+// it is connected to another one.
+type returnCheck struct {
+	at       time.Time // when the next check is due; zero: none
+	checks   int       // checks of this run that found the server away
+	reserved bool      // at is a slot of the connection pacer
+}
+
+func (r *returnCheck) schedule(s *Sim, now time.Time) {
+	r.at, r.reserved = now.Add(spread.Backoff(s.cfg.ReturnMin, s.cfg.ReturnMax, r.checks+1)), false
+}
+
+func (r *returnCheck) due(now time.Time) bool { return !r.at.IsZero() && !now.Before(r.at) }
+
+// before is the earlier of t and the next check.
+func (r *returnCheck) before(t time.Time) time.Time {
+	if !r.at.IsZero() && r.at.Before(t) {
+		return r.at
+	}
+	return t
+}
+
+// checkPreferred connects to the device's preferred server when its check
+// is due. The attempt takes a slot of the connection pacer like any other
+// connection (a returning server is not met by every device at once): the
+// first call reserves it and waits for it in the read loop. It returns the
+// new connection, or nil and the next check scheduled.
+func (d *device) checkPreferred(ctx context.Context, r *returnCheck, now time.Time) *conn {
+	s := d.sim
+	if !r.reserved {
+		if at := s.pace.reserve(); at.After(now) {
+			r.at, r.reserved = at, true
+			return nil
+		}
+	}
+	next, err := d.connect(ctx, d.order[0])
+	if err == nil {
+		return next
+	}
+	s.returnChecks.Add(1)
+	s.log.Debug("preferred server not back yet", "device", d.id, "server", s.urls[d.order[0]].Host, "err", err)
+	r.checks++
+	r.schedule(s, time.Now())
+	return nil
 }
 
 func (d *device) handle(c *conn, p packet) error {

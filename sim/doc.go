@@ -25,7 +25,14 @@
 //     exitCode FailExitCode, lastDesiredStatus 500;
 //   - it reports again after every reconnection, pings when idle, and
 //     reconnects with jittered exponential backoff, moving to the next
-//     server of the list.
+//     server of its order;
+//   - with several servers it follows the agent's rule (internal/spread):
+//     it prefers the server a hash of its id picks, falls over in the
+//     order of the next scores, and, connected elsewhere, checks its
+//     preferred server after a jittered doubling wait (Config.ReturnMin,
+//     ReturnMax), moving back once a new connection there is up (the old
+//     one is left after: make before break). These connections take the
+//     pacer's slots like any other.
 //
 // A device is one goroutine, one socket and a 512-byte read buffer: the
 // client is a minimal MQTT 3.1.1 one written here (CONNECT, SUBSCRIBE,

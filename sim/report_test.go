@@ -192,19 +192,6 @@ func TestNew_WideIndexes(t *testing.T) {
 	}
 }
 
-func TestBackoff_JitteredAndCapped(t *testing.T) {
-	for attempt, want := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 3: 4 * time.Second, 10: 30 * time.Second} {
-		for range 50 {
-			if d := backoff(time.Second, 30*time.Second, attempt); d < want/2 || d > want {
-				t.Fatalf("attempt %d: %v outside [%v, %v]", attempt, d, want/2, want)
-			}
-		}
-	}
-	if d := backoff(time.Second, 30*time.Second, 0); d != 0 {
-		t.Fatalf("attempt 0 waits %v", d)
-	}
-}
-
 // TestFailImage: with a FailImage, a failing device fails only modules
 // whose image contains it; a device that does not fail fails nothing.
 func TestFailImage(t *testing.T) {

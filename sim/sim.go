@@ -13,7 +13,6 @@ import (
 	"io"
 	"log/slog"
 	"math"
-	mrand "math/rand/v2"
 	"net"
 	"net/url"
 	"sort"
@@ -23,15 +22,19 @@ import (
 	"time"
 
 	"appliance/fleet"
+	"appliance/internal/spread"
 )
 
 // Config configures a simulator. Zero values mean defaults, except where a
 // field says it is required.
 type Config struct {
 	// Servers are the controllers' MQTT URLs, mqtt://HOST:PORT (or
-	// mqtts://HOST:PORT). Device i first tries server i mod len(Servers),
-	// which spreads a fleet over a cluster, and moves to the next server
-	// when a connection fails or drops. Required.
+	// mqtts://HOST:PORT). Each device orders them by the agent's rule
+	// (internal/spread: a stable hash of its id and each server's
+	// host:port), so that a fleet spreads evenly over a cluster: it
+	// connects to its preferred server, moves to the next of its order
+	// when a connection fails or drops, and returns to its preferred
+	// server once that answers again (ReturnMin). Required.
 	Servers []string
 	// Devices is how many devices to simulate. Required.
 	Devices int
@@ -77,6 +80,15 @@ type Config struct {
 	// before a device reconnects (a random time between half and all of
 	// min·2^(n-1), capped at max). Defaults 1 s and 30 s.
 	ReconnectMin, ReconnectMax time.Duration
+	// ReturnMin and ReturnMax bound the jittered exponential backoff
+	// between a device's checks of its preferred server while it is
+	// connected to another one: the n-th check of a run waits a random
+	// time between half and all of ReturnMin·2^(n-1), capped at
+	// ReturnMax. A check is a full connection (TLS, CONNECT, SUBSCRIBE)
+	// made before the current one is left, so a device moves only to a
+	// server that admits it. Defaults DefaultReturnMin and
+	// DefaultReturnMax, as the agent's.
+	ReturnMin, ReturnMax time.Duration
 	// TLS is used for mqtts:// servers; nil means the system's roots.
 	TLS *tls.Config
 	// Progress, when set, gets a line every ProgressInterval in which
@@ -102,6 +114,8 @@ const (
 	DefaultReconnectMin       = time.Second
 	DefaultReconnectMax       = 30 * time.Second
 	DefaultProgressInterval   = time.Second
+	DefaultReturnMin          = time.Minute
+	DefaultReturnMax          = 10 * time.Minute
 )
 
 // MaxDevices bounds Config.Devices: one process holds a socket per device.
@@ -109,21 +123,25 @@ const MaxDevices = 1_000_000
 
 // Sim is a fleet of simulated devices.
 type Sim struct {
-	cfg     Config
-	log     *slog.Logger
-	urls    []*url.URL
-	devices []*device
-	pace    pacer
-	sem     chan struct{}
-	mods    moduleCache
-	running atomic.Bool
-	cancel  context.CancelCauseFunc
+	cfg   Config
+	log   *slog.Logger
+	urls  []*url.URL
+	hosts []string // urls' host:port, what the spread rule hashes
+	// byServer counts the sessions with each of urls.
+	byServer []atomic.Int64
+	devices  []*device
+	pace     pacer
+	sem      chan struct{}
+	mods     moduleCache
+	running  atomic.Bool
+	cancel   context.CancelCauseFunc
 
 	recordMu     sync.Mutex
 	recordFailed bool
 
 	connected, peak, enrolled, refusals        atomic.Int64
 	connects, connectFailures, disconnects     atomic.Int64
+	returns, returnChecks                      atomic.Int64
 	desiredReceived, reportsSent, reportsAcked atomic.Int64
 	telemetrySent, telemetryAcked, batchesSent atomic.Int64
 	started, stopped                           atomic.Int64 // UnixNano of Run's start and end
@@ -165,7 +183,7 @@ func New(cfg Config) (*Sim, error) {
 	case math.IsNaN(cfg.TelemetryRate) || cfg.TelemetryRate < 0 || cfg.TelemetryRate > MaxTelemetryRate:
 		return nil, fmt.Errorf("sim: the telemetry rate must be from 0 to %d messages a second per device; got %v", MaxTelemetryRate, cfg.TelemetryRate)
 	case cfg.ConnectConcurrency < 0, cfg.Duration < 0, cfg.KeepAlive < 0, cfg.ConnectTimeout < 0,
-		cfg.ReconnectMin < 0, cfg.ReconnectMax < 0, cfg.ProgressInterval < 0:
+		cfg.ReconnectMin < 0, cfg.ReconnectMax < 0, cfg.ProgressInterval < 0, cfg.ReturnMin < 0, cfg.ReturnMax < 0:
 		return nil, errors.New("sim: durations and counts must not be negative")
 	}
 	if cfg.KeepAlive > 0 && cfg.KeepAlive < 2*time.Second {
@@ -185,6 +203,8 @@ func New(cfg Config) (*Sim, error) {
 	cfg.ReconnectMin = orDefault(cfg.ReconnectMin, DefaultReconnectMin)
 	cfg.ReconnectMax = max(orDefault(cfg.ReconnectMax, DefaultReconnectMax), cfg.ReconnectMin)
 	cfg.ProgressInterval = orDefault(cfg.ProgressInterval, DefaultProgressInterval)
+	cfg.ReturnMin = orDefault(cfg.ReturnMin, DefaultReturnMin)
+	cfg.ReturnMax = max(orDefault(cfg.ReturnMax, DefaultReturnMax), cfg.ReturnMin)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -196,6 +216,10 @@ func New(cfg Config) (*Sim, error) {
 		pace:         pacer{every: time.Duration(float64(time.Second) / cfg.ConnectRate)},
 		byDeployment: map[string]*DeploymentStats{},
 	}
+	for _, u := range urls {
+		s.hosts = append(s.hosts, u.Host)
+	}
+	s.byServer = make([]atomic.Int64, len(urls))
 	s.devices = make([]*device, cfg.Devices)
 	for i := range s.devices {
 		id := deviceID(cfg.Prefix, width, i+1)
@@ -204,7 +228,7 @@ func New(cfg Config) (*Sim, error) {
 			return nil, fmt.Errorf("sim: %w", err)
 		}
 		key := fleet.EnrollmentKey(derived, simOwnKey(cfg.EnrollToken, id))
-		s.devices[i] = &device{sim: s, id: id, key: key, server: i % len(urls), fails: failing(i+1, cfg.FailShare)}
+		s.devices[i] = &device{sim: s, id: id, key: key, order: spread.Order(id, s.hosts), fails: failing(i+1, cfg.FailShare)}
 	}
 	return s, nil
 }
@@ -337,6 +361,15 @@ type Stats struct {
 	Refusals        int64 `json:"refusals"`
 	// Disconnects counts established connections that were lost.
 	Disconnects int64 `json:"disconnects"`
+	// Returns counts moves back to a device's preferred server, each made
+	// once a new connection to it was up (not counted in Disconnects);
+	// ReturnChecks the checks of a preferred server that found it still
+	// away or refusing.
+	Returns      int64 `json:"returns,omitempty"`
+	ReturnChecks int64 `json:"returnChecks,omitempty"`
+	// ByServer counts the devices connected now to each server, by its
+	// host:port.
+	ByServer map[string]int `json:"byServer,omitempty"`
 	// DesiredReceived counts desired documents received.
 	DesiredReceived int64 `json:"desiredReceived"`
 	// ReportsSent counts reported documents published, ReportsAcked those
@@ -382,6 +415,9 @@ func (s *Sim) Stats() Stats {
 		ConnectFailures: s.connectFailures.Load(),
 		Refusals:        s.refusals.Load(),
 		Disconnects:     s.disconnects.Load(),
+		Returns:         s.returns.Load(),
+		ReturnChecks:    s.returnChecks.Load(),
+		ByServer:        map[string]int{},
 		DesiredReceived: s.desiredReceived.Load(),
 		ReportsSent:     s.reportsSent.Load(),
 		ReportsAcked:    s.reportsAcked.Load(),
@@ -390,6 +426,11 @@ func (s *Sim) Stats() Stats {
 		TelemetrySent:    s.telemetrySent.Load(),
 		TelemetryAcked:   s.telemetryAcked.Load(),
 		TelemetryBatches: s.batchesSent.Load(),
+	}
+	for i, h := range s.hosts {
+		if n := int(s.byServer[i].Load()); n > 0 {
+			st.ByServer[h] += n
+		}
 	}
 	if t := s.started.Load(); t != 0 {
 		end := time.Now()
@@ -418,9 +459,10 @@ func (s *Sim) Reporting(deploymentID string) DeploymentStats {
 	return DeploymentStats{}
 }
 
-// connectionUp counts a new session.
-func (s *Sim) connectionUp() {
+// connectionUp counts a new session with a server.
+func (s *Sim) connectionUp(server int) {
 	s.connects.Add(1)
+	s.byServer[server].Add(1)
 	n := s.connected.Add(1)
 	for {
 		p := s.peak.Load()
@@ -428,6 +470,12 @@ func (s *Sim) connectionUp() {
 			return
 		}
 	}
+}
+
+// connectionDown counts a session that ended.
+func (s *Sim) connectionDown(server int) {
+	s.byServer[server].Add(-1)
+	s.connected.Add(-1)
 }
 
 // account moves a device to the deployment and code of a report the
@@ -525,6 +573,9 @@ func ProgressLine(st Stats) string {
 	if st.ConnectFailures > 0 {
 		fmt.Fprintf(&b, ", connect failures %d", st.ConnectFailures)
 	}
+	if st.Returns > 0 {
+		fmt.Fprintf(&b, ", returned to their preferred server %d", st.Returns)
+	}
 	if st.DesiredReceived > 0 {
 		c := st.Deployments[st.Latest]
 		fmt.Fprintf(&b, "; %s: %d/%d reporting, %d ok, %d failed", DeploymentName(st.Latest), c.Reporting, st.Devices, c.OK, c.Failed)
@@ -559,15 +610,20 @@ type pacer struct {
 }
 
 func (p *pacer) wait(ctx context.Context) error {
+	return sleep(ctx, time.Until(p.reserve()))
+}
+
+// reserve takes the next slot and returns when it is.
+func (p *pacer) reserve() time.Time {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	now := time.Now()
 	if p.next.Before(now) {
 		p.next = now
 	}
 	at := p.next
 	p.next = at.Add(p.every)
-	p.mu.Unlock()
-	return sleep(ctx, time.Until(at))
+	return at
 }
 
 func sleep(ctx context.Context, d time.Duration) error {
@@ -582,20 +638,6 @@ func sleep(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
-}
-
-// backoff is a random time between half and all of lo·2^(attempt-1),
-// capped at hi; zero for attempt 0.
-func backoff(lo, hi time.Duration, attempt int) time.Duration {
-	if attempt <= 0 {
-		return 0
-	}
-	d := lo
-	for i := 1; i < attempt && d < hi; i++ {
-		d *= 2
-	}
-	d = min(d, hi)
-	return d/2 + mrand.N(d/2+1)
 }
 
 // RecordedDocument is one line of Config.Record.

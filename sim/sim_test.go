@@ -17,6 +17,8 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/internal/spread"
+	"appliance/internal/testutil"
 	"appliance/sim"
 )
 
@@ -301,8 +303,9 @@ func TestSim_Converge(t *testing.T) {
 	}
 }
 
-// TestSim_FailsOverToTheNextServer: devices whose first server is down
-// move to the next one in the list.
+// TestSim_FailsOverToTheNextServer: devices whose preferred server (by
+// the spread rule) is down move to the next one; the others connect to
+// their preferred server at once.
 func TestSim_FailsOverToTheNextServer(t *testing.T) {
 	n, c := startNode(t)
 	token := createEnrollment(t, c, "line-5")
@@ -313,17 +316,75 @@ func TestSim_FailsOverToTheNextServer(t *testing.T) {
 	dead := ln.Addr().String()
 	ln.Close()
 	s, err := sim.New(sim.Config{
-		Servers: []string{"mqtt://" + dead, "mqtt://" + n.MQTTAddr()}, Devices: 4, EnrollToken: token, Prefix: "lathe",
+		Servers: []string{"mqtt://" + dead, "mqtt://" + n.MQTTAddr()}, Devices: 20, EnrollToken: token, Prefix: "lathe",
 		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 50 * time.Millisecond, Logger: testLogger(t),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	runSim(t, s)
-	waitFor(t, 10*time.Second, "4 devices reporting", func() bool { return s.Reporting("").OK == 4 })
-	if st := s.Stats(); st.ConnectFailures != 2 || st.Refusals != 0 || st.Connected != 4 {
-		t.Fatalf("stats %+v; want the 2 devices that started with the dead server to fail once", st)
+	preferDead := preferring(s, []string{dead, n.MQTTAddr()}, 0)
+	if preferDead == 0 || preferDead == 20 {
+		t.Fatalf("%d of 20 devices prefer the dead server: the test needs both kinds", preferDead)
 	}
+	runSim(t, s)
+	waitFor(t, 10*time.Second, "20 devices reporting", func() bool { return s.Reporting("").OK == 20 })
+	if st := s.Stats(); st.ConnectFailures != int64(preferDead) || st.Refusals != 0 || st.Connected != 20 || st.ByServer[n.MQTTAddr()] != 20 {
+		t.Fatalf("stats %+v; want the %d devices that prefer the dead server to fail once, all 20 on the live one", st, preferDead)
+	}
+}
+
+// preferring counts the simulated devices whose preferred server among
+// hosts (host:port each) is hosts[i].
+func preferring(s *sim.Sim, hosts []string, i int) int {
+	n := 0
+	for _, id := range s.DeviceIDs() {
+		if spread.Preferred(id, hosts) == i {
+			n++
+		}
+	}
+	return n
+}
+
+// TestSim_ReturnsToPreferredServer: devices whose preferred server is
+// down connect to the other; once it listens again, each of them moves
+// back to it (a new connection up before the old one is left), and the
+// others stay where they are. Two addresses of one node stand in for two
+// nodes: the preferred one is a TCP proxy that listens only later.
+func TestSim_ReturnsToPreferredServer(t *testing.T) {
+	n, c := startNode(t)
+	token := createEnrollment(t, c, "line-6")
+	fwd := testutil.NewProxy(t, n.MQTTAddr())
+	hosts := []string{fwd.Addr, n.MQTTAddr()}
+	s, err := sim.New(sim.Config{
+		Servers: []string{"mqtt://" + fwd.Addr, "mqtt://" + n.MQTTAddr()}, Devices: 30, EnrollToken: token, Prefix: "mill",
+		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 50 * time.Millisecond,
+		ReturnMin: 50 * time.Millisecond, ReturnMax: 200 * time.Millisecond, Logger: testLogger(t),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	back := preferring(s, hosts, 0)
+	if back == 0 || back == 30 {
+		t.Fatalf("%d of 30 devices prefer the forwarder: the test needs both kinds", back)
+	}
+	runSim(t, s)
+	waitFor(t, 10*time.Second, "30 devices reporting", func() bool { return s.Reporting("").OK == 30 })
+	if st := s.Stats(); st.ByServer[n.MQTTAddr()] != 30 {
+		t.Fatalf("by server %v with the forwarder closed; want all 30 on %s", st.ByServer, n.MQTTAddr())
+	}
+	fwd.Listen(t)
+	waitFor(t, 10*time.Second, fmt.Sprintf("the %d devices that prefer the forwarder back on it", back), func() bool {
+		st := s.Stats()
+		return st.ByServer[fwd.Addr] == back && st.ByServer[n.MQTTAddr()] == 30-back
+	})
+	st := s.Stats()
+	if st.Returns != int64(back) || st.Disconnects != 0 || st.Connected != 30 {
+		t.Fatalf("stats %+v; want %d returns, no connection lost, 30 connected", st, back)
+	}
+	// Every device still reports, through whichever server it is on.
+	waitFor(t, 10*time.Second, "every device connected in the node's view", func() bool {
+		return metric(t, c, "appliance_devices_connected") == 30
+	})
 }
 
 // TestSim_Telemetry: with a telemetry rate, every device sends upstream
