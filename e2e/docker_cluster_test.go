@@ -566,7 +566,7 @@ func (c *dockerCluster) startController(ctx context.Context, t *testing.T, name 
 	t.Helper()
 	cmd := append([]string{"serve", "--data-dir", "/data", "--node-id", name,
 		"--http-addr", "0.0.0.0:" + dockerAPIPort, "--raft-addr", "0.0.0.0:" + dockerRaftPort,
-		"--raft-advertise", name + ":" + dockerRaftPort, "--mqtt-addr", "0.0.0.0:" + dockerMQTTPort, "--tls-san", name}, extra...)
+		"--raft-advertise", name + ":" + dockerRaftPort, "--mqtt-addr", "0.0.0.0:" + dockerMQTTPort, "--tls-san", name}, append(slices.Clone(faultWorkloadFlags), extra...)...)
 	startedAt := time.Now()
 	id := c.start(ctx, t, name, cmd, true, nil)
 
