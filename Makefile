@@ -73,6 +73,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 	APPLIANCE_FAILOVER_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestFailoverBenchmark$$' -v -timeout 60m ./e2e/
 	APPLIANCE_ROLLOUT_BENCH_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestRolloutBenchmark$$' -v -timeout 30m ./e2e/
 	APPLIANCE_INGEST_BENCH_DEVICES=1000 $(GO) test -count=1 -tags e2e -run 'TestIngestBenchmark$$' -v -timeout 30m ./e2e/
+	APPLIANCE_IMPORT_BENCH_DEVICES=1000000 APPLIANCE_IMPORT_BENCH_RESTART=1 $(GO) test -count=1 -tags e2e -run 'TestImportBenchmark$$' -v -timeout 40m ./e2e/
 	LOADTEST_DEVICES=19000 LOADTEST_LATENCY_SAMPLES=1000 $(GO) test -count=3 -tags loadtest -run 'TestLoad$$' -v -timeout 60m ./loadtest/
 
 fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)

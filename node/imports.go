@@ -33,7 +33,7 @@ const (
 	// importInFlight batches are proposed at once; the reader waits for
 	// one of them to finish before it reads more (the client's upload
 	// waits with it).
-	importInFlight = 4
+	importInFlight = 8
 	// exportPage devices are read per read transaction of an export: a
 	// long-held read transaction would hold up the state file's growth.
 	exportPage = 5000
