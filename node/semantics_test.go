@@ -302,6 +302,27 @@ func TestLimits_LoweredLimitKeepsDevicesEditable(t *testing.T) {
 	}
 }
 
+// TestPatchDevice_ThroughAFollowerRightAfterCreate: a device created
+// through the leader and edited at once through a follower is found: the
+// edit's tag check does not answer 404 from a follower that has not
+// applied the creation yet (TestCluster_FaultInjection found it).
+func TestPatchDevice_ThroughAFollowerRightAfterCreate(t *testing.T) {
+	n1 := startNode(t, t.TempDir())
+	n2 := startNodeWith(t, t.TempDir(), func(c *Config) { c.NodeID, c.Join, c.JoinToken = "n2", "https://"+n1.RaftAddr(), n1.JoinToken() })
+	c1, c2 := clientFor(n1), clientFor(n2)
+	ctx := context.Background()
+	for i := range 100 {
+		id := fmt.Sprintf("press-%03d", i)
+		createDevice(t, c1, id, map[string]any{"line": 1})
+		if _, err := c2.PatchDevice(ctx, id, api.DevicePatch{Tags: map[string]any{"line": 2}}, api.WriteOptions{}); err != nil {
+			t.Fatalf("edit of %s through the follower right after its creation: %v", id, err)
+		}
+	}
+	if _, err := c2.PatchDevice(ctx, "nobody", api.DevicePatch{Tags: map[string]any{"line": 2}}, api.WriteOptions{}); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("edit of a device that does not exist: %v, want not found", err)
+	}
+}
+
 // TestUntargeted_KeepsWhatItRuns: a device no deployment targets any more
 // is sent nothing (it keeps its last document), device show and status say
 // so; a reset sends it the empty document; a reset of a targeted device is
