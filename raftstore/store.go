@@ -126,8 +126,8 @@ type Config struct {
 	syncState, proposeEach bool
 	// walLog puts the log and stable store in hashicorp/raft-wal (wal/)
 	// instead of raft.db, for the benchmarks that compare the two log
-	// stores (BenchmarkPacedWrites). Only on a new directory: the checks
-	// at open (preflight.go) read raft.db only.
+	// stores (BenchmarkPacedWrites): only on a new directory, unchecked
+	// (logstore.go says why it is not used).
 	walLog bool
 }
 
@@ -236,7 +236,7 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	// Everything raft will read, read first: damage found once raft runs
 	// panics inside its goroutines (preflight.go).
 	var files *raftFiles
-	if cfg.walLog {
+	if cfg.walLog || benchWAL {
 		files, err = openWALLog(cfg.Dir)
 	} else {
 		files, err = checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown)
