@@ -330,8 +330,12 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	go s.proposer.run()
 	s.observePeers()
 	close(s.opened)
+	logStore := "raft.db"
+	if cfg.walLog || benchWAL {
+		logStore = "raft-wal (benchmarks only)"
+	}
 	logger.Info("raft started", "node", cfg.NodeID, "raft_addr", transport.LocalAddr(),
-		"applied_index", f.AppliedIndex(), "resumed", hasState)
+		"applied_index", f.AppliedIndex(), "resumed", hasState, "log_store", logStore)
 	return s, nil
 }
 
