@@ -62,6 +62,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 		{ echo "make bench: the loadtest's baseline is Debian's mosquitto broker: apt-get install -y mosquitto (or LOADTEST_MOSQUITTO=off to run without it)" >&2; exit 1; }
 	$(GO) test -run '^$$' -bench BenchmarkReplicatedWrites -benchtime 2s -count 2 ./raftstore/
 	$(GO) test -run '^$$' -bench BenchmarkPacedWrites -benchtime 10000x -count 3 ./raftstore/
+	$(GO) test -run '^$$' -bench BenchmarkLogStoreWrites -benchtime 2s -count 2 ./raftstore/
 	$(GO) test -run '^$$' -bench BenchmarkNewDeployment -benchtime 20x -count 2 ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkDeviceUpdate -benchtime 20000x ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkMemoryPerDevice -benchtime 1x ./evaluator/
