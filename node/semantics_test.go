@@ -314,8 +314,18 @@ func TestPatchDevice_ThroughAFollowerRightAfterCreate(t *testing.T) {
 	for i := range 100 {
 		id := fmt.Sprintf("press-%03d", i)
 		createDevice(t, c1, id, map[string]any{"line": 1})
-		if _, err := c2.PatchDevice(ctx, id, api.DevicePatch{Tags: map[string]any{"line": 2}}, api.WriteOptions{}); err != nil {
-			t.Fatalf("edit of %s through the follower right after its creation: %v", id, err)
+		// The edit is sent again when its outcome is unknown (the two
+		// nodes changed leader on a starved machine; it is idempotent);
+		// "not found" is the answer that must never come.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			_, err := c2.PatchDevice(ctx, id, api.DevicePatch{Tags: map[string]any{"line": 2}}, api.WriteOptions{})
+			if err == nil {
+				break
+			}
+			if errors.Is(err, fleet.ErrNotFound) || time.Now().After(deadline) {
+				t.Fatalf("edit of %s through the follower right after its creation: %v", id, err)
+			}
+			t.Logf("edit of %s, sent again: %v", id, err)
 		}
 	}
 	if _, err := c2.PatchDevice(ctx, "nobody", api.DevicePatch{Tags: map[string]any{"line": 2}}, api.WriteOptions{}); !errors.Is(err, fleet.ErrNotFound) {
