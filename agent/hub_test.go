@@ -94,6 +94,26 @@ func hubAgentConfig(t testing.TB, ctl *testcontroller.Controller, gateway string
 	cfg.Hub = HubConfig{Addr: gateway + ":8883", DockerAddr: HubOff}
 	cfg.Logger = slogTee(testLogger(t), rec)
 	cfg.ResyncInterval = time.Second
+	// A failure shows what the modules printed (stdout and stderr: an
+	// SDK's traceback), which the agent keeps below its data directory.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		logs, _ := filepath.Glob(filepath.Join(cfg.DataDir, "logs", "modules", "*.log"))
+		for _, path := range logs {
+			res, err := linelog.Read(path, linelog.Filter{})
+			if err != nil {
+				t.Logf("%s: %v", path, err)
+				continue
+			}
+			var b strings.Builder
+			for _, e := range res.Entries {
+				fmt.Fprintf(&b, "%s %s %s\n", e.Time.Format("15:04:05.000"), e.Stream, e.Text)
+			}
+			t.Logf("module output %s:\n%s", filepath.Base(path), b.String())
+		}
+	})
 	return cfg
 }
 
