@@ -130,11 +130,9 @@ func (q *queue) applied(seq uint64) {
 
 // failed takes back an entry given early whose log write failed (its
 // sender is told so, and sends it again): it is not delivered if it is
-// still waiting, and a consumer reading from disk goes past it.
-func (q *queue) failed(e *entry) {
-	q.forget(e.seq)
-	q.applied(e.seq)
-}
+// still waiting in memory. (After a failed write the log takes nothing
+// more until the agent restarts, so nothing behind it waits for it.)
+func (q *queue) failed(e *entry) { q.forget(e.seq) }
 
 // loadBatch bounds one read from disk.
 const (
