@@ -197,3 +197,58 @@ func TestImport_AtomicAndDryRun(t *testing.T) {
 		t.Fatalf("delete: %+v, %v", sum, err)
 	}
 }
+
+// failingReader gives the first n bytes of data, then fails: a client
+// whose upload breaks part way.
+type failingReader struct {
+	data []byte
+	n    int
+}
+
+func (r *failingReader) Read(p []byte) (int, error) {
+	if r.n <= 0 {
+		return 0, errors.New("connection reset by the test")
+	}
+	k := copy(p, r.data[:min(len(r.data), r.n, len(p))])
+	r.data, r.n = r.data[k:], r.n-k
+	return k, nil
+}
+
+// TestImport_InterruptedThenResumedWithUpsert: an upload that breaks part
+// way leaves some devices imported; the same file again with upsert
+// imports the rest and leaves those alone, so every device is there once,
+// as the file says.
+func TestImport_InterruptedThenResumedWithUpsert(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	file := importFile(9000, "res", "prod", nil)
+	_, err := c.ImportDevices(ctx, &failingReader{data: file, n: len(file) * 2 / 3}, api.ImportOptions{Mode: "create"})
+	if err == nil {
+		t.Fatal("an import whose upload broke reported success")
+	}
+	total := func() int {
+		page, err := c.Devices(ctx, api.DeviceQuery{Limit: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return *page.Total
+	}
+	// The node finishes (or drops) what it had taken when the upload
+	// broke, and answers (to nobody): the request is then counted.
+	waitFor(t, "the broken import's request to end", func() bool {
+		_, body, _ := rawRequest(t, "GET", n.URL()+"/metrics", n.Token(), "")
+		return strings.Contains(body, `route="POST /api/v1/device-import"`)
+	})
+	partial := total()
+	if partial >= 9000 {
+		t.Fatalf("%d devices after a broken upload of two thirds of the file", partial)
+	}
+	sum, err := c.ImportDevices(ctx, bytes.NewReader(file), api.ImportOptions{Mode: "upsert"})
+	if err != nil || sum.Created != 9000-partial || sum.Unchanged != partial || sum.Failed != 0 || total() != 9000 {
+		t.Fatalf("resume with upsert after %d devices: %+v, %v", partial, sum, err)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "res-08999", importKey("res-08999", "p")); err != nil {
+		t.Fatalf("a device of the resumed part with its key: %v", err)
+	}
+}
