@@ -51,8 +51,10 @@ var (
 const deleteDelay = 20 * time.Millisecond
 
 // applyInterval is the least time from the start of one hub.db
-// transaction to the next: what the log holds meanwhile is applied in one.
-const applyInterval = 10 * time.Millisecond
+// transaction to the next, unless a twin or session write waits: what the
+// log holds meanwhile is applied in one, and most messages a module or the
+// controller acknowledges within it never reach hub.db at all.
+const applyInterval = 50 * time.Millisecond
 
 // maxUnapplied bounds the bytes in the log not yet applied to hub.db: the
 // log writer waits past it, so that a slow disk slows the senders rather
@@ -143,6 +145,7 @@ type store struct {
 
 	logWake   chan struct{}
 	applyWake chan struct{}
+	opWake    chan struct{} // a twin or session write waits: no applyInterval
 	room      chan struct{} // the applier made room under maxUnapplied
 	logEnded  chan struct{}
 	done      chan struct{}
@@ -183,7 +186,7 @@ func openStore(dir string, maxBytes int64, log *slog.Logger) (*store, map[string
 	if err != nil {
 		return nil, nil, fmt.Errorf("open hub store %s: %w", path, err)
 	}
-	s := &store{db: db, log: log, max: maxBytes, logWake: make(chan struct{}, 1), applyWake: make(chan struct{}, 1),
+	s := &store{db: db, log: log, max: maxBytes, logWake: make(chan struct{}, 1), applyWake: make(chan struct{}, 1), opWake: make(chan struct{}, 1),
 		room: make(chan struct{}, 1), logEnded: make(chan struct{}), done: make(chan struct{})}
 	walDir := filepath.Join(dir, walDirName)
 	var lastSeg uint64
@@ -384,6 +387,7 @@ func (s *store) do(fn func(*bolt.Tx) error, done func(error)) {
 	s.ops = append(s.ops, storeOp{fn: fn, done: done})
 	s.mu.Unlock()
 	signal(s.applyWake)
+	signal(s.opWake)
 }
 
 // logWriter writes every message waiting to the log in one write and one
@@ -502,7 +506,14 @@ func (s *store) applier() {
 			if !logDone {
 				// Fewer, larger transactions: hub.db's syncs compete for the
 				// disk with the log's, which senders wait for.
-				time.Sleep(applyInterval - time.Since(began))
+				t := time.NewTimer(applyInterval - time.Since(began))
+				select {
+				case <-t.C:
+				case <-s.opWake:
+					t.Stop()
+				case <-s.logEnded:
+					t.Stop()
+				}
 			}
 		}
 		s.mu.Lock()
