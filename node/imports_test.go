@@ -252,3 +252,29 @@ func TestImport_InterruptedThenResumedWithUpsert(t *testing.T) {
 		t.Fatalf("a device of the resumed part with its key: %v", err)
 	}
 }
+
+// TestImport_ThroughAFollowerWithLargeTags: an import taken by a follower
+// goes to the leader entry by entry over the cluster port (mutual TLS);
+// devices with large tags end their batch early, so that no entry is over
+// what the port takes in one request (8 MiB): 200 devices with 50 KB of
+// tags each (10 MB) are imported whole.
+func TestImport_ThroughAFollowerWithLargeTags(t *testing.T) {
+	n1 := startTLSNode(t, Config{NodeID: "n1"})
+	n2 := startTLSNode(t, Config{NodeID: "n2", Join: "https://" + n1.RaftAddr(), JoinToken: n1.JoinToken()})
+	waitFor(t, "n2 follows n1", func() bool { _, id := n2.store.Leader(); return id == "n1" })
+	var file bytes.Buffer
+	big := strings.Repeat("x", 50_000)
+	for i := range 200 {
+		id := fmt.Sprintf("big-%03d", i)
+		fmt.Fprintf(&file, `{"id":%q,"authentication":{"symmetricKey":{"primaryKey":%q,"secondaryKey":%q}},"tags":{"environment":"prod","notes":%q}}`+"\n",
+			id, importKey(id, "p"), importKey(id, "s"), big)
+	}
+	sum, err := tlsClient(t, n2).ImportDevices(context.Background(), &file, api.ImportOptions{Mode: "create"})
+	if err != nil || sum.Created != 200 || sum.Failed != 0 {
+		t.Fatalf("import of large devices through the follower: %+v, %v", sum, err)
+	}
+	d, err := tlsClient(t, n1).Device(context.Background(), "big-199", true)
+	if err != nil || d.Tags["notes"] != big {
+		t.Fatalf("big-199 on the leader: %v", err)
+	}
+}
