@@ -1025,7 +1025,7 @@ func pressure(resource, kind string) (float64, bool) {
 type benchNode struct {
 	id, dataDir, raftAddr string
 	// args are its serve flags, the same at every start: a restart keeps
-	// the data directory and the raft address.
+	// the data directory and the raft and MQTT addresses.
 	args []string
 	srv  *server
 	// cl is the test's client of srv, kept so that polling reuses one
@@ -1045,8 +1045,16 @@ func startBenchCluster(t *testing.T, name string, extra ...string) *benchCluster
 	t.Helper()
 	c := &benchCluster{name: name}
 	for i := range 3 {
-		n := &benchNode{id: fmt.Sprintf("n%d", i+1), dataDir: t.TempDir(), raftAddr: freePort(t)}
-		n.args = append([]string{"--node-id", n.id, "--raft-addr", n.raftAddr}, extra...)
+		// The raft and broker addresses are kept across restarts (devices
+		// find a restarted node where they left it), each on a loopback
+		// address of its own: the tens of thousands of client sockets a
+		// benchmark opens from 127.0.0.1 would sooner or later hold a
+		// port there and keep a restarted node from binding it again.
+		var ports portReservation
+		n := &benchNode{id: fmt.Sprintf("n%d", i+1), dataDir: t.TempDir(), raftAddr: ports.on(t, fmt.Sprintf("127.0.2.%d", i+1))}
+		mqttAddr := ports.on(t, fmt.Sprintf("127.0.1.%d", i+1))
+		ports.release()
+		n.args = append([]string{"--node-id", n.id, "--raft-addr", n.raftAddr, "--mqtt-addr", mqttAddr}, extra...)
 		if i > 0 {
 			n1 := c.nodes[0]
 			n.args = append(n.args, "--join", "https://"+n1.raftAddr, "--join-token", joinToken(t, n1.dataDir))

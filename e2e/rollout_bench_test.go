@@ -185,11 +185,5 @@ func breachingReport(t *testing.T, c *api.Client, id string, limit int) time.Tim
 // pollUntil is eventually at a 10 ms pace, for timings.
 func pollUntil(t *testing.T, what string, timeout time.Duration, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	pollEvery(t, what, timeout, 10*time.Millisecond, cond)
 }

@@ -220,7 +220,7 @@ func (m *module) deliver(c *conn) {
 	m.poke()
 	for {
 		select {
-		case <-c.tr.Closing():
+		case <-c.closing:
 			return
 		case <-m.kick:
 		}
