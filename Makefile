@@ -62,6 +62,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 		{ echo "make bench: the loadtest's baseline is Debian's mosquitto broker: apt-get install -y mosquitto (or LOADTEST_MOSQUITTO=off to run without it)" >&2; exit 1; }
 	$(GO) test -run '^$$' -bench BenchmarkReplicatedWrites -benchtime 2s -count 2 ./raftstore/
 	$(GO) test -run '^$$' -bench BenchmarkPacedWrites -benchtime 10000x -count 3 ./raftstore/
+	$(GO) test -run '^$$' -bench BenchmarkLogStoreWrites -benchtime 2s -count 2 ./raftstore/
 	$(GO) test -run '^$$' -bench BenchmarkNewDeployment -benchtime 20x -count 2 ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkDeviceUpdate -benchtime 20000x ./evaluator/
 	$(GO) test -run '^$$' -bench BenchmarkMemoryPerDevice -benchtime 1x ./evaluator/
@@ -73,6 +74,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 	APPLIANCE_FAILOVER_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestFailoverBenchmark$$' -v -timeout 60m ./e2e/
 	APPLIANCE_ROLLOUT_BENCH_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestRolloutBenchmark$$' -v -timeout 30m ./e2e/
 	APPLIANCE_INGEST_BENCH_DEVICES=1000 $(GO) test -count=1 -tags e2e -run 'TestIngestBenchmark$$' -v -timeout 30m ./e2e/
+	APPLIANCE_IMPORT_BENCH_DEVICES=1000000 APPLIANCE_IMPORT_BENCH_RESTART=1 $(GO) test -count=1 -tags e2e -run 'TestImportBenchmark$$' -v -timeout 40m ./e2e/
 	APPLIANCE_SPREAD_BENCH_DEVICES=6000 $(GO) test -count=1 -tags e2e -run 'TestSpreadBenchmark$$' -v -timeout 40m ./e2e/
 	LOADTEST_DEVICES=19000 LOADTEST_LATENCY_SAMPLES=1000 $(GO) test -count=3 -tags loadtest -run 'TestLoad$$' -v -timeout 60m ./loadtest/
 
@@ -82,6 +84,7 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzDecodeUpstreamBatch -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-30s} ./routing/
 	$(GO) test -run '^$$' -fuzz FuzzParseTelemetryTopic -fuzztime $${FUZZTIME:-30s} ./hub/
+	$(GO) test -run '^$$' -fuzz FuzzParseWALSegment -fuzztime $${FUZZTIME:-30s} ./hub/
 	$(GO) test -run '^$$' -fuzz FuzzExpandTemplate -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzRedactModuleTwinDesired -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzPackets -fuzztime $${FUZZTIME:-30s} ./broker/

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -62,6 +63,10 @@ func (a *Agent) openEdge(ctx context.Context) (*edge, error) {
 		Dir: filepath.Join(a.cfg.DataDir, "workload"), DeviceID: a.cfg.DeviceID, HubName: hc.Hostname,
 		ServerNames: names, Logger: a.baseLog, PeerCheck: a.peerCheck,
 	})
+	var long *workload.SocketPathError
+	if errors.As(err, &long) {
+		return nil, fmt.Errorf("--data-dir %s is too long for the modules' workload sockets: give a shorter one (%w)", a.cfg.DataDir, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("module identities: %w", err)
 	}

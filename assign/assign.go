@@ -107,6 +107,7 @@ func (a *Assigner) Apply(changes []raftstore.Change) (moved []evaluator.Change, 
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	wake := false
+	owned := -1 // the item whose moves this call appends to
 	for _, c := range changes {
 		a.applied = max(a.applied, c.Index)
 		at := c.Time
@@ -139,9 +140,12 @@ func (a *Assigner) Apply(changes []raftstore.Change) (moved []evaluator.Change, 
 		}
 		if last := len(items) - 1; c.Imported && last >= 0 && items[last].Event.Index == c.Index && items[last].Cause == cause {
 			// A bulk import's devices of one entry: one history item,
-			// as for a change that moves many devices at once. Clip
-			// first: the item's moves may share moved's array.
-			items[last].Moves = append(slices.Clip(items[last].Moves), out...)
+			// as for a change that moves many devices at once. Clipped
+			// once first: the item's first moves may share moved's array.
+			if owned != last {
+				items[last].Moves, owned = slices.Clip(items[last].Moves), last
+			}
+			items[last].Moves = append(items[last].Moves, out...)
 		} else {
 			items = append(items, history.Item{Event: fleet.HistoryEvent{Time: at, Index: c.Index}, Cause: cause, Moves: out})
 		}

@@ -179,7 +179,13 @@ func TestHubController_UpstreamTwinsMethods(t *testing.T) {
 	case <-time.After(3 * time.Minute):
 		t.Fatalf("mosquitto_sub got %q in 3 minutes", subOut.String())
 	}
-	sent := sentIDs(ag.dataDir, "a")
+	// The module logs a message as sent once its SDK call returned (after
+	// the hub's PUBACK): the message may reach the consumer first.
+	var sent []string
+	eventually(t, "module a to log its 20 messages as sent", time.Minute, func() bool {
+		sent = sentIDs(ag.dataDir, "a")
+		return len(sent) >= 20
+	})
 	lines := strings.Split(strings.TrimSpace(subOut.String()), "\n")
 	if len(lines) != 20 || len(sent) < 20 {
 		t.Fatalf("mosquitto_sub printed %d lines, the module sent %d:\n%s", len(lines), len(sent), subOut.String())

@@ -28,11 +28,21 @@ type relay struct {
 	topic, filter string
 }
 
+// result is one run's: messages per second from the first send to the
+// last receipt, and per message the latency from send to receipt, the
+// time the sender waited for room in its window of unacknowledged
+// messages, and the time from the send to its PUBACK.
+type result struct {
+	rate           float64
+	lat, wait, ack []time.Duration
+}
+
 // run sends n messages, paced at rate per second (0: as fast as the
-// window allows), each carrying its send time, and returns the messages
-// per second from the first send to the last receipt and the latencies.
-func (r relay) run(b *testing.B, n int, rate float64) (float64, []time.Duration) {
+// window allows), each carrying its send time.
+func (r relay) run(b *testing.B, n int, rate float64) result {
 	lat := make([]time.Duration, 0, n)
+	wait := make([]time.Duration, n)
+	ack := make([]time.Duration, n)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -55,16 +65,19 @@ func (r relay) run(b *testing.B, n int, rate float64) (float64, []time.Duration)
 			}
 		}
 		p := slices.Clone(payload)
-		binary.BigEndian.PutUint64(p, uint64(time.Now().UnixNano()))
+		sent := time.Now()
+		binary.BigEndian.PutUint64(p, uint64(sent.UnixNano()))
 		wg.Add(1)
 		if err := r.send.PublishAsync(r.topic, p, func(err error) {
 			if err != nil {
 				b.Error(err)
 			}
+			ack[i] = time.Since(sent)
 			wg.Done()
 		}); err != nil {
 			b.Fatal(err)
 		}
+		wait[i] = time.Since(sent)
 	}
 	wg.Wait()
 	select {
@@ -72,7 +85,7 @@ func (r relay) run(b *testing.B, n int, rate float64) (float64, []time.Duration)
 	case <-time.After(60 * time.Second):
 		b.Fatalf("received %d of %d", len(lat), n)
 	}
-	return float64(n) / time.Since(begin).Seconds(), lat
+	return result{rate: float64(n) / time.Since(begin).Seconds(), lat: lat, wait: wait, ack: ack}
 }
 
 func percentile(d []time.Duration, p float64) time.Duration {
@@ -81,10 +94,13 @@ func percentile(d []time.Duration, p float64) time.Duration {
 	return s[min(len(s)-1, int(p*float64(len(s))))]
 }
 
-func report(b *testing.B, rate float64, lat []time.Duration) {
-	b.ReportMetric(rate, "msgs/s")
-	b.ReportMetric(float64(percentile(lat, 0.50).Microseconds())/1000, "p50-ms")
-	b.ReportMetric(float64(percentile(lat, 0.99).Microseconds())/1000, "p99-ms")
+func report(b *testing.B, r result) {
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	b.ReportMetric(r.rate, "msgs/s")
+	b.ReportMetric(ms(percentile(r.lat, 0.50)), "p50-ms")
+	b.ReportMetric(ms(percentile(r.lat, 0.99)), "p99-ms")
+	b.ReportMetric(ms(percentile(r.wait, 0.99)), "wait-p99-ms")
+	b.ReportMetric(ms(percentile(r.ack, 0.99)), "puback-p99-ms")
 	b.ReportMetric(0, "ns/op")
 }
 
@@ -111,12 +127,11 @@ func BenchmarkModuleToModule(b *testing.B) {
 			}
 			send := th.connect("a")
 			r := relay{send: send.Client, recv: recv.Client, topic: send.EventsTopic("out1", nil)}
-			var rate float64
-			var lat []time.Duration
+			var res result
 			for b.Loop() {
-				rate, lat = r.run(b, n, mode.rate)
+				res = r.run(b, n, mode.rate)
 			}
-			report(b, rate, lat)
+			report(b, res)
 		})
 		b.Run("mosquitto/"+mode.name, func(b *testing.B) {
 			addr, tlsCfg := startMosquitto(b)
@@ -133,12 +148,11 @@ func BenchmarkModuleToModule(b *testing.B) {
 				b.Fatal(err)
 			}
 			r := relay{send: send, recv: recv, topic: "bench/in1"}
-			var rate float64
-			var lat []time.Duration
+			var res result
 			for b.Loop() {
-				rate, lat = r.run(b, n, mode.rate)
+				res = r.run(b, n, mode.rate)
 			}
-			report(b, rate, lat)
+			report(b, res)
 		})
 	}
 }

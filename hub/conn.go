@@ -1,9 +1,7 @@
 package hub
 
 import (
-	"bufio"
 	"bytes"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -17,7 +15,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
-	"appliance/internal/mqttwire"
+	"appliance/internal/mqttconn"
 )
 
 // maxPacketSize is the largest packet a module may send: a message of
@@ -32,14 +30,13 @@ var (
 )
 
 // conn is one module's MQTT connection: a reader goroutine (serve) that
-// decodes packets with mochi's codec and handles them, a writer goroutine
-// that writes what is queued in batches, and while the module is
-// subscribed to its inputs a deliverer (module.deliver).
+// decodes packets with mochi's codec and handles them, the transport's
+// writer goroutine (internal/mqttconn, shared with the controller's events
+// listener) that writes what is queued in batches, and while the module
+// is subscribed to its inputs a deliverer (module.deliver).
 type conn struct {
-	h      *Hub
-	nc     net.Conn
-	br     *bufio.Reader
-	remote string
+	h  *Hub
+	tr *mqttconn.Conn
 
 	// Set by the CONNECT, read-only after.
 	version    byte
@@ -48,15 +45,11 @@ type conn struct {
 	maxOut     uint32 // the module's maximum packet size (MQTT 5), 0: none
 	receiveMax int    // the module's receive maximum (MQTT 5), else 65535
 
-	outMu    sync.Mutex
-	out      []byte // encoded packets waiting for the writer
-	outWake  chan struct{}
-	acks     []pendingAck // PUBACKs to write in the order of the PUBLISHes
-	closing  chan struct{}
-	closeErr error
-	once     sync.Once
-	done     chan struct{} // closed once the connection is fully torn down
-	wg       sync.WaitGroup
+	// acks are the PUBACKs to write in the order of the PUBLISHes; only
+	// touched by what the transport's Queue runs, under its lock.
+	acks []pendingAck
+	done chan struct{} // closed once the connection is fully torn down
+	wg   sync.WaitGroup
 
 	inMu       sync.Mutex
 	nextID     uint16
@@ -75,11 +68,8 @@ type pendingAck struct {
 }
 
 func (h *Hub) newConn(nc net.Conn) *conn {
-	return &conn{
-		h: h, nc: nc, br: bufio.NewReaderSize(nc, 16<<10), remote: nc.RemoteAddr().String(),
-		outWake: make(chan struct{}, 1), closing: make(chan struct{}), done: make(chan struct{}),
-		inflight: map[uint16]*entry{}, receiveMax: 65535,
-	}
+	tr := mqttconn.New(nc, 16<<10, mqttconn.Limits{ConnectTimeout: h.lim.ConnectTimeout, WriteTimeout: h.lim.WriteTimeout, MaxOutbound: maxOutbound})
+	return &conn{h: h, tr: tr, done: make(chan struct{}), inflight: map[uint16]*entry{}, receiveMax: 65535}
 }
 
 // serve runs the connection to its end. A panic in it (mochi's decoders,
@@ -91,24 +81,19 @@ func (c *conn) serve() {
 		if r := recover(); r != nil {
 			c.h.stats.panics.Add(1)
 			c.h.log.Error("recovered panic in a module connection; closed only that connection",
-				"module", c.moduleName(), "remote", c.remote, "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+				"module", c.moduleName(), "remote", c.tr.Remote(), "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
 			c.close(packets.ErrUnspecifiedError)
 		}
 	}()
-	_ = c.nc.SetDeadline(time.Now().Add(c.h.lim.ConnectTimeout))
-	if tc, ok := c.nc.(*tls.Conn); ok {
-		if err := tc.Handshake(); err != nil {
-			c.h.log.Debug("TLS handshake failed", "remote", c.remote, "error", err)
-			c.close(nil)
-			return
-		}
+	if err := c.tr.Handshake(); err != nil {
+		c.h.log.Debug("TLS handshake failed", "remote", c.tr.Remote(), "error", err)
+		c.close(nil)
+		return
 	}
 	if !c.connect() {
 		return
 	}
-	_ = c.nc.SetWriteDeadline(time.Time{})
 	for {
-		_ = c.nc.SetReadDeadline(time.Now().Add(c.keepalive + c.keepalive/2))
 		pk, err := c.readPacket()
 		if err != nil {
 			c.endWith(err)
@@ -133,20 +118,20 @@ func (c *conn) endWith(err error) {
 	var code packets.Code
 	switch {
 	case errors.As(err, &code):
-		c.h.log.Info("module protocol error; closing its connection", "module", c.moduleName(), "remote", c.remote, "error", err)
+		c.h.log.Info("module protocol error; closing its connection", "module", c.moduleName(), "remote", c.tr.Remote(), "error", err)
 		c.close(code)
 	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
 		c.close(nil)
 	default:
-		c.h.log.Debug("module connection ended", "module", c.moduleName(), "remote", c.remote, "error", err)
+		c.h.log.Debug("module connection ended", "module", c.moduleName(), "remote", c.tr.Remote(), "error", err)
 		c.close(nil)
 	}
 }
 
-// readPacket reads and decodes one packet from the module. Only the
+// readPacket reads and decodes the module's next packet. Only the
 // packets a client sends are taken (handle refuses the others).
 func (c *conn) readPacket() (packets.Packet, error) {
-	pk, err := mqttwire.ReadPacket(c.br, c.version, maxPacketSize)
+	pk, err := c.tr.Next(maxPacketSize)
 	if errors.Is(err, packets.ErrPacketTooLarge) {
 		c.h.stats.tooLarge.Add(1)
 		c.h.log.Info("module sent a packet over the limit; closing its connection", "module", c.moduleName(), "limit", maxPacketSize)
@@ -156,31 +141,29 @@ func (c *conn) readPacket() (packets.Packet, error) {
 
 // connect reads the CONNECT and admits the module, or refuses it.
 func (c *conn) connect() bool {
-	pk, err := c.readPacket()
-	if err != nil {
-		c.h.log.Debug("connection ended before CONNECT", "remote", c.remote, "error", err)
+	pk, code, why, err := c.tr.ReadConnect(maxPacketSize, "the hub speaks 3.1.1 (4) and 5")
+	switch {
+	case errors.Is(err, packets.ErrProtocolViolationRequireFirstConnect):
+		c.h.log.Info("module protocol error; closing its connection", "remote", c.tr.Remote(), "error", err)
 		c.close(nil)
 		return false
-	}
-	if pk.FixedHeader.Type != packets.Connect {
-		c.h.log.Info("module protocol error; closing its connection", "remote", c.remote, "error", packets.ErrProtocolViolationRequireFirstConnect)
+	case err != nil:
+		if errors.Is(err, packets.ErrPacketTooLarge) {
+			c.h.stats.tooLarge.Add(1)
+		}
+		c.h.log.Debug("connection ended before CONNECT", "remote", c.tr.Remote(), "error", err)
 		c.close(nil)
 		return false
 	}
 	c.version = pk.ProtocolVersion
 	refuse := func(code packets.Code, why string) bool {
 		c.h.stats.refusedAuth.Add(1)
-		c.h.log.Info("module refused", "clientId", pk.Connect.ClientIdentifier, "remote", c.remote, "reason", why)
-		c.writeConnack(code, false)
-		c.close(nil)
+		c.h.log.Info("module refused", "clientId", pk.Connect.ClientIdentifier, "remote", c.tr.Remote(), "reason", why)
+		c.tr.Refuse(c.version, code)
 		return false
 	}
-	if c.version != 4 && c.version != 5 {
-		c.version = 4
-		return refuse(packets.ErrUnsupportedProtocolVersion, fmt.Sprintf("MQTT protocol level %d; the hub speaks 3.1.1 (4) and 5", pk.ProtocolVersion))
-	}
-	if code := pk.ConnectValidate(); code != packets.CodeSuccess {
-		return refuse(code, code.Reason)
+	if code != packets.CodeSuccess {
+		return refuse(code, why)
 	}
 	device, module, ok := strings.Cut(pk.Connect.ClientIdentifier, "/")
 	if !ok || device != c.h.cfg.DeviceID || module == "" || strings.ContainsAny(module, "/+#") {
@@ -217,7 +200,9 @@ func (c *conn) connect() bool {
 	c.h.conns[c] = struct{}{}
 	c.h.mu.Unlock()
 	resumed := m.attach(c, pk.Connect.Clean, persistent)
-	c.wg.Go(c.writer)
+	c.tr.Connected(c.version, c.keepalive, func(err error) {
+		c.h.log.Debug("write to module failed", "module", module, "error", err)
+	}, nil)
 	if !expires.IsZero() {
 		// The token's end is the session's, as in IoT Hub.
 		t := time.AfterFunc(time.Until(expires), func() {
@@ -225,7 +210,7 @@ func (c *conn) connect() bool {
 			c.close(packets.ErrNotAuthorized)
 		})
 		c.wg.Go(func() {
-			<-c.closing
+			<-c.tr.Closing()
 			t.Stop()
 		})
 	}
@@ -233,7 +218,7 @@ func (c *conn) connect() bool {
 	if resumed {
 		m.startDelivery(c) // after the CONNACK: nothing may precede it
 	}
-	c.h.log.Info("module connected", "module", module, "remote", c.remote, "mqtt", map[byte]string{4: "3.1.1", 5: "5"}[c.version], "sessionPresent", resumed)
+	c.h.log.Info("module connected", "module", module, "remote", c.tr.Remote(), "mqtt", map[byte]string{4: "3.1.1", 5: "5"}[c.version], "sessionPresent", resumed)
 	return true
 }
 
@@ -275,7 +260,7 @@ func (c *conn) refusePublish(pk packets.Packet, code packets.Code, why string) b
 	// refused message again after every reconnect must not flood the log.
 	if now, m := time.Now().UnixNano(), c.mod; now-m.refusedLogAt.Load() >= int64(10*time.Second) {
 		m.refusedLogAt.Store(now)
-		c.h.log.Info("module publish refused", "module", m.name, "topic", truncate(pk.TopicName, 200), "reason", why, "unlogged", m.refusedUnlogged.Swap(0))
+		c.h.log.Info("module publish refused", "module", m.name, "topic", mqttconn.Truncate(pk.TopicName, 200), "reason", why, "unlogged", m.refusedUnlogged.Swap(0))
 	} else {
 		m.refusedUnlogged.Add(1)
 	}
@@ -414,7 +399,7 @@ func (c *conn) handleSubscribe(pk packets.Packet) {
 			grants = append(grants, func(s *subscriptions) { s.Methods = true })
 		default:
 			c.h.stats.refusedACL.Add(1)
-			c.h.log.Info("module subscription refused", "module", module, "filter", truncate(f.Filter, 200))
+			c.h.log.Info("module subscription refused", "module", module, "filter", mqttconn.Truncate(f.Filter, 200))
 			codes[i] = 0x80
 			if c.version == 5 {
 				codes[i] = packets.ErrNotAuthorized.Code
@@ -484,70 +469,42 @@ func (c *conn) ackNow(pk packets.Packet) {
 // queueAck appends a PUBACK to the ordered list; ready ones at its head
 // are written.
 func (c *conn) queueAck(id uint16, ready bool, code byte, reason string) {
-	c.outMu.Lock()
-	c.acks = append(c.acks, pendingAck{id: id, ready: ready, code: code, reason: reason})
-	c.flushAcksLocked()
-	c.outMu.Unlock()
+	c.write(func(b *bytes.Buffer) error {
+		c.acks = append(c.acks, pendingAck{id: id, ready: ready, code: code, reason: reason})
+		return c.encodeReadyAcks(b)
+	})
 }
 
 // ackReady marks a PUBACK ready (its message is on disk).
 func (c *conn) ackReady(id uint16, code byte, reason string) {
-	c.outMu.Lock()
-	for i := range c.acks {
-		if a := &c.acks[i]; a.id == id && !a.ready {
-			a.ready, a.code, a.reason = true, code, reason
-			break
+	c.write(func(b *bytes.Buffer) error {
+		for i := range c.acks {
+			if a := &c.acks[i]; a.id == id && !a.ready {
+				a.ready, a.code, a.reason = true, code, reason
+				break
+			}
 		}
-	}
-	c.flushAcksLocked()
-	c.outMu.Unlock()
+		return c.encodeReadyAcks(b)
+	})
 }
 
-func (c *conn) flushAcksLocked() {
+// encodeReadyAcks writes the ready PUBACKs at the head of the list; under
+// the transport's queue lock.
+func (c *conn) encodeReadyAcks(b *bytes.Buffer) error {
 	n := 0
 	for n < len(c.acks) && c.acks[n].ready {
 		a := c.acks[n]
 		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: a.id, ProtocolVersion: c.version, ReasonCode: a.code}
 		if a.reason != "" && c.version == 5 {
-			pk.Properties.ReasonString = truncate(a.reason, 200)
+			pk.Properties.ReasonString = mqttconn.Truncate(a.reason, 200)
 		}
-		buf := bytes.NewBuffer(c.out)
-		_ = pk.PubackEncode(buf)
-		c.out = buf.Bytes()
+		_ = pk.PubackEncode(b)
 		n++
 	}
 	if n > 0 {
 		c.acks = append(c.acks[:0], c.acks[n:]...)
-		c.wakeWriter()
 	}
-}
-
-// writeConnack writes a refusing CONNACK at once (the writer is not
-// running yet).
-func (c *conn) writeConnack(code packets.Code, present bool) {
-	rc := code.Code
-	if c.version < 5 {
-		rc = map[byte]byte{
-			packets.ErrUnsupportedProtocolVersion.Code: 0x01,
-			packets.ErrClientIdentifierNotValid.Code:   0x02,
-			packets.ErrServerUnavailable.Code:          0x03,
-			packets.ErrServerBusy.Code:                 0x03,
-			packets.ErrBadUsernameOrPassword.Code:      0x04,
-			packets.ErrNotAuthorized.Code:              0x05,
-		}[code.Code]
-		if rc == 0 {
-			rc = 0x05
-		}
-	}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ReasonCode: rc, SessionPresent: present, ProtocolVersion: c.version}
-	if c.version == 5 {
-		pk.Properties.ReasonString = code.Reason
-	}
-	var b bytes.Buffer
-	if err := pk.ConnackEncode(&b); err == nil {
-		_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-		_, _ = c.nc.Write(b.Bytes())
-	}
+	return nil
 }
 
 // writeConnackOK accepts the module, saying what the hub supports (MQTT 5).
@@ -571,73 +528,22 @@ func (c *conn) writeConnackOK(present, serverKeepalive bool) {
 	})
 }
 
-// write queues an encoded packet for the writer. A module that leaves
-// more than maxOutbound unread is disconnected.
+// write queues an encoded packet for the writer; false if it was not
+// queued, or the module has left more than maxOutbound unread (it is
+// disconnected).
 func (c *conn) write(encode func(*bytes.Buffer) error) bool {
-	over, err := c.writeRaw(encode)
-	if err != nil {
-		c.h.log.Warn("encode a packet for a module", "module", c.moduleName(), "error", err)
-		return false
-	}
-	if over {
+	return c.queue(encode) == nil
+}
+
+func (c *conn) queue(encode func(*bytes.Buffer) error) error {
+	_, err := c.tr.Queue(encode)
+	switch {
+	case errors.Is(err, mqttconn.ErrNotReading):
 		c.close(errNotReading)
-		return false
+	case err != nil && !errors.Is(err, mqttconn.ErrClosed) && !errors.Is(err, packets.ErrPacketTooLarge):
+		c.h.log.Warn("encode a packet for a module", "module", c.moduleName(), "error", err)
 	}
-	c.wakeWriter()
-	return true
-}
-
-// writeRaw queues an encoded packet and tells whether more than
-// maxOutbound is waiting.
-func (c *conn) writeRaw(encode func(*bytes.Buffer) error) (over bool, err error) {
-	c.outMu.Lock()
-	buf := bytes.NewBuffer(c.out)
-	err = encode(buf)
-	c.out = buf.Bytes()
-	over = len(c.out) > maxOutbound
-	c.outMu.Unlock()
-	return over, err
-}
-
-func (c *conn) wakeWriter() {
-	select {
-	case c.outWake <- struct{}{}:
-	default:
-	}
-}
-
-// writer writes queued packets, as many as are waiting in one write.
-func (c *conn) writer() {
-	var buf []byte
-	for {
-		select {
-		case <-c.outWake:
-		case <-c.closing:
-			c.outMu.Lock()
-			buf, c.out = c.out, nil
-			c.outMu.Unlock()
-			if len(buf) > 0 {
-				_ = c.nc.SetWriteDeadline(time.Now().Add(250 * time.Millisecond))
-				_, _ = c.nc.Write(buf)
-			}
-			_ = c.nc.Close()
-			return
-		}
-		c.outMu.Lock()
-		buf, c.out = c.out, buf[:0]
-		c.outMu.Unlock()
-		if len(buf) == 0 {
-			continue
-		}
-		_ = c.nc.SetWriteDeadline(time.Now().Add(c.h.lim.WriteTimeout))
-		if _, err := c.nc.Write(buf); err != nil {
-			c.h.log.Debug("write to module failed", "module", c.moduleName(), "error", err)
-			c.close(nil)
-		}
-		if cap(buf) > 1<<20 {
-			buf = nil
-		}
-	}
+	return err
 }
 
 // publish queues a PUBLISH to the module: QoS 1 ones get a packet id,
@@ -652,31 +558,27 @@ func (c *conn) publish(topic string, payload []byte, qos byte, e *entry) error {
 	if qos > 0 {
 		pk.PacketID = c.track(e)
 	}
-	ok := c.write(func(b *bytes.Buffer) error {
+	err := c.queue(func(b *bytes.Buffer) error {
 		start := b.Len()
 		if err := pk.PublishEncode(b); err != nil {
 			return err
 		}
 		if c.maxOut > 0 && uint32(b.Len()-start) > c.maxOut {
-			b.Truncate(start)
 			return packets.ErrPacketTooLarge
 		}
 		return nil
 	})
-	if !ok {
-		if qos > 0 {
-			c.untrack(pk.PacketID)
-		}
-		return packets.ErrPacketTooLarge
+	if err != nil && qos > 0 {
+		c.untrack(pk.PacketID)
 	}
-	return nil
+	return err
 }
 
 // deliver sends an input message; a QoS 0 subscription's message is done
 // once written.
 func (c *conn) deliver(topic string, e *entry, qos byte) error {
 	if err := c.publish(topic, e.msg.Body, qos, e); err != nil {
-		if errors.Is(err, packets.ErrPacketTooLarge) && c.isOpen() {
+		if errors.Is(err, packets.ErrPacketTooLarge) && c.tr.IsOpen() {
 			// The module's own maximum packet size: it will never take
 			// this message.
 			c.h.stats.tooLarge.Add(1)
@@ -693,32 +595,15 @@ func (c *conn) deliver(topic string, e *entry, qos byte) error {
 	return nil
 }
 
-func (c *conn) isOpen() bool {
-	select {
-	case <-c.closing:
-		return false
-	default:
-		return true
-	}
-}
-
 func (c *conn) track(e *entry) uint16 {
 	c.inMu.Lock()
 	defer c.inMu.Unlock()
-	for {
-		c.nextID++
-		if c.nextID == 0 {
-			c.nextID = 1
-		}
-		if _, used := c.inflight[c.nextID]; !used {
-			break
-		}
-	}
-	c.inflight[c.nextID] = e
+	id := mqttconn.NextPacketID(&c.nextID, func(id uint16) bool { _, used := c.inflight[id]; return used })
+	c.inflight[id] = e
 	if e != nil {
 		c.deliveries++
 	}
-	return c.nextID
+	return id
 }
 
 func (c *conn) untrack(id uint16) {
@@ -760,33 +645,15 @@ func (c *conn) window() int { return min(c.h.lim.MaxInflight, c.receiveMax) }
 
 // close ends the connection once: an MQTT 5 module is told why (a reason
 // code of 0x80 or more) in a DISCONNECT, then the writer closes the socket.
-func (c *conn) close(reason error) {
-	c.once.Do(func() {
-		c.closeErr = reason
-		var code packets.Code
-		if c.version == 5 && c.mod != nil && errors.As(reason, &code) && code.Code >= 0x80 {
-			_, _ = c.writeRaw(func(b *bytes.Buffer) error {
-				pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}, ReasonCode: code.Code, ProtocolVersion: 5}
-				pk.Properties.ReasonString = code.Reason
-				return pk.DisconnectEncode(b)
-			})
-		}
-		close(c.closing)
-		// A writer blocked on a module that stopped reading gives up soon.
-		_ = c.nc.SetWriteDeadline(time.Now().Add(250 * time.Millisecond))
-		if c.mod == nil {
-			_ = c.nc.Close() // no writer yet
-		}
-	})
-}
+func (c *conn) close(reason error) { c.tr.Close(reason) }
 
 // teardown runs when the reader ends: it waits for the writer and the
 // deliverer, gives back what was sent but not acknowledged, and forgets
 // the connection.
 func (c *conn) teardown() {
 	c.close(nil)
-	c.wg.Wait() // the writer flushes what is queued (a DISCONNECT) and closes the socket
-	_ = c.nc.Close()
+	<-c.tr.Done() // the writer flushes what is queued (a DISCONNECT) and closes the socket
+	c.wg.Wait()   // the deliverer and the token's timer
 	c.inMu.Lock()
 	byQueue := map[*queue][]*entry{}
 	for id, e := range c.inflight {
@@ -804,7 +671,7 @@ func (c *conn) teardown() {
 	if c.mod != nil {
 		c.mod.detach(c)
 		c.mod.poke()
-		c.h.log.Info("module disconnected", "module", c.mod.name, "remote", c.remote)
+		c.h.log.Info("module disconnected", "module", c.mod.name, "remote", c.tr.Remote())
 	}
 	c.h.mu.Lock()
 	delete(c.h.conns, c)
@@ -818,11 +685,4 @@ func sortBySeq(es []*entry) {
 			es[j], es[j-1] = es[j-1], es[j]
 		}
 	}
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "…"
 }

@@ -239,7 +239,7 @@ func New(cfg Config) (*Hub, error) {
 		}
 		q := h.queueFor(sink, prio)
 		if qi.count > 0 {
-			q.diskNext, q.last = qi.first, qi.last
+			q.diskNext, q.last, q.visible = qi.first, qi.last, qi.last
 		}
 	}
 	if err := h.loadState(); err != nil {

@@ -159,6 +159,11 @@ func TestHub_StoreCapDropsOldest(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The cap is kept as the store applies its log, just after the PUBACKs.
+	waitFor(t, 5*time.Second, "every message to be stored or dropped", func() bool {
+		st := th.h.Stats()
+		return st.Queued+int64(st.Dropped) == 40
+	})
 	st := th.h.Stats()
 	if st.Dropped == 0 || st.QueuedBytes > 20<<10 {
 		t.Fatalf("stats %+v: nothing dropped, or over the cap", st)

@@ -11,6 +11,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
+	"appliance/internal/mqttconn"
 )
 
 // methodAnswer is a module's answer to a direct method, or the hub's.
@@ -144,7 +145,7 @@ func (m *module) methodsReady() {
 func (c *conn) methodResponse(pk packets.Packet) {
 	status, rid, ok := parseMethodResponse(pk.TopicName)
 	if !ok {
-		c.h.log.Info("malformed method response ignored", "module", c.mod.name, "topic", truncate(pk.TopicName, 200))
+		c.h.log.Info("malformed method response ignored", "module", c.mod.name, "topic", mqttconn.Truncate(pk.TopicName, 200))
 		return
 	}
 	payload := json.RawMessage(pk.Payload)

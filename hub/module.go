@@ -220,7 +220,7 @@ func (m *module) deliver(c *conn) {
 	m.poke()
 	for {
 		select {
-		case <-c.closing:
+		case <-c.tr.Closing():
 			return
 		case <-m.kick:
 		}

@@ -39,8 +39,11 @@ type queue struct {
 	// committed entry from it on must be read from disk, in order, before
 	// any later one is delivered.
 	diskNext uint64
-	// last is the highest seq committed to this queue.
+	// last is the highest seq given to this queue (give).
 	last uint64
+	// visible is the highest seq of this queue applied to hub.db: a read
+	// from disk finds every entry up to it that is still queued.
+	visible uint64
 	// kick wakes the consumer; set when one is attached.
 	kick func()
 }
@@ -90,10 +93,11 @@ func (m *memory) tryAdd(n int) bool {
 func (m *memory) add(n int) { m.used.Add(int64(n)) }
 func (m *memory) sub(n int) { m.used.Add(-int64(n)) }
 
-// committed takes an entry the writer has just committed: into memory if
-// nothing of this queue waits on disk and the budget allows, else it stays
-// on disk only.
-func (q *queue) committed(e *entry) {
+// give takes a new entry, in seq order: into memory if nothing of this
+// queue waits on disk and the budget allows, else it is read from hub.db
+// once applied there. Module inputs get their entries when they are
+// appended, $upstream once they are in the log (entry.early).
+func (q *queue) give(e *entry) {
 	q.mu.Lock()
 	q.last = e.seq
 	switch {
@@ -109,6 +113,27 @@ func (q *queue) committed(e *entry) {
 	}
 }
 
+// applied learns that the applier wrote the queue's entries up to seq to
+// hub.db: a consumer reading from disk may read them now.
+func (q *queue) applied(seq uint64) {
+	q.mu.Lock()
+	q.visible = max(q.visible, seq)
+	var kick func()
+	if q.diskNext != 0 {
+		kick = q.kick
+	}
+	q.mu.Unlock()
+	if kick != nil {
+		kick()
+	}
+}
+
+// failed takes back an entry given early whose log write failed (its
+// sender is told so, and sends it again): it is not delivered if it is
+// still waiting in memory. (After a failed write the log takes nothing
+// more until the agent restarts, so nothing behind it waits for it.)
+func (q *queue) failed(e *entry) { q.forget(e.seq) }
+
 // loadBatch bounds one read from disk.
 const (
 	loadBatch      = 512
@@ -117,7 +142,8 @@ const (
 
 // take returns the next entry to deliver, reading from disk when the
 // messages in memory have run out, or nil when the queue has nothing to
-// deliver. Only the queue's consumer calls it.
+// deliver now (the next give, or the applier writing what is to be read
+// from disk, kicks the consumer). Only the queue's consumer calls it.
 func (q *queue) take() *entry {
 	for {
 		q.mu.Lock()
@@ -131,10 +157,10 @@ func (q *queue) take() *entry {
 			q.mu.Unlock()
 			return e
 		}
-		from, lastAtStart := q.diskNext, q.last
+		from, visible := q.diskNext, q.visible
 		q.mu.Unlock()
-		if from == 0 {
-			return nil
+		if from == 0 || from > visible {
+			return nil // nothing on disk, or not in hub.db yet
 		}
 		loaded, last, err := q.h.store.read(q, from, loadBatch, loadBatchBytes)
 		if err != nil {
@@ -148,10 +174,12 @@ func (q *queue) take() *entry {
 				q.mem = append(q.mem, e)
 			}
 			switch {
-			case last == 0 && q.last != lastAtStart:
-				// Nothing visible yet, but commits came meanwhile: read again.
-			case last == 0 || last >= q.last:
-				q.diskNext = 0 // caught up: later commits go to memory again
+			case last == 0 && visible >= q.last:
+				q.diskNext = 0 // nothing left on disk: later entries go to memory again
+			case last == 0:
+				q.diskNext = visible + 1 // what was visible is gone (dropped, failed)
+			case last >= q.last:
+				q.diskNext = 0 // caught up
 			default:
 				q.diskNext = last + 1
 			}

@@ -12,6 +12,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"appliance/fleet"
+	"appliance/internal/mqttconn"
 )
 
 // twinState is a module's twin: the desired properties the deployment
@@ -182,7 +183,7 @@ func (c *conn) twinGet(pk packets.Packet) {
 	c.h.stats.twinGets.Add(1)
 	rid, ok := twinQuery(pk.TopicName, topicTwinGet)
 	if !ok {
-		c.h.log.Info("twin request without $rid ignored", "module", c.mod.name, "topic", truncate(pk.TopicName, 200))
+		c.h.log.Info("twin request without $rid ignored", "module", c.mod.name, "topic", mqttconn.Truncate(pk.TopicName, 200))
 		return
 	}
 	m := c.mod
@@ -204,7 +205,7 @@ func (c *conn) twinReported(pk packets.Packet) {
 	c.h.stats.twinReportedPatch.Add(1)
 	rid, ok := twinQuery(pk.TopicName, topicTwinReported)
 	if !ok {
-		c.h.log.Info("twin patch without $rid ignored", "module", c.mod.name, "topic", truncate(pk.TopicName, 200))
+		c.h.log.Info("twin patch without $rid ignored", "module", c.mod.name, "topic", mqttconn.Truncate(pk.TopicName, 200))
 		return
 	}
 	patch, err := decodeObject(pk.Payload)

@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"appliance/fleet"
 )
@@ -57,22 +58,47 @@ const (
 	maxKeyBytes = 64
 )
 
+// exportLine is what a line is read for; the decoder skips every other
+// field without keeping it.
+type exportLine struct {
+	ID             *string `json:"id"`
+	ModuleID       *string `json:"moduleId"`
+	Status         *string `json:"status"`
+	Authentication *struct {
+		Type         *string `json:"type"`
+		SymmetricKey *struct {
+			PrimaryKey   *string `json:"primaryKey"`
+			SecondaryKey *string `json:"secondaryKey"`
+		} `json:"symmetricKey"`
+	} `json:"authentication"`
+	Tags map[string]any `json:"tags"`
+}
+
 // Parse reads one line (without its newline). An error is a
 // *fleet.ValidationError naming the field (authentication.symmetricKey.
 // primaryKey, tags...), or naming none for a line that is not a JSON
 // object.
 func Parse(line []byte) (Identity, error) {
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(line, &fields); err != nil {
+	if t := bytes.TrimLeft(line, " \t\r\n"); len(t) == 0 || t[0] != '{' {
+		var v any
+		if err := json.Unmarshal(line, &v); err != nil {
+			return Identity{}, &fleet.ValidationError{Msg: "not a JSON object: " + jsonProblem(err)}
+		}
+		return Identity{}, &fleet.ValidationError{Msg: fmt.Sprintf("not a JSON object: a JSON %s", jsonKind(v))}
+	}
+	var l exportLine
+	if err := json.Unmarshal(line, &l); err != nil {
+		var typ *json.UnmarshalTypeError
+		if errors.As(err, &typ) && typ.Field != "" {
+			field := typ.Field
+			if strings.HasPrefix(field, "tags.") {
+				field = "tags"
+			}
+			return Identity{}, fleet.Invalid(field, "must be %s, got a JSON %s", kindOf(field), typ.Value)
+		}
 		return Identity{}, &fleet.ValidationError{Msg: "not a JSON object: " + jsonProblem(err)}
 	}
-	if fields == nil {
-		return Identity{}, &fleet.ValidationError{Msg: "not a JSON object: null"}
-	}
-	var id Identity
-	if err := str(fields, "id", &id.ID); err != nil {
-		return Identity{}, err
-	}
+	id := Identity{ID: deref(l.ID), Status: deref(l.Status), Tags: l.Tags}
 	if id.ID == "" {
 		return Identity{}, fleet.Invalid("id", "is required")
 	}
@@ -83,15 +109,8 @@ func Parse(line []byte) (Identity, error) {
 		}
 		return Identity{}, err
 	}
-	var module string
-	if err := str(fields, "moduleId", &module); err != nil {
-		return Identity{}, err
-	}
-	if module != "" {
+	if module := deref(l.ModuleID); module != "" {
 		return Identity{}, fleet.Invalid("moduleId", "%q: a module identity; only device identities are imported (module identities come with their deployment)", module)
-	}
-	if err := str(fields, "status", &id.Status); err != nil {
-		return Identity{}, err
 	}
 	switch id.Status {
 	case "":
@@ -100,54 +119,28 @@ func Parse(line []byte) (Identity, error) {
 	default:
 		return Identity{}, fleet.Invalid("status", "must be %q or %q; got %q", fleet.DeviceEnabled, fleet.DeviceDisabled, id.Status)
 	}
-	if err := parseAuthentication(fields["authentication"], &id); err != nil {
+	if a := l.Authentication; a != nil {
+		switch typ := deref(a.Type); typ {
+		case "", "sas":
+		default:
+			return Identity{}, fleet.Invalid("authentication.type", "%q: only symmetric keys (sas) are supported; X.509 devices cannot be imported", typ)
+		}
+		if k := a.SymmetricKey; k != nil {
+			id.PrimaryKey, id.SecondaryKey = deref(k.PrimaryKey), deref(k.SecondaryKey)
+		}
+	}
+	if err := checkKeys(id); err != nil {
 		return Identity{}, err
 	}
-	id.Tags = map[string]any{}
-	if raw, ok := fields["tags"]; ok && !isNull(raw) {
-		var tags map[string]any
-		if err := json.Unmarshal(raw, &tags); err != nil || tags == nil {
-			return Identity{}, fleet.Invalid("tags", "must be a JSON object")
-		}
-		if err := fleet.ValidateTags(tags); err != nil {
-			return Identity{}, err
-		}
-		id.Tags = tags
+	if id.Tags == nil {
+		id.Tags = map[string]any{}
+	} else if err := fleet.ValidateTags(id.Tags); err != nil {
+		return Identity{}, err
 	}
 	return id, nil
 }
 
-func parseAuthentication(raw json.RawMessage, id *Identity) error {
-	if raw == nil || isNull(raw) {
-		return nil
-	}
-	var auth map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &auth); err != nil || auth == nil {
-		return fleet.Invalid("authentication", "must be a JSON object")
-	}
-	var typ string
-	if err := str(auth, "type", &typ); err != nil {
-		return prefixed("authentication", err)
-	}
-	switch typ {
-	case "", "sas":
-	default:
-		return fleet.Invalid("authentication.type", "%q: only symmetric keys (sas) are supported; X.509 devices cannot be imported", typ)
-	}
-	keysRaw, ok := auth["symmetricKey"]
-	if !ok || isNull(keysRaw) {
-		return nil
-	}
-	var keys map[string]json.RawMessage
-	if err := json.Unmarshal(keysRaw, &keys); err != nil || keys == nil {
-		return fleet.Invalid("authentication.symmetricKey", "must be a JSON object")
-	}
-	if err := str(keys, "primaryKey", &id.PrimaryKey); err != nil {
-		return prefixed("authentication.symmetricKey", err)
-	}
-	if err := str(keys, "secondaryKey", &id.SecondaryKey); err != nil {
-		return prefixed("authentication.symmetricKey", err)
-	}
+func checkKeys(id Identity) error {
 	switch {
 	case id.PrimaryKey == "" && id.SecondaryKey == "":
 		return nil
@@ -156,39 +149,54 @@ func parseAuthentication(raw json.RawMessage, id *Identity) error {
 	case id.SecondaryKey == "":
 		return fleet.Invalid("authentication.symmetricKey.secondaryKey", "is missing while primaryKey is given: give both keys or neither")
 	}
-	for field, key := range map[string]string{"primaryKey": id.PrimaryKey, "secondaryKey": id.SecondaryKey} {
-		b, err := base64.StdEncoding.DecodeString(key)
+	for _, k := range [2]struct{ field, key string }{{"primaryKey", id.PrimaryKey}, {"secondaryKey", id.SecondaryKey}} {
+		n := base64.StdEncoding.DecodedLen(len(k.key))
+		var buf [maxKeyBytes + 3]byte
+		if n > len(buf) {
+			return fleet.Invalid("authentication.symmetricKey."+k.field, "is %d characters long; a key is %d to %d bytes (base64)", len(k.key), minKeyBytes, maxKeyBytes)
+		}
+		got, err := base64.StdEncoding.Decode(buf[:], []byte(k.key))
 		if err != nil {
-			return fleet.Invalid("authentication.symmetricKey."+field, "is not base64")
+			return fleet.Invalid("authentication.symmetricKey."+k.field, "is not base64")
 		}
-		if len(b) < minKeyBytes || len(b) > maxKeyBytes {
-			return fleet.Invalid("authentication.symmetricKey."+field, "is %d bytes; a key is %d to %d bytes (base64)", len(b), minKeyBytes, maxKeyBytes)
+		if got < minKeyBytes || got > maxKeyBytes {
+			return fleet.Invalid("authentication.symmetricKey."+k.field, "is %d bytes; a key is %d to %d bytes (base64)", got, minKeyBytes, maxKeyBytes)
 		}
 	}
 	return nil
 }
 
-// str reads an optional string field: absent and null are "".
-func str(fields map[string]json.RawMessage, name string, out *string) error {
-	raw, ok := fields[name]
-	if !ok || isNull(raw) {
-		return nil
+func deref(s *string) string {
+	if s == nil {
+		return ""
 	}
-	if err := json.Unmarshal(raw, out); err != nil {
-		return fleet.Invalid(name, "must be a string")
-	}
-	return nil
+	return *s
 }
 
-func prefixed(prefix string, err error) error {
-	var ve *fleet.ValidationError
-	if errors.As(err, &ve) {
-		return &fleet.ValidationError{Field: prefix + "." + ve.Field, Msg: ve.Msg}
+// kindOf says what a field of a line must be.
+func kindOf(field string) string {
+	switch field {
+	case "tags", "authentication", "authentication.symmetricKey":
+		return "a JSON object"
 	}
-	return err
+	return "a string"
 }
 
-func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
+func jsonKind(v any) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case []any:
+		return "array"
+	case string:
+		return "string"
+	case float64:
+		return "number"
+	case bool:
+		return "boolean"
+	}
+	return "value"
+}
 
 // jsonProblem says what is wrong with a line's JSON, without echoing it
 // (a line may hold keys).

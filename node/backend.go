@@ -82,6 +82,20 @@ func (b *backend) view(ctx context.Context, consistent bool, fn func(r *raftstor
 	return b.store.View(fn)
 }
 
+// viewBeforeWrite reads what a write checks before it is proposed. It
+// reads this node's copy, and asks again with a read barrier before
+// answering "not found": on a follower that has not applied a write the
+// leader just acknowledged (the device created a moment ago through
+// another node), a local read alone would refuse an edit of something
+// that exists.
+func (b *backend) viewBeforeWrite(ctx context.Context, fn func(r *raftstore.Reader) error) error {
+	err := b.view(ctx, false, fn)
+	if errors.Is(err, fleet.ErrNotFound) {
+		err = b.view(ctx, true, fn)
+	}
+	return err
+}
+
 func now() time.Time { return time.Now().UTC().Truncate(time.Microsecond) }
 
 func precondition(o api.WriteOptions) raftstore.Precondition {
@@ -140,11 +154,12 @@ func (b *backend) PatchDevice(ctx context.Context, id string, p api.DevicePatch,
 	}
 	if len(p.Tags) > 0 {
 		var tags map[string]any
-		if err := b.view(ctx, false, func(r *raftstore.Reader) error {
+		read := func(r *raftstore.Reader) error {
 			d, err := r.Device(id)
 			tags = d.Tags
 			return err
-		}); err != nil {
+		}
+		if err := b.viewBeforeWrite(ctx, read); err != nil {
 			return fleet.Device{}, err
 		}
 		if tags == nil {
@@ -447,7 +462,7 @@ func (b *backend) PatchDeployment(ctx context.Context, id string, p api.Deployme
 	}
 	if p.TargetCondition != nil || p.Priority != nil {
 		var stored fleet.Deployment
-		if err := b.view(ctx, false, func(r *raftstore.Reader) (err error) { stored, err = r.Deployment(id); return err }); err != nil {
+		if err := b.viewBeforeWrite(ctx, func(r *raftstore.Reader) (err error) { stored, err = r.Deployment(id); return err }); err != nil {
 			return api.DeploymentView{}, err
 		}
 		if p.TargetCondition != nil {

@@ -24,7 +24,7 @@ import (
 // of keeping what it last ran. A device a deployment applies to is a
 // conflict: its document is that deployment's.
 func (b *backend) ResetDevice(ctx context.Context, id string, opts api.WriteOptions) (fleet.Device, error) {
-	if err := b.view(ctx, false, func(r *raftstore.Reader) error {
+	if err := b.viewBeforeWrite(ctx, func(r *raftstore.Reader) error {
 		_, err := r.Device(id)
 		return err
 	}); err != nil {

@@ -157,7 +157,7 @@ func (b *backend) RegenerateDeviceKey(ctx context.Context, id, which string) (fl
 		return fleet.Device{}, fleet.Invalid("key", "must be primary or secondary; got %q", which)
 	}
 	var cur fleet.Device
-	if err := b.view(ctx, false, func(r *raftstore.Reader) error {
+	if err := b.viewBeforeWrite(ctx, func(r *raftstore.Reader) error {
 		var err error
 		cur, err = r.Device(id)
 		return err

@@ -30,10 +30,15 @@ const (
 	// enough that raft, the state file and the assignments take a whole
 	// batch in one go, small enough (about 0.5 MB) to replicate at once.
 	importBatchDevices = 2000
+	// importBatchBytes also ends a batch: devices with large tags make
+	// larger entries, and an entry a follower forwards must stay well
+	// within the cluster port's cap on a request (8 MiB). Counted as the
+	// lines' lengths, which hold more than the entry will.
+	importBatchBytes = 2 << 20
 	// importInFlight batches are proposed at once; the reader waits for
 	// one of them to finish before it reads more (the client's upload
 	// waits with it).
-	importInFlight = 4
+	importInFlight = 8
 	// exportPage devices are read per read transaction of an export: a
 	// long-held read transaction would hold up the state file's growth.
 	exportPage = 5000
@@ -106,9 +111,10 @@ func (imp *importer) run(ctx context.Context, body io.Reader) (api.ImportSummary
 func (imp *importer) read(ctx context.Context, body io.Reader, batches chan<- []raftstore.ImportedDevice) error {
 	lr := identityfile.NewReader(body, api.MaxImportLineBytes)
 	pending := make([]raftstore.ImportedDevice, 0, importBatchDevices)
+	pendingBytes := 0
 	flush := func() bool {
 		batch := imp.check(pending)
-		pending = make([]raftstore.ImportedDevice, 0, importBatchDevices)
+		pending, pendingBytes = make([]raftstore.ImportedDevice, 0, importBatchDevices), 0
 		if len(batch) == 0 {
 			return true
 		}
@@ -153,8 +159,8 @@ func (imp *importer) read(ctx context.Context, body io.Reader, batches chan<- []
 		if imp.opts.Mode != raftstore.ImportDelete {
 			d.Status, d.Tags, d.Keys = id.Status, id.Tags, id.KeyHashes()
 		}
-		pending = append(pending, d)
-		if len(pending) == importBatchDevices && !flush() {
+		pending, pendingBytes = append(pending, d), pendingBytes+len(line)
+		if (len(pending) == importBatchDevices || pendingBytes >= importBatchBytes) && !flush() {
 			return nil
 		}
 		if ctx.Err() != nil {

@@ -197,3 +197,84 @@ func TestImport_AtomicAndDryRun(t *testing.T) {
 		t.Fatalf("delete: %+v, %v", sum, err)
 	}
 }
+
+// failingReader gives the first n bytes of data, then fails: a client
+// whose upload breaks part way.
+type failingReader struct {
+	data []byte
+	n    int
+}
+
+func (r *failingReader) Read(p []byte) (int, error) {
+	if r.n <= 0 {
+		return 0, errors.New("connection reset by the test")
+	}
+	k := copy(p, r.data[:min(len(r.data), r.n, len(p))])
+	r.data, r.n = r.data[k:], r.n-k
+	return k, nil
+}
+
+// TestImport_InterruptedThenResumedWithUpsert: an upload that breaks part
+// way leaves some devices imported; the same file again with upsert
+// imports the rest and leaves those alone, so every device is there once,
+// as the file says.
+func TestImport_InterruptedThenResumedWithUpsert(t *testing.T) {
+	n := startNode(t, t.TempDir())
+	c := clientFor(n)
+	ctx := context.Background()
+	file := importFile(9000, "res", "prod", nil)
+	_, err := c.ImportDevices(ctx, &failingReader{data: file, n: len(file) * 2 / 3}, api.ImportOptions{Mode: "create"})
+	if err == nil {
+		t.Fatal("an import whose upload broke reported success")
+	}
+	total := func() int {
+		page, err := c.Devices(ctx, api.DeviceQuery{Limit: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return *page.Total
+	}
+	// The node finishes (or drops) what it had taken when the upload
+	// broke, and answers (to nobody): the request is then counted.
+	waitFor(t, "the broken import's request to end", func() bool {
+		_, body, _ := rawRequest(t, "GET", n.URL()+"/metrics", n.Token(), "")
+		return strings.Contains(body, `route="POST /api/v1/device-import"`)
+	})
+	partial := total()
+	if partial >= 9000 {
+		t.Fatalf("%d devices after a broken upload of two thirds of the file", partial)
+	}
+	sum, err := c.ImportDevices(ctx, bytes.NewReader(file), api.ImportOptions{Mode: "upsert"})
+	if err != nil || sum.Created != 9000-partial || sum.Unchanged != partial || sum.Failed != 0 || total() != 9000 {
+		t.Fatalf("resume with upsert after %d devices: %+v, %v", partial, sum, err)
+	}
+	if _, err := connectDevice(t, n.MQTTAddr(), "res-08999", importKey("res-08999", "p")); err != nil {
+		t.Fatalf("a device of the resumed part with its key: %v", err)
+	}
+}
+
+// TestImport_ThroughAFollowerWithLargeTags: an import taken by a follower
+// goes to the leader entry by entry over the cluster port (mutual TLS);
+// devices with large tags end their batch early, so that no entry is over
+// what the port takes in one request (8 MiB): 200 devices with 50 KB of
+// tags each (10 MB) are imported whole.
+func TestImport_ThroughAFollowerWithLargeTags(t *testing.T) {
+	n1 := startTLSNode(t, Config{NodeID: "n1"})
+	n2 := startTLSNode(t, Config{NodeID: "n2", Join: "https://" + n1.RaftAddr(), JoinToken: n1.JoinToken()})
+	waitFor(t, "n2 follows n1", func() bool { _, id := n2.store.Leader(); return id == "n1" })
+	var file bytes.Buffer
+	big := strings.Repeat("x", 50_000)
+	for i := range 200 {
+		id := fmt.Sprintf("big-%03d", i)
+		fmt.Fprintf(&file, `{"id":%q,"authentication":{"symmetricKey":{"primaryKey":%q,"secondaryKey":%q}},"tags":{"environment":"prod","notes":%q}}`+"\n",
+			id, importKey(id, "p"), importKey(id, "s"), big)
+	}
+	sum, err := tlsClient(t, n2).ImportDevices(context.Background(), &file, api.ImportOptions{Mode: "create"})
+	if err != nil || sum.Created != 200 || sum.Failed != 0 {
+		t.Fatalf("import of large devices through the follower: %+v, %v", sum, err)
+	}
+	d, err := tlsClient(t, n1).Device(context.Background(), "big-199", true)
+	if err != nil || d.Tags["notes"] != big {
+		t.Fatalf("big-199 on the leader: %v", err)
+	}
+}

@@ -72,7 +72,7 @@ func (b *backend) InvokeMethod(ctx context.Context, deviceID, moduleID, method s
 	if err := req.Validate(); err != nil {
 		return api.MethodResult{}, err
 	}
-	if err := b.view(ctx, false, func(r *raftstore.Reader) error {
+	if err := b.viewBeforeWrite(ctx, func(r *raftstore.Reader) error {
 		_, err := r.Device(deviceID)
 		return err
 	}); err != nil {

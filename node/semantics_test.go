@@ -302,6 +302,37 @@ func TestLimits_LoweredLimitKeepsDevicesEditable(t *testing.T) {
 	}
 }
 
+// TestPatchDevice_ThroughAFollowerRightAfterCreate: a device created
+// through the leader and edited at once through a follower is found: the
+// edit's tag check does not answer 404 from a follower that has not
+// applied the creation yet (TestCluster_FaultInjection found it).
+func TestPatchDevice_ThroughAFollowerRightAfterCreate(t *testing.T) {
+	n1 := startNode(t, t.TempDir())
+	n2 := startNodeWith(t, t.TempDir(), func(c *Config) { c.NodeID, c.Join, c.JoinToken = "n2", "https://"+n1.RaftAddr(), n1.JoinToken() })
+	c1, c2 := clientFor(n1), clientFor(n2)
+	ctx := context.Background()
+	for i := range 100 {
+		id := fmt.Sprintf("press-%03d", i)
+		createDevice(t, c1, id, map[string]any{"line": 1})
+		// The edit is sent again when its outcome is unknown (the two
+		// nodes changed leader on a starved machine; it is idempotent);
+		// "not found" is the answer that must never come.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			_, err := c2.PatchDevice(ctx, id, api.DevicePatch{Tags: map[string]any{"line": 2}}, api.WriteOptions{})
+			if err == nil {
+				break
+			}
+			if errors.Is(err, fleet.ErrNotFound) || time.Now().After(deadline) {
+				t.Fatalf("edit of %s through the follower right after its creation: %v", id, err)
+			}
+			t.Logf("edit of %s, sent again: %v", id, err)
+		}
+	}
+	if _, err := c2.PatchDevice(ctx, "nobody", api.DevicePatch{Tags: map[string]any{"line": 2}}, api.WriteOptions{}); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("edit of a device that does not exist: %v, want not found", err)
+	}
+}
+
 // TestUntargeted_KeepsWhatItRuns: a device no deployment targets any more
 // is sent nothing (it keeps its last document), device show and status say
 // so; a reset sends it the empty document; a reset of a targeted device is

@@ -1,11 +1,9 @@
 package northbound
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -20,7 +18,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"appliance/fleet"
-	"appliance/internal/mqttwire"
+	"appliance/internal/mqttconn"
 	"appliance/internal/netlimit"
 )
 
@@ -32,12 +30,12 @@ var (
 )
 
 // conn is one consumer connection: a reader goroutine (serve) that decodes
-// packets with mochi's codec and handles them, and a writer goroutine that
-// writes what the streams and the reader queue, with a deadline per write.
+// packets with mochi's codec and handles them, and the transport's writer
+// goroutine (internal/mqttconn, shared with the device hub) that writes
+// what the streams and the reader queue, with a deadline per write.
 type conn struct {
 	s      *Server
-	nc     net.Conn
-	br     *bufio.Reader
+	tr     *mqttconn.Conn
 	remote string
 
 	// Set by the CONNECT, read-only after.
@@ -55,14 +53,8 @@ type conn struct {
 	inflight map[uint16]inflightRef
 	reserved int
 	streams  []*stream
-	out      []byte // encoded packets not yet written
-	closed   bool
-	closeErr error
 
-	wake    chan struct{}
-	closing chan struct{}
-	done    chan struct{}
-	once    sync.Once
+	done chan struct{} // closed once teardown is over
 }
 
 type inflightRef struct {
@@ -71,9 +63,8 @@ type inflightRef struct {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	return &conn{s: s, nc: nc, br: bufio.NewReaderSize(nc, 4<<10), remote: nc.RemoteAddr().String(),
-		inflight: map[uint16]inflightRef{}, wake: make(chan struct{}, 1), closing: make(chan struct{}), done: make(chan struct{}),
-		window: s.lim.MaxInflight}
+	tr := mqttconn.New(nc, 4<<10, mqttconn.Limits{ConnectTimeout: s.lim.ConnectTimeout, WriteTimeout: s.lim.WriteTimeout})
+	return &conn{s: s, tr: tr, remote: tr.Remote(), inflight: map[uint16]inflightRef{}, done: make(chan struct{}), window: s.lim.MaxInflight}
 }
 
 // serve runs the connection to its end. A panic in it (mochi's decoders:
@@ -87,22 +78,19 @@ func (c *conn) serve() {
 			c.close(packets.ErrUnspecifiedError)
 		}
 	}()
-	_ = c.nc.SetDeadline(time.Now().Add(c.s.lim.ConnectTimeout))
-	if tc, ok := c.nc.(*tls.Conn); ok {
-		if err := tc.Handshake(); err != nil {
-			c.s.log.Debug("consumer TLS handshake failed", "remote", c.remote, "error", err)
-			c.close(nil)
-			return
-		}
+	if err := c.tr.Handshake(); err != nil {
+		c.s.log.Debug("consumer TLS handshake failed", "remote", c.remote, "error", err)
+		c.close(nil)
+		return
 	}
 	if !c.connect() {
 		return
 	}
-	_ = c.nc.SetWriteDeadline(time.Time{})
-	go c.writer()
+	c.tr.Connected(c.version, c.keepalive, func(err error) {
+		c.s.logClient("consumer connection write failed; closing it (its session keeps its place)", "consumer", c.consumer, "client", c.clientID, "remote", c.remote, "error", err)
+	}, c.written)
 	for {
-		_ = c.nc.SetReadDeadline(time.Now().Add(c.keepalive + c.keepalive/2))
-		pk, err := c.readPacket()
+		pk, err := c.tr.Next(maxIncomingPacket)
 		if err != nil {
 			var code packets.Code
 			if errors.As(err, &code) {
@@ -119,16 +107,10 @@ func (c *conn) serve() {
 	}
 }
 
-// readPacket reads and decodes one packet (internal/mqttwire). A
-// consumer sends only small packets.
-func (c *conn) readPacket() (packets.Packet, error) {
-	return mqttwire.ReadPacket(c.br, c.version, maxIncomingPacket)
-}
-
 // connect reads the CONNECT and admits the consumer, or refuses it.
 func (c *conn) connect() bool {
-	pk, err := c.readPacket()
-	if err != nil || pk.FixedHeader.Type != packets.Connect {
+	pk, code, why, err := c.tr.ReadConnect(maxIncomingPacket, "consumers speak 3.1.1 (4) or 5") // a consumer sends only small packets
+	if err != nil {
 		c.s.log.Debug("consumer connection ended before CONNECT", "remote", c.remote, "error", err)
 		c.close(nil)
 		return false
@@ -137,22 +119,11 @@ func (c *conn) connect() bool {
 	refuse := func(code packets.Code, why string) bool {
 		c.s.stats.authFailures.Add(1)
 		c.s.logClient("consumer refused", "consumer", string(pk.Connect.Username), "client", pk.Connect.ClientIdentifier, "remote", c.remote, "reason", why)
-		c.writeNow(func(b *bytes.Buffer) error {
-			if c.version < 5 {
-				code = v3ConnackCode(code)
-			}
-			ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ReasonCode: code.Code, ProtocolVersion: c.version}
-			return ack.ConnackEncode(b)
-		})
-		c.close(nil)
+		c.tr.Refuse(c.version, code)
 		return false
 	}
-	if c.version != 4 && c.version != 5 {
-		c.version = 4
-		return refuse(packets.ErrUnsupportedProtocolVersion, fmt.Sprintf("MQTT protocol level %d; consumers speak 3.1.1 (4) or 5", pk.ProtocolVersion))
-	}
-	if code := pk.ConnectValidate(); code != packets.CodeSuccess {
-		return refuse(code, code.Reason)
+	if code != packets.CodeSuccess {
+		return refuse(code, why)
 	}
 	if pk.Connect.WillFlag {
 		return refuse(packets.ErrNotAuthorized, "a consumer may publish nothing, a will included")
@@ -167,7 +138,7 @@ func (c *conn) connect() bool {
 	if err != nil {
 		return refuse(packets.ErrBadUsernameOrPassword, err.Error())
 	}
-	netlimit.Release(c.nc)
+	netlimit.Release(c.tr.NetConn())
 	c.consumer = name
 	// MQTT 3.1.1: clean session 0 resumes a session and keeps it after
 	// the connection. MQTT 5: clean start 1 discards a kept session, and
@@ -209,7 +180,7 @@ func (c *conn) connect() bool {
 	if err != nil {
 		return refuse(packets.ErrQuotaExceeded, err.Error())
 	}
-	c.writeNow(func(b *bytes.Buffer) error {
+	c.tr.WriteNow(func(b *bytes.Buffer) error {
 		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, SessionPresent: present, ProtocolVersion: c.version}
 		if c.version == 5 {
 			ack.Properties = packets.Properties{
@@ -238,21 +209,6 @@ func (c *conn) connect() bool {
 	c.s.log.Info("consumer connected", "consumer", name, "client", c.clientID, "remote", c.remote,
 		"mqtt", map[byte]string{4: "3.1.1", 5: "5"}[c.version], "persistent", persistent, "sessionPresent", present)
 	return true
-}
-
-// v3ConnackCode maps an MQTT 5 refusal to MQTT 3.1.1's return codes.
-func v3ConnackCode(code packets.Code) packets.Code {
-	switch code {
-	case packets.ErrUnsupportedProtocolVersion:
-		return packets.Err3UnsupportedProtocolVersion
-	case packets.ErrClientIdentifierNotValid:
-		return packets.Err3ClientIdentifierNotValid
-	case packets.ErrBadUsernameOrPassword:
-		return packets.ErrMalformedUsernameOrPassword // 0x04: bad user name or password
-	case packets.ErrNotAuthorized:
-		return packets.Err3NotAuthorized
-	}
-	return packets.Err3ServerUnavailable
 }
 
 func randomHex(n int) string {
@@ -318,7 +274,7 @@ func (c *conn) handle(pk packets.Packet) bool {
 // MQTT 5 consumer gets PUBACK "not authorized" (QoS 1) and stays; an MQTT
 // 3.1.1 one, which cannot be told, is disconnected.
 func (c *conn) refusePublish(pk packets.Packet) bool {
-	c.s.logClient("consumer publish refused: consumers are read-only", "consumer", c.consumer, "client", c.clientID, "topic", truncate(pk.TopicName, 200))
+	c.s.logClient("consumer publish refused: consumers are read-only", "consumer", c.consumer, "client", c.clientID, "topic", mqttconn.Truncate(pk.TopicName, 200))
 	if c.version < 5 {
 		c.close(nil)
 		return false
@@ -337,7 +293,7 @@ func (c *conn) refusePublish(pk packets.Packet) bool {
 func (c *conn) reserve() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || len(c.inflight)+c.reserved >= c.window || len(c.out) >= maxQueuedBytes {
+	if !c.tr.IsOpen() || len(c.inflight)+c.reserved >= c.window || c.tr.Pending() >= maxQueuedBytes {
 		return false
 	}
 	c.reserved++
@@ -366,43 +322,31 @@ func (c *conn) publish(st *stream, m Message, qos byte, dup bool) (uint16, error
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.reserved--
-	if c.closed {
+	if qos > 0 {
+		// The window keeps fewer than 65535 in flight.
+		pk.PacketID = mqttconn.NextPacketID(&c.nextPID, func(id uint16) bool { _, used := c.inflight[id]; return used })
+	}
+	_, err := c.tr.Queue(func(b *bytes.Buffer) error {
+		start := b.Len()
+		if err := pk.PublishEncode(b); err != nil {
+			return err
+		}
+		if c.maxOut > 0 && uint32(b.Len()-start) > c.maxOut {
+			return errTooLarge
+		}
+		return nil
+	})
+	if errors.Is(err, mqttconn.ErrClosed) {
 		return 0, errClosing
 	}
-	if qos > 0 {
-		pk.PacketID = c.nextFreePID()
-	}
-	start := len(c.out)
-	buf := bytes.NewBuffer(c.out)
-	if err := pk.PublishEncode(buf); err != nil {
-		c.out = c.out[:start]
+	if err != nil {
 		return 0, err
-	}
-	c.out = buf.Bytes()
-	if c.maxOut > 0 && uint32(len(c.out)-start) > c.maxOut {
-		c.out = c.out[:start]
-		return 0, errTooLarge
 	}
 	if qos > 0 {
 		c.inflight[pk.PacketID] = inflightRef{st: st, off: m.Offset}
 	}
 	c.s.stats.out.Add(1)
-	c.kick()
 	return pk.PacketID, nil
-}
-
-// nextFreePID gives the next packet id not in flight; c.mu held (the
-// window keeps fewer than 65535 in flight).
-func (c *conn) nextFreePID() uint16 {
-	for {
-		c.nextPID++
-		if c.nextPID == 0 {
-			c.nextPID = 1
-		}
-		if _, used := c.inflight[c.nextPID]; !used {
-			return c.nextPID
-		}
-	}
 }
 
 // acknowledged settles a PUBACK (one for an id not in flight is ignored,
@@ -449,94 +393,27 @@ func (c *conn) leaveStreams() {
 	}
 }
 
-// queue adds a control packet to the write queue.
-func (c *conn) queue(enc func(*bytes.Buffer) error) {
+// queue adds a control packet to the write queue (nothing once closing).
+func (c *conn) queue(enc func(*bytes.Buffer) error) { _, _ = c.tr.Queue(enc) }
+
+// written wakes the streams once a write emptied a full queue: there is
+// room again.
+func (c *conn) written(n int) {
+	if n < maxQueuedBytes {
+		return
+	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return
-	}
-	buf := bytes.NewBuffer(c.out)
-	if err := enc(buf); err == nil {
-		c.out = buf.Bytes()
-	}
-	c.kick()
-}
-
-// writeNow writes a packet at once (before the writer runs: CONNACK).
-func (c *conn) writeNow(enc func(*bytes.Buffer) error) {
-	var b bytes.Buffer
-	if err := enc(&b); err != nil {
-		return
-	}
-	_ = c.nc.SetWriteDeadline(time.Now().Add(c.s.lim.WriteTimeout))
-	_, _ = c.nc.Write(b.Bytes())
-}
-
-func (c *conn) kick() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
-}
-
-// writer writes the queue, everything queued at once, each write bounded
-// by Limits.WriteTimeout: a consumer that stops reading is disconnected.
-func (c *conn) writer() {
-	var spare []byte
-	for {
-		select {
-		case <-c.wake:
-		case <-c.closing:
-			return
-		}
-		c.mu.Lock()
-		out := c.out
-		c.out = spare[:0]
-		streams := slices.Clone(c.streams)
-		c.mu.Unlock()
-		if len(out) == 0 {
-			spare = out
-			continue
-		}
-		_ = c.nc.SetWriteDeadline(time.Now().Add(c.s.lim.WriteTimeout))
-		if _, err := c.nc.Write(out); err != nil {
-			c.s.logClient("consumer connection write failed; closing it (its session keeps its place)", "consumer", c.consumer, "client", c.clientID, "remote", c.remote, "error", err)
-			c.close(nil)
-			return
-		}
-		spare = out
-		if len(out) >= maxQueuedBytes {
-			for _, st := range streams {
-				st.poke() // there is room again
-			}
-		}
+	streams := slices.Clone(c.streams)
+	c.mu.Unlock()
+	for _, st := range streams {
+		st.poke()
 	}
 }
 
 // close ends the connection (MQTT 5 consumers are told why, when code is
-// set). It returns at once; teardown runs on the connection's goroutine.
-func (c *conn) close(code error) {
-	c.once.Do(func() {
-		c.mu.Lock()
-		c.closed = true
-		c.closeErr = code
-		out := c.out
-		c.out = nil
-		c.mu.Unlock()
-		close(c.closing)
-		var pc packets.Code
-		if c.version == 5 && c.consumer != "" && errors.As(code, &pc) {
-			var b bytes.Buffer
-			d := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}, ReasonCode: pc.Code, ProtocolVersion: 5}
-			if d.DisconnectEncode(&b) == nil {
-				_ = c.nc.SetWriteDeadline(time.Now().Add(250 * time.Millisecond))
-				_, _ = c.nc.Write(append(out, b.Bytes()...))
-			}
-		}
-		_ = c.nc.Close()
-	})
-}
+// a reason code). It returns at once; teardown runs on the connection's
+// goroutine.
+func (c *conn) close(code error) { c.tr.Close(code) }
 
 // teardown runs when serve returns: the connection leaves its session.
 func (c *conn) teardown() {

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"appliance/internal/mqttconn"
 )
 
 // Sessions and streams.
@@ -335,7 +337,7 @@ func (s *Server) subscribe(c *conn, filters []packets.Subscription) []byte {
 		group, sf, err := parseSubscription(f.Filter)
 		if err != nil {
 			codes[i] = c.notAuthorized()
-			s.logClient("consumer subscription refused", "consumer", c.consumer, "client", c.clientID, "filter", truncate(f.Filter, 200), "reason", err.Error())
+			s.logClient("consumer subscription refused", "consumer", c.consumer, "client", c.clientID, "filter", mqttconn.Truncate(f.Filter, 200), "reason", err.Error())
 			continue
 		}
 		if len(se.subs)+len(se.shared) >= s.lim.MaxSubscriptions && !se.has(group, sf) {
@@ -343,7 +345,7 @@ func (s *Server) subscribe(c *conn, filters []packets.Subscription) []byte {
 			if c.version < 5 {
 				codes[i] = packets.ErrUnspecifiedError.Code
 			}
-			s.logClient("consumer subscription refused", "consumer", c.consumer, "client", c.clientID, "filter", truncate(f.Filter, 200),
+			s.logClient("consumer subscription refused", "consumer", c.consumer, "client", c.clientID, "filter", mqttconn.Truncate(f.Filter, 200),
 				"reason", fmt.Sprintf("a session holds at most %d subscriptions", s.lim.MaxSubscriptions))
 			continue
 		}
@@ -598,11 +600,4 @@ func (s *Server) logClient(msg string, args ...any) {
 	if n, ok := s.clientLog.Allow(); ok {
 		s.log.Info(msg, append(args, "suppressed", n)...)
 	}
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "..."
 }

@@ -37,14 +37,33 @@ func BenchmarkReplicatedWrites(b *testing.B) {
 			} else {
 				name += ",groups"
 			}
-			b.Run(name, func(b *testing.B) { benchReplicatedWrites(b, clients, proposeEach) })
+			b.Run(name, func(b *testing.B) { benchReplicatedWrites(b, clients, proposeEach, false) })
 		}
 	}
 }
 
-func benchReplicatedWrites(b *testing.B, clients int, proposeEach bool) {
+// BenchmarkLogStoreWrites is BenchmarkReplicatedWrites' node path (the
+// proposer's groups) with each log store in the same run: raft-boltdb
+// (two fdatasyncs per commit: bbolt's data pages, then its meta page) and
+// hashicorp/raft-wal (one fsync of the segment per append).
+func BenchmarkLogStoreWrites(b *testing.B) {
+	for _, clients := range []int{1, 64} {
+		for _, store := range logStores {
+			name := fmt.Sprintf("clients-%d,%s", clients, store.name)
+			b.Run(name, func(b *testing.B) { benchReplicatedWrites(b, clients, false, store.wal) })
+		}
+	}
+}
+
+// logStores are the log stores the benchmarks compare.
+var logStores = []struct {
+	name string
+	wal  bool
+}{{"boltdb", false}, {"wal", true}}
+
+func benchReplicatedWrites(b *testing.B, clients int, proposeEach, walLog bool) {
 	cfg := testConfig(b, b.TempDir(), "bench")
-	cfg.Bootstrap, cfg.proposeEach = true, proposeEach
+	cfg.Bootstrap, cfg.proposeEach, cfg.walLog = true, proposeEach, walLog
 	s := openConfig(b, cfg)
 	if err := s.WaitLeader(testContext(b)); err != nil {
 		b.Fatal(err)
@@ -112,22 +131,25 @@ func BenchmarkFailover(b *testing.B) {
 // BenchmarkPacedWrites measures the latency of acknowledged writes on a
 // single node under a steady stream: b.N writes issued at 1,000/s (at most
 // 32 in flight), each timed from proposal to the answer. It compares, in
-// one run, the write path before and after two changes: an fsynced state
-// file (sync-state) against one committed without fsync (statefile.go), and
+// one run, the write path before and after three changes: an fsynced state
+// file (sync-state) against one committed without fsync (statefile.go),
 // raft.Apply per write (propose-each) against the proposer's groups
-// (proposer.go). Run it with a fixed count, e.g. -benchtime=10000x.
+// (proposer.go), and the log in raft-boltdb (two fdatasyncs per commit)
+// against hashicorp/raft-wal (one). Run it with a fixed count, e.g.
+// -benchtime=10000x.
 func BenchmarkPacedWrites(b *testing.B) {
 	for _, tc := range []struct {
-		name                   string
-		syncState, proposeEach bool
+		name                           string
+		syncState, proposeEach, walLog bool
 	}{
-		{"sync-state,propose-each", true, true},
-		{"nosync-state,propose-each", false, true},
-		{"nosync-state,groups", false, false},
+		{"sync-state,propose-each,boltdb", true, true, false},
+		{"nosync-state,propose-each,boltdb", false, true, false},
+		{"nosync-state,groups,boltdb", false, false, false},
+		{"nosync-state,groups,wal", false, false, true},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			cfg := testConfig(b, b.TempDir(), "bench")
-			cfg.Bootstrap, cfg.syncState, cfg.proposeEach = true, tc.syncState, tc.proposeEach
+			cfg.Bootstrap, cfg.syncState, cfg.proposeEach, cfg.walLog = true, tc.syncState, tc.proposeEach, tc.walLog
 			cfg.Logger = testLogger(b)
 			s := openConfig(b, cfg)
 			if err := s.WaitLeader(testContext(b)); err != nil {
@@ -139,6 +161,7 @@ func BenchmarkPacedWrites(b *testing.B) {
 			tick := time.NewTicker(time.Millisecond)
 			defer tick.Stop()
 			b.ResetTimer()
+			start := time.Now()
 			for i := range b.N {
 				<-tick.C
 				inFlight <- struct{}{}
@@ -158,7 +181,9 @@ func BenchmarkPacedWrites(b *testing.B) {
 			b.ReportMetric(float64(at(0.5).Microseconds())/1000, "p50-ms")
 			b.ReportMetric(float64(at(0.9).Microseconds())/1000, "p90-ms")
 			b.ReportMetric(float64(at(0.99).Microseconds())/1000, "p99-ms")
+			b.ReportMetric(float64(at(0.999).Microseconds())/1000, "p999-ms")
 			b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "max-ms")
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "writes/s")
 		})
 	}
 }

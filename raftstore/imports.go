@@ -123,6 +123,7 @@ func (w *writer) importDevices(index uint64, c *ImportDevices) *Result {
 	if c.Stage != "" {
 		return w.stageImport(index, c)
 	}
+	w.packDevices()
 	res := &ImportResult{}
 	for i := range c.Devices {
 		if f := w.importOne(index, c.Mode, &c.Devices[i], c.Time, c.Actor, res); f != nil {
@@ -130,6 +131,21 @@ func (w *writer) importDevices(index uint64, c *ImportDevices) *Result {
 		}
 	}
 	return &Result{Index: index, Import: res}
+}
+
+// importFillPercent is how full bbolt fills the devices' pages in an
+// import's transaction. An export file lists devices in id order, so an
+// import appends: at bbolt's default (half) every page it writes is left
+// less than half full, and the state file, which every open walks page by
+// page, is twice the size it needs (41 % of its pages in use, measured
+// after 300,000 devices).
+const importFillPercent = 0.9
+
+// packDevices has this transaction fill the devices' pages up to
+// importFillPercent. It changes how pages are laid out, not what they
+// hold: the content and its digest are the same on every replica.
+func (w *writer) packDevices() {
+	w.tx.Bucket(bucketDevices).FillPercent = importFillPercent
 }
 
 // importOne applies one device of an import and counts it, or returns why
@@ -286,6 +302,7 @@ func (w *writer) finishImport(index uint64, c *FinishImport) *Result {
 		return &Result{Index: index, Import: res, Err: fmt.Errorf("import %s: %d devices cannot be %s (the first on line %d: %s); nothing was imported: %w",
 			c.Stage, failures, modePast(info.Mode), res.Failed[0].Line, res.Failed[0].Msg, fleet.ErrConflict)}
 	}
+	w.packDevices()
 	for _, batch := range batches {
 		for i := range batch.Devices {
 			if f := w.importOne(index, info.Mode, &batch.Devices[i], c.Time, c.Actor, res); f != nil {

@@ -89,7 +89,7 @@ func (e entryFact) changesState() bool {
 // raftFiles is the outcome of the checks: the log store, opened, and what
 // raft will start from.
 type raftFiles struct {
-	logStore *raftboltdb.BoltStore
+	logStore raftLog
 	log      logFacts
 	newest   *raft.SnapshotMeta // nil when there is no snapshot
 }

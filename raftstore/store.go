@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 )
 
 // Sentinel errors of the store.
@@ -125,6 +124,11 @@ type Config struct {
 	// syncState fsyncs state.db on every commit, proposeEach calls
 	// raft.Apply per command instead of through the proposer.
 	syncState, proposeEach bool
+	// walLog puts the log and stable store in hashicorp/raft-wal (wal/)
+	// instead of raft.db, for the benchmarks that compare the two log
+	// stores (BenchmarkPacedWrites): only on a new directory, unchecked
+	// (logstore.go says why it is not used).
+	walLog bool
 }
 
 // HashicorpDefaults returns c with hashicorp/raft's own timeouts (1 s
@@ -146,7 +150,7 @@ type Store struct {
 	raft      *raft.Raft
 	fsm       *fsm
 	proposer  *proposer // this node's proposals, one group at a time
-	logStore  *raftboltdb.BoltStore
+	logStore  raftLog
 	transport *raft.NetworkTransport
 
 	// readyTerm is the latest term in which this node, as leader, saw an
@@ -231,7 +235,12 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	}
 	// Everything raft will read, read first: damage found once raft runs
 	// panics inside its goroutines (preflight.go).
-	files, err := checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown)
+	var files *raftFiles
+	if cfg.walLog || benchWAL {
+		files, err = openWALLog(cfg.Dir)
+	} else {
+		files, err = checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown)
+	}
 	if err != nil {
 		s.closeFiles()
 		return nil, err
@@ -321,8 +330,12 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	go s.proposer.run()
 	s.observePeers()
 	close(s.opened)
+	logStore := "raft.db"
+	if cfg.walLog || benchWAL {
+		logStore = "raft-wal (benchmarks only)"
+	}
 	logger.Info("raft started", "node", cfg.NodeID, "raft_addr", transport.LocalAddr(),
-		"applied_index", f.AppliedIndex(), "resumed", hasState)
+		"applied_index", f.AppliedIndex(), "resumed", hasState, "log_store", logStore)
 	return s, nil
 }
 

@@ -2,6 +2,7 @@ package workload
 
 import (
 	"net"
+	"os"
 	"syscall"
 )
 
@@ -23,4 +24,13 @@ func peerPid(c net.Conn) int {
 		}
 	})
 	return pid
+}
+
+// fileOwner is the uid owning the file fi describes.
+func fileOwner(fi os.FileInfo) (int, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, false
+	}
+	return int(st.Uid), true
 }

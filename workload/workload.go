@@ -86,6 +86,10 @@ type Service struct {
 	ca     *pki.CA
 	server tls.Certificate
 
+	// shortBase, when set, holds the modules' socket directories instead
+	// of Dir: Dir is too long for a unix socket path below it.
+	shortBase string
+
 	mu      sync.Mutex
 	ids     map[string]Identity
 	sockets map[string]*socket // by module, while served
@@ -111,6 +115,12 @@ func Open(cfg Config) (*Service, error) {
 	}
 	s := &Service{cfg: cfg, log: cfg.Logger.With("component", "workload"), sockets: map[string]*socket{}}
 	var err error
+	if s.shortBase, err = shortSocketBase(cfg.Dir); err != nil {
+		return nil, err
+	}
+	if s.shortBase != "" {
+		s.log.Info("the modules' workload sockets are kept in a short directory: the service's own is too long for a unix socket path", "dir", s.shortBase, "serviceDir", cfg.Dir)
+	}
 	if s.ca, err = loadOrCreateCA(cfg.Dir, cfg.DeviceID); err != nil {
 		return nil, err
 	}
@@ -283,20 +293,107 @@ func (s *Service) Token(module string, ttl time.Duration) (string, error) {
 // SocketDir is the host directory holding a module's workload socket: a
 // process module is given <SocketDir>/workload.sock, a container has the
 // directory mounted at ContainerSocketDir. Names whose path would exceed a
-// unix socket's limit are hashed.
+// unix socket's limit are hashed; when even that does not fit below the
+// service's directory (a long --data-dir), the directories are below a
+// short one of its own (shortSocketBase).
 func (s *Service) SocketDir(module string) string {
 	base := filepath.Join(s.cfg.Dir, socketsDir)
+	if s.shortBase != "" {
+		base = s.shortBase
+	}
 	dir := filepath.Join(base, module)
 	if len(filepath.Join(dir, SocketName)) > maxSocketPath {
-		sum := sha256.Sum256([]byte(module))
-		dir = filepath.Join(base, hex.EncodeToString(sum[:8]))
+		dir = filepath.Join(base, hashName(module))
 	}
 	return dir
+}
+
+func hashName(name string) string {
+	sum := sha256.Sum256([]byte(name))
+	return hex.EncodeToString(sum[:8])
 }
 
 // maxSocketPath is the longest unix socket path Linux takes (sun_path is
 // 108 bytes with its terminating NUL).
 const maxSocketPath = 107
+
+// shortSocketRoots are where a service whose directory is too long for
+// its sockets keeps them, first that can be used: /run (the agent runs as
+// root), then the temporary directory, per user.
+var shortSocketRoots = []func() string{
+	func() string { return "/run/appliance-workload" },
+	func() string { return filepath.Join(os.TempDir(), fmt.Sprintf("appliance-workload-%d", os.Geteuid())) },
+}
+
+// shortSocketBase returns "" when a module's socket fits below dir (its
+// name hashed if need be), else a short directory for the sockets of the
+// service in dir: <root>/<hash of dir>, its root created 0700 or, if it
+// exists, checked to be a directory of this user that no one else can
+// write to (so that no other user can put a socket in a module's place).
+func shortSocketBase(dir string) (string, error) {
+	if len(filepath.Join(dir, socketsDir, hashName(""), SocketName)) <= maxSocketPath {
+		return "", nil
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	var errs []error
+	for _, root := range shortSocketRoots {
+		r := root()
+		if err := ownDir(r); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		base := filepath.Join(r, hashName(abs))
+		if len(filepath.Join(base, hashName(""), SocketName)) > maxSocketPath {
+			errs = append(errs, fmt.Errorf("%s is too long too", r))
+			continue
+		}
+		if err := os.Mkdir(base, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			errs = append(errs, err)
+			continue
+		}
+		return base, nil
+	}
+	return "", &SocketPathError{Dir: dir, Length: len(filepath.Join(dir, socketsDir, hashName(""), SocketName)), Err: errors.Join(errs...)}
+}
+
+// ownDir makes dir (0700) or checks that it is a directory of this user
+// that no one else can write to.
+func ownDir(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err == nil || !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	uid, ok := fileOwner(fi)
+	switch {
+	case !fi.IsDir():
+		return fmt.Errorf("%s is not a directory", dir)
+	case !ok || uid != os.Geteuid():
+		return fmt.Errorf("%s belongs to another user", dir)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("%s can be written by others (mode %v)", dir, fi.Mode().Perm())
+	}
+	return nil
+}
+
+// SocketPathError: the modules' sockets fit neither below the service's
+// directory nor in a short directory of its own.
+type SocketPathError struct {
+	Dir    string
+	Length int // of a socket path below Dir
+	Err    error
+}
+
+func (e *SocketPathError) Error() string {
+	return fmt.Sprintf("the workload sockets below %s would be %d bytes long, over the %d of a unix socket path, and no short directory could be used instead: %v", e.Dir, e.Length, maxSocketPath, e.Err)
+}
+
+func (e *SocketPathError) Unwrap() error { return e.Err }
 
 // socket is one module's listener.
 type socket struct {

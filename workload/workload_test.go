@@ -292,3 +292,52 @@ func TestWorkload_AuthenticateReturnsExpiry(t *testing.T) {
 		t.Fatalf("expiry %s, %v", exp, err)
 	}
 }
+
+// A service directory too long for a unix socket path below it (a long
+// --data-dir) keeps its modules' sockets in a short directory of its own,
+// and they answer there; a short directory another user could write to is
+// refused, with an error naming the directory that is too long.
+func TestWorkload_LongDirectoryUsesShortSocketDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 40))
+	s := openService(t, dir, "127.0.0.1")
+	if s.shortBase == "" {
+		t.Fatal("no short socket directory for a service directory of", len(dir), "bytes")
+	}
+	t.Cleanup(func() { os.RemoveAll(s.shortBase) })
+	module := strings.Repeat("m", 30)
+	if _, err := s.Sync([]string{module}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Serve(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(s.SocketDir(module), SocketName)
+	if len(sock) > maxSocketPath || !strings.HasPrefix(sock, s.shortBase+"/") {
+		t.Fatalf("socket %s (%d bytes) not in the short directory %s", sock, len(sock), s.shortBase)
+	}
+	resp, err := unixClient(sock).Get("http://workload/trust-bundle?api-version=" + APIVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("trust bundle through the short socket: %d", resp.StatusCode)
+	}
+	if st, code := signVia(t, s, module, module, s.ids[module].GenerationID, []byte("x")); st != 200 {
+		t.Fatalf("sign through the short socket: %d %s", st, code)
+	}
+
+	// Roots another user could write to are refused.
+	old := shortSocketRoots
+	t.Cleanup(func() { shortSocketRoots = old })
+	open := t.TempDir()
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	shortSocketRoots = []func() string{func() string { return open }}
+	_, err = Open(Config{Dir: filepath.Join(dir, "other"), DeviceID: "press-01", HubName: hub})
+	var spe *SocketPathError
+	if !errors.As(err, &spe) || spe.Dir != filepath.Join(dir, "other") || !strings.Contains(err.Error(), "written by others") {
+		t.Fatalf("a root others can write to: %v", err)
+	}
+}

@@ -1,0 +1,6 @@
+//go:build !benchwal
+
+package raftstore
+
+// benchWAL: see benchwal_on.go.
+const benchWAL = false
