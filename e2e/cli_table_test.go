@@ -42,6 +42,10 @@ type cliRow struct {
 	// containing every one of errLine.
 	fail    bool
 	errLine []string
+	// exit, when not 0, is the exit code of a command that did part of
+	// its work (an import with failed lines): stdout is checked as for a
+	// success, and stderr's last line must contain every one of errLine.
+	exit int
 	// lines are regular expressions, each of which must match a whole
 	// line of stdout (a table's key line, a header).
 	lines []string
@@ -77,11 +81,12 @@ func TestCLI_Table(t *testing.T) {
 	dir := t.TempDir()
 	srv := startServer(t, dir)
 	tc := &cliTable{t: t, srv: srv, vars: map[string]string{
-		"manifest": writeManifest(t),
-		"tmp":      t.TempDir(),
-		"mqtt":     srv.mqttURL(),
-		"ca":       srv.caFile(),
-		"raft":     freePort(t),
+		"manifest":   writeManifest(t),
+		"identities": writeIdentities(t),
+		"tmp":        t.TempDir(),
+		"mqtt":       srv.mqttURL(),
+		"ca":         srv.caFile(),
+		"raft":       freePort(t),
 	}}
 	// More than one page of matches for a condition, and a few that do not
 	// match; through the API, many at a time (the CLI's side is the list).
@@ -223,8 +228,16 @@ func (row cliRow) verify(r result) []string {
 		}
 		return problems
 	}
-	if r.code != 0 {
-		return []string{fmt.Sprintf("exit %d, want 0", r.code)}
+	if r.code != row.exit {
+		return []string{fmt.Sprintf("exit %d, want %d", r.code, row.exit)}
+	}
+	if row.exit != 0 {
+		errLines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+		for _, w := range row.errLine {
+			if last := errLines[len(errLines)-1]; !strings.Contains(last, w) {
+				problems = append(problems, fmt.Sprintf("stderr's last line does not say %q: %q", w, last))
+			}
+		}
 	}
 	lines := strings.Split(r.stdout, "\n")
 	for _, want := range row.lines {
@@ -427,6 +440,38 @@ func cliRows() []cliRow {
 				}
 			}},
 		{cmd: "device show", args: []string{"nobody"}, fail: true, errLine: []string{"not found"}},
+		// import and export: Azure's device-identity export format, a bad
+		// line named by its number while the others go on.
+		{cmd: "device import", args: []string{"{identities}", "--dry-run"}, exit: 1, errLine: []string{"1 of 3 lines were not imported"},
+			lines: []string{`MODE\s+LINES\s+CREATED\s+UPDATED\s+UNCHANGED\s+DELETED\s+FAILED`, `create\s+3\s+2\s+0\s+0\s+0\s+1`, `2\s+-\s+id: .*not allowed.*`}},
+		{cmd: "device show", args: []string{"imp-01"}, fail: true, errLine: []string{"not found"}},
+		{cmd: "device import", args: []string{"{identities}", "--atomic"}, exit: 1, errLine: []string{"line 2", "nothing was imported (atomic)"},
+			lines: []string{`create\s+3\s+0\s+0\s+0\s+0\s+1`}},
+		{cmd: "device show", args: []string{"imp-02"}, fail: true, errLine: []string{"not found"}},
+		{cmd: "device import", args: []string{"{identities}"}, exit: 1, errLine: []string{"1 of 3 lines were not imported"},
+			lines: []string{`create\s+3\s+2\s+0\s+0\s+0\s+1`, `2\s+-\s+id: .*not allowed.*`}},
+		{cmd: "device import", args: []string{"{identities}", "--mode", "upsert", "-o", "json"}, exit: 1, json: &api.ImportSummary{},
+			check: func(t *testing.T, r result, v any, vars map[string]string) {
+				if s := v.(*api.ImportSummary); s.Unchanged != 2 || s.Created != 0 || s.Updated != 0 || s.Failed != 1 {
+					t.Errorf("an upsert of the same file: %+v, want 2 unchanged and the bad line failed", s)
+				}
+			}},
+		{cmd: "device show", args: []string{"imp-01"}, lines: []string{`deviceId:\s+imp-01`, `tags:\s+\{"environment":"migrated"\}`}},
+		{cmd: "device import", args: []string{"{tmp}/missing.jsonl"}, fail: true, errLine: []string{"missing.jsonl"}},
+		{cmd: "device export", args: []string{"--out", "{tmp}/export.jsonl"}, lines: []string{`exported \d+ devices to .*export\.jsonl`},
+			check: func(t *testing.T, r result, _ any, vars map[string]string) {
+				b, err := os.ReadFile(filepath.Join(vars["tmp"], "export.jsonl"))
+				if err != nil || !bytes.Contains(b, []byte(`"imp-01"`)) || bytes.Contains(b, []byte(identityKey)) {
+					t.Errorf("the export (%v) lacks imp-01 or holds a key:\n%.2000s", err, b)
+				}
+				if !strings.Contains(r.stderr, "no keys") {
+					t.Errorf("the export does not say it holds no keys: %q", r.stderr)
+				}
+			}},
+		{cmd: "device export", args: nil, fail: true, errLine: []string{"--out"}},
+		{cmd: "device import", args: []string{"{identities}", "--mode", "delete"}, exit: 1, errLine: []string{"1 of 3 lines were not imported"},
+			lines: []string{`delete\s+3\s+0\s+0\s+0\s+2\s+1`}},
+		{cmd: "device show", args: []string{"imp-01"}, fail: true, errLine: []string{"not found"}},
 		{cmd: "device update", args: []string{"press-01", "--tag", "location=westus", "--remove-tag", "site"},
 			lines: []string{`tags:\s+\{"environment":"prod","location":"westus"\}`}},
 		{cmd: "device update", args: []string{"press-02", "--status", "enabled", "-o", "json"}, json: &fleet.Device{},
@@ -999,4 +1044,24 @@ func TestCLI_HistoryFlags(t *testing.T) {
 	if len(evs) != 1 {
 		t.Fatalf("old's history with --history-retention %s: %s; want only the update (its creation expired)", retention, kinds(evs))
 	}
+}
+
+// identityKey is the primary key of the identities writeIdentities
+// writes (base64 of 32 bytes, as Azure's): an export must never hold it.
+const identityKey = "cHJpbWFyeS1rZXktb2YtaW1wb3J0ZWQtZGV2aWNlcyE="
+
+// writeIdentities writes three lines of Azure's device-identity export
+// format: two devices with keys and tags, and between them one whose id
+// is not valid.
+func writeIdentities(t *testing.T) string {
+	t.Helper()
+	line := func(id string) string {
+		return `{"id":"` + id + `","eTag":"AAAAAAAAAAE=","status":"enabled","authentication":{"symmetricKey":{"primaryKey":"` + identityKey +
+			`","secondaryKey":"c2Vjb25kYXJ5LWtleS1vZi1pbXBvcnRlZC1kZXZpY2VzIQ=="},"type":"sas"},"tags":{"environment":"migrated"}}`
+	}
+	path := filepath.Join(t.TempDir(), "identities.jsonl")
+	if err := os.WriteFile(path, []byte(line("imp-01")+"\n"+line("bad/id")+"\n"+line("imp-02")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
