@@ -41,7 +41,7 @@ const (
 	DefaultResyncInterval = 10 * time.Second
 	DefaultStopTimeout    = 10 * time.Second
 	DefaultReconnectMin   = time.Second
-	DefaultReconnectMax   = time.Minute
+	DefaultReconnectMax   = 15 * time.Second
 	DefaultConnectTimeout = 10 * time.Second
 	DefaultReturnMin      = time.Minute
 	DefaultReturnMax      = 10 * time.Minute
@@ -141,7 +141,7 @@ type Config struct {
 	// Default 5 min.
 	OperationTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the jittered exponential backoff
-	// between rounds of connection attempts. Defaults 1 s and 1 min.
+	// between rounds of connection attempts. Defaults 1 s and 15 s.
 	ReconnectMin, ReconnectMax time.Duration
 	// ConnectTimeout bounds one connection attempt (TCP, TLS, CONNECT).
 	// Default 10 s.

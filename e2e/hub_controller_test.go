@@ -289,8 +289,14 @@ func controllerOutage(t *testing.T, output string, ttl bool, outage time.Duratio
 	if sentDuring < int(outage.Seconds()/interval)/2 {
 		t.Fatalf("module a sent only %d messages while the controller was away", sentDuring)
 	}
+	before := con.count()
 	h.start(t)
+	returned := time.Now()
 	con.reconnect(t)
+	// How long the agent took to come back (its reconnect backoff grows to
+	// a jittered minute during a long outage): logged, not asserted.
+	eventually(t, "a message sent during the outage at the consumer", 3*time.Minute, func() bool { return con.count() > before })
+	t.Logf("the first message queued during the outage reached the consumer %s after the controller returned", time.Since(returned).Round(100*time.Millisecond))
 
 	eventually(t, "module a to finish", 3*time.Minute, func() bool { return len(moduleOutput(ag.dataDir, "a", "done")) == 1 })
 	sent := sentIDs(ag.dataDir, "a")
