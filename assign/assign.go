@@ -342,8 +342,8 @@ func (a *Assigner) Restore(r *raftstore.Reader) error {
 func (a *Assigner) restoreLocked(r *raftstore.Reader) error {
 	// Devices first, so that each deployment then finds its devices
 	// through the engine's indexes rather than device by device.
-	err := r.Devices("", func(d fleet.Device) bool {
-		a.engine.PutDevice(d.ID, d.Tags)
+	err := r.DeviceTags(func(id string, tags map[string]any) bool {
+		a.engine.PutDevice(id, tags)
 		return true
 	})
 	if err != nil {

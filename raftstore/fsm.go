@@ -1306,6 +1306,26 @@ func (r *Reader) Devices(after string, fn func(fleet.Device) bool) error {
 	return each(r.tx.Bucket(bucketDevices), after, fn)
 }
 
+// DeviceTags calls fn with each device's id and tags, in id order: what
+// the assignments are rebuilt from. Decoding only the tags (no times, no
+// keys) makes a walk over a million devices several times cheaper than
+// Devices, and the node's restart waits for it.
+func (r *Reader) DeviceTags(fn func(id string, tags map[string]any) bool) error {
+	c := r.tx.Bucket(bucketDevices).Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		var d struct {
+			Tags map[string]any `json:"tags"`
+		}
+		if err := json.Unmarshal(v, &d); err != nil {
+			return fmt.Errorf("decode stored %q: %w", k, err)
+		}
+		if !fn(string(k), d.Tags) {
+			return nil
+		}
+	}
+	return nil
+}
+
 // Deployments calls fn for each deployment in id order after `after`.
 func (r *Reader) Deployments(after string, fn func(fleet.Deployment) bool) error {
 	return each(r.tx.Bucket(bucketDeployments), after, fn)
