@@ -278,3 +278,32 @@ func TestImport_ThroughAFollowerWithLargeTags(t *testing.T) {
 		t.Fatalf("big-199 on the leader: %v", err)
 	}
 }
+
+// TestImport_RefusedWhileAMemberMayRunAnOlderRelease: the import's raft
+// commands are new in this release, so while a member does not say it can
+// apply them (here it is down: it may be an older release, and the gate
+// fails closed) the import is refused before the body is read, with 503
+// upgrade_required naming the member, and nothing is stored; a dry run,
+// which proposes nothing, still answers.
+func TestImport_RefusedWhileAMemberMayRunAnOlderRelease(t *testing.T) {
+	n1 := startTLSNode(t, Config{NodeID: "n1"})
+	n2 := startTLSNode(t, Config{NodeID: "n2", Join: "https://" + n1.RaftAddr(), JoinToken: n1.JoinToken()})
+	n3 := startTLSNode(t, Config{NodeID: "n3", Join: "https://" + n1.RaftAddr(), JoinToken: n1.JoinToken()})
+	waitFor(t, "n3 follows n1", func() bool { _, id := n3.store.Leader(); return id == "n1" })
+	n3.Stop()
+	ctx := context.Background()
+	file := importFile(10, "gate", "prod", nil)
+	_, err := tlsClient(t, n2).ImportDevices(ctx, bytes.NewReader(file), api.ImportOptions{Mode: "create"})
+	var apiErr *api.Error
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusServiceUnavailable || apiErr.Code != "upgrade_required" || !strings.Contains(apiErr.Message, "n3") {
+		t.Fatalf("import with n3 silent: %v", err)
+	}
+	t.Logf("refused: %v", err)
+	if _, err := tlsClient(t, n1).Device(ctx, "gate-00001", true); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("gate-00001 after a refused import: %v", err)
+	}
+	sum, err := tlsClient(t, n1).ImportDevices(ctx, bytes.NewReader(file), api.ImportOptions{Mode: "create", DryRun: true})
+	if err != nil || sum.Created != 10 {
+		t.Fatalf("dry run with n3 silent: %+v, %v", sum, err)
+	}
+}
