@@ -187,7 +187,6 @@ type progress struct {
 	n     int64
 	last  time.Time
 	start time.Time
-	drawn bool
 }
 
 func newProgress(out io.Writer, what string, total int64) *progress {
@@ -226,7 +225,6 @@ func (p *progress) drawLocked() {
 		}
 		return
 	}
-	p.drawn = true
 	if p.total <= 0 {
 		fmt.Fprintf(p.out, "\r%s: %.1f MB (%.1f MB/s)   ", p.what, mb, rate)
 		return
@@ -237,12 +235,16 @@ func (p *progress) drawLocked() {
 		p.n*100/p.total, mb, float64(p.total)/(1<<20))
 }
 
-// done ends the bar's line.
+// done draws the last state: the bar's end (and its line), or a last
+// progress line.
 func (p *progress) done() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.drawn {
-		p.drawLocked()
+	if p.n == 0 {
+		return
+	}
+	p.drawLocked()
+	if p.terminal {
 		fmt.Fprintln(p.out)
 	}
 }
