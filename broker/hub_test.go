@@ -83,6 +83,9 @@ func TestBroker_DirectMethods(t *testing.T) {
 	b := startBroker(t, f, func(c *Config) { c.Methods = rec })
 	d := mustConnect(t, b.Addr(), "press-01")
 	mustConnect(t, b.Addr(), "press-02") // no hub: not subscribed to methods
+	// The CONNACK reaches the client before the broker has registered the
+	// session (mochi acknowledges, then calls the hook): wait for both.
+	waitFor(t, "both devices' sessions", func() bool { return len(b.Connected()) == 2 })
 	if err := b.PublishMethod("press-01", []byte(`{"id":"0"}`)); !errors.Is(err, ErrMethodsNotSubscribed) {
 		t.Fatalf("before subscribing: %v", err)
 	}
