@@ -123,7 +123,7 @@ func TestHub_KilledKeepsAcknowledged(t *testing.T) {
 			}
 		}
 		if len(missing) == 0 {
-			return
+			break
 		}
 		select {
 		case <-deadline:
@@ -132,6 +132,12 @@ func TestHub_KilledKeepsAcknowledged(t *testing.T) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+	// Segments wholly applied to hub.db are deleted: the current one and
+	// the one made ready ahead remain.
+	waitFor(t, 10*time.Second, "the applied segments of the log to be deleted", func() bool {
+		segs, _ := listWAL(filepath.Join(dir, walDirName))
+		return len(segs) <= 2
+	})
 }
 
 // crashChild runs a hub on dir with module B connected, C not, and the
@@ -156,7 +162,9 @@ func crashChild(t *testing.T, dir string) {
 	var mu sync.Mutex
 	from, _ := strconv.Atoi(os.Getenv(crashChildEnv + "_FROM"))
 	for n := from; ; n++ {
-		body := binary.BigEndian.AppendUint64(nil, uint64(n))
+		// 2 KiB: each round fills several segments of the log.
+		body := binary.BigEndian.AppendUint64(make([]byte, 0, 2048), uint64(n))
+		body = body[:2048]
 		err := a.PublishAsync(topic, body, func(err error) {
 			if err != nil {
 				return
