@@ -306,6 +306,11 @@ func TestBroker_MaxPendingPerSource(t *testing.T) {
 	if st := b.Stats(); st.SourceRefused != 1 {
 		t.Fatalf("stats %+v: want 1 refused for the source cap", st)
 	}
+	// The line is written after the socket is closed: wait for it, then
+	// count (one, however long the wait).
+	waitFor(t, "the refusal logged", func() bool {
+		return len(logs.matching("unauthenticated connections allowed per source", "remote=127.0.0.7")) > 0
+	})
 	if lines := logs.matching("unauthenticated connections allowed per source", "remote=127.0.0.7"); len(lines) != 1 {
 		t.Fatalf("%d log lines about the refusal, want 1", len(lines))
 	}
