@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -279,28 +280,39 @@ func decodeStrict(t *testing.T, stdout string, proto any) any {
 // createDevices creates n devices through the API, several at a time.
 func createDevices(t *testing.T, c *api.Client, n int, device func(i int) (string, map[string]any)) {
 	t.Helper()
-	jobs := make(chan int)
-	errs := make(chan error, n)
+	createDevicesWith(t, c, n, 8, func(i int) (string, api.DeviceRequest) {
+		id, tags := device(i)
+		return id, api.DeviceRequest{Tags: tags}
+	})
+}
+
+// createDevicesWith creates devices 0..n-1 through the API with clients
+// concurrent callers (the benchmarks' baseline uses 64), and fails the
+// test on the first error.
+func createDevicesWith(t *testing.T, c *api.Client, n, clients int, device func(i int) (string, api.DeviceRequest)) {
+	t.Helper()
+	var next atomic.Int64
 	var wg sync.WaitGroup
-	for range 8 {
+	errs := make(chan error, 1)
+	for range clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := range jobs {
-				id, tags := device(i)
-				if _, err := c.PutDevice(context.Background(), id, api.DeviceRequest{Tags: tags}, api.WriteOptions{}); err != nil {
-					errs <- fmt.Errorf("create %s: %w", id, err)
+			for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
+				id, req := device(i)
+				if _, err := c.PutDevice(context.Background(), id, req, api.WriteOptions{}); err != nil {
+					select {
+					case errs <- fmt.Errorf("create %s: %w", id, err):
+					default:
+					}
+					return
 				}
 			}
 		}()
 	}
-	for i := range n {
-		jobs <- i
-	}
-	close(jobs)
 	wg.Wait()
 	close(errs)
-	for err := range errs {
+	if err := <-errs; err != nil {
 		t.Fatal(err)
 	}
 }

@@ -11,8 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -87,38 +85,18 @@ func TestConsoleBenchmark(t *testing.T) {
 	}
 	start := time.Now()
 	startSim(t, srv.mqttURL(), enrollmentToken(t, dir, "sims", "environment=prod", "line=line-00"), "sim", reporting, "--ca-file", srv.caFile())
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	errs := make(chan error, 64)
 	created := total - reporting
-	for range 64 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1))
-				if i > created {
-					return
-				}
-				tags := map[string]any{"environment": "prod", "line": fmt.Sprintf("line-%02d", i%50)}
-				if i%5 == 0 {
-					tags["environment"] = "test"
-				}
-				if i%100 == 0 {
-					tags["ring"] = "canary"
-				}
-				if _, err := c.PutDevice(bg, fmt.Sprintf("dev-%06d", i), api.DeviceRequest{Tags: tags}, api.WriteOptions{}); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		t.Fatal(err)
-	}
+	createDevicesWith(t, c, created, 64, func(i int) (string, api.DeviceRequest) {
+		i++ // dev-000001...
+		tags := map[string]any{"environment": "prod", "line": fmt.Sprintf("line-%02d", i%50)}
+		if i%5 == 0 {
+			tags["environment"] = "test"
+		}
+		if i%100 == 0 {
+			tags["ring"] = "canary"
+		}
+		return fmt.Sprintf("dev-%06d", i), api.DeviceRequest{Tags: tags}
+	})
 	eventually(t, "every device registered and every sim reporting", 10*time.Minute, func() bool {
 		o, err := c.Overview(bg)
 		return err == nil && o.Devices.Total == total && o.Devices.Connected == reporting

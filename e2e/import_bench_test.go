@@ -13,8 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -86,46 +84,24 @@ func TestImportBenchmark(t *testing.T) {
 // importBaseline creates n devices like those of writeAzureExport through
 // the API with 64 clients, on a fresh node, and logs how long it took.
 func importBaseline(t *testing.T, n int) {
-	bg := context.Background()
 	base := t.TempDir()
 	bsrv := startServer(t, base)
 	cli(t, base, "deployment", "create", "presses-prod", "--content", writeManifest(t), "--target-condition", "tags.environment='prod'").mustSucceed(t)
 	hc := bsrv.httpClient()
 	hc.Transport.(*http.Transport).MaxIdleConnsPerHost = 64
 	c := &api.Client{BaseURL: bsrv.url, Token: bsrv.token, HTTP: hc}
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	errs := make(chan error, 64)
 	start := time.Now()
-	for range 64 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1))
-				if i > n {
-					return
-				}
-				env, status := "test", ""
-				if i%3 == 0 {
-					env = "prod"
-				}
-				if i%10 == 0 {
-					status = "disabled"
-				}
-				req := api.DeviceRequest{Status: status, Tags: map[string]any{"environment": env, "site": map[string]any{"line": i % 7}}}
-				if _, err := c.PutDevice(bg, fmt.Sprintf("line3-press-%06d", i), req, api.WriteOptions{IfNoneMatch: "*"}); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		t.Fatal(err)
-	}
+	createDevicesWith(t, c, n, 64, func(i int) (string, api.DeviceRequest) {
+		i++ // line3-press-000001, as in the export file
+		env, status := "test", ""
+		if i%3 == 0 {
+			env = "prod"
+		}
+		if i%10 == 0 {
+			status = "disabled"
+		}
+		return fmt.Sprintf("line3-press-%06d", i), api.DeviceRequest{Status: status, Tags: map[string]any{"environment": env, "site": map[string]any{"line": i % 7}}}
+	})
 	baseTook := time.Since(start)
 	t.Logf("baseline: %d devices through the API, 64 clients, in %.1f s: %.0f devices/s", n, baseTook.Seconds(), float64(n)/baseTook.Seconds())
 	bsrv.kill()

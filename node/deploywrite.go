@@ -126,14 +126,8 @@ func (b *backend) checkContentLimits(content json.RawMessage) error {
 func (b *backend) checkDeviceLimits(d evaluator.Deployment, content json.RawMessage) error {
 	lim := b.cfg.DeploymentLimits
 	v := b.assign.Loose()
-	ids := v.DeploymentIDs()
-	layered := 0
-	for _, id := range ids {
-		if v.IsLayered(id) {
-			layered++
-		}
-	}
-	deploymentsBound := len(ids)+1 > lim.MaxDeploymentsPerDevice
+	total, layered := deploymentCounts(v)
+	deploymentsBound := total+1 > lim.MaxDeploymentsPerDevice
 	layersBound := d.Layered && layered+1 > lim.MaxLayersPerDevice
 	if !deploymentsBound && !layersBound && !d.Layered {
 		return nil // no device can reach a limit: nothing to count
@@ -279,15 +273,20 @@ func (b *backend) checkDeviceTagLimits(id string, tags map[string]any) error {
 // tags take it over a limit.
 func (b *backend) tagLimitsReachable() bool {
 	lim := b.cfg.DeploymentLimits
-	v := b.assign.Loose()
+	total, layered := deploymentCounts(b.assign.Loose())
+	return total > lim.MaxDeploymentsPerDevice || layered > lim.MaxLayersPerDevice
+}
+
+// deploymentCounts counts the deployments v knows and the layered ones
+// among them: no device can be targeted by more.
+func deploymentCounts(v assign.View) (total, layered int) {
 	ids := v.DeploymentIDs()
-	layered := 0
-	for _, dep := range ids {
-		if v.IsLayered(dep) {
+	for _, id := range ids {
+		if v.IsLayered(id) {
 			layered++
 		}
 	}
-	return len(ids) > lim.MaxDeploymentsPerDevice || layered > lim.MaxLayersPerDevice
+	return len(ids), layered
 }
 
 // sortLayers puts layers in merge order: the lowest precedence first
