@@ -42,7 +42,7 @@ import (
 // frames as lost; what follows it in its segment is lost with it).
 const (
 	walDirName     = "hub-wal"
-	walSegmentSize = 4 << 20
+	walSegmentSize = 16 << 20
 	walFrameHeader = 8
 	walMaxFrame    = 256 << 20 // a longer length is damage
 )
