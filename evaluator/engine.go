@@ -819,6 +819,12 @@ func (e *Engine) HasDevice(deviceID string) bool {
 // Targeting returns the deployments whose condition matches a device, by
 // precedence: the first one is applied, the others are only targeting it.
 func (e *Engine) Targeting(deviceID string) []string {
+	return e.targetingWhere(deviceID, false)
+}
+
+// targetingWhere is Targeting, of the layered deployments only when
+// layeredOnly.
+func (e *Engine) targetingWhere(deviceID string, layeredOnly bool) []string {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	slot, ok := e.byID[deviceID]
@@ -827,7 +833,7 @@ func (e *Engine) Targeting(deviceID string) []string {
 	}
 	var out []string
 	for _, h := range e.ranked {
-		if dp := e.deps[h]; dp.targets.Contains(slot) {
+		if dp := e.deps[h]; (dp.Layered || !layeredOnly) && dp.targets.Contains(slot) {
 			out = append(out, dp.ID)
 		}
 	}
@@ -881,19 +887,7 @@ func (e *Engine) appliesTo(h, x uint32) bool {
 // precedence (the first wins a conflict; merge them last to first). They
 // apply only if the device has an applied deployment (Applied).
 func (e *Engine) Layers(deviceID string) []string {
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	slot, ok := e.byID[deviceID]
-	if !ok {
-		return nil
-	}
-	var out []string
-	for _, h := range e.ranked {
-		if dp := e.deps[h]; dp.Layered && dp.targets.Contains(slot) {
-			out = append(out, dp.ID)
-		}
-	}
-	return out
+	return e.targetingWhere(deviceID, true)
 }
 
 // IsLayered tells whether a deployment the engine holds is layered.
