@@ -84,6 +84,8 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzDecodeUpstreamBatch -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-30s} ./routing/
 	$(GO) test -run '^$$' -fuzz FuzzParseTelemetryTopic -fuzztime $${FUZZTIME:-30s} ./hub/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeRecord -fuzztime $${FUZZTIME:-30s} ./raftstore/raftlog/
+	$(GO) test -run '^$$' -fuzz FuzzScanSegment -fuzztime $${FUZZTIME:-30s} ./raftstore/raftlog/
 	$(GO) test -run '^$$' -fuzz FuzzParseWALSegment -fuzztime $${FUZZTIME:-30s} ./hub/
 	$(GO) test -run '^$$' -fuzz FuzzExpandTemplate -fuzztime $${FUZZTIME:-30s} ./fleet/
 	$(GO) test -run '^$$' -fuzz FuzzRedactModuleTwinDesired -fuzztime $${FUZZTIME:-30s} ./fleet/
