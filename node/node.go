@@ -23,6 +23,7 @@ import (
 	"appliance/assign"
 	"appliance/broker"
 	"appliance/cluster"
+	"appliance/deviceimport"
 	"appliance/history"
 	"appliance/internal/fsutil"
 	"appliance/northbound"
@@ -136,10 +137,11 @@ type Node struct {
 	cfg    Config
 	logger *slog.Logger
 
-	store  *raftstore.Store
-	assign *assign.Assigner       // who runs what, fed by observer
-	token  atomic.Pointer[string] // the admin token (adoptAdminToken replaces it)
-	apiSrv atomic.Pointer[api.Server]
+	store   *raftstore.Store
+	assign  *assign.Assigner       // who runs what, fed by observer
+	imports *deviceimport.Importer // bulk import and export of devices
+	token   atomic.Pointer[string] // the admin token (adoptAdminToken replaces it)
+	apiSrv  atomic.Pointer[api.Server]
 
 	// Cluster: credentials, the cluster port and calls to peers.
 	bundle    *pki.Bundle
@@ -230,6 +232,12 @@ func New(cfg Config) (*Node, error) {
 		Publisher: (*publisher)(n),
 		Stopped:   n.stoppedErr,
 		Logger:    n.logger.With("component", "assign"),
+	})
+	n.imports = deviceimport.New(deviceimport.Config{
+		Store:     (*importStore)(n),
+		TagLimits: (*backend)(n).tagLimitChecker,
+		Actor:     operatorActor,
+		Logger:    n.logger.With("component", "deviceimport"),
 	})
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
