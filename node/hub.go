@@ -19,7 +19,8 @@ import (
 
 // The controller's side of the device hub: the devices' upstream messages
 // kept and served to the factory's consumers (package northbound), the
-// consumers' credentials, module twins and direct methods (methods.go).
+// consumers' credentials, module twins and direct methods (package
+// directmethod, wired in methods.go).
 
 // EventsConfig configures the northbound side of a node.
 type EventsConfig struct {

@@ -24,6 +24,7 @@ import (
 	"appliance/broker"
 	"appliance/cluster"
 	"appliance/deviceimport"
+	"appliance/directmethod"
 	"appliance/history"
 	"appliance/internal/fsutil"
 	"appliance/northbound"
@@ -156,10 +157,9 @@ type Node struct {
 	broker  *broker.Broker
 	metrics *metrics
 	// northbound keeps the devices' upstream messages and serves them to
-	// consumers; methods are the direct method calls in flight (hub.go,
-	// methods.go).
+	// consumers; methods relays the direct method calls (methods.go).
 	northbound *northbound.Server
-	methods    methodCalls
+	methods    *directmethod.Relay
 	history    *history.History
 	reports    *reportBatcher
 	bgCancel   context.CancelFunc
@@ -240,6 +240,7 @@ func New(cfg Config) (*Node, error) {
 		Logger:    n.logger.With("component", "deviceimport"),
 	})
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
+	n.methods = n.newRelay()
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
 	n.metrics = newMetrics(n)
 	return n, nil
@@ -297,7 +298,7 @@ func (n *Node) Start(ctx context.Context) error {
 	b, err := broker.New(broker.Config{
 		Addr: n.cfg.MQTTAddr, TLSConfig: tlsConf,
 		Auth: (*devices)(n), Desired: (*devices)(n), Reports: n.reports,
-		Upstream: (*upstreamSink)(n), Methods: (*methodSink)(n),
+		Upstream: (*upstreamSink)(n), Methods: n.methods,
 		Logger: n.cfg.Logger, Limits: n.cfg.DeviceLimits,
 	})
 	if err != nil {
@@ -347,8 +348,8 @@ func (n *Node) Start(ctx context.Context) error {
 	n.rpc = cluster.NewServer((*clusterStore)(n), n.clusterSecrets, n.cfg.Logger)
 	n.rpc.HandleNode("GET "+connectionsPath, n.serveConnections)
 	n.rpc.HandleNode("GET "+nodeCertPath+"{id}", n.serveNodeCert)
-	n.rpc.HandleNode("POST "+methodsPath, n.serveMethodCall)
-	n.rpc.HandleNode("POST "+historyPath, n.serveDeviceEvent)
+	n.rpc.HandleNode("POST "+directmethod.CallPath, n.methods.ServeCall)
+	n.rpc.HandleNode("POST "+directmethod.EventPath, n.methods.ServeEvent)
 	n.rpc.HandleNode("GET "+eventsTailPath, n.serveEventsTail)
 	go func() {
 		if err := n.rpc.Serve(n.mux); err != nil {
