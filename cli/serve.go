@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"appliance/broker"
+	"appliance/deploylimits"
 	"appliance/node"
 )
 
@@ -31,7 +32,7 @@ func (a *app) serveCommand() *cobra.Command {
 		events                                              node.EventsConfig
 		eventsRetentionBytes                                string
 		offlineAfter                                        time.Duration
-		deploymentLimits                                    node.DeploymentLimits
+		deploymentLimits                                    deploylimits.Limits
 	)
 	joinTokenFlag := secretFlag{name: "join-token", env: "APPLIANCE_JOIN_TOKEN"}
 	cmd := &cobra.Command{
@@ -152,14 +153,14 @@ func (a *app) serveCommand() *cobra.Command {
 		"a device not connected to any node, and not heard from for this long, shows as offline beside its health")
 	// Deployment limits (README, "Limits"): writes over them get a 400
 	// naming the limit and its flag.
-	f.IntVar(&deploymentLimits.MaxManifestBytes, "max-manifest-bytes", node.DefaultMaxManifestBytes,
+	f.IntVar(&deploymentLimits.MaxManifestBytes, "max-manifest-bytes", deploylimits.DefaultMaxManifestBytes,
 		"largest deployment content, and largest merged document of a device (base and layers), as compact JSON")
-	f.IntVar(&deploymentLimits.MaxModuleDesiredBytes, "max-module-desired-bytes", node.DefaultMaxModuleDesiredBytes,
+	f.IntVar(&deploymentLimits.MaxModuleDesiredBytes, "max-module-desired-bytes", deploylimits.DefaultMaxModuleDesiredBytes,
 		"largest desired properties of one module twin in a deployment")
-	f.IntVar(&deploymentLimits.MaxModules, "max-modules", node.DefaultMaxModules, "most modules in a deployment, and in a device's merged document")
-	f.IntVar(&deploymentLimits.MaxDeploymentsPerDevice, "max-deployments-per-device", node.DefaultMaxDeploymentsPerDevice,
+	f.IntVar(&deploymentLimits.MaxModules, "max-modules", deploylimits.DefaultMaxModules, "most modules in a deployment, and in a device's merged document")
+	f.IntVar(&deploymentLimits.MaxDeploymentsPerDevice, "max-deployments-per-device", deploylimits.DefaultMaxDeploymentsPerDevice,
 		"most deployments (bases and layers) that may target one device")
-	f.IntVar(&deploymentLimits.MaxLayersPerDevice, "max-layers-per-device", node.DefaultMaxLayersPerDevice,
+	f.IntVar(&deploymentLimits.MaxLayersPerDevice, "max-layers-per-device", deploylimits.DefaultMaxLayersPerDevice,
 		"most layered deployments that may target one device")
 	f.IntVar(&historyPerKey, "history-per-key", node.DefaultHistoryPerKey, "keep at most this many history events per deployment or device")
 	// Bounds on clients (docs/architecture.md, "Bounded listeners"). The
@@ -221,7 +222,7 @@ func checkLimits(l node.ListenerLimits, d broker.Limits, mqttConnect time.Durati
 }
 
 // checkDeploymentLimits refuses limits that are not positive.
-func checkDeploymentLimits(l node.DeploymentLimits, offlineAfter time.Duration) error {
+func checkDeploymentLimits(l deploylimits.Limits, offlineAfter time.Duration) error {
 	for _, f := range []struct {
 		name string
 		v    int

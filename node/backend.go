@@ -114,7 +114,7 @@ func (b *backend) PutDevice(ctx context.Context, id string, req api.DeviceReques
 	if err := fleet.ValidateDeviceStatus(req.Status); err != nil {
 		return fleet.Device{}, false, err
 	}
-	if err := b.checkDeviceTagLimits(id, req.Tags); err != nil {
+	if err := b.limits.Tags(id, req.Tags); err != nil {
 		return fleet.Device{}, false, err
 	}
 	primary, err := fleet.NewKey()
@@ -166,7 +166,7 @@ func (b *backend) PatchDevice(ctx context.Context, id string, p api.DevicePatch,
 			tags = map[string]any{}
 		}
 		raftstore.MergePatch(tags, p.Tags)
-		if err := b.checkDeviceTagLimits(id, tags); err != nil {
+		if err := b.limits.Tags(id, tags); err != nil {
 			return fleet.Device{}, err
 		}
 	}
@@ -407,13 +407,13 @@ func (b *backend) PutDeployment(ctx context.Context, id string, req api.Deployme
 	if err != nil {
 		return api.DeploymentView{}, false, fleet.Invalid("content", "%v", err)
 	}
-	if err := b.checkContentLimits(compact); err != nil {
+	if err := b.limits.Content(compact); err != nil {
 		return api.DeploymentView{}, false, err
 	}
 	if err := b.requireSemantics(ctx, req.Layered, req.TargetCondition); err != nil {
 		return api.DeploymentView{}, false, err
 	}
-	if err := b.checkDeviceLimits(b.engineDeploymentOf(id, req.TargetCondition, req.Priority, req.Layered), compact); err != nil {
+	if err := b.limits.Devices(b.engineDeploymentOf(id, req.TargetCondition, req.Priority, req.Layered), compact); err != nil {
 		return api.DeploymentView{}, false, err
 	}
 	rollout, err := validateRollout(req.Rollout)
@@ -474,7 +474,7 @@ func (b *backend) PatchDeployment(ctx context.Context, id string, p api.Deployme
 		if p.Priority != nil {
 			stored.Priority = *p.Priority
 		}
-		if err := b.checkDeviceLimits(assign.EngineDeployment(&stored, nil), nil); err != nil {
+		if err := b.limits.Devices(assign.EngineDeployment(&stored, nil), nil); err != nil {
 			return api.DeploymentView{}, err
 		}
 	}

@@ -12,7 +12,7 @@ import (
 
 // Bulk import and export of device identities (api.ImportBackend) are
 // package deviceimport's; the node gives it its store and the deployment
-// limits a device's tags are checked against.
+// limits a device's tags are checked against (package deploylimits).
 
 // importStore is the node as an import sees it.
 type importStore Node
@@ -42,14 +42,4 @@ func (b *backend) ImportDevices(ctx context.Context, body io.Reader, opts api.Im
 // ExportDevices implements api.ImportBackend.
 func (b *backend) ExportDevices(ctx context.Context, fn func(fleet.Device) error) error {
 	return b.imports.Export(ctx, fn)
-}
-
-// tagLimitChecker checks devices' tags against the limits of deployments
-// per device, as a device write does: nothing to check while the cluster
-// holds fewer deployments than a limit.
-func (b *backend) tagLimitChecker() func(id string, tags map[string]any) error {
-	if !b.tagLimitsReachable() {
-		return nil
-	}
-	return b.checkDeviceTagLimits
 }

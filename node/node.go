@@ -23,6 +23,7 @@ import (
 	"appliance/assign"
 	"appliance/broker"
 	"appliance/cluster"
+	"appliance/deploylimits"
 	"appliance/deviceimport"
 	"appliance/directmethod"
 	"appliance/history"
@@ -96,7 +97,7 @@ type Config struct {
 	OfflineAfter time.Duration
 	// DeploymentLimits bound manifests and how many deployments and
 	// layers reach one device (zero fields are defaults).
-	DeploymentLimits DeploymentLimits
+	DeploymentLimits deploylimits.Limits
 	// DeviceLimits bound what devices can make the broker hold and commit:
 	// the CONNECT timeout, the cap on unauthenticated connections per
 	// source address, report sizes and the per-device report quotas
@@ -141,6 +142,7 @@ type Node struct {
 	store   *raftstore.Store
 	assign  *assign.Assigner       // who runs what, fed by observer
 	imports *deviceimport.Importer // bulk import and export of devices
+	limits  *deploylimits.Checker  // the deployment limits' checks of writes
 	token   atomic.Pointer[string] // the admin token (adoptAdminToken replaces it)
 	apiSrv  atomic.Pointer[api.Server]
 
@@ -224,7 +226,7 @@ func New(cfg Config) (*Node, error) {
 	if cfg.OfflineAfter <= 0 {
 		cfg.OfflineAfter = DefaultOfflineAfter
 	}
-	cfg.DeploymentLimits = cfg.DeploymentLimits.withDefaults()
+	cfg.DeploymentLimits = cfg.DeploymentLimits.WithDefaults()
 	cfg.Limits = cfg.Limits.withDefaults()
 	n := &Node{cfg: cfg, logger: cfg.Logger.With("node", cfg.NodeID), failed: make(chan struct{})}
 	n.assign = assign.New(assign.Config{
@@ -233,9 +235,14 @@ func New(cfg Config) (*Node, error) {
 		Stopped:   n.stoppedErr,
 		Logger:    n.logger.With("component", "assign"),
 	})
+	n.limits = &deploylimits.Checker{
+		Limits:      cfg.DeploymentLimits,
+		Assignments: func() deploylimits.Assignments { return n.assign.Loose() },
+		View:        func(fn func(r *raftstore.Reader) error) error { return n.store.View(fn) },
+	}
 	n.imports = deviceimport.New(deviceimport.Config{
 		Store:     (*importStore)(n),
-		TagLimits: (*backend)(n).tagLimitChecker,
+		TagLimits: n.limits.TagCheck,
 		Actor:     operatorActor,
 		Logger:    n.logger.With("component", "deviceimport"),
 	})

@@ -5,7 +5,12 @@ import (
 	"time"
 
 	"appliance/api"
+	"appliance/fleet"
 )
+
+// DefaultOfflineAfter is how long a device may be out of contact before it
+// counts as offline (serve --offline-after).
+const DefaultOfflineAfter = fleet.DefaultOfflineAfter
 
 // Presence: whether a device is in contact with the cluster. A device is
 // online while it holds a session with any node; once it has none, it is

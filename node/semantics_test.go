@@ -15,6 +15,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"appliance/api"
+	"appliance/deploylimits"
 	"appliance/fleet"
 	"appliance/raftstore"
 )
@@ -214,7 +215,7 @@ func TestLayers_MergedOnTheBase(t *testing.T) {
 // modules is accepted with a warning (the merge leaves it out).
 func TestLayers_WritesAndLimits(t *testing.T) {
 	n := startNodeWith(t, t.TempDir(), func(c *Config) {
-		c.DeploymentLimits = DeploymentLimits{MaxModules: 2, MaxLayersPerDevice: 1, MaxDeploymentsPerDevice: 3, MaxManifestBytes: 4096}
+		c.DeploymentLimits = deploylimits.Limits{MaxModules: 2, MaxLayersPerDevice: 1, MaxDeploymentsPerDevice: 3, MaxManifestBytes: 4096}
 	})
 	c := clientFor(n)
 	ctx := context.Background()
@@ -274,7 +275,7 @@ func TestLayers_WritesAndLimits(t *testing.T) {
 // change that adds deployments to it is refused.
 func TestLimits_LoweredLimitKeepsDevicesEditable(t *testing.T) {
 	dir := t.TempDir()
-	n := startNodeWith(t, dir, func(c *Config) { c.DeploymentLimits = DeploymentLimits{MaxDeploymentsPerDevice: 3} })
+	n := startNodeWith(t, dir, func(c *Config) { c.DeploymentLimits = deploylimits.Limits{MaxDeploymentsPerDevice: 3} })
 	c := clientFor(n)
 	ctx := context.Background()
 	createDevice(t, c, "d1", map[string]any{"line": 1})
@@ -284,7 +285,7 @@ func TestLimits_LoweredLimitKeepsDevicesEditable(t *testing.T) {
 	putDeployment(t, c, "blue", "tags.color = 'blue'", 4)
 	n.Stop()
 
-	n = startNodeWith(t, dir, func(c *Config) { c.DeploymentLimits = DeploymentLimits{MaxDeploymentsPerDevice: 2} })
+	n = startNodeWith(t, dir, func(c *Config) { c.DeploymentLimits = deploylimits.Limits{MaxDeploymentsPerDevice: 2} })
 	c = clientFor(n)
 	// 3 deployments target d1, one more than allowed now: an edit that
 	// keeps it at 3 is accepted.
