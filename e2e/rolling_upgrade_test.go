@@ -153,6 +153,13 @@ func TestCluster_RollingUpgrade(t *testing.T) {
 		processes = append(processes, n.srv)
 		h.fault("%s runs the current build", n.id)
 		c.waitLeader(t, "")
+		// Its raft log moved from the previous release's raft.db to log/
+		// (raftstore's TestMigrateBoltLog checks every entry).
+		for path, want := range map[string]bool{"raft/raft.db": false, "raft/raft.db.migrated": true, "raft/log": true} {
+			if _, err := os.Stat(filepath.Join(n.dataDir, path)); (err == nil) != want {
+				t.Errorf("%s after the upgrade: %s there: %v, want %v", n.id, path, err == nil, want)
+			}
+		}
 		upgraded, behind := c.nodes[:i+1], c.nodes[i+1:]
 
 		// cluster members, asked on an upgraded node, shows each node's

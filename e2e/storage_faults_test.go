@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io/fs"
@@ -23,7 +24,7 @@ import (
 // directory, on the same device port:
 //   - a damaged device record in state.db (the case issue 13 found: the
 //     old build started and sent the agent an empty document, and it
-//     removed its module), a damaged command in raft.db, raft.db cut
+//     removed its module), a damaged command in the raft log, the log cut
 //     short, a damaged CA certificate, a damaged history page: serve exits
 //     non-zero, its last stderr line is one "error: ..." naming the file,
 //     and no panic trace; the agent, which keeps retrying meanwhile, keeps
@@ -76,11 +77,23 @@ func TestStorageFaults_Serve(t *testing.T) {
 		{name: "a device record in state.db", file: "raft/state.db", damage: func(t *testing.T, path string) {
 			boltchecktest.Flip(t, path, boltchecktest.LiveOffset(t, path, []byte(`{"deviceId":"press-07"`)), 0x01)
 		}},
-		{name: "a command in raft.db", file: "raft/raft.db", damage: func(t *testing.T, path string) {
-			boltchecktest.Flip(t, path, boltchecktest.LiveOffset(t, path, []byte(`"id":"everywhere"`))+8, 0x01)
+		{name: "a command in the raft log", file: "raft/log/00000000000000000001.seg", damage: func(t *testing.T, path string) {
+			raw, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			off := bytes.Index(raw, []byte(`"id":"everywhere"`))
+			if off < 0 {
+				t.Fatalf("the deployment's command is not in %s", path)
+			}
+			boltchecktest.Flip(t, path, int64(off)+8, 0x01)
 		}},
-		{name: "raft.db cut to one page", file: "raft/raft.db", damage: func(t *testing.T, path string) {
-			if err := os.Truncate(path, 4096); err != nil {
+		{name: "the raft log cut in half", file: "raft/log/00000000000000000001.seg", damage: func(t *testing.T, path string) {
+			st, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(path, st.Size()/2); err != nil {
 				t.Fatal(err)
 			}
 		}},

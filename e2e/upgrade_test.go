@@ -10,7 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+
+	"appliance/raftstore/raftlog"
 )
 
 // TestServe_StopsOnUnknownCommand: a node whose log holds an entry of a
@@ -25,7 +26,7 @@ func TestServe_StopsOnUnknownCommand(t *testing.T) {
 	cli(t, dir, "device", "create", "press-01").mustSucceed(t)
 	s.stop()
 
-	logs, err := raftboltdb.NewBoltStore(filepath.Join(dir, "raft", "raft.db"))
+	logs, err := raftlog.Open(filepath.Join(dir, "raft", "log"), raftlog.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -86,10 +87,15 @@ func TestDataDirFaults(t *testing.T) {
 					boltchecktest.Flip(t, path, boltchecktest.LiveOffset(t, path, []byte(`{"deviceId":"press-07"`)), 0x01)
 				}})
 			return nil
-		case rel == filepath.Join("raft", "raft.db"):
-			cases = append(cases, damage{rel, "a command", func(t *testing.T, path string) {
-				boltchecktest.Flip(t, path, boltchecktest.LiveOffset(t, path, []byte(`"id":"everywhere"`))+8, 0x01)
-			}})
+		case filepath.Dir(rel) == filepath.Join("raft", "log") && filepath.Ext(path) == ".seg":
+			// The raft log's segment that holds the command.
+			raw, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			if off := bytes.Index(raw, []byte(`"id":"everywhere"`)); off >= 0 {
+				cases = append(cases, damage{rel, "a command", flip(int64(off) + 8)})
+			}
 			return nil
 		case strings.HasPrefix(rel, "raft"+string(filepath.Separator)):
 			return nil // raftstore's

@@ -89,7 +89,7 @@ func TestNode_StopsServingWhenStateMachineStops(t *testing.T) {
 	d.subscribeDesired(t)
 	d.nextDesired(t)
 
-	(*observer)(n).Halted(fmt.Errorf("%s: %w: a raft entry does not match its checksum", filepath.Join(n.cfg.DataDir, "raft", "raft.db"), raftstore.ErrCorrupt))
+	(*observer)(n).Halted(fmt.Errorf("%s: %w: a raft entry does not match its checksum", filepath.Join(n.cfg.DataDir, "raft", "log", "00000000000000000001.seg"), raftstore.ErrCorrupt))
 
 	waitFor(t, "press-01 is disconnected", func() bool {
 		select {
@@ -104,7 +104,7 @@ func TestNode_StopsServingWhenStateMachineStops(t *testing.T) {
 	}
 
 	code, body, _ := rawRequest(t, "GET", n.URL()+"/readyz", "", "")
-	if code != 503 || !strings.Contains(body, "raft.db") {
+	if code != 503 || !strings.Contains(body, "00000000000000000001.seg") {
 		t.Fatalf("/readyz: %d %s", code, body)
 	}
 	code, body, _ = rawRequest(t, "GET", n.URL()+"/api/v1/devices", n.Token(), "")

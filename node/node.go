@@ -260,8 +260,7 @@ func (n *Node) Start(ctx context.Context) error {
 	if err := os.MkdirAll(n.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("create data dir %s: %w", n.cfg.DataDir, err)
 	}
-	_, statErr := os.Stat(filepath.Join(n.cfg.DataDir, "raft", "raft.db"))
-	resumed := statErr == nil
+	resumed := raftstore.HasLog(filepath.Join(n.cfg.DataDir, "raft"))
 	// Credentials first: a joiner gets the cluster's admin token with them.
 	bundle, joinToken, err := n.credentials(ctx)
 	if err != nil {

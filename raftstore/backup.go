@@ -13,10 +13,10 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	bolt "go.etcd.io/bbolt"
 
 	"appliance/internal/boltcheck"
+	"appliance/raftstore/raftlog"
 )
 
 // restoreTerm is the raft term of a restored cluster's first snapshot; the
@@ -41,7 +41,7 @@ func (s *Store) Backup(ctx context.Context, w io.Writer) (index uint64, err erro
 // Open on it (Bootstrap not needed) starts a one-voter cluster,
 // {nodeID at advertiseAddr}, holding exactly the backed-up state. It writes
 // state.db (fsynced), a raft snapshot at the backup's applied index (term 1,
-// that configuration) and raft.db with the current term, so raft resumes at
+// that configuration) and the raft log (log/) holding the current term, so raft resumes at
 // the next index and the node elects itself. advertiseAddr must be the
 // address the node will advertise (Config.AdvertiseAddr, or the Stream's
 // address), since it is what other nodes joining later will dial (if it
@@ -49,7 +49,7 @@ func (s *Store) Backup(ctx context.Context, w io.Writer) (index uint64, err erro
 // corrects the configuration). Other nodes join it afresh (AddVoter); they
 // must not keep their old raft directories.
 //
-// It refuses a directory that already holds raft.db, state.db or
+// It refuses a directory that already holds log/, raft.db, state.db or
 // snapshots/, and input that is not a state file written by this package
 // ("not an appliance backup"). On failure it removes what it wrote.
 func RestoreDir(dir, nodeID, advertiseAddr string, state io.Reader) (index uint64, err error) {
@@ -60,9 +60,9 @@ func RestoreDir(dir, nodeID, advertiseAddr string, state io.Reader) (index uint6
 		return 0, fmt.Errorf("restore: create raft dir %s: %w", dir, err)
 	}
 	statePath := filepath.Join(dir, "state.db")
-	raftPath := filepath.Join(dir, "raft.db")
+	logPath := filepath.Join(dir, logDirName)
 	snapPath := filepath.Join(dir, "snapshots")
-	for _, p := range []string{raftPath, statePath, snapPath} {
+	for _, p := range []string{filepath.Join(dir, boltLogName), logPath, statePath, snapPath} {
 		_, err := os.Lstat(p)
 		if err == nil {
 			return 0, fmt.Errorf("restore: %s already exists: restore needs an empty raft directory", p)
@@ -96,8 +96,8 @@ func RestoreDir(dir, nodeID, advertiseAddr string, state io.Reader) (index uint6
 	if err := writeRestoreSnapshot(dir, tmp, index, nodeID, advertiseAddr); err != nil {
 		return 0, err
 	}
-	created = append(created, raftPath)
-	if err := writeRestoreTerm(raftPath); err != nil {
+	created = append(created, logPath)
+	if err := writeRestoreTerm(logPath); err != nil {
 		return 0, err
 	}
 	// state.db last: with the snapshot in place, a missing state file
@@ -180,17 +180,17 @@ func writeRestoreSnapshot(dir, statePath string, index uint64, nodeID, advertise
 	return nil
 }
 
-func writeRestoreTerm(path string) error {
-	ls, err := raftboltdb.NewBoltStore(path)
+func writeRestoreTerm(dir string) error {
+	ls, err := raftlog.Open(dir, raftlog.Options{})
 	if err != nil {
-		return fmt.Errorf("restore: create raft log %s: %w", path, err)
+		return fmt.Errorf("restore: create raft log %s: %w", dir, err)
 	}
 	if err := ls.SetUint64(keyCurrentTerm, restoreTerm); err != nil {
 		ls.Close()
-		return fmt.Errorf("restore: set term in %s: %w", path, err)
+		return fmt.Errorf("restore: set term in %s: %w", dir, err)
 	}
 	if err := ls.Close(); err != nil {
-		return fmt.Errorf("restore: close %s: %w", path, err)
+		return fmt.Errorf("restore: close %s: %w", dir, err)
 	}
 	return nil
 }

@@ -44,13 +44,13 @@ func BenchmarkReplicatedWrites(b *testing.B) {
 
 // BenchmarkLogStoreWrites is BenchmarkReplicatedWrites' node path (the
 // proposer's groups) with each log store in the same run: raft-boltdb
-// (two fdatasyncs per commit: bbolt's data pages, then its meta page) and
-// hashicorp/raft-wal (one fsync of the segment per append).
+// (two fdatasyncs per commit: bbolt's data pages, then its meta page, the
+// release before) and raftlog (one fdatasync of the segment per append).
 func BenchmarkLogStoreWrites(b *testing.B) {
 	for _, clients := range []int{1, 64} {
 		for _, store := range logStores {
 			name := fmt.Sprintf("clients-%d,%s", clients, store.name)
-			b.Run(name, func(b *testing.B) { benchReplicatedWrites(b, clients, false, store.wal) })
+			b.Run(name, func(b *testing.B) { benchReplicatedWrites(b, clients, false, store.bolt) })
 		}
 	}
 }
@@ -58,12 +58,12 @@ func BenchmarkLogStoreWrites(b *testing.B) {
 // logStores are the log stores the benchmarks compare.
 var logStores = []struct {
 	name string
-	wal  bool
-}{{"boltdb", false}, {"wal", true}}
+	bolt bool
+}{{"boltdb", true}, {"raftlog", false}}
 
-func benchReplicatedWrites(b *testing.B, clients int, proposeEach, walLog bool) {
+func benchReplicatedWrites(b *testing.B, clients int, proposeEach, boltLog bool) {
 	cfg := testConfig(b, b.TempDir(), "bench")
-	cfg.Bootstrap, cfg.proposeEach, cfg.walLog = true, proposeEach, walLog
+	cfg.Bootstrap, cfg.proposeEach, cfg.boltLog = true, proposeEach, boltLog
 	s := openConfig(b, cfg)
 	if err := s.WaitLeader(testContext(b)); err != nil {
 		b.Fatal(err)
@@ -135,21 +135,21 @@ func BenchmarkFailover(b *testing.B) {
 // file (sync-state) against one committed without fsync (statefile.go),
 // raft.Apply per write (propose-each) against the proposer's groups
 // (proposer.go), and the log in raft-boltdb (two fdatasyncs per commit)
-// against hashicorp/raft-wal (one). Run it with a fixed count, e.g.
+// against raftlog (one). Run it with a fixed count, e.g.
 // -benchtime=10000x.
 func BenchmarkPacedWrites(b *testing.B) {
 	for _, tc := range []struct {
-		name                           string
-		syncState, proposeEach, walLog bool
+		name                            string
+		syncState, proposeEach, boltLog bool
 	}{
-		{"sync-state,propose-each,boltdb", true, true, false},
-		{"nosync-state,propose-each,boltdb", false, true, false},
-		{"nosync-state,groups,boltdb", false, false, false},
-		{"nosync-state,groups,wal", false, false, true},
+		{"sync-state,propose-each,boltdb", true, true, true},
+		{"nosync-state,propose-each,boltdb", false, true, true},
+		{"nosync-state,groups,boltdb", false, false, true},
+		{"nosync-state,groups,raftlog", false, false, false},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			cfg := testConfig(b, b.TempDir(), "bench")
-			cfg.Bootstrap, cfg.syncState, cfg.proposeEach, cfg.walLog = true, tc.syncState, tc.proposeEach, tc.walLog
+			cfg.Bootstrap, cfg.syncState, cfg.proposeEach, cfg.boltLog = true, tc.syncState, tc.proposeEach, tc.boltLog
 			cfg.Logger = testLogger(b)
 			s := openConfig(b, cfg)
 			if err := s.WaitLeader(testContext(b)); err != nil {

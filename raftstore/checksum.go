@@ -7,6 +7,8 @@ import (
 	"hash/crc32"
 
 	"github.com/hashicorp/raft"
+
+	"appliance/raftstore/raftlog"
 )
 
 // Checksums of raft log entries.
@@ -91,12 +93,27 @@ type checkedLogStore struct {
 
 func (s checkedLogStore) GetLog(index uint64, l *raft.Log) error {
 	if err := s.LogStore.GetLog(index, l); err != nil {
-		return err
+		if !errors.Is(err, raftlog.ErrCorrupt) || s.damaged == nil {
+			return err
+		}
+		// The record failed raftlog's own checksums: stop the state
+		// machine, and hand raft (which panics on a read error while
+		// applying) an entry that every check refuses.
+		s.damaged(err)
+		*l = raft.Log{Index: index, Type: raft.LogCommand, Extensions: []byte{0}}
+		return nil
 	}
 	if err := verifyEntry(l); err != nil && s.damaged != nil {
 		s.damaged(err)
 	}
 	return nil
+}
+
+// IsMonotonic passes on the log store's answer (raft.MonotonicLogStore):
+// raft asks the store it holds, which is this wrapper.
+func (s checkedLogStore) IsMonotonic() bool {
+	m, ok := s.LogStore.(raft.MonotonicLogStore)
+	return ok && m.IsMonotonic()
 }
 
 func (s checkedLogStore) StoreLog(l *raft.Log) error { return s.StoreLogs([]*raft.Log{l}) }

@@ -213,7 +213,7 @@ func (o *deviceSet) ids() string {
 }
 
 // copyDir copies a directory tree into a new temporary directory.
-func copyDir(t *testing.T, src string) string {
+func copyDir(t testing.TB, src string) string {
 	t.Helper()
 	dst := t.TempDir()
 	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {

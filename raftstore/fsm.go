@@ -139,8 +139,11 @@ type fsm struct {
 	// unlock releases the state file's lock (statefile.go), after close.
 	unlock func() error
 	// machineDown: the machine went down while the previous run had the
-	// state file open (statefile.go); a torn raft.db meta page is expected.
+	// state file open (statefile.go); a write torn at the end of the raft
+	// log is expected.
 	machineDown bool
+	// logPath is the raft log store's file or directory, for errors.
+	logPath string
 	// stopped is set (once, on raft's apply goroutine, or in Restore) when
 	// the state machine stops (stop): an entry holds a command this build
 	// cannot apply, or damaged state was found. From then on nothing is
@@ -193,7 +196,8 @@ func openFSM(path string, observer Observer, logger *slog.Logger, bootID func() 
 		unlock()
 		return nil, err
 	}
-	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock, machineDown: machineDown, decode: Decode}
+	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock, machineDown: machineDown, decode: Decode,
+		logPath: filepath.Join(filepath.Dir(path), logDirName)}
 	f.appliedCond = sync.NewCond(&f.appliedMu)
 	db, info, err := openStateDB(path, noSync, logger, nil)
 	if err != nil {
@@ -408,8 +412,7 @@ func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 	}
 	for _, l := range logs {
 		if err := verifyEntry(l); err != nil {
-			raftPath := filepath.Join(filepath.Dir(f.path), "raft.db")
-			f.stop(corrupt(filepath.Dir(f.path), raftPath, fmt.Errorf("%s: %w", raftPath, err)))
+			f.stop(corrupt(filepath.Dir(f.path), f.logPath, fmt.Errorf("%s: %w", f.logPath, err)))
 			return haltedResults(results, logs, 0, f.stoppedErr())
 		}
 	}

@@ -1,9 +1,12 @@
 package raftstore
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -203,4 +206,50 @@ func newTCPStream(t testing.TB, addr string) tcpStream {
 func (s tcpStream) Dial(address string, timeout time.Duration) (net.Conn, error) {
 	s.dials.Add(1)
 	return net.DialTimeout("tcp", address, timeout)
+}
+
+// flipInLog flips a bit delta bytes into every occurrence of pattern in
+// the segments of the raft log in the raft directory dir, and returns the
+// files it changed.
+func flipInLog(t testing.TB, dir string, pattern []byte, delta int) []string {
+	t.Helper()
+	segs, err := filepath.Glob(filepath.Join(dir, logDirName, "*.seg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var changed []string
+	for _, path := range segs {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var offs []int
+		for off := 0; ; {
+			i := bytes.Index(raw[off:], pattern)
+			if i < 0 {
+				break
+			}
+			offs = append(offs, off+i+delta)
+			off += i + len(pattern)
+		}
+		if len(offs) == 0 {
+			continue
+		}
+		// In place: a running node has the file open.
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, off := range offs {
+			if _, err := f.WriteAt([]byte{raw[off] ^ 0x01}, int64(off)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		f.Close()
+		changed = append(changed, path)
+	}
+	if len(changed) == 0 {
+		t.Fatalf("%q is in no segment of %s", pattern, filepath.Join(dir, logDirName))
+	}
+	return changed
 }

@@ -22,9 +22,10 @@ import (
 //     (every page read, bbolt's check, the content digest recomputed)
 //     against an unchecked open of the same file, and against the scan of
 //     every device the node does at open anyway (Observer.Restored);
-//   - raft.db with 10,000 entries: the checks before raft starts (every
-//     page, every entry decoded and its checksum verified) against opening
-//     the log store alone.
+//   - a log of 10,000 entries, in raft.db (the release before) and in
+//     raftlog's log/: the checks before raft starts (raft.db's every page;
+//     every entry decoded and its checksum verified) against opening the
+//     log store alone, and the migration of raft.db to log/.
 //
 // BENCH_DEVICES sets N (default 100,000).
 func BenchmarkOpenCheck(b *testing.B) {
@@ -74,7 +75,7 @@ func BenchmarkOpenCheck(b *testing.B) {
 	dir := buildRaftLog(b, 10_000)
 	b.Run("raft.db/entries=10000/checked", func(b *testing.B) {
 		for b.Loop() {
-			files, err := checkRaftDir(dir, 0, false)
+			files, err := checkRaftDir(dir, 0, false, true, logger)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -83,7 +84,43 @@ func BenchmarkOpenCheck(b *testing.B) {
 	})
 	b.Run("raft.db/entries=10000/unchecked", func(b *testing.B) {
 		for b.Loop() {
-			ls, err := openLogStore(filepath.Join(dir, "raft.db"), false)
+			ls, err := openLogStore(filepath.Join(dir, boltLogName), false)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ls.Close()
+		}
+	})
+	b.Run("raft.db/entries=10000/migrated-to-log", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			b.StopTimer()
+			copied := copyDir(b, dir)
+			b.StartTimer()
+			files, err := checkRaftDir(copied, 0, false, false, logger)
+			if err != nil {
+				b.Fatal(err)
+			}
+			files.logStore.Close()
+		}
+	})
+	migrated := copyDir(b, dir)
+	files, err := checkRaftDir(migrated, 0, false, false, logger)
+	if err != nil {
+		b.Fatal(err)
+	}
+	files.logStore.Close()
+	b.Run("log/entries=10000/checked", func(b *testing.B) {
+		for b.Loop() {
+			files, err := checkRaftDir(migrated, 0, false, false, logger)
+			if err != nil {
+				b.Fatal(err)
+			}
+			files.logStore.Close()
+		}
+	})
+	b.Run("log/entries=10000/unchecked", func(b *testing.B) {
+		for b.Loop() {
+			ls, err := openRaftLog(migrated, false, logger)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -212,7 +212,7 @@ func TestDigest_EarlierReleaseFile(t *testing.T) {
 // TestEntryChecksums: every command this node proposes carries its
 // checksum in the raft entry, proposed here or forwarded from a follower;
 // an entry without one (an earlier release's) is applied and accepted on
-// restart; a command whose bytes changed in raft.db is refused at open,
+// restart; a command whose bytes changed in the log is refused at open,
 // naming the file and the entry.
 func TestEntryChecksums(t *testing.T) {
 	peers := newPeerSet()
@@ -263,10 +263,8 @@ func TestEntryChecksums(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// One byte of a command in raft.db: the device id of the leader's write.
-	raftPath := filepath.Join(dir, "raft.db")
-	off := boltchecktest.LiveOffset(t, raftPath, []byte(`"from-leader"`))
-	boltchecktest.Flip(t, raftPath, off+2, 0x01)
+	// One byte of a command in the log: the device id of the leader's write.
+	raftPath := flipInLog(t, dir, []byte(`"from-leader"`), 2)[0]
 	_, err = Open(context.Background(), follower.cfg)
 	if !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("open with a damaged entry: %v", err)
@@ -349,7 +347,7 @@ func TestStateMachine_StopsOnDamagedEntry(t *testing.T) {
 	if res == nil || !errors.Is(res.Err, ErrStopped) || !errors.Is(res.Err, ErrCorrupt) {
 		t.Fatalf("result %+v", res)
 	}
-	if err := s.HaltError(); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "raft.db") {
+	if err := s.HaltError(); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), filepath.Join(dir, logDirName)) {
 		t.Fatalf("HaltError() = %v", err)
 	}
 	rec.mu.Lock()
@@ -447,10 +445,10 @@ type nopCloser struct{ *bytes.Reader }
 
 func (nopCloser) Close() error { return nil }
 
-// TestCluster_LeaderWithDamagedLogStepsOut: a leader whose raft.db went bad
-// while it ran (a command it applied long ago changed on its disk) finds
-// out when it reads the entry back to send it to a follower that was
-// away. It stops (HaltError names raft.db) instead of offering the
+// TestCluster_LeaderWithDamagedLogStepsOut: a leader whose raft log went
+// bad while it ran (a command it applied long ago changed on its disk)
+// finds out when it reads the entry back to send it to a follower that was
+// away. It stops (HaltError names the log) instead of offering the
 // follower an entry the follower refuses to store; the others elect a
 // leader with a good copy, and the follower catches up from it.
 func TestCluster_LeaderWithDamagedLogStepsOut(t *testing.T) {
@@ -471,21 +469,9 @@ func TestCluster_LeaderWithDamagedLogStepsOut(t *testing.T) {
 	for i := range 20 {
 		putDevice(t, leader, fmt.Sprintf("lagged-%02d", i), nil)
 	}
-	// The damage, in every copy of the command's page in the file.
-	raftPath := filepath.Join(leader.cfg.Dir, "raft.db")
-	raw, err := os.ReadFile(raftPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pattern := []byte(`"lagged-05"`)
-	for off := 0; ; {
-		i := bytes.Index(raw[off:], pattern)
-		if i < 0 {
-			break
-		}
-		boltchecktest.Flip(t, raftPath, int64(off+i+3), 0x01)
-		off += i + len(pattern)
-	}
+	// The damage, in the command's record.
+	flipInLog(t, leader.cfg.Dir, []byte(`"lagged-05"`), 3)
+	raftPath := filepath.Join(leader.cfg.Dir, logDirName)
 
 	back := openConfig(t, cfg)
 	select {

@@ -9,6 +9,7 @@ import (
 	"hash/crc64"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -21,6 +22,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"appliance/internal/boltcheck"
+	"appliance/raftstore/raftlog"
 )
 
 // Checking the raft directory before raft starts.
@@ -75,6 +77,14 @@ type logFacts struct {
 	entries map[uint64]entryFact
 }
 
+// count is how many entries the log holds.
+func (f logFacts) count() uint64 {
+	if f.last == 0 {
+		return 0
+	}
+	return f.last - f.first + 1
+}
+
 type entryFact struct {
 	term uint64
 	typ  raft.LogType
@@ -90,46 +100,68 @@ func (e entryFact) changesState() bool {
 // raft will start from.
 type raftFiles struct {
 	logStore raftLog
+	logPath  string // the log store's file or directory, for errors
 	log      logFacts
 	newest   *raft.SnapshotMeta // nil when there is no snapshot
 }
 
-// checkRaftDir checks raft.db and snapshots/ in dir against each other and
-// against the state machine's applied index, and opens the log store.
-// machineDown says the machine went down during the last run (statefile.go),
-// which excuses a torn meta page in raft.db.
-func checkRaftDir(dir string, applied uint64, machineDown bool) (_ *raftFiles, err error) {
-	raftPath := filepath.Join(dir, "raft.db")
-	out := &raftFiles{}
+// checkRaftDir checks the raft log and snapshots/ in dir against each
+// other and against the state machine's applied index, and opens the log
+// store: raftlog in log/, after migrating a raft.db it finds there
+// (logstore.go), or raft.db itself when boltLog (benchmarks only).
+// machineDown says the machine went down during the last run
+// (statefile.go), which excuses a write torn at the end of the log.
+func checkRaftDir(dir string, applied uint64, machineDown, boltLog bool, logger *slog.Logger) (_ *raftFiles, err error) {
+	var out *raftFiles
+	var stable map[string][]byte
+	logPath := filepath.Join(dir, logDirName)
+	tailPath := "" // the file holding the log's end, for errors about it
 	defer func() {
-		if err != nil && out.logStore != nil {
+		if err != nil && out != nil && out.logStore != nil {
 			out.logStore.Close()
 		}
 	}()
-	stable, err := checkLogFile(raftPath, machineDown)
-	if err != nil {
-		return nil, corrupt(dir, raftPath, err)
+	checkBolt := func(raftPath string) (*raftFiles, map[string][]byte, error) {
+		return checkBoltLog(dir, raftPath, machineDown)
 	}
-	if stable != nil {
-		// Read-only first: raft-boltdb commits a transaction when it opens
-		// a file for writing, which must not happen to a damaged one.
-		ro, err := openLogStore(raftPath, true)
-		if err != nil {
-			return nil, corrupt(dir, raftPath, err)
+	if boltLog {
+		logPath = filepath.Join(dir, boltLogName)
+		if _, err := os.Stat(filepath.Join(dir, logDirName)); err == nil {
+			return nil, fmt.Errorf("raftstore: %s holds log/: the raft-boltdb log store is for benchmarks on a directory that never had raftlog", dir)
 		}
-		out.log, err = checkLogEntries(raftPath, ro)
-		ro.Close()
+		if out, stable, err = checkBolt(logPath); err != nil {
+			return nil, err
+		}
+		// Reopen for writing: raft-boltdb commits a transaction when it
+		// opens a file for writing, which must not happen to a damaged one.
+		out.logStore.Close()
+		if out.logStore, err = openLogStore(logPath, false); err != nil {
+			return nil, err
+		}
+	} else {
+		if err := migrateBoltLog(dir, checkBolt, logger); err != nil {
+			return nil, err
+		}
+		ls, err := openRaftLog(dir, machineDown, logger)
 		if err != nil {
-			return nil, corrupt(dir, raftPath, err)
+			if errors.Is(err, raftlog.ErrCorrupt) {
+				return nil, corrupt(dir, logPath, fmt.Errorf("%w: %w", ErrCorrupt, err))
+			}
+			return nil, err
+		}
+		out = &raftFiles{logStore: ls}
+		if out.log, err = checkLogEntries(logPath, ls); err != nil {
+			return nil, corrupt(dir, logPath, err)
+		}
+		stable = ls.Stable()
+		tailPath = ls.Tail()
+		if err := checkStable(logPath, stable, out.log); err != nil {
+			return nil, corrupt(dir, logPath, err)
 		}
 	}
-	ls, err := openLogStore(raftPath, false)
-	if err != nil {
-		return nil, err
-	}
-	out.logStore = ls
-	if err := checkStable(raftPath, stable, out.log); err != nil {
-		return nil, corrupt(dir, raftPath, err)
+	out.logPath = logPath
+	if tailPath == "" {
+		tailPath = logPath
 	}
 	snaps, err := readSnapshotMetas(filepath.Join(dir, "snapshots"))
 	if err != nil {
@@ -138,10 +170,48 @@ func checkRaftDir(dir string, applied uint64, machineDown bool) (_ *raftFiles, e
 	if len(snaps) > 0 {
 		out.newest = &snaps[0].SnapshotMeta
 	}
-	if err := checkAgreement(dir, applied, out.log, stable, snaps); err != nil {
+	if err := checkAgreement(dir, tailPath, applied, out.log, stable, snaps); err != nil {
 		return nil, err
 	}
 	return out, nil
+}
+
+// checkBoltLog checks raft.db (the previous release's log store) at
+// raftPath: every page, every entry, the stable store; it returns it
+// opened read-only with what it holds. A missing file is an empty log.
+func checkBoltLog(dir, raftPath string, machineDown bool) (*raftFiles, map[string][]byte, error) {
+	out := &raftFiles{}
+	stable, err := checkLogFile(raftPath, machineDown)
+	if err != nil {
+		return nil, nil, corrupt(dir, raftPath, err)
+	}
+	if stable != nil {
+		// Read-only first: raft-boltdb commits a transaction when it opens
+		// a file for writing, which must not happen to a damaged one.
+		ro, err := openLogStore(raftPath, true)
+		if err != nil {
+			return nil, nil, corrupt(dir, raftPath, err)
+		}
+		out.logStore = ro
+		out.log, err = checkLogEntries(raftPath, ro)
+		if err != nil {
+			ro.Close()
+			return nil, nil, corrupt(dir, raftPath, err)
+		}
+		if err := checkStable(raftPath, stable, out.log); err != nil {
+			ro.Close()
+			return nil, nil, corrupt(dir, raftPath, err)
+		}
+		return out, stable, nil
+	}
+	// No raft.db: only in the benchmark mode (the migration runs only
+	// when there is one). Made by opening it for writing.
+	ls, err := openLogStore(raftPath, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	out.logStore = ls
+	return out, stable, nil
 }
 
 // openLogStore opens raft.db (for raft, or read-only to check it), under
@@ -209,7 +279,7 @@ func checkLogFile(path string, machineDown bool) (map[string][]byte, error) {
 // that they run without a gap, that each is stored under its own index,
 // that terms never go back, that each checksum matches and that
 // configurations decode.
-func checkLogEntries(path string, ls *raftboltdb.BoltStore) (logFacts, error) {
+func checkLogEntries(path string, ls raft.LogStore) (logFacts, error) {
 	facts := logFacts{entries: map[uint64]entryFact{}}
 	err := boltcheck.Guard(path, func() error {
 		first, err := ls.FirstIndex()
@@ -430,8 +500,8 @@ func readSnapshotMeta(dir string) (snapshotMeta, error) {
 // each other, as raft will use them: raft starts from the newest snapshot
 // (installing it unless the state file is at least as new) and replays
 // every entry after it, which must all be in the log.
-func checkAgreement(dir string, applied uint64, log logFacts, stable map[string][]byte, snaps []snapshotMeta) error {
-	raftPath := filepath.Join(dir, "raft.db")
+// raftPath is the file holding the end of the log.
+func checkAgreement(dir, raftPath string, applied uint64, log logFacts, stable map[string][]byte, snaps []snapshotMeta) error {
 	statePath := filepath.Join(dir, "state.db")
 	var snapIndex uint64
 	if len(snaps) > 0 {

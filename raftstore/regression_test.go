@@ -19,9 +19,15 @@ import (
 // failed there; see the commit message). The whole table is
 // TestStorageFaults.
 func TestStorageRegressions(t *testing.T) {
-	build := func(t *testing.T) string {
+	build := func(t *testing.T, boltLog bool) string {
 		dir := t.TempDir()
-		s := openTestStoreInBoot(t, dir, "n1", true, nil, "boot-1", 0)
+		cfg := testConfig(t, dir, "n1")
+		cfg.Bootstrap, cfg.boltLog = true, boltLog
+		cfg.bootID = func() (string, error) { return "boot-1", nil }
+		s := openConfig(t, cfg)
+		if err := s.WaitLeader(testContext(t)); err != nil {
+			t.Fatal(err)
+		}
 		for i := range 10 {
 			putDevice(t, s, fmt.Sprintf("dev-%02d", i), nil)
 		}
@@ -52,9 +58,10 @@ func TestStorageRegressions(t *testing.T) {
 	// before the last append, so the log ended before the state file's
 	// applied index; raft then gave the next writes indexes the state
 	// machine had already applied, and it skipped them: committed, answered
-	// "outcome unknown", never applied.
+	// "outcome unknown", never applied. raft.db is now the previous
+	// release's log, which Open migrates: the migration checks it first.
 	t.Run("raft.db's newest meta page", func(t *testing.T) {
-		dir := build(t)
+		dir := build(t, true)
 		path := filepath.Join(dir, "raft.db")
 		boltchecktest.Flip(t, path, int64(newestMeta(t, path)*4096+16+56), 0x01) // its checksum
 		s, err := reopen(t, dir)
@@ -78,7 +85,7 @@ func TestStorageRegressions(t *testing.T) {
 	// A damaged page header in state.db: bbolt panicked on raft's apply
 	// goroutine or in Open, a Go panic trace instead of one line.
 	t.Run("state.db page header", func(t *testing.T) {
-		dir := build(t)
+		dir := build(t, false)
 		path := filepath.Join(dir, "state.db")
 		off := boltchecktest.LiveOffset(t, path, []byte(`"dev-05"`))
 		boltchecktest.Flip(t, path, off-off%4096+8, 0x01) // the page's flags

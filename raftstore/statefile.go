@@ -15,7 +15,7 @@ import (
 
 // Why state.db is committed without fsync.
 //
-// Every write is durable once raft has appended it to raft.db, which is
+// Every write is durable once raft has appended it to the raft log, which is
 // fsynced before the entry counts towards a quorum. state.db is derived from
 // that log: after any crash raft replays the entries after its appliedIndex
 // (invariant 3), and without a usable state.db it installs the newest

@@ -57,7 +57,7 @@ const defaultApplyTimeout = 10 * time.Second
 // Config configures a Store. The zero value of every optional field means a
 // sensible default.
 type Config struct {
-	// Dir holds raft.db (log and stable store), state.db (the state
+	// Dir holds log/ (the raft log and stable store), state.db (the state
 	// machine) and snapshots/. Required.
 	Dir string
 	// NodeID names this node in the cluster. Required.
@@ -124,11 +124,11 @@ type Config struct {
 	// syncState fsyncs state.db on every commit, proposeEach calls
 	// raft.Apply per command instead of through the proposer.
 	syncState, proposeEach bool
-	// walLog puts the log and stable store in hashicorp/raft-wal (wal/)
-	// instead of raft.db, for the benchmarks that compare the two log
-	// stores (BenchmarkPacedWrites): only on a new directory, unchecked
-	// (logstore.go says why it is not used).
-	walLog bool
+	// boltLog keeps the log and stable store in raft-boltdb's raft.db, as
+	// the release before raftlog did (no migration), for the benchmarks
+	// that compare the two log stores and the tests that write a previous
+	// release's directory (logstore.go).
+	boltLog bool
 }
 
 // HashicorpDefaults returns c with hashicorp/raft's own timeouts (1 s
@@ -143,7 +143,7 @@ func (c Config) HashicorpDefaults() Config {
 }
 
 // Store is a node's replica of the cluster state: hashicorp/raft with a
-// raft-boltdb log and a bbolt state machine. Raft types never leave it.
+// raftlog log and a bbolt state machine. Raft types never leave it.
 type Store struct {
 	cfg       Config
 	logger    *slog.Logger
@@ -235,12 +235,7 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	}
 	// Everything raft will read, read first: damage found once raft runs
 	// panics inside its goroutines (preflight.go).
-	var files *raftFiles
-	if cfg.walLog || benchWAL {
-		files, err = openWALLog(cfg.Dir)
-	} else {
-		files, err = checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown)
-	}
+	files, err := checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown, cfg.boltLog || benchBoltLog, logger)
 	if err != nil {
 		s.closeFiles()
 		return nil, err
@@ -307,9 +302,10 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 		logger.Info("bootstrapped a new cluster", "node", cfg.NodeID, "raft_addr", transport.LocalAddr())
 	}
 
-	raftPath := filepath.Join(cfg.Dir, "raft.db")
+	logPath := files.logPath
+	f.logPath = logPath
 	logs := checkedLogStore{LogStore: ls, damaged: func(err error) {
-		f.stop(corrupt(cfg.Dir, raftPath, fmt.Errorf("%s: %w", raftPath, err)))
+		f.stop(corrupt(cfg.Dir, logPath, fmt.Errorf("%s: %w", logPath, err)))
 	}}
 	r, err := raft.NewRaft(rc, f, logs, ls, snaps, transport)
 	if stopped := f.stoppedErr(); stopped != nil {
@@ -330,9 +326,9 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	go s.proposer.run()
 	s.observePeers()
 	close(s.opened)
-	logStore := "raft.db"
-	if cfg.walLog || benchWAL {
-		logStore = "raft-wal (benchmarks only)"
+	logStore := "raftlog"
+	if cfg.boltLog || benchBoltLog {
+		logStore = "raft-boltdb (benchmarks only)"
 	}
 	logger.Info("raft started", "node", cfg.NodeID, "raft_addr", transport.LocalAddr(),
 		"applied_index", f.AppliedIndex(), "resumed", hasState, "log_store", logStore)

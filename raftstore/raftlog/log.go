@@ -58,7 +58,11 @@ type Log struct {
 	// held only to publish a change, so GetLog never waits on a sync.
 	appendMu sync.Mutex
 	buf      []byte // the batch being encoded (under appendMu)
-	broken   error  // a write or sync failed: what is on disk is unknown (under appendMu)
+	// cutTail: the last segment holds bytes after its last whole record
+	// (a write cut short, or torn by the machine going down), to be cut
+	// off before the first change (under appendMu).
+	cutTail bool
+	broken  error // a write or sync failed: what is on disk is unknown (under appendMu)
 
 	mu          sync.RWMutex
 	segs        []*segment
@@ -105,6 +109,7 @@ func (l *Log) openSegments(machineDown bool) error {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", l.dir, err)
 	}
+	var leftovers []string
 	for _, e := range entries {
 		name := e.Name()
 		switch first, ok := parseSegmentName(name); {
@@ -118,9 +123,8 @@ func (l *Log) openSegments(machineDown bool) error {
 		case strings.HasSuffix(name, tmpSuffix) || strings.HasPrefix(name, "."+metaFile+".tmp"):
 			// A segment or meta file whose creation a crash interrupted:
 			// never renamed into place, so it holds nothing raft counted.
-			if err := os.Remove(filepath.Join(l.dir, name)); err != nil {
-				return fmt.Errorf("remove %s: %w", filepath.Join(l.dir, name), err)
-			}
+			// Removed once everything else checked out.
+			leftovers = append(leftovers, filepath.Join(l.dir, name))
 		}
 	}
 	sort.Slice(l.segs, func(i, j int) bool { return l.segs[i].first < l.segs[j].first })
@@ -144,12 +148,9 @@ func (l *Log) openSegments(machineDown bool) error {
 			default:
 				return res.stop
 			}
-			if err := s.f.Truncate(s.end); err != nil {
-				return fmt.Errorf("cut %s at %d: %w", s.path, s.end, err)
-			}
-			if err := fdatasync(s.f); err != nil {
-				return err
-			}
+			// Cut at the first change, not here: the caller's own checks
+			// may still refuse the directory, and a refusal changes no file.
+			l.cutTail = true
 		}
 		if i > 0 {
 			prev := l.segs[i-1]
@@ -161,25 +162,43 @@ func (l *Log) openSegments(machineDown bool) error {
 			}
 		}
 	}
-	// A last segment without records: made just before a crash, or cut
-	// back to nothing. Nothing in it counts.
-	if n := len(l.segs); n > 0 && len(l.segs[n-1].offsets) == 0 {
-		if err := l.removeSegments(l.segs[n-1:]); err != nil {
+	// Checks of the whole: the records from the first entry to the last
+	// must all be there. A last segment left without records (made just
+	// before a crash, or cut back to nothing) holds nothing that counts.
+	live := l.segs
+	if n := len(live); n > 0 && len(live[n-1].offsets) == 0 {
+		live = live[:n-1]
+	}
+	first := l.meta.First
+	var last uint64
+	if len(live) > 0 {
+		last = live[len(live)-1].lastIndex()
+		metaPath := filepath.Join(l.dir, metaFile)
+		if first < live[0].first {
+			if first == 0 {
+				return fmt.Errorf("%s: %w: the log has segments but the meta file names no first entry (was it lost?)", metaPath, ErrCorrupt)
+			}
+			return fmt.Errorf("%s: %w: the log starts at entry %d, but the first segment (%s) starts at entry %d: entries %d..%d are missing",
+				metaPath, ErrCorrupt, first, filepath.Base(live[0].path), live[0].first, first, live[0].first-1)
+		}
+	}
+	if n := len(l.segs); l.cutTail && n > 0 && l.segs[n-1].lastIndex()+1 < first {
+		tail := l.segs[n-1]
+		return fmt.Errorf("%s: %w: cut back to its last whole record the log ends at entry %d, but it starts at entry %d: entries it held are gone, more than a write cut short", tail.path, ErrCorrupt, tail.lastIndex(), first)
+	}
+
+	// Everything checked out: clear away what crashes left.
+	for _, p := range leftovers {
+		if err := os.Remove(p); err != nil {
+			return fmt.Errorf("remove %s: %w", p, err)
+		}
+	}
+	if len(live) < len(l.segs) {
+		if err := l.removeSegments(l.segs[len(live):]); err != nil {
 			return err
 		}
-		l.segs = l.segs[:n-1]
-	}
-	if len(l.segs) == 0 {
-		return nil
-	}
-	metaPath := filepath.Join(l.dir, metaFile)
-	first, last := l.meta.First, l.segs[len(l.segs)-1].lastIndex()
-	if first < l.segs[0].first {
-		if first == 0 {
-			return fmt.Errorf("%s: %w: the log has segments but the meta file names no first entry (was it lost?)", metaPath, ErrCorrupt)
-		}
-		return fmt.Errorf("%s: %w: the log starts at entry %d, but the first segment (%s) starts at entry %d: entries %d..%d are missing",
-			metaPath, ErrCorrupt, first, filepath.Base(l.segs[0].path), l.segs[0].first, first, l.segs[0].first-1)
+		l.segs = live
+		l.cutTail = false
 	}
 	// Segments wholly before the first entry: a DeleteRange stopped after
 	// it recorded the new first entry, before it removed them.
@@ -193,6 +212,8 @@ func (l *Log) openSegments(machineDown bool) error {
 	}
 	if len(l.segs) > 0 {
 		l.first, l.last = first, last
+	} else {
+		l.cutTail = false
 	}
 	return nil
 }
@@ -214,6 +235,17 @@ func (l *Log) removeSegments(segs []*segment) error {
 
 // Dir is the directory the log is in.
 func (l *Log) Dir() string { return l.dir }
+
+// Tail is the file that holds the end of the log (the directory when the
+// log is empty), for errors about the log's end.
+func (l *Log) Tail() string {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if len(l.segs) == 0 {
+		return l.dir
+	}
+	return l.segs[len(l.segs)-1].path
+}
 
 // FirstIndex is the first entry's index, 0 when the log is empty.
 func (l *Log) FirstIndex() (uint64, error) {
@@ -308,7 +340,7 @@ func (l *Log) StoreLogs(entries []*raft.Log) error {
 	if n := len(l.segs); n > 0 && l.segs[n-1].end < l.segSize {
 		s = l.segs[n-1]
 	} else {
-		if l.last == 0 && l.meta.First != next {
+		if l.last == 0 && l.recordedFirst() != next {
 			// The log's first entry, durable before the segment that holds it.
 			if err := l.setFirst(next); err != nil {
 				return err
@@ -346,16 +378,28 @@ func (l *Log) StoreLogs(entries []*raft.Log) error {
 	return nil
 }
 
-// usable is nil when the log may be changed (under appendMu).
+// usable is nil when the log may be changed (under appendMu). It cuts
+// off what Open found after the last whole record.
 func (l *Log) usable() error {
 	if l.broken != nil {
 		return l.broken
 	}
 	l.mu.RLock()
-	defer l.mu.RUnlock()
-	if l.closed {
+	closed := l.closed
+	l.mu.RUnlock()
+	if closed {
 		return ErrClosed
 	}
+	if l.cutTail && len(l.segs) > 0 {
+		s := l.segs[len(l.segs)-1]
+		if err := s.f.Truncate(s.end); err != nil {
+			return fmt.Errorf("raftlog: cut %s at %d: %w", s.path, s.end, err)
+		}
+		if err := fdatasync(s.f); err != nil {
+			return fmt.Errorf("raftlog: %w", err)
+		}
+	}
+	l.cutTail = false
 	return nil
 }
 
@@ -446,6 +490,13 @@ func (l *Log) deleteSuffix(min uint64) error {
 		return l.broken
 	}
 	return nil
+}
+
+// recordedFirst is the first index the meta file holds.
+func (l *Log) recordedFirst() uint64 {
+	l.metaMu.Lock()
+	defer l.metaMu.Unlock()
+	return l.meta.First
 }
 
 // setFirst records the log's first entry in the meta file.

@@ -128,7 +128,7 @@ func decodeRecord(b []byte, l *raft.Log) (int, error) {
 	}
 	body := b[headerSize:n]
 	if got := crc32.Checksum(body, castagnoli); got != h.bodyCRC {
-		return 0, fmt.Errorf("%w: entry %d fails its checksum (stored %08x, computed %08x)", ErrCorrupt, h.index, h.bodyCRC, got)
+		return 0, fmt.Errorf("%w: raft entry %d fails its checksum (stored %08x, computed %08x)", ErrCorrupt, h.index, h.bodyCRC, got)
 	}
 	*l = raft.Log{Index: h.index, Term: h.term, Type: h.typ}
 	if h.dataLen > 0 {

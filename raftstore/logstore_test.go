@@ -1,0 +1,261 @@
+package raftstore
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	bolt "go.etcd.io/bbolt"
+
+	"appliance/internal/boltcheck/boltchecktest"
+	"appliance/raftstore/raftlog"
+)
+
+// previousRelease builds the raft directory of a node of the release
+// before raftlog: its log and stable store in raft.db (raft-boltdb, the
+// same checks at open), with writes, a snapshot and writes after it. It
+// returns the directory and the devices the state holds.
+func previousRelease(t *testing.T) (dir string, devices []string) {
+	t.Helper()
+	dir = t.TempDir()
+	cfg := testConfig(t, dir, "n1")
+	cfg.Bootstrap, cfg.boltLog = true, true
+	cfg.bootID = func() (string, error) { return "boot-1", nil }
+	s := openConfig(t, cfg)
+	if err := s.WaitLeader(testContext(t)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 30 {
+		putDevice(t, s, fmt.Sprintf("old-%02d", i), map[string]any{"line": float64(i)})
+		if i == 19 {
+			if err := s.Snapshot(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	devices = deviceIDs(t, s)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, logDirName)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the previous release's directory has %s: %v", logDirName, err)
+	}
+	return dir, devices
+}
+
+// boltContent is every entry and stable store key of the raft.db at path.
+func boltContent(t *testing.T, path string) (entries []raft.Log, stable map[string][]byte) {
+	t.Helper()
+	ls, err := raftboltdb.New(raftboltdb.Options{Path: path, BoltOptions: &bolt.Options{ReadOnly: true, Timeout: time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ls.Close()
+	return logContent(t, ls), stableContent(t, ls)
+}
+
+func logContent(t *testing.T, ls raft.LogStore) []raft.Log {
+	t.Helper()
+	first, _ := ls.FirstIndex()
+	last, _ := ls.LastIndex()
+	var out []raft.Log
+	for i := first; i <= last && last > 0; i++ {
+		var l raft.Log
+		if err := ls.GetLog(i, &l); err != nil {
+			t.Fatalf("entry %d: %v", i, err)
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+func stableContent(t *testing.T, ss raft.StableStore) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	for _, k := range []string{"CurrentTerm", "LastVoteTerm", "LastVoteCand"} {
+		v, err := ss.Get([]byte(k))
+		if err != nil {
+			if err.Error() == "not found" {
+				continue
+			}
+			t.Fatal(err)
+		}
+		out[k] = v
+	}
+	return out
+}
+
+// sameLog fails unless the two logs hold the same entries, every field.
+func sameLog(t *testing.T, got, want []raft.Log) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%d entries, want %d", len(got), len(want))
+	}
+	for i := range want {
+		a, b := got[i], want[i]
+		if a.Index != b.Index || a.Term != b.Term || a.Type != b.Type || !bytes.Equal(a.Data, b.Data) ||
+			!bytes.Equal(a.Extensions, b.Extensions) || !a.AppendedAt.Equal(b.AppendedAt) {
+			t.Fatalf("entry %d differs:\n%+v\nwant\n%+v", b.Index, a, b)
+		}
+	}
+}
+
+// raftlogContent is every entry and stable store key of the log in the
+// raft directory dir.
+func raftlogContent(t *testing.T, dir string) ([]raft.Log, map[string][]byte) {
+	t.Helper()
+	l, err := raftlog.Open(filepath.Join(dir, logDirName), raftlog.Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return logContent(t, l), l.Stable()
+}
+
+// TestMigrateBoltLog is issue 19's acceptance 3: a raft directory written
+// by the release before (the log in raft.db) is upgraded at Open, keeping
+// every entry, the term and the vote, and the state; raft.db is kept as
+// raft.db.migrated. A crash before the migration's last rename leaves
+// raft.db in charge: the next Open removes the copy and migrates again.
+func TestMigrateBoltLog(t *testing.T) {
+	tests := []struct {
+		name string
+		// crash leaves dir as a migration that stopped part-way would.
+		crash func(t *testing.T, dir string)
+	}{
+		{name: "upgrade", crash: func(t *testing.T, dir string) {}},
+		{name: "crash while copying (log.migrating half written)", crash: func(t *testing.T, dir string) {
+			half, err := raftlog.Open(filepath.Join(dir, migratingDirName), raftlog.Options{Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			entries, _ := boltContent(t, filepath.Join(dir, boltLogName))
+			var batch []*raft.Log
+			for i := range entries[:len(entries)/2] {
+				batch = append(batch, &entries[i])
+			}
+			if err := half.StoreLogs(batch); err != nil {
+				t.Fatal(err)
+			}
+			half.Close()
+		}},
+		{name: "crash between the two renames (log/ whole, raft.db not renamed)", crash: func(t *testing.T, dir string) {
+			other := copyDir(t, dir)
+			if err := migrateBoltLog(other, func(path string) (*raftFiles, map[string][]byte, error) {
+				return checkBoltLog(other, path, false)
+			}, testLogger(t)); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(filepath.Join(other, logDirName), filepath.Join(dir, logDirName)); err != nil {
+				t.Fatal(err)
+			}
+			// A copy that is not raft.db's, so that the test tells which
+			// one the node runs on: its last entries are gone.
+			cp, err := raftlog.Open(filepath.Join(dir, logDirName), raftlog.Options{Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			last, _ := cp.LastIndex()
+			if err := cp.DeleteRange(last-8, last); err != nil {
+				t.Fatal(err)
+			}
+			cp.Close()
+			// The benchmark-only raft.db mode refuses a directory with log/.
+			if logs, err := checkRaftDir(dir, 0, false, true, testLogger(t)); err == nil {
+				logs.logStore.Close()
+				t.Fatal("the benchmark-only raft.db mode opened a directory with log/")
+			}
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, devices := previousRelease(t)
+			tc.crash(t, dir)
+			boltPath := filepath.Join(dir, boltLogName)
+			wantEntries, wantStable := boltContent(t, boltPath)
+			if len(wantEntries) < 10 || len(wantStable) == 0 {
+				t.Fatalf("the previous release's raft.db holds %d entries, %d stable keys: too little to test", len(wantEntries), len(wantStable))
+			}
+
+			cfg := testConfig(t, dir, "n1")
+			cfg.bootID = func() (string, error) { return "boot-1", nil }
+			s := openConfig(t, cfg)
+			waitFor(t, "the log is replayed", s.Replayed)
+			if got := deviceIDs(t, s); !slices.Equal(got, devices) {
+				t.Fatalf("devices after the upgrade %v, want %v", got, devices)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			for _, gone := range []string{boltPath, filepath.Join(dir, migratingDirName)} {
+				if _, err := os.Stat(gone); !errors.Is(err, fs.ErrNotExist) {
+					t.Fatalf("%s is still there after the upgrade (%v)", gone, err)
+				}
+			}
+			// Every entry, the term and the vote: the migrated log, after
+			// the node ran on it, starts with exactly raft.db's entries.
+			kept, _ := boltContent(t, boltPath+migratedSuffix)
+			sameLog(t, kept, wantEntries)
+			gotEntries, gotStable := raftlogContent(t, dir)
+			if len(gotEntries) < len(wantEntries) {
+				t.Fatalf("the log holds %d entries, raft.db %d", len(gotEntries), len(wantEntries))
+			}
+			sameLog(t, gotEntries[:len(wantEntries)], wantEntries)
+			for k, v := range wantStable {
+				if k == "CurrentTerm" || k == "LastVoteTerm" {
+					// The node elected itself again: its term moved on.
+					if w := gotStable[k]; len(w) != 8 || bytes.Compare(w, v) < 0 {
+						t.Fatalf("%s %x went back from %x", k, w, v)
+					}
+					continue
+				}
+				if !bytes.Equal(gotStable[k], v) {
+					t.Fatalf("stable key %s = %q, want %q", k, gotStable[k], v)
+				}
+			}
+
+			// It goes on: a write after the upgrade survives a restart.
+			s = openConfig(t, cfg)
+			if err := s.WaitLeader(testContext(t)); err != nil {
+				t.Fatal(err)
+			}
+			putDevice(t, s, "new-release", nil)
+			s.Close()
+			s = openConfig(t, cfg)
+			defer s.Close()
+			waitFor(t, "the log is replayed", s.Replayed)
+			if got := deviceIDs(t, s); !slices.Contains(got, "new-release") || len(got) != len(devices)+1 {
+				t.Fatalf("devices after a restart on the new log: %v", got)
+			}
+		})
+	}
+}
+
+// TestMigrateBoltLog_RefusesDamage: a damaged raft.db is refused by the
+// checks it always had, before anything is copied: raft.db stays, nothing
+// else is written.
+func TestMigrateBoltLog_RefusesDamage(t *testing.T) {
+	dir, _ := previousRelease(t)
+	boltPath := filepath.Join(dir, boltLogName)
+	boltchecktest.Flip(t, boltPath, boltchecktest.LiveOffset(t, boltPath, []byte(`"old-25"`))+3, 0x01)
+	cfg := testConfig(t, dir, "n1")
+	cfg.bootID = func() (string, error) { return "boot-1", nil }
+	_, err := Open(testContext(t), cfg)
+	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), boltPath) {
+		t.Fatalf("Open of a damaged raft.db: %v; want ErrCorrupt naming it", err)
+	}
+	for _, gone := range []string{filepath.Join(dir, logDirName), filepath.Join(dir, migratingDirName), boltPath + migratedSuffix} {
+		if _, err := os.Stat(gone); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("%s was written for a damaged raft.db (%v)", gone, err)
+		}
+	}
+}
