@@ -2,12 +2,15 @@ package node
 
 import (
 	"context"
+	"io"
 	"net/http"
 	"sync"
 	"time"
 
 	"encoding/json"
 
+	"appliance/directmethod"
+	"appliance/eventtail"
 	"appliance/raftstore"
 )
 
@@ -155,4 +158,31 @@ func (n *Node) refreshPeerSessions(done chan struct{}) {
 	pc.mu.Lock()
 	pc.sessions, pc.ended, pc.fetchedAt, pc.down = all, ended, time.Now(), down
 	pc.mu.Unlock()
+}
+
+// peerCluster is the other members as the packages that call them see
+// them (directmethod, eventtail): the members' addresses, the cluster
+// port's calls, and which peer holds a device's session.
+type peerCluster Node
+
+var (
+	_ directmethod.Cluster = (*peerCluster)(nil)
+	_ eventtail.Peers      = (*peerCluster)(nil)
+)
+
+func (c *peerCluster) SessionNode(ctx context.Context, deviceID string) (string, bool) {
+	s, ok := (*Node)(c).peerSessions(ctx)[deviceID]
+	return s.Node, ok
+}
+
+func (c *peerCluster) Members(ctx context.Context) ([]raftstore.Member, error) {
+	return c.store.Members(ctx)
+}
+
+func (c *peerCluster) PostJSON(ctx context.Context, addr, path string, in, out any) error {
+	return c.peers.PostJSON(ctx, addr, path, in, out)
+}
+
+func (c *peerCluster) Stream(ctx context.Context, addr, path string) (io.ReadCloser, error) {
+	return c.peers.Stream(ctx, addr, path)
 }

@@ -18,7 +18,7 @@ func (n *Node) newRelay() *directmethod.Relay {
 	return directmethod.New(directmethod.Config{
 		NodeID:  n.cfg.NodeID,
 		Broker:  (*methodBroker)(n),
-		Cluster: (*methodCluster)(n),
+		Cluster: (*peerCluster)(n),
 		Lookup: func(ctx context.Context, deviceID string) error {
 			return (*backend)(n).viewBeforeWrite(ctx, func(r *raftstore.Reader) error {
 				_, err := r.Device(deviceID)
@@ -50,24 +50,6 @@ func (b *methodBroker) Connected(deviceID string) bool {
 
 func (b *methodBroker) PublishMethod(deviceID string, payload []byte) error {
 	return b.broker.PublishMethod(deviceID, payload)
-}
-
-// methodCluster is the other members as a call sees them.
-type methodCluster Node
-
-var _ directmethod.Cluster = (*methodCluster)(nil)
-
-func (c *methodCluster) SessionNode(ctx context.Context, deviceID string) (string, bool) {
-	s, ok := (*Node)(c).peerSessions(ctx)[deviceID]
-	return s.Node, ok
-}
-
-func (c *methodCluster) Members(ctx context.Context) ([]raftstore.Member, error) {
-	return c.store.Members(ctx)
-}
-
-func (c *methodCluster) PostJSON(ctx context.Context, addr, path string, in, out any) error {
-	return c.peers.PostJSON(ctx, addr, path, in, out)
 }
 
 // methodHistory is the node's history, opened at Start.

@@ -26,6 +26,7 @@ import (
 	"appliance/deploylimits"
 	"appliance/deviceimport"
 	"appliance/directmethod"
+	"appliance/eventtail"
 	"appliance/history"
 	"appliance/internal/fsutil"
 	"appliance/northbound"
@@ -159,9 +160,11 @@ type Node struct {
 	broker  *broker.Broker
 	metrics *metrics
 	// northbound keeps the devices' upstream messages and serves them to
-	// consumers; methods relays the direct method calls (methods.go).
+	// consumers; methods relays the direct method calls (methods.go);
+	// tail streams the cluster's upstream messages (events.go).
 	northbound *northbound.Server
 	methods    *directmethod.Relay
+	tail       *eventtail.Tailer
 	history    *history.History
 	reports    *reportBatcher
 	bgCancel   context.CancelFunc
@@ -248,6 +251,7 @@ func New(cfg Config) (*Node, error) {
 	})
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.methods = n.newRelay()
+	n.tail = n.newTailer()
 	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
 	n.metrics = newMetrics(n)
 	return n, nil
@@ -356,7 +360,7 @@ func (n *Node) Start(ctx context.Context) error {
 	n.rpc.HandleNode("GET "+nodeCertPath+"{id}", n.serveNodeCert)
 	n.rpc.HandleNode("POST "+directmethod.CallPath, n.methods.ServeCall)
 	n.rpc.HandleNode("POST "+directmethod.EventPath, n.methods.ServeEvent)
-	n.rpc.HandleNode("GET "+eventsTailPath, n.serveEventsTail)
+	n.rpc.HandleNode("GET "+eventtail.Path, n.tail.ServePeer)
 	go func() {
 		if err := n.rpc.Serve(n.mux); err != nil {
 			n.logger.Error("cluster RPC server stopped", "err", err)
