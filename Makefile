@@ -102,6 +102,9 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzParseSubscription -fuzztime $${FUZZTIME:-30s} ./northbound/
 	$(GO) test -run '^$$' -fuzz FuzzRecordHeader -fuzztime $${FUZZTIME:-30s} ./northbound/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $${FUZZTIME:-30s} ./identityfile/
+	$(GO) test -run '^$$' -fuzz FuzzObject -fuzztime $${FUZZTIME:-30s} ./internal/jsonscan/
+	$(GO) test -run '^$$' -fuzz FuzzPutDeviceJSON -fuzztime $${FUZZTIME:-30s} ./evaluator/
+	$(GO) test -run '^$$' -fuzz FuzzStoredTags -fuzztime $${FUZZTIME:-30s} ./raftstore/
 
 # Tests assert what happened (order, content, counts), never how long it
 # took: on a loaded 2-core machine a correct build runs slow, and speed is

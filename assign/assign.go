@@ -342,9 +342,12 @@ func (a *Assigner) Restore(r *raftstore.Reader) error {
 func (a *Assigner) restoreLocked(r *raftstore.Reader) error {
 	// Devices first, so that each deployment then finds its devices
 	// through the engine's indexes rather than device by device.
-	err := r.DeviceTags(func(id string, tags map[string]any) bool {
-		a.engine.PutDevice(id, tags)
-		return true
+	a.engine.Grow(r.DeviceCount())
+	err := r.DeviceTags(func(id string, tags json.RawMessage) error {
+		if _, err := a.engine.PutDeviceJSON(id, tags); err != nil {
+			return fmt.Errorf("tags of device %q: %w", id, err)
+		}
+		return nil
 	})
 	if err != nil {
 		return err
@@ -371,7 +374,7 @@ func (a *Assigner) restoreLocked(r *raftstore.Reader) error {
 			ro = &info.rollout
 		}
 		a.noteRollout(d.ID, &d, ro)
-		if _, err := a.engine.PutDeployment(engineDeployment(&d, ro)); err != nil {
+		if err := a.engine.RestoreDeployment(engineDeployment(&d, ro)); err != nil {
 			a.logger.Error("stored target condition does not compile; the deployment targets no device",
 				"deployment", d.ID, "err", err)
 		}

@@ -119,6 +119,9 @@ func (d *dict) acquireTerm(name []byte, v value) uint32 {
 		}
 	}
 	p = d.acquirePath(name)
+	// The value may be a view of the caller's bytes (tagsjson.go): the
+	// dictionary keeps a copy.
+	v.s = strings.Clone(v.s)
 	var id uint32
 	if n := len(d.termFree); n > 0 {
 		id = d.termFree[n-1]

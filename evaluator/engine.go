@@ -98,6 +98,9 @@ type slotChange struct{ slot, from, to uint32 }
 type Engine struct {
 	mu sync.RWMutex
 	state
+	scratch tagsScratch // PutDeviceJSON's, under mu
+	// quiet: the call lists no changes (RestoreDeployment), under mu.
+	quiet bool
 }
 
 // state is everything Reset drops.
@@ -170,6 +173,24 @@ func (e *Engine) Reset() {
 	e.init()
 }
 
+// Grow makes room for n more devices, so that a rebuild that knows how
+// many follow does not grow the engine's tables (a map and three slices
+// of a million entries) step by step.
+func (e *Engine) Grow(n int) {
+	if n <= 0 {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.byID) == 0 {
+		e.byID = make(map[string]uint32, n)
+	}
+	e.ids = slices.Grow(e.ids, n)
+	e.leaves = slices.Grow(e.leaves, n)
+	e.applied = slices.Grow(e.applied, n)
+	e.live = slices.Grow(e.live, n/64+1)
+}
+
 // PutDevice creates a device or replaces its tags, re-evaluates it against
 // the deployments that can match it, and returns the change of its applied
 // deployment (at most one). tags is the device's decoded JSON tags; the
@@ -180,12 +201,17 @@ func (e *Engine) PutDevice(id string, tags map[string]any) []Change {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	return e.putLeaves(id, e.d.flatten(tags))
+}
+
+// putLeaves is PutDevice once the device's tags are interned as its new
+// leaves nw (each holding a reference).
+func (e *Engine) putLeaves(id string, nw []uint32) []Change {
 	slot, ok := e.byID[id]
 	if !ok {
 		slot = e.allocSlot(id)
 	}
 	old := e.leaves[slot]
-	nw := e.d.flatten(tags)
 	e.updatePostings(slot, old, nw)
 	cands := e.candidates(id, old, nw)
 	e.leaves[slot] = nw
@@ -363,6 +389,19 @@ func (e *Engine) emptySet() dense { return make(dense, len(e.live)) }
 // applied deployment changed, sorted by device id. A condition that does
 // not compile is returned as an error and the engine is unchanged.
 func (e *Engine) PutDeployment(d Deployment) ([]Change, error) {
+	return e.putDeployment(d, false)
+}
+
+// RestoreDeployment is PutDeployment in a rebuild (Reset, every device,
+// then every deployment): the same state, but no Change list, which
+// nobody reads then and which was most of a deployment's cost over a
+// large fleet (sorting a million changes by device id).
+func (e *Engine) RestoreDeployment(d Deployment) error {
+	_, err := e.putDeployment(d, true)
+	return err
+}
+
+func (e *Engine) putDeployment(d Deployment, quiet bool) ([]Change, error) {
 	if d.ID == "" {
 		return nil, ErrNoDeploymentID
 	}
@@ -375,6 +414,8 @@ func (e *Engine) PutDeployment(d Deployment) ([]Change, error) {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.quiet = quiet
+	defer func() { e.quiet = false }()
 	if h, ok := e.depIDs[d.ID]; ok && e.deps[h].Deployment == d {
 		return nil, nil // e.g. only the manifest changed: nothing to re-target
 	}
@@ -425,7 +466,7 @@ func compareChanges(a, b Change) int {
 // of layer id (op), each with its applied deployment as From and To.
 func (e *Engine) layerChanges(s dense, id, op string) []Change {
 	n := s.count()
-	if n == 0 {
+	if n == 0 || e.quiet {
 		return nil
 	}
 	out := make([]Change, 0, n)
@@ -772,18 +813,24 @@ func (e *Engine) finish(chs []slotChange) []Change {
 	if len(chs) == 0 {
 		return nil
 	}
+	small := len(chs) <= e.tune.smallSort || len(chs)*32 < e.nlive
+	if !small {
+		e.compactOrder() // quiet or not, so that both leave the same state
+	}
+	if e.quiet {
+		return nil
+	}
 	out := make([]Change, 0, len(chs))
 	mk := func(c slotChange) Change {
 		return Change{DeviceID: e.ids[c.slot], From: e.name(c.from), To: e.name(c.to)}
 	}
-	if len(chs) <= e.tune.smallSort || len(chs)*32 < e.nlive {
+	if small {
 		for _, c := range chs {
 			out = append(out, mk(c))
 		}
 		slices.SortFunc(out, func(a, b Change) int { return strings.Compare(a.DeviceID, b.DeviceID) })
 		return out
 	}
-	e.compactOrder()
 	idx := make([]int32, len(e.ids))
 	for i, c := range chs {
 		idx[c.slot] = int32(i + 1)

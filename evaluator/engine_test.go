@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -553,5 +554,47 @@ func TestEngine_Layers(t *testing.T) {
 	e.PutDevice("c", nil)
 	if tg, wa, err := e.DryRun(Deployment{ID: "l2", Condition: "*", Layered: true, Priority: 99}); err != nil || tg != 3 || wa != 2 {
 		t.Fatalf("DryRun(layer) = %d, %d, %v; want 3, 2", tg, wa, err)
+	}
+}
+
+// TestEngine_RestoreDeployment: a rebuild's deployments (no change lists)
+// leave the engine exactly as PutDeployment does, layers and gates
+// included, and a condition that does not compile is refused alike.
+func TestEngine_RestoreDeployment(t *testing.T) {
+	var es [2]*Engine
+	for i := range es {
+		e := NewEngine()
+		for d := range 3000 {
+			e.PutDevice(fmt.Sprintf("dev%04d", d), map[string]any{"n": float64(d % 7), "env": []string{"prod", "test"}[d%2]})
+		}
+		es[i] = e
+	}
+	deps := []Deployment{
+		{ID: "all", Condition: "*", Priority: 0},
+		{ID: "prod", Condition: "tags.env = 'prod'", Priority: 2},
+		{ID: "n3", Condition: "tags.n >= 3 AND NOT tags.env = 'test'", Priority: 5, Gated: true},
+		{ID: "layer", Condition: "tags.n IN [1, 2]", Priority: 1, Layered: true},
+	}
+	for _, d := range deps {
+		mustPut(t, es[0], d)
+		if err := es[1].RestoreDeployment(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := es[0].PutDeployment(Deployment{ID: "bad", Condition: "tags.x ="}); err == nil {
+		t.Fatal("PutDeployment of a condition that does not compile succeeded")
+	}
+	if err := es[1].RestoreDeployment(Deployment{ID: "bad", Condition: "tags.x ="}); err == nil {
+		t.Fatal("RestoreDeployment of a condition that does not compile succeeded")
+	}
+	if !reflect.DeepEqual(es[0].state, es[1].state) {
+		t.Fatal("the engine after RestoreDeployment differs from the one after PutDeployment")
+	}
+	if got := es[1].Applied("dev0002"); got != "prod" {
+		t.Fatalf("dev0002 applies %q, want prod", got)
+	}
+	// Later calls list their changes again.
+	if ch := mustPut(t, es[1], Deployment{ID: "top", Condition: "deviceId = 'dev0001'", Priority: 9}); len(ch) != 1 {
+		t.Fatalf("PutDeployment after a restore listed %v, want one change", ch)
 	}
 }

@@ -175,6 +175,20 @@ var _ raft.BatchingFSM = (*fsm)(nil)
 // openFSM opens the state file at path; bootID tells a machine crash from a
 // process crash (statefile.go), nil means readBootID.
 func openFSM(path string, observer Observer, logger *slog.Logger, bootID func() (string, error)) (*fsm, error) {
+	f, err := claimFSM(path, observer, logger, bootID)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.open(); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// claimFSM takes the state file at path for this process (its lock and
+// open marker, statefile.go): whether the machine went down during the
+// last run is known from here on. open then opens and checks the file.
+func claimFSM(path string, observer Observer, logger *slog.Logger, bootID func() (string, error)) (*fsm, error) {
 	if bootID == nil {
 		bootID = readBootID
 	}
@@ -199,14 +213,20 @@ func openFSM(path string, observer Observer, logger *slog.Logger, bootID func() 
 	f := &fsm{path: path, logger: logger, observer: observer, noSync: noSync, unlock: unlock, machineDown: machineDown, decode: Decode,
 		logPath: filepath.Join(filepath.Dir(path), logDirName)}
 	f.appliedCond = sync.NewCond(&f.appliedMu)
-	db, info, err := openStateDB(path, noSync, logger, nil)
+	return f, nil
+}
+
+// open opens and checks the claimed state file (openStateDB); on an error
+// it lets go of the claim.
+func (f *fsm) open() error {
+	db, info, err := openStateDB(f.path, f.noSync, f.logger, nil)
 	if err != nil {
-		unlock()
-		return nil, err
+		f.unlock()
+		return err
 	}
 	f.db = db
 	f.applied = info.applied
-	return f, nil
+	return nil
 }
 
 // openStateDB opens a state file: unless trusted (a file just checked),
@@ -1310,20 +1330,19 @@ func (r *Reader) Devices(after string, fn func(fleet.Device) bool) error {
 }
 
 // DeviceTags calls fn with each device's id and tags, in id order: what
-// the assignments are rebuilt from. Decoding only the tags (no times, no
-// keys) makes a walk over a million devices several times cheaper than
-// Devices, and the node's restart waits for it.
-func (r *Reader) DeviceTags(fn func(id string, tags map[string]any) bool) error {
+// the assignments are rebuilt from. tags is the stored JSON of the tags
+// (nil when the device has none), valid only during the call: nothing of
+// the device is decoded here, and the node's restart over a million
+// devices waits for this walk. fn's error stops the walk and is returned.
+func (r *Reader) DeviceTags(fn func(id string, tags json.RawMessage) error) error {
 	c := r.tx.Bucket(bucketDevices).Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
-		var d struct {
-			Tags map[string]any `json:"tags"`
-		}
-		if err := json.Unmarshal(v, &d); err != nil {
+		tags, err := storedTags(v)
+		if err != nil {
 			return fmt.Errorf("decode stored %q: %w", k, err)
 		}
-		if !fn(string(k), d.Tags) {
-			return nil
+		if err := fn(string(k), tags); err != nil {
+			return err
 		}
 	}
 	return nil
