@@ -236,3 +236,116 @@ func copyDir(t testing.TB, src string) string {
 	}
 	return dst
 }
+
+// TestOpen_ChecksBothFilesBeforeUsingEither: the state file's checks and the
+// raft directory's run side by side (Open); either one damaged still
+// refuses the start, naming it (the state file first when both are), the
+// observer is never given state, and nothing stays open: the same process
+// opens the repaired directory at once.
+func TestOpen_ChecksBothFilesBeforeUsingEither(t *testing.T) {
+	golden, want, _ := faultFixture(t)
+	damageState := func(t *testing.T, dir string) {
+		path := filepath.Join(dir, "state.db")
+		for _, s := range boltchecktest.Spots(t, path, 8) {
+			if strings.Contains(s.What, "leaf page") {
+				boltchecktest.Flip(t, path, s.Off, 0x01)
+				return
+			}
+		}
+		t.Fatalf("no leaf page in %s", path)
+	}
+	damageLog := func(t *testing.T, dir string) {
+		segs, err := filepath.Glob(filepath.Join(dir, logDirName, "*.seg"))
+		if err != nil || len(segs) == 0 {
+			t.Fatalf("no segment in %s: %v", filepath.Join(dir, logDirName), err)
+		}
+		st, err := os.Stat(segs[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		boltchecktest.Flip(t, segs[0], st.Size()/3, 0x01) // a record's bytes, not the tail's
+	}
+	for _, tc := range []struct {
+		name    string
+		damage  []func(*testing.T, string)
+		repair  []string // what to copy back from the fixture
+		refused string   // the file the refusal names
+	}{
+		{"state file", []func(*testing.T, string){damageState}, []string{"state.db"}, "state.db"},
+		{"raft log", []func(*testing.T, string){damageLog}, []string{logDirName}, logDirName},
+		{"both", []func(*testing.T, string){damageLog, damageState}, []string{"state.db", logDirName}, "state.db"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := copyDir(t, golden)
+			for _, damage := range tc.damage {
+				damage(t, dir)
+			}
+			obs := &deviceSet{}
+			cfg := testConfig(t, dir, "n1")
+			cfg.Bootstrap = true
+			cfg.Observer = obs
+			cfg.bootID = func() (string, error) { return "boot-1", nil }
+			before := openFiles(t)
+			_, err := Open(context.Background(), cfg)
+			var ce *CorruptError
+			if !errors.As(err, &ce) || ce.File != filepath.Join(dir, tc.refused) {
+				t.Fatalf("Open = %v, want a refusal naming %s", err, tc.refused)
+			}
+			if obs.ids() != "" {
+				t.Fatalf("the observer was given state from a refused directory: %s", obs.ids())
+			}
+			if after := openFiles(t); after != before {
+				t.Fatalf("the refused start left files open: %d before, %d after", before, after)
+			}
+			// Repaired, the directory opens in this same process: the
+			// refused start left no file open or locked.
+			for _, f := range tc.repair {
+				replaceFrom(t, golden, dir, f)
+			}
+			s, err := Open(context.Background(), cfg)
+			if err != nil {
+				t.Fatalf("reopen after the repair: %v", err)
+			}
+			defer s.Close()
+			waitFor(t, "the log is replayed", s.Replayed)
+			if got := rawState(t, s.fsm); got != want {
+				t.Fatalf("reopened with a different state:\n%s\nwant\n%s", got, want)
+			}
+		})
+	}
+}
+
+// openFiles counts the process's open file descriptors.
+func openFiles(t *testing.T) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("cannot count open files: %v", err)
+	}
+	return len(fds)
+}
+
+// replaceFrom replaces the file or directory name in dir by its copy in src.
+func replaceFrom(t *testing.T, src, dir, name string) {
+	t.Helper()
+	dst := filepath.Join(dir, name)
+	if err := os.RemoveAll(dst); err != nil {
+		t.Fatal(err)
+	}
+	from := filepath.Join(src, name)
+	if st, err := os.Stat(from); err != nil {
+		t.Fatal(err)
+	} else if st.IsDir() {
+		if err := os.CopyFS(dst, os.DirFS(from)); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}

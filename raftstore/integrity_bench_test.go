@@ -75,7 +75,7 @@ func BenchmarkOpenCheck(b *testing.B) {
 	dir := buildRaftLog(b, 10_000)
 	b.Run("raft.db/entries=10000/checked", func(b *testing.B) {
 		for b.Loop() {
-			files, err := checkRaftDir(dir, 0, false, true, logger)
+			files, err := checkRaftDir(dir, false, true, logger)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -96,7 +96,7 @@ func BenchmarkOpenCheck(b *testing.B) {
 			b.StopTimer()
 			copied := copyDir(b, dir)
 			b.StartTimer()
-			files, err := checkRaftDir(copied, 0, false, false, logger)
+			files, err := checkRaftDir(copied, false, false, logger)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -104,14 +104,14 @@ func BenchmarkOpenCheck(b *testing.B) {
 		}
 	})
 	migrated := copyDir(b, dir)
-	files, err := checkRaftDir(migrated, 0, false, false, logger)
+	files, err := checkRaftDir(migrated, false, false, logger)
 	if err != nil {
 		b.Fatal(err)
 	}
 	files.logStore.Close()
 	b.Run("log/entries=10000/checked", func(b *testing.B) {
 		for b.Loop() {
-			files, err := checkRaftDir(migrated, 0, false, false, logger)
+			files, err := checkRaftDir(migrated, false, false, logger)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -170,7 +170,7 @@ func TestMigrateBoltLog(t *testing.T) {
 			}
 			cp.Close()
 			// The benchmark-only raft.db mode refuses a directory with log/.
-			if logs, err := checkRaftDir(dir, 0, false, true, testLogger(t)); err == nil {
+			if logs, err := checkRaftDir(dir, false, true, testLogger(t)); err == nil {
 				logs.logStore.Close()
 				t.Fatal("the benchmark-only raft.db mode opened a directory with log/")
 			}

@@ -103,15 +103,21 @@ type raftFiles struct {
 	logPath  string // the log store's file or directory, for errors
 	log      logFacts
 	newest   *raft.SnapshotMeta // nil when there is no snapshot
+	// For the check against the state file (agrees).
+	tailPath string
+	stable   map[string][]byte
+	snaps    []snapshotMeta
 }
 
 // checkRaftDir checks the raft log and snapshots/ in dir against each
-// other and against the state machine's applied index, and opens the log
-// store: raftlog in log/, after migrating a raft.db it finds there
-// (logstore.go), or raft.db itself when boltLog (benchmarks only).
+// other, and opens the log store: raftlog in log/, after migrating a
+// raft.db it finds there (logstore.go), or raft.db itself when boltLog
+// (benchmarks only); agrees then checks them against the state file.
 // machineDown says the machine went down during the last run
-// (statefile.go), which excuses a write torn at the end of the log.
-func checkRaftDir(dir string, applied uint64, machineDown, boltLog bool, logger *slog.Logger) (_ *raftFiles, err error) {
+// (statefile.go), which excuses a write torn at the end of the log. It
+// reads nothing of the state file, so it runs beside the state file's own
+// checks (Open).
+func checkRaftDir(dir string, machineDown, boltLog bool, logger *slog.Logger) (_ *raftFiles, err error) {
 	var out *raftFiles
 	var stable map[string][]byte
 	logPath := filepath.Join(dir, logDirName)
@@ -170,10 +176,14 @@ func checkRaftDir(dir string, applied uint64, machineDown, boltLog bool, logger 
 	if len(snaps) > 0 {
 		out.newest = &snaps[0].SnapshotMeta
 	}
-	if err := checkAgreement(dir, tailPath, applied, out.log, stable, snaps); err != nil {
-		return nil, err
-	}
+	out.tailPath, out.stable, out.snaps = tailPath, stable, snaps
 	return out, nil
+}
+
+// agrees checks the raft files against the state machine's applied index
+// (checkAgreement).
+func (rf *raftFiles) agrees(dir string, applied uint64) error {
+	return checkAgreement(dir, rf.tailPath, applied, rf.log, rf.stable, rf.snaps)
 }
 
 // checkBoltLog checks raft.db (the previous release's log store) at

@@ -220,12 +220,38 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 		bootID = func() (string, error) { return "", errors.New("syncState set") }
 	}
 	statePath := filepath.Join(cfg.Dir, "state.db")
-	f, err := openFSM(statePath, cfg.Observer, logger, bootID)
+	f, err := claimFSM(statePath, cfg.Observer, logger, bootID)
 	if err != nil {
-		if isDamage(err) {
-			return nil, corrupt(cfg.Dir, statePath, err)
-		}
 		return nil, err
+	}
+	// Everything raft will read, read first: damage found once raft runs
+	// panics inside its goroutines (preflight.go). The raft directory's
+	// checks read other files than the state file's, so they run beside
+	// them (a restart with a million devices waited for both in turn);
+	// nothing is used before both have passed. (A previous release's
+	// raft.db is migrated on the way even when the state file is then
+	// refused: the migration keeps it, as raft.db.migrated.)
+	type raftCheck struct {
+		files *raftFiles
+		err   error
+	}
+	raftChecked := make(chan raftCheck, 1)
+	go func() {
+		var c raftCheck
+		c.files, c.err = checkRaftDir(cfg.Dir, f.machineDown, cfg.boltLog || benchBoltLog, logger)
+		raftChecked <- c
+	}()
+	stateErr := f.open()
+	checked := <-raftChecked
+	files := checked.files
+	if stateErr != nil {
+		if files != nil {
+			files.logStore.Close()
+		}
+		if isDamage(stateErr) {
+			return nil, corrupt(cfg.Dir, statePath, stateErr)
+		}
+		return nil, stateErr
 	}
 	s.fsm = f
 	f.version = cfg.Version
@@ -233,9 +259,12 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	if cfg.decode != nil {
 		f.decode = cfg.decode
 	}
-	// Everything raft will read, read first: damage found once raft runs
-	// panics inside its goroutines (preflight.go).
-	files, err := checkRaftDir(cfg.Dir, f.AppliedIndex(), f.machineDown, cfg.boltLog || benchBoltLog, logger)
+	err = checked.err
+	if err == nil {
+		if err = files.agrees(cfg.Dir, f.AppliedIndex()); err != nil {
+			files.logStore.Close()
+		}
+	}
 	if err != nil {
 		s.closeFiles()
 		return nil, err
