@@ -25,7 +25,9 @@ import (
 // with APPLIANCE_IMPORT_BENCH_RESTART=1, the importing node restarted with
 // 100 deployments: time to ready and heap a device. Measured, never
 // asserted; skipped unless APPLIANCE_IMPORT_BENCH_DEVICES is set (results
-// and command in docs/benchmarks.md).
+// and command in docs/benchmarks.md). APPLIANCE_IMPORT_BENCH_DIR names a
+// new directory for the importing node's data, kept after the test, so
+// that restarts can be profiled on it again and again.
 func TestImportBenchmark(t *testing.T) {
 	n, _ := strconv.Atoi(os.Getenv("APPLIANCE_IMPORT_BENCH_DEVICES"))
 	if n <= 0 {
@@ -39,6 +41,12 @@ func TestImportBenchmark(t *testing.T) {
 
 	// The import: one node, one deployment over a third of the fleet.
 	dir := t.TempDir()
+	if keep := os.Getenv("APPLIANCE_IMPORT_BENCH_DIR"); keep != "" {
+		if err := os.Mkdir(keep, 0o700); err != nil {
+			t.Fatalf("APPLIANCE_IMPORT_BENCH_DIR must name a new directory: %v", err)
+		}
+		dir = keep
+	}
 	srv := startServer(t, dir)
 	cli(t, dir, "deployment", "create", "presses-prod", "--content", writeManifest(t), "--target-condition", "tags.environment='prod'").mustSucceed(t)
 	ctx, cancel := context.WithTimeout(bg, 20*time.Minute)
