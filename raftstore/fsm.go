@@ -1329,25 +1329,6 @@ func (r *Reader) Devices(after string, fn func(fleet.Device) bool) error {
 	return each(r.tx.Bucket(bucketDevices), after, fn)
 }
 
-// DeviceTags calls fn with each device's id and tags, in id order: what
-// the assignments are rebuilt from. tags is the stored JSON of the tags
-// (nil when the device has none), valid only during the call: nothing of
-// the device is decoded here, and the node's restart over a million
-// devices waits for this walk. fn's error stops the walk and is returned.
-func (r *Reader) DeviceTags(fn func(id string, tags json.RawMessage) error) error {
-	c := r.tx.Bucket(bucketDevices).Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		tags, err := storedTags(v)
-		if err != nil {
-			return fmt.Errorf("decode stored %q: %w", k, err)
-		}
-		if err := fn(string(k), tags); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // Deployments calls fn for each deployment in id order after `after`.
 func (r *Reader) Deployments(after string, fn func(fleet.Deployment) bool) error {
 	return each(r.tx.Bucket(bucketDeployments), after, fn)
