@@ -1,7 +1,6 @@
 package deploylimits
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"log/slog"
@@ -12,6 +11,7 @@ import (
 	"appliance/assign"
 	"appliance/evaluator"
 	"appliance/fleet"
+	"appliance/internal/storetest"
 	"appliance/internal/testlog"
 	"appliance/internal/testutil"
 	"appliance/raftstore"
@@ -42,15 +42,8 @@ func newChecker(t *testing.T, lim Limits) (*Checker, *raftstore.Store) {
 	var store *raftstore.Store
 	view := func(fn func(r *raftstore.Reader) error) error { return store.View(fn) }
 	rep := replica{a: assign.New(assign.Config{View: view, Logger: logger})}
-	s, err := raftstore.Open(context.Background(), raftstore.Config{Dir: t.TempDir(), NodeID: "n1", BindAddr: "127.0.0.1:0", Bootstrap: true, Observer: rep, Logger: logger})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := storetest.Open(t, rep, slog.LevelWarn)
 	store = s
-	t.Cleanup(func() { s.Close() })
-	if err := s.WaitLeader(testutil.Context(t)); err != nil {
-		t.Fatal(err)
-	}
 	return &Checker{Limits: lim.WithDefaults(), Assignments: rep.assignments, View: view}, s
 }
 

@@ -14,6 +14,7 @@ import (
 	"appliance/api"
 	"appliance/fleet"
 	"appliance/internal/importtest"
+	"appliance/internal/storetest"
 	"appliance/internal/testlog"
 	"appliance/internal/testutil"
 	"appliance/raftstore"
@@ -54,17 +55,8 @@ func (s *testStore) device(id string) (d fleet.Device, ok bool) {
 // Importer over it.
 func newImporter(t *testing.T, cfg Config) (*Importer, *testStore) {
 	t.Helper()
-	logger := testlog.New(t, slog.LevelWarn)
-	s, err := raftstore.Open(context.Background(), raftstore.Config{Dir: t.TempDir(), NodeID: "n1", BindAddr: "127.0.0.1:0", Bootstrap: true, Logger: logger})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	if err := s.WaitLeader(testutil.Context(t)); err != nil {
-		t.Fatal(err)
-	}
-	ts := &testStore{Store: s}
-	cfg.Store, cfg.Actor, cfg.Logger = ts, "admin", logger
+	ts := &testStore{Store: storetest.Open(t, nil, slog.LevelWarn)}
+	cfg.Store, cfg.Actor, cfg.Logger = ts, "admin", testlog.New(t, slog.LevelWarn)
 	return New(cfg), ts
 }
 
