@@ -127,8 +127,8 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descConnRefused, prometheus.CounterValue, float64(st.Refused), "cluster")
 		ch <- prometheus.MustNewConstMetric(descConnOpen, prometheus.GaugeValue, float64(st.Open), "cluster")
 	}
-	ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(n.reports.committed.Load()), "committed")
-	ch <- prometheus.MustNewConstMetric(descReportBatch, prometheus.CounterValue, float64(n.reports.batches.Load()))
+	ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(n.reports.Stats().Committed), "committed")
+	ch <- prometheus.MustNewConstMetric(descReportBatch, prometheus.CounterValue, float64(n.reports.Stats().Batches))
 	if n.store != nil {
 		state := n.store.State()
 		for _, s := range []string{"Leader", "Follower", "Candidate", "Shutdown"} {

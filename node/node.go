@@ -32,6 +32,7 @@ import (
 	"appliance/northbound"
 	"appliance/pki"
 	"appliance/raftstore"
+	"appliance/reportbatch"
 	"appliance/ui"
 )
 
@@ -166,7 +167,7 @@ type Node struct {
 	methods    *directmethod.Relay
 	tail       *eventtail.Tailer
 	history    *history.History
-	reports    *reportBatcher
+	reports    *reportbatch.Batcher
 	bgCancel   context.CancelFunc
 	// stopCtx ends when the node stops: work that outlives Start (a
 	// restarted member's join) watches it.
@@ -252,7 +253,7 @@ func New(cfg Config) (*Node, error) {
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.methods = n.newRelay()
 	n.tail = n.newTailer()
-	n.reports = newReportBatcher(n, cfg.ReportFlushInterval, 0)
+	n.reports = n.newReportBatcher()
 	n.metrics = newMetrics(n)
 	return n, nil
 }
@@ -391,7 +392,7 @@ func (n *Node) Start(ctx context.Context) error {
 	n.bgDone.Add(3)
 	go func() {
 		defer n.bgDone.Done()
-		n.reports.run(bgCtx)
+		n.reports.Run(bgCtx)
 	}()
 	go func() {
 		defer n.bgDone.Done()

@@ -205,7 +205,7 @@ func TestReportsAreBatched(t *testing.T) {
 		}
 		devs[i] = d
 	}
-	before := n.reports.batches.Load()
+	before := n.reports.Stats().Batches
 	start := make(chan struct{})
 	var wg sync.WaitGroup
 	for i, d := range devs {
@@ -221,15 +221,10 @@ func TestReportsAreBatched(t *testing.T) {
 	}
 	close(start)
 	wg.Wait()
-	pending := func() int {
-		n.reports.mu.Lock()
-		defer n.reports.mu.Unlock()
-		return len(n.reports.order)
-	}
-	waitFor(t, "all 500 reports waiting for the batch", func() bool { return pending() == count })
-	n.reports.kick <- struct{}{}
-	waitFor(t, "the batch committed", func() bool { return n.reports.committed.Load() == count })
-	if got := n.reports.batches.Load() - before; got != 1 {
+	waitFor(t, "all 500 reports waiting for the batch", func() bool { return n.reports.Stats().Pending == count })
+	n.reports.Flush()
+	waitFor(t, "the batch committed", func() bool { return n.reports.Stats().Committed == count })
+	if got := n.reports.Stats().Batches - before; got != 1 {
 		t.Fatalf("%d reports went to raft in %d entries, want 1", count, got)
 	}
 	// Every device's own report is what the state holds.

@@ -57,10 +57,10 @@ func TestReportQuota_FloodingDeviceIsBoundedAndDisconnected(t *testing.T) {
 		bytes := float64(broker.DefaultReportBytesBurst) + float64(broker.DefaultReportBytesRate)*time.Since(start).Seconds()
 		return int(bytes/reportSize) + 1
 	}
-	committedBefore := n.reports.committed.Load()
+	committedBefore := n.reports.Stats().Committed
 	var bystanderReports atomic.Int64
 	floodCommits := func() int {
-		return int(n.reports.committed.Load()-committedBefore) - int(bystanderReports.Load())
+		return int(n.reports.Stats().Committed-committedBefore) - int(bystanderReports.Load())
 	}
 
 	flooder, disconnected := connectFlooder(t, n.MQTTAddr(), "flood", floodKey)
