@@ -184,8 +184,7 @@ func verifyCopy(src raft.LogStore, dir string, facts logFacts, stable map[string
 		if err := dst.GetLog(i, &b); err != nil {
 			return fmt.Errorf("read entry %d: %w", i, err)
 		}
-		if a.Index != b.Index || a.Term != b.Term || a.Type != b.Type || !bytes.Equal(a.Data, b.Data) ||
-			!bytes.Equal(a.Extensions, b.Extensions) || !a.AppendedAt.Equal(b.AppendedAt) {
+		if !raftlog.Equal(&a, &b) {
 			return fmt.Errorf("entry %d differs", i)
 		}
 	}

@@ -27,13 +27,7 @@ import (
 func previousRelease(t *testing.T) (dir string, devices []string) {
 	t.Helper()
 	dir = t.TempDir()
-	cfg := testConfig(t, dir, "n1")
-	cfg.Bootstrap, cfg.boltLog = true, true
-	cfg.bootID = func() (string, error) { return "boot-1", nil }
-	s := openConfig(t, cfg)
-	if err := s.WaitLeader(testContext(t)); err != nil {
-		t.Fatal(err)
-	}
+	s := openLeaderInBoot1(t, dir, true)
 	for i := range 30 {
 		putDevice(t, s, fmt.Sprintf("old-%02d", i), map[string]any{"line": float64(i)})
 		if i == 19 {
@@ -50,6 +44,21 @@ func previousRelease(t *testing.T) (dir string, devices []string) {
 		t.Fatalf("the previous release's directory has %s: %v", logDirName, err)
 	}
 	return dir, devices
+}
+
+// openLeaderInBoot1 opens a bootstrapped node in dir, in boot "boot-1",
+// with its log in raft.db when boltLog (the release before raftlog), and
+// waits until it leads.
+func openLeaderInBoot1(t testing.TB, dir string, boltLog bool) *Store {
+	t.Helper()
+	cfg := testConfig(t, dir, "n1")
+	cfg.Bootstrap, cfg.boltLog = true, boltLog
+	cfg.bootID = func() (string, error) { return "boot-1", nil }
+	s := openConfig(t, cfg)
+	if err := s.WaitLeader(testContext(t)); err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 // boltContent is every entry and stable store key of the raft.db at path.
@@ -101,10 +110,8 @@ func sameLog(t *testing.T, got, want []raft.Log) {
 		t.Fatalf("%d entries, want %d", len(got), len(want))
 	}
 	for i := range want {
-		a, b := got[i], want[i]
-		if a.Index != b.Index || a.Term != b.Term || a.Type != b.Type || !bytes.Equal(a.Data, b.Data) ||
-			!bytes.Equal(a.Extensions, b.Extensions) || !a.AppendedAt.Equal(b.AppendedAt) {
-			t.Fatalf("entry %d differs:\n%+v\nwant\n%+v", b.Index, a, b)
+		if !raftlog.Equal(&got[i], &want[i]) {
+			t.Fatalf("entry %d differs:\n%+v\nwant\n%+v", want[i].Index, got[i], want[i])
 		}
 	}
 }

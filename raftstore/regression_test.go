@@ -21,13 +21,7 @@ import (
 func TestStorageRegressions(t *testing.T) {
 	build := func(t *testing.T, boltLog bool) string {
 		dir := t.TempDir()
-		cfg := testConfig(t, dir, "n1")
-		cfg.Bootstrap, cfg.boltLog = true, boltLog
-		cfg.bootID = func() (string, error) { return "boot-1", nil }
-		s := openConfig(t, cfg)
-		if err := s.WaitLeader(testContext(t)); err != nil {
-			t.Fatal(err)
-		}
+		s := openLeaderInBoot1(t, dir, boltLog)
 		for i := range 10 {
 			putDevice(t, s, fmt.Sprintf("dev-%02d", i), nil)
 		}

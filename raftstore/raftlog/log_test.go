@@ -73,8 +73,7 @@ func want(t *testing.T, l *Log, es []*raft.Log) {
 		if err := l.GetLog(e.Index, &got); err != nil {
 			t.Fatalf("GetLog(%d): %v", e.Index, err)
 		}
-		if got.Index != e.Index || got.Term != e.Term || got.Type != e.Type || !bytes.Equal(got.Data, e.Data) ||
-			!bytes.Equal(got.Extensions, e.Extensions) || !got.AppendedAt.Equal(e.AppendedAt) {
+		if !Equal(&got, e) {
 			t.Fatalf("GetLog(%d) = %+v, want %+v", e.Index, got, *e)
 		}
 	}
@@ -451,5 +450,36 @@ func TestLog_GetLogFindsLaterDamage(t *testing.T) {
 	}
 	if err := l.GetLog(2, &got); err != nil {
 		t.Fatalf("GetLog of the next record: %v", err)
+	}
+}
+
+// TestLog_CutShortBelowTheFirstEntry: a last segment that ends inside a
+// record is a write cut short only if what remains still reaches the
+// log's first entry; a cut that takes entries raft kept after compacting
+// is damage, refused without changing a file.
+func TestLog_CutShortBelowTheFirstEntry(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Open(dir, Options{Logger: quiet}) // one segment
+	if err != nil {
+		t.Fatal(err)
+	}
+	store(t, l, inBatches(entries(1, 60, 1), 10)...)
+	if err := l.DeleteRange(1, 40); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	seg := segments(t, dir)[0]
+	if err := os.Truncate(seg, int64(segHeaderSize)+30*headerSize); err != nil { // inside entry 20 or so
+		t.Fatal(err)
+	}
+	before := snapshotDir(t, dir)
+	if l, err := Open(dir, Options{Logger: quiet}); err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), seg) {
+		if err == nil {
+			l.Close()
+		}
+		t.Fatalf("Open: %v; want ErrCorrupt naming %s", err, seg)
+	}
+	if !maps2Equal(before, snapshotDir(t, dir)) {
+		t.Fatal("the refusal changed the files")
 	}
 }

@@ -1,6 +1,7 @@
 package raftlog
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -141,4 +142,11 @@ func decodeRecord(b []byte, l *raft.Log) (int, error) {
 		l.AppendedAt = time.Unix(0, h.appendedAt).UTC()
 	}
 	return int(n), nil
+}
+
+// Equal reports whether two entries are the same in every field a log
+// store keeps (AppendedAt compared as an instant).
+func Equal(a, b *raft.Log) bool {
+	return a.Index == b.Index && a.Term == b.Term && a.Type == b.Type && bytes.Equal(a.Data, b.Data) &&
+		bytes.Equal(a.Extensions, b.Extensions) && a.AppendedAt.Equal(b.AppendedAt)
 }
