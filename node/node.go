@@ -24,6 +24,7 @@ import (
 	"appliance/broker"
 	"appliance/cluster"
 	"appliance/deploylimits"
+	"appliance/deviceauth"
 	"appliance/deviceimport"
 	"appliance/directmethod"
 	"appliance/eventtail"
@@ -166,6 +167,7 @@ type Node struct {
 	northbound *northbound.Server
 	methods    *directmethod.Relay
 	tail       *eventtail.Tailer
+	auth       *deviceauth.Authenticator // admits devices to the broker
 	history    *history.History
 	reports    *reportbatch.Batcher
 	bgCancel   context.CancelFunc
@@ -252,6 +254,7 @@ func New(cfg Config) (*Node, error) {
 	})
 	n.stopCtx, n.stopCancel = context.WithCancel(context.Background())
 	n.methods = n.newRelay()
+	n.auth = n.newDeviceAuth()
 	n.tail = n.newTailer()
 	n.reports = n.newReportBatcher()
 	n.metrics = newMetrics(n)
@@ -308,7 +311,7 @@ func (n *Node) Start(ctx context.Context) error {
 
 	b, err := broker.New(broker.Config{
 		Addr: n.cfg.MQTTAddr, TLSConfig: tlsConf,
-		Auth: (*devices)(n), Desired: (*devices)(n), Reports: n.reports,
+		Auth: n.auth, Desired: (*devices)(n), Reports: n.reports,
 		Upstream: (*upstreamSink)(n), Methods: n.methods,
 		Logger: n.cfg.Logger, Limits: n.cfg.DeviceLimits,
 	})

@@ -57,7 +57,7 @@ func (o *observer) Applied(changes []raftstore.Change) {
 		for _, id := range drop {
 			n.broker.Disconnect(id)
 		}
-		n.recheckSessions(recheck)
+		n.auth.RecheckSessions(n.broker, recheck)
 	}
 	n.assign.Push(moved)
 	n.history.Add(events...)
