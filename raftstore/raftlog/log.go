@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -283,6 +284,10 @@ func (l *Log) GetLog(index uint64, out *raft.Log) error {
 	off, n := s.span(index)
 	buf := make([]byte, n)
 	if _, err := s.f.ReadAt(buf, off); err != nil {
+		if errors.Is(err, io.EOF) {
+			// The file is shorter than what was appended and synced.
+			return fmt.Errorf("%s: offset %d: %w: entry %d is past the end of the file", s.path, off, ErrCorrupt, index)
+		}
 		return fmt.Errorf("read entry %d from %s at offset %d: %w", index, s.path, off, err)
 	}
 	size, err := decodeRecord(buf, out)

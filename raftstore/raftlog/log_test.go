@@ -430,8 +430,10 @@ func maps2Equal(a, b map[string]string) bool {
 	return true
 }
 
-// TestLog_GetLogFindsLaterDamage: a record damaged after the log opened is
-// an error wrapping ErrCorrupt naming the file, not a wrong entry.
+// TestLog_GetLogFindsLaterDamage: a record damaged or cut off after the
+// log opened is an error wrapping ErrCorrupt naming the file, not a wrong
+// entry nor an I/O error (raftstore stops the state machine on ErrCorrupt;
+// raft panics on any other read error while applying).
 func TestLog_GetLogFindsLaterDamage(t *testing.T) {
 	dir := t.TempDir()
 	l := open(t, dir, false)
@@ -450,6 +452,13 @@ func TestLog_GetLogFindsLaterDamage(t *testing.T) {
 	}
 	if err := l.GetLog(2, &got); err != nil {
 		t.Fatalf("GetLog of the next record: %v", err)
+	}
+	// Cut short under the running log: the last entry is past the end.
+	if err := os.Truncate(p, int64(segHeaderSize+headerSize)); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.GetLog(10, &got); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), p) {
+		t.Fatalf("GetLog of an entry cut off the file: %v, want ErrCorrupt naming %s", err, p)
 	}
 }
 
