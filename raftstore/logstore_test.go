@@ -2,6 +2,7 @@ package raftstore
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +18,7 @@ import (
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	bolt "go.etcd.io/bbolt"
 
+	"appliance/fleet"
 	"appliance/internal/boltcheck/boltchecktest"
 	"appliance/raftstore/raftlog"
 )
@@ -264,5 +267,90 @@ func TestMigrateBoltLog_RefusesDamage(t *testing.T) {
 		if _, err := os.Stat(gone); !errors.Is(err, fs.ErrNotExist) {
 			t.Fatalf("%s was written for a damaged raft.db (%v)", gone, err)
 		}
+	}
+}
+
+// TestCluster_FollowerDropsItsUncommittedSuffix is the case that lost
+// raft-wal v0.4.0 its entries (raftstore/DESIGN.md, "The log store"),
+// under a real raft: a leader cut off from its followers appends entries
+// that never commit; the others elect a leader and write over those
+// indexes; the old leader comes back as a follower, drops its suffix
+// (DeleteRange) and takes the new entries; then it restarts, and must
+// open with every entry and the same state as the others.
+func TestCluster_FollowerDropsItsUncommittedSuffix(t *testing.T) {
+	stores := newTestCluster(t, 3, nil)
+	putDevice(t, stores[0], "before", nil)
+	n1, n2, n3 := stores[0], stores[1], stores[2]
+	reopen := func(s *Store) Config {
+		cfg := s.cfg
+		cfg.Bootstrap = false
+		cfg.BindAddr = s.RaftAddr() // back at the address the others know
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	cfg2, cfg3 := reopen(n2), reopen(n3)
+
+	// n1 alone: its writes are appended to its log and never commit.
+	base, err := n1.logStore.LastIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup // at once, so that they are one group of entries
+	for i := range 5 {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(testContext(t), 300*time.Millisecond)
+			defer cancel()
+			n1.Apply(ctx, PutDevice{Device: fleet.Device{ID: fmt.Sprintf("lost-%d", i)}})
+		})
+	}
+	wg.Wait()
+	last, _ := n1.logStore.LastIndex()
+	if last <= base {
+		t.Fatalf("the cut-off leader appended nothing (log %d..%d)", base, last)
+	}
+	var lost raft.Log
+	if err := n1.logStore.GetLog(base+1, &lost); err != nil {
+		t.Fatal(err)
+	}
+	cfg1 := reopen(n1)
+
+	// n2 and n3 elect a leader and write over those indexes.
+	n2, n3 = openConfig(t, cfg2), openConfig(t, cfg3)
+	defer n2.Close()
+	defer n3.Close()
+	leader := leaderOf(t, []*Store{n2, n3})
+	for i := range 3 {
+		putDevice(t, leader, fmt.Sprintf("after-%d", i), nil)
+	}
+
+	// n1 comes back as a follower and catches up.
+	n1 = openConfig(t, cfg1)
+	waitFor(t, "n1 catches up", func() bool { return n1.AppliedIndex() >= leader.AppliedIndex() })
+	var replaced raft.Log
+	if err := n1.logStore.GetLog(base+1, &replaced); err != nil {
+		t.Fatal(err)
+	}
+	if replaced.Term == lost.Term {
+		t.Fatalf("entry %d is still the uncommitted one of term %d: no suffix was dropped", base+1, lost.Term)
+	}
+	want := rawState(t, leader.fsm)
+	if got := rawState(t, n1.fsm); got != want {
+		t.Fatalf("n1 differs from the leader:\n%s\nwant\n%s", got, want)
+	}
+	wantLog := logContent(t, n1.logStore)
+	cfg1 = reopen(n1)
+
+	// And after a restart, every entry is there.
+	n1 = openConfig(t, cfg1)
+	defer n1.Close()
+	waitFor(t, "the log is replayed", n1.Replayed)
+	sameLog(t, logContent(t, n1.logStore)[:len(wantLog)], wantLog)
+	if got := rawState(t, n1.fsm); got != want {
+		t.Fatalf("n1 after the restart differs:\n%s\nwant\n%s", got, want)
+	}
+	if ids := deviceIDs(t, n1); slices.ContainsFunc(ids, func(id string) bool { return strings.HasPrefix(id, "lost-") }) {
+		t.Fatalf("an uncommitted write was applied: %v", ids)
 	}
 }
