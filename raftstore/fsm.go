@@ -144,6 +144,9 @@ type fsm struct {
 	machineDown bool
 	// logPath is the raft log store's file or directory, for errors.
 	logPath string
+	// sizes follows the bytes of the log since the last snapshot
+	// (compact.go); nil until Open sets it.
+	sizes *logSizes
 	// stopped is set (once, on raft's apply goroutine, or in Restore) when
 	// the state machine stops (stop): an entry holds a command this build
 	// cannot apply, or damaged state was found. From then on nothing is
@@ -431,6 +434,9 @@ func (f *fsm) ApplyBatch(logs []*raft.Log) []interface{} {
 		return haltedResults(results, logs, 0, err)
 	}
 	for _, l := range logs {
+		if f.sizes != nil {
+			f.sizes.add(len(l.Data) + len(l.Extensions))
+		}
 		if err := verifyEntry(l); err != nil {
 			f.stop(corrupt(filepath.Dir(f.path), f.logPath, fmt.Errorf("%s: %w", f.logPath, err)))
 			return haltedResults(results, logs, 0, f.stoppedErr())
@@ -586,6 +592,9 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	tx, err := f.db.Begin(false)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: begin read tx: %w", err)
+	}
+	if f.sizes != nil {
+		f.sizes.snapshotTaken()
 	}
 	return &snapshot{tx: tx}, nil
 }

@@ -91,6 +91,25 @@ type entryFact struct {
 	conf *raft.Configuration // for a configuration entry
 }
 
+// sameStateAt says whether a state file at index applied holds the state
+// at index: at or past it, or short of it only by entries that change no
+// state, all still in the log. A snapshot's index is raft's last applied
+// entry, and raft's no-ops and barriers count there although they never
+// reach the state machine (a snapshot taken just after a leader's no-op
+// is ahead of the state file by one): re-installing such a snapshot at
+// start, and rebuilding everything derived from it, would change nothing.
+func (l logFacts) sameStateAt(applied, index uint64) bool {
+	if applied >= index {
+		return true
+	}
+	for i := applied + 1; i <= index; i++ {
+		if e, ok := l.entries[i]; !ok || e.changesState() {
+			return false
+		}
+	}
+	return true
+}
+
 // changesState: the state machine receives the entry.
 func (e entryFact) changesState() bool {
 	return e.typ == raft.LogCommand || e.typ == raft.LogConfiguration
@@ -534,7 +553,7 @@ func checkAgreement(dir, raftPath string, applied uint64, log logFacts, stable m
 			return corrupt(dir, filepath.Join(s.dir, snapshotMetaFile), err)
 		}
 	}
-	if len(snaps) > 0 && applied < snapIndex {
+	if len(snaps) > 0 && !log.sameStateAt(applied, snapIndex) {
 		// raft installs this snapshot at start: it must be whole.
 		if err := checkSnapshotContent(snaps[0], log); err != nil {
 			return corrupt(dir, filepath.Join(snaps[0].dir, snapshotStateFile), err)

@@ -112,6 +112,9 @@ type Config struct {
 	SnapshotInterval time.Duration
 	// TrailingLogs kept after a snapshot (default 10240).
 	TrailingLogs uint64
+	// The byte-based compaction (compact.go); zero means the default.
+	compactBytes, compactMaxBytes, compactKeepBytes int64
+	compactEvery                                    time.Duration
 
 	// bootID replaces readBootID in tests, which simulate a machine
 	// restart by changing it.
@@ -163,6 +166,14 @@ type Store struct {
 	// node, or one that joins, has neither: see Replayed).
 	replayTarget uint64
 	resumed      bool
+
+	// compact: when to compact the log by its bytes (compact.go);
+	// compactDone is closed when compactLoop has returned.
+	compact struct {
+		bytes, maxBytes, keepBytes int64
+		every                      time.Duration
+	}
+	compactDone chan struct{}
 
 	// peers caches what the other members can apply and how the leader's
 	// heartbeats to them fare (capabilities.go).
@@ -254,6 +265,7 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 		return nil, stateErr
 	}
 	s.fsm = f
+	f.sizes = newLogSizes(rc.TrailingLogs)
 	f.version = cfg.Version
 	f.onHalt = s.halt
 	if cfg.decode != nil {
@@ -309,9 +321,10 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	// (and is trusted at open unless the machine went down while it was
 	// open, statefile.go), so raft need not re-install the last snapshot on
 	// start and replay from there, unless the state file is behind that
-	// snapshot (for example it was lost or set aside).
+	// snapshot by an entry that changes state (for example it was lost or
+	// set aside; logFacts.sameStateAt).
 	if files.newest != nil {
-		rc.NoSnapshotRestoreOnStart = f.AppliedIndex() >= files.newest.Index
+		rc.NoSnapshotRestoreOnStart = files.log.sameStateAt(f.AppliedIndex(), files.newest.Index)
 	}
 	ls := s.logStore
 
@@ -354,6 +367,12 @@ func Open(ctx context.Context, cfg Config) (_ *Store, err error) {
 	s.proposer = newProposer(r)
 	go s.proposer.run()
 	s.observePeers()
+	s.compact.bytes = orInt64(cfg.compactBytes, defaultCompactBytes)
+	s.compact.maxBytes = orInt64(cfg.compactMaxBytes, defaultCompactMaxBytes)
+	s.compact.keepBytes = orInt64(cfg.compactKeepBytes, defaultCompactKeepBytes)
+	s.compact.every = orDuration(cfg.compactEvery, defaultCompactEvery)
+	s.compactDone = make(chan struct{})
+	go s.compactLoop()
 	close(s.opened)
 	logStore := "raftlog"
 	if cfg.boltLog || benchBoltLog {
@@ -410,6 +429,13 @@ func newTCPTransport(bind, advertise string, hlog *hcLogger) (*raft.NetworkTrans
 }
 
 func orDuration(v, def time.Duration) time.Duration {
+	if v > 0 {
+		return v
+	}
+	return def
+}
+
+func orInt64(v, def int64) int64 {
 	if v > 0 {
 		return v
 	}
@@ -523,6 +549,7 @@ func (s *Store) Close() error {
 		if err := s.raft.Shutdown().Error(); err != nil {
 			s.closeErr = fmt.Errorf("shutdown raft: %w", err)
 		}
+		<-s.compactDone // its snapshot, if any, ended with raft
 		// Nothing applies any more: wake WaitApplied callers with ErrClosed.
 		s.proposer.stop()
 		s.fsm.stopWaiters()
