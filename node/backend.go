@@ -152,7 +152,13 @@ func (b *backend) PatchDevice(ctx context.Context, id string, p api.DevicePatch,
 	if err := fleet.ValidateDeviceStatus(p.Status); err != nil {
 		return fleet.Device{}, err
 	}
-	if len(p.Tags) > 0 {
+	// The device's merged tags are read only when the limits can refuse
+	// them: with no more deployments than a device may be targeted by
+	// (the usual case), reading and decoding the stored device before
+	// proposing was half the node's decoding per tag change. A device that
+	// does not exist is then refused by the state machine (ErrNotFound),
+	// as a status-only patch always was.
+	if check := b.limits.TagCheck(); len(p.Tags) > 0 && check != nil {
 		var tags map[string]any
 		read := func(r *raftstore.Reader) error {
 			d, err := r.Device(id)
@@ -166,7 +172,7 @@ func (b *backend) PatchDevice(ctx context.Context, id string, p api.DevicePatch,
 			tags = map[string]any{}
 		}
 		raftstore.MergePatch(tags, p.Tags)
-		if err := b.limits.Tags(id, tags); err != nil {
+		if err := check(id, tags); err != nil {
 			return fleet.Device{}, err
 		}
 	}

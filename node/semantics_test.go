@@ -826,3 +826,35 @@ func TestStatus_CountsWhatDevicesDo(t *testing.T) {
 		}
 	}
 }
+
+// TestPatchDevice_TagsOfAMissingDevice: a tag change of a device that does
+// not exist is refused as not found and creates nothing, whether the tag
+// limits are checked before proposing (more deployments than a device may
+// be targeted by) or not (the state machine refuses it).
+func TestPatchDevice_TagsOfAMissingDevice(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		deployments int // with the limit at 1: more than one means the tags are checked first
+	}{{"limits not reachable", 1}, {"limits checked", 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := startNodeWith(t, t.TempDir(), func(c *Config) { c.DeploymentLimits = deploylimits.Limits{MaxDeploymentsPerDevice: 1} })
+			c := clientFor(n)
+			ctx := context.Background()
+			for i := range tc.deployments {
+				putDeployment(t, c, fmt.Sprintf("dep-%d", i), fmt.Sprintf("tags.line = %d", i), int64(i))
+			}
+			_, err := c.PatchDevice(ctx, "ghost", api.DevicePatch{Tags: map[string]any{"line": 1}}, api.WriteOptions{})
+			if !errors.Is(err, fleet.ErrNotFound) || !strings.Contains(err.Error(), `device "ghost"`) {
+				t.Fatalf("tag change of a missing device: %v, want not found naming it", err)
+			}
+			if _, err := c.Device(ctx, "ghost", true); !errors.Is(err, fleet.ErrNotFound) {
+				t.Fatalf("after the refused tag change, device ghost: %v, want not found", err)
+			}
+			// An existing device's change still goes through.
+			createDevice(t, c, "d1", map[string]any{"line": 0})
+			if d, err := c.PatchDevice(ctx, "d1", api.DevicePatch{Tags: map[string]any{"shift": "night"}}, api.WriteOptions{}); err != nil || d.Tags["shift"] != "night" || d.Tags["line"] != float64(0) {
+				t.Fatalf("tag change of d1: %v %v", d.Tags, err)
+			}
+		})
+	}
+}
