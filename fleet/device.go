@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -143,8 +144,42 @@ func ValidateTags(tags map[string]any) error {
 			return Invalid("tags", "a tag name must not be empty")
 		}
 	}
+	if decodedJSON(tags, 0) {
+		return nil // what a JSON decoder made always encodes: no need to try
+	}
 	if _, err := json.Marshal(tags); err != nil {
 		return Invalid("tags", "cannot be encoded as JSON: %v", err)
 	}
 	return nil
+}
+
+// decodedJSON reports whether v holds only what encoding/json decodes
+// into an any (strings, finite float64s, booleans, nulls, []any and
+// map[string]any), up to a depth that no cycle passes. json.Marshal
+// cannot fail on such a value; anything else is left to it to judge.
+func decodedJSON(v any, depth int) bool {
+	if depth > 32 {
+		return false
+	}
+	switch x := v.(type) {
+	case nil, string, bool:
+		return true
+	case float64:
+		return !math.IsInf(x, 0) && !math.IsNaN(x)
+	case map[string]any:
+		for _, e := range x {
+			if !decodedJSON(e, depth+1) {
+				return false
+			}
+		}
+		return true
+	case []any:
+		for _, e := range x {
+			if !decodedJSON(e, depth+1) {
+				return false
+			}
+		}
+		return true
+	}
+	return false
 }
