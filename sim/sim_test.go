@@ -389,8 +389,8 @@ func TestSim_ReturnsToPreferredServer(t *testing.T) {
 
 // TestSim_Telemetry: with a telemetry rate, every device sends upstream
 // batches as a device hub does; every message the controller acknowledged
-// is stored once (its events counter), none is left unacknowledged after
-// the run, and the tail shows each device's messages in sequence order.
+// is stored (its events counter), never more than the devices made, and
+// the tail shows each device's messages in sequence order.
 func TestSim_Telemetry(t *testing.T) {
 	n, c := startNode(t)
 	token := createEnrollment(t, c, "line-t")
@@ -422,9 +422,18 @@ func TestSim_Telemetry(t *testing.T) {
 	if st.TelemetrySent < 200 || st.TelemetryAcked == 0 || st.TelemetryAcked > st.TelemetrySent {
 		t.Fatalf("telemetry %+v", st)
 	}
+	// The node stores every acknowledged message once. It may also have
+	// stored the batch in flight when the run ended, whose PUBACK the
+	// simulator no longer read: so at least the acknowledged, never more
+	// than were made.
+	var stored float64
 	waitFor(t, 10*time.Second, "the node to count every acknowledged message", func() bool {
-		return metric(t, c, "appliance_events_messages_in_total") == float64(st.TelemetryAcked)
+		stored = metric(t, c, "appliance_events_messages_in_total")
+		return stored >= float64(st.TelemetryAcked)
 	})
+	if stored > float64(st.TelemetrySent) {
+		t.Fatalf("the node stored %v messages; the simulator made %d (%d acknowledged)", stored, st.TelemetrySent, st.TelemetryAcked)
+	}
 	cancel()
 	<-tailed
 	if !inOrder || len(last) != 3 {
