@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -79,6 +80,8 @@ func TestImportBenchmark(t *testing.T) {
 			"--target-condition", fmt.Sprintf("tags.site.line=%d AND tags.environment='%s'", i%7, []string{"prod", "test"}[i%2])).mustSucceed(t)
 	}
 	srv.stop()
+	t.Logf("restart: the raft log holds %.0f MB, the state file %.0f MB", float64(dirSize(t, filepath.Join(dir, "raft", "log")))/1e6,
+		float64(dirSize(t, filepath.Join(dir, "raft", "state.db")))/1e6)
 	start = time.Now()
 	srv = startServer(t, dir)
 	ready := time.Since(start)
@@ -139,6 +142,24 @@ func heapLow(t *testing.T, s *server, d time.Duration) int64 {
 		resp.Body.Close()
 	}
 	return low
+}
+
+// dirSize is the bytes of the files under path (a file or a directory).
+func dirSize(t *testing.T, path string) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.WalkDir(path, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		info, err := d.Info()
+		n += info.Size()
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 func tail(s string, n int) string {
