@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -109,13 +108,7 @@ func (h *tlogHandler) WithGroup(string) slog.Handler { return h }
 // listens.
 func deadServer(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "mqtt://" + addr
+	return "mqtt://" + testutil.FreeAddr(t, "127.0.0.1")
 }
 
 // testConfig is a process-runtime config with millisecond timings and no

@@ -10,7 +10,6 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -158,12 +157,7 @@ func makeBackup(t testing.TB) fixture {
 // freeAddr is a loopback address free now, for a node to bind later.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return testutil.FreeAddr(t, "127.0.0.1")
 }
 
 // TestArchive_RoundTrip backs up a running store, checks the archive,

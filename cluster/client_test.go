@@ -3,13 +3,13 @@ package cluster_test
 import (
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"strings"
 	"testing"
 
 	"appliance/cluster"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 	"appliance/raftstore"
 )
 
@@ -54,13 +54,7 @@ func dropProxy(t *testing.T, c testCluster, leader string, forward bool) string 
 // closedAddr is a loopback address nothing listens on.
 func closedAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	return testutil.FreeAddr(t, "127.0.0.1")
 }
 
 // TestClient_Apply_OutcomeClasses checks how a forwarded write fails, which

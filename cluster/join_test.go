@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"appliance/cluster"
+	"appliance/internal/testutil"
 	"appliance/pki"
 )
 
@@ -190,15 +191,10 @@ func TestJoin_RefusedWithoutDialing(t *testing.T) {
 	}
 
 	t.Run("unreachable server is not a refusal", func(t *testing.T) {
-		closed, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := closed.Addr().String()
-		closed.Close()
+		addr := testutil.FreeAddr(t, "127.0.0.1")
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		_, err = cluster.Join(ctx, "https://"+addr, c.token, "joiner", nil)
+		_, err := cluster.Join(ctx, "https://"+addr, c.token, "joiner", nil)
 		if err == nil || errors.Is(err, cluster.ErrRefused) {
 			t.Fatalf("Join to a closed port: %v, want a retryable error", err)
 		}

@@ -6,7 +6,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -193,14 +192,11 @@ func reported(t *testing.T, dataDir, id string) (fleet.ReportedDocument, time.Ti
 	return v.Reported.Document, v.Reported.Received
 }
 
+// freePort is a loopback address for a process to bind later (see
+// testutil.FreeAddr for why not ":0").
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return testutil.FreeAddr(t, "127.0.0.1")
 }
 
 // TestAgent_EndToEnd runs the seed's loop with real processes: a controller,

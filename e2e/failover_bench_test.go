@@ -21,6 +21,7 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 	"appliance/raftstore"
 )
 
@@ -1050,10 +1051,8 @@ func startBenchCluster(t *testing.T, name string, extra ...string) *benchCluster
 		// address of its own: the tens of thousands of client sockets a
 		// benchmark opens from 127.0.0.1 would sooner or later hold a
 		// port there and keep a restarted node from binding it again.
-		var ports portReservation
-		n := &benchNode{id: fmt.Sprintf("n%d", i+1), dataDir: t.TempDir(), raftAddr: ports.on(t, fmt.Sprintf("127.0.2.%d", i+1))}
-		mqttAddr := ports.on(t, fmt.Sprintf("127.0.1.%d", i+1))
-		ports.release()
+		n := &benchNode{id: fmt.Sprintf("n%d", i+1), dataDir: t.TempDir(), raftAddr: testutil.FreeAddr(t, fmt.Sprintf("127.0.2.%d", i+1))}
+		mqttAddr := testutil.FreeAddr(t, fmt.Sprintf("127.0.1.%d", i+1))
 		n.args = append([]string{"--node-id", n.id, "--raft-addr", n.raftAddr, "--mqtt-addr", mqttAddr}, extra...)
 		if i > 0 {
 			n1 := c.nodes[0]

@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -27,6 +26,7 @@ import (
 
 	"appliance/api"
 	"appliance/fleet"
+	"appliance/internal/testutil"
 )
 
 // The shape of the fault-injection run. The load runs for about 50 s
@@ -224,19 +224,17 @@ var faultWorkloadFlags = []string{"--max-deployments-per-device", "100000"}
 // binary bin (another release; restart keeps it, upgrade replaces it).
 func startFaultClusterOf(t *testing.T, bin string, extra ...string) *faultCluster {
 	t.Helper()
-	// Every port is held until the proxies have bound theirs, so that no
-	// two of them (nor a proxy and a node) get the same one.
-	var ports portReservation
+	// The ports are fixed, outside the range the proxies' ":0" draws from
+	// (testutil.FreeAddr).
 	var specs []faultNetNode
 	var apiAddrs, mqttAddrs []string
 	for i := range 3 {
 		ip := fmt.Sprintf("127.0.0.%d", i+1)
-		specs = append(specs, faultNetNode{id: fmt.Sprintf("n%d", i+1), ip: ip, target: ports.on(t, ip)})
-		apiAddrs = append(apiAddrs, ports.on(t, "127.0.0.1"))
-		mqttAddrs = append(mqttAddrs, ports.on(t, "127.0.0.1"))
+		specs = append(specs, faultNetNode{id: fmt.Sprintf("n%d", i+1), ip: ip, target: testutil.FreeAddr(t, ip)})
+		apiAddrs = append(apiAddrs, testutil.FreeAddr(t, "127.0.0.1"))
+		mqttAddrs = append(mqttAddrs, testutil.FreeAddr(t, "127.0.0.1"))
 	}
 	c := &faultCluster{net: newFaultNet(t, specs)}
-	ports.release()
 	for i, s := range specs {
 		n := &faultNode{id: s.id, dataDir: t.TempDir(), bin: bin}
 		n.args = []string{"--node-id", s.id, "--raft-addr", s.target, "--raft-advertise", c.net.addr(s.id),
@@ -253,27 +251,6 @@ func startFaultClusterOf(t *testing.T, bin string, extra ...string) *faultCluste
 		c.clients = append(c.clients, c.newClient(n.srv))
 	}
 	return c
-}
-
-// portReservation picks free ports and holds them until release.
-type portReservation struct{ held []net.Listener }
-
-// on returns a free address on one loopback IP.
-func (r *portReservation) on(t *testing.T, ip string) string {
-	t.Helper()
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.held = append(r.held, l)
-	return l.Addr().String()
-}
-
-func (r *portReservation) release() {
-	for _, l := range r.held {
-		l.Close()
-	}
-	r.held = nil
 }
 
 // apiHTTPClient is the clients' HTTP client, shared so that connections

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"appliance/internal/testenv"
+	"appliance/internal/testutil"
 )
 
 // tourCommands returns the shell commands of the README's CLI tour (between
@@ -124,13 +125,11 @@ func TestReadmeQuickStart(t *testing.T) {
 // deployment, any node answers for the cluster, and Ctrl-C stops it all.
 func TestReadmeMakeCluster(t *testing.T) {
 	testenv.LookPath(t, "make", "apt-get install make")
-	var ports portReservation
 	var list []string
 	for range 9 {
-		_, port, _ := strings.Cut(ports.on(t, "127.0.0.1"), ":")
+		_, port, _ := strings.Cut(testutil.FreeAddr(t, "127.0.0.1"), ":")
 		list = append(list, port)
 	}
-	ports.release()
 	dir := t.TempDir()
 	run := exec.Command("make", "cluster")
 	run.Dir = ".."

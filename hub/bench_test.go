@@ -19,6 +19,7 @@ import (
 
 	"appliance/internal/edgeclient"
 	"appliance/internal/testenv"
+	"appliance/internal/testutil"
 )
 
 // relay is two clients of one broker: a sender publishing at QoS 1 on
@@ -167,12 +168,7 @@ func startMosquitto(b *testing.B) (string, *tls.Config) {
 	dir := b.TempDir()
 	th := startHub(b, dir, func(c *Config) { c.Logger = slog.New(slog.DiscardHandler) }) // for its certificate
 	th.stop()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := testutil.FreeAddr(b, "127.0.0.1")
 	_, port, _ := net.SplitHostPort(addr)
 	conf := filepath.Join(dir, "mosquitto.conf")
 	w := filepath.Join(dir, "workload")

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"appliance/internal/testutil"
 	"appliance/loadtest"
 )
 
@@ -364,12 +365,12 @@ func (s *shards) stop() {
 // freePort returns a loopback port nothing listens on now.
 func freePort(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	_, port, _ := net.SplitHostPort(testutil.FreeAddr(t, "127.0.0.1"))
+	n, err := strconv.Atoi(port)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return n
 }
 
 // waitListening waits until addr accepts TCP connections.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -309,12 +308,7 @@ func TestSim_Converge(t *testing.T) {
 func TestSim_FailsOverToTheNextServer(t *testing.T) {
 	n, c := startNode(t)
 	token := createEnrollment(t, c, "line-5")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dead := ln.Addr().String()
-	ln.Close()
+	dead := testutil.FreeAddr(t, "127.0.0.1")
 	s, err := sim.New(sim.Config{
 		Servers: []string{"mqtt://" + dead, "mqtt://" + n.MQTTAddr()}, Devices: 20, EnrollToken: token, Prefix: "lathe",
 		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 50 * time.Millisecond, Logger: testLogger(t),

@@ -20,13 +20,7 @@ type Proxy struct {
 // there once Listen is called (until then a dial finds nothing).
 func NewProxy(t testing.TB, target string) *Proxy {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &Proxy{Addr: ln.Addr().String(), target: target}
-	ln.Close()
-	return p
+	return &Proxy{Addr: FreeAddr(t, "127.0.0.1"), target: target}
 }
 
 // StartProxy is NewProxy, listening.

@@ -1,6 +1,8 @@
 package testutil
 
 import (
+	"net"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -23,5 +25,38 @@ func TestContext(t *testing.T) {
 	ctx := Context(t)
 	if _, ok := ctx.Deadline(); !ok || ctx.Err() != nil {
 		t.Fatalf("no deadline, or ended already: %v", ctx.Err())
+	}
+}
+
+// TestFreeAddr: the addresses are distinct, nothing listens there, and no
+// ":0" listener is put there meanwhile (the CI failure this prevents).
+func TestFreeAddr(t *testing.T) {
+	low := ephemeralLow()
+	seen := map[string]bool{}
+	for range 50 {
+		addr := FreeAddr(t, "127.0.0.1")
+		if seen[addr] {
+			t.Fatalf("%s handed out twice", addr)
+		}
+		seen[addr] = true
+		_, p, _ := net.SplitHostPort(addr)
+		if port, _ := strconv.Atoi(p); port < lowestPick || port >= low {
+			t.Fatalf("%s: port outside [%d, %d)", addr, lowestPick, low)
+		}
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			t.Fatalf("something listens on %s", addr)
+		}
+	}
+	for range 200 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := ln.Addr().String()
+		ln.Close()
+		if seen[got] {
+			t.Fatalf("a \":0\" listener got %s, a port FreeAddr handed out", got)
+		}
 	}
 }
