@@ -42,6 +42,16 @@ const (
 	// its new desired document; the history is written after that, in one
 	// transaction, instead of competing with it for the CPU.
 	historyDelay = time.Second
+	// StopBudget bounds the writing of what is queued when the node stops:
+	// after a million-device import up to maxQueuedEvents wait, and
+	// writing them all took over 30 s, long past what a service manager
+	// gives a stopping process. What does not fit is dropped, counted and
+	// logged: the history is a record for people; the fleet state is not
+	// in it.
+	StopBudget = 5 * time.Second
+	// stopChunk events are written per transaction when stopping: short
+	// transactions, so that the budget is checked often.
+	stopChunk = 10_000
 )
 
 var (
@@ -208,30 +218,40 @@ func (h *History) Add(items ...Item) {
 }
 
 // Run writes queued events, historyDelay after the first of each batch,
-// until ctx ends, then writes what is left.
+// until ctx ends, then writes what is left within StopBudget.
 func (h *History) Run(ctx context.Context) {
 	wait := time.NewTimer(historyDelay)
 	wait.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			h.Flush()
+			h.FlushWithin(StopBudget)
 			return
 		case <-h.kick:
 		}
 		wait.Reset(historyDelay)
 		select {
 		case <-ctx.Done():
-			h.Flush()
+			h.FlushWithin(StopBudget)
 			return
 		case <-wait.C:
 		}
-		h.write(ctx, true)
+		h.write(ctx, true, time.Time{})
 	}
 }
 
 // Flush writes every queued event now.
-func (h *History) Flush() { h.write(context.Background(), false) }
+func (h *History) Flush() { h.write(context.Background(), false, time.Time{}) }
+
+// FlushWithin writes queued events now for at most about budget (one
+// transaction more), then drops the rest: counted in Dropped and logged.
+func (h *History) FlushWithin(budget time.Duration) {
+	h.write(context.Background(), false, time.Now().Add(budget))
+}
+
+// Dropped is how many events were never written: over maxQueuedEvents
+// while the writer fell behind, or left when a stop's budget ran out.
+func (h *History) Dropped() uint64 { return h.dropped.Load() }
 
 // historyChunk events are written per transaction when pacing.
 const historyChunk = 1000
@@ -241,8 +261,10 @@ const historyChunk = 1000
 // long as each transaction took before the next one, so that writing a
 // fleet's worth of events takes at most about a third of a CPU and leaves
 // the rest to the node's foreground work (delivering desired documents,
-// the API); the events are a record for people and can wait.
-func (h *History) write(ctx context.Context, paced bool) {
+// the API); the events are a record for people and can wait. When ctx
+// ends (the node stops) it writes the rest unpaced within StopBudget. A
+// non-zero deadline drops what is left once it has passed.
+func (h *History) write(ctx context.Context, paced bool, deadline time.Time) {
 	h.writeMu.Lock()
 	defer h.writeMu.Unlock()
 	h.mu.Lock()
@@ -292,9 +314,18 @@ func (h *History) write(ctx context.Context, paced bool) {
 		return cmp.Compare(a.seq, b.seq)
 	})
 	for len(recs) > 0 {
+		if !deadline.IsZero() && time.Now().After(deadline) {
+			h.dropped.Add(uint64(len(recs)))
+			h.logger.Warn("history: events not written, the node stopped before they were (the fleet state is not affected)",
+				"events", len(recs), "budget", StopBudget)
+			return
+		}
 		n := len(recs)
-		if paced {
+		switch {
+		case paced:
 			n = min(n, historyChunk)
+		case !deadline.IsZero():
+			n = min(n, stopChunk)
 		}
 		start := time.Now()
 		if err := h.writeRecords(recs[:n]); err != nil {
@@ -304,7 +335,8 @@ func (h *History) write(ctx context.Context, paced bool) {
 		if len(recs) > 0 && paced {
 			select {
 			case <-ctx.Done():
-				paced = false // write the rest at once
+				// The node stops: the rest unpaced, within the budget.
+				paced, deadline = false, time.Now().Add(StopBudget)
 			case <-time.After(2 * time.Since(start)):
 			}
 		}

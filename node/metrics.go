@@ -82,11 +82,12 @@ var (
 	descApplied     = prometheus.NewDesc("appliance_raft_applied_index", "Index of the last raft entry applied to the state machine.", nil, nil)
 	descDeployments = prometheus.NewDesc("appliance_deployment_devices", "Devices of a deployment by status category (targeted, applied, healthy, unhealthy, soaking, unknown; offline and kept beside them; soak 30 s).", []string{"deployment", "category"}, nil)
 	descCustom      = prometheus.NewDesc("appliance_deployment_metric_devices", "Devices a deployment's custom metric query counts (only reports about the document each device is assigned now).", []string{"deployment", "metric"}, nil)
+	descHistoryLost = prometheus.NewDesc("appliance_history_events_dropped_total", "History events (deployment and assignment changes, for people) this node never wrote: over a million queued while the writer fell behind, or left when a stop's budget ran out. The fleet state is not affected.", nil, nil)
 	descSystem      = prometheus.NewDesc("appliance_deployment_system_metric", "Azure's system metrics of a deployment: targetedCount, appliedCount, reportedSuccessfulCount, reportedFailedCount.", []string{"deployment", "metric"}, nil)
 )
 
 func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRefusing, descRefused, descConnRefused, descConnOpen, descNoSession, descThrottled, descQuotaCut, descRaftState, descApplied, descDeployments, descCustom, descSystem} {
+	for _, d := range []*prometheus.Desc{descConnected, descAuthFail, descACLDenied, descReports, descReportBatch, descDesired, descPanics, descRefusing, descRefused, descConnRefused, descConnOpen, descNoSession, descThrottled, descQuotaCut, descRaftState, descApplied, descDeployments, descCustom, descSystem, descHistoryLost} {
 		ch <- d
 	}
 }
@@ -126,6 +127,9 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 		st := n.mux.ConnStats()
 		ch <- prometheus.MustNewConstMetric(descConnRefused, prometheus.CounterValue, float64(st.Refused), "cluster")
 		ch <- prometheus.MustNewConstMetric(descConnOpen, prometheus.GaugeValue, float64(st.Open), "cluster")
+	}
+	if n.history != nil {
+		ch <- prometheus.MustNewConstMetric(descHistoryLost, prometheus.CounterValue, float64(n.history.Dropped()))
 	}
 	ch <- prometheus.MustNewConstMetric(descReports, prometheus.CounterValue, float64(n.reports.Stats().Committed), "committed")
 	ch <- prometheus.MustNewConstMetric(descReportBatch, prometheus.CounterValue, float64(n.reports.Stats().Batches))

@@ -644,7 +644,7 @@ func (n *Node) stopBackground() error {
 	}
 	if n.history != nil {
 		// Events of entries applied while raft shut down, then close.
-		n.history.Flush()
+		n.history.FlushWithin(history.StopBudget)
 		if err := n.history.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close history: %w", err))
 		}
