@@ -70,6 +70,7 @@ bench: ## benchmarks, each with its baseline in the same run (results and comman
 	$(GO) test -run '^$$' -bench BenchmarkModuleToModule -benchtime 2x -count 3 ./hub/
 	$(GO) test -run '^$$' -bench BenchmarkHubDrain -benchtime 1x -count 3 ./agent/
 	APPLIANCE_SIM_CONVERGE_DEVICES=5000 $(GO) test -count=1 -v -run 'TestSim_Converge$$' ./sim/
+	APPLIANCE_OVERVIEW_BENCH_DEVICES=100000 $(GO) test -count=1 -run 'TestOverviewBenchmark$$' -v -timeout 20m ./node/
 	APPLIANCE_CONSOLE_BENCH_DEVICES=100000 $(GO) test -count=1 -tags e2e -run 'TestConsoleBenchmark$$' -v -timeout 40m ./e2e/
 	APPLIANCE_FAILOVER_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestFailoverBenchmark$$' -v -timeout 60m ./e2e/
 	APPLIANCE_ROLLOUT_BENCH_TRIALS=20 $(GO) test -count=1 -tags e2e -run 'TestRolloutBenchmark$$' -v -timeout 30m ./e2e/
@@ -98,6 +99,7 @@ fuzz: ## a short fuzz run of every parser (FUZZTIME=30s by default)
 	$(GO) test -run '^$$' -fuzz FuzzReadPacket -fuzztime $${FUZZTIME:-30s} ./sim/
 	$(GO) test -run '^$$' -fuzz FuzzParseJoinToken -fuzztime $${FUZZTIME:-30s} ./pki/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s} ./raftstore/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeStoredReport -fuzztime $${FUZZTIME:-30s} ./raftstore/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeBody -fuzztime $${FUZZTIME:-30s} ./api/
 	$(GO) test -run '^$$' -fuzz FuzzParseSubscription -fuzztime $${FUZZTIME:-30s} ./northbound/
 	$(GO) test -run '^$$' -fuzz FuzzRecordHeader -fuzztime $${FUZZTIME:-30s} ./northbound/

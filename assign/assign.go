@@ -85,6 +85,9 @@ type Assigner struct {
 	kick chan struct{}
 	// positions caches WavePosition per rollout and device.
 	positions positionCache
+	// reports keeps what judging health reads of each device's last
+	// report (reportmemo.go).
+	reports *reportMemo
 }
 
 // New returns an empty Assigner; Restore fills it from the state.
@@ -96,7 +99,7 @@ func New(cfg Config) *Assigner {
 		cfg.Now = time.Now
 	}
 	return &Assigner{cfg: cfg, logger: cfg.Logger, engine: evaluator.NewEngine(), rollouts: map[string]*rolloutInfo{},
-		pins: newPins(), kick: make(chan struct{}, 1), held: map[string]bool{}}
+		pins: newPins(), kick: make(chan struct{}, 1), held: map[string]bool{}, reports: newReportMemo()}
 }
 
 // Apply updates the assignments from one committed batch of changes, in

@@ -52,7 +52,12 @@ func untargetedPolicy(dev fleet.Device, rep *fleet.ReportedDocument, held bool) 
 
 // resetPending tells whether a reset has not reached the device yet.
 func resetPending(dev fleet.Device, rep *fleet.ReportedDocument) bool {
-	return dev.ResetIndex > 0 && (rep == nil || rep.LastDesiredVersion < dev.ResetIndex)
+	return rep == nil && dev.ResetIndex > 0 || rep != nil && resetPendingAt(dev, rep.LastDesiredVersion)
+}
+
+// resetPendingAt is resetPending of a report about version.
+func resetPendingAt(dev fleet.Device, version uint64) bool {
+	return dev.ResetIndex > 0 && version < dev.ResetIndex
 }
 
 // KeptOf describes a device no deployment applies to, from its record and

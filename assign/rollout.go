@@ -250,7 +250,7 @@ type judgement struct {
 }
 
 // reportSource reads a device's last report.
-type reportSource func(deviceID string) *fleet.ReportedDocument
+type reportSource func(deviceID string) *healthReport
 
 // judge decides where a rollout stands at now.
 func (a *Assigner) judge(s rolloutSnapshot, reports reportSource, now time.Time) judgement {
@@ -280,7 +280,7 @@ func (a *Assigner) judge(s rolloutSnapshot, reports reportSource, now time.Time)
 		}
 		t.size++
 		st.Exposed++
-		switch Classify(reports(dev), s.id, now, plan.Soak) {
+		switch classifyAs(reports(dev), s.id, now, plan.Soak) {
 		case fleet.CategoryHealthy:
 			t.healthy++
 		case fleet.CategoryUnhealthy:
@@ -546,7 +546,7 @@ func (a *Assigner) RolloutStatus(r *raftstore.Reader, deploymentID string, now t
 		}
 		return fleet.RolloutStatus{}, fmt.Errorf("deployment %q has no rollout: %w", deploymentID, fleet.ErrNotFound)
 	}
-	j := a.judge(s, func(dev string) *fleet.ReportedDocument { return ReportOf(r, dev) }, now)
+	j := a.judge(s, a.reportSource(r), now)
 	return j.status, nil
 }
 

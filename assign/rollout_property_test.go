@@ -87,7 +87,7 @@ func (rig *rolloutRig) apply(t fataler, cmd raftstore.Command) error {
 func (rig *rolloutRig) step() {
 	rig.a.stepRollouts(rig.ctx, func(ctx context.Context, cmd raftstore.Command) (*raftstore.Result, error) {
 		return rig.store.Apply(ctx, cmd)
-	}, newReportCache())
+	})
 }
 
 // desired is the deployment and the modules a device runs: those its

@@ -29,7 +29,6 @@ const maxAdmitBatch = 5000
 // what it was decided on, so a decision taken on an older state is refused
 // rather than applied twice.
 func (a *Assigner) RunRollouts(ctx context.Context, propose Proposer) {
-	reports := newReportCache()
 	tick := time.NewTicker(rolloutTick)
 	defer tick.Stop()
 	for {
@@ -39,13 +38,13 @@ func (a *Assigner) RunRollouts(ctx context.Context, propose Proposer) {
 		case <-tick.C:
 		case <-a.kick:
 		}
-		a.stepRollouts(ctx, propose, reports)
+		a.stepRollouts(ctx, propose)
 	}
 }
 
 // stepRollouts judges each running rollout once and proposes its next
 // step.
-func (a *Assigner) stepRollouts(ctx context.Context, propose Proposer, reports *reportCache) {
+func (a *Assigner) stepRollouts(ctx context.Context, propose Proposer) {
 	a.mu.RLock()
 	var running []string
 	for id, info := range a.rollouts {
@@ -65,7 +64,7 @@ func (a *Assigner) stepRollouts(ctx context.Context, propose Proposer, reports *
 		}
 		var j judgement
 		err := a.cfg.View(func(r *raftstore.Reader) error {
-			j = a.judge(s, reports.reader(r), a.cfg.Now().UTC())
+			j = a.judge(s, a.reportSource(r), a.cfg.Now().UTC())
 			return nil
 		})
 		if err != nil {
@@ -74,7 +73,6 @@ func (a *Assigner) stepRollouts(ctx context.Context, propose Proposer, reports *
 		}
 		a.carryOut(ctx, propose, s, j)
 	}
-	reports.sweep()
 }
 
 // carryOut proposes a judgement's step.
@@ -114,45 +112,9 @@ func (a *Assigner) proposalFailed(id, what string, err error) {
 	a.logger.Warn("rollout step not taken; retrying", "deployment", id, "step", what, "err", err)
 }
 
-// reportCache keeps decoded reports by the raft index that stored them, so
-// that judging a large wave every tick decodes only what changed.
-type reportCache struct {
-	byDevice map[string]cachedReport
-	seen     map[string]bool
-}
-
-type cachedReport struct {
-	index uint64
-	doc   *fleet.ReportedDocument
-}
-
-func newReportCache() *reportCache {
-	return &reportCache{byDevice: map[string]cachedReport{}, seen: map[string]bool{}}
-}
-
-func (c *reportCache) reader(r *raftstore.Reader) reportSource {
-	return func(dev string) *fleet.ReportedDocument {
-		c.seen[dev] = true
-		stored, err := r.Report(dev)
-		if err != nil {
-			delete(c.byDevice, dev)
-			return nil
-		}
-		if hit, ok := c.byDevice[dev]; ok && hit.index == stored.Index && stored.Index != 0 {
-			return hit.doc
-		}
-		doc := decodeReport(stored.Document)
-		c.byDevice[dev] = cachedReport{index: stored.Index, doc: doc}
-		return doc
-	}
-}
-
-// sweep forgets the devices no judgement asked about since the last sweep.
-func (c *reportCache) sweep() {
-	for dev := range c.byDevice {
-		if !c.seen[dev] {
-			delete(c.byDevice, dev)
-		}
-	}
-	clear(c.seen)
+// reportSource reads reports through the memo (reportmemo.go), so that
+// judging a large wave every tick decodes only what changed.
+func (a *Assigner) reportSource(r *raftstore.Reader) reportSource {
+	devices := a.deviceCount()
+	return func(dev string) *healthReport { return a.healthOf(r, dev, devices).rep }
 }

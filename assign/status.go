@@ -16,7 +16,12 @@ import (
 // category, from its last report (ClassifyDevice with only the base
 // known: the report's layers are taken as they are).
 func Classify(rep *fleet.ReportedDocument, deployment string, now time.Time, soak time.Duration) string {
-	c, _ := ClassifyDevice(rep, Subject{Base: deployment, AnyLayers: true}, now, soak)
+	return classifyAs(summarize(rep, nil), deployment, now, soak)
+}
+
+// classifyAs is Classify of a report's healthReport.
+func classifyAs(rep *healthReport, deployment string, now time.Time, soak time.Duration) string {
+	c, _ := classify(rep, Subject{Base: deployment, AnyLayers: true}, now, soak)
 	return c
 }
 
@@ -40,9 +45,9 @@ type Subject struct {
 // older than the assignment (a deployment deleted and created again under
 // its id is another document). A report without a version (0: no agent
 // sends one about a document it ran) is judged by its ids alone.
-func (s Subject) current(rep *fleet.ReportedDocument) bool {
-	return rep != nil && rep.DeploymentID == s.Base && (s.AnyLayers || slices.Equal(rep.Layers, s.Layers)) &&
-		s.newEnough(rep.LastDesiredVersion)
+func (s Subject) current(rep *healthReport) bool {
+	return rep != nil && rep.deployment == s.Base && (s.AnyLayers || slices.Equal(rep.layers, s.Layers)) &&
+		s.newEnough(rep.version)
 }
 
 func (s Subject) newEnough(version uint64) bool { return version == 0 || version >= s.Since }
@@ -50,9 +55,9 @@ func (s Subject) newEnough(version uint64) bool { return version == 0 || version
 // refused tells whether the agent refused the subject's document: the
 // report's last desired document is it, with a code other than 200 (the
 // agent then runs the one before, so the running document does not say).
-func (s Subject) refused(rep *fleet.ReportedDocument) bool {
-	return rep != nil && rep.LastDesiredDeploymentID == s.Base && (s.AnyLayers || slices.Equal(rep.LastDesiredLayers, s.Layers)) &&
-		s.newEnough(rep.LastDesiredVersion) && rep.LastDesiredStatus.Code != fleet.StatusCodeOK
+func (s Subject) refused(rep *healthReport) bool {
+	return rep != nil && rep.lastDesired == s.Base && (s.AnyLayers || slices.Equal(rep.lastLayers, s.Layers)) &&
+		s.newEnough(rep.version) && rep.code != fleet.StatusCodeOK
 }
 
 // ClassifyDevice puts a device in one status category for the subject,
@@ -68,6 +73,11 @@ func (s Subject) refused(rep *fleet.ReportedDocument) bool {
 //     started less than soak ago (or has not reported its state yet);
 //   - healthy: applied, and every module that should run has run for soak.
 func ClassifyDevice(rep *fleet.ReportedDocument, s Subject, now time.Time, soak time.Duration) (category, reason string) {
+	return classify(summarize(rep, nil), s, now, soak)
+}
+
+// classify is ClassifyDevice of a report's healthReport.
+func classify(rep *healthReport, s Subject, now time.Time, soak time.Duration) (category, reason string) {
 	if s.refused(rep) {
 		return fleet.CategoryUnhealthy, refusal(rep)
 	}
@@ -77,48 +87,53 @@ func ClassifyDevice(rep *fleet.ReportedDocument, s Subject, now time.Time, soak 
 		}
 		return fleet.CategoryUnknown, "its last report is about an earlier document"
 	}
-	if rep.LastDesiredStatus.Code != fleet.StatusCodeOK {
+	if rep.code != fleet.StatusCodeOK {
 		return fleet.CategoryUnhealthy, refusal(rep)
 	}
 	category = fleet.CategoryHealthy
-	names := s.Modules
-	if names == nil {
-		names = make([]string, 0, len(rep.Modules))
-		for n := range rep.Modules {
-			names = append(names, n)
+	judge := func(m moduleHealth) (unhealthy bool) {
+		if m.status == "stopped" {
+			return false
 		}
-		slices.Sort(names)
+		switch m.runtime {
+		case fleet.RuntimeRunning:
+			if !m.hasStarted || now.Sub(m.started) < soak {
+				category = fleet.CategorySoaking
+			}
+		case fleet.RuntimeFailed, fleet.RuntimeDead, fleet.RuntimeBackoff, fleet.RuntimeUnhealthy:
+			return true
+		default:
+			category = fleet.CategorySoaking
+		}
+		return false
 	}
-	for _, name := range names {
-		m, ok := rep.Modules[name]
+	if s.Modules == nil { // every module the report lists, by name
+		for _, m := range rep.modules {
+			if judge(m) {
+				return fleet.CategoryUnhealthy, fmt.Sprintf("module %s is %s", m.name, m.runtime)
+			}
+		}
+		return category, ""
+	}
+	for _, name := range s.Modules {
+		m, ok := rep.module(name)
 		if !ok {
 			category = fleet.CategorySoaking // not reported yet
 			continue
 		}
-		if m.Status == "stopped" {
-			continue
-		}
-		switch m.RuntimeStatus {
-		case fleet.RuntimeRunning:
-			if m.LastStartTimeUTC == nil || now.Sub(*m.LastStartTimeUTC) < soak {
-				category = fleet.CategorySoaking
-			}
-		case fleet.RuntimeFailed, fleet.RuntimeDead, fleet.RuntimeBackoff, fleet.RuntimeUnhealthy:
-			return fleet.CategoryUnhealthy, fmt.Sprintf("module %s is %s", name, m.RuntimeStatus)
-		default:
-			category = fleet.CategorySoaking
+		if judge(m) {
+			return fleet.CategoryUnhealthy, fmt.Sprintf("module %s is %s", name, m.runtime)
 		}
 	}
 	return category, ""
 }
 
 // refusal says why an agent did not apply a document.
-func refusal(rep *fleet.ReportedDocument) string {
-	d := rep.LastDesiredStatus
-	if d.Description == "" {
-		return fmt.Sprintf("code %d", d.Code)
+func refusal(rep *healthReport) string {
+	if rep.description == "" {
+		return fmt.Sprintf("code %d", rep.code)
 	}
-	return fmt.Sprintf("code %d: %s", d.Code, d.Description)
+	return fmt.Sprintf("code %d: %s", rep.code, rep.description)
 }
 
 // HealthOf is a device's category under its document (ClassifyDevice with
@@ -287,6 +302,7 @@ func (a *Assigner) Breakdown(r *raftstore.Reader, dep fleet.Deployment, opt Stat
 	if !dep.Layered {
 		unassigned = a.engine.UnassignedDevices()
 	}
+	devices := a.engine.Stats().Devices
 	// What the custom metrics see of each device the deployment targets:
 	// its configurations section and its desired version.
 	var mdevs []metricSubject
@@ -327,44 +343,37 @@ func (a *Assigner) Breakdown(r *raftstore.Reader, dep fleet.Deployment, opt Stat
 	}
 	succeeded, failed := 0, 0
 	for _, j := range devs {
-		stored, err := r.Report(j.id)
-		var rep *fleet.ReportedDocument
-		if err == nil {
-			rep = decodeReport(stored.Document)
-		}
+		stored := a.healthOf(r, j.id, devices)
+		rep := stored.rep
 		if m, err := a.content(r, j.as); err == nil {
 			j.s.Modules = contributed(m.comp, id)
 		}
 		switch {
 		case j.s.refused(rep):
 			failed++
-		case j.s.current(rep) && rep.LastDesiredStatus.Code == fleet.StatusCodeOK:
+		case j.s.current(rep) && rep.code == fleet.StatusCodeOK:
 			succeeded++
 		case j.s.current(rep):
 			failed++
 		}
-		c, why := ClassifyDevice(rep, j.s, opt.Now, opt.Soak)
+		c, why := classify(rep, j.s, opt.Now, opt.Soak)
 		byCat[c] = append(byCat[c], j.id)
 		note(c, why)
-		if opt.Offline(j.id, stored.ReceivedTimeUTC) {
+		if opt.Offline(j.id, stored.received) {
 			byCat[fleet.CategoryOffline] = append(byCat[fleet.CategoryOffline], j.id)
 		}
 	}
 	// Devices nothing targets that keep running this deployment.
 	for _, dev := range unassigned {
-		stored, err := r.Report(dev)
-		if err != nil {
+		rep := a.healthOf(r, dev, devices).rep
+		if rep == nil || rep.deployment != id {
 			continue
 		}
-		rep := decodeReport(stored.Document)
-		if rep == nil || rep.DeploymentID != id {
-			continue
-		}
-		if d, err := r.Device(dev); err == nil && resetPending(d, rep) {
+		if d, err := r.Device(dev); err == nil && resetPendingAt(d, rep.version) {
 			continue
 		}
 		byCat[fleet.CategoryKept] = append(byCat[fleet.CategoryKept], dev)
-		note(fleet.CategoryKept, fmt.Sprintf("no deployment targets the device; keeping %s v%d", id, rep.LastDesiredVersion))
+		note(fleet.CategoryKept, fmt.Sprintf("no deployment targets the device; keeping %s v%d", id, rep.version))
 	}
 	out.SystemMetrics = map[string]int{
 		"targetedCount":           len(targeted),
@@ -432,10 +441,11 @@ func (a *Assigner) configurationsLocked(dev, base string) map[string]string {
 // report is about when it is about this document (the same document may
 // carry different versions from different nodes), else this node's.
 func visibleReport(rep *fleet.ReportedDocument, raw map[string]any, s Subject, nodeVersion uint64) (map[string]any, uint64) {
+	h := summarize(rep, nil)
 	switch {
-	case s.current(rep) && raw != nil:
+	case s.current(h) && raw != nil:
 		return raw, max(rep.LastDesiredVersion, 1)
-	case s.refused(rep) && raw != nil:
+	case s.refused(h) && raw != nil:
 		out := map[string]any{}
 		for _, k := range []string{"schemaVersion", "lastDesiredVersion", "lastDesiredStatus", "lastDesiredDeploymentId", "lastDesiredLayers", "version", "runtime"} {
 			if v, ok := raw[k]; ok {

@@ -83,6 +83,7 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 	now := time.Now().UTC()
 	withDeployment := 0
 	err := b.view(ctx, false, func(r *raftstore.Reader) error {
+		classify := b.assign.Classifier(r)
 		for _, a := range deps {
 			dep, err := r.Deployment(a.id)
 			if errors.Is(err, fleet.ErrNotFound) {
@@ -95,7 +96,7 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 			for i, dev := range a.applied {
 				s := a.subjects[i]
 				s.Modules = b.assign.ModulesOf(r, s, a.id)
-				c, _ := assign.ClassifyDevice(assign.ReportOf(r, dev), s, now, fleet.DefaultSoak)
+				c, _ := classify(dev, s, now, fleet.DefaultSoak)
 				switch c {
 				case api.CategoryHealthy:
 					counts.Healthy++
@@ -129,19 +130,20 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 		}
 		// Devices out of contact: the disconnected ones whose last
 		// session and last report are older than --offline-after.
-		return r.Devices("", func(d fleet.Device) bool {
-			if connected[d.ID] {
+		r.DeviceIDs(func(id string) bool {
+			if connected[id] {
 				return true
 			}
 			var reported time.Time
-			if rep, err := r.Report(d.ID); err == nil {
+			if rep, err := r.ReportMeta(id); err == nil {
 				reported = rep.ReceivedTimeUTC
 			}
-			if p, _ := pv.of(d.ID, reported, now); p == api.PresenceOffline {
+			if p, _ := pv.of(id, reported, now); p == api.PresenceOffline {
 				o.Devices.Offline++
 			}
 			return true
 		})
+		return nil
 	})
 	if err != nil {
 		return api.Overview{}, err

@@ -1113,7 +1113,11 @@ func (w *writer) putReports(index uint64, c *PutReports) *Result {
 		if devices.Get([]byte(r.DeviceID)) == nil {
 			continue
 		}
-		if old := mustGet[StoredReport](reports, r.DeviceID); old != nil && !r.Session.IsZero() && r.Session.Before(old.Session) {
+		old, err := getStoredReport(reports, r.DeviceID)
+		if err != nil {
+			panic(err) // our own bytes failed to decode: local corruption (as mustGet)
+		}
+		if old != nil && !r.Session.IsZero() && r.Session.Before(old.Session) {
 			continue // from a session older than the stored report's: stale
 		}
 		w.putJSON(bucketReports, r.DeviceID, StoredReport{Document: r.Document, ReceivedTimeUTC: r.Time, Node: r.Node, Session: r.Session, Index: index})
@@ -1295,7 +1299,7 @@ type StoredReport struct {
 
 // Report returns a device's last reported document, or fleet.ErrNotFound.
 func (r *Reader) Report(deviceID string) (StoredReport, error) {
-	rep, err := getJSON[StoredReport](r.tx.Bucket(bucketReports), deviceID)
+	rep, err := getStoredReport(r.tx.Bucket(bucketReports), deviceID)
 	if err != nil {
 		return StoredReport{}, err
 	}
@@ -1303,6 +1307,34 @@ func (r *Reader) Report(deviceID string) (StoredReport, error) {
 		return StoredReport{}, fmt.Errorf("report of %q: %w", deviceID, fleet.ErrNotFound)
 	}
 	return *rep, nil
+}
+
+// ReportMeta is Report without the document: when and where the last
+// report arrived and the entry that stored it (Index), or fleet.ErrNotFound.
+func (r *Reader) ReportMeta(deviceID string) (StoredReport, error) {
+	b := r.tx.Bucket(bucketReports)
+	v := b.Get([]byte(deviceID))
+	if v == nil {
+		return StoredReport{}, fmt.Errorf("report of %q: %w", deviceID, fleet.ErrNotFound)
+	}
+	rep, err := decodeStoredReportMeta(v)
+	if err != nil {
+		return StoredReport{}, fmt.Errorf("decode stored %s %q: %w", b, deviceID, err)
+	}
+	return rep, nil
+}
+
+// getStoredReport is getJSON for a report (decodeStoredReport).
+func getStoredReport(b *bolt.Bucket, deviceID string) (*StoredReport, error) {
+	v := b.Get([]byte(deviceID))
+	if v == nil {
+		return nil, nil
+	}
+	rep, err := decodeStoredReport(v)
+	if err != nil {
+		return nil, fmt.Errorf("decode stored %s %q: %w", b, deviceID, err)
+	}
+	return &rep, nil
 }
 
 // Reader reads the state inside one consistent transaction.

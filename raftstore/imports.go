@@ -369,6 +369,17 @@ func (r *Reader) ImportStages() ([]string, error) {
 	return out, err
 }
 
+// DeviceIDs calls fn with each device's id in order, without decoding the
+// devices, until fn returns false.
+func (r *Reader) DeviceIDs(fn func(id string) bool) {
+	c := r.tx.Bucket(bucketDevices).Cursor()
+	for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		if !fn(string(k)) {
+			return
+		}
+	}
+}
+
 // HasDevice tells whether a device exists, without decoding it.
 func (r *Reader) HasDevice(id string) bool {
 	return r.tx.Bucket(bucketDevices).Get([]byte(id)) != nil
