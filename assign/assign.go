@@ -324,6 +324,7 @@ func (a *Assigner) Restore(r *raftstore.Reader) error {
 	a.positions.reset()
 	a.held = map[string]bool{}
 	a.merges.clear()
+	a.reports.clear() // an index names the same report only within one history
 	err := a.restoreLocked(r)
 	if err != nil {
 		a.failed = fmt.Errorf("rebuild assignments: %w", err)

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"appliance/fleet"
 	"appliance/raftstore"
@@ -26,7 +27,7 @@ import (
 type healthReport struct {
 	version     uint64 // LastDesiredVersion
 	code        int    // LastDesiredStatus.Code
-	description string // LastDesiredStatus.Description
+	description string // LastDesiredStatus.Description when code is not 200, at most maxDescription bytes
 	lastDesired string // LastDesiredDeploymentID
 	lastLayers  []string
 	deployment  string // DeploymentID: the document it runs
@@ -71,10 +72,13 @@ func summarize(rep *fleet.ReportedDocument, intern func(string) string) *healthR
 		return out
 	}
 	h := &healthReport{
-		version: rep.LastDesiredVersion, code: rep.LastDesiredStatus.Code, description: rep.LastDesiredStatus.Description,
+		version: rep.LastDesiredVersion, code: rep.LastDesiredStatus.Code,
 		lastDesired: intern(rep.LastDesiredDeploymentID), lastLayers: internAll(rep.LastDesiredLayers),
 		deployment: intern(rep.DeploymentID), layers: internAll(rep.Layers),
 		modules: make([]moduleHealth, 0, len(rep.Modules)),
+	}
+	if h.code != fleet.StatusCodeOK { // read only then (refusal)
+		h.description = capDescription(rep.LastDesiredStatus.Description)
 	}
 	for name, m := range rep.Modules {
 		mh := moduleHealth{name: intern(name), status: intern(m.Status), runtime: intern(m.RuntimeStatus)}
@@ -85,6 +89,30 @@ func summarize(rep *fleet.ReportedDocument, intern func(string) string) *healthR
 	}
 	slices.SortFunc(h.modules, func(a, b moduleHealth) int { return strings.Compare(a.name, b.name) })
 	return h
+}
+
+// clear forgets every report.
+func (m *reportMemo) clear() {
+	m.mu.Lock()
+	clear(m.byDevice)
+	m.mu.Unlock()
+}
+
+// maxDescription caps the agent's words kept for a refusal: the text is
+// the device's own, and judging keeps it per device.
+const maxDescription = 1024
+
+// capDescription is d cut to maxDescription bytes (at a character's
+// start), marked with "…" when cut.
+func capDescription(d string) string {
+	if len(d) <= maxDescription {
+		return d
+	}
+	cut := maxDescription
+	for cut > 0 && !utf8.RuneStart(d[cut]) {
+		cut--
+	}
+	return d[:cut] + "…"
 }
 
 // maxInterned bounds the interned strings: names repeat across a fleet;

@@ -2,6 +2,7 @@ package assign
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -68,5 +69,25 @@ func TestBreakdown_FollowsEveryNewReport(t *testing.T) {
 	want("c created again", 1, 0, 2)
 	if n := len(rig.a.reports.byDevice); n > 3 {
 		t.Fatalf("the memo holds %d devices, more than exist", n)
+	}
+}
+
+// TestCapDescription: an agent's refusal text is kept whole up to
+// maxDescription bytes, and cut at a character's start beyond, marked.
+func TestCapDescription(t *testing.T) {
+	long := strings.Repeat("é", maxDescription) // two bytes each
+	for _, tc := range []struct{ in, want string }{
+		{"pull failed", "pull failed"},
+		{strings.Repeat("x", maxDescription), strings.Repeat("x", maxDescription)},
+		{strings.Repeat("x", maxDescription+1), strings.Repeat("x", maxDescription) + "…"},
+		{"x" + long, "x" + strings.Repeat("é", (maxDescription-1)/2) + "…"},
+	} {
+		if got := capDescription(tc.in); got != tc.want {
+			t.Errorf("capDescription(%.20q… %d bytes) = %d bytes %.20q…, want %d bytes", tc.in, len(tc.in), len(got), got, len(tc.want))
+		}
+	}
+	rep := &fleet.ReportedDocument{LastDesiredDeploymentID: "d", LastDesiredStatus: fleet.DesiredStatus{Code: 500, Description: strings.Repeat("y", 5000)}}
+	if _, why := ClassifyDevice(rep, Subject{Base: "d", AnyLayers: true}, time.Now(), time.Minute); !strings.HasSuffix(why, "…") || len(why) > maxDescription+20 {
+		t.Fatalf("a 5,000-byte refusal gives the reason %.40q… (%d bytes)", why, len(why))
 	}
 }

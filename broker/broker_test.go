@@ -193,7 +193,8 @@ func TestBroker_Report_AcceptedAndMalformedDropped(t *testing.T) {
 		`{"unterminated":`,
 		`{"a":1} {"b":2}`,
 		``,
-		`{"pad":"` + strings.Repeat("x", 1024) + `"}`, // over MaxReportSize
+		`{"pad":"` + strings.Repeat("x", 1024) + `"}`,                                                       // over MaxReportSize
+		strings.Repeat(`{"a":`, fleet.MaxReportDepth+1) + `1` + strings.Repeat(`}`, fleet.MaxReportDepth+1), // too deep
 	}
 	for _, p := range bad {
 		if _, err := d.publish(t, topic, p); err != nil {

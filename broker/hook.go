@@ -3,6 +3,7 @@ package broker
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -184,6 +185,8 @@ func (b *Broker) intakeReport(tc *trackedConn, deviceID string, payload []byte) 
 		why = "report too large"
 	case !isJSONObject(payload):
 		why = "report is not a JSON object"
+	case fleet.NestingDepth(payload) > fleet.MaxReportDepth:
+		why = fmt.Sprintf("report nested deeper than %d", fleet.MaxReportDepth)
 	}
 	if why != "" {
 		b.dropReport(tc, deviceID, why, len(payload))

@@ -105,7 +105,42 @@ const (
 	// MaxModuleTwinsReport caps ReportedDocument.ModuleTwins as a whole, so
 	// that a report stays under the broker's report size limit.
 	MaxModuleTwinsReport = 32 << 10
+	// MaxReportDepth caps how deeply a reported document nests objects and
+	// arrays (the agent's reports nest about 10 deep: module twins within
+	// Azure's own depth limit of 10). A report is carried further inside
+	// other JSON (the raft entry, the stored wrapper, the API's answers),
+	// and one nested near encoding/json's limit (10,000) is valid alone
+	// but not there: stored, the device's page could not be read.
+	MaxReportDepth = 64
 )
+
+// NestingDepth is how deeply the JSON value b nests objects and arrays (0:
+// a scalar). b is taken to be valid JSON: brackets inside strings are not
+// counted.
+func NestingDepth(b []byte) int {
+	depth, deepest, inString, escaped := 0, 0, false, false
+	for _, c := range b {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+			deepest = max(deepest, depth)
+		case c == '}' || c == ']':
+			depth--
+		}
+	}
+	return deepest
+}
 
 // HubStatus is the device hub's reported state.
 type HubStatus struct {

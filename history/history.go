@@ -86,6 +86,11 @@ type History struct {
 	// them; a subject's count is taken from the file the first time.
 	writeMu sync.Mutex
 	counts  [2]map[string]int // [0] devices, [1] deployments
+
+	// stopBy is when writing must end once the node stops (unix ns; 0
+	// until then): one budget for the whole stop, however many writes
+	// it takes (the run loop's, then the node's after raft stopped).
+	stopBy atomic.Int64
 }
 
 // Item is what the apply path hands the writer: one deployment's event,
@@ -243,10 +248,18 @@ func (h *History) Run(ctx context.Context) {
 // Flush writes every queued event now.
 func (h *History) Flush() { h.write(context.Background(), false, time.Time{}) }
 
-// FlushWithin writes queued events now for at most about budget (one
-// transaction more), then drops the rest: counted in Dropped and logged.
+// FlushWithin writes queued events now, until budget after the first
+// call has passed (one transaction more at most), then drops the rest:
+// counted in Dropped and logged. Every later call shares the first one's
+// deadline: it is for the node's stop.
 func (h *History) FlushWithin(budget time.Duration) {
-	h.write(context.Background(), false, time.Now().Add(budget))
+	h.write(context.Background(), false, h.stopDeadline(budget))
+}
+
+// stopDeadline is when the stop's writing must end, set by the first call.
+func (h *History) stopDeadline(budget time.Duration) time.Time {
+	h.stopBy.CompareAndSwap(0, time.Now().Add(budget).UnixNano())
+	return time.Unix(0, h.stopBy.Load())
 }
 
 // Dropped is how many events were never written: over maxQueuedEvents
@@ -314,10 +327,10 @@ func (h *History) write(ctx context.Context, paced bool, deadline time.Time) {
 		return cmp.Compare(a.seq, b.seq)
 	})
 	for len(recs) > 0 {
-		if !deadline.IsZero() && time.Now().After(deadline) {
+		if !deadline.IsZero() && !time.Now().Before(deadline) {
 			h.dropped.Add(uint64(len(recs)))
 			h.logger.Warn("history: events not written, the node stopped before they were (the fleet state is not affected)",
-				"events", len(recs), "budget", StopBudget)
+				"events", len(recs))
 			return
 		}
 		n := len(recs)
@@ -329,6 +342,7 @@ func (h *History) write(ctx context.Context, paced bool, deadline time.Time) {
 		}
 		start := time.Now()
 		if err := h.writeRecords(recs[:n]); err != nil {
+			h.dropped.Add(uint64(n))
 			h.logger.Warn("history not written", "events", n, "err", err)
 		}
 		recs = recs[n:]
@@ -336,7 +350,7 @@ func (h *History) write(ctx context.Context, paced bool, deadline time.Time) {
 			select {
 			case <-ctx.Done():
 				// The node stops: the rest unpaced, within the budget.
-				paced, deadline = false, time.Now().Add(StopBudget)
+				paced, deadline = false, h.stopDeadline(StopBudget)
 			case <-time.After(2 * time.Since(start)):
 			}
 		}

@@ -177,8 +177,9 @@ func TestHistory_DeviceEvents(t *testing.T) {
 }
 
 // TestHistory_StopIsBounded: what is queued when the node stops is written
-// within a budget and the rest dropped, counted and logged, never lost
-// without a word; with no budget left nothing more is written; a stop in
+// within one budget for the whole stop and the rest dropped, counted and
+// logged, never lost without a word; with no budget left nothing more is
+// written; a stop in
 // the middle of a paced write writes or counts every event. Before, the
 // stop wrote everything in one transaction: over 30 s after a
 // million-device import.
@@ -218,6 +219,13 @@ func TestHistory_StopIsBounded(t *testing.T) {
 		}
 		if !strings.Contains(logs.String(), "events not written") || !strings.Contains(logs.String(), fmt.Sprintf("events=%d", devices)) {
 			t.Fatalf("no warning naming the %d events not written: %s", devices, logs)
+		}
+		// One budget for the whole stop: a later flush does not start
+		// another (the node flushes again after raft has stopped).
+		h.Add(fleetMove(2))
+		h.FlushWithin(time.Minute)
+		if got := stored(h); got != 0 || h.Dropped() != 2*devices {
+			t.Fatalf("a second flush of the stop: stored %d, dropped %d; want 0 and %d", got, h.Dropped(), 2*devices)
 		}
 	})
 	t.Run("stopped while writing", func(t *testing.T) {

@@ -237,6 +237,41 @@ func TestReportsAreBatched(t *testing.T) {
 	}
 }
 
+// TestReportNestedTooDeep: a report nested 9,990 deep is valid JSON on its
+// own, but not inside what carries it further (encoding/json's limit is
+// 10,000 levels): before the broker refused it, it was stored, and the
+// device's page could no longer be read (the API's answer nests it deeper).
+// Now it is dropped at intake and counted, and the other devices' reports
+// go through.
+func TestReportNestedTooDeep(t *testing.T) {
+	n := startNodeWith(t, t.TempDir(), func(c *Config) { c.ReportFlushInterval = time.Hour })
+	c := clientFor(n)
+	publish := func(id, doc string) {
+		t.Helper()
+		d, err := connectDevice(t, n.MQTTAddr(), id, createDevice(t, c, id, nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.c.Publish(context.Background(), &paho.Publish{Topic: fleet.ReportedTopic(id), QoS: 1, Payload: []byte(doc)}); err != nil {
+			t.Fatalf("%s publish: %v", id, err)
+		}
+	}
+	publish("deep", strings.Repeat(`{"a":`, 9990)+`{}`+strings.Repeat(`}`, 9990))
+	calm := `{"lastDesiredVersion":1,"lastDesiredStatus":{"code":200},"modules":{}}`
+	publish("calm", calm)
+	waitFor(t, "calm's report committed", func() bool {
+		n.reports.Flush()
+		v, err := c.Device(context.Background(), "calm", false)
+		return err == nil && v.Reported != nil && sameJSON(v.Reported.Document, calm)
+	})
+	if v, err := c.Device(context.Background(), "deep", false); err != nil || v.Reported != nil {
+		t.Fatalf("the deep report was stored (%v)", err)
+	}
+	if got := n.broker.Stats().ReportsDropped; got != 1 {
+		t.Fatalf("reports dropped: %d, want 1", got)
+	}
+}
+
 // sameJSON compares two JSON texts by value.
 func sameJSON(a json.RawMessage, b string) bool {
 	var x, y any

@@ -42,7 +42,7 @@ func decodeStoredReport(v []byte) (StoredReport, error) {
 // it; false for any other shape.
 func decodeStoredReportFast(v []byte) (StoredReport, bool) {
 	doc, out, ok := splitStoredReport(v)
-	if !ok || !jsonscan.Valid(doc) {
+	if !ok || mayNestTooDeep(doc) || !jsonscan.Valid(doc) {
 		return StoredReport{}, false
 	}
 	out.Document = bytes.Clone(doc)
@@ -78,10 +78,20 @@ func splitStoredReport(v []byte) (doc []byte, out StoredReport, ok bool) {
 	return doc, out, true
 }
 
-// decodeStoredReportMeta is decodeStoredReport without the document: the
-// wrapper as putJSON writes it is read without checking the document (the
-// state file's checks at open cover its bytes); any other shape is
-// decoded whole.
+// mayNestTooDeep tells whether doc might nest too deeply for encoding/json
+// once wrapped (its limit, 10,000, counts the wrapper's level; jsonscan's
+// counts from doc): such a document goes to encoding/json, for its answer.
+// The nesting is at most the number of brackets that open.
+func mayNestTooDeep(doc []byte) bool {
+	const jsonMaxDepth = 10000
+	return bytes.Count(doc, []byte("{"))+bytes.Count(doc, []byte("[")) >= jsonMaxDepth
+}
+
+// decodeStoredReportMeta is decodeStoredReport without the document, for
+// a wrapper putJSON wrote: it is read without checking the document (the
+// state file's checks at open cover its bytes; a value in another shape
+// whose members repeat could be split elsewhere than encoding/json reads
+// it, which putJSON never writes); any other shape is decoded whole.
 func decodeStoredReportMeta(v []byte) (StoredReport, error) {
 	if _, out, ok := splitStoredReport(v); ok {
 		return out, nil

@@ -4,9 +4,11 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -22,18 +24,21 @@ import (
 // usually own.
 const lowestPick = 10000
 
-// pickedPorts are the ports FreeAddr has handed out in this test binary:
-// package state because every test in the binary shares the port space,
-// and two of them must never get the same port.
+// pickedPorts are the ports FreeAddr has handed out in this test binary,
+// each with the lock that keeps it from the test binaries running beside
+// this one (go test runs packages at once): package state because every
+// test in the binary shares the port space, and two of them must never get
+// the same port.
 var pickedPorts = struct {
 	sync.Mutex
-	m map[int]bool
-}{m: map[int]bool{}}
+	m map[int]*os.File
+}{m: map[int]*os.File{}}
 
 // FreeAddr returns ip:port where nothing listens now, for a process to
 // bind later or for a dial that must find nothing. The port is outside the
 // kernel's ephemeral range, so no ":0" listener or outgoing connection
-// takes it meanwhile, and it is never handed out twice in one test binary.
+// takes it meanwhile, and it is handed out once among the test binaries
+// running at once (a lock file per port, held until the binary exits).
 func FreeAddr(t testing.TB, ip string) string {
 	t.Helper()
 	top := ephemeralLow()
@@ -46,20 +51,45 @@ func FreeAddr(t testing.TB, ip string) string {
 	start := rand.IntN(span)
 	for i := range span {
 		port := lowestPick + (start+i)%span
-		if pickedPorts.m[port] {
+		if pickedPorts.m[port] != nil {
 			continue
+		}
+		lock, ok := lockPort(t, port)
+		if !ok {
+			continue // another test binary has it
 		}
 		addr := net.JoinHostPort(ip, strconv.Itoa(port))
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
+			lock.Close()
 			continue // another process holds it
 		}
 		ln.Close()
-		pickedPorts.m[port] = true
+		pickedPorts.m[port] = lock
 		return addr
 	}
 	t.Fatalf("no free port on %s between %d and %d", ip, lowestPick, top)
 	return ""
+}
+
+// lockPort takes the machine-wide lock of a port for this process: an
+// exclusive flock on a file named for it, released when the file is
+// closed or the process exits (a crashed test leaves no lock behind).
+func lockPort(t testing.TB, port int) (*os.File, bool) {
+	t.Helper()
+	dir := filepath.Join(os.TempDir(), "appliance-test-ports")
+	if err := os.MkdirAll(dir, 0o777); err != nil {
+		t.Fatalf("test port locks: %v", err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, strconv.Itoa(port)), os.O_CREATE|os.O_RDWR, 0o666)
+	if err != nil {
+		t.Fatalf("test port locks: %v", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, false
+	}
+	return f, true
 }
 
 // ephemeralLow is the first port of the kernel's ephemeral range (Linux's

@@ -60,3 +60,24 @@ func TestFreeAddr(t *testing.T) {
 		}
 	}
 }
+
+// TestLockPort: a port another test binary holds (its lock file locked
+// through another open file, as another process's would be) is not taken;
+// once released it is.
+func TestLockPort(t *testing.T) {
+	const port = 1 // never handed out by FreeAddr
+	other, ok := lockPort(t, port)
+	if !ok {
+		t.Fatal("the lock of a free port was not taken")
+	}
+	if f, ok := lockPort(t, port); ok {
+		f.Close()
+		t.Fatal("a port locked elsewhere was locked again")
+	}
+	other.Close()
+	f, ok := lockPort(t, port)
+	if !ok {
+		t.Fatal("a released port's lock was not taken")
+	}
+	f.Close()
+}
