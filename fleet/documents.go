@@ -102,6 +102,10 @@ const (
 	// MaxModuleTwinReported caps one module's reported properties (Azure's
 	// twin limit): a PATCH that would make them larger is refused.
 	MaxModuleTwinReported = 32 << 10
+	// MaxModuleTwinDepth is how many levels a module's reported properties
+	// may nest below their own object (Azure's twin limit, 10): a deeper
+	// PATCH is refused.
+	MaxModuleTwinDepth = 10
 	// MaxModuleTwinsReport caps ReportedDocument.ModuleTwins as a whole, so
 	// that a report stays under the broker's report size limit.
 	MaxModuleTwinsReport = 32 << 10

@@ -199,7 +199,8 @@ func (c *conn) twinGet(pk packets.Packet) {
 // twinReported applies $iothub/twin/PATCH/properties/reported/?$rid=N: a
 // JSON object merged into the reported properties (null removes a
 // property). It is answered 204 with the new $version once stored, 400 if
-// it is not a JSON object or names a property starting with '$', 413 if
+// it is not a JSON object, names a property starting with '$' or nests
+// deeper than fleet.MaxModuleTwinDepth, 413 if
 // the properties would exceed fleet.MaxModuleTwinReported.
 func (c *conn) twinReported(pk packets.Packet) {
 	c.h.stats.twinReportedPatch.Add(1)
@@ -211,6 +212,10 @@ func (c *conn) twinReported(pk packets.Packet) {
 	patch, err := decodeObject(pk.Payload)
 	if err == nil {
 		err = checkPropertyNames(patch)
+	}
+	if err == nil && fleet.NestingDepth(pk.Payload)-1 > fleet.MaxModuleTwinDepth {
+		// A merge nests no deeper than the patch, so the twin stays within.
+		err = fmt.Errorf("reported properties nest deeper than %d levels", fleet.MaxModuleTwinDepth)
 	}
 	if err != nil {
 		c.h.log.Info("reported properties patch refused", "module", c.mod.name, "error", err)

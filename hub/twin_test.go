@@ -89,7 +89,8 @@ func TestHub_ModuleTwin(t *testing.T) {
 	if r := awaitTopic(t, b, "$iothub/twin/res/"); r.Topic != "$iothub/twin/res/204/?$rid=3&$version=3" {
 		t.Fatalf("reported patch answer %s", r.Topic)
 	}
-	for rid, bad := range map[int]string{4: `[1]`, 5: `{"$x": 1}`, 6: `nope`, 7: fmt.Sprintf(`{"big": %q}`, strings.Repeat("x", fleet.MaxModuleTwinReported))} {
+	tooDeep := strings.Repeat(`{"a":`, fleet.MaxModuleTwinDepth+2) + `1` + strings.Repeat(`}`, fleet.MaxModuleTwinDepth+2)
+	for rid, bad := range map[int]string{4: `[1]`, 5: `{"$x": 1}`, 6: `nope`, 7: fmt.Sprintf(`{"big": %q}`, strings.Repeat("x", fleet.MaxModuleTwinReported)), 8: tooDeep} {
 		if err := b.Publish(ctxT(t), fmt.Sprintf("$iothub/twin/PATCH/properties/reported/?$rid=%d", rid), []byte(bad), 1); err != nil {
 			t.Fatal(err)
 		}
