@@ -23,23 +23,10 @@ import (
 // recentEvents is how many deployment events the overview shows.
 const recentEvents = 20
 
-// Overview counts the fleet: every device once by connection and once by
-// health (a device has at most one applied base deployment, so summing the
-// base deployments' applied devices never counts a device twice; layers
-// are counted in their own states only), every deployment once by state,
-// and the devices out of contact (offline) beside.
+// Overview is the console's first page: assign counts the fleet and the
+// deployments (assign.Overview); the node gives it the sessions of every
+// node and the presence rule, and adds the recent deployment events.
 func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
-	o := api.Overview{
-		Node: b.cfg.NodeID, SoakSeconds: fleet.DefaultSoak.Seconds(),
-		Devices:     api.OverviewDevices{Health: map[string]int{}},
-		Deployments: api.OverviewDeployments{States: map[string]int{}, Items: []api.DeploymentSummary{}},
-	}
-	for _, h := range api.HealthStates {
-		o.Devices.Health[h] = 0
-	}
-	for _, s := range api.DeploymentStates {
-		o.Deployments.States[s] = 0
-	}
 	pv := b.node().presence(ctx) // network: before any lock or transaction
 	connected := map[string]bool{}
 	for _, c := range b.broker.Connections() {
@@ -48,107 +35,39 @@ func (b *backend) Overview(ctx context.Context) (api.Overview, error) {
 	for id := range pv.peers {
 		connected[id] = true
 	}
-	// The assignments are taken under assign's lock, all at one applied
-	// index; the reports are read after it is released, so that reading a
-	// large fleet's reports never holds up the apply path (the report of a
-	// device that changed meanwhile is classified as DeploymentStatus
-	// does: unknown until it reports the deployment).
-	type assigned struct {
-		id       string
-		layered  bool
-		targeted int
-		applied  []string
-		subjects []assign.Subject
-	}
-	var deps []assigned
-	b.assign.Read(func(v assign.View) {
-		o.Devices.Total = v.Devices()
-		for id := range connected {
-			if v.HasDevice(id) { // a session outliving its device's deletion by a moment
-				o.Devices.Connected++
-			}
-		}
-		for _, id := range v.DeploymentIDs() {
-			targeted, _ := v.Counts(id)
-			a := assigned{id: id, layered: v.IsLayered(id), targeted: targeted, applied: v.AppliedDevices(id)}
-			a.subjects = make([]assign.Subject, len(a.applied))
-			for i, dev := range a.applied {
-				a.subjects[i] = v.Subject(dev)
-			}
-			deps = append(deps, a)
-		}
-	})
-	o.Devices.Disconnected = o.Devices.Total - o.Devices.Connected
-
 	now := time.Now().UTC()
-	withDeployment := 0
+	var fo assign.Overview
 	err := b.view(ctx, false, func(r *raftstore.Reader) error {
-		classify := b.assign.Classifier(r)
-		for _, a := range deps {
-			dep, err := r.Deployment(a.id)
-			if errors.Is(err, fleet.ErrNotFound) {
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			counts := api.StatusCounts{Targeted: a.targeted, Applied: len(a.applied)}
-			for i, dev := range a.applied {
-				s := a.subjects[i]
-				s.Modules = b.assign.ModulesOf(r, s, a.id)
-				c, _ := classify(dev, s, now, fleet.DefaultSoak)
-				switch c {
-				case api.CategoryHealthy:
-					counts.Healthy++
-				case api.CategorySoaking:
-					counts.Soaking++
-				case api.CategoryUnhealthy:
-					counts.Unhealthy++
-				default:
-					counts.Unknown++
-				}
-			}
-			if !a.layered {
-				// A device has one base: its health is its base's (its
-				// layers' states are their own).
-				withDeployment += counts.Applied
-				o.Devices.Health[api.CategoryHealthy] += counts.Healthy
-				o.Devices.Health[api.CategorySoaking] += counts.Soaking
-				o.Devices.Health[api.CategoryUnhealthy] += counts.Unhealthy
-				o.Devices.Health[api.CategoryUnknown] += counts.Unknown
-			}
-			state := assign.DeploymentState(counts)
-			o.Deployments.States[state]++
-			o.Deployments.Total++
-			if len(o.Deployments.Items) == api.MaxPageSize {
-				o.Deployments.Truncated = true
-				continue
-			}
-			o.Deployments.Items = append(o.Deployments.Items, api.DeploymentSummary{
-				ID: a.id, Priority: dep.Priority, TargetCondition: dep.TargetCondition, State: state, Counts: counts, Layered: a.layered,
-			})
-		}
-		// Devices out of contact: the disconnected ones whose last
-		// session and last report are older than --offline-after.
-		r.DeviceIDs(func(id string) bool {
-			if connected[id] {
-				return true
-			}
-			var reported time.Time
-			if rep, err := r.ReportMeta(id); err == nil {
-				reported = rep.ReceivedTimeUTC
-			}
-			if p, _ := pv.of(id, reported, now); p == api.PresenceOffline {
-				o.Devices.Offline++
-			}
-			return true
-		})
-		return nil
+		var err error
+		fo, err = b.assign.Overview(r, assign.OverviewOptions{Now: now, Soak: fleet.DefaultSoak, Connected: connected,
+			Offline: func(id string, reported time.Time) bool {
+				p, _ := pv.of(id, reported, now)
+				return p == api.PresenceOffline
+			}})
+		return err
 	})
 	if err != nil {
 		return api.Overview{}, err
 	}
-	o.Devices.Health[api.HealthNone] = o.Devices.Total - withDeployment
+	o := api.Overview{
+		Node: b.cfg.NodeID, SoakSeconds: fleet.DefaultSoak.Seconds(),
+		Devices: api.OverviewDevices{Total: fo.Devices, Connected: fo.Connected, Disconnected: fo.Devices - fo.Connected,
+			Offline: fo.Offline, Health: fo.Health},
+		Deployments: api.OverviewDeployments{States: map[string]int{}, Items: []api.DeploymentSummary{}},
+	}
+	for _, s := range api.DeploymentStates {
+		o.Deployments.States[s] = 0
+	}
+	for _, d := range fo.Deployments {
+		o.Deployments.States[d.State]++
+		o.Deployments.Total++
+		if len(o.Deployments.Items) == api.MaxPageSize {
+			o.Deployments.Truncated = true
+			continue
+		}
+		o.Deployments.Items = append(o.Deployments.Items, api.DeploymentSummary{ID: d.Deployment.ID, Priority: d.Deployment.Priority,
+			TargetCondition: d.Deployment.TargetCondition, State: d.State, Counts: d.Counts, Layered: d.Layered})
+	}
 	recent, err := b.history.RecentDeploymentEvents(recentEvents)
 	if err != nil {
 		return api.Overview{}, fmt.Errorf("read recent history: %w", err)
