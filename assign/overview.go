@@ -79,7 +79,9 @@ func (a *Assigner) Overview(r *raftstore.Reader, opt OverviewOptions) (Overview,
 			deps = append(deps, d)
 		}
 	})
-	classify := a.Classifier(r)
+	// When the disconnected devices judged here last reported, for the
+	// offline count below: each stored report is read once.
+	reported := map[string]time.Time{}
 	withDeployment := 0
 	for _, d := range deps {
 		dep, err := r.Deployment(d.id)
@@ -93,7 +95,11 @@ func (a *Assigner) Overview(r *raftstore.Reader, opt OverviewOptions) (Overview,
 		for i, dev := range d.applied {
 			s := d.subjects[i]
 			s.Modules = a.ModulesOf(r, s, d.id)
-			switch c, _ := classify(dev, s, opt.Now, opt.Soak); c {
+			h := a.healthOf(r, dev, o.Devices)
+			if !opt.Connected[dev] {
+				reported[dev] = h.received
+			}
+			switch c, _ := classify(h.rep, s, opt.Now, opt.Soak); c {
 			case fleet.CategoryHealthy:
 				counts.Healthy++
 			case fleet.CategorySoaking:
@@ -119,11 +125,13 @@ func (a *Assigner) Overview(r *raftstore.Reader, opt OverviewOptions) (Overview,
 			if opt.Connected[id] {
 				return true
 			}
-			var reported time.Time
-			if rep, err := r.ReportMeta(id); err == nil {
-				reported = rep.ReceivedTimeUTC
+			at, judged := reported[id]
+			if !judged {
+				if rep, err := r.ReportMeta(id); err == nil {
+					at = rep.ReceivedTimeUTC
+				}
 			}
-			if opt.Offline(id, reported) {
+			if opt.Offline(id, at) {
 				o.Offline++
 			}
 			return true

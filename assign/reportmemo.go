@@ -190,18 +190,6 @@ func (a *Assigner) healthOf(r *raftstore.Reader, dev string, devices int) stored
 	return storedHealth{rep: h, received: stored.ReceivedTimeUTC}
 }
 
-// Classifier judges devices' health from their last reports in one read
-// transaction (ClassifyDevice with the report read through the memo).
-type Classifier func(deviceID string, s Subject, now time.Time, soak time.Duration) (category, reason string)
-
-// Classifier returns a Classifier reading r.
-func (a *Assigner) Classifier(r *raftstore.Reader) Classifier {
-	devices := a.deviceCount()
-	return func(dev string, s Subject, now time.Time, soak time.Duration) (string, string) {
-		return classify(a.healthOf(r, dev, devices).rep, s, now, soak)
-	}
-}
-
 // deviceCount is how many devices the assignments know.
 func (a *Assigner) deviceCount() int {
 	a.mu.RLock()
