@@ -2,7 +2,6 @@ package assign
 
 import (
 	"errors"
-
 	"time"
 
 	"appliance/fleet"

@@ -91,13 +91,6 @@ func summarize(rep *fleet.ReportedDocument, intern func(string) string) *healthR
 	return h
 }
 
-// clear forgets every report.
-func (m *reportMemo) clear() {
-	m.mu.Lock()
-	clear(m.byDevice)
-	m.mu.Unlock()
-}
-
 // maxDescription caps the agent's words kept for a refusal: the text is
 // the device's own, and judging keeps it per device.
 const maxDescription = 1024
@@ -136,6 +129,13 @@ func newReportMemo() *reportMemo {
 	return &reportMemo{byDevice: map[string]memoEntry{}, interned: map[string]string{}}
 }
 
+// clear forgets every report.
+func (m *reportMemo) clear() {
+	m.mu.Lock()
+	clear(m.byDevice)
+	m.mu.Unlock()
+}
+
 // intern returns the one copy of s (the caller holds m.mu).
 func (m *reportMemo) intern(s string) string {
 	if v, ok := m.interned[s]; ok {
@@ -160,16 +160,16 @@ type storedHealth struct {
 // many devices there are: the memo is emptied when it holds far more (the
 // devices deleted since).
 func (a *Assigner) healthOf(r *raftstore.Reader, dev string, devices int) storedHealth {
-	meta, err := r.ReportMeta(dev)
-	if err != nil {
-		return storedHealth{}
-	}
 	m := a.reports
-	if meta.Index != 0 { // 0: stored by a release before the index was kept
-		m.mu.Lock()
-		e, ok := m.byDevice[dev]
-		m.mu.Unlock()
-		if ok && e.index == meta.Index {
+	m.mu.Lock()
+	e, known := m.byDevice[dev]
+	m.mu.Unlock()
+	if known { // is the stored report still the one it was made from?
+		meta, err := r.ReportMeta(dev)
+		if err != nil {
+			return storedHealth{}
+		}
+		if e.index == meta.Index {
 			return storedHealth{rep: e.rep, received: meta.ReceivedTimeUTC}
 		}
 	}
@@ -181,7 +181,7 @@ func (a *Assigner) healthOf(r *raftstore.Reader, dev string, devices int) stored
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	h := summarize(rep, m.intern)
-	if stored.Index != 0 {
+	if stored.Index != 0 { // 0: stored by a release before the index was kept
 		if len(m.byDevice) > 2*devices+1024 {
 			clear(m.byDevice)
 		}

@@ -12,14 +12,9 @@ import (
 	"appliance/raftstore"
 )
 
-// Classify puts a device to which deployment applies in one status
-// category, from its last report (ClassifyDevice with only the base
-// known: the report's layers are taken as they are).
-func Classify(rep *fleet.ReportedDocument, deployment string, now time.Time, soak time.Duration) string {
-	return classifyAs(summarize(rep, nil), deployment, now, soak)
-}
-
-// classifyAs is Classify of a report's healthReport.
+// classifyAs puts a device to which deployment applies in one status
+// category, from its last report (classify with only the base known: the
+// report's layers are taken as they are).
 func classifyAs(rep *healthReport, deployment string, now time.Time, soak time.Duration) string {
 	c, _ := classify(rep, Subject{Base: deployment, AnyLayers: true}, now, soak)
 	return c

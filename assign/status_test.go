@@ -33,7 +33,7 @@ func TestClassify(t *testing.T) {
 		{"status unknown yet", doc("d", 200, map[string]fleet.ModuleStatus{"a": {RuntimeStatus: fleet.RuntimeUnknown}}), fleet.CategorySoaking},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := Classify(tc.rep, "d", now, 30*time.Second); got != tc.want {
+			if got := classifyAs(summarize(tc.rep, nil), "d", now, 30*time.Second); got != tc.want {
 				t.Fatalf("got %s, want %s", got, tc.want)
 			}
 		})

@@ -36,15 +36,6 @@ func device(t *testing.T, s *raftstore.Store, id string) (fleet.Device, bool) {
 	return d, err == nil
 }
 
-func newKey(t *testing.T) string {
-	t.Helper()
-	k, err := fleet.NewKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 // enrollment creates an enrollment group with tags and returns its token.
 func enrollment(t *testing.T, s *raftstore.Store, name string, tags map[string]any) string {
 	t.Helper()
@@ -71,7 +62,7 @@ func derived(t *testing.T, token, id string) string {
 func TestAuthenticateDevice_Keys(t *testing.T) {
 	a, s := newAuth(t)
 	ctx := testutil.Context(t)
-	p, sec := newKey(t), newKey(t)
+	p, sec := testutil.NewKey(t), testutil.NewKey(t)
 	apply(t, s, raftstore.PutDevice{Device: fleet.Device{ID: "press-01", Authentication: fleet.Authentication{Type: "sas",
 		KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(p), Secondary: fleet.HashKey(sec)}}}})
 	apply(t, s, raftstore.PutDevice{Device: fleet.Device{ID: "press-02", Status: fleet.DeviceDisabled, Authentication: fleet.Authentication{Type: "sas",
@@ -82,7 +73,7 @@ func TestAuthenticateDevice_Keys(t *testing.T) {
 	}{
 		{"press-01", p, nil},
 		{"press-01", sec, nil},
-		{"press-01", newKey(t), ErrRefused},
+		{"press-01", testutil.NewKey(t), ErrRefused},
 		{"press-02", p, ErrRefused},
 		{"press-99", p, ErrRefused},
 	} {
@@ -103,7 +94,7 @@ func TestAuthenticateDevice_Enrollment(t *testing.T) {
 	a, s := newAuth(t)
 	ctx := testutil.Context(t)
 	token := enrollment(t, s, "line-3", map[string]any{"line": 3.0})
-	own := newKey(t)
+	own := testutil.NewKey(t)
 	dk := derived(t, token, "cam-01")
 	if err := a.AuthenticateDevice(ctx, "cam-01", fleet.EnrollmentKey(dk, own)); err != nil {
 		t.Fatalf("enrollment: %v", err)
@@ -119,8 +110,8 @@ func TestAuthenticateDevice_Enrollment(t *testing.T) {
 		{"its own key", "cam-01", own, true},
 		{"its enrollment key again", "cam-01", fleet.EnrollmentKey(dk, own), true},
 		{"the derived key alone", "cam-01", dk, false},
-		{"a sibling's own key", "cam-01", fleet.EnrollmentKey(dk, newKey(t)), false},
-		{"another group's derived key", "cam-02", fleet.EnrollmentKey(derived(t, "other.secret", "cam-02"), newKey(t)), false},
+		{"a sibling's own key", "cam-01", fleet.EnrollmentKey(dk, testutil.NewKey(t)), false},
+		{"another group's derived key", "cam-02", fleet.EnrollmentKey(derived(t, "other.secret", "cam-02"), testutil.NewKey(t)), false},
 		{"an own key that is not a key", "cam-03", fleet.EnrollmentKey(derived(t, token, "cam-03"), "short"), false},
 		{"a derived key alone, unknown device", "cam-04", derived(t, token, "cam-04"), false},
 	} {
@@ -146,8 +137,8 @@ func TestAuthenticateDevice_AdoptsOwnKey(t *testing.T) {
 	token := enrollment(t, s, "line-3", nil)
 	dk := derived(t, token, "cam-01")
 	apply(t, s, raftstore.PutDevice{Device: fleet.Device{ID: "cam-01", Enrollment: "line-3", Authentication: fleet.Authentication{Type: "sas",
-		KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(dk), Secondary: fleet.HashKey(newKey(t))}}}})
-	own := newKey(t)
+		KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(dk), Secondary: fleet.HashKey(testutil.NewKey(t))}}}})
+	own := testutil.NewKey(t)
 	if err := a.AuthenticateDevice(ctx, "cam-01", fleet.EnrollmentKey(dk, own)); err != nil {
 		t.Fatalf("adoption: %v", err)
 	}
@@ -183,15 +174,15 @@ func (s *sessions) DisconnectStale(id string, stillValid func(keyID string) bool
 // still opens its device goes on.
 func TestRecheckSessions(t *testing.T) {
 	a, s := newAuth(t)
-	keys := map[string]string{"d1": newKey(t), "d2": newKey(t), "d3": newKey(t)}
+	keys := map[string]string{"d1": testutil.NewKey(t), "d2": testutil.NewKey(t), "d3": testutil.NewKey(t)}
 	sess := &sessions{keyIDs: map[string]string{}}
 	for id, k := range keys {
 		apply(t, s, raftstore.PutDevice{Device: fleet.Device{ID: id, Authentication: fleet.Authentication{Type: "sas",
-			KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(k), Secondary: fleet.HashKey(newKey(t))}}}})
+			KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(k), Secondary: fleet.HashKey(testutil.NewKey(t))}}}})
 		sess.keyIDs[id] = a.KeyID(id, k)
 	}
 	d1, _ := device(t, s, "d1")
-	apply(t, s, raftstore.PatchDevice{ID: "d1", KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(newKey(t)), Secondary: d1.Authentication.KeyHashes.Secondary}})
+	apply(t, s, raftstore.PatchDevice{ID: "d1", KeyHashes: &fleet.KeyHashes{Primary: fleet.HashKey(testutil.NewKey(t)), Secondary: d1.Authentication.KeyHashes.Secondary}})
 	apply(t, s, raftstore.PatchDevice{ID: "d2", Status: fleet.DeviceDisabled})
 	a.RecheckSessions(sess, []string{"d1", "d2", "d3"})
 	sess.mu.Lock()

@@ -301,7 +301,7 @@ func TestEnrollment(t *testing.T) {
 	if _, err := c.PutDeployment(ctx, "prod", api.DeploymentRequest{Content: json.RawMessage(manifest), TargetCondition: "tags.environment='prod'"}, api.WriteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	own := newOwnKey(t)
+	own := testutil.NewKey(t)
 
 	// A key derived for another device id, or from another token, fails.
 	other, _ := fleet.DeriveDeviceKey(e.Token, "someone-else")
@@ -340,7 +340,7 @@ func TestEnrollment(t *testing.T) {
 
 	// A sibling holds the same token, so it computes new-press's derived
 	// key; with that and any key of its own it is refused, alone too.
-	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", fleet.EnrollmentKey(derived, newOwnKey(t))); err == nil {
+	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", fleet.EnrollmentKey(derived, testutil.NewKey(t))); err == nil {
 		t.Fatal("a sibling with the token impersonated the enrolled device")
 	}
 	if _, err := connectDevice(t, n.MQTTAddr(), "new-press", derived); err == nil {
@@ -369,15 +369,6 @@ func TestEnrollment(t *testing.T) {
 	}
 }
 
-func newOwnKey(t *testing.T) string {
-	t.Helper()
-	k, err := fleet.NewKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 // TestEnrollment_RotateAndDeleteRevokeTheToken: rotating an enrollment
 // stops its old token enrolling at once while its devices go on; with
 // --revoke-devices their sessions end and their keys stop working; a
@@ -398,7 +389,7 @@ func TestEnrollment_RotateAndDeleteRevokeTheToken(t *testing.T) {
 		}
 		return connectDevice(t, n.MQTTAddr(), id, fleet.EnrollmentKey(derived, own))
 	}
-	ownA := newOwnKey(t)
+	ownA := testutil.NewKey(t)
 	a, err := enroll(e.Token, "dev-a", ownA)
 	if err != nil {
 		t.Fatal(err)
@@ -408,10 +399,10 @@ func TestEnrollment_RotateAndDeleteRevokeTheToken(t *testing.T) {
 	if err != nil || rot.Token == "" || rot.Token == e.Token || rot.DerivationKey != "" || len(rot.RevokedDevices) != 0 {
 		t.Fatalf("rotate: %+v %v", rot, err)
 	}
-	if _, err := enroll(e.Token, "dev-b", newOwnKey(t)); err == nil {
+	if _, err := enroll(e.Token, "dev-b", testutil.NewKey(t)); err == nil {
 		t.Fatal("the rotated-out token enrolled a device")
 	}
-	ownB := newOwnKey(t)
+	ownB := testutil.NewKey(t)
 	if _, err := enroll(rot.Token, "dev-b", ownB); err != nil {
 		t.Fatalf("the new token: %v", err)
 	}
@@ -445,7 +436,7 @@ func TestEnrollment_RotateAndDeleteRevokeTheToken(t *testing.T) {
 	if _, err := c.DeleteEnrollment(ctx, "line-1", false, api.WriteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := enroll(rot2.Token, "dev-c", newOwnKey(t)); err == nil {
+	if _, err := enroll(rot2.Token, "dev-c", testutil.NewKey(t)); err == nil {
 		t.Fatal("a deleted enrollment's token enrolled a device")
 	}
 
@@ -454,7 +445,7 @@ func TestEnrollment_RotateAndDeleteRevokeTheToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ownD := newOwnKey(t)
+	ownD := testutil.NewKey(t)
 	d, err := enroll(e2.Token, "dev-d", ownD)
 	if err != nil {
 		t.Fatal(err)
@@ -496,7 +487,7 @@ func TestEnrollment_OlderDeviceAdoptsItsOwnKey(t *testing.T) {
 		t.Fatalf("an older agent with its derived key: %v", err)
 	}
 	old.c.Disconnect(&paho.Disconnect{})
-	own := newOwnKey(t)
+	own := testutil.NewKey(t)
 	if _, err := connectDevice(t, n.MQTTAddr(), "old-press", fleet.EnrollmentKey(derived, own)); err != nil {
 		t.Fatalf("adopting its own key: %v", err)
 	}
@@ -514,7 +505,7 @@ func TestEnrollment_OlderDeviceAdoptsItsOwnKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := connectDevice(t, n.MQTTAddr(), "keyed", fleet.EnrollmentKey(d.Authentication.SymmetricKey.PrimaryKey, newOwnKey(t))); err == nil {
+	if _, err := connectDevice(t, n.MQTTAddr(), "keyed", fleet.EnrollmentKey(d.Authentication.SymmetricKey.PrimaryKey, testutil.NewKey(t))); err == nil {
 		t.Fatal("an operator-given key was swapped for a device's own")
 	}
 }

@@ -1113,7 +1113,7 @@ func (w *writer) putReports(index uint64, c *PutReports) *Result {
 		if devices.Get([]byte(r.DeviceID)) == nil {
 			continue
 		}
-		old, err := getStoredReport(reports, r.DeviceID)
+		old, err := getStoredReport(reports, r.DeviceID, decodeStoredReportMeta) // its session only
 		if err != nil {
 			panic(err) // our own bytes failed to decode: local corruption (as mustGet)
 		}
@@ -1299,7 +1299,17 @@ type StoredReport struct {
 
 // Report returns a device's last reported document, or fleet.ErrNotFound.
 func (r *Reader) Report(deviceID string) (StoredReport, error) {
-	rep, err := getStoredReport(r.tx.Bucket(bucketReports), deviceID)
+	return r.report(deviceID, decodeStoredReport)
+}
+
+// ReportMeta is Report without the document: when and where the last
+// report arrived and the entry that stored it (Index), or fleet.ErrNotFound.
+func (r *Reader) ReportMeta(deviceID string) (StoredReport, error) {
+	return r.report(deviceID, decodeStoredReportMeta)
+}
+
+func (r *Reader) report(deviceID string, decode func([]byte) (StoredReport, error)) (StoredReport, error) {
+	rep, err := getStoredReport(r.tx.Bucket(bucketReports), deviceID, decode)
 	if err != nil {
 		return StoredReport{}, err
 	}
@@ -1309,28 +1319,14 @@ func (r *Reader) Report(deviceID string) (StoredReport, error) {
 	return *rep, nil
 }
 
-// ReportMeta is Report without the document: when and where the last
-// report arrived and the entry that stored it (Index), or fleet.ErrNotFound.
-func (r *Reader) ReportMeta(deviceID string) (StoredReport, error) {
-	b := r.tx.Bucket(bucketReports)
-	v := b.Get([]byte(deviceID))
-	if v == nil {
-		return StoredReport{}, fmt.Errorf("report of %q: %w", deviceID, fleet.ErrNotFound)
-	}
-	rep, err := decodeStoredReportMeta(v)
-	if err != nil {
-		return StoredReport{}, fmt.Errorf("decode stored %s %q: %w", b, deviceID, err)
-	}
-	return rep, nil
-}
-
-// getStoredReport is getJSON for a report (decodeStoredReport).
-func getStoredReport(b *bolt.Bucket, deviceID string) (*StoredReport, error) {
+// getStoredReport is getJSON for a report, decoded whole
+// (decodeStoredReport) or without its document (decodeStoredReportMeta).
+func getStoredReport(b *bolt.Bucket, deviceID string, decode func([]byte) (StoredReport, error)) (*StoredReport, error) {
 	v := b.Get([]byte(deviceID))
 	if v == nil {
 		return nil, nil
 	}
-	rep, err := decodeStoredReport(v)
+	rep, err := decode(v)
 	if err != nil {
 		return nil, fmt.Errorf("decode stored %s %q: %w", b, deviceID, err)
 	}

@@ -2,7 +2,9 @@
 // on something that should happen: one bound, long enough that a correct
 // build never fails on a loaded machine (two cores, the race detector,
 // other tests at once), so a test that reaches it has found a bug, not a
-// slow run. Tests assert what happened, never how long it took.
+// slow run. Tests assert what happened, never how long it took. Beside
+// the waits: fixed loopback ports no other test takes (ports.go), a TCP
+// proxy a test can cut (proxy.go), device keys (keys.go).
 package testutil
 
 import (
